@@ -1,0 +1,832 @@
+//! The gateway's TOML configuration: sections, defaults, and one `parse` that both `run` and
+//! `validate` use, so what `validate` accepts is exactly what `run` starts with.
+//!
+//! Parsing reports every problem it can find in one pass: each section (and each `[[mqtt]]` /
+//! `[[fields]]` entry) is deserialized on its own, so one bad entry does not hide the next, and
+//! cross-section checks run over everything that parsed. Every problem carries its line.
+
+mod values;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+pub use values::{
+    ByteSize, DurationValue, Ident, JsonPointer, Secret, SensorTypeName, SubjectTemplate,
+    TopicFilter, UtcOffsetValue,
+};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub nats: Nats,
+    pub buffer: Buffer,
+    pub http: Http,
+    pub mqtt: Vec<MqttSource>,
+    pub fields: Vec<Field>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// In every event's `source.gateway_id`; also the root of MQTT client ids.
+    pub id: Ident,
+    /// Tenant of fields that do not name their own.
+    pub tenant_id: Ident,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nats {
+    pub servers: Vec<String>,
+    #[serde(default)]
+    pub subject: SubjectTemplate,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub creds_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_insecure: bool,
+    /// How long to wait for a PubAck before the publish counts as failed and is retried.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: DurationValue,
+    /// Publishes awaiting their PubAck at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    DropOldest,
+    RejectNew,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// fsync at every commit: a committed reading survives power loss.
+    Full,
+    /// fsync at WAL checkpoints only: survives a crash of the process, not of the machine.
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffer {
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default = "default_max_age")]
+    pub max_age: DurationValue,
+    #[serde(default = "default_when_full")]
+    pub when_full: WhenFull,
+    /// Intake pauses while the data directory's filesystem has less free space than this.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: ByteSize,
+    #[serde(default = "default_synchronous")]
+    pub synchronous: Synchronous,
+    /// Dead-letter rows kept; the oldest go first.
+    #[serde(default = "default_dead_letter_max")]
+    pub dead_letter_max: u32,
+}
+
+impl Default for Buffer {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_max_bytes(),
+            max_age: default_max_age(),
+            when_full: default_when_full(),
+            min_free_disk: default_min_free_disk(),
+            synchronous: default_synchronous(),
+            dead_letter_max: default_dead_letter_max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// SAHOOL device convention: topic `sahool/sensors/{device}/{field}/{type}`.
+    Sahool,
+    /// Per-sensor bindings: topic filter + JSON pointers.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSource {
+    pub name: Ident,
+    pub url: String,
+    pub topics: Vec<TopicFilter>,
+    pub format: Format,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Defaults to `sahool-gw-{gateway.id}-{name}`: stable, so the broker keeps the session.
+    pub client_id: Option<String>,
+    /// MQTT 5 Receive Maximum: QoS 1 messages the broker may have in flight to us.
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: DurationValue,
+    /// Larger payloads are dead-lettered (and refused by the client above 2× this).
+    #[serde(default = "default_max_payload")]
+    pub max_payload: ByteSize,
+    #[serde(skip)]
+    pub line: usize,
+}
+
+impl MqttSource {
+    pub fn client_id(&self, gateway: &Gateway) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("sahool-gw-{}-{}", gateway.id, self.name))
+    }
+
+    /// `(host, port)` of `mqtt://host:port`.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        parse_host_port(&self.url, &["mqtt"], 1883)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Field {
+    pub id: Ident,
+    pub tenant_id: Option<Ident>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub sensors: Vec<Sensor>,
+    #[serde(skip)]
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sensor {
+    pub device_id: Ident,
+    pub sensor_type: SensorTypeName,
+    pub unit: Option<String>,
+    #[serde(default = "one")]
+    pub scale: f64,
+    #[serde(default)]
+    pub offset: f64,
+    /// `[min, max]` of plausible values after scaling; defaults to SAHOOL's range for the type.
+    pub range: Option<[f64; 2]>,
+    /// The `[[mqtt]]` source this sensor is read from; default: every source of its format.
+    pub source: Option<Ident>,
+    /// Binding for `format = "json"` sources.
+    pub mqtt: Option<JsonBinding>,
+    #[serde(skip)]
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampFormat {
+    /// RFC 3339 strings, epoch numbers (s or ms), or local time when `utc_offset` is set.
+    #[default]
+    Auto,
+    Rfc3339,
+    EpochSeconds,
+    EpochMillis,
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonBinding {
+    pub topic: TopicFilter,
+    pub value: JsonPointer,
+    pub timestamp: Option<JsonPointer>,
+    #[serde(default)]
+    pub timestamp_format: TimestampFormat,
+    pub utc_offset: Option<UtcOffsetValue>,
+    pub rssi: Option<JsonPointer>,
+    pub battery: Option<JsonPointer>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sahool-gateway")
+}
+fn default_ack_timeout() -> DurationValue {
+    DurationValue(Duration::from_secs(5))
+}
+fn default_max_in_flight() -> u16 {
+    1024
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_max_age() -> DurationValue {
+    DurationValue(Duration::from_secs(30 * 24 * 3600))
+}
+fn default_when_full() -> WhenFull {
+    WhenFull::DropOldest
+}
+fn default_min_free_disk() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_synchronous() -> Synchronous {
+    Synchronous::Full
+}
+fn default_dead_letter_max() -> u32 {
+    10_000
+}
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9108))
+}
+fn default_receive_maximum() -> u16 {
+    1024
+}
+fn default_keep_alive() -> DurationValue {
+    DurationValue(Duration::from_secs(30))
+}
+fn default_max_payload() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn one() -> f64 {
+    1.0
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|problems| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    })
+}
+
+/// Parses and checks config text; returns every problem found.
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let lines = LineIndex::new(text);
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let mut problems: Vec<Problem> = syntax_errors
+        .into_iter()
+        .map(|e| lines.problem_from_toml(&e, "syntax"))
+        .collect();
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+
+    let mut gateway = None;
+    let mut nats = None;
+    let mut present = HashSet::new();
+    let mut buffer = Buffer::default();
+    let mut http = Http::default();
+    let mut mqtt = Vec::new();
+    let mut fields = Vec::new();
+
+    for (key, value) in root.into_inner() {
+        let key_line = lines.line(key.span().start);
+        present.insert(key.get_ref().to_string());
+        match key.get_ref().as_ref() {
+            "gateway" => gateway = lines.section(value, "[gateway]", &mut problems),
+            "nats" => nats = lines.section(value, "[nats]", &mut problems),
+            "buffer" => {
+                if let Some(b) = lines.section(value, "[buffer]", &mut problems) {
+                    buffer = b;
+                }
+            }
+            "http" => {
+                if let Some(h) = lines.section(value, "[http]", &mut problems) {
+                    http = h;
+                }
+            }
+            "mqtt" => {
+                for (line, item) in lines.array(value, "[[mqtt]]", &mut problems) {
+                    if let Some(mut m) =
+                        lines.section::<MqttSource>(item, "[[mqtt]]", &mut problems)
+                    {
+                        m.line = line;
+                        mqtt.push(m);
+                    }
+                }
+            }
+            "fields" => {
+                for (line, item) in lines.array(value, "[[fields]]", &mut problems) {
+                    let sensor_lines = lines.sensor_lines(&item);
+                    if let Some(mut f) = lines.section::<Field>(item, "[[fields]]", &mut problems) {
+                        f.line = line;
+                        for (sensor, line) in f.sensors.iter_mut().zip(sensor_lines) {
+                            sensor.line = line;
+                        }
+                        fields.push(f);
+                    }
+                }
+            }
+            other => problems.push(Problem {
+                line: key_line,
+                message: format!(
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, mqtt or fields"
+                ),
+            }),
+        }
+    }
+
+    let gateway = gateway.or_else(|| {
+        if present.contains("gateway") {
+            return None;
+        }
+        problems.push(Problem {
+            line: 1,
+            message: "missing section [gateway] (id and tenant_id are required)".into(),
+        });
+        None
+    });
+    let nats = nats.or_else(|| {
+        if present.contains("nats") {
+            return None;
+        }
+        problems.push(Problem {
+            line: 1,
+            message: "missing section [nats] (servers is required)".into(),
+        });
+        None
+    });
+    let (Some(gateway), Some(nats)) = (gateway, nats) else {
+        problems.sort_by_key(|p| p.line);
+        return Err(problems);
+    };
+    let config = Config {
+        gateway,
+        nats,
+        buffer,
+        http,
+        mqtt,
+        fields,
+    };
+    problems.extend(config.check(&lines));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        problems.sort_by_key(|p| p.line);
+        Err(problems)
+    }
+}
+
+impl Config {
+    /// Tenant of a field: its own, or the gateway's default.
+    pub fn tenant_of<'a>(&'a self, field: &'a Field) -> &'a Ident {
+        field.tenant_id.as_ref().unwrap_or(&self.gateway.tenant_id)
+    }
+
+    /// The SQLite file of the outbox.
+    pub fn store_path(&self) -> PathBuf {
+        self.gateway.data_dir.join("buffer.db")
+    }
+
+    /// Checks that span sections: names, references, combinations of keys.
+    fn check(&self, lines: &LineIndex) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let nats_line = lines.find_line("[nats]");
+        let mut push = |line: usize, message: String| p.push(Problem { line, message });
+
+        if self.nats.servers.is_empty() {
+            push(nats_line, "[nats] servers: list at least one server".into());
+        }
+        for server in &self.nats.servers {
+            match parse_host_port(server, &["nats", "tls"], 4222) {
+                Ok((host, _)) => {
+                    let tls = server.starts_with("tls://") || self.nats.tls_ca_file.is_some();
+                    if !tls && !is_loopback_host(&host) && !self.nats.allow_insecure {
+                        push(nats_line, format!(
+                            "[nats] servers: `{server}` is plaintext to a non-loopback host; use tls:// with tls_ca_file, or set allow_insecure = true"
+                        ));
+                    }
+                }
+                Err(e) => push(nats_line, format!("[nats] servers: {e}")),
+            }
+        }
+        if self.nats.max_in_flight == 0 {
+            push(nats_line, "[nats] max_in_flight must be at least 1".into());
+        }
+        let n = &self.nats;
+        if n.password.is_some() && n.password_file.is_some() {
+            push(nats_line, "[nats] set password or password_file, not both".into());
+        }
+        if n.token.is_some() && n.token_file.is_some() {
+            push(nats_line, "[nats] set token or token_file, not both".into());
+        }
+        if n.user.is_some() != (n.password.is_some() || n.password_file.is_some()) {
+            push(nats_line, "[nats] user and password (or password_file) go together".into());
+        }
+        let auth_modes = [
+            n.user.is_some(),
+            n.token.is_some() || n.token_file.is_some(),
+            n.nkey_seed_file.is_some(),
+            n.creds_file.is_some(),
+        ];
+        if auth_modes.iter().filter(|m| **m).count() > 1 {
+            push(nats_line, "[nats] choose one authentication: user/password, token, nkey_seed_file or creds_file".into());
+        }
+        if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+            push(nats_line, "[nats] tls_cert_file and tls_key_file go together".into());
+        }
+
+        let buffer_line = lines.find_line("[buffer]");
+        if self.buffer.max_bytes.0 < 16 << 10 {
+            push(buffer_line, "[buffer] max_bytes must be at least 16KiB".into());
+        }
+        if self.buffer.max_age.0 < Duration::from_secs(60) {
+            push(buffer_line, "[buffer] max_age must be at least 1m".into());
+        }
+
+        let mut names = HashSet::new();
+        for m in &self.mqtt {
+            if !names.insert(m.name.as_str()) {
+                push(m.line, format!("[[mqtt]] name `{}` is used twice", m.name));
+            }
+            if let Err(e) = m.host_port() {
+                push(m.line, format!("[[mqtt]] `{}` url: {e}", m.name));
+            }
+            if m.topics.is_empty() {
+                push(m.line, format!("[[mqtt]] `{}` topics: list at least one topic filter", m.name));
+            }
+            if m.password.is_some() && m.password_file.is_some() {
+                push(m.line, format!("[[mqtt]] `{}`: set password or password_file, not both", m.name));
+            }
+            if m.tls_ca_file.is_some() || m.tls_cert_file.is_some() || m.tls_key_file.is_some() {
+                push(m.line, format!("[[mqtt]] `{}`: TLS to MQTT brokers is not supported by this build; use a loopback broker", m.name));
+            }
+            if m.receive_maximum == 0 {
+                push(m.line, format!("[[mqtt]] `{}` receive_maximum must be at least 1", m.name));
+            }
+        }
+
+        let mut field_ids = HashSet::new();
+        let mut sensors: HashMap<(&str, crate::reading::SensorType), usize> = HashMap::new();
+        for f in &self.fields {
+            if !field_ids.insert(f.id.as_str()) {
+                push(f.line, format!("[[fields]] id `{}` is used twice", f.id));
+            }
+            for s in &f.sensors {
+                let key = (s.device_id.as_str(), s.sensor_type.0);
+                if let Some(first) = sensors.insert(key, s.line) {
+                    push(s.line, format!(
+                        "sensor {} / {} is already mapped at line {first}; a sensor belongs to one field",
+                        s.device_id, s.sensor_type.0
+                    ));
+                }
+                if !s.scale.is_finite() || s.scale == 0.0 || !s.offset.is_finite() {
+                    push(s.line, format!("sensor {}: scale must be finite and non-zero, offset finite", s.device_id));
+                }
+                if let Some([lo, hi]) = s.range {
+                    if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                        push(s.line, format!("sensor {}: range must be [min, max] with min < max", s.device_id));
+                    }
+                }
+                let bound: Vec<&MqttSource> = match &s.source {
+                    Some(name) => match self.mqtt.iter().find(|m| &m.name == name) {
+                        Some(m) => vec![m],
+                        None => {
+                            push(s.line, format!("sensor {}: source `{name}` is not an [[mqtt]] name", s.device_id));
+                            continue;
+                        }
+                    },
+                    None => self.mqtt.iter().collect(),
+                };
+                let wants = if s.mqtt.is_some() { Format::Json } else { Format::Sahool };
+                if !self.mqtt.is_empty() && !bound.iter().any(|m| m.format == wants) {
+                    let msg = match wants {
+                        Format::Json => "has an [fields.sensors.mqtt] binding but no format = \"json\" source reads it",
+                        Format::Sahool => "has no [fields.sensors.mqtt] binding, which a format = \"json\" source needs",
+                    };
+                    push(s.line, format!("sensor {} / {} {msg}", s.device_id, s.sensor_type.0));
+                }
+                if let Some(b) = &s.mqtt {
+                    if b.utc_offset.is_some() && b.timestamp.is_none() {
+                        push(s.line, format!("sensor {}: utc_offset needs a timestamp pointer", s.device_id));
+                    }
+                    if b.timestamp_format == TimestampFormat::Local && b.utc_offset.is_none() {
+                        push(s.line, format!("sensor {}: timestamp_format = \"local\" needs utc_offset", s.device_id));
+                    }
+                }
+            }
+        }
+        p
+    }
+}
+
+/// `scheme://host:port` (or bare `host:port`) → `(host, port)`.
+pub fn parse_host_port(url: &str, schemes: &[&str], default_port: u16) -> Result<(String, u16), String> {
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !schemes.contains(&scheme) {
+                return Err(format!(
+                    "`{url}`: scheme `{scheme}` is not supported here; use {}",
+                    schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ")
+                ));
+            }
+            rest
+        }
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('@') || rest.contains('/') || rest.contains('?') {
+        return Err(format!(
+            "`{url}`: write only scheme://host:port here; credentials and options have their own keys"
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+        (host.to_string(), after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{url}`: `{p}` is not a port"))?,
+        None => default_port,
+    };
+    Ok((host, port))
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Byte offsets → 1-based line numbers, and the per-section deserialization that uses them.
+struct LineIndex<'a> {
+    text: &'a str,
+    starts: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(text: &'a str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { text, starts }
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.starts.partition_point(|s| *s <= offset).max(1)
+    }
+
+    /// Line of a section header such as `[nats]`, or 1 when the section is absent.
+    fn find_line(&self, header: &str) -> usize {
+        self.text
+            .lines()
+            .position(|l| l.trim_start().starts_with(header))
+            .map_or(1, |i| i + 1)
+    }
+
+    fn problem_from_toml(&self, e: &toml::de::Error, section: &str) -> Problem {
+        let line = e.span().map_or(1, |s| self.line(s.start));
+        let message = e.message().trim().replace('\n', " ");
+        Problem {
+            line,
+            message: format!("{section}: {message}"),
+        }
+    }
+
+    fn section<T: for<'de> Deserialize<'de>>(
+        &self,
+        value: Spanned<DeValue<'_>>,
+        name: &str,
+        problems: &mut Vec<Problem>,
+    ) -> Option<T> {
+        if !matches!(value.get_ref(), DeValue::Table(_)) {
+            problems.push(Problem {
+                line: self.line(value.span().start),
+                message: format!("{name} must be a table"),
+            });
+            return None;
+        }
+        T::deserialize(ValueDeserializer::from(value))
+            .map_err(|e| problems.push(self.problem_from_toml(&e, name)))
+            .ok()
+    }
+
+    fn array<'i>(
+        &self,
+        value: Spanned<DeValue<'i>>,
+        name: &str,
+        problems: &mut Vec<Problem>,
+    ) -> Vec<(usize, Spanned<DeValue<'i>>)> {
+        let line = self.line(value.span().start);
+        match value.into_inner() {
+            DeValue::Array(items) => items
+                .into_iter()
+                .map(|item| (self.line(item.span().start), item))
+                .collect(),
+            _ => {
+                problems.push(Problem {
+                    line,
+                    message: format!("{name} must be an array of tables (write it as {name})"),
+                });
+                Vec::new()
+            }
+        }
+    }
+
+    fn sensor_lines(&self, field: &Spanned<DeValue<'_>>) -> Vec<usize> {
+        let DeValue::Table(table) = field.get_ref() else {
+            return Vec::new();
+        };
+        let Some(sensors) = table.get("sensors") else {
+            return Vec::new();
+        };
+        match sensors.get_ref() {
+            DeValue::Array(items) => items.iter().map(|s| self.line(s.span().start)).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+id = "gw-1"
+tenant_id = "tenant-a"
+
+[nats]
+servers = ["nats://127.0.0.1:4222"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.buffer.max_bytes.0, 256 << 20);
+        assert_eq!(c.buffer.when_full, WhenFull::DropOldest);
+        assert_eq!(c.nats.subject.as_str(), "sahool.iot.sensor.reading");
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:9108");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("{MINIMAL}\n[buffer]\nmax_bytes = \"1MiB\"\nmax_rows = 5\n");
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("max_rows"), "{problems:?}");
+        assert_eq!(problems[0].line, 11, "{problems:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = r#"
+[gateway]
+id = "gw 1"
+tenant_id = "t"
+
+[nats]
+servers = ["nats://10.0.0.5:4222"]
+
+[buffer]
+when_full = "explode"
+
+[[mqtt]]
+name = "a"
+url = "mqtt://127.0.0.1:1883"
+topics = ["x/#"]
+format = "sahool"
+
+[[fields]]
+id = "f1"
+  [[fields.sensors]]
+  device_id = "d"
+  sensor_type = "soil_moisture"
+  [[fields.sensors]]
+  device_id = "d"
+  sensor_type = "soil_moisture"
+
+[[fields]]
+id = "f2"
+  [[fields.sensors]]
+  device_id = "d2"
+  sensor_type = "nitrogen"
+"#;
+        let problems = parse(text).unwrap_err();
+        let all = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(all.contains("line 3") && all.contains("gw 1"), "{all}");
+        assert!(all.contains("explode"), "{all}");
+        assert!(all.contains("nitrogen") && all.contains("line 31"), "{all}");
+        // The [gateway] problem hides the cross-section checks, which need a gateway.
+        assert_eq!(problems.len(), 3, "{all}");
+    }
+
+    #[test]
+    fn cross_section_problems() {
+        let text = format!(
+            "{}\n{}",
+            MINIMAL.replace("127.0.0.1", "10.1.2.3"),
+            r#"
+[[mqtt]]
+name = "z2m"
+url = "mqtt://127.0.0.1"
+topics = ["zigbee2mqtt/#"]
+format = "json"
+
+[[fields]]
+id = "f1"
+  [[fields.sensors]]
+  device_id = "d"
+  sensor_type = "soil_moisture"
+  [[fields.sensors]]
+  device_id = "d"
+  sensor_type = "soil_moisture"
+  source = "nope"
+"#
+        );
+        let problems = parse(&text).unwrap_err();
+        let all = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(all.contains("plaintext"), "{all}");
+        assert!(all.contains("already mapped at line"), "{all}");
+        assert!(all.contains("`nope`"), "{all}");
+        assert!(all.contains("needs"), "{all}");
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(parse_host_port("mqtt://127.0.0.1:1884", &["mqtt"], 1883).unwrap(), ("127.0.0.1".into(), 1884));
+        assert_eq!(parse_host_port("mqtt://broker", &["mqtt"], 1883).unwrap(), ("broker".into(), 1883));
+        assert_eq!(parse_host_port("[::1]:4222", &["nats"], 4222).unwrap(), ("::1".into(), 4222));
+        assert!(parse_host_port("http://x", &["mqtt"], 1).is_err());
+        assert!(parse_host_port("mqtt://u:p@x", &["mqtt"], 1).is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug() {
+        let text = MINIMAL.replace("[nats]", "[nats]\nuser = \"gw\"\npassword = \"hunter2-long-secret\"");
+        let c = parse(&text).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,287 @@
+//! The forwarder: buffered rows → JetStream, in `seq` order, deleted only after their PubAck.
+//!
+//! # Invariants
+//! 1. Rows are published in `seq` order with up to `nats.max_in_flight` PubAcks outstanding;
+//!    results are consumed in the same order (`FuturesOrdered`).
+//! 2. A row is deleted from the buffer only when its own PubAck arrived (`StoreHandle::acked`).
+//!    A publish that was merely written to the socket or queued in the client counts for nothing.
+//! 3. Every attempt for a row carries `Nats-Msg-Id = event_id`, so JetStream drops retries of a
+//!    row it already stored (within the stream's duplicate window).
+//! 4. On a transient failure (timeout, broken link) of row `s`, every later in-flight result is
+//!    discarded and publishing resumes at `s`: the first unacknowledged row.
+//! 5. A refusal the server will repeat forever (payload over `max_payload`, no stream for the
+//!    subject as JetStream itself confirms, a row this version cannot decode) moves that row to
+//!    the dead-letter table and the queue goes on.
+//! 6. No new publish is handed to the client while it is disconnected, so the client's own
+//!    queue does not replay a stale window after reconnecting.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{
+    GetStreamByNameErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
+};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::Context;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::config::SubjectTemplate;
+use crate::event::{self, Event};
+use crate::metrics::Metrics;
+use crate::store::{OutboxRow, StoreHandle};
+
+/// How a failed publish is handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// Try again from this row after a backoff.
+    Transient(String),
+    /// Never going to succeed: dead-letter the row.
+    Permanent(String),
+}
+
+type AckResult = (Event, Result<async_nats::jetstream::publish::PublishAck, PublishError>);
+type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
+
+pub struct Forwarder {
+    pub store: StoreHandle,
+    pub client: async_nats::Client,
+    pub js: Context,
+    pub gateway_id: String,
+    pub subject: SubjectTemplate,
+    pub window: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Forwarder {
+    pub fn new(
+        store: StoreHandle,
+        client: async_nats::Client,
+        gateway_id: String,
+        subject: SubjectTemplate,
+        window: usize,
+        ack_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(ack_timeout)
+            .max_ack_inflight(window.max(1) * 2)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Self {
+            store,
+            client,
+            js,
+            gateway_id,
+            subject,
+            window: window.max(1),
+            metrics,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Runs until `shutdown` turns true, then waits briefly for outstanding PubAcks.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut committed = self.store.committed();
+        let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        let mut acked: Vec<u64> = Vec::new();
+        // Highest seq handed to the client (in flight or done).
+        let mut cursor = 0u64;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut stream_checked = false;
+
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let connected = self.connected();
+            if connected && !stream_checked {
+                stream_checked = self.check_stream().await;
+            }
+            let more = cursor < *committed.borrow();
+            if connected && more && inflight.len() < self.window {
+                match self.store.fetch(cursor, self.window - inflight.len()).await {
+                    Ok(rows) if rows.is_empty() => cursor = *committed.borrow(),
+                    Ok(rows) => {
+                        for row in rows {
+                            cursor = row.seq;
+                            match self.publish(&row).await {
+                                Ok(fut) => inflight.push_back(fut),
+                                Err((event, Failure::Permanent(why))) => self.refuse(row.seq, &why, event).await,
+                                Err((_, Failure::Transient(why))) => {
+                                    tracing::warn!(seq = row.seq, error = %why, "publish failed; will retry");
+                                    inflight.clear();
+                                    cursor = row.seq - 1;
+                                    tokio::time::sleep(backoff.next_delay()).await;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the buffer");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+            if !acked.is_empty() && (inflight.is_empty() || acked.len() >= 256) {
+                if self.store.acked(std::mem::take(&mut acked)).await.is_err() {
+                    return;
+                }
+            }
+            let can_send = connected && inflight.len() < self.window;
+            tokio::select! {
+                Some((event, result)) = inflight.next(), if !inflight.is_empty() => {
+                    match result {
+                        Ok(ack) => {
+                            if ack.duplicate {
+                                tracing::debug!(seq = event.seq, "JetStream already had this event (duplicate window)");
+                            }
+                            acked.push(event.seq);
+                            backoff.reset();
+                        }
+                        Err(e) => match self.judge(&e, &event.subject).await {
+                            Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
+                            Failure::Transient(why) => {
+                                self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
+                                tracing::warn!(seq = event.seq, error = %why, in_flight = inflight.len(), "no PubAck; resending from this reading");
+                                inflight.clear();
+                                cursor = event.seq - 1;
+                                tokio::time::sleep(backoff.next_delay()).await;
+                            }
+                        },
+                    }
+                }
+                changed = committed.changed(), if can_send && cursor >= *committed.borrow() => {
+                    if changed.is_err() { break; }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && inflight.is_empty()) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        self.drain(inflight, acked).await;
+    }
+
+    async fn drain(&self, mut inflight: FuturesOrdered<InFlight>, mut acked: Vec<u64>) {
+        let deadline = tokio::time::sleep(Duration::from_secs(3));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = inflight.next() => match next {
+                    Some((event, Ok(_))) => acked.push(event.seq),
+                    // Anything not acknowledged stays buffered for the next start.
+                    Some((_, Err(_))) | None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        if !acked.is_empty() {
+            let _ = self.store.acked(acked).await;
+        }
+        let _ = self.store.flush().await;
+    }
+
+    async fn publish(&self, row: &OutboxRow) -> Result<InFlight, (Option<Event>, Failure)> {
+        let event = event::render(row, &self.gateway_id, &self.subject)
+            .map_err(|e| (None, Failure::Permanent(e.to_string())))?;
+        let publish = PublishMessage::build()
+            .payload(event.body.clone().into())
+            .headers(event::headers(&event));
+        match self.js.send_publish(event.subject.clone(), publish).await {
+            Ok(fut) => Ok(Box::pin(await_ack(event, fut))),
+            Err(e) => {
+                let failure = self.judge(&e, &event.subject).await;
+                Err((Some(event), failure))
+            }
+        }
+    }
+
+    /// Classifies a failure. "No stream" comes from a 503 no-responders reply, which a cluster
+    /// can also give while electing a leader: it is permanent only if JetStream's own stream
+    /// lookup confirms that no stream captures the subject.
+    async fn judge(&self, e: &PublishError, subject: &str) -> Failure {
+        match classify(e) {
+            Failure::Permanent(why) if e.kind() == PublishErrorKind::StreamNotFound => {
+                let missing = matches!(
+                    self.js.stream_by_subject(subject.to_string()).await,
+                    Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound
+                );
+                if missing {
+                    Failure::Permanent(why)
+                } else {
+                    Failure::Transient(why)
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn refuse(&self, seq: u64, why: &str, event: Option<Event>) {
+        self.metrics
+            .nats_publish_errors
+            .get_or_create(&crate::metrics::ReasonLabel { reason: "refused".into() })
+            .inc();
+        tracing::error!(seq, reason = %why, "the server refuses this reading for good: moved to dead-letters");
+        let raw = event.map(|e| e.body).unwrap_or_default();
+        if self.store.refused(seq, why.to_string(), raw).await.is_err() {
+            tracing::error!("buffer closed while dead-lettering");
+        }
+    }
+
+    /// Says, once connected, whether a JetStream stream captures the gateway's subject.
+    async fn check_stream(&self) -> bool {
+        let sample = self.subject.render(|name| match name {
+            "gateway_id" => self.gateway_id.clone(),
+            _ => "x".into(),
+        });
+        match self.js.stream_by_subject(sample.clone()).await {
+            Ok(stream) => {
+                self.metrics.set_stream_found(true);
+                tracing::info!(%stream, subject = %sample, "JetStream stream captures the gateway's subject");
+                true
+            }
+            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => {
+                self.metrics.set_stream_found(false);
+                tracing::error!(subject = %sample, "no JetStream stream captures the gateway's subject: readings will be dead-lettered as `publish_refused` until the platform creates one (e.g. SAHOOL_IOT on sahool.iot.>)");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check JetStream streams yet");
+                false
+            }
+        }
+    }
+}
+
+async fn await_ack(event: Event, fut: PublishAckFuture) -> AckResult {
+    let result = fut.await;
+    (event, result)
+}
+
+fn classify(e: &PublishError) -> Failure {
+    let text = e.to_string();
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(format!("payload too large: {text}")),
+        PublishErrorKind::StreamNotFound => Failure::Permanent(format!("no stream captures the subject: {text}")),
+        PublishErrorKind::Other if text.contains("message size exceeds maximum") => {
+            Failure::Permanent(format!("payload too large for the stream: {text}"))
+        }
+        _ => Failure::Transient(text),
+    }
+}
+
+fn kind_label(e: &PublishError) -> String {
+    match e.kind() {
+        PublishErrorKind::TimedOut => "timeout",
+        PublishErrorKind::BrokenPipe => "broken_pipe",
+        PublishErrorKind::MaxAckPending => "max_ack_pending",
+        _ => "other",
+    }
+    .to_string()
+}

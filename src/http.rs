@@ -1,0 +1,88 @@
+//! `/healthz`, `/readyz` and `/metrics` on a loopback socket.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for HTTP on {addr}: {source} (set [http] listen to a free loopback port)")]
+pub struct BindError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "HTTP metrics listen on a non-loopback address; anyone on that network can read them");
+    }
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let metrics = metrics.clone();
+                        async move { Ok::<_, Infallible>(route(&req, &metrics)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let store = metrics.store_healthy();
+            let nats = metrics.nats_is_connected();
+            let status = if store && nats {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = format!(
+                "store: {}\nnats: {}\nstream: {}\n",
+                if store { "ok" } else { "failing" },
+                if nats { "connected" } else { "disconnected" },
+                if metrics.stream_found() { "found" } else { "not found" },
+            );
+            text(status, body)
+        }
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics.encode());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}

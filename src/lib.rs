@@ -1,0 +1,29 @@
+//! sahool-gateway: farm sensors → SQLite outbox → SAHOOL's NATS JetStream.
+//!
+//! Module map, in the order data flows:
+//! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
+//! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
+//! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
+//! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
+//! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck.
+//! - [`event`]: the event contract: envelope, subject and headers of a buffered reading.
+//! - [`nats`]: the NATS connection (servers, auth, TLS, reconnects).
+//! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
+//! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list`.
+//! - [`backoff`]: retry delays shared by every reconnecting part.
+
+pub mod app;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod forward;
+pub mod http;
+pub mod mapping;
+pub mod metrics;
+pub mod nats;
+pub mod reading;
+pub mod sources;
+pub mod store;

@@ -1,0 +1,127 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use sahool_gateway::{app, cli, config};
+
+const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
+
+#[derive(Parser)]
+#[command(name = "sahool-gateway", version, about = "Farm sensors → SQLite buffer → SAHOOL NATS JetStream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Check a config file; print every problem and exit 1, or exit 0.
+    Validate {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Inspect the buffer.
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+    /// Inputs that could not be forwarded, with their reason and raw bytes.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Readings, bytes, oldest age, next seq, dead-letters by reason.
+    Stats {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Newest first, one JSON object per line.
+    List {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let mut stdout = std::io::stdout().lock();
+    let result = match args.command {
+        Command::Run { config } => {
+            init_logging();
+            let config = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            return match runtime.block_on(app::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "gateway stopped");
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Validate { config } => match cli::validate(&config, &mut stdout) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
+        Command::Buffer {
+            command: BufferCommand::Stats { config, json },
+        } => cli::buffer_stats(&config, json, &mut stdout),
+        Command::DeadLetters {
+            command: DeadLetterCommand::List { config, limit },
+        } => cli::dead_letters_list(&config, limit, &mut stdout),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! Turns what a source received into readings of configured sensors, or rejections with a
+//! reason. Pure: no I/O, no clock (the receive time is passed in), so every rule here is tested
+//! directly and the same code serves `run` and any dry-run tooling.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::config::{Config, Format, JsonBinding, TimestampFormat};
+use crate::reading::{normalize_unit, Reading, SensorType, Timestamp};
+
+/// Why an input did not become a reading. The label is the `reason` in metrics and dead-letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Malformed,
+    Oversized,
+    UnmappedTopic,
+    UnknownDevice,
+    UnknownSensorType,
+    FieldMismatch,
+    MissingValue,
+    NotFinite,
+    OutOfRange,
+    BadTimestamp,
+    /// The server refused the publish for good (set by the forwarder, not the mapping).
+    PublishRefused,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Oversized => "oversized",
+            Self::UnmappedTopic => "unmapped_topic",
+            Self::UnknownDevice => "unknown_device",
+            Self::UnknownSensorType => "unknown_sensor_type",
+            Self::FieldMismatch => "field_mismatch",
+            Self::MissingValue => "missing_value",
+            Self::NotFinite => "not_finite",
+            Self::OutOfRange => "out_of_range",
+            Self::BadTimestamp => "bad_timestamp",
+            Self::PublishRefused => "publish_refused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What one input made: readings to store and rejections to dead-letter, both from one commit.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Mapped {
+    pub readings: Vec<Reading>,
+    pub rejections: Vec<Rejection>,
+}
+
+impl Mapped {
+    fn rejected(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            readings: Vec::new(),
+            rejections: vec![Rejection::new(reason, detail)],
+        }
+    }
+
+    fn push(&mut self, result: Result<Reading, Rejection>) {
+        match result {
+            Ok(r) => self.readings.push(r),
+            Err(r) => self.rejections.push(r),
+        }
+    }
+}
+
+/// A configured sensor: where its readings go and how its raw values are calibrated.
+#[derive(Debug, Clone)]
+struct Target {
+    device_id: String,
+    sensor_type: SensorType,
+    field_id: String,
+    tenant_id: String,
+    unit: String,
+    scale: f64,
+    offset: f64,
+    range: Option<(f64, f64)>,
+    /// `None`: any source of the sensor's format.
+    source: Option<String>,
+}
+
+/// What a device reported, before calibration and range checks.
+struct Observed {
+    value: f64,
+    unit: Option<String>,
+    at: Timestamp,
+    battery: Option<f64>,
+    rssi: Option<i64>,
+}
+
+impl Target {
+    fn reads_from(&self, source: &str) -> bool {
+        self.source.as_deref().is_none_or(|s| s == source)
+    }
+
+    fn reading(&self, o: Observed) -> Result<Reading, Rejection> {
+        if !o.value.is_finite() {
+            return Err(Rejection::new(
+                Reason::NotFinite,
+                format!("{} {}: value is not a finite number", self.device_id, self.sensor_type),
+            ));
+        }
+        let calibrated = self.scale != 1.0 || self.offset != 0.0;
+        let value = o.value * self.scale + self.offset;
+        let unit = o.unit.map_or_else(|| self.unit.clone(), |u| normalize_unit(&u));
+        // The default range is in the default unit; a sensor reporting another unit is only
+        // checked against a range its config gives.
+        let range = self
+            .range
+            .or_else(|| (unit == self.sensor_type.default_unit()).then(|| self.sensor_type.default_range()).flatten());
+        if let Some((lo, hi)) = range {
+            if !(lo..=hi).contains(&value) {
+                return Err(Rejection::new(
+                    Reason::OutOfRange,
+                    format!(
+                        "{} {}: {value} {unit} is outside [{lo}, {hi}]",
+                        self.device_id, self.sensor_type
+                    ),
+                ));
+            }
+        }
+        Ok(Reading {
+            device_id: self.device_id.clone(),
+            field_id: self.field_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            sensor_type: self.sensor_type,
+            value,
+            unit,
+            observed_at: o.at,
+            battery: o.battery,
+            rssi: o.rssi,
+            raw_value: calibrated.then_some(o.value),
+        })
+    }
+}
+
+/// The config's sensors, indexed for lookup by device and type, and by MQTT topic.
+#[derive(Debug, Clone)]
+pub struct Mapper {
+    by_sensor: HashMap<(String, SensorType), Target>,
+    /// Sensors with a JSON binding, in config order.
+    json: Vec<(JsonBinding, Target)>,
+    sources: HashMap<String, SourceRules>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SourceRules {
+    format: Format,
+    max_payload: usize,
+}
+
+impl Mapper {
+    pub fn new(config: &Config) -> Self {
+        let mut by_sensor = HashMap::new();
+        let mut json = Vec::new();
+        for field in &config.fields {
+            for s in &field.sensors {
+                let target = Target {
+                    device_id: s.device_id.to_string(),
+                    sensor_type: s.sensor_type.0,
+                    field_id: field.id.to_string(),
+                    tenant_id: config.tenant_of(field).to_string(),
+                    unit: s
+                        .unit
+                        .as_deref()
+                        .map_or_else(|| s.sensor_type.0.default_unit().to_string(), normalize_unit),
+                    scale: s.scale,
+                    offset: s.offset,
+                    range: s.range.map(|[lo, hi]| (lo, hi)),
+                    source: s.source.as_ref().map(|n| n.to_string()),
+                };
+                match &s.mqtt {
+                    Some(binding) => json.push((binding.clone(), target)),
+                    None => {
+                        by_sensor.insert((target.device_id.clone(), target.sensor_type), target);
+                    }
+                }
+            }
+        }
+        let sources = config
+            .mqtt
+            .iter()
+            .map(|m| {
+                let rules = SourceRules {
+                    format: m.format,
+                    max_payload: usize::try_from(m.max_payload.0).unwrap_or(usize::MAX),
+                };
+                (m.name.to_string(), rules)
+            })
+            .collect();
+        Self {
+            by_sensor,
+            json,
+            sources,
+        }
+    }
+
+    /// Maps one MQTT message from the named source.
+    pub fn map_mqtt(&self, source: &str, topic: &str, payload: &[u8], received: Timestamp) -> Mapped {
+        let Some(rules) = self.sources.get(source) else {
+            return Mapped::rejected(Reason::UnmappedTopic, format!("unknown source `{source}`"));
+        };
+        if payload.len() > rules.max_payload {
+            return Mapped::rejected(
+                Reason::Oversized,
+                format!("payload of {} bytes exceeds max_payload {}", payload.len(), rules.max_payload),
+            );
+        }
+        let doc: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => return Mapped::rejected(Reason::Malformed, format!("not JSON: {e}")),
+        };
+        match rules.format {
+            Format::Sahool => self.map_sahool(source, topic, &doc, received),
+            Format::Json => self.map_json(source, topic, &doc, received),
+        }
+    }
+
+    fn map_sahool(&self, source: &str, topic: &str, doc: &Value, received: Timestamp) -> Mapped {
+        let Some(obj) = doc.as_object() else {
+            return Mapped::rejected(Reason::Malformed, "payload is not a JSON object");
+        };
+        // sahool/sensors/{device_id}/{field_id}[/{sensor_type}]
+        let levels: Vec<&str> = topic.split('/').collect();
+        let from_topic = |i: usize| levels.get(i).copied().filter(|s| !s.is_empty());
+        let text = |keys: &[&str]| keys.iter().find_map(|k| obj.get(*k).and_then(Value::as_str));
+        let Some(device) = text(&["device_id", "d"]).or_else(|| from_topic(2)) else {
+            return Mapped::rejected(Reason::Malformed, "no device_id in payload or topic");
+        };
+        let field = text(&["field_id", "f"]).or_else(|| from_topic(3));
+        let shared_at = match timestamp_of(obj, received) {
+            Ok(t) => t,
+            Err(r) => return Mapped { readings: vec![], rejections: vec![r] },
+        };
+        let battery = obj.get("battery").or_else(|| obj.get("b")).and_then(number);
+        let rssi = obj.get("rssi").or_else(|| obj.get("r")).and_then(number).map(|r| r.round() as i64);
+
+        let mut out = Mapped::default();
+        let items: Vec<&serde_json::Map<String, Value>> = match obj.get("readings") {
+            Some(Value::Array(items)) => {
+                let mut objs = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_object() {
+                        Some(o) => objs.push(o),
+                        None => out.rejections.push(Rejection::new(
+                            Reason::Malformed,
+                            format!("readings[{i}] is not an object"),
+                        )),
+                    }
+                }
+                objs
+            }
+            Some(_) => return Mapped::rejected(Reason::Malformed, "`readings` is not an array"),
+            None => vec![obj],
+        };
+        for item in items {
+            let type_name = ["type", "sensor_type", "t"]
+                .iter()
+                .find_map(|k| item.get(*k).and_then(Value::as_str))
+                .or_else(|| from_topic(4));
+            out.push(self.sahool_item(source, device, field, type_name, item, shared_at, battery, rssi));
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sahool_item(
+        &self,
+        source: &str,
+        device: &str,
+        field: Option<&str>,
+        type_name: Option<&str>,
+        item: &serde_json::Map<String, Value>,
+        shared_at: Timestamp,
+        battery: Option<f64>,
+        rssi: Option<i64>,
+    ) -> Result<Reading, Rejection> {
+        let type_name =
+            type_name.ok_or_else(|| Rejection::new(Reason::Malformed, format!("{device}: no sensor type")))?;
+        let sensor_type = SensorType::from_name(type_name).ok_or_else(|| {
+            Rejection::new(Reason::UnknownSensorType, format!("{device}: unknown sensor type `{type_name}`"))
+        })?;
+        let target = self
+            .by_sensor
+            .get(&(device.to_string(), sensor_type))
+            .filter(|t| t.reads_from(source))
+            .ok_or_else(|| {
+                let known_device = self.by_sensor.keys().any(|(d, _)| d == device);
+                if known_device {
+                    Rejection::new(Reason::UnknownSensorType, format!("{device}: no {sensor_type} sensor is configured"))
+                } else {
+                    Rejection::new(Reason::UnknownDevice, format!("device `{device}` is not configured"))
+                }
+            })?;
+        if let Some(field) = field {
+            if field != target.field_id {
+                return Err(Rejection::new(
+                    Reason::FieldMismatch,
+                    format!("{device} {sensor_type}: reports field `{field}`, config says `{}`", target.field_id),
+                ));
+            }
+        }
+        let raw = item.get("value").or_else(|| item.get("v")).ok_or_else(|| {
+            Rejection::new(Reason::MissingValue, format!("{device} {sensor_type}: no value"))
+        })?;
+        let value = number(raw).ok_or_else(|| {
+            Rejection::new(Reason::Malformed, format!("{device} {sensor_type}: value {raw} is not a number"))
+        })?;
+        let at = if item.contains_key("timestamp") || item.contains_key("ts") {
+            timestamp_of(item, shared_at)?
+        } else {
+            shared_at
+        };
+        let unit = item.get("unit").or_else(|| item.get("u")).and_then(Value::as_str).map(str::to_string);
+        target.reading(Observed {
+            value,
+            unit,
+            at,
+            battery,
+            rssi,
+        })
+    }
+
+    fn map_json(&self, source: &str, topic: &str, doc: &Value, received: Timestamp) -> Mapped {
+        let mut out = Mapped::default();
+        let mut matched = false;
+        for (binding, target) in &self.json {
+            if !target.reads_from(source) || !binding.topic.matches(topic) {
+                continue;
+            }
+            matched = true;
+            out.push(json_reading(binding, target, doc, received));
+        }
+        if !matched {
+            out.rejections.push(Rejection::new(
+                Reason::UnmappedTopic,
+                format!("no sensor is bound to topic `{topic}`"),
+            ));
+        }
+        out
+    }
+}
+
+fn json_reading(b: &JsonBinding, target: &Target, doc: &Value, received: Timestamp) -> Result<Reading, Rejection> {
+    let who = || format!("{} {}", target.device_id, target.sensor_type);
+    let raw = doc
+        .pointer(b.value.as_str())
+        .ok_or_else(|| Rejection::new(Reason::MissingValue, format!("{}: nothing at {}", who(), b.value.as_str())))?;
+    let value = number(raw)
+        .ok_or_else(|| Rejection::new(Reason::Malformed, format!("{}: {raw} at {} is not a number", who(), b.value.as_str())))?;
+    let at = match &b.timestamp {
+        None => received,
+        Some(ptr) => {
+            let v = doc.pointer(ptr.as_str()).ok_or_else(|| {
+                Rejection::new(Reason::BadTimestamp, format!("{}: no timestamp at {}", who(), ptr.as_str()))
+            })?;
+            parse_timestamp(v, b.timestamp_format, b.utc_offset.map(|o| o.0)).ok_or_else(|| {
+                Rejection::new(Reason::BadTimestamp, format!("{}: cannot read timestamp {v}", who()))
+            })?
+        }
+    };
+    let pointed = |p: &Option<crate::config::JsonPointer>| p.as_ref().and_then(|p| doc.pointer(p.as_str())).and_then(number);
+    target.reading(Observed {
+        value,
+        unit: None,
+        at,
+        battery: pointed(&b.battery),
+        rssi: pointed(&b.rssi).map(|r| r.round() as i64),
+    })
+}
+
+/// A JSON number, or a string holding one (`"24.61"`, as ChirpStack codecs often emit).
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// `timestamp` / `ts` of a SAHOOL object: RFC 3339 or epoch; absent → `default`.
+fn timestamp_of(obj: &serde_json::Map<String, Value>, default: Timestamp) -> Result<Timestamp, Rejection> {
+    match obj.get("timestamp").or_else(|| obj.get("ts")) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => parse_timestamp(v, TimestampFormat::Auto, None)
+            .ok_or_else(|| Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))),
+    }
+}
+
+fn parse_timestamp(v: &Value, format: TimestampFormat, offset: Option<time::UtcOffset>) -> Option<Timestamp> {
+    match (format, v) {
+        (TimestampFormat::EpochSeconds, v) => number(v).and_then(|n| Timestamp::from_epoch_number(n.min(9.9e10))),
+        (TimestampFormat::EpochMillis, v) => number(v).and_then(|n| Timestamp::from_epoch_number(n.max(1e11))),
+        (TimestampFormat::Local, Value::String(s)) => Timestamp::parse_local(s, offset?),
+        (TimestampFormat::Rfc3339, Value::String(s)) => Timestamp::parse_rfc3339(s),
+        (TimestampFormat::Auto, Value::String(s)) => Timestamp::parse_rfc3339(s)
+            .or_else(|| offset.and_then(|o| Timestamp::parse_local(s, o)))
+            .or_else(|| number(v).and_then(Timestamp::from_epoch_number)),
+        (TimestampFormat::Auto, Value::Number(_)) => number(v).and_then(Timestamp::from_epoch_number),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapper(extra: &str) -> Mapper {
+        let text = format!(
+            r#"
+[gateway]
+id = "gw"
+tenant_id = "t"
+[nats]
+servers = ["nats://127.0.0.1:4222"]
+[[mqtt]]
+name = "farm"
+url = "mqtt://127.0.0.1:1883"
+topics = ["sahool/sensors/#"]
+format = "sahool"
+max_payload = "1KiB"
+{extra}
+"#
+        );
+        Mapper::new(&crate::config::parse(&text).unwrap())
+    }
+
+    const SOIL: &str = r#"
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "probe"
+  sensor_type = "soil_moisture"
+"#;
+
+    fn at() -> Timestamp {
+        Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap()
+    }
+
+    #[test]
+    fn rejects_with_reasons() {
+        let m = mapper(SOIL);
+        let cases: &[(&str, Reason)] = &[
+            ("not json", Reason::Malformed),
+            (r#"[1,2]"#, Reason::Malformed),
+            (r#"{"device_id":"ghost","type":"vwc","value":1}"#, Reason::UnknownDevice),
+            (r#"{"device_id":"probe","type":"rain","value":1}"#, Reason::UnknownSensorType),
+            (r#"{"device_id":"probe","type":"bogus","value":1}"#, Reason::UnknownSensorType),
+            (r#"{"device_id":"probe","type":"vwc","value":"NaN"}"#, Reason::NotFinite),
+            (r#"{"device_id":"probe","type":"vwc","value":140}"#, Reason::OutOfRange),
+            (r#"{"device_id":"probe","type":"vwc"}"#, Reason::MissingValue),
+            (r#"{"device_id":"probe","field_id":"other","type":"vwc","value":1}"#, Reason::FieldMismatch),
+            (r#"{"device_id":"probe","type":"vwc","value":1,"timestamp":"soon"}"#, Reason::BadTimestamp),
+        ];
+        for (payload, reason) in cases {
+            let out = m.map_mqtt("farm", "sahool/sensors/x", payload.as_bytes(), at());
+            assert!(out.readings.is_empty(), "{payload}");
+            assert_eq!(out.rejections[0].reason, *reason, "{payload}: {out:?}");
+        }
+        let big = format!(r#"{{"device_id":"probe","type":"vwc","value":1,"pad":"{}"}}"#, "x".repeat(2000));
+        let out = m.map_mqtt("farm", "t", big.as_bytes(), at());
+        assert_eq!(out.rejections[0].reason, Reason::Oversized);
+    }
+
+    #[test]
+    fn batch_keeps_good_items_and_rejects_bad_ones() {
+        let m = mapper(SOIL);
+        let payload = r#"{"device_id":"probe","readings":[{"type":"vwc","value":20},{"type":"vwc","value":-5},7]}"#;
+        let out = m.map_mqtt("farm", "sahool/sensors/probe/field-1", payload.as_bytes(), at());
+        assert_eq!(out.readings.len(), 1);
+        assert_eq!(out.readings[0].value, 20.0);
+        assert_eq!(out.readings[0].observed_at, at());
+        let reasons: Vec<_> = out.rejections.iter().map(|r| r.reason).collect();
+        assert_eq!(reasons, vec![Reason::Malformed, Reason::OutOfRange]);
+    }
+
+    #[test]
+    fn calibration_keeps_raw_value_and_config_range() {
+        let m = mapper(
+            r#"
+[[fields]]
+id = "f"
+  [[fields.sensors]]
+  device_id = "ec-1"
+  sensor_type = "soil_ec"
+  scale = 0.001
+  range = [0.0, 1.0]
+"#,
+        );
+        let out = m.map_mqtt("farm", "sahool/sensors/ec-1/f/soil_ec", br#"{"v":520}"#, at());
+        let r = &out.readings[0];
+        assert!((r.value - 0.52).abs() < 1e-12);
+        assert_eq!(r.raw_value, Some(520.0));
+        assert_eq!(r.unit, "mS/cm");
+        let out = m.map_mqtt("farm", "sahool/sensors/ec-1/f/soil_ec", br#"{"v":2000}"#, at());
+        assert_eq!(out.rejections[0].reason, Reason::OutOfRange);
+    }
+}

@@ -1,0 +1,139 @@
+//! Prometheus metrics, one registry per process. Counters get the `_total` suffix from the
+//! encoder, so `readings_accepted` is exported as `sahool_gateway_readings_accepted_total`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub readings_accepted: Counter,
+    pub readings_forwarded: Counter,
+    pub readings_rejected: Family<ReasonLabel, Counter>,
+    pub readings_dropped: Family<ReasonLabel, Counter>,
+    pub buffer_readings: Gauge,
+    pub buffer_bytes: Gauge,
+    pub buffer_oldest_age_seconds: Gauge,
+    pub dead_letters: Gauge,
+    pub nats_connected: Gauge,
+    pub nats_publish_errors: Family<ReasonLabel, Counter>,
+    pub intake_paused: Gauge,
+    pub store_commits: Counter,
+    pub store_commit_seconds: Histogram,
+    pub store_corruption_recovered: Counter,
+    pub mqtt_connected: Family<SourceLabel, Gauge>,
+    pub mqtt_messages: Family<SourceLabel, Counter>,
+    pub mqtt_duplicates: Family<SourceLabel, Counter>,
+    store_healthy: AtomicBool,
+    stream_found: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sahool_gateway");
+        let m = Self {
+            readings_accepted: Counter::default(),
+            readings_forwarded: Counter::default(),
+            readings_rejected: Family::default(),
+            readings_dropped: Family::default(),
+            buffer_readings: Gauge::default(),
+            buffer_bytes: Gauge::default(),
+            buffer_oldest_age_seconds: Gauge::default(),
+            dead_letters: Gauge::default(),
+            nats_connected: Gauge::default(),
+            nats_publish_errors: Family::default(),
+            intake_paused: Gauge::default(),
+            store_commits: Counter::default(),
+            store_commit_seconds: Histogram::new(
+                [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0].into_iter(),
+            ),
+            store_corruption_recovered: Counter::default(),
+            mqtt_connected: Family::default(),
+            mqtt_messages: Family::default(),
+            mqtt_duplicates: Family::default(),
+            store_healthy: AtomicBool::new(false),
+            stream_found: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("readings_accepted", "Readings committed to the buffer", m.readings_accepted.clone());
+        r.register("readings_forwarded", "Readings acknowledged by JetStream and removed from the buffer", m.readings_forwarded.clone());
+        r.register("readings_rejected", "Inputs rejected, by reason (kept in dead-letters)", m.readings_rejected.clone());
+        r.register("readings_dropped", "Buffered readings dropped, by reason", m.readings_dropped.clone());
+        r.register("buffer_readings", "Readings waiting in the buffer", m.buffer_readings.clone());
+        r.register("buffer_bytes", "Bytes of readings waiting in the buffer", m.buffer_bytes.clone());
+        r.register("buffer_oldest_age_seconds", "Age of the oldest buffered reading", m.buffer_oldest_age_seconds.clone());
+        r.register("dead_letters", "Rows in the dead-letter table", m.dead_letters.clone());
+        r.register("nats_connected", "1 while connected to a NATS server", m.nats_connected.clone());
+        r.register("nats_publish_errors", "Failed JetStream publishes, by reason", m.nats_publish_errors.clone());
+        r.register("intake_paused", "1 while intake is paused (buffer full with reject_new, or disk reserve reached)", m.intake_paused.clone());
+        r.register("store_commits", "SQLite transactions committed", m.store_commits.clone());
+        r.register("store_commit_seconds", "Time to commit one group of writes, fsync included", m.store_commit_seconds.clone());
+        r.register("store_corruption_recovered", "Times a corrupt buffer file was moved aside and a fresh one started", m.store_corruption_recovered.clone());
+        r.register("mqtt_connected", "1 while connected to the MQTT broker", m.mqtt_connected.clone());
+        r.register("mqtt_messages", "MQTT messages received", m.mqtt_messages.clone());
+        r.register("mqtt_duplicates", "MQTT redeliveries of messages already committed", m.mqtt_duplicates.clone());
+        Self { registry, ..m }
+    }
+
+    pub fn rejected(&self, reason: &str) -> Counter {
+        self.readings_rejected.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
+    }
+
+    pub fn dropped(&self, reason: &str) -> Counter {
+        self.readings_dropped.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
+    }
+
+    pub fn source(&self, source: &str) -> SourceLabel {
+        SourceLabel { source: source.into() }
+    }
+
+    pub fn set_store_healthy(&self, ok: bool) {
+        self.store_healthy.store(ok, Ordering::Relaxed);
+    }
+
+    pub fn store_healthy(&self) -> bool {
+        self.store_healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_stream_found(&self, ok: bool) {
+        self.stream_found.store(ok, Ordering::Relaxed);
+    }
+
+    pub fn stream_found(&self) -> bool {
+        self.stream_found.load(Ordering::Relaxed)
+    }
+
+    pub fn nats_is_connected(&self) -> bool {
+        self.nats_connected.get() == 1
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,304 @@
+//! The reading model shared by every source: SAHOOL's sensor types, their units and aliases,
+//! and observation timestamps.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// SAHOOL's sensor types (`contracts/sahool/sensor_reading.v1.json`), in enum order. The
+/// discriminant is stored in the outbox, so variants are only ever appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum SensorType {
+    SoilMoisture = 0,
+    SoilTemperature = 1,
+    SoilEc = 2,
+    SoilPh = 3,
+    AirTemperature = 4,
+    AirHumidity = 5,
+    WindSpeed = 6,
+    WindDirection = 7,
+    Rainfall = 8,
+    SolarRadiation = 9,
+    AtmosphericPressure = 10,
+    WaterLevel = 11,
+    WaterFlow = 12,
+    WaterPressure = 13,
+    LeafWetness = 14,
+    CanopyTemperature = 15,
+}
+
+impl SensorType {
+    pub const ALL: [SensorType; 16] = [
+        Self::SoilMoisture,
+        Self::SoilTemperature,
+        Self::SoilEc,
+        Self::SoilPh,
+        Self::AirTemperature,
+        Self::AirHumidity,
+        Self::WindSpeed,
+        Self::WindDirection,
+        Self::Rainfall,
+        Self::SolarRadiation,
+        Self::AtmosphericPressure,
+        Self::WaterLevel,
+        Self::WaterFlow,
+        Self::WaterPressure,
+        Self::LeafWetness,
+        Self::CanopyTemperature,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SoilMoisture => "soil_moisture",
+            Self::SoilTemperature => "soil_temperature",
+            Self::SoilEc => "soil_ec",
+            Self::SoilPh => "soil_ph",
+            Self::AirTemperature => "air_temperature",
+            Self::AirHumidity => "air_humidity",
+            Self::WindSpeed => "wind_speed",
+            Self::WindDirection => "wind_direction",
+            Self::Rainfall => "rainfall",
+            Self::SolarRadiation => "solar_radiation",
+            Self::AtmosphericPressure => "atmospheric_pressure",
+            Self::WaterLevel => "water_level",
+            Self::WaterFlow => "water_flow",
+            Self::WaterPressure => "water_pressure",
+            Self::LeafWetness => "leaf_wetness",
+            Self::CanopyTemperature => "canopy_temperature",
+        }
+    }
+
+    pub fn from_u8(n: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(n)).copied()
+    }
+
+    /// A canonical name or one of the aliases SAHOOL devices send (`vwc`, `temp`, `ec`, ...).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let lower = name.trim().to_ascii_lowercase();
+        if let Some(t) = Self::ALL.iter().find(|t| t.as_str() == lower) {
+            return Some(*t);
+        }
+        Some(match lower.as_str() {
+            "vwc" | "moisture" | "soil_humidity" | "soil_water" => Self::SoilMoisture,
+            "soil_temp" | "soiltemp" | "st" => Self::SoilTemperature,
+            "ec" | "conductivity" | "soil_conductivity" => Self::SoilEc,
+            "ph" => Self::SoilPh,
+            "temp" | "temperature" | "air_temp" | "t" => Self::AirTemperature,
+            "humidity" | "rh" | "air_rh" | "h" => Self::AirHumidity,
+            "wind" | "windspeed" | "ws" => Self::WindSpeed,
+            "wind_dir" | "winddir" | "wd" => Self::WindDirection,
+            "rain" | "precipitation" => Self::Rainfall,
+            "solar" | "radiation" | "irradiance" => Self::SolarRadiation,
+            "pressure" | "baro" | "air_pressure" => Self::AtmosphericPressure,
+            "level" => Self::WaterLevel,
+            "flow" => Self::WaterFlow,
+            "leaf" | "leaf_wet" => Self::LeafWetness,
+            "canopy_temp" => Self::CanopyTemperature,
+            _ => return None,
+        })
+    }
+
+    /// SAHOOL's unit for this type: what a reading gets when neither device nor config says.
+    pub fn default_unit(self) -> &'static str {
+        match self {
+            Self::SoilMoisture | Self::AirHumidity | Self::LeafWetness => "%",
+            Self::SoilTemperature | Self::AirTemperature | Self::CanopyTemperature => "°C",
+            Self::SoilEc => "mS/cm",
+            Self::SoilPh => "pH",
+            Self::WindSpeed => "m/s",
+            Self::WindDirection => "°",
+            Self::Rainfall => "mm",
+            Self::SolarRadiation => "W/m²",
+            Self::AtmosphericPressure => "hPa",
+            Self::WaterLevel => "cm",
+            Self::WaterFlow => "L/min",
+            Self::WaterPressure => "bar",
+        }
+    }
+
+    /// SAHOOL's plausible range in the default unit; values outside are rejected unless the
+    /// sensor's config overrides the range.
+    pub fn default_range(self) -> Option<(f64, f64)> {
+        Some(match self {
+            Self::SoilMoisture | Self::AirHumidity | Self::LeafWetness => (0.0, 100.0),
+            Self::SoilTemperature => (-20.0, 60.0),
+            Self::AirTemperature | Self::CanopyTemperature => (-50.0, 70.0),
+            Self::SoilEc => (0.0, 20.0),
+            Self::SoilPh => (0.0, 14.0),
+            Self::WindSpeed => (0.0, 100.0),
+            Self::WindDirection => (0.0, 360.0),
+            Self::Rainfall => (0.0, 500.0),
+            Self::SolarRadiation => (0.0, 2000.0),
+            Self::AtmosphericPressure => (800.0, 1200.0),
+            Self::WaterLevel | Self::WaterFlow | Self::WaterPressure => return None,
+        })
+    }
+}
+
+impl fmt::Display for SensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Unit spellings devices use, folded to SAHOOL's (`percent` → `%`, `C` → `°C`).
+pub fn normalize_unit(unit: &str) -> String {
+    let trimmed = unit.trim();
+    let folded = match trimmed.to_ascii_lowercase().as_str() {
+        "percent" | "pct" | "%rh" | "% rh" | "%vwc" => "%",
+        "c" | "degc" | "deg_c" | "celsius" | "°c" => "°C",
+        "hpa" | "mbar" => "hPa",
+        "ms/cm" => "mS/cm",
+        "us/cm" | "µs/cm" => "µS/cm",
+        "mm" => "mm",
+        "m/s" | "mps" => "m/s",
+        "deg" | "degree" | "degrees" => "°",
+        "w/m2" | "w/m²" => "W/m²",
+        _ => return trimmed.to_string(),
+    };
+    folded.to_string()
+}
+
+/// Observation time as nanoseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from_datetime(OffsetDateTime::now_utc())
+    }
+
+    pub fn from_datetime(dt: OffsetDateTime) -> Self {
+        // i64 nanoseconds span 1677..2262; parsing rejects anything outside.
+        Self(i64::try_from(dt.unix_timestamp_nanos()).unwrap_or(i64::MAX))
+    }
+
+    pub fn from_unix_millis(ms: i64) -> Self {
+        Self(ms.saturating_mul(1_000_000))
+    }
+
+    pub fn unix_millis(self) -> i64 {
+        self.0.div_euclid(1_000_000)
+    }
+
+    /// RFC 3339 in UTC with `Z`, fractional digits only as many as needed (0, 3, 6 or 9).
+    pub fn to_rfc3339(self) -> String {
+        let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let (y, mo, d) = (dt.year(), u8::from(dt.month()), dt.day());
+        let (h, mi, s) = (dt.hour(), dt.minute(), dt.second());
+        let nanos = dt.nanosecond();
+        let frac = if nanos == 0 {
+            String::new()
+        } else if nanos % 1_000_000 == 0 {
+            format!(".{:03}", nanos / 1_000_000)
+        } else if nanos % 1_000 == 0 {
+            format!(".{:06}", nanos / 1_000)
+        } else {
+            format!(".{nanos:09}")
+        };
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{frac}Z")
+    }
+
+    /// Parses RFC 3339 with an offset (`2026-06-01T04:15:00Z`, `...+03:00`).
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        let dt = OffsetDateTime::parse(text.trim(), &Rfc3339).ok()?;
+        Self::checked(dt)
+    }
+
+    /// Parses a local time without offset (`2026-06-01T07:15:00`, Tasmota) at a fixed UTC offset.
+    pub fn parse_local(text: &str, offset: time::UtcOffset) -> Option<Self> {
+        let format = time::macros::format_description!(
+            version = 2,
+            "[year]-[month]-[day][first [T] [ ]][hour]:[minute]:[second][optional [.[subsecond]]]"
+        );
+        let local = time::PrimitiveDateTime::parse(text.trim(), &format).ok()?;
+        Self::checked(local.assume_offset(offset))
+    }
+
+    /// Epoch seconds, or milliseconds when the number is too large to be seconds.
+    pub fn from_epoch_number(n: f64) -> Option<Self> {
+        if !n.is_finite() || !(0.0..9.2e15).contains(&n) {
+            return None;
+        }
+        // 1e11 seconds is the year 5138: anything larger is milliseconds. The whole and the
+        // fractional part are scaled apart so an integral epoch stays exact.
+        let (unit, per_unit) = if n >= 1e11 { (1_000_000i64, 1e6) } else { (1_000_000_000i64, 1e9) };
+        let whole = n.trunc();
+        let frac = ((n - whole) * per_unit).round() as i64;
+        (whole as i64).checked_mul(unit)?.checked_add(frac).map(Self)
+    }
+
+    fn checked(dt: OffsetDateTime) -> Option<Self> {
+        i64::try_from(dt.unix_timestamp_nanos()).ok().map(Self)
+    }
+}
+
+/// What a source measured, mapped to a field: everything the event payload carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    pub device_id: String,
+    pub field_id: String,
+    pub tenant_id: String,
+    pub sensor_type: SensorType,
+    pub value: f64,
+    pub unit: String,
+    pub observed_at: Timestamp,
+    pub battery: Option<f64>,
+    pub rssi: Option<i64>,
+    pub raw_value: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_fold_to_sahool_types() {
+        assert_eq!(SensorType::from_name("vwc"), Some(SensorType::SoilMoisture));
+        assert_eq!(SensorType::from_name("temp"), Some(SensorType::AirTemperature));
+        assert_eq!(SensorType::from_name("ec"), Some(SensorType::SoilEc));
+        assert_eq!(SensorType::from_name("soil_temp"), Some(SensorType::SoilTemperature));
+        assert_eq!(SensorType::from_name("Soil_Moisture"), Some(SensorType::SoilMoisture));
+        assert_eq!(SensorType::from_name("nitrogen"), None);
+        for t in SensorType::ALL {
+            assert_eq!(SensorType::from_u8(t as u8), Some(t));
+            assert_eq!(SensorType::from_name(t.as_str()), Some(t));
+        }
+    }
+
+    #[test]
+    fn units_fold() {
+        assert_eq!(normalize_unit("percent"), "%");
+        assert_eq!(normalize_unit("C"), "°C");
+        assert_eq!(normalize_unit("mS/cm"), "mS/cm");
+        assert_eq!(normalize_unit("kPa"), "kPa");
+    }
+
+    #[test]
+    fn timestamps_round_trip_with_minimal_fraction() {
+        let t = Timestamp::parse_rfc3339("2026-06-01T04:15:00.123456Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-06-01T04:15:00.123456Z");
+        let t = Timestamp::parse_rfc3339("2026-06-01T07:15:00+03:00").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-06-01T04:15:00Z");
+        assert_eq!(
+            Timestamp::from_epoch_number(1780287300.0).unwrap().to_rfc3339(),
+            "2026-06-01T04:15:00Z"
+        );
+        assert_eq!(
+            Timestamp::from_epoch_number(1780287300123.0).unwrap().to_rfc3339(),
+            "2026-06-01T04:15:00.123Z"
+        );
+        let offset = time::UtcOffset::from_hms(3, 0, 0).unwrap();
+        assert_eq!(
+            Timestamp::parse_local("2026-06-01T07:15:00", offset).unwrap().to_rfc3339(),
+            "2026-06-01T04:15:00Z"
+        );
+        assert!(Timestamp::parse_rfc3339("yesterday").is_none());
+        assert!(Timestamp::from_epoch_number(f64::NAN).is_none());
+    }
+}

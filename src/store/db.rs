@@ -1,0 +1,315 @@
+//! The SQLite file itself: opening (with corruption recovery), schema, and the statements the
+//! owner thread runs. Everything here is synchronous and runs on one connection.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+
+use super::StoreError;
+use crate::config::Synchronous;
+
+/// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
+/// against `max_bytes` so the bound holds for many small readings too.
+pub const ROW_OVERHEAD: u64 = 40;
+
+/// Dead-letter payloads are cut to this many bytes.
+pub const DEAD_LETTER_RAW_MAX: usize = 64 << 10;
+
+const SCHEMA: &str = "
+CREATE TABLE outbox (
+    seq        INTEGER PRIMARY KEY,
+    event_id   BLOB    NOT NULL,
+    stored_ms  INTEGER NOT NULL,
+    kind       INTEGER NOT NULL,
+    body       BLOB    NOT NULL
+);
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    id      INTEGER PRIMARY KEY,
+    at_ms   INTEGER NOT NULL,
+    source  TEXT    NOT NULL,
+    reason  TEXT    NOT NULL,
+    detail  TEXT    NOT NULL,
+    raw     BLOB    NOT NULL
+);
+CREATE TABLE recent_messages (
+    id  INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE
+);
+INSERT INTO meta (key, value) VALUES ('next_seq', 1);
+";
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What opening found: a healthy file, or a corrupt one that was moved aside.
+pub struct Opened {
+    pub conn: Connection,
+    pub moved_aside: Option<PathBuf>,
+}
+
+/// Opens (or creates) the buffer. A file that is not a database, fails `quick_check`, or lacks
+/// our tables is renamed to `<name>.corrupt-<unix-seconds>` with its WAL, and a fresh file is
+/// started: a corrupt buffer must never keep the gateway from running.
+pub fn open(path: &Path, sync: Synchronous) -> Result<Opened, StoreError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match open_checked(path, sync) {
+        Ok(conn) => Ok(Opened {
+            conn,
+            moved_aside: None,
+        }),
+        Err(StoreError::Corrupt { detail, .. }) => {
+            let aside = move_aside(path)?;
+            tracing::error!(
+                file = %path.display(),
+                moved_to = %aside.display(),
+                %detail,
+                "buffer file is corrupt: moved aside, starting a fresh buffer; readings in the old file are not forwarded"
+            );
+            let conn = open_checked(path, sync)?;
+            Ok(Opened {
+                conn,
+                moved_aside: Some(aside),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let classify = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => corrupt(e.to_string()),
+        _ => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(classify)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(classify)?;
+    let sync = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = {sync};
+         PRAGMA journal_size_limit = 67108864;
+         PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(classify)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+        .map_err(classify)?;
+    if check != "ok" {
+        return Err(corrupt(format!("quick_check: {check}")));
+    }
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(classify)?;
+    match version {
+        0 => {
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(classify)?;
+            if tables != 0 {
+                return Err(corrupt("tables present but no schema version".into()));
+            }
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(classify)?;
+        }
+        SCHEMA_VERSION => {
+            let ok: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+                     AND name IN ('outbox', 'meta', 'dead_letters', 'recent_messages')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(classify)?;
+            if ok != 4 {
+                return Err(corrupt(format!("schema version {version} but {ok} of 4 tables")));
+            }
+        }
+        newer => {
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: newer,
+            })
+        }
+    }
+    Ok(conn)
+}
+
+fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{stamp}"));
+    let aside = PathBuf::from(aside);
+    let io = |source| StoreError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::rename(path, &aside).map_err(io)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            let mut to = aside.as_os_str().to_owned();
+            to.push(suffix);
+            std::fs::rename(&side, PathBuf::from(to)).map_err(io)?;
+        }
+    }
+    Ok(aside)
+}
+
+/// Opens an existing buffer read-only, for the CLI while the gateway may be running.
+pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+        StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(conn)
+}
+
+/// Totals read once at open; afterwards the owner thread keeps them current.
+pub struct Totals {
+    pub rows: u64,
+    pub bytes: u64,
+    pub next_seq: u64,
+    pub dead_letters: u64,
+}
+
+pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
+    let (rows, body): (i64, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(body)), 0) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let next_seq: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| r.get(0))?;
+    let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))?;
+    let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let rows = u64::try_from(rows).unwrap_or(0);
+    Ok(Totals {
+        rows,
+        bytes: u64::try_from(body).unwrap_or(0) + rows * ROW_OVERHEAD,
+        // The meta row is the authority; max(seq)+1 guards against a meta row older than rows.
+        next_seq: u64::try_from(next_seq.max(max_seq.unwrap_or(0) + 1)).unwrap_or(1),
+        dead_letters: u64::try_from(dead_letters).unwrap_or(0),
+    })
+}
+
+/// One buffered row as the forwarder needs it.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub seq: u64,
+    pub event_id: [u8; 16],
+    pub stored_ms: i64,
+    pub kind: u8,
+    pub body: Vec<u8>,
+}
+
+pub fn fetch_after(conn: &Connection, after: u64, limit: usize) -> rusqlite::Result<Vec<OutboxRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, event_id, stored_ms, kind, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+        let id: Vec<u8> = r.get(1)?;
+        let mut event_id = [0u8; 16];
+        if id.len() == 16 {
+            event_id.copy_from_slice(&id);
+        }
+        Ok(OutboxRow {
+            seq: r.get::<_, i64>(0)? as u64,
+            event_id,
+            stored_ms: r.get(2)?,
+            kind: r.get::<_, i64>(3)? as u8,
+            body: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Oldest buffered row's store time.
+pub fn oldest_stored_ms(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT stored_ms FROM outbox ORDER BY seq LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Dead-letter row for listing.
+#[derive(Debug, Clone)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub source: String,
+    pub reason: String,
+    pub detail: String,
+    pub raw: Vec<u8>,
+}
+
+pub fn dead_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<DeadLetterRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, at_ms, source, reason, detail, raw FROM dead_letters ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        Ok(DeadLetterRow {
+            id: r.get(0)?,
+            at_ms: r.get(1)?,
+            source: r.get(2)?,
+            reason: r.get(3)?,
+            detail: r.get(4)?,
+            raw: r.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
+
+pub fn dead_letters_by_reason(conn: &Connection) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut stmt =
+        conn.prepare("SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+    rows.collect()
+}

@@ -1,0 +1,625 @@
+//! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
+//!
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = schema version)
+//! - `outbox(seq PK, event_id BLOB(16), stored_ms, kind, body)`: one row per reading. `body` is
+//!   the reading as postcard bytes (see [`Reading`]); the event JSON is rendered at publish time.
+//! - `meta(key, value)`: `next_seq`, the next sequence number to hand out.
+//! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
+//!   readings and publishes the server refused for good, with their raw bytes; bounded by
+//!   `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
+//! - `recent_messages(id PK, key UNIQUE)`: hashes of the last [`RECENT_MESSAGES`] source messages
+//!   committed, so a redelivery of a message already stored (an MQTT ack lost to a crash) is
+//!   acknowledged again but not stored twice.
+//!
+//! # Invariants
+//! 1. One thread owns the connection; every write goes through its queue. Writes queued while a
+//!    commit is running are committed together in the next transaction (group commit: one fsync
+//!    for all of them). A caller learns its outcome only after that commit returned.
+//! 2. `seq` is strictly increasing and never reused: `next_seq` is written in the same
+//!    transaction as the rows it numbers, so it survives restarts and deleting every row.
+//! 3. `event_id` is made once, when the row is committed, and never changes.
+//! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`]); a permanent
+//!    publish refusal (moved to `dead_letters` in the same transaction); or a bound
+//!    (`max_bytes` with `drop_oldest`, `max_age`), counted in `readings_dropped_total{reason}`.
+//! 5. With `reject_new`, or while free disk is below `min_free_disk`, appends that carry
+//!    readings are refused whole ([`AppendOutcome::Full`]): nothing of them is stored, so the
+//!    source keeps the input (MQTT: no ack) and offers it again later.
+//! 6. A corrupt file at open is moved aside and replaced ([`db::open`]); an error from SQLite
+//!    at run time fails the affected callers, who retry: nothing is acknowledged that was not
+//!    committed.
+
+pub mod db;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Buffer, WhenFull};
+use crate::mapping::Reason;
+use crate::metrics::Metrics;
+use crate::reading::Reading;
+pub use db::{DeadLetterRow, OutboxRow};
+
+/// Source messages remembered for redelivery detection.
+pub const RECENT_MESSAGES: i64 = 200_000;
+
+/// Commands queued for one transaction at most.
+const MAX_GROUP: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("buffer {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("buffer {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("buffer {path} has schema version {found}, newer than this gateway understands ({}); run the newer gateway or move the file away", db::SCHEMA_VERSION)]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("no buffer at {path}: has the gateway run with this config?")]
+    Missing { path: PathBuf },
+    #[error("the buffer's writer thread has stopped")]
+    Closed,
+    #[error("commit failed: {0}")]
+    Commit(String),
+}
+
+/// A rejected input to keep in `dead_letters`.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub source: String,
+    pub reason: Reason,
+    pub detail: String,
+    pub raw: Arc<[u8]>,
+}
+
+/// Everything one source message produced, committed together or not at all.
+#[derive(Debug, Default)]
+pub struct Append {
+    pub readings: Vec<Reading>,
+    pub dead_letters: Vec<NewDeadLetter>,
+    /// Hash identifying the source message; see `recent_messages`.
+    pub message_key: Option<[u8; 16]>,
+    /// Check `message_key` against recent messages first (the source says it may be a resend).
+    pub maybe_duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Committed; readings got seqs `first_seq..first_seq + count`.
+    Stored { first_seq: u64, count: u64 },
+    /// The same message was committed before; nothing stored again.
+    Duplicate,
+    /// Not stored: buffer full with `reject_new`, or the disk reserve reached. Retry later.
+    Full,
+}
+
+/// Buffer totals for `buffer stats` and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub rows: u64,
+    pub bytes: u64,
+    pub oldest_stored_ms: Option<i64>,
+    pub next_seq: u64,
+    pub dead_letters_by_reason: Vec<(String, u64)>,
+}
+
+pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
+    let t = db::totals(conn)?;
+    Ok(Stats {
+        rows: t.rows,
+        bytes: t.bytes,
+        oldest_stored_ms: db::oldest_stored_ms(conn)?,
+        next_seq: t.next_seq,
+        dead_letters_by_reason: db::dead_letters_by_reason(conn)?,
+    })
+}
+
+enum Command {
+    Append(Append, oneshot::Sender<Result<AppendOutcome, StoreError>>),
+    Fetch {
+        after: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<OutboxRow>, StoreError>>,
+    },
+    Acked(Vec<u64>),
+    Refused {
+        seq: u64,
+        detail: String,
+        raw: Vec<u8>,
+    },
+    Flush(oneshot::Sender<()>),
+    Maintain,
+}
+
+/// Cloneable access to the owner thread.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Command>,
+    committed: watch::Receiver<u64>,
+}
+
+impl StoreHandle {
+    /// Queues an append; the returned receiver resolves after the commit. Awaiting the send is
+    /// the back-pressure when the writer falls behind.
+    pub async fn append(
+        &self,
+        append: Append,
+    ) -> Result<oneshot::Receiver<Result<AppendOutcome, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append(append, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Committed rows with `seq > after`, oldest first.
+    pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Fetch { after, limit, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Rows JetStream acknowledged: deleted in the next transaction.
+    pub async fn acked(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        self.tx.send(Command::Acked(seqs)).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// A row the server will never accept: moved to dead-letters with the rendered event.
+    pub async fn refused(&self, seq: u64, detail: String, raw: Vec<u8>) -> Result<(), StoreError> {
+        self.tx
+            .send(Command::Refused { seq, detail, raw })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Resolves after everything queued before it is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Flush(reply)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Highest committed seq; changes whenever new rows commit.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// Opens the buffer and starts its owner thread. The thread ends when every handle is dropped.
+pub fn start(
+    path: PathBuf,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
+    let opened = db::open(&path, buffer.synchronous)?;
+    if opened.moved_aside.is_some() {
+        metrics.store_corruption_recovered.inc();
+    }
+    let totals = db::totals(&opened.conn).map_err(|source| StoreError::Sqlite {
+        path: path.clone(),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel(4096);
+    let (committed_tx, committed) = watch::channel(totals.next_seq.saturating_sub(1));
+    let data_dir = path.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let mut writer = Writer {
+        conn: opened.conn,
+        path,
+        data_dir,
+        buffer,
+        metrics,
+        rows: totals.rows,
+        bytes: totals.bytes,
+        next_seq: totals.next_seq,
+        dead_letters: totals.dead_letters,
+        disk_low: false,
+        full: false,
+        committed: committed_tx,
+    };
+    writer.publish_gauges();
+    writer.check_disk();
+    let thread = std::thread::Builder::new()
+        .name("store".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|source| StoreError::DataDir {
+            path: PathBuf::from("(store thread)"),
+            source,
+        })?;
+    // A weak sender: the ticker must not keep the writer alive once every handle is gone.
+    let ticker = tx.downgrade();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(tx) = ticker.upgrade() else { break };
+            if tx.send(Command::Maintain).await.is_err() {
+                break;
+            }
+        }
+    });
+    let handle = StoreHandle { tx, committed };
+    Ok((handle, thread))
+}
+
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    data_dir: PathBuf,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+    rows: u64,
+    bytes: u64,
+    next_seq: u64,
+    dead_letters: u64,
+    disk_low: bool,
+    /// Last append refused for `reject_new`; cleared by the next one stored.
+    full: bool,
+    committed: watch::Sender<u64>,
+}
+
+/// What a transaction changed, applied to the writer's totals only once it committed.
+#[derive(Default)]
+struct Delta {
+    rows_added: u64,
+    bytes_added: u64,
+    rows_removed: u64,
+    bytes_removed: u64,
+    next_seq: u64,
+    dead_letters_added: u64,
+    accepted: u64,
+    dropped_full: u64,
+    dropped_age: u64,
+    dead_letters_removed: u64,
+    refused_full: u64,
+    rejected: Vec<Reason>,
+    refused: u64,
+    forwarded: u64,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+        // Every handle is gone: fold the WAL into the main file so the next open is quick.
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+
+    fn run_batch(&mut self, batch: Vec<Command>) {
+        let mut appends = Vec::new();
+        let mut reads = Vec::new();
+        let mut acked = Vec::new();
+        let mut refused = Vec::new();
+        let mut flushes = Vec::new();
+        let mut maintain = false;
+        for c in batch {
+            match c {
+                Command::Append(a, reply) => appends.push((a, reply)),
+                Command::Acked(seqs) => acked.extend(seqs),
+                Command::Refused { seq, detail, raw } => refused.push((seq, detail, raw)),
+                Command::Flush(reply) => flushes.push(reply),
+                Command::Maintain => maintain = true,
+                read @ Command::Fetch { .. } => reads.push(read),
+            }
+        }
+        if maintain {
+            self.check_disk();
+        }
+        if !(appends.is_empty() && acked.is_empty() && refused.is_empty() && !maintain) {
+            let started = Instant::now();
+            let mut delta = Delta {
+                next_seq: self.next_seq,
+                ..Delta::default()
+            };
+            let result = self.write(&mut appends, &acked, &refused, maintain, &mut delta);
+            match result {
+                Ok(outcomes) => {
+                    self.apply(&delta);
+                    self.metrics.store_commits.inc();
+                    self.metrics
+                        .store_commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.set_store_healthy(true);
+                    for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.set_store_healthy(false);
+                    tracing::error!(error = %e, file = %self.path.display(), "buffer transaction failed; callers will retry");
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+                    ) {
+                        // The next start moves the file aside (db::open); nothing uncommitted was
+                        // acknowledged, so exiting loses nothing.
+                        tracing::error!("buffer file became corrupt while running; exiting so the next start recovers it");
+                        std::process::exit(75);
+                    }
+                    let msg = e.to_string();
+                    for (_, reply) in appends {
+                        let _ = reply.send(Err(StoreError::Commit(msg.clone())));
+                    }
+                }
+            }
+        }
+        for read in reads {
+            if let Command::Fetch { after, limit, reply } = read {
+                let rows = db::fetch_after(&self.conn, after, limit).map_err(|source| StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                });
+                let _ = reply.send(rows);
+            }
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+
+    /// One transaction for the whole group; returns each append's outcome, in order.
+    fn write(
+        &self,
+        appends: &mut [(Append, oneshot::Sender<Result<AppendOutcome, StoreError>>)],
+        acked: &[u64],
+        refused: &[(u64, String, Vec<u8>)],
+        maintain: bool,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<Vec<AppendOutcome>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let now = db::now_ms();
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?;
+            for seq in acked {
+                if let Some(len) = delete.query_row([*seq as i64], |r| r.get::<_, i64>(0)).optional()? {
+                    delta.rows_removed += 1;
+                    delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
+                    delta.forwarded += 1;
+                }
+            }
+            for (seq, detail, raw) in refused {
+                if let Some(len) = delete.query_row([*seq as i64], |r| r.get::<_, i64>(0)).optional()? {
+                    delta.rows_removed += 1;
+                    delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
+                    delta.refused += 1;
+                    insert_dead_letter(&tx, now, "forwarder", Reason::PublishRefused, detail, raw)?;
+                    delta.dead_letters_added += 1;
+                }
+            }
+        }
+        let mut outcomes = Vec::with_capacity(appends.len());
+        for (append, _) in appends.iter_mut() {
+            outcomes.push(self.append_one(&tx, append, now, delta)?);
+        }
+        if delta.next_seq != self.next_seq {
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
+                .execute([delta.next_seq as i64])?;
+        }
+        if maintain {
+            self.expire(&tx, now, delta)?;
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    fn append_one(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        append: &mut Append,
+        now: i64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<AppendOutcome> {
+        if let (Some(key), true) = (append.message_key, append.maybe_duplicate) {
+            let seen: Option<i64> = tx
+                .prepare_cached("SELECT 1 FROM recent_messages WHERE key = ?1")?
+                .query_row([&key[..]], |r| r.get(0))
+                .optional()?;
+            if seen.is_some() {
+                return Ok(AppendOutcome::Duplicate);
+            }
+        }
+        let bodies: Vec<Vec<u8>> = append
+            .readings
+            .iter()
+            .map(|r| postcard::to_stdvec(r).unwrap_or_default())
+            .collect();
+        let incoming: u64 = bodies.iter().map(|b| b.len() as u64 + db::ROW_OVERHEAD).sum();
+        if !bodies.is_empty() {
+            if self.disk_low {
+                return Ok(AppendOutcome::Full);
+            }
+            let in_use = self.bytes + delta.bytes_added - delta.bytes_removed;
+            let limit = self.buffer.max_bytes.0;
+            if in_use + incoming > limit {
+                match self.buffer.when_full {
+                    WhenFull::RejectNew => {
+                        delta.refused_full += 1;
+                        return Ok(AppendOutcome::Full);
+                    }
+                    WhenFull::DropOldest => {
+                        self.drop_oldest(tx, in_use + incoming - limit, delta)?;
+                    }
+                }
+            }
+        }
+        let first_seq = delta.next_seq;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, ?2, ?3, 0, ?4)",
+            )?;
+            for body in &bodies {
+                let id = uuid::Uuid::new_v4();
+                insert.execute(params![delta.next_seq as i64, &id.as_bytes()[..], now, body])?;
+                delta.next_seq += 1;
+            }
+        }
+        delta.rows_added += bodies.len() as u64;
+        delta.bytes_added += incoming;
+        delta.accepted += bodies.len() as u64;
+        for d in &append.dead_letters {
+            insert_dead_letter(tx, now, &d.source, d.reason, &d.detail, &d.raw)?;
+            delta.dead_letters_added += 1;
+            delta.rejected.push(d.reason);
+        }
+        if let Some(key) = append.message_key {
+            tx.prepare_cached("INSERT OR IGNORE INTO recent_messages (key) VALUES (?1)")?
+                .execute([&key[..]])?;
+        }
+        Ok(AppendOutcome::Stored {
+            first_seq,
+            count: bodies.len() as u64,
+        })
+    }
+
+    /// Deletes the oldest rows until at least `need` bytes are free.
+    fn drop_oldest(&self, tx: &rusqlite::Transaction<'_>, need: u64, delta: &mut Delta) -> rusqlite::Result<()> {
+        let mut freed = 0u64;
+        let mut stmt = tx.prepare_cached("SELECT seq, length(body) FROM outbox ORDER BY seq LIMIT 256")?;
+        let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?;
+        while freed < need {
+            let rows: Vec<(i64, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut last = 0;
+            let mut count = 0;
+            for (seq, len) in rows {
+                if freed >= need {
+                    break;
+                }
+                freed += len as u64 + db::ROW_OVERHEAD;
+                last = seq;
+                count += 1;
+            }
+            delete.execute([last])?;
+            delta.rows_removed += count;
+            delta.dropped_full += count;
+        }
+        delta.bytes_removed += freed;
+        Ok(())
+    }
+
+    /// Age bound, and the bounds of the side tables.
+    fn expire(&self, tx: &rusqlite::Transaction<'_>, now: i64, delta: &mut Delta) -> rusqlite::Result<()> {
+        let cutoff = now - i64::try_from(self.buffer.max_age.0.as_millis()).unwrap_or(i64::MAX);
+        let expired: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) AND stored_ms < ?1 RETURNING seq, length(body)",
+            )?
+            .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        delta.rows_removed += expired.len() as u64;
+        delta.bytes_removed += expired.iter().map(|(_, l)| *l as u64 + db::ROW_OVERHEAD).sum::<u64>();
+        delta.dropped_age += expired.len() as u64;
+        tx.prepare_cached("DELETE FROM recent_messages WHERE id <= (SELECT max(id) FROM recent_messages) - ?1")?
+            .execute([RECENT_MESSAGES])?;
+        let cut = tx
+            .prepare_cached("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1")?
+            .execute([i64::from(self.buffer.dead_letter_max)])?;
+        delta.dead_letters_removed += cut as u64;
+        Ok(())
+    }
+
+    fn apply(&mut self, d: &Delta) {
+        self.rows = (self.rows + d.rows_added).saturating_sub(d.rows_removed);
+        self.bytes = (self.bytes + d.bytes_added).saturating_sub(d.bytes_removed);
+        self.dead_letters = (self.dead_letters + d.dead_letters_added).saturating_sub(d.dead_letters_removed);
+        if d.refused_full > 0 {
+            self.full = true;
+        } else if d.accepted > 0 {
+            self.full = false;
+        }
+        let m = &self.metrics;
+        m.readings_accepted.inc_by(d.accepted);
+        m.readings_forwarded.inc_by(d.forwarded);
+        if d.dropped_full > 0 {
+            m.dropped("buffer_full").inc_by(d.dropped_full);
+            tracing::warn!(count = d.dropped_full, "buffer full: dropped the oldest readings (when_full = drop_oldest)");
+        }
+        if d.dropped_age > 0 {
+            m.dropped("max_age").inc_by(d.dropped_age);
+            tracing::warn!(count = d.dropped_age, "dropped buffered readings older than max_age");
+        }
+        if d.refused > 0 {
+            m.rejected(Reason::PublishRefused.label()).inc_by(d.refused);
+        }
+        for r in &d.rejected {
+            m.rejected(r.label()).inc();
+        }
+        if d.next_seq != self.next_seq {
+            self.next_seq = d.next_seq;
+            self.committed.send_replace(self.next_seq - 1);
+        }
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.buffer_readings.set(self.rows as i64);
+        m.buffer_bytes.set(self.bytes as i64);
+        m.dead_letters.set(self.dead_letters as i64);
+        m.intake_paused.set(i64::from(self.disk_low || self.full));
+        let oldest = db::oldest_stored_ms(&self.conn).ok().flatten();
+        let age = oldest.map_or(0, |t| ((db::now_ms() - t) / 1000).max(0));
+        m.buffer_oldest_age_seconds.set(age);
+    }
+
+    /// Free space on the data directory's filesystem against `min_free_disk`.
+    fn check_disk(&mut self) {
+        let low = match rustix::fs::statvfs(&self.data_dir) {
+            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) < self.buffer.min_free_disk.0,
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %self.data_dir.display(), "cannot read free disk space");
+                false
+            }
+        };
+        if low != self.disk_low {
+            if low {
+                tracing::error!(dir = %self.data_dir.display(), reserve = self.buffer.min_free_disk.0, "free disk below min_free_disk: intake paused, forwarding continues");
+            } else {
+                tracing::info!("free disk above min_free_disk again: intake resumed");
+            }
+        }
+        self.disk_low = low;
+        self.metrics.intake_paused.set(i64::from(low || self.full));
+    }
+}
+
+fn insert_dead_letter(
+    tx: &rusqlite::Transaction<'_>,
+    now: i64,
+    source: &str,
+    reason: Reason,
+    detail: &str,
+    raw: &[u8],
+) -> rusqlite::Result<()> {
+    let raw = &raw[..raw.len().min(db::DEAD_LETTER_RAW_MAX)];
+    tx.prepare_cached(
+        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![now, source, reason.label(), detail, raw])?;
+    Ok(())
+}
