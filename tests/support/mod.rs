@@ -1,0 +1,488 @@
+//! Real parts for integration tests: nats-server and mosquitto on free loopback ports in temp
+//! directories, the gateway binary itself, an MQTT publisher and a stream reader. Every process
+//! is killed when its handle drops.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_sahool-gateway");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn wait_for_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {within:?}");
+}
+
+fn require(binary: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = Path::new(dir).join(binary);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{binary} not found: install the Debian package `{package}` (the README's test command does)");
+}
+
+fn kill(child: &mut Child, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
+}
+
+/// A nats-server with JetStream, restartable on the same port and store directory.
+pub struct Nats {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra_config: String,
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// `extra_config` is appended to the server config (e.g. `max_payload: 2048`).
+    pub fn start_with(extra_config: &str) -> Self {
+        let mut n = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+            extra_config: extra_config.to_string(),
+        };
+        n.resume();
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again (after `stop`), keeping its JetStream data.
+    pub fn resume(&mut self) {
+        let conf = self.dir.path().join("nats.conf");
+        let store = self.dir.path().join("js");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n{}\n",
+                self.port,
+                store.display(),
+                self.extra_config
+            ),
+        )
+        .expect("write nats.conf");
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log");
+        let child = Command::new(require("nats-server", "nats-server"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn freeze(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            kill(c, "STOP");
+        }
+    }
+
+    pub fn thaw(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            kill(c, "CONT");
+        }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("test client connects to nats-server")
+    }
+
+    /// Creates a stream the way the platform does (`SAHOOL_IOT` on `sahool.iot.>`, 120 s
+    /// duplicate window), or with other subjects.
+    pub async fn create_stream(&self, name: &str, subjects: &[&str]) {
+        let js = async_nats::jetstream::new(self.client().await);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    }
+
+    /// Every message in the stream, in stream order: (subject, headers, body).
+    pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
+        let js = async_nats::jetstream::new(self.client().await);
+        let mut stream = js.get_stream(name).await.expect("stream exists");
+        let total = stream.info().await.expect("stream info").state.messages as usize;
+        let mut out = Vec::with_capacity(total);
+        if total == 0 {
+            return out;
+        }
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let mut messages = consumer.messages().await.expect("messages");
+        while out.len() < total {
+            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .expect("stream read timed out")
+                .expect("stream ended")
+                .expect("message");
+            let headers = next
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.to_string(), v.first().map(|v| v.to_string()).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(StreamMessage {
+                subject: next.subject.to_string(),
+                headers,
+                body: serde_json::from_slice(&next.payload).expect("event is JSON"),
+            });
+        }
+        out
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            kill(c, "CONT");
+        }
+        self.stop();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamMessage {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl StreamMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A mosquitto broker with persistence, configured as the README advises.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let mut m = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        m.resume();
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn resume(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\n",
+                self.port,
+                self.dir.path().display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).expect("log");
+        let child = Command::new(require("mosquitto", "mosquitto"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, "TERM");
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The gateway binary with a config written to its own temp directory.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Gateway {
+    /// `config` is the TOML without `[gateway]` and `[http]`, which the harness adds.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http_port = free_port();
+        let config_path = dir.path().join("gateway.toml");
+        let full = format!(
+            "[gateway]\nid = \"gw-test\"\ntenant_id = \"tenant-a\"\ndata_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{config}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config_path, full).expect("write config");
+        let mut g = Self {
+            dir,
+            http_port,
+            config_path,
+            child: None,
+            starts: 0,
+        };
+        g.resume();
+        g
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("gateway-{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Starts the binary (again) and waits for its HTTP endpoint.
+    pub fn resume(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.path().join(format!("gateway-{}.log", self.starts))).expect("log");
+        let child = Command::new(GATEWAY)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start gateway");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.get("/healthz").is_none() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("gateway exited with {status} at start:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "gateway HTTP not up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        kill(&mut c, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("gateway did not stop within 20 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the gateway's HTTP port: (status, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http_port, path)
+    }
+
+    /// A metric's value, summed over label sets that contain `labels` (e.g. `reason="oversized"`).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = self.get("/metrics").unwrap_or_default();
+        metric_value(&body, name, labels)
+    }
+
+    /// Polls until `f` holds, or panics with the gateway log.
+    pub fn wait_until(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + within;
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n--- gateway log ---\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a CLI subcommand against this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(GATEWAY);
+        cmd.args(args).arg("--config").arg(&self.config_path);
+        cmd.output().expect("run gateway CLI")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn metric_value(body: &str, name: &str, labels: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
+            (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, dechunk(&body)))
+}
+
+fn dechunk(body: &str) -> String {
+    // hyper answers with a content-length for full bodies; keep this tolerant of chunking.
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+/// Publishes at QoS 1 and returns the number of messages the broker acknowledged (PUBACK).
+pub async fn publish_all(broker_port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) -> usize {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", broker_port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(200);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(o, 256);
+    let total = messages.len();
+    let sender = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("queue publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked < total {
+        assert!(Instant::now() < deadline, "publisher stalled at {acked}/{total} acked");
+        match tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(_)))) => sent += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("publisher connection failed after {sent} sent, {acked} acked: {e}"),
+            Err(_) => panic!("publisher got no event for 30 s ({acked}/{total} acked)"),
+        }
+    }
+    let client = sender.await.expect("sender");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    acked
+}
+
+/// The event schema with its `$ref` to SAHOOL's payload schema resolved in memory.
+pub fn event_validator() -> jsonschema::Validator {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts");
+    let read = |p: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(p)).expect("contract file")).expect("contract JSON")
+    };
+    let mut event = read("sensor_reading_event.v1.json");
+    let payload = read("sahool/sensor_reading.v1.json");
+    assert_eq!(event["properties"]["payload"]["$ref"], "sahool/sensor_reading.v1.json");
+    event["properties"]["payload"] = payload;
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&event)
+        .expect("event schema compiles")
+}
+
+/// A fixture file from `tests/fixtures`.
+pub fn fixture(name: &str) -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
+}
