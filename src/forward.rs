@@ -104,11 +104,14 @@ impl Forwarder {
             if connected && !stream_checked {
                 stream_checked = self.check_stream().await;
             }
-            let more = cursor < *committed.borrow();
+            // Marks the value seen: a commit after this line wakes `changed()` below.
+            let newest = *committed.borrow_and_update();
+            let more = cursor < newest;
             if connected && more && inflight.len() < self.window {
                 match self.store.fetch(cursor, self.window - inflight.len()).await {
-                    Ok(rows) if rows.is_empty() => cursor = *committed.borrow(),
+                    Ok(rows) if rows.is_empty() => cursor = newest,
                     Ok(rows) => {
+                        tracing::debug!(after = cursor, rows = rows.len(), in_flight = inflight.len(), "publishing");
                         for row in rows {
                             cursor = row.seq;
                             match self.publish(&row).await {
@@ -158,7 +161,7 @@ impl Forwarder {
                         },
                     }
                 }
-                changed = committed.changed(), if can_send && cursor >= *committed.borrow() => {
+                changed = committed.changed(), if can_send => {
                     if changed.is_err() { break; }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && inflight.is_empty()) => {}

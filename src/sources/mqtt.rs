@@ -7,6 +7,7 @@
 //! after a backoff and stays unacknowledged meanwhile: the broker keeps it, and stops sending
 //! once `receive_maximum` messages are unacknowledged.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::backoff::Backoff;
 use crate::config::{Gateway, MqttSource};
@@ -48,8 +49,6 @@ impl MqttInput {
             .set_manual_acks(true)
             .set_receive_maximum(Some(self.source.receive_maximum))
             .set_keep_alive(self.source.keep_alive.0)
-            // Acks never outnumber unacknowledged messages, so this never blocks the poller.
-            .set_request_channel_capacity(usize::from(self.source.receive_maximum) * 2 + 64)
             .set_max_packet_size(Some(
                 u32::try_from(self.source.max_payload.0.saturating_mul(2) + 1024).unwrap_or(u32::MAX),
             ))
@@ -70,24 +69,31 @@ impl MqttInput {
                 return;
             }
         };
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        // Acks never outnumber unacknowledged messages: this capacity is not reached while the
+        // broker honours our Receive Maximum; `unsent` catches the rest.
+        let (client, eventloop) = AsyncClient::new(options, usize::from(self.source.receive_maximum) * 2 + 64);
+        let mut unsent: VecDeque<Publish> = VecDeque::new();
         let label = self.metrics.source(&name);
         let connected = self.metrics.mqtt_connected.get_or_create(&label).clone();
         let messages = self.metrics.mqtt_messages.get_or_create(&label).clone();
         let duplicates = self.metrics.mqtt_duplicates.get_or_create(&label).clone();
+        // rumqttc's poll() is not cancel-safe (a request taken from its queue can be lost
+        // mid-write), so it runs alone in its own task and hands events over a channel.
+        let (events_tx, mut events) =
+            mpsc::channel(usize::from(self.source.receive_maximum) * 2 + 64);
+        let poller = tokio::spawn(poll(eventloop, events_tx, name.clone(), connected.clone()));
         let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
-        let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut stopping = false;
-        let mut last_error = String::new();
+        let mut refused_last = false;
 
         loop {
-            if stopping && commits.is_empty() {
+            if stopping && commits.is_empty() && unsent.is_empty() {
                 break;
             }
             tokio::select! {
-                polled = eventloop.poll() => match polled {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                event = events.recv() => match event {
+                    Some(Incoming::Publish(p)) => {
                         if stopping {
                             // Not acknowledged: the broker keeps it for the next start.
                             continue;
@@ -101,38 +107,17 @@ impl MqttInput {
                             })),
                             Err(e) => {
                                 tracing::error!(source = %name, error = %e, "buffer closed; stopping source");
-                                return;
+                                break;
                             }
                         }
                     }
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        connected.set(1);
-                        reconnect.reset();
-                        last_error.clear();
-                        tracing::info!(source = %name, session_present = ack.session_present, "connected to MQTT broker");
+                    Some(Incoming::Connected) => {
                         let filters: Vec<Filter> = self.source.topics.iter().map(|t| Filter::new(t.as_str(), QoS::AtLeastOnce)).collect();
-                        // Subscribing from another task: this one must keep polling meanwhile.
-                        let sub = client.clone();
-                        let source = name.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = sub.subscribe_many(filters).await {
-                                tracing::error!(%source, error = %e, "cannot subscribe");
-                            }
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        connected.set(0);
-                        let text = e.to_string();
-                        if text != last_error {
-                            tracing::warn!(source = %name, error = %text, "MQTT connection lost; reconnecting with backoff");
-                            last_error = text;
+                        if let Err(e) = client.try_subscribe_many(filters) {
+                            tracing::error!(source = %name, error = %e, "cannot subscribe");
                         }
-                        if stopping {
-                            break;
-                        }
-                        tokio::time::sleep(reconnect.next_delay()).await;
                     }
+                    None => break,
                 },
                 Some((p, received, result)) = commits.next(), if !commits.is_empty() => match result {
                     Ok(AppendOutcome::Stored { .. }) | Ok(AppendOutcome::Duplicate) => {
@@ -140,15 +125,18 @@ impl MqttInput {
                             duplicates.inc();
                         }
                         retry.reset();
-                        if let Err(e) = client.try_ack(&p) {
-                            tracing::warn!(source = %name, error = %e, "cannot queue MQTT ack; the broker will redeliver");
-                        }
+                        refused_last = false;
+                        unsent.push_back(p);
+                        send_acks(&client, &mut unsent);
                     }
                     Ok(AppendOutcome::Full) | Err(_) => {
                         if let Err(e) = &result {
                             tracing::warn!(source = %name, error = %e, "commit failed; message kept unacknowledged and retried");
                         }
-                        let delay = retry.next_delay();
+                        // A refusal that came before the last success is stale: retry at once.
+                        // Only consecutive refusals back off.
+                        let delay = if refused_last { retry.next_delay() } else { Duration::ZERO };
+                        refused_last = true;
                         let store = self.store.clone();
                         let append = self.append_for(&p, received);
                         commits.push_front(Box::pin(async move {
@@ -161,6 +149,9 @@ impl MqttInput {
                         }));
                     }
                 },
+                _ = tokio::time::sleep(Duration::from_millis(10)), if !unsent.is_empty() => {
+                    send_acks(&client, &mut unsent);
+                }
                 _ = shutdown.changed(), if !stopping => {
                     stopping = true;
                     // Messages held for lack of space will be redelivered after restart.
@@ -168,21 +159,85 @@ impl MqttInput {
                 }
             }
         }
-        let _ = client.disconnect().await;
-        // Let the event loop write the last acks and the DISCONNECT.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Ok(ev) = eventloop.poll().await {
-                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
+        // The poller writes the last acks, then the DISCONNECT, and ends.
+        let _ = client.try_disconnect();
+        let finish = async {
+            tokio::pin!(poller);
+            loop {
+                tokio::select! {
+                    _ = &mut poller => break,
+                    // Unacknowledged messages still arriving are left to the broker.
+                    _ = events.recv() => {}
                 }
             }
-        })
-        .await;
+        };
+        if tokio::time::timeout(Duration::from_secs(2), finish).await.is_err() {
+            tracing::warn!(source = %name, "MQTT client did not disconnect in time");
+        }
         connected.set(0);
     }
 
     fn append_for(&self, p: &Publish, received: Timestamp) -> Append {
         build_append(&self.mapper, self.source.name.as_str(), p, received)
+    }
+}
+
+/// Queues acks in order until the client's request queue is full; the rest wait for the next try.
+fn send_acks(client: &AsyncClient, unsent: &mut VecDeque<Publish>) {
+    while let Some(p) = unsent.front() {
+        if client.try_ack(p).is_err() {
+            return;
+        }
+        unsent.pop_front();
+    }
+}
+
+/// What the poller hands to the source task.
+enum Incoming {
+    Publish(Publish),
+    Connected,
+}
+
+/// Drives the client's event loop: reconnects with backoff, and ends after our DISCONNECT.
+async fn poll(
+    mut eventloop: rumqttc::v5::EventLoop,
+    events: mpsc::Sender<Incoming>,
+    name: String,
+    connected: prometheus_client::metrics::gauge::Gauge,
+) {
+    let mut reconnect = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut last_error = String::new();
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if events.send(Incoming::Publish(p)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                connected.set(1);
+                reconnect.reset();
+                last_error.clear();
+                tracing::info!(source = %name, session_present = ack.session_present, "connected to MQTT broker");
+                if events.send(Incoming::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                connected.set(0);
+                if events.is_closed() {
+                    return;
+                }
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(source = %name, error = %text, "MQTT connection lost; reconnecting with backoff");
+                    last_error = text;
+                }
+                tokio::time::sleep(reconnect.next_delay()).await;
+            }
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
 //!   readings and publishes the server refused for good, with their raw bytes; bounded by
 //!   `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
+//! - `seq.floor` (a text file beside the database): a reserved high-water mark of `seq`, so a
+//!   fresh database after corruption recovery continues above every seq ever handed out.
 //! - `recent_messages(id PK, key UNIQUE)`: hashes of the last [`RECENT_MESSAGES`] source messages
 //!   committed, so a redelivery of a message already stored (an MQTT ack lost to a crash) is
 //!   acknowledged again but not stored twice.
@@ -16,7 +18,8 @@
 //!    commit is running are committed together in the next transaction (group commit: one fsync
 //!    for all of them). A caller learns its outcome only after that commit returned.
 //! 2. `seq` is strictly increasing and never reused: `next_seq` is written in the same
-//!    transaction as the rows it numbers, so it survives restarts and deleting every row.
+//!    transaction as the rows it numbers, so it survives restarts and deleting every row; and
+//!    `seq.floor` covers it before the commit, so it survives losing the file too.
 //! 3. `event_id` is made once, when the row is committed, and never changes.
 //! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`]); a permanent
 //!    publish refusal (moved to `dead_letters` in the same transaction); or a bound
@@ -29,6 +32,7 @@
 //!    committed.
 
 pub mod db;
+mod seq_floor;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -209,10 +213,15 @@ pub fn start(
     if opened.moved_aside.is_some() {
         metrics.store_corruption_recovered.inc();
     }
-    let totals = db::totals(&opened.conn).map_err(|source| StoreError::Sqlite {
+    let mut totals = db::totals(&opened.conn).map_err(|source| StoreError::Sqlite {
         path: path.clone(),
         source,
     })?;
+    let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
+    if totals.next_seq == 1 {
+        // A new (or replaced) database continues above everything handed out before.
+        totals.next_seq = floor.reserved();
+    }
     let (tx, rx) = mpsc::channel(4096);
     let (committed_tx, committed) = watch::channel(totals.next_seq.saturating_sub(1));
     let data_dir = path.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
@@ -229,6 +238,7 @@ pub fn start(
         disk_low: false,
         full: false,
         committed: committed_tx,
+        floor,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -269,6 +279,7 @@ struct Writer {
     /// Last append refused for `reject_new`; cleared by the next one stored.
     full: bool,
     committed: watch::Sender<u64>,
+    floor: seq_floor::SeqFloor,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -325,6 +336,14 @@ impl Writer {
         }
         if maintain {
             self.check_disk();
+        }
+        let most_new: usize = appends.iter().map(|(a, _)| a.readings.len()).sum();
+        if let Err(e) = self.floor.ensure(self.next_seq + most_new as u64) {
+            tracing::error!(error = %e, dir = %self.data_dir.display(), "cannot write seq.floor; not committing");
+            self.metrics.set_store_healthy(false);
+            for (_, reply) in appends.drain(..) {
+                let _ = reply.send(Err(StoreError::Commit(format!("seq.floor: {e}"))));
+            }
         }
         if !(appends.is_empty() && acked.is_empty() && refused.is_empty() && !maintain) {
             let started = Instant::now();

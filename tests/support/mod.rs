@@ -369,7 +369,11 @@ impl Gateway {
     pub fn wait_until(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + within;
         while !f(self) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}\n--- gateway log ---\n{}", self.log());
+            if Instant::now() >= deadline {
+                let metrics = self.get("/metrics").map(|(_, b)| b).unwrap_or_default();
+                let metrics: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#') && !l.contains("_bucket")).collect();
+                panic!("timed out waiting for {what}\n--- metrics ---\n{}\n--- gateway log ---\n{}", metrics.join("\n"), self.log());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
