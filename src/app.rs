@@ -26,7 +26,8 @@ pub enum RunError {
 
 pub async fn run(config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let (store, store_thread) = store::start(config.store_path(), config.buffer.clone(), metrics.clone())?;
+    let (store, store_thread) =
+        store::start(config.store_path(), config.buffer.clone(), metrics.clone())?;
     let listener = http::bind(config.http.listen).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -36,7 +37,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if config.nats.allow_insecure {
         tracing::warn!("[nats] allow_insecure = true: plaintext NATS connections to non-loopback servers are permitted");
     }
-    let client = nats::connect(&config.nats, &format!("sahool-gateway {}", config.gateway.id), metrics.clone()).await?;
+    let client = nats::connect(
+        &config.nats,
+        &format!("sahool-gateway {}", config.gateway.id),
+        metrics.clone(),
+    )
+    .await?;
     let forwarder = Forwarder::new(
         store.clone(),
         client.clone(),
@@ -52,7 +58,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     for source in &config.mqtt {
         let password = match (&source.password, &source.password_file) {
             (Some(p), _) => Some(p.expose().to_string()),
-            (None, Some(path)) => Some(nats::read_secret("MQTT password", path)?.expose().to_string()),
+            (None, Some(path)) => Some(
+                nats::read_secret("MQTT password", path)?
+                    .expose()
+                    .to_string(),
+            ),
             (None, None) => None,
         };
         let input = MqttInput {

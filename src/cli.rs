@@ -51,7 +51,9 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
     let path = c.store_path();
     let conn = db::open_read_only(&path)?;
     let s = store::stats(&conn)?;
-    let age_s = s.oldest_stored_ms.map(|t| ((db::now_ms() - t) / 1000).max(0));
+    let age_s = s
+        .oldest_stored_ms
+        .map(|t| ((db::now_ms() - t) / 1000).max(0));
     if json {
         let v = serde_json::json!({
             "file": path.display().to_string(),
@@ -68,7 +70,11 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
     writeln!(out, "buffer:        {}", path.display())?;
     writeln!(out, "readings:      {}", s.rows)?;
     let pct = s.bytes as f64 * 100.0 / c.buffer.max_bytes.0.max(1) as f64;
-    writeln!(out, "bytes:         {} ({pct:.1}% of max_bytes {})", s.bytes, c.buffer.max_bytes.0)?;
+    writeln!(
+        out,
+        "bytes:         {} ({pct:.1}% of max_bytes {})",
+        s.bytes, c.buffer.max_bytes.0
+    )?;
     match age_s {
         Some(a) => writeln!(
             out,
@@ -87,13 +93,19 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
 }
 
 /// `dead-letters list`: newest first, one JSON object per line.
-pub fn dead_letters_list(config_path: &Path, limit: usize, out: &mut impl Write) -> Result<(), CliError> {
+pub fn dead_letters_list(
+    config_path: &Path,
+    limit: usize,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
     let c = config::load(config_path)?;
     let conn = db::open_read_only(&c.store_path())?;
     for d in db::dead_letters(&conn, limit)? {
         let raw = String::from_utf8(d.raw.clone())
             .map(serde_json::Value::String)
-            .unwrap_or_else(|_| serde_json::Value::String(d.raw.iter().map(|b| format!("{b:02x}")).collect()));
+            .unwrap_or_else(|_| {
+                serde_json::Value::String(d.raw.iter().map(|b| format!("{b:02x}")).collect())
+            });
         let v = serde_json::json!({
             "id": d.id,
             "at": crate::reading::Timestamp::from_unix_millis(d.at_ms).to_rfc3339(),

@@ -78,18 +78,25 @@ impl Metadata {
 }
 
 /// Renders a buffered reading as its event.
-pub fn render(row: &OutboxRow, gateway_id: &str, subject: &SubjectTemplate) -> Result<Event, EventError> {
+pub fn render(
+    row: &OutboxRow,
+    gateway_id: &str,
+    subject: &SubjectTemplate,
+) -> Result<Event, EventError> {
     if row.kind != 0 {
         return Err(EventError::Kind {
             seq: row.seq,
             kind: row.kind,
         });
     }
-    let reading: Reading = postcard::from_bytes(&row.body).map_err(|source| EventError::Decode {
-        seq: row.seq,
-        source,
-    })?;
-    let event_id = uuid::Uuid::from_bytes(row.event_id).hyphenated().to_string();
+    let reading: Reading =
+        postcard::from_bytes(&row.body).map_err(|source| EventError::Decode {
+            seq: row.seq,
+            source,
+        })?;
+    let event_id = uuid::Uuid::from_bytes(row.event_id)
+        .hyphenated()
+        .to_string();
     let envelope = Envelope {
         event_id: &event_id,
         event_type: "sensor_reading",
@@ -174,7 +181,9 @@ mod tests {
             kind: 0,
             body: postcard::to_stdvec(&reading).unwrap(),
         };
-        let subject = SubjectTemplate::try_from("sahool.tenant.{tenant_id}.iot.sensor.reading".to_string()).unwrap();
+        let subject =
+            SubjectTemplate::try_from("sahool.tenant.{tenant_id}.iot.sensor.reading".to_string())
+                .unwrap();
         let e = render(&row, "gw-1", &subject).unwrap();
         assert_eq!(e.subject, "sahool.tenant.tenant-x.iot.sensor.reading");
         let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
@@ -186,6 +195,9 @@ mod tests {
         assert_eq!(v["payload"]["metadata"]["rssi"], -71);
         assert!(v["payload"]["metadata"].get("raw_value").is_none());
         let h = headers(&e);
-        assert_eq!(h.get("Nats-Msg-Id").map(|v| v.as_str()), Some(e.event_id.as_str()));
+        assert_eq!(
+            h.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some(e.event_id.as_str())
+        );
     }
 }

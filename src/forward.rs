@@ -43,7 +43,10 @@ enum Failure {
     Permanent(String),
 }
 
-type AckResult = (Event, Result<async_nats::jetstream::publish::PublishAck, PublishError>);
+type AckResult = (
+    Event,
+    Result<async_nats::jetstream::publish::PublishAck, PublishError>,
+);
 type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
 
 pub struct Forwarder {
@@ -111,12 +114,19 @@ impl Forwarder {
                 match self.store.fetch(cursor, self.window - inflight.len()).await {
                     Ok(rows) if rows.is_empty() => cursor = newest,
                     Ok(rows) => {
-                        tracing::debug!(after = cursor, rows = rows.len(), in_flight = inflight.len(), "publishing");
+                        tracing::debug!(
+                            after = cursor,
+                            rows = rows.len(),
+                            in_flight = inflight.len(),
+                            "publishing"
+                        );
                         for row in rows {
                             cursor = row.seq;
                             match self.publish(&row).await {
                                 Ok(fut) => inflight.push_back(fut),
-                                Err((event, Failure::Permanent(why))) => self.refuse(row.seq, &why, event).await,
+                                Err((event, Failure::Permanent(why))) => {
+                                    self.refuse(row.seq, &why, event).await
+                                }
                                 Err((_, Failure::Transient(why))) => {
                                     tracing::warn!(seq = row.seq, error = %why, "publish failed; will retry");
                                     inflight.clear();
@@ -133,10 +143,9 @@ impl Forwarder {
                     }
                 }
             }
-            if !acked.is_empty() && (inflight.is_empty() || acked.len() >= 256) {
-                if self.store.acked(std::mem::take(&mut acked)).await.is_err() {
-                    return;
-                }
+            let flush = !acked.is_empty() && (inflight.is_empty() || acked.len() >= 256);
+            if flush && self.store.acked(std::mem::take(&mut acked)).await.is_err() {
+                return;
             }
             let can_send = connected && inflight.len() < self.window;
             tokio::select! {
@@ -228,7 +237,9 @@ impl Forwarder {
     async fn refuse(&self, seq: u64, why: &str, event: Option<Event>) {
         self.metrics
             .nats_publish_errors
-            .get_or_create(&crate::metrics::ReasonLabel { reason: "refused".into() })
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "refused".into(),
+            })
             .inc();
         tracing::error!(seq, reason = %why, "the server refuses this reading for good: moved to dead-letters");
         let raw = event.map(|e| e.body).unwrap_or_default();
@@ -270,8 +281,12 @@ async fn await_ack(event: Event, fut: PublishAckFuture) -> AckResult {
 fn classify(e: &PublishError) -> Failure {
     let text = e.to_string();
     match e.kind() {
-        PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(format!("payload too large: {text}")),
-        PublishErrorKind::StreamNotFound => Failure::Permanent(format!("no stream captures the subject: {text}")),
+        PublishErrorKind::MaxPayloadExceeded => {
+            Failure::Permanent(format!("payload too large: {text}"))
+        }
+        PublishErrorKind::StreamNotFound => {
+            Failure::Permanent(format!("no stream captures the subject: {text}"))
+        }
         PublishErrorKind::Other if text.contains("message size exceeds maximum") => {
             Failure::Permanent(format!("payload too large for the stream: {text}"))
         }

@@ -25,11 +25,17 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "HTTP metrics listen on a non-loopback address; anyone on that network can read them");
     }
-    TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
 }
 
 /// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -65,7 +71,11 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
                 "store: {}\nnats: {}\nstream: {}\n",
                 if store { "ok" } else { "failing" },
                 if nats { "connected" } else { "disconnected" },
-                if metrics.stream_found() { "found" } else { "not found" },
+                if metrics.stream_found() {
+                    "found"
+                } else {
+                    "not found"
+                },
             );
             text(status, body)
         }
@@ -77,7 +87,10 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             );
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     }
 }
 

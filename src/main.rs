@@ -9,7 +9,11 @@ use sahool_gateway::{app, cli, config};
 const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
 
 #[derive(Parser)]
-#[command(name = "sahool-gateway", version, about = "Farm sensors → SQLite buffer → SAHOOL NATS JetStream")]
+#[command(
+    name = "sahool-gateway",
+    version,
+    about = "Farm sensors → SQLite buffer → SAHOOL NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -115,17 +115,24 @@ impl Target {
         if !o.value.is_finite() {
             return Err(Rejection::new(
                 Reason::NotFinite,
-                format!("{} {}: value is not a finite number", self.device_id, self.sensor_type),
+                format!(
+                    "{} {}: value is not a finite number",
+                    self.device_id, self.sensor_type
+                ),
             ));
         }
         let calibrated = self.scale != 1.0 || self.offset != 0.0;
         let value = o.value * self.scale + self.offset;
-        let unit = o.unit.map_or_else(|| self.unit.clone(), |u| normalize_unit(&u));
+        let unit = o
+            .unit
+            .map_or_else(|| self.unit.clone(), |u| normalize_unit(&u));
         // The default range is in the default unit; a sensor reporting another unit is only
         // checked against a range its config gives.
-        let range = self
-            .range
-            .or_else(|| (unit == self.sensor_type.default_unit()).then(|| self.sensor_type.default_range()).flatten());
+        let range = self.range.or_else(|| {
+            (unit == self.sensor_type.default_unit())
+                .then(|| self.sensor_type.default_range())
+                .flatten()
+        });
         if let Some((lo, hi)) = range {
             if !(lo..=hi).contains(&value) {
                 return Err(Rejection::new(
@@ -178,10 +185,10 @@ impl Mapper {
                     sensor_type: s.sensor_type.0,
                     field_id: field.id.to_string(),
                     tenant_id: config.tenant_of(field).to_string(),
-                    unit: s
-                        .unit
-                        .as_deref()
-                        .map_or_else(|| s.sensor_type.0.default_unit().to_string(), normalize_unit),
+                    unit: s.unit.as_deref().map_or_else(
+                        || s.sensor_type.0.default_unit().to_string(),
+                        normalize_unit,
+                    ),
                     scale: s.scale,
                     offset: s.offset,
                     range: s.range.map(|[lo, hi]| (lo, hi)),
@@ -214,14 +221,24 @@ impl Mapper {
     }
 
     /// Maps one MQTT message from the named source.
-    pub fn map_mqtt(&self, source: &str, topic: &str, payload: &[u8], received: Timestamp) -> Mapped {
+    pub fn map_mqtt(
+        &self,
+        source: &str,
+        topic: &str,
+        payload: &[u8],
+        received: Timestamp,
+    ) -> Mapped {
         let Some(rules) = self.sources.get(source) else {
             return Mapped::rejected(Reason::UnmappedTopic, format!("unknown source `{source}`"));
         };
         if payload.len() > rules.max_payload {
             return Mapped::rejected(
                 Reason::Oversized,
-                format!("payload of {} bytes exceeds max_payload {}", payload.len(), rules.max_payload),
+                format!(
+                    "payload of {} bytes exceeds max_payload {}",
+                    payload.len(),
+                    rules.max_payload
+                ),
             );
         }
         let doc: Value = match serde_json::from_slice(payload) {
@@ -241,17 +258,29 @@ impl Mapper {
         // sahool/sensors/{device_id}/{field_id}[/{sensor_type}]
         let levels: Vec<&str> = topic.split('/').collect();
         let from_topic = |i: usize| levels.get(i).copied().filter(|s| !s.is_empty());
-        let text = |keys: &[&str]| keys.iter().find_map(|k| obj.get(*k).and_then(Value::as_str));
+        let text = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| obj.get(*k).and_then(Value::as_str))
+        };
         let Some(device) = text(&["device_id", "d"]).or_else(|| from_topic(2)) else {
             return Mapped::rejected(Reason::Malformed, "no device_id in payload or topic");
         };
         let field = text(&["field_id", "f"]).or_else(|| from_topic(3));
         let shared_at = match timestamp_of(obj, received) {
             Ok(t) => t,
-            Err(r) => return Mapped { readings: vec![], rejections: vec![r] },
+            Err(r) => {
+                return Mapped {
+                    readings: vec![],
+                    rejections: vec![r],
+                }
+            }
         };
         let battery = obj.get("battery").or_else(|| obj.get("b")).and_then(number);
-        let rssi = obj.get("rssi").or_else(|| obj.get("r")).and_then(number).map(|r| r.round() as i64);
+        let rssi = obj
+            .get("rssi")
+            .or_else(|| obj.get("r"))
+            .and_then(number)
+            .map(|r| r.round() as i64);
 
         let mut out = Mapped::default();
         let items: Vec<&serde_json::Map<String, Value>> = match obj.get("readings") {
@@ -276,7 +305,9 @@ impl Mapper {
                 .iter()
                 .find_map(|k| item.get(*k).and_then(Value::as_str))
                 .or_else(|| from_topic(4));
-            out.push(self.sahool_item(source, device, field, type_name, item, shared_at, battery, rssi));
+            out.push(self.sahool_item(
+                source, device, field, type_name, item, shared_at, battery, rssi,
+            ));
         }
         out
     }
@@ -293,10 +324,14 @@ impl Mapper {
         battery: Option<f64>,
         rssi: Option<i64>,
     ) -> Result<Reading, Rejection> {
-        let type_name =
-            type_name.ok_or_else(|| Rejection::new(Reason::Malformed, format!("{device}: no sensor type")))?;
+        let type_name = type_name.ok_or_else(|| {
+            Rejection::new(Reason::Malformed, format!("{device}: no sensor type"))
+        })?;
         let sensor_type = SensorType::from_name(type_name).ok_or_else(|| {
-            Rejection::new(Reason::UnknownSensorType, format!("{device}: unknown sensor type `{type_name}`"))
+            Rejection::new(
+                Reason::UnknownSensorType,
+                format!("{device}: unknown sensor type `{type_name}`"),
+            )
         })?;
         let target = self
             .by_sensor
@@ -305,31 +340,50 @@ impl Mapper {
             .ok_or_else(|| {
                 let known_device = self.by_sensor.keys().any(|(d, _)| d == device);
                 if known_device {
-                    Rejection::new(Reason::UnknownSensorType, format!("{device}: no {sensor_type} sensor is configured"))
+                    Rejection::new(
+                        Reason::UnknownSensorType,
+                        format!("{device}: no {sensor_type} sensor is configured"),
+                    )
                 } else {
-                    Rejection::new(Reason::UnknownDevice, format!("device `{device}` is not configured"))
+                    Rejection::new(
+                        Reason::UnknownDevice,
+                        format!("device `{device}` is not configured"),
+                    )
                 }
             })?;
         if let Some(field) = field {
             if field != target.field_id {
                 return Err(Rejection::new(
                     Reason::FieldMismatch,
-                    format!("{device} {sensor_type}: reports field `{field}`, config says `{}`", target.field_id),
+                    format!(
+                        "{device} {sensor_type}: reports field `{field}`, config says `{}`",
+                        target.field_id
+                    ),
                 ));
             }
         }
         let raw = item.get("value").or_else(|| item.get("v")).ok_or_else(|| {
-            Rejection::new(Reason::MissingValue, format!("{device} {sensor_type}: no value"))
+            Rejection::new(
+                Reason::MissingValue,
+                format!("{device} {sensor_type}: no value"),
+            )
         })?;
         let value = number(raw).ok_or_else(|| {
-            Rejection::new(Reason::Malformed, format!("{device} {sensor_type}: value {raw} is not a number"))
+            Rejection::new(
+                Reason::Malformed,
+                format!("{device} {sensor_type}: value {raw} is not a number"),
+            )
         })?;
         let at = if item.contains_key("timestamp") || item.contains_key("ts") {
             timestamp_of(item, shared_at)?
         } else {
             shared_at
         };
-        let unit = item.get("unit").or_else(|| item.get("u")).and_then(Value::as_str).map(str::to_string);
+        let unit = item
+            .get("unit")
+            .or_else(|| item.get("u"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
         target.reading(Observed {
             value,
             unit,
@@ -359,25 +413,47 @@ impl Mapper {
     }
 }
 
-fn json_reading(b: &JsonBinding, target: &Target, doc: &Value, received: Timestamp) -> Result<Reading, Rejection> {
+fn json_reading(
+    b: &JsonBinding,
+    target: &Target,
+    doc: &Value,
+    received: Timestamp,
+) -> Result<Reading, Rejection> {
     let who = || format!("{} {}", target.device_id, target.sensor_type);
-    let raw = doc
-        .pointer(b.value.as_str())
-        .ok_or_else(|| Rejection::new(Reason::MissingValue, format!("{}: nothing at {}", who(), b.value.as_str())))?;
-    let value = number(raw)
-        .ok_or_else(|| Rejection::new(Reason::Malformed, format!("{}: {raw} at {} is not a number", who(), b.value.as_str())))?;
+    let raw = doc.pointer(b.value.as_str()).ok_or_else(|| {
+        Rejection::new(
+            Reason::MissingValue,
+            format!("{}: nothing at {}", who(), b.value.as_str()),
+        )
+    })?;
+    let value = number(raw).ok_or_else(|| {
+        Rejection::new(
+            Reason::Malformed,
+            format!("{}: {raw} at {} is not a number", who(), b.value.as_str()),
+        )
+    })?;
     let at = match &b.timestamp {
         None => received,
         Some(ptr) => {
             let v = doc.pointer(ptr.as_str()).ok_or_else(|| {
-                Rejection::new(Reason::BadTimestamp, format!("{}: no timestamp at {}", who(), ptr.as_str()))
+                Rejection::new(
+                    Reason::BadTimestamp,
+                    format!("{}: no timestamp at {}", who(), ptr.as_str()),
+                )
             })?;
             parse_timestamp(v, b.timestamp_format, b.utc_offset.map(|o| o.0)).ok_or_else(|| {
-                Rejection::new(Reason::BadTimestamp, format!("{}: cannot read timestamp {v}", who()))
+                Rejection::new(
+                    Reason::BadTimestamp,
+                    format!("{}: cannot read timestamp {v}", who()),
+                )
             })?
         }
     };
-    let pointed = |p: &Option<crate::config::JsonPointer>| p.as_ref().and_then(|p| doc.pointer(p.as_str())).and_then(number);
+    let pointed = |p: &Option<crate::config::JsonPointer>| {
+        p.as_ref()
+            .and_then(|p| doc.pointer(p.as_str()))
+            .and_then(number)
+    };
     target.reading(Observed {
         value,
         unit: None,
@@ -397,24 +473,38 @@ fn number(v: &Value) -> Option<f64> {
 }
 
 /// `timestamp` / `ts` of a SAHOOL object: RFC 3339 or epoch; absent → `default`.
-fn timestamp_of(obj: &serde_json::Map<String, Value>, default: Timestamp) -> Result<Timestamp, Rejection> {
+fn timestamp_of(
+    obj: &serde_json::Map<String, Value>,
+    default: Timestamp,
+) -> Result<Timestamp, Rejection> {
     match obj.get("timestamp").or_else(|| obj.get("ts")) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => parse_timestamp(v, TimestampFormat::Auto, None)
-            .ok_or_else(|| Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))),
+        Some(v) => parse_timestamp(v, TimestampFormat::Auto, None).ok_or_else(|| {
+            Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))
+        }),
     }
 }
 
-fn parse_timestamp(v: &Value, format: TimestampFormat, offset: Option<time::UtcOffset>) -> Option<Timestamp> {
+fn parse_timestamp(
+    v: &Value,
+    format: TimestampFormat,
+    offset: Option<time::UtcOffset>,
+) -> Option<Timestamp> {
     match (format, v) {
-        (TimestampFormat::EpochSeconds, v) => number(v).and_then(|n| Timestamp::from_epoch_number(n.min(9.9e10))),
-        (TimestampFormat::EpochMillis, v) => number(v).and_then(|n| Timestamp::from_epoch_number(n.max(1e11))),
+        (TimestampFormat::EpochSeconds, v) => {
+            number(v).and_then(|n| Timestamp::from_epoch_number(n.min(9.9e10)))
+        }
+        (TimestampFormat::EpochMillis, v) => {
+            number(v).and_then(|n| Timestamp::from_epoch_number(n.max(1e11)))
+        }
         (TimestampFormat::Local, Value::String(s)) => Timestamp::parse_local(s, offset?),
         (TimestampFormat::Rfc3339, Value::String(s)) => Timestamp::parse_rfc3339(s),
         (TimestampFormat::Auto, Value::String(s)) => Timestamp::parse_rfc3339(s)
             .or_else(|| offset.and_then(|o| Timestamp::parse_local(s, o)))
             .or_else(|| number(v).and_then(Timestamp::from_epoch_number)),
-        (TimestampFormat::Auto, Value::Number(_)) => number(v).and_then(Timestamp::from_epoch_number),
+        (TimestampFormat::Auto, Value::Number(_)) => {
+            number(v).and_then(Timestamp::from_epoch_number)
+        }
         _ => None,
     }
 }
@@ -461,21 +551,48 @@ id = "field-1"
         let cases: &[(&str, Reason)] = &[
             ("not json", Reason::Malformed),
             (r#"[1,2]"#, Reason::Malformed),
-            (r#"{"device_id":"ghost","type":"vwc","value":1}"#, Reason::UnknownDevice),
-            (r#"{"device_id":"probe","type":"rain","value":1}"#, Reason::UnknownSensorType),
-            (r#"{"device_id":"probe","type":"bogus","value":1}"#, Reason::UnknownSensorType),
-            (r#"{"device_id":"probe","type":"vwc","value":"NaN"}"#, Reason::NotFinite),
-            (r#"{"device_id":"probe","type":"vwc","value":140}"#, Reason::OutOfRange),
-            (r#"{"device_id":"probe","type":"vwc"}"#, Reason::MissingValue),
-            (r#"{"device_id":"probe","field_id":"other","type":"vwc","value":1}"#, Reason::FieldMismatch),
-            (r#"{"device_id":"probe","type":"vwc","value":1,"timestamp":"soon"}"#, Reason::BadTimestamp),
+            (
+                r#"{"device_id":"ghost","type":"vwc","value":1}"#,
+                Reason::UnknownDevice,
+            ),
+            (
+                r#"{"device_id":"probe","type":"rain","value":1}"#,
+                Reason::UnknownSensorType,
+            ),
+            (
+                r#"{"device_id":"probe","type":"bogus","value":1}"#,
+                Reason::UnknownSensorType,
+            ),
+            (
+                r#"{"device_id":"probe","type":"vwc","value":"NaN"}"#,
+                Reason::NotFinite,
+            ),
+            (
+                r#"{"device_id":"probe","type":"vwc","value":140}"#,
+                Reason::OutOfRange,
+            ),
+            (
+                r#"{"device_id":"probe","type":"vwc"}"#,
+                Reason::MissingValue,
+            ),
+            (
+                r#"{"device_id":"probe","field_id":"other","type":"vwc","value":1}"#,
+                Reason::FieldMismatch,
+            ),
+            (
+                r#"{"device_id":"probe","type":"vwc","value":1,"timestamp":"soon"}"#,
+                Reason::BadTimestamp,
+            ),
         ];
         for (payload, reason) in cases {
             let out = m.map_mqtt("farm", "sahool/sensors/x", payload.as_bytes(), at());
             assert!(out.readings.is_empty(), "{payload}");
             assert_eq!(out.rejections[0].reason, *reason, "{payload}: {out:?}");
         }
-        let big = format!(r#"{{"device_id":"probe","type":"vwc","value":1,"pad":"{}"}}"#, "x".repeat(2000));
+        let big = format!(
+            r#"{{"device_id":"probe","type":"vwc","value":1,"pad":"{}"}}"#,
+            "x".repeat(2000)
+        );
         let out = m.map_mqtt("farm", "t", big.as_bytes(), at());
         assert_eq!(out.rejections[0].reason, Reason::Oversized);
     }
@@ -484,7 +601,12 @@ id = "field-1"
     fn batch_keeps_good_items_and_rejects_bad_ones() {
         let m = mapper(SOIL);
         let payload = r#"{"device_id":"probe","readings":[{"type":"vwc","value":20},{"type":"vwc","value":-5},7]}"#;
-        let out = m.map_mqtt("farm", "sahool/sensors/probe/field-1", payload.as_bytes(), at());
+        let out = m.map_mqtt(
+            "farm",
+            "sahool/sensors/probe/field-1",
+            payload.as_bytes(),
+            at(),
+        );
         assert_eq!(out.readings.len(), 1);
         assert_eq!(out.readings[0].value, 20.0);
         assert_eq!(out.readings[0].observed_at, at());
@@ -505,12 +627,22 @@ id = "f"
   range = [0.0, 1.0]
 "#,
         );
-        let out = m.map_mqtt("farm", "sahool/sensors/ec-1/f/soil_ec", br#"{"v":520}"#, at());
+        let out = m.map_mqtt(
+            "farm",
+            "sahool/sensors/ec-1/f/soil_ec",
+            br#"{"v":520}"#,
+            at(),
+        );
         let r = &out.readings[0];
         assert!((r.value - 0.52).abs() < 1e-12);
         assert_eq!(r.raw_value, Some(520.0));
         assert_eq!(r.unit, "mS/cm");
-        let out = m.map_mqtt("farm", "sahool/sensors/ec-1/f/soil_ec", br#"{"v":2000}"#, at());
+        let out = m.map_mqtt(
+            "farm",
+            "sahool/sensors/ec-1/f/soil_ec",
+            br#"{"v":2000}"#,
+            at(),
+        );
         assert_eq!(out.rejections[0].reason, Reason::OutOfRange);
     }
 }

@@ -59,9 +59,9 @@ impl Metrics {
             nats_publish_errors: Family::default(),
             intake_paused: Gauge::default(),
             store_commits: Counter::default(),
-            store_commit_seconds: Histogram::new(
-                [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0].into_iter(),
-            ),
+            store_commit_seconds: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
+            ]),
             store_corruption_recovered: Counter::default(),
             mqtt_connected: Family::default(),
             mqtt_messages: Family::default(),
@@ -71,36 +71,114 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("readings_accepted", "Readings committed to the buffer", m.readings_accepted.clone());
-        r.register("readings_forwarded", "Readings acknowledged by JetStream and removed from the buffer", m.readings_forwarded.clone());
-        r.register("readings_rejected", "Inputs rejected, by reason (kept in dead-letters)", m.readings_rejected.clone());
-        r.register("readings_dropped", "Buffered readings dropped, by reason", m.readings_dropped.clone());
-        r.register("buffer_readings", "Readings waiting in the buffer", m.buffer_readings.clone());
-        r.register("buffer_bytes", "Bytes of readings waiting in the buffer", m.buffer_bytes.clone());
-        r.register("buffer_oldest_age_seconds", "Age of the oldest buffered reading", m.buffer_oldest_age_seconds.clone());
-        r.register("dead_letters", "Rows in the dead-letter table", m.dead_letters.clone());
-        r.register("nats_connected", "1 while connected to a NATS server", m.nats_connected.clone());
-        r.register("nats_publish_errors", "Failed JetStream publishes, by reason", m.nats_publish_errors.clone());
-        r.register("intake_paused", "1 while intake is paused (buffer full with reject_new, or disk reserve reached)", m.intake_paused.clone());
-        r.register("store_commits", "SQLite transactions committed", m.store_commits.clone());
-        r.register("store_commit_seconds", "Time to commit one group of writes, fsync included", m.store_commit_seconds.clone());
-        r.register("store_corruption_recovered", "Times a corrupt buffer file was moved aside and a fresh one started", m.store_corruption_recovered.clone());
-        r.register("mqtt_connected", "1 while connected to the MQTT broker", m.mqtt_connected.clone());
-        r.register("mqtt_messages", "MQTT messages received", m.mqtt_messages.clone());
-        r.register("mqtt_duplicates", "MQTT redeliveries of messages already committed", m.mqtt_duplicates.clone());
+        r.register(
+            "readings_accepted",
+            "Readings committed to the buffer",
+            m.readings_accepted.clone(),
+        );
+        r.register(
+            "readings_forwarded",
+            "Readings acknowledged by JetStream and removed from the buffer",
+            m.readings_forwarded.clone(),
+        );
+        r.register(
+            "readings_rejected",
+            "Inputs rejected, by reason (kept in dead-letters)",
+            m.readings_rejected.clone(),
+        );
+        r.register(
+            "readings_dropped",
+            "Buffered readings dropped, by reason",
+            m.readings_dropped.clone(),
+        );
+        r.register(
+            "buffer_readings",
+            "Readings waiting in the buffer",
+            m.buffer_readings.clone(),
+        );
+        r.register(
+            "buffer_bytes",
+            "Bytes of readings waiting in the buffer",
+            m.buffer_bytes.clone(),
+        );
+        r.register(
+            "buffer_oldest_age_seconds",
+            "Age of the oldest buffered reading",
+            m.buffer_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Rows in the dead-letter table",
+            m.dead_letters.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while connected to a NATS server",
+            m.nats_connected.clone(),
+        );
+        r.register(
+            "nats_publish_errors",
+            "Failed JetStream publishes, by reason",
+            m.nats_publish_errors.clone(),
+        );
+        r.register(
+            "intake_paused",
+            "1 while intake is paused (buffer full with reject_new, or disk reserve reached)",
+            m.intake_paused.clone(),
+        );
+        r.register(
+            "store_commits",
+            "SQLite transactions committed",
+            m.store_commits.clone(),
+        );
+        r.register(
+            "store_commit_seconds",
+            "Time to commit one group of writes, fsync included",
+            m.store_commit_seconds.clone(),
+        );
+        r.register(
+            "store_corruption_recovered",
+            "Times a corrupt buffer file was moved aside and a fresh one started",
+            m.store_corruption_recovered.clone(),
+        );
+        r.register(
+            "mqtt_connected",
+            "1 while connected to the MQTT broker",
+            m.mqtt_connected.clone(),
+        );
+        r.register(
+            "mqtt_messages",
+            "MQTT messages received",
+            m.mqtt_messages.clone(),
+        );
+        r.register(
+            "mqtt_duplicates",
+            "MQTT redeliveries of messages already committed",
+            m.mqtt_duplicates.clone(),
+        );
         Self { registry, ..m }
     }
 
     pub fn rejected(&self, reason: &str) -> Counter {
-        self.readings_rejected.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
+        self.readings_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .clone()
     }
 
     pub fn dropped(&self, reason: &str) -> Counter {
-        self.readings_dropped.get_or_create(&ReasonLabel { reason: reason.into() }).clone()
+        self.readings_dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .clone()
     }
 
     pub fn source(&self, source: &str) -> SourceLabel {
-        SourceLabel { source: source.into() }
+        SourceLabel {
+            source: source.into(),
+        }
     }
 
     pub fn set_store_healthy(&self, ok: bool) {

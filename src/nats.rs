@@ -45,7 +45,8 @@ pub async fn connect(
         // Half-open links (a frozen server, a dead NAT mapping) are found by missed pings.
         .ping_interval(Duration::from_secs(10))
         .reconnect_delay_callback(|attempts| {
-            Duration::from_millis(250u64.saturating_mul(1 << attempts.min(5))).min(Duration::from_secs(8))
+            Duration::from_millis(250u64.saturating_mul(1 << attempts.min(5)))
+                .min(Duration::from_secs(8))
         })
         .event_callback(move |event| {
             let metrics = events_metrics.clone();
@@ -107,9 +108,7 @@ pub async fn connect(
     if tls_urls {
         options = options.require_tls(true);
     }
-    let addrs: Vec<async_nats::ServerAddr> = servers
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let addrs: Vec<async_nats::ServerAddr> =
+        servers.iter().filter_map(|s| s.parse().ok()).collect();
     Ok(options.connect(addrs).await?)
 }

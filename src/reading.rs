@@ -227,10 +227,17 @@ impl Timestamp {
         }
         // 1e11 seconds is the year 5138: anything larger is milliseconds. The whole and the
         // fractional part are scaled apart so an integral epoch stays exact.
-        let (unit, per_unit) = if n >= 1e11 { (1_000_000i64, 1e6) } else { (1_000_000_000i64, 1e9) };
+        let (unit, per_unit) = if n >= 1e11 {
+            (1_000_000i64, 1e6)
+        } else {
+            (1_000_000_000i64, 1e9)
+        };
         let whole = n.trunc();
         let frac = ((n - whole) * per_unit).round() as i64;
-        (whole as i64).checked_mul(unit)?.checked_add(frac).map(Self)
+        (whole as i64)
+            .checked_mul(unit)?
+            .checked_add(frac)
+            .map(Self)
     }
 
     fn checked(dt: OffsetDateTime) -> Option<Self> {
@@ -260,10 +267,19 @@ mod tests {
     #[test]
     fn aliases_fold_to_sahool_types() {
         assert_eq!(SensorType::from_name("vwc"), Some(SensorType::SoilMoisture));
-        assert_eq!(SensorType::from_name("temp"), Some(SensorType::AirTemperature));
+        assert_eq!(
+            SensorType::from_name("temp"),
+            Some(SensorType::AirTemperature)
+        );
         assert_eq!(SensorType::from_name("ec"), Some(SensorType::SoilEc));
-        assert_eq!(SensorType::from_name("soil_temp"), Some(SensorType::SoilTemperature));
-        assert_eq!(SensorType::from_name("Soil_Moisture"), Some(SensorType::SoilMoisture));
+        assert_eq!(
+            SensorType::from_name("soil_temp"),
+            Some(SensorType::SoilTemperature)
+        );
+        assert_eq!(
+            SensorType::from_name("Soil_Moisture"),
+            Some(SensorType::SoilMoisture)
+        );
         assert_eq!(SensorType::from_name("nitrogen"), None);
         for t in SensorType::ALL {
             assert_eq!(SensorType::from_u8(t as u8), Some(t));
@@ -286,16 +302,22 @@ mod tests {
         let t = Timestamp::parse_rfc3339("2026-06-01T07:15:00+03:00").unwrap();
         assert_eq!(t.to_rfc3339(), "2026-06-01T04:15:00Z");
         assert_eq!(
-            Timestamp::from_epoch_number(1780287300.0).unwrap().to_rfc3339(),
+            Timestamp::from_epoch_number(1780287300.0)
+                .unwrap()
+                .to_rfc3339(),
             "2026-06-01T04:15:00Z"
         );
         assert_eq!(
-            Timestamp::from_epoch_number(1780287300123.0).unwrap().to_rfc3339(),
+            Timestamp::from_epoch_number(1780287300123.0)
+                .unwrap()
+                .to_rfc3339(),
             "2026-06-01T04:15:00.123Z"
         );
         let offset = time::UtcOffset::from_hms(3, 0, 0).unwrap();
         assert_eq!(
-            Timestamp::parse_local("2026-06-01T07:15:00", offset).unwrap().to_rfc3339(),
+            Timestamp::parse_local("2026-06-01T07:15:00", offset)
+                .unwrap()
+                .to_rfc3339(),
             "2026-06-01T04:15:00Z"
         );
         assert!(Timestamp::parse_rfc3339("yesterday").is_none());

@@ -171,9 +171,18 @@ fn matches_expected(payload: &Value, expect: &Value) -> bool {
         }
     }
     let empty = serde_json::Map::new();
-    let got = payload.get("metadata").and_then(Value::as_object).unwrap_or(&empty);
-    let want = expect.get("metadata").and_then(Value::as_object).unwrap_or(&empty);
-    got.len() == want.len() && want.iter().all(|(k, v)| got.get(k).is_some_and(|g| numbers_equal(g, v)))
+    let got = payload
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let want = expect
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    got.len() == want.len()
+        && want
+            .iter()
+            .all(|(k, v)| got.get(k).is_some_and(|g| numbers_equal(g, v)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,9 +191,11 @@ async fn every_fixture_becomes_exactly_its_expected_events() {
     nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(&nats, &broker));
-    gateway.wait_until("both MQTT sources connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 2.0
-    });
+    gateway.wait_until(
+        "both MQTT sources connected",
+        Duration::from_secs(20),
+        |g| g.metric("sahool_gateway_mqtt_connected", "") == 2.0,
+    );
     // The subscription is sent right after CONNACK; give the broker a moment to register it.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -200,7 +211,10 @@ async fn every_fixture_becomes_exactly_its_expected_events() {
             expected.push((name, e.clone()));
         }
     }
-    assert_eq!(publish_all(broker.port, "fixture-publisher", messages).await, FIXTURES.len());
+    assert_eq!(
+        publish_all(broker.port, "fixture-publisher", messages).await,
+        FIXTURES.len()
+    );
 
     let want = expected.len() as f64;
     gateway.wait_until("all readings forwarded", Duration::from_secs(30), |g| {
@@ -213,8 +227,15 @@ async fn every_fixture_becomes_exactly_its_expected_events() {
     let mut ids = HashSet::new();
     let mut last_seq = 0;
     for e in &events {
-        let errors: Vec<String> = validator.iter_errors(&e.body).map(|err| err.to_string()).collect();
-        assert!(errors.is_empty(), "event violates the contract: {errors:?}\n{:#}", e.body);
+        let errors: Vec<String> = validator
+            .iter_errors(&e.body)
+            .map(|err| err.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "event violates the contract: {errors:?}\n{:#}",
+            e.body
+        );
         assert_eq!(e.subject, "sahool.iot.sensor.reading");
         let id = e.body["event_id"].as_str().expect("event_id");
         assert!(uuid::Uuid::parse_str(id).is_ok(), "event_id {id} is a UUID");
@@ -231,8 +252,24 @@ async fn every_fixture_becomes_exactly_its_expected_events() {
         assert!(ids.insert(id.to_string()), "duplicate event id");
     }
     for (name, expect) in &expected {
-        let hits = events.iter().filter(|e| matches_expected(&e.body["payload"], expect)).count();
-        assert_eq!(hits, 1, "{name}: expected reading {expect} found {hits} times in\n{:#?}", events.iter().map(|e| &e.body["payload"]).collect::<Vec<_>>());
+        let hits = events
+            .iter()
+            .filter(|e| matches_expected(&e.body["payload"], expect))
+            .count();
+        assert_eq!(
+            hits,
+            1,
+            "{name}: expected reading {expect} found {hits} times in\n{:#?}",
+            events
+                .iter()
+                .map(|e| &e.body["payload"])
+                .collect::<Vec<_>>()
+        );
     }
-    assert_eq!(gateway.metric("sahool_gateway_readings_rejected_total", ""), 0.0, "{}", gateway.log());
+    assert_eq!(
+        gateway.metric("sahool_gateway_readings_rejected_total", ""),
+        0.0,
+        "{}",
+        gateway.log()
+    );
 }

@@ -45,7 +45,10 @@ fn reading(i: usize) -> (String, Vec<u8>) {
         r#"{{"device_id":"probe-1","field_id":"field-1","type":"water_level","value":{i},"unit":"cm","timestamp":"2026-06-01T04:15:00Z","battery":90.5,"rssi":-70,"note":"{pad}"}}"#,
         pad = "x".repeat(120)
     );
-    ("sahool/sensors/probe-1/field-1/water_level".to_string(), payload.into_bytes())
+    (
+        "sahool/sensors/probe-1/field-1/water_level".to_string(),
+        payload.into_bytes(),
+    )
 }
 
 fn readings(range: std::ops::Range<usize>) -> Vec<(String, Vec<u8>)> {
@@ -61,10 +64,16 @@ fn values_in_order(events: &[StreamMessage]) -> Vec<usize> {
         .iter()
         .map(|e| {
             let id = e.body["event_id"].as_str().expect("event_id");
-            assert!(ids.insert(id.to_string()), "event {id} is in the stream twice");
+            assert!(
+                ids.insert(id.to_string()),
+                "event {id} is in the stream twice"
+            );
             assert_eq!(e.header("Nats-Msg-Id"), Some(id));
             let seq = e.body["source"]["seq"].as_u64().expect("seq");
-            assert!(seq > last_seq, "seq {seq} after {last_seq}: stream order must follow seq");
+            assert!(
+                seq > last_seq,
+                "seq {seq} after {last_seq}: stream order must follow seq"
+            );
             last_seq = seq;
             e.body["payload"]["value"].as_f64().expect("value") as usize
         })
@@ -77,10 +86,24 @@ fn assert_exactly_once(values: &[usize], n: usize) {
     for v in values {
         *counts.entry(*v).or_default() += 1;
     }
-    let doubled: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).map(|(v, _)| *v).collect();
+    let doubled: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(v, _)| *v)
+        .collect();
     let missing: Vec<_> = (0..n).filter(|v| !counts.contains_key(v)).collect();
-    assert!(doubled.is_empty(), "{} readings doubled, e.g. {:?}", doubled.len(), &doubled[..doubled.len().min(10)]);
-    assert!(missing.is_empty(), "{} readings lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        doubled.is_empty(),
+        "{} readings doubled, e.g. {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} readings lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     assert_eq!(values.len(), n);
 }
 
@@ -105,12 +128,19 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(&nats, &broker, "", ""));
     connected(&gateway).await;
-    gateway.wait_until("NATS connected", Duration::from_secs(10), |g| g.metric("sahool_gateway_nats_connected", "") == 1.0);
+    gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
+        g.metric("sahool_gateway_nats_connected", "") == 1.0
+    });
 
     nats.stop();
-    gateway.wait_until("NATS loss noticed", Duration::from_secs(10), |g| g.metric("sahool_gateway_nats_connected", "") == 0.0);
+    gateway.wait_until("NATS loss noticed", Duration::from_secs(10), |g| {
+        g.metric("sahool_gateway_nats_connected", "") == 0.0
+    });
     let n = 10_000;
-    assert_eq!(publish_all(broker.port, "outage-publisher", readings(0..n)).await, n);
+    assert_eq!(
+        publish_all(broker.port, "outage-publisher", readings(0..n)).await,
+        n
+    );
     gateway.wait_until("all buffered", Duration::from_secs(60), |g| {
         g.metric("sahool_gateway_buffer_readings", "") == n as f64
     });
@@ -125,7 +155,11 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
     let events = nats.read_stream("SAHOOL_IOT").await;
     let values = values_in_order(&events);
     assert_exactly_once(&values, n);
-    assert_eq!(values, (0..n).collect::<Vec<_>>(), "forwarded in arrival order");
+    assert_eq!(
+        values,
+        (0..n).collect::<Vec<_>>(),
+        "forwarded in arrival order"
+    );
     assert_eq!(gateway.get("/readyz").map(|r| r.0), Some(200));
 }
 
@@ -143,7 +177,12 @@ async fn sigkill_mid_stream_loses_and_doubles_nothing() {
     let publisher = tokio::spawn(async move {
         let mut acked = 0;
         for chunk in 0..(n / 500) {
-            acked += publish_all(port, "kill-publisher", readings(chunk * 500..(chunk + 1) * 500)).await;
+            acked += publish_all(
+                port,
+                "kill-publisher",
+                readings(chunk * 500..(chunk + 1) * 500),
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
         acked
@@ -154,18 +193,29 @@ async fn sigkill_mid_stream_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         gateway.resume();
     }
-    assert_eq!(publisher.await.expect("publisher"), n, "the broker acknowledged every publish");
+    assert_eq!(
+        publisher.await.expect("publisher"),
+        n,
+        "the broker acknowledged every publish"
+    );
     // Redeliveries and re-sends happen after the last restart; then the stream must settle.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let events = loop {
         let events = nats.read_stream("SAHOOL_IOT").await;
         if events.len() >= n {
             // Anything doubled would arrive with the rest of the backlog: let it settle.
-            gateway.wait_until("buffer drained", Duration::from_secs(30), |g| g.metric("sahool_gateway_buffer_readings", "") == 0.0);
+            gateway.wait_until("buffer drained", Duration::from_secs(30), |g| {
+                g.metric("sahool_gateway_buffer_readings", "") == 0.0
+            });
             tokio::time::sleep(Duration::from_millis(500)).await;
             break nats.read_stream("SAHOOL_IOT").await;
         }
-        assert!(std::time::Instant::now() < deadline, "{} of {n} in the stream\n{}", events.len(), gateway.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} in the stream\n{}",
+            events.len(),
+            gateway.log()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let values = values_in_order(&events);
@@ -177,25 +227,44 @@ async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
     let mut nats = Nats::start();
     nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
     let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(&nats, &broker, "max_bytes = \"32KiB\"\nwhen_full = \"drop_oldest\"", ""));
+    let gateway = Gateway::start(&config(
+        &nats,
+        &broker,
+        "max_bytes = \"32KiB\"\nwhen_full = \"drop_oldest\"",
+        "",
+    ));
     connected(&gateway).await;
     nats.stop();
 
     let n = 1_000;
-    assert_eq!(publish_all(broker.port, "bound-publisher", readings(0..n)).await, n);
+    assert_eq!(
+        publish_all(broker.port, "bound-publisher", readings(0..n)).await,
+        n
+    );
     gateway.wait_until("all accepted", Duration::from_secs(30), |g| {
         g.metric("sahool_gateway_readings_accepted_total", "") == n as f64
     });
-    let dropped = gateway.metric("sahool_gateway_readings_dropped_total", "reason=\"buffer_full\"") as usize;
+    let dropped = gateway.metric(
+        "sahool_gateway_readings_dropped_total",
+        "reason=\"buffer_full\"",
+    ) as usize;
     let buffered = gateway.metric("sahool_gateway_buffer_readings", "") as usize;
     assert!(dropped > 0, "the bound was reached");
-    assert_eq!(dropped + buffered, n, "every reading is either buffered or counted as dropped");
+    assert_eq!(
+        dropped + buffered,
+        n,
+        "every reading is either buffered or counted as dropped"
+    );
     assert!(gateway.metric("sahool_gateway_buffer_bytes", "") <= 32.0 * 1024.0);
 
     nats.resume();
     wait_forwarded(&gateway, buffered, Duration::from_secs(60)).await;
     let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
-    assert_eq!(values, (dropped..n).collect::<Vec<_>>(), "exactly the {dropped} oldest are missing");
+    assert_eq!(
+        values,
+        (dropped..n).collect::<Vec<_>>(),
+        "exactly the {dropped} oldest are missing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,18 +272,32 @@ async fn reject_new_holds_readings_at_the_broker_and_loses_none() {
     let mut nats = Nats::start();
     nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
     let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(&nats, &broker, "max_bytes = \"32KiB\"\nwhen_full = \"reject_new\"", ""));
+    let gateway = Gateway::start(&config(
+        &nats,
+        &broker,
+        "max_bytes = \"32KiB\"\nwhen_full = \"reject_new\"",
+        "",
+    ));
     connected(&gateway).await;
     nats.stop();
 
     let n = 1_000;
-    assert_eq!(publish_all(broker.port, "reject-publisher", readings(0..n)).await, n);
+    assert_eq!(
+        publish_all(broker.port, "reject-publisher", readings(0..n)).await,
+        n
+    );
     gateway.wait_until("intake paused at the bound", Duration::from_secs(30), |g| {
         g.metric("sahool_gateway_intake_paused", "") == 1.0
     });
     let buffered = gateway.metric("sahool_gateway_buffer_readings", "") as usize;
-    assert!(buffered > 0 && buffered < n, "buffer holds {buffered}, the rest waits at the broker");
-    assert_eq!(gateway.metric("sahool_gateway_readings_dropped_total", ""), 0.0);
+    assert!(
+        buffered > 0 && buffered < n,
+        "buffer holds {buffered}, the rest waits at the broker"
+    );
+    assert_eq!(
+        gateway.metric("sahool_gateway_readings_dropped_total", ""),
+        0.0
+    );
 
     nats.resume();
     wait_forwarded(&gateway, n, Duration::from_secs(120)).await;
@@ -235,18 +318,30 @@ async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
     assert_eq!(gateway.terminate(), Some(0), "SIGTERM exits 0");
 
     let db = gateway.data_dir().join("buffer.db");
-    let garbage: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&db, garbage).expect("overwrite buffer");
     gateway.resume();
     connected(&gateway).await;
-    assert_eq!(gateway.metric("sahool_gateway_store_corruption_recovered_total", ""), 1.0);
+    assert_eq!(
+        gateway.metric("sahool_gateway_store_corruption_recovered_total", ""),
+        1.0
+    );
     let aside: Vec<_> = std::fs::read_dir(gateway.data_dir())
         .expect("data dir")
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("buffer.db.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("buffer.db.corrupt-")
+        })
         .collect();
     assert!(!aside.is_empty(), "the corrupt file is kept for inspection");
-    assert!(gateway.log().contains("corrupt"), "the log says what happened");
+    assert!(
+        gateway.log().contains("corrupt"),
+        "the log says what happened"
+    );
 
     assert_eq!(publish_all(broker.port, "post", readings(10..20)).await, 10);
     wait_forwarded(&gateway, 10, Duration::from_secs(30)).await;
@@ -255,12 +350,18 @@ async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
 
     // Truncated mid-page while stopped: the same recovery.
     assert_eq!(gateway.terminate(), Some(0));
-    let f = std::fs::OpenOptions::new().write(true).open(&db).expect("open buffer");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .expect("open buffer");
     f.set_len(1000).expect("truncate");
     drop(f);
     gateway.resume();
     connected(&gateway).await;
-    assert_eq!(gateway.metric("sahool_gateway_store_corruption_recovered_total", ""), 1.0);
+    assert_eq!(
+        gateway.metric("sahool_gateway_store_corruption_recovered_total", ""),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,8 +372,12 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
     let cfg = config(&nats, &broker, "", "").replace(
         "sensor_type = \"water_level\"",
         "sensor_type = \"water_level\"\n  range = [0.0, 100000.0]",
-    ) + "\n  [[fields.sensors]]\n  device_id = \"probe-1\"\n  sensor_type = \"soil_moisture\"\n";
-    let cfg = cfg.replace("format = \"sahool\"", "format = \"sahool\"\nmax_payload = \"4KiB\"");
+    )
+        + "\n  [[fields.sensors]]\n  device_id = \"probe-1\"\n  sensor_type = \"soil_moisture\"\n";
+    let cfg = cfg.replace(
+        "format = \"sahool\"",
+        "format = \"sahool\"\nmax_payload = \"4KiB\"",
+    );
     let gateway = Gateway::start(&cfg);
     connected(&gateway).await;
 
@@ -280,19 +385,47 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
     let mut messages = vec![reading(0)];
     let hostile: Vec<(&str, Vec<u8>)> = vec![
         ("malformed", b"\xff\xfe garbage {{{".to_vec()),
-        ("malformed", b"{\"device_id\": \"probe-1\", \"value\": ".to_vec()),
-        ("oversized", format!(r#"{{"device_id":"probe-1","type":"water_level","value":1,"pad":"{}"}}"#, "x".repeat(8000)).into_bytes()),
-        ("out_of_range", br#"{"device_id":"probe-1","type":"vwc","value":250}"#.to_vec()),
-        ("out_of_range", br#"{"device_id":"probe-1","type":"water_level","value":-5}"#.to_vec()),
-        ("not_finite", br#"{"device_id":"probe-1","type":"water_level","value":"inf"}"#.to_vec()),
-        ("unknown_device", br#"{"device_id":"ghost-9","type":"water_level","value":1}"#.to_vec()),
-        ("unknown_sensor_type", br#"{"device_id":"probe-1","type":"nitrogen","value":1}"#.to_vec()),
+        (
+            "malformed",
+            b"{\"device_id\": \"probe-1\", \"value\": ".to_vec(),
+        ),
+        (
+            "oversized",
+            format!(
+                r#"{{"device_id":"probe-1","type":"water_level","value":1,"pad":"{}"}}"#,
+                "x".repeat(8000)
+            )
+            .into_bytes(),
+        ),
+        (
+            "out_of_range",
+            br#"{"device_id":"probe-1","type":"vwc","value":250}"#.to_vec(),
+        ),
+        (
+            "out_of_range",
+            br#"{"device_id":"probe-1","type":"water_level","value":-5}"#.to_vec(),
+        ),
+        (
+            "not_finite",
+            br#"{"device_id":"probe-1","type":"water_level","value":"inf"}"#.to_vec(),
+        ),
+        (
+            "unknown_device",
+            br#"{"device_id":"ghost-9","type":"water_level","value":1}"#.to_vec(),
+        ),
+        (
+            "unknown_sensor_type",
+            br#"{"device_id":"probe-1","type":"nitrogen","value":1}"#.to_vec(),
+        ),
     ];
     for (_, payload) in &hostile {
         messages.push((t.clone(), payload.clone()));
     }
     messages.push(reading(1));
-    assert_eq!(publish_all(broker.port, "hostile", messages).await, hostile.len() + 2);
+    assert_eq!(
+        publish_all(broker.port, "hostile", messages).await,
+        hostile.len() + 2
+    );
     wait_forwarded(&gateway, 2, Duration::from_secs(30)).await;
     gateway.wait_until("rejections counted", Duration::from_secs(10), |g| {
         g.metric("sahool_gateway_readings_rejected_total", "") == hostile.len() as f64
@@ -303,7 +436,10 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
     }
     for (reason, count) in &by_reason {
         assert_eq!(
-            gateway.metric("sahool_gateway_readings_rejected_total", &format!("reason=\"{reason}\"")),
+            gateway.metric(
+                "sahool_gateway_readings_rejected_total",
+                &format!("reason=\"{reason}\"")
+            ),
             *count,
             "{reason}"
         );
@@ -315,7 +451,11 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
     assert_eq!(rows.len(), hostile.len());
-    assert!(rows.iter().any(|r| r["reason"] == "malformed" && r["raw"].as_str().is_some_and(|raw| raw.starts_with("fffe"))), "raw bytes kept (hex when not UTF-8): {rows:#?}");
+    assert!(
+        rows.iter().any(|r| r["reason"] == "malformed"
+            && r["raw"].as_str().is_some_and(|raw| raw.starts_with("fffe"))),
+        "raw bytes kept (hex when not UTF-8): {rows:#?}"
+    );
     let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
     assert_eq!(values, vec![0, 1]);
 }
@@ -324,10 +464,15 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
 async fn publishes_the_server_refuses_for_good_are_dead_lettered_and_later_readings_flow() {
     let nats = Nats::start();
     // The platform's stream captures tenant-a only; field-b's tenant has none.
-    nats.create_stream("SAHOOL_IOT", &["sahool.tenant.tenant-a.>"]).await;
+    nats.create_stream("SAHOOL_IOT", &["sahool.tenant.tenant-a.>"])
+        .await;
     let broker = Mosquitto::start();
-    let cfg = config(&nats, &broker, "", "subject = \"sahool.tenant.{tenant_id}.iot.sensor.reading\"")
-        + r#"
+    let cfg = config(
+        &nats,
+        &broker,
+        "",
+        "subject = \"sahool.tenant.{tenant_id}.iot.sensor.reading\"",
+    ) + r#"
 [[fields]]
 id = "field-b"
 tenant_id = "tenant-b"
@@ -339,20 +484,42 @@ tenant_id = "tenant-b"
     connected(&gateway).await;
     let other = |i: usize| {
         let (_, p) = reading(i);
-        let p = String::from_utf8(p).unwrap().replace("probe-1", "probe-b").replace("field-1", "field-b");
-        ("sahool/sensors/probe-b/field-b/water_level".to_string(), p.into_bytes())
+        let p = String::from_utf8(p)
+            .unwrap()
+            .replace("probe-1", "probe-b")
+            .replace("field-1", "field-b");
+        (
+            "sahool/sensors/probe-b/field-b/water_level".to_string(),
+            p.into_bytes(),
+        )
     };
     let messages = vec![reading(0), other(100), reading(1), other(101), reading(2)];
     assert_eq!(publish_all(broker.port, "refused", messages).await, 5);
-    gateway.wait_until("refusals dead-lettered and the rest forwarded", Duration::from_secs(60), |g| {
-        g.metric("sahool_gateway_readings_rejected_total", "reason=\"publish_refused\"") == 2.0
-            && g.metric("sahool_gateway_readings_forwarded_total", "") == 3.0
-    });
+    gateway.wait_until(
+        "refusals dead-lettered and the rest forwarded",
+        Duration::from_secs(60),
+        |g| {
+            g.metric(
+                "sahool_gateway_readings_rejected_total",
+                "reason=\"publish_refused\"",
+            ) == 2.0
+                && g.metric("sahool_gateway_readings_forwarded_total", "") == 3.0
+        },
+    );
     assert_eq!(gateway.metric("sahool_gateway_buffer_readings", ""), 0.0);
     let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
     assert_eq!(values, vec![0, 1, 2]);
     let listed = gateway.cli(&["dead-letters", "list"]);
     let text = String::from_utf8_lossy(&listed.stdout);
-    assert_eq!(text.lines().filter(|l| l.contains("publish_refused")).count(), 2, "{text}");
-    assert!(text.contains("tenant-b"), "the refused event is kept: {text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("publish_refused"))
+            .count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        text.contains("tenant-b"),
+        "the refused event is kept: {text}"
+    );
 }

@@ -281,6 +281,14 @@ fn one() -> f64 {
     1.0
 }
 
+/// The sections that parsed, for the cross-section checks.
+struct Parts<'a> {
+    nats: Option<&'a Nats>,
+    buffer: &'a Buffer,
+    mqtt: &'a [MqttSource],
+    fields: &'a [Field],
+}
+
 /// One thing wrong with a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -407,24 +415,28 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         });
         None
     });
-    let (Some(gateway), Some(nats)) = (gateway, nats) else {
-        problems.sort_by_key(|p| p.line);
-        return Err(problems);
-    };
-    let config = Config {
-        gateway,
-        nats,
-        buffer,
-        http,
-        mqtt,
-        fields,
-    };
-    problems.extend(config.check(&lines));
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        problems.sort_by_key(|p| p.line);
-        Err(problems)
+    problems.extend(Config::check(
+        &Parts {
+            nats: nats.as_ref(),
+            buffer: &buffer,
+            mqtt: &mqtt,
+            fields: &fields,
+        },
+        &lines,
+    ));
+    match (gateway, nats) {
+        (Some(gateway), Some(nats)) if problems.is_empty() => Ok(Config {
+            gateway,
+            nats,
+            buffer,
+            http,
+            mqtt,
+            fields,
+        }),
+        _ => {
+            problems.sort_by_key(|p| p.line);
+            Err(problems)
+        }
     }
 }
 
@@ -439,64 +451,78 @@ impl Config {
         self.gateway.data_dir.join("buffer.db")
     }
 
-    /// Checks that span sections: names, references, combinations of keys.
-    fn check(&self, lines: &LineIndex) -> Vec<Problem> {
+    /// Checks that span sections: names, references, combinations of keys. Runs on whatever
+    /// parsed, so a broken section does not hide the problems of the others.
+    fn check(parts: &Parts<'_>, lines: &LineIndex) -> Vec<Problem> {
         let mut p = Vec::new();
         let nats_line = lines.find_line("[nats]");
         let mut push = |line: usize, message: String| p.push(Problem { line, message });
 
-        if self.nats.servers.is_empty() {
-            push(nats_line, "[nats] servers: list at least one server".into());
-        }
-        for server in &self.nats.servers {
-            match parse_host_port(server, &["nats", "tls"], 4222) {
-                Ok((host, _)) => {
-                    let tls = server.starts_with("tls://") || self.nats.tls_ca_file.is_some();
-                    if !tls && !is_loopback_host(&host) && !self.nats.allow_insecure {
-                        push(nats_line, format!(
-                            "[nats] servers: `{server}` is plaintext to a non-loopback host; use tls:// with tls_ca_file, or set allow_insecure = true"
-                        ));
-                    }
-                }
-                Err(e) => push(nats_line, format!("[nats] servers: {e}")),
+        if let Some(n) = parts.nats {
+            if n.servers.is_empty() {
+                push(nats_line, "[nats] servers: list at least one server".into());
             }
-        }
-        if self.nats.max_in_flight == 0 {
-            push(nats_line, "[nats] max_in_flight must be at least 1".into());
-        }
-        let n = &self.nats;
-        if n.password.is_some() && n.password_file.is_some() {
-            push(nats_line, "[nats] set password or password_file, not both".into());
-        }
-        if n.token.is_some() && n.token_file.is_some() {
-            push(nats_line, "[nats] set token or token_file, not both".into());
-        }
-        if n.user.is_some() != (n.password.is_some() || n.password_file.is_some()) {
-            push(nats_line, "[nats] user and password (or password_file) go together".into());
-        }
-        let auth_modes = [
-            n.user.is_some(),
-            n.token.is_some() || n.token_file.is_some(),
-            n.nkey_seed_file.is_some(),
-            n.creds_file.is_some(),
-        ];
-        if auth_modes.iter().filter(|m| **m).count() > 1 {
-            push(nats_line, "[nats] choose one authentication: user/password, token, nkey_seed_file or creds_file".into());
-        }
-        if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
-            push(nats_line, "[nats] tls_cert_file and tls_key_file go together".into());
+            for server in &n.servers {
+                match parse_host_port(server, &["nats", "tls"], 4222) {
+                    Ok((host, _)) => {
+                        let tls = server.starts_with("tls://") || n.tls_ca_file.is_some();
+                        if !tls && !is_loopback_host(&host) && !n.allow_insecure {
+                            push(nats_line, format!(
+                                "[nats] servers: `{server}` is plaintext to a non-loopback host; use tls:// with tls_ca_file, or set allow_insecure = true"
+                            ));
+                        }
+                    }
+                    Err(e) => push(nats_line, format!("[nats] servers: {e}")),
+                }
+            }
+            if n.max_in_flight == 0 {
+                push(nats_line, "[nats] max_in_flight must be at least 1".into());
+            }
+            if n.password.is_some() && n.password_file.is_some() {
+                push(
+                    nats_line,
+                    "[nats] set password or password_file, not both".into(),
+                );
+            }
+            if n.token.is_some() && n.token_file.is_some() {
+                push(nats_line, "[nats] set token or token_file, not both".into());
+            }
+            if n.user.is_some() != (n.password.is_some() || n.password_file.is_some()) {
+                push(
+                    nats_line,
+                    "[nats] user and password (or password_file) go together".into(),
+                );
+            }
+            let auth_modes = [
+                n.user.is_some(),
+                n.token.is_some() || n.token_file.is_some(),
+                n.nkey_seed_file.is_some(),
+                n.creds_file.is_some(),
+            ];
+            if auth_modes.iter().filter(|m| **m).count() > 1 {
+                push(nats_line, "[nats] choose one authentication: user/password, token, nkey_seed_file or creds_file".into());
+            }
+            if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+                push(
+                    nats_line,
+                    "[nats] tls_cert_file and tls_key_file go together".into(),
+                );
+            }
         }
 
         let buffer_line = lines.find_line("[buffer]");
-        if self.buffer.max_bytes.0 < 16 << 10 {
-            push(buffer_line, "[buffer] max_bytes must be at least 16KiB".into());
+        if parts.buffer.max_bytes.0 < 16 << 10 {
+            push(
+                buffer_line,
+                "[buffer] max_bytes must be at least 16KiB".into(),
+            );
         }
-        if self.buffer.max_age.0 < Duration::from_secs(60) {
+        if parts.buffer.max_age.0 < Duration::from_secs(60) {
             push(buffer_line, "[buffer] max_age must be at least 1m".into());
         }
 
         let mut names = HashSet::new();
-        for m in &self.mqtt {
+        for m in parts.mqtt {
             if !names.insert(m.name.as_str()) {
                 push(m.line, format!("[[mqtt]] name `{}` is used twice", m.name));
             }
@@ -504,22 +530,37 @@ impl Config {
                 push(m.line, format!("[[mqtt]] `{}` url: {e}", m.name));
             }
             if m.topics.is_empty() {
-                push(m.line, format!("[[mqtt]] `{}` topics: list at least one topic filter", m.name));
+                push(
+                    m.line,
+                    format!(
+                        "[[mqtt]] `{}` topics: list at least one topic filter",
+                        m.name
+                    ),
+                );
             }
             if m.password.is_some() && m.password_file.is_some() {
-                push(m.line, format!("[[mqtt]] `{}`: set password or password_file, not both", m.name));
+                push(
+                    m.line,
+                    format!(
+                        "[[mqtt]] `{}`: set password or password_file, not both",
+                        m.name
+                    ),
+                );
             }
             if m.tls_ca_file.is_some() || m.tls_cert_file.is_some() || m.tls_key_file.is_some() {
                 push(m.line, format!("[[mqtt]] `{}`: TLS to MQTT brokers is not supported by this build; use a loopback broker", m.name));
             }
             if m.receive_maximum == 0 {
-                push(m.line, format!("[[mqtt]] `{}` receive_maximum must be at least 1", m.name));
+                push(
+                    m.line,
+                    format!("[[mqtt]] `{}` receive_maximum must be at least 1", m.name),
+                );
             }
         }
 
         let mut field_ids = HashSet::new();
         let mut sensors: HashMap<(&str, crate::reading::SensorType), usize> = HashMap::new();
-        for f in &self.fields {
+        for f in parts.fields {
             if !field_ids.insert(f.id.as_str()) {
                 push(f.line, format!("[[fields]] id `{}` is used twice", f.id));
             }
@@ -532,37 +573,74 @@ impl Config {
                     ));
                 }
                 if !s.scale.is_finite() || s.scale == 0.0 || !s.offset.is_finite() {
-                    push(s.line, format!("sensor {}: scale must be finite and non-zero, offset finite", s.device_id));
+                    push(
+                        s.line,
+                        format!(
+                            "sensor {}: scale must be finite and non-zero, offset finite",
+                            s.device_id
+                        ),
+                    );
                 }
                 if let Some([lo, hi]) = s.range {
                     if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-                        push(s.line, format!("sensor {}: range must be [min, max] with min < max", s.device_id));
+                        push(
+                            s.line,
+                            format!(
+                                "sensor {}: range must be [min, max] with min < max",
+                                s.device_id
+                            ),
+                        );
                     }
                 }
                 let bound: Vec<&MqttSource> = match &s.source {
-                    Some(name) => match self.mqtt.iter().find(|m| &m.name == name) {
+                    Some(name) => match parts.mqtt.iter().find(|m| &m.name == name) {
                         Some(m) => vec![m],
                         None => {
-                            push(s.line, format!("sensor {}: source `{name}` is not an [[mqtt]] name", s.device_id));
+                            push(
+                                s.line,
+                                format!(
+                                    "sensor {}: source `{name}` is not an [[mqtt]] name",
+                                    s.device_id
+                                ),
+                            );
                             continue;
                         }
                     },
-                    None => self.mqtt.iter().collect(),
+                    None => parts.mqtt.iter().collect(),
                 };
-                let wants = if s.mqtt.is_some() { Format::Json } else { Format::Sahool };
-                if !self.mqtt.is_empty() && !bound.iter().any(|m| m.format == wants) {
+                let wants = if s.mqtt.is_some() {
+                    Format::Json
+                } else {
+                    Format::Sahool
+                };
+                if !parts.mqtt.is_empty() && !bound.iter().any(|m| m.format == wants) {
                     let msg = match wants {
                         Format::Json => "has an [fields.sensors.mqtt] binding but no format = \"json\" source reads it",
                         Format::Sahool => "has no [fields.sensors.mqtt] binding, which a format = \"json\" source needs",
                     };
-                    push(s.line, format!("sensor {} / {} {msg}", s.device_id, s.sensor_type.0));
+                    push(
+                        s.line,
+                        format!("sensor {} / {} {msg}", s.device_id, s.sensor_type.0),
+                    );
                 }
                 if let Some(b) = &s.mqtt {
                     if b.utc_offset.is_some() && b.timestamp.is_none() {
-                        push(s.line, format!("sensor {}: utc_offset needs a timestamp pointer", s.device_id));
+                        push(
+                            s.line,
+                            format!(
+                                "sensor {}: utc_offset needs a timestamp pointer",
+                                s.device_id
+                            ),
+                        );
                     }
                     if b.timestamp_format == TimestampFormat::Local && b.utc_offset.is_none() {
-                        push(s.line, format!("sensor {}: timestamp_format = \"local\" needs utc_offset", s.device_id));
+                        push(
+                            s.line,
+                            format!(
+                                "sensor {}: timestamp_format = \"local\" needs utc_offset",
+                                s.device_id
+                            ),
+                        );
                     }
                 }
             }
@@ -572,13 +650,21 @@ impl Config {
 }
 
 /// `scheme://host:port` (or bare `host:port`) → `(host, port)`.
-pub fn parse_host_port(url: &str, schemes: &[&str], default_port: u16) -> Result<(String, u16), String> {
+pub fn parse_host_port(
+    url: &str,
+    schemes: &[&str],
+    default_port: u16,
+) -> Result<(String, u16), String> {
     let rest = match url.split_once("://") {
         Some((scheme, rest)) => {
             if !schemes.contains(&scheme) {
                 return Err(format!(
                     "`{url}`: scheme `{scheme}` is not supported here; use {}",
-                    schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ")
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ));
             }
             rest
@@ -775,12 +861,20 @@ id = "f2"
   sensor_type = "nitrogen"
 "#;
         let problems = parse(text).unwrap_err();
-        let all = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+        let all = problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
         assert!(all.contains("line 3") && all.contains("gw 1"), "{all}");
         assert!(all.contains("explode"), "{all}");
         assert!(all.contains("nitrogen") && all.contains("line 31"), "{all}");
-        // The [gateway] problem hides the cross-section checks, which need a gateway.
-        assert_eq!(problems.len(), 3, "{all}");
+        assert!(
+            all.contains("plaintext"),
+            "a broken [gateway] does not hide [nats]: {all}"
+        );
+        assert!(all.contains("already mapped at line 20"), "{all}");
+        assert_eq!(problems.len(), 5, "{all}");
     }
 
     #[test]
@@ -807,7 +901,11 @@ id = "f1"
 "#
         );
         let problems = parse(&text).unwrap_err();
-        let all = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+        let all = problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
         assert!(all.contains("plaintext"), "{all}");
         assert!(all.contains("already mapped at line"), "{all}");
         assert!(all.contains("`nope`"), "{all}");
@@ -816,16 +914,28 @@ id = "f1"
 
     #[test]
     fn host_ports() {
-        assert_eq!(parse_host_port("mqtt://127.0.0.1:1884", &["mqtt"], 1883).unwrap(), ("127.0.0.1".into(), 1884));
-        assert_eq!(parse_host_port("mqtt://broker", &["mqtt"], 1883).unwrap(), ("broker".into(), 1883));
-        assert_eq!(parse_host_port("[::1]:4222", &["nats"], 4222).unwrap(), ("::1".into(), 4222));
+        assert_eq!(
+            parse_host_port("mqtt://127.0.0.1:1884", &["mqtt"], 1883).unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            parse_host_port("mqtt://broker", &["mqtt"], 1883).unwrap(),
+            ("broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_host_port("[::1]:4222", &["nats"], 4222).unwrap(),
+            ("::1".into(), 4222)
+        );
         assert!(parse_host_port("http://x", &["mqtt"], 1).is_err());
         assert!(parse_host_port("mqtt://u:p@x", &["mqtt"], 1).is_err());
     }
 
     #[test]
     fn secrets_are_masked_in_debug() {
-        let text = MINIMAL.replace("[nats]", "[nats]\nuser = \"gw\"\npassword = \"hunter2-long-secret\"");
+        let text = MINIMAL.replace(
+            "[nats]",
+            "[nats]\nuser = \"gw\"\npassword = \"hunter2-long-secret\"",
+        );
         let c = parse(&text).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }

@@ -138,9 +138,9 @@ pub struct DurationValue(pub Duration);
 impl TryFrom<String> for DurationValue {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        humantime::parse_duration(s.trim())
-            .map(Self)
-            .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"30d\", \"5s\", \"250ms\""))
+        humantime::parse_duration(s.trim()).map(Self).map_err(|e| {
+            format!("`{s}` is not a duration ({e}); write e.g. \"30d\", \"5s\", \"250ms\"")
+        })
     }
 }
 
@@ -158,7 +158,10 @@ impl TryFrom<String> for SensorTypeName {
             .map(|t| Self(*t))
             .ok_or_else(|| {
                 let names: Vec<_> = SensorType::ALL.iter().map(|t| t.as_str()).collect();
-                format!("unknown sensor type `{s}`; expected one of {}", names.join(", "))
+                format!(
+                    "unknown sensor type `{s}`; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -244,7 +247,8 @@ pub struct UtcOffsetValue(pub time::UtcOffset);
 impl TryFrom<String> for UtcOffsetValue {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let format = time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]");
+        let format =
+            time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]");
         if s == "Z" {
             return Ok(Self(time::UtcOffset::UTC));
         }
@@ -353,10 +357,15 @@ mod tests {
 
     #[test]
     fn subjects() {
-        let t = SubjectTemplate::try_from("sahool.tenant.{tenant_id}.iot.sensor.reading".to_string())
-            .unwrap();
+        let t =
+            SubjectTemplate::try_from("sahool.tenant.{tenant_id}.iot.sensor.reading".to_string())
+                .unwrap();
         assert_eq!(
-            t.render(|k| if k == "tenant_id" { "t1".into() } else { "?".into() }),
+            t.render(|k| if k == "tenant_id" {
+                "t1".into()
+            } else {
+                "?".into()
+            }),
             "sahool.tenant.t1.iot.sensor.reading"
         );
         assert!(SubjectTemplate::try_from("a.{nope}".to_string()).is_err());

@@ -29,7 +29,8 @@ use crate::store::{Append, AppendOutcome, NewDeadLetter, StoreError, StoreHandle
 /// Sessions outlive a gateway restart or a long outage by this much (MQTT 5 seconds).
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 
-type Commit = Pin<Box<dyn Future<Output = (Publish, Timestamp, Result<AppendOutcome, StoreError>)> + Send>>;
+type Commit =
+    Pin<Box<dyn Future<Output = (Publish, Timestamp, Result<AppendOutcome, StoreError>)> + Send>>;
 
 pub struct MqttInput {
     pub source: MqttSource,
@@ -50,7 +51,8 @@ impl MqttInput {
             .set_receive_maximum(Some(self.source.receive_maximum))
             .set_keep_alive(self.source.keep_alive.0)
             .set_max_packet_size(Some(
-                u32::try_from(self.source.max_payload.0.saturating_mul(2) + 1024).unwrap_or(u32::MAX),
+                u32::try_from(self.source.max_payload.0.saturating_mul(2) + 1024)
+                    .unwrap_or(u32::MAX),
             ))
             .set_connection_timeout(5);
         if let Some(user) = &self.source.username {
@@ -71,7 +73,8 @@ impl MqttInput {
         };
         // Acks never outnumber unacknowledged messages: this capacity is not reached while the
         // broker honours our Receive Maximum; `unsent` catches the rest.
-        let (client, eventloop) = AsyncClient::new(options, usize::from(self.source.receive_maximum) * 2 + 64);
+        let (client, eventloop) =
+            AsyncClient::new(options, usize::from(self.source.receive_maximum) * 2 + 64);
         let mut unsent: VecDeque<Publish> = VecDeque::new();
         let label = self.metrics.source(&name);
         let connected = self.metrics.mqtt_connected.get_or_create(&label).clone();
@@ -94,6 +97,7 @@ impl MqttInput {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(Incoming::Publish(p)) => {
+                        let p = *p;
                         if stopping {
                             // Not acknowledged: the broker keeps it for the next start.
                             continue;
@@ -171,7 +175,10 @@ impl MqttInput {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(2), finish).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), finish)
+            .await
+            .is_err()
+        {
             tracing::warn!(source = %name, "MQTT client did not disconnect in time");
         }
         connected.set(0);
@@ -194,7 +201,7 @@ fn send_acks(client: &AsyncClient, unsent: &mut VecDeque<Publish>) {
 
 /// What the poller hands to the source task.
 enum Incoming {
-    Publish(Publish),
+    Publish(Box<Publish>),
     Connected,
 }
 
@@ -210,7 +217,7 @@ async fn poll(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if events.send(Incoming::Publish(p)).await.is_err() {
+                if events.send(Incoming::Publish(Box::new(p))).await.is_err() {
                     return;
                 }
             }

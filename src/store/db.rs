@@ -105,10 +105,13 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
     };
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(classify)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(classify)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(classify)?;
     let sync = match sync {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
@@ -152,7 +155,9 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
                 )
                 .map_err(classify)?;
             if ok != 4 {
-                return Err(corrupt(format!("schema version {version} but {ok} of 4 tables")));
+                return Err(corrupt(format!(
+                    "schema version {version} but {ok} of 4 tables"
+                )));
             }
         }
         newer => {
@@ -197,12 +202,13 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
             path: path.to_path_buf(),
         });
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
-        StoreError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(|source| StoreError::Sqlite {
             path: path.to_path_buf(),
@@ -225,9 +231,13 @@ pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let next_seq: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| r.get(0))?;
+    let next_seq: i64 =
+        conn.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+            r.get(0)
+        })?;
     let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))?;
-    let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let dead_letters: i64 =
+        conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
     let rows = u64::try_from(rows).unwrap_or(0);
     Ok(Totals {
         rows,
@@ -248,7 +258,11 @@ pub struct OutboxRow {
     pub body: Vec<u8>,
 }
 
-pub fn fetch_after(conn: &Connection, after: u64, limit: usize) -> rusqlite::Result<Vec<OutboxRow>> {
+pub fn fetch_after(
+    conn: &Connection,
+    after: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, event_id, stored_ms, kind, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;

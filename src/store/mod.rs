@@ -171,7 +171,11 @@ impl StoreHandle {
     pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Fetch { after, limit, reply })
+            .send(Command::Fetch {
+                after,
+                limit,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -179,7 +183,10 @@ impl StoreHandle {
 
     /// Rows JetStream acknowledged: deleted in the next transaction.
     pub async fn acked(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
-        self.tx.send(Command::Acked(seqs)).await.map_err(|_| StoreError::Closed)
+        self.tx
+            .send(Command::Acked(seqs))
+            .await
+            .map_err(|_| StoreError::Closed)
     }
 
     /// A row the server will never accept: moved to dead-letters with the rendered event.
@@ -193,7 +200,10 @@ impl StoreHandle {
     /// Resolves after everything queued before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Flush(reply)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Command::Flush(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)
     }
 
@@ -224,7 +234,10 @@ pub fn start(
     }
     let (tx, rx) = mpsc::channel(4096);
     let (committed_tx, committed) = watch::channel(totals.next_seq.saturating_sub(1));
-    let data_dir = path.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let data_dir = path
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     let mut writer = Writer {
         conn: opened.conn,
         path,
@@ -369,7 +382,10 @@ impl Writer {
                     tracing::error!(error = %e, file = %self.path.display(), "buffer transaction failed; callers will retry");
                     if matches!(
                         e.sqlite_error_code(),
-                        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+                        Some(
+                            rusqlite::ErrorCode::DatabaseCorrupt
+                                | rusqlite::ErrorCode::NotADatabase
+                        )
                     ) {
                         // The next start moves the file aside (db::open); nothing uncommitted was
                         // acknowledged, so exiting loses nothing.
@@ -384,10 +400,17 @@ impl Writer {
             }
         }
         for read in reads {
-            if let Command::Fetch { after, limit, reply } = read {
-                let rows = db::fetch_after(&self.conn, after, limit).map_err(|source| StoreError::Sqlite {
-                    path: self.path.clone(),
-                    source,
+            if let Command::Fetch {
+                after,
+                limit,
+                reply,
+            } = read
+            {
+                let rows = db::fetch_after(&self.conn, after, limit).map_err(|source| {
+                    StoreError::Sqlite {
+                        path: self.path.clone(),
+                        source,
+                    }
                 });
                 let _ = reply.send(rows);
             }
@@ -409,16 +432,23 @@ impl Writer {
         let tx = self.conn.unchecked_transaction()?;
         let now = db::now_ms();
         {
-            let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?;
             for seq in acked {
-                if let Some(len) = delete.query_row([*seq as i64], |r| r.get::<_, i64>(0)).optional()? {
+                if let Some(len) = delete
+                    .query_row([*seq as i64], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
                     delta.rows_removed += 1;
                     delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
                     delta.forwarded += 1;
                 }
             }
             for (seq, detail, raw) in refused {
-                if let Some(len) = delete.query_row([*seq as i64], |r| r.get::<_, i64>(0)).optional()? {
+                if let Some(len) = delete
+                    .query_row([*seq as i64], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
                     delta.rows_removed += 1;
                     delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
                     delta.refused += 1;
@@ -463,7 +493,10 @@ impl Writer {
             .iter()
             .map(|r| postcard::to_stdvec(r).unwrap_or_default())
             .collect();
-        let incoming: u64 = bodies.iter().map(|b| b.len() as u64 + db::ROW_OVERHEAD).sum();
+        let incoming: u64 = bodies
+            .iter()
+            .map(|b| b.len() as u64 + db::ROW_OVERHEAD)
+            .sum();
         if !bodies.is_empty() {
             if self.disk_low {
                 return Ok(AppendOutcome::Full);
@@ -489,7 +522,12 @@ impl Writer {
             )?;
             for body in &bodies {
                 let id = uuid::Uuid::new_v4();
-                insert.execute(params![delta.next_seq as i64, &id.as_bytes()[..], now, body])?;
+                insert.execute(params![
+                    delta.next_seq as i64,
+                    &id.as_bytes()[..],
+                    now,
+                    body
+                ])?;
                 delta.next_seq += 1;
             }
         }
@@ -512,9 +550,15 @@ impl Writer {
     }
 
     /// Deletes the oldest rows until at least `need` bytes are free.
-    fn drop_oldest(&self, tx: &rusqlite::Transaction<'_>, need: u64, delta: &mut Delta) -> rusqlite::Result<()> {
+    fn drop_oldest(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        need: u64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<()> {
         let mut freed = 0u64;
-        let mut stmt = tx.prepare_cached("SELECT seq, length(body) FROM outbox ORDER BY seq LIMIT 256")?;
+        let mut stmt =
+            tx.prepare_cached("SELECT seq, length(body) FROM outbox ORDER BY seq LIMIT 256")?;
         let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?;
         while freed < need {
             let rows: Vec<(i64, i64)> = stmt
@@ -542,7 +586,12 @@ impl Writer {
     }
 
     /// Age bound, and the bounds of the side tables.
-    fn expire(&self, tx: &rusqlite::Transaction<'_>, now: i64, delta: &mut Delta) -> rusqlite::Result<()> {
+    fn expire(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        now: i64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<()> {
         let cutoff = now - i64::try_from(self.buffer.max_age.0.as_millis()).unwrap_or(i64::MAX);
         let expired: Vec<(i64, i64)> = tx
             .prepare_cached(
@@ -551,12 +600,19 @@ impl Writer {
             .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         delta.rows_removed += expired.len() as u64;
-        delta.bytes_removed += expired.iter().map(|(_, l)| *l as u64 + db::ROW_OVERHEAD).sum::<u64>();
+        delta.bytes_removed += expired
+            .iter()
+            .map(|(_, l)| *l as u64 + db::ROW_OVERHEAD)
+            .sum::<u64>();
         delta.dropped_age += expired.len() as u64;
-        tx.prepare_cached("DELETE FROM recent_messages WHERE id <= (SELECT max(id) FROM recent_messages) - ?1")?
-            .execute([RECENT_MESSAGES])?;
+        tx.prepare_cached(
+            "DELETE FROM recent_messages WHERE id <= (SELECT max(id) FROM recent_messages) - ?1",
+        )?
+        .execute([RECENT_MESSAGES])?;
         let cut = tx
-            .prepare_cached("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1")?
+            .prepare_cached(
+                "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1",
+            )?
             .execute([i64::from(self.buffer.dead_letter_max)])?;
         delta.dead_letters_removed += cut as u64;
         Ok(())
@@ -565,7 +621,8 @@ impl Writer {
     fn apply(&mut self, d: &Delta) {
         self.rows = (self.rows + d.rows_added).saturating_sub(d.rows_removed);
         self.bytes = (self.bytes + d.bytes_added).saturating_sub(d.bytes_removed);
-        self.dead_letters = (self.dead_letters + d.dead_letters_added).saturating_sub(d.dead_letters_removed);
+        self.dead_letters =
+            (self.dead_letters + d.dead_letters_added).saturating_sub(d.dead_letters_removed);
         if d.refused_full > 0 {
             self.full = true;
         } else if d.accepted > 0 {
@@ -576,11 +633,17 @@ impl Writer {
         m.readings_forwarded.inc_by(d.forwarded);
         if d.dropped_full > 0 {
             m.dropped("buffer_full").inc_by(d.dropped_full);
-            tracing::warn!(count = d.dropped_full, "buffer full: dropped the oldest readings (when_full = drop_oldest)");
+            tracing::warn!(
+                count = d.dropped_full,
+                "buffer full: dropped the oldest readings (when_full = drop_oldest)"
+            );
         }
         if d.dropped_age > 0 {
             m.dropped("max_age").inc_by(d.dropped_age);
-            tracing::warn!(count = d.dropped_age, "dropped buffered readings older than max_age");
+            tracing::warn!(
+                count = d.dropped_age,
+                "dropped buffered readings older than max_age"
+            );
         }
         if d.refused > 0 {
             m.rejected(Reason::PublishRefused.label()).inc_by(d.refused);

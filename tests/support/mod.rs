@@ -12,7 +12,31 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-pub const GATEWAY: &str = env!("CARGO_BIN_EXE_sahool-gateway");
+/// The gateway binary. Cargo names it for integration tests; examples (`--example demo`, in
+/// `target/<profile>/examples/`) get no such variable, so they use the binary Cargo builds one
+/// directory up, in `target/<profile>/`.
+pub fn gateway_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_sahool-gateway") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("path of the running executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the executable lives in target/<profile>/examples/");
+    let binary = profile_dir.join("sahool-gateway");
+    let release = if profile_dir.ends_with("release") {
+        " --release"
+    } else {
+        ""
+    };
+    assert!(
+        binary.exists(),
+        "{} not found: build it first with `cargo build{release} --bin sahool-gateway`",
+        binary.display()
+    );
+    binary
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -43,7 +67,10 @@ fn require(binary: &str, package: &str) -> PathBuf {
 }
 
 fn kill(child: &mut Child, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status();
 }
 
 /// A nats-server with JetStream, restartable on the same port and store directory.
@@ -121,7 +148,9 @@ impl Nats {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("test client connects to nats-server")
+        async_nats::connect(self.url())
+            .await
+            .expect("test client connects to nats-server")
     }
 
     /// Creates a stream the way the platform does (`SAHOOL_IOT` on `sahool.iot.>`, 120 s
@@ -166,7 +195,12 @@ impl Nats {
                 .as_ref()
                 .map(|h| {
                     h.iter()
-                        .map(|(k, v)| (k.to_string(), v.first().map(|v| v.to_string()).unwrap_or_default()))
+                        .map(|(k, v)| {
+                            (
+                                k.to_string(),
+                                v.first().map(|v| v.to_string()).unwrap_or_default(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -198,7 +232,10 @@ pub struct StreamMessage {
 
 impl StreamMessage {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -302,7 +339,10 @@ impl Gateway {
 
     pub fn log(&self) -> String {
         (1..=self.starts)
-            .map(|i| std::fs::read_to_string(self.dir.path().join(format!("gateway-{i}.log"))).unwrap_or_default())
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("gateway-{i}.log")))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -310,11 +350,16 @@ impl Gateway {
     /// Starts the binary (again) and waits for its HTTP endpoint.
     pub fn resume(&mut self) {
         self.starts += 1;
-        let log = std::fs::File::create(self.dir.path().join(format!("gateway-{}.log", self.starts))).expect("log");
-        let child = Command::new(GATEWAY)
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("gateway-{}.log", self.starts)))
+                .expect("log");
+        let child = Command::new(gateway_binary())
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -322,10 +367,18 @@ impl Gateway {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.get("/healthz").is_none() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("gateway exited with {status} at start:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "gateway HTTP not up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "gateway HTTP not up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -348,7 +401,10 @@ impl Gateway {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("gateway did not stop within 20 s of SIGTERM:\n{}", self.log());
+                panic!(
+                    "gateway did not stop within 20 s of SIGTERM:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -371,8 +427,15 @@ impl Gateway {
         while !f(self) {
             if Instant::now() >= deadline {
                 let metrics = self.get("/metrics").map(|(_, b)| b).unwrap_or_default();
-                let metrics: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#') && !l.contains("_bucket")).collect();
-                panic!("timed out waiting for {what}\n--- metrics ---\n{}\n--- gateway log ---\n{}", metrics.join("\n"), self.log());
+                let metrics: Vec<&str> = metrics
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.contains("_bucket"))
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}\n--- metrics ---\n{}\n--- gateway log ---\n{}",
+                    metrics.join("\n"),
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -380,7 +443,7 @@ impl Gateway {
 
     /// Runs a CLI subcommand against this gateway's config.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new(GATEWAY);
+        let mut cmd = Command::new(gateway_binary());
         cmd.args(args).arg("--config").arg(&self.config_path);
         cmd.output().expect("run gateway CLI")
     }
@@ -406,11 +469,18 @@ pub fn metric_value(body: &str, name: &str, labels: &str) -> f64 {
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, dechunk(&body)))
 }
 
@@ -419,8 +489,12 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_string();
+        };
         if n == 0 {
             return out;
         }
@@ -433,7 +507,11 @@ fn dechunk(body: &str) -> String {
 }
 
 /// Publishes at QoS 1 and returns the number of messages the broker acknowledged (PUBACK).
-pub async fn publish_all(broker_port: u16, client_id: &str, messages: Vec<(String, Vec<u8>)>) -> usize {
+pub async fn publish_all(
+    broker_port: u16,
+    client_id: &str,
+    messages: Vec<(String, Vec<u8>)>,
+) -> usize {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let mut o = MqttOptions::new(client_id, "127.0.0.1", broker_port);
     o.set_keep_alive(Duration::from_secs(30));
@@ -443,7 +521,10 @@ pub async fn publish_all(broker_port: u16, client_id: &str, messages: Vec<(Strin
     let total = messages.len();
     let sender = tokio::spawn(async move {
         for (topic, payload) in messages {
-            client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("queue publish");
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("queue publish");
         }
         client
     });
@@ -451,12 +532,17 @@ pub async fn publish_all(broker_port: u16, client_id: &str, messages: Vec<(Strin
     let mut sent = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while acked < total {
-        assert!(Instant::now() < deadline, "publisher stalled at {acked}/{total} acked");
+        assert!(
+            Instant::now() < deadline,
+            "publisher stalled at {acked}/{total} acked"
+        );
         match tokio::time::timeout(Duration::from_secs(30), eventloop.poll()).await {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
             Ok(Ok(Event::Outgoing(Outgoing::Publish(_)))) => sent += 1,
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("publisher connection failed after {sent} sent, {acked} acked: {e}"),
+            Ok(Err(e)) => {
+                panic!("publisher connection failed after {sent} sent, {acked} acked: {e}")
+            }
             Err(_) => panic!("publisher got no event for 30 s ({acked}/{total} acked)"),
         }
     }
@@ -473,11 +559,15 @@ pub async fn publish_all(broker_port: u16, client_id: &str, messages: Vec<(Strin
 pub fn event_validator() -> jsonschema::Validator {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts");
     let read = |p: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(root.join(p)).expect("contract file")).expect("contract JSON")
+        serde_json::from_str(&std::fs::read_to_string(root.join(p)).expect("contract file"))
+            .expect("contract JSON")
     };
     let mut event = read("sensor_reading_event.v1.json");
     let payload = read("sahool/sensor_reading.v1.json");
-    assert_eq!(event["properties"]["payload"]["$ref"], "sahool/sensor_reading.v1.json");
+    assert_eq!(
+        event["properties"]["payload"]["$ref"],
+        "sahool/sensor_reading.v1.json"
+    );
     event["properties"]["payload"] = payload;
     jsonschema::options()
         .should_validate_formats(true)
@@ -487,6 +577,8 @@ pub fn event_validator() -> jsonschema::Validator {
 
 /// A fixture file from `tests/fixtures`.
 pub fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
 }
