@@ -338,10 +338,7 @@ fn round2(v: f64) -> f64 {
 }
 
 fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .expect("a timestamp from the clock")
-        .format(&Rfc3339)
-        .expect("RFC 3339 formatting")
+    sahool_gateway::reading::Timestamp::from_unix_millis(ms).to_rfc3339()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{publish_all, Gateway, Mosquitto, Nats};
+use support::{probe_config, probe_readings, publish_all, Gateway, Mosquitto, Nats};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -19,41 +19,14 @@ async fn main() {
     let nats = Nats::start();
     nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
     let broker = Mosquitto::start();
-    let gateway = Gateway::start(&format!(
-        r#"
-[nats]
-servers = ["{}"]
-
-[[mqtt]]
-name = "farm"
-url = "{}"
-topics = ["sahool/sensors/#"]
-format = "sahool"
-
-[[fields]]
-id = "field-1"
-  [[fields.sensors]]
-  device_id = "probe-1"
-  sensor_type = "water_level"
-"#,
-        nats.url(),
-        broker.url()
-    ));
+    let gateway = Gateway::start(&probe_config(&nats, &broker, "", ""));
     gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
         g.metric("sahool_gateway_mqtt_connected", "") == 1.0
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // ~300-byte SAHOOL standard payloads, as the benchmark issue specifies.
-    let messages: Vec<(String, Vec<u8>)> = (0..n)
-        .map(|i| {
-            let payload = format!(
-                r#"{{"device_id":"probe-1","field_id":"field-1","type":"water_level","value":{i},"unit":"cm","timestamp":"2026-06-01T04:15:00Z","battery":90.5,"rssi":-70,"fw":"1.4.2","note":"{}"}}"#,
-                "x".repeat(120)
-            );
-            ("sahool/sensors/probe-1/field-1/water_level".to_string(), payload.into_bytes())
-        })
-        .collect();
+    let messages = probe_readings(0..n);
     let bytes = messages[0].1.len();
     let started = Instant::now();
     let publisher = tokio::spawn(publish_all(broker.port, "throughput-publisher", messages));

@@ -7,53 +7,8 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use support::{probe_config as config, probe_reading as reading, probe_readings as readings};
 use support::{publish_all, Gateway, Mosquitto, Nats, StreamMessage};
-
-/// A gateway config reading `probe-1` water levels (no default range) from the broker.
-fn config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
-    format!(
-        r#"
-[nats]
-servers = ["{nats}"]
-ack_timeout = "2s"
-{extra}
-
-[buffer]
-min_free_disk = "1MiB"
-{buffer}
-
-[[mqtt]]
-name = "farm"
-url = "{mqtt}"
-topics = ["sahool/sensors/#"]
-format = "sahool"
-
-[[fields]]
-id = "field-1"
-  [[fields.sensors]]
-  device_id = "probe-1"
-  sensor_type = "water_level"
-"#,
-        nats = nats.url(),
-        mqtt = broker.url()
-    )
-}
-
-/// Reading `i` as a SAHOOL standard payload; `value` identifies it in the stream.
-fn reading(i: usize) -> (String, Vec<u8>) {
-    let payload = format!(
-        r#"{{"device_id":"probe-1","field_id":"field-1","type":"water_level","value":{i},"unit":"cm","timestamp":"2026-06-01T04:15:00Z","battery":90.5,"rssi":-70,"note":"{pad}"}}"#,
-        pad = "x".repeat(120)
-    );
-    (
-        "sahool/sensors/probe-1/field-1/water_level".to_string(),
-        payload.into_bytes(),
-    )
-}
-
-fn readings(range: std::ops::Range<usize>) -> Vec<(String, Vec<u8>)> {
-    range.map(reading).collect()
-}
 
 /// Values in stream order, with the checks every test shares: unique event ids, `seq`
 /// strictly increasing in stream order, and `Nats-Msg-Id` equal to `event_id`.

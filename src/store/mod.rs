@@ -431,30 +431,16 @@ impl Writer {
     ) -> rusqlite::Result<Vec<AppendOutcome>> {
         let tx = self.conn.unchecked_transaction()?;
         let now = db::now_ms();
-        {
-            let mut delete =
-                tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?;
-            for seq in acked {
-                if let Some(len) = delete
-                    .query_row([*seq as i64], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    delta.rows_removed += 1;
-                    delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
-                    delta.forwarded += 1;
-                }
+        for seq in acked {
+            if delete_row(&tx, *seq, delta)? {
+                delta.forwarded += 1;
             }
-            for (seq, detail, raw) in refused {
-                if let Some(len) = delete
-                    .query_row([*seq as i64], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    delta.rows_removed += 1;
-                    delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
-                    delta.refused += 1;
-                    insert_dead_letter(&tx, now, "forwarder", Reason::PublishRefused, detail, raw)?;
-                    delta.dead_letters_added += 1;
-                }
+        }
+        for (seq, detail, raw) in refused {
+            if delete_row(&tx, *seq, delta)? {
+                delta.refused += 1;
+                insert_dead_letter(&tx, now, "forwarder", Reason::PublishRefused, detail, raw)?;
+                delta.dead_letters_added += 1;
             }
         }
         let mut outcomes = Vec::with_capacity(appends.len());
@@ -688,6 +674,24 @@ impl Writer {
         self.disk_low = low;
         self.metrics.intake_paused.set(i64::from(low || self.full));
     }
+}
+
+/// Deletes one buffered row, counting it out of the totals; false if it was already gone
+/// (dropped by a bound meanwhile).
+fn delete_row(
+    tx: &rusqlite::Transaction<'_>,
+    seq: u64,
+    delta: &mut Delta,
+) -> rusqlite::Result<bool> {
+    let len: Option<i64> = tx
+        .prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?
+        .query_row([seq as i64], |r| r.get(0))
+        .optional()?;
+    if let Some(len) = len {
+        delta.rows_removed += 1;
+        delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
+    }
+    Ok(len.is_some())
 }
 
 fn insert_dead_letter(

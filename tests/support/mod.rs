@@ -555,6 +555,52 @@ pub async fn publish_all(
     acked
 }
 
+/// A gateway config reading `probe-1` water levels (no default range) from the broker.
+pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
+    format!(
+        r#"
+[nats]
+servers = ["{nats}"]
+ack_timeout = "2s"
+{extra}
+
+[buffer]
+min_free_disk = "1MiB"
+{buffer}
+
+[[mqtt]]
+name = "farm"
+url = "{mqtt}"
+topics = ["sahool/sensors/#"]
+format = "sahool"
+
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "probe-1"
+  sensor_type = "water_level"
+"#,
+        nats = nats.url(),
+        mqtt = broker.url()
+    )
+}
+
+/// Reading `i` as a SAHOOL standard payload; `value` identifies it in the stream.
+pub fn probe_reading(i: usize) -> (String, Vec<u8>) {
+    let payload = format!(
+        r#"{{"device_id":"probe-1","field_id":"field-1","type":"water_level","value":{i},"unit":"cm","timestamp":"2026-06-01T04:15:00Z","battery":90.5,"rssi":-70,"note":"{pad}"}}"#,
+        pad = "x".repeat(142)
+    );
+    (
+        "sahool/sensors/probe-1/field-1/water_level".to_string(),
+        payload.into_bytes(),
+    )
+}
+
+pub fn probe_readings(range: std::ops::Range<usize>) -> Vec<(String, Vec<u8>)> {
+    range.map(probe_reading).collect()
+}
+
 /// The event schema with its `$ref` to SAHOOL's payload schema resolved in memory.
 pub fn event_validator() -> jsonschema::Validator {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts");
