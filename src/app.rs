@@ -2,6 +2,7 @@
 //! the order that loses nothing: intake first, then the forwarder, then the store.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -10,6 +11,8 @@ use crate::forward::Forwarder;
 use crate::mapping::Mapper;
 use crate::metrics::Metrics;
 use crate::sources::mqtt::MqttInput;
+use crate::store::StoreHandle;
+use crate::systemd::{self, Notifier};
 use crate::{http, nats, store};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let forwarder = tokio::spawn(forwarder.run(stop_rx.clone()));
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
+    let notifier = Arc::new(Notifier::from_env());
+    // The store is open and every source task is running.
+    notifier.ready();
+    let supervisor = tokio::spawn(supervise(notifier.clone(), store.clone(), metrics.clone(), stop_rx.clone()));
     tracing::info!(
         gateway = %config.gateway.id,
         sources = config.mqtt.len(),
@@ -92,7 +99,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     // Intake stops first and finishes acking what is committed; then the forwarder collects
     // outstanding PubAcks; the store commits what they deleted and closes with the last handle.
+    notifier.stopping();
     let _ = stop_tx.send(true);
+    let _ = supervisor.await;
     for s in sources {
         let _ = s.await;
     }
@@ -104,4 +113,44 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The pipeline's progress check, every few seconds: the store thread answers a flush and the
+/// forwarder's loop went round recently. Only then is the systemd watchdog pinged, so a wedged
+/// pipeline (a hung disk, a stuck task) stops the pings and systemd restarts the service.
+async fn supervise(
+    notifier: Arc<Notifier>,
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let watchdog = systemd::watchdog_timeout();
+    let period = watchdog
+        .map(|t| t / 3)
+        .unwrap_or(Duration::from_secs(5))
+        .clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let store_ok = matches!(tokio::time::timeout(period, store.flush()).await, Ok(Ok(())));
+        let forwarder_ok = metrics.forwarder_idle_for() < period * 2 + Duration::from_secs(1);
+        if store_ok && forwarder_ok {
+            if watchdog.is_some() {
+                notifier.watchdog();
+            }
+        } else {
+            tracing::error!(store_ok, forwarder_ok, "pipeline is not making progress; withholding the watchdog ping");
+        }
+        notifier.status(&format!(
+            "backlog {} readings ({} bytes), oldest {}s; NATS {}; {} dead-letters",
+            metrics.buffer_readings.get(),
+            metrics.buffer_bytes.get(),
+            metrics.buffer_oldest_age_seconds.get(),
+            if metrics.nats_is_connected() { "connected" } else { "disconnected" },
+            metrics.dead_letters.get(),
+        ));
+    }
 }

@@ -103,6 +103,7 @@ impl Forwarder {
             if *shutdown.borrow() {
                 break;
             }
+            self.metrics.beat_forwarder();
             let connected = self.connected();
             if connected && !stream_checked {
                 stream_checked = self.check_stream().await;
@@ -175,6 +176,8 @@ impl Forwarder {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && inflight.is_empty()) => {}
                 _ = shutdown.changed() => {}
+                // Goes round at least once a second, so the watchdog sees the loop alive.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
         self.drain(inflight, acked).await;

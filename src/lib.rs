@@ -12,6 +12,7 @@
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list`.
+//! - [`systemd`]: the notify protocol: READY, STATUS, WATCHDOG from the pipeline's progress.
 //! - [`backoff`]: retry delays shared by every reconnecting part.
 
 pub mod app;
@@ -27,3 +28,4 @@ pub mod nats;
 pub mod reading;
 pub mod sources;
 pub mod store;
+pub mod systemd;

@@ -2,6 +2,8 @@
 //! encoder, so `readings_accepted` is exported as `sahool_gateway_readings_accepted_total`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -41,6 +43,8 @@ pub struct Metrics {
     pub mqtt_duplicates: Family<SourceLabel, Counter>,
     store_healthy: AtomicBool,
     stream_found: AtomicBool,
+    /// When the forwarder's loop last went round, for the watchdog.
+    forwarder_beat: Mutex<Instant>,
 }
 
 impl Metrics {
@@ -68,6 +72,7 @@ impl Metrics {
             mqtt_duplicates: Family::default(),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
+            forwarder_beat: Mutex::new(Instant::now()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -195,6 +200,16 @@ impl Metrics {
 
     pub fn stream_found(&self) -> bool {
         self.stream_found.load(Ordering::Relaxed)
+    }
+
+    pub fn beat_forwarder(&self) {
+        if let Ok(mut t) = self.forwarder_beat.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    pub fn forwarder_idle_for(&self) -> Duration {
+        self.forwarder_beat.lock().map_or(Duration::MAX, |t| t.elapsed())
     }
 
     pub fn nats_is_connected(&self) -> bool {

@@ -309,11 +309,17 @@ pub struct Gateway {
     pub config_path: PathBuf,
     child: Option<Child>,
     starts: usize,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
     /// `config` is the TOML without `[gateway]` and `[http]`, which the harness adds.
     pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// As `start`, with extra environment variables for the gateway process.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
         let config_path = dir.path().join("gateway.toml");
@@ -328,6 +334,7 @@ impl Gateway {
             config_path,
             child: None,
             starts: 0,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         g.resume();
         g
@@ -360,6 +367,7 @@ impl Gateway {
                 "RUST_LOG",
                 std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
