@@ -83,7 +83,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let notifier = Arc::new(Notifier::from_env());
     // The store is open and every source task is running.
     notifier.ready();
-    let supervisor = tokio::spawn(supervise(notifier.clone(), store.clone(), metrics.clone(), stop_rx.clone()));
+    let supervisor = tokio::spawn(supervise(
+        notifier.clone(),
+        store.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(
         gateway = %config.gateway.id,
         sources = config.mqtt.len(),
@@ -135,21 +140,32 @@ async fn supervise(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let store_ok = matches!(tokio::time::timeout(period, store.flush()).await, Ok(Ok(())));
+        let store_ok = matches!(
+            tokio::time::timeout(period, store.flush()).await,
+            Ok(Ok(()))
+        );
         let forwarder_ok = metrics.forwarder_idle_for() < period * 2 + Duration::from_secs(1);
         if store_ok && forwarder_ok {
             if watchdog.is_some() {
                 notifier.watchdog();
             }
         } else {
-            tracing::error!(store_ok, forwarder_ok, "pipeline is not making progress; withholding the watchdog ping");
+            tracing::error!(
+                store_ok,
+                forwarder_ok,
+                "pipeline is not making progress; withholding the watchdog ping"
+            );
         }
         notifier.status(&format!(
             "backlog {} readings ({} bytes), oldest {}s; NATS {}; {} dead-letters",
             metrics.buffer_readings.get(),
             metrics.buffer_bytes.get(),
             metrics.buffer_oldest_age_seconds.get(),
-            if metrics.nats_is_connected() { "connected" } else { "disconnected" },
+            if metrics.nats_is_connected() {
+                "connected"
+            } else {
+                "disconnected"
+            },
             metrics.dead_letters.get(),
         ));
     }

@@ -209,7 +209,9 @@ impl Metrics {
     }
 
     pub fn forwarder_idle_for(&self) -> Duration {
-        self.forwarder_beat.lock().map_or(Duration::MAX, |t| t.elapsed())
+        self.forwarder_beat
+            .lock()
+            .map_or(Duration::MAX, |t| t.elapsed())
     }
 
     pub fn nats_is_connected(&self) -> bool {

@@ -10,6 +10,8 @@ use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
+    #[error("{0}")]
+    Path(String),
     #[error("cannot read {what} file {path}: {source}")]
     SecretFile {
         what: &'static str,
@@ -22,12 +24,17 @@ pub enum NatsError {
 
 /// Reads a secret from a file, trimming the trailing newline editors add.
 pub fn read_secret(what: &'static str, path: &Path) -> Result<Secret, NatsError> {
+    let path = &resolve(path)?;
     let text = std::fs::read_to_string(path).map_err(|source| NatsError::SecretFile {
         what,
         path: path.to_path_buf(),
         source,
     })?;
     Ok(Secret::new(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+fn resolve(path: &Path) -> Result<std::path::PathBuf, NatsError> {
+    crate::config::resolve_path(path).map_err(NatsError::Path)
 }
 
 /// Connects in the background: returns at once and keeps (re)connecting forever.
@@ -84,20 +91,24 @@ pub async fn connect(
         options = options.nkey(read_secret("nkey seed", path)?.expose().to_string());
     }
     if let Some(path) = &nats.creds_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .map_err(|source| NatsError::SecretFile {
-                what: "credentials",
-                path: path.clone(),
-                source,
-            })?;
+        let path = resolve(path)?;
+        options =
+            options
+                .credentials_file(&path)
+                .await
+                .map_err(|source| NatsError::SecretFile {
+                    what: "credentials",
+                    path,
+                    source,
+                })?;
     }
     if let Some(ca) = &nats.tls_ca_file {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
+        options = options
+            .add_root_certificates(resolve(ca)?)
+            .require_tls(true);
     }
     if let (Some(cert), Some(key)) = (&nats.tls_cert_file, &nats.tls_key_file) {
-        options = options.add_client_certificate(cert.clone(), key.clone());
+        options = options.add_client_certificate(resolve(cert)?, resolve(key)?);
     }
     let servers: Vec<String> = nats
         .servers

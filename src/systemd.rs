@@ -20,7 +20,9 @@ impl Notifier {
     }
 
     fn send(&self, state: &str) {
-        let Some((sock, path)) = &self.socket else { return };
+        let Some((sock, path)) = &self.socket else {
+            return;
+        };
         let result = if let Some(name) = path.strip_prefix('@') {
             send_abstract(sock, name, state)
         } else {

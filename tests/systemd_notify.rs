@@ -26,7 +26,10 @@ fn collect(sock: &UnixDatagram, within: Duration) -> Vec<String> {
 }
 
 fn pings(messages: &[String]) -> usize {
-    messages.iter().filter(|m| m.as_str() == "WATCHDOG=1").count()
+    messages
+        .iter()
+        .filter(|m| m.as_str() == "WATCHDOG=1")
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,21 +44,31 @@ async fn ready_status_watchdog_and_stopping() {
     // WatchdogSec=1.5s: the gateway checks its pipeline every 0.5 s.
     let mut gateway = Gateway::start_with_env(
         &probe_config(&nats, &broker, "", ""),
-        &[("NOTIFY_SOCKET", &socket_path), ("WATCHDOG_USEC", "1500000")],
+        &[
+            ("NOTIFY_SOCKET", &socket_path),
+            ("WATCHDOG_USEC", "1500000"),
+        ],
     );
 
     let healthy = collect(&sock, Duration::from_secs(3));
-    assert_eq!(healthy.first().map(String::as_str), Some("READY=1"), "{healthy:?}");
+    assert_eq!(
+        healthy.first().map(String::as_str),
+        Some("READY=1"),
+        "{healthy:?}"
+    );
     assert!(pings(&healthy) >= 3, "pings while healthy: {healthy:?}");
     assert!(
-        healthy.iter().any(|m| m.starts_with("STATUS=backlog 0 readings")),
+        healthy
+            .iter()
+            .any(|m| m.starts_with("STATUS=backlog 0 readings")),
         "{healthy:?}"
     );
 
     // Wedge the store: another connection holds the write lock, so the writer thread blocks in
     // its commit (busy timeout) and cannot answer the progress check.
     let db = rusqlite::Connection::open(gateway.data_dir().join("buffer.db")).expect("open buffer");
-    db.execute_batch("BEGIN EXCLUSIVE").expect("lock the buffer");
+    db.execute_batch("BEGIN EXCLUSIVE")
+        .expect("lock the buffer");
     let _ = collect(&sock, Duration::from_millis(1500)); // a check may have passed just before
     let wedged = collect(&sock, Duration::from_secs(3));
     assert_eq!(pings(&wedged), 0, "no pings while wedged: {wedged:?}");

@@ -702,6 +702,22 @@ pub fn parse_host_port(
     Ok((host, port))
 }
 
+/// Expands `${CREDENTIALS_DIRECTORY}` (set by systemd's `LoadCredential=`) in a file path.
+pub fn resolve_path(path: &Path) -> Result<PathBuf, String> {
+    const VAR: &str = "${CREDENTIALS_DIRECTORY}";
+    let text = path.to_string_lossy();
+    if !text.contains(VAR) {
+        return Ok(path.to_path_buf());
+    }
+    let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
+        format!(
+            "{} uses ${{CREDENTIALS_DIRECTORY}}, which is only set when systemd passes credentials (LoadCredential=)",
+            path.display()
+        )
+    })?;
+    Ok(PathBuf::from(text.replace(VAR, &dir)))
+}
+
 pub fn is_loopback_host(host: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }

@@ -334,7 +334,10 @@ impl Gateway {
             config_path,
             child: None,
             starts: 0,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         g.resume();
         g
