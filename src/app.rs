@@ -1,14 +1,17 @@
-//! `run`: wires config, store, forwarder, sources and HTTP together, and shuts them down in
-//! the order that loses nothing: intake first, then the forwarder, then the store.
+//! `run`: wires config, store, forwarder, sources and HTTP together; reloads the config on
+//! SIGHUP; and shuts down in the order that loses nothing: intake first, then the forwarder,
+//! then the store.
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Gateway, MqttSource, Nats};
 use crate::forward::Forwarder;
-use crate::mapping::Mapper;
+use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics::Metrics;
 use crate::sources::mqtt::MqttInput;
 use crate::store::StoreHandle;
@@ -27,38 +30,32 @@ pub enum RunError {
     Signal(std::io::Error),
 }
 
-pub async fn run(config: Config) -> Result<(), RunError> {
-    let metrics = Arc::new(Metrics::new());
-    let (store, store_thread) =
-        store::start(config.store_path(), config.buffer.clone(), metrics.clone())?;
-    let listener = http::bind(config.http.listen).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+/// A running task with its own stop signal.
+struct Task<C> {
+    config: C,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(RunError::Signal)?;
-
-    if config.nats.allow_insecure {
-        tracing::warn!("[nats] allow_insecure = true: plaintext NATS connections to non-loopback servers are permitted");
+impl<C> Task<C> {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.handle.await;
     }
-    let client = nats::connect(
-        &config.nats,
-        &format!("sahool-gateway {}", config.gateway.id),
-        metrics.clone(),
-    )
-    .await?;
-    let forwarder = Forwarder::new(
-        store.clone(),
-        client.clone(),
-        config.gateway.id.to_string(),
-        config.nats.subject.clone(),
-        usize::from(config.nats.max_in_flight),
-        config.nats.ack_timeout.0,
-        metrics.clone(),
-    );
+}
 
-    let mapper = Arc::new(Mapper::new(&config));
-    let mut sources = Vec::new();
-    for source in &config.mqtt {
+/// What `run` keeps to start, replace and stop the parts a reload may change.
+struct Pipeline {
+    gateway: Gateway,
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    mapper: SharedMapper,
+    sources: Vec<Task<MqttSource>>,
+    forwarder: Task<Nats>,
+}
+
+impl Pipeline {
+    fn start_source(&self, source: &MqttSource) -> Result<Task<MqttSource>, RunError> {
         let password = match (&source.password, &source.password_file) {
             (Some(p), _) => Some(p.expose().to_string()),
             (None, Some(path)) => Some(
@@ -70,15 +67,139 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         };
         let input = MqttInput {
             source: source.clone(),
-            gateway: config.gateway.clone(),
+            gateway: self.gateway.clone(),
             password,
-            mapper: mapper.clone(),
-            store: store.clone(),
-            metrics: metrics.clone(),
+            mapper: self.mapper.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
         };
-        sources.push(tokio::spawn(input.run(stop_rx.clone())));
+        let (stop, stop_rx) = watch::channel(false);
+        Ok(Task {
+            config: source.clone(),
+            stop,
+            handle: tokio::spawn(input.run(stop_rx)),
+        })
     }
-    let forwarder = tokio::spawn(forwarder.run(stop_rx.clone()));
+
+    async fn start_forwarder(
+        gateway: &Gateway,
+        config: &Nats,
+        store: &StoreHandle,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Task<Nats>, RunError> {
+        if config.allow_insecure {
+            tracing::warn!("[nats] allow_insecure = true: plaintext NATS connections to non-loopback servers are permitted");
+        }
+        let client = nats::connect(
+            config,
+            &format!("sahool-gateway {}", gateway.id),
+            metrics.clone(),
+        )
+        .await?;
+        let forwarder = Forwarder::new(
+            store.clone(),
+            client,
+            gateway.id.to_string(),
+            config.subject.clone(),
+            usize::from(config.max_in_flight),
+            config.ack_timeout.0,
+            metrics.clone(),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        Ok(Task {
+            config: config.clone(),
+            stop,
+            handle: tokio::spawn(forwarder.run(stop_rx)),
+        })
+    }
+
+    /// Applies a new, valid config: mappings at once; sources and the NATS link that changed
+    /// are stopped (acks of committed messages finished, outstanding PubAcks collected) and
+    /// started anew. Buffered readings stay where they are.
+    async fn reload(&mut self, new: &Config, current: &Config) -> Result<(), RunError> {
+        for (what, changed) in [
+            (
+                "[gateway]",
+                format!("{:?}", new.gateway) != format!("{:?}", current.gateway),
+            ),
+            (
+                "[buffer]",
+                format!("{:?}", new.buffer) != format!("{:?}", current.buffer),
+            ),
+            ("[http]", new.http.listen != current.http.listen),
+        ] {
+            if changed {
+                tracing::warn!(
+                    section = what,
+                    "changed, but only takes effect after a restart"
+                );
+            }
+        }
+        *self.mapper.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Mapper::new(new));
+
+        let mut kept = Vec::new();
+        for task in std::mem::take(&mut self.sources) {
+            if new.mqtt.iter().any(|m| same_source(m, &task.config)) {
+                kept.push(task);
+            } else {
+                tracing::info!(source = %task.config.name, "stopping MQTT source (removed or changed)");
+                task.stop().await;
+            }
+        }
+        for source in &new.mqtt {
+            if !kept.iter().any(|t| same_source(&t.config, source)) {
+                tracing::info!(source = %source.name, "starting MQTT source");
+                kept.push(self.start_source(source)?);
+            }
+        }
+        self.sources = kept;
+
+        if self.forwarder.config != new.nats {
+            tracing::info!("[nats] changed: reconnecting the forwarder");
+            let next =
+                Self::start_forwarder(&self.gateway, &new.nats, &self.store, &self.metrics).await?;
+            std::mem::replace(&mut self.forwarder, next).stop().await;
+        }
+        Ok(())
+    }
+}
+
+/// Equal settings, wherever in the file they stand.
+fn same_source(a: &MqttSource, b: &MqttSource) -> bool {
+    MqttSource {
+        line: 0,
+        ..a.clone()
+    } == MqttSource {
+        line: 0,
+        ..b.clone()
+    }
+}
+
+pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let (store, store_thread) =
+        store::start(config.store_path(), config.buffer.clone(), metrics.clone())?;
+    let listener = http::bind(config.http.listen).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(RunError::Signal);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    let forwarder =
+        Pipeline::start_forwarder(&config.gateway, &config.nats, &store, &metrics).await?;
+    let mut pipeline = Pipeline {
+        gateway: config.gateway.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),
+        sources: Vec::new(),
+        forwarder,
+    };
+    for source in &config.mqtt {
+        let task = pipeline.start_source(source)?;
+        pipeline.sources.push(task);
+    }
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
     let notifier = Arc::new(Notifier::from_env());
     // The store is open and every source task is running.
@@ -97,9 +218,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "gateway running"
     );
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                notifier.reloading();
+                match crate::config::load(config_path) {
+                    Ok(new) => {
+                        pipeline.reload(&new, &current).await?;
+                        tracing::info!(sources = new.mqtt.len(), fields = new.fields.len(), "SIGHUP: config reloaded");
+                        current = new;
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: new config refused; the running one stays"),
+                }
+                notifier.ready();
+            }
+        }
     }
 
     // Intake stops first and finishes acking what is committed; then the forwarder collects
@@ -107,14 +243,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     notifier.stopping();
     let _ = stop_tx.send(true);
     let _ = supervisor.await;
-    for s in sources {
-        let _ = s.await;
+    let Pipeline {
+        sources,
+        forwarder,
+        store: pipeline_store,
+        ..
+    } = pipeline;
+    for source in sources {
+        source.stop().await;
     }
-    let _ = forwarder.await;
+    forwarder.stop().await;
     let _ = http_task.await;
     let _ = store.flush().await;
+    // The writer thread ends with its last handle.
+    drop(pipeline_store);
     drop(store);
-    drop(client);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     tracing::info!("stopped");
     Ok(())

@@ -82,7 +82,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Run { config } => {
             init_logging();
-            let config = match config::load(&config) {
+            let config_path = config;
+            let config = match config::load(&config_path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -100,7 +101,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            return match runtime.block_on(app::run(config)) {
+            return match runtime.block_on(app::run(&config_path, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "gateway stopped");

@@ -159,6 +159,14 @@ impl Target {
     }
 }
 
+/// The mapping in force; a reload swaps the inner `Arc`, sources take a snapshot per message.
+pub type SharedMapper = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Mapper>>>;
+
+/// The mapping in force now.
+pub fn current(shared: &SharedMapper) -> std::sync::Arc<Mapper> {
+    shared.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// The config's sensors, indexed for lookup by device and type, and by MQTT topic.
 #[derive(Debug, Clone)]
 pub struct Mapper {

@@ -42,6 +42,10 @@ impl Notifier {
         self.send(&format!("STATUS={}", text.replace('\n', " ")));
     }
 
+    pub fn reloading(&self) {
+        self.send("RELOADING=1");
+    }
+
     pub fn watchdog(&self) {
         self.send("WATCHDOG=1");
     }

@@ -43,7 +43,7 @@ pub struct Gateway {
     pub data_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nats {
     pub servers: Vec<String>,
@@ -141,7 +141,7 @@ pub enum Format {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSource {
     pub name: Ident,

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::backoff::Backoff;
 use crate::config::{Gateway, MqttSource};
-use crate::mapping::Mapper;
+use crate::mapping::{self, Mapper, SharedMapper};
 use crate::metrics::Metrics;
 use crate::reading::Timestamp;
 use crate::store::{Append, AppendOutcome, NewDeadLetter, StoreError, StoreHandle};
@@ -36,7 +36,7 @@ pub struct MqttInput {
     pub source: MqttSource,
     pub gateway: Gateway,
     pub password: Option<String>,
-    pub mapper: Arc<Mapper>,
+    pub mapper: SharedMapper,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
 }
@@ -185,7 +185,12 @@ impl MqttInput {
     }
 
     fn append_for(&self, p: &Publish, received: Timestamp) -> Append {
-        build_append(&self.mapper, self.source.name.as_str(), p, received)
+        build_append(
+            &mapping::current(&self.mapper),
+            self.source.name.as_str(),
+            p,
+            received,
+        )
     }
 }
 

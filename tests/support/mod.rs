@@ -323,10 +323,7 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
         let config_path = dir.path().join("gateway.toml");
-        let full = format!(
-            "[gateway]\nid = \"gw-test\"\ntenant_id = \"tenant-a\"\ndata_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{config}",
-            dir.path().join("data").display()
-        );
+        let full = Self::compose(dir.path(), http_port, config);
         std::fs::write(&config_path, full).expect("write config");
         let mut g = Self {
             dir,
@@ -341,6 +338,42 @@ impl Gateway {
         };
         g.resume();
         g
+    }
+
+    /// The full config file: `[gateway]` and `[http]` from the harness, then `config`.
+    fn compose(dir: &Path, http_port: u16, config: &str) -> String {
+        format!(
+            "[gateway]\nid = \"gw-test\"\ntenant_id = \"tenant-a\"\ndata_dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{config}",
+            dir.join("data").display()
+        )
+    }
+
+    /// Replaces the config file (as `start` composed it) without restarting.
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(
+            &self.config_path,
+            Self::compose(self.dir.path(), self.http_port, config),
+        )
+        .expect("rewrite config");
+    }
+
+    /// Writes the config file verbatim, valid or not.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) to the running gateway.
+    pub fn signal(&mut self, name: &str) {
+        if let Some(c) = self.child.as_mut() {
+            kill(c, name);
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn data_dir(&self) -> PathBuf {
