@@ -8,6 +8,12 @@ use crate::store::{self, db, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error("cannot reach the gateway at http://{addr}{path}: {reason} (is it running with this config?)")]
+    Unreachable {
+        addr: std::net::SocketAddr,
+        path: &'static str,
+        reason: String,
+    },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -115,6 +121,119 @@ pub fn dead_letters_list(
             "raw": raw,
         });
         writeln!(out, "{v}")?;
+    }
+    Ok(())
+}
+
+/// GET on the gateway's loopback HTTP endpoint: (status code, body).
+fn http_get(addr: std::net::SocketAddr, path: &'static str) -> Result<(u16, String), CliError> {
+    use std::io::Read;
+    let fail = |reason: String| CliError::Unreachable { addr, path, reason };
+    let timeout = std::time::Duration::from_secs(5);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| fail(e.to_string()))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)
+        .map_err(|e| fail(e.to_string()))?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| fail("not an HTTP response".into()))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// `status`: asks the running gateway and prints a summary a person can read.
+pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> {
+    use crate::metrics::{label_values, sample};
+    let c = config::load(config_path)?;
+    let addr = c.http.listen;
+    let first = http_get(addr, "/metrics")?.1;
+    let interval = std::time::Duration::from_secs(1);
+    std::thread::sleep(interval);
+    let (ready_code, ready) = http_get(addr, "/readyz")?;
+    let now = http_get(addr, "/metrics")?.1;
+    let rate = |name: &str, labels: &str| {
+        (sample(&now, name, labels) - sample(&first, name, labels)) / interval.as_secs_f64()
+    };
+    let g = |name: &str| sample(&now, name, "");
+
+    let state = if ready_code == 200 {
+        "ready"
+    } else {
+        "NOT READY"
+    };
+    writeln!(
+        out,
+        "gateway {}: {state} ({})",
+        c.gateway.id,
+        ready.trim().replace('\n', ", ")
+    )?;
+    let link = if g("sahool_gateway_nats_connected") == 1.0 {
+        "connected"
+    } else {
+        "DISCONNECTED"
+    };
+    writeln!(out, "NATS:          {link} ({})", c.nats.servers.join(", "))?;
+    writeln!(
+        out,
+        "backlog:       {} readings, {} bytes, oldest {}",
+        g("sahool_gateway_buffer_readings"),
+        g("sahool_gateway_buffer_bytes"),
+        humantime::format_duration(std::time::Duration::from_secs(g(
+            "sahool_gateway_buffer_oldest_age_seconds"
+        ) as u64)),
+    )?;
+    writeln!(
+        out,
+        "rates:         {:.1} accepted/s, {:.1} forwarded/s",
+        rate("sahool_gateway_readings_accepted_total", ""),
+        rate("sahool_gateway_readings_forwarded_total", "")
+    )?;
+    writeln!(out, "sources:")?;
+    for source in label_values(&now, "sahool_gateway_mqtt_connected", "source") {
+        let label = format!("source=\"{source}\"");
+        let up = sample(&now, "sahool_gateway_mqtt_connected", &label) == 1.0;
+        writeln!(
+            out,
+            "  {source:<20} {:<13} {:.1} msg/s ({} messages)",
+            if up { "connected" } else { "DISCONNECTED" },
+            rate("sahool_gateway_mqtt_messages_total", &label),
+            sample(&now, "sahool_gateway_mqtt_messages_total", &label),
+        )?;
+    }
+    let dropped = g("sahool_gateway_readings_dropped_total");
+    if dropped > 0.0 {
+        writeln!(
+            out,
+            "dropped:       {dropped} readings since start (see readings_dropped_total)"
+        )?;
+    }
+    match db::open_read_only(&c.store_path()).and_then(|conn| {
+        db::dead_letters_by_reason(&conn).map_err(|source| StoreError::Sqlite {
+            path: c.store_path(),
+            source,
+        })
+    }) {
+        Ok(reasons) => {
+            let total: u64 = reasons.iter().map(|(_, n)| n).sum();
+            writeln!(out, "dead-letters:  {total}")?;
+            for (reason, n) in reasons {
+                writeln!(out, "  {reason:<20} {n}")?;
+            }
+        }
+        Err(e) => writeln!(out, "dead-letters:  (cannot read the buffer: {e})")?,
     }
     Ok(())
 }

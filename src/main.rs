@@ -31,6 +31,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Ask the running gateway: link state, backlog, rates per source, dead-letters by reason.
+    Status {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Inspect the buffer.
     Buffer {
         #[command(subcommand)]
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
+        Command::Status { config } => cli::status(&config, &mut stdout),
         Command::Buffer {
             command: BufferCommand::Stats { config, json },
         } => cli::buffer_stats(&config, json, &mut stdout),

@@ -232,3 +232,34 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// Sum of a metric's samples in Prometheus text whose labels contain `labels` (e.g.
+/// `source="farm"`, or "" for all). Used by `status` and the tests, which read `/metrics`.
+pub fn sample(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
+            (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The label values of a metric, e.g. every `source` of `mqtt_connected`.
+pub fn label_values(text: &str, name: &str, label: &str) -> Vec<String> {
+    let prefix = format!("{name}{{");
+    let key = format!("{label}=\"");
+    let mut out: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let start = rest.find(&key)? + key.len();
+            let end = rest[start..].find('"')? + start;
+            Some(rest[start..end].to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}

@@ -500,14 +500,7 @@ impl Drop for Gateway {
 }
 
 pub fn metric_value(body: &str, name: &str, labels: &str) -> f64 {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
-            (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
+    sahool_gateway::metrics::sample(body, name, labels)
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
