@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 use crate::config::SubjectTemplate;
 use crate::event::{self, Event};
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::store::{OutboxRow, StoreHandle};
 
@@ -57,6 +58,7 @@ pub struct Forwarder {
     pub subject: SubjectTemplate,
     pub window: usize,
     pub metrics: Arc<Metrics>,
+    failure_log: LogLimit,
 }
 
 impl Forwarder {
@@ -82,6 +84,7 @@ impl Forwarder {
             subject,
             window: window.max(1),
             metrics,
+            failure_log: LogLimit::new(Duration::from_secs(10)),
         }
     }
 
@@ -129,7 +132,9 @@ impl Forwarder {
                                     self.refuse(row.seq, &why, event).await
                                 }
                                 Err((_, Failure::Transient(why))) => {
-                                    tracing::warn!(seq = row.seq, error = %why, "publish failed; will retry");
+                                    if let Some(held) = self.failure_log.admit() {
+                                        tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
+                                    }
                                     inflight.clear();
                                     cursor = row.seq - 1;
                                     tokio::time::sleep(backoff.next_delay()).await;
@@ -163,7 +168,9 @@ impl Forwarder {
                             Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
                             Failure::Transient(why) => {
                                 self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
-                                tracing::warn!(seq = event.seq, error = %why, in_flight = inflight.len(), "no PubAck; resending from this reading");
+                                if let Some(held) = self.failure_log.admit() {
+                                    tracing::warn!(seq = event.seq, error = %why, in_flight = inflight.len(), repeats = held, "no PubAck; resending from this reading");
+                                }
                                 inflight.clear();
                                 cursor = event.seq - 1;
                                 tokio::time::sleep(backoff.next_delay()).await;

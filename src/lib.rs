@@ -14,6 +14,7 @@
 //! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list`.
 //! - [`systemd`]: the notify protocol: READY, STATUS, WATCHDOG from the pipeline's progress.
 //! - [`backoff`]: retry delays shared by every reconnecting part.
+//! - [`log_limit`]: rate limits for log lines that repeat while a fault lasts.
 
 pub mod app;
 pub mod backoff;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod event;
 pub mod forward;
 pub mod http;
+pub mod log_limit;
 pub mod mapping;
 pub mod metrics;
 pub mod nats;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Nats, Secret};
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,8 @@ pub async fn connect(
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
     let events_metrics = metrics.clone();
+    // Each failed reconnect attempt reports an event; one line per minute is enough.
+    let event_log = Arc::new(LogLimit::new(Duration::from_secs(60)));
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
@@ -57,6 +60,7 @@ pub async fn connect(
         })
         .event_callback(move |event| {
             let metrics = events_metrics.clone();
+            let event_log = event_log.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -67,7 +71,11 @@ pub async fn connect(
                         metrics.nats_connected.set(0);
                         tracing::warn!("disconnected from NATS; buffering and reconnecting");
                     }
-                    other => tracing::warn!(event = %other, "NATS client event"),
+                    other => {
+                        if let Some(held) = event_log.admit() {
+                            tracing::warn!(event = %other, repeats = held, "NATS client event");
+                        }
+                    }
                 }
             }
         });

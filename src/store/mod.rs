@@ -42,6 +42,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Buffer, WhenFull};
+use crate::log_limit::LogLimit;
 use crate::mapping::Reason;
 use crate::metrics::Metrics;
 use crate::reading::Reading;
@@ -252,6 +253,7 @@ pub fn start(
         full: false,
         committed: committed_tx,
         floor,
+        failure_log: LogLimit::new(Duration::from_secs(10)),
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -293,6 +295,7 @@ struct Writer {
     full: bool,
     committed: watch::Sender<u64>,
     floor: seq_floor::SeqFloor,
+    failure_log: LogLimit,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -379,7 +382,9 @@ impl Writer {
                 }
                 Err(e) => {
                     self.metrics.set_store_healthy(false);
-                    tracing::error!(error = %e, file = %self.path.display(), "buffer transaction failed; callers will retry");
+                    if let Some(held) = self.failure_log.admit() {
+                        tracing::error!(error = %e, file = %self.path.display(), repeats = held, "buffer transaction failed; callers will retry");
+                    }
                     if matches!(
                         e.sqlite_error_code(),
                         Some(
