@@ -478,3 +478,42 @@ tenant_id = "tenant-b"
         "the refused event is kept: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_nats_is_a_half_open_link_and_nothing_is_marked_delivered() {
+    let mut nats = Nats::start();
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let broker = Mosquitto::start();
+    let gateway = Gateway::start(&config(&nats, &broker, "", ""));
+    connected(&gateway).await;
+    gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
+        g.metric("sahool_gateway_nats_connected", "") == 1.0
+    });
+    assert_eq!(
+        publish_all(broker.port, "before", readings(0..500)).await,
+        500
+    );
+    wait_forwarded(&gateway, 500, Duration::from_secs(30)).await;
+
+    // SIGSTOP: the TCP connection stays up but nothing answers.
+    nats.freeze();
+    assert_eq!(
+        publish_all(broker.port, "during", readings(500..2500)).await,
+        2000
+    );
+    gateway.wait_until("all accepted", Duration::from_secs(30), |g| {
+        g.metric("sahool_gateway_readings_accepted_total", "") == 2500.0
+    });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let forwarded = gateway.metric("sahool_gateway_readings_forwarded_total", "");
+    assert_eq!(
+        forwarded, 500.0,
+        "nothing counts as delivered while the server is frozen"
+    );
+    assert_eq!(gateway.metric("sahool_gateway_buffer_readings", ""), 2000.0);
+
+    nats.thaw();
+    wait_forwarded(&gateway, 2500, Duration::from_secs(90)).await;
+    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    assert_exactly_once(&values, 2500);
+}
