@@ -673,7 +673,7 @@ async fn run() -> bool {
     let last = snapshot(&gateway);
 
     println!(">>> reading the stream back from JetStream");
-    let events = nats.read_stream(STREAM).await;
+    let events = nats.read_readings(STREAM).await;
     let report = check_stream(&events, &outcome.readings);
     println!(">>> stopping the gateway with SIGTERM");
     let exit_code = gateway.terminate();

@@ -10,6 +10,7 @@ use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
 use crate::config::{Config, Gateway, MqttSource, Nats};
+use crate::event::Subjects;
 use crate::forward::Forwarder;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics::Metrics;
@@ -100,7 +101,10 @@ impl Pipeline {
             store.clone(),
             client,
             gateway.id.to_string(),
-            config.subject.clone(),
+            Subjects {
+                reading: config.subject.clone(),
+                status: config.status_subject.clone(),
+            },
             usize::from(config.max_in_flight),
             config.ack_timeout.0,
             metrics.clone(),
@@ -177,8 +181,12 @@ fn same_source(a: &MqttSource, b: &MqttSource) -> bool {
 
 pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let (store, store_thread) =
-        store::start(config.store_path(), config.buffer.clone(), metrics.clone())?;
+    let (store, store_thread) = store::start(
+        config.store_path(),
+        config.buffer.clone(),
+        config.quality.low_battery,
+        metrics.clone(),
+    )?;
     let listener = http::bind(config.http.listen).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let signal = |kind| tokio::signal::unix::signal(kind).map_err(RunError::Signal);

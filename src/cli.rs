@@ -63,7 +63,8 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
     if json {
         let v = serde_json::json!({
             "file": path.display().to_string(),
-            "readings": s.rows,
+            "readings": s.readings,
+            "status_events": s.status_events,
             "bytes": s.bytes,
             "max_bytes": c.buffer.max_bytes.0,
             "oldest_age_seconds": age_s,
@@ -74,7 +75,8 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
         return Ok(());
     }
     writeln!(out, "buffer:        {}", path.display())?;
-    writeln!(out, "readings:      {}", s.rows)?;
+    writeln!(out, "readings:      {}", s.readings)?;
+    writeln!(out, "status events: {}", s.status_events)?;
     let pct = s.bytes as f64 * 100.0 / c.buffer.max_bytes.0.max(1) as f64;
     writeln!(
         out,

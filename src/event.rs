@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use crate::config::SubjectTemplate;
-use crate::reading::{Reading, Timestamp};
+use crate::reading::{
+    Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING, KIND_STATUS,
+};
 use crate::store::OutboxRow;
 
 pub const SERVICE: &str = "sahool-gateway";
@@ -28,8 +30,16 @@ pub struct Event {
     pub body: Vec<u8>,
 }
 
+/// The subjects events go to: readings, and liveness changes (`{status}` is `connected`,
+/// `disconnected` or `warning`).
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    pub reading: SubjectTemplate,
+    pub status: SubjectTemplate,
+}
+
 #[derive(Serialize)]
-struct Envelope<'a> {
+struct Envelope<'a, P> {
     event_id: &'a str,
     event_type: &'static str,
     version: u32,
@@ -38,7 +48,7 @@ struct Envelope<'a> {
     correlation_id: &'a str,
     timestamp: String,
     source: Source<'a>,
-    payload: Payload<'a>,
+    payload: P,
 }
 
 #[derive(Serialize)]
@@ -49,8 +59,9 @@ struct Source<'a> {
     seq: u64,
 }
 
+/// `contracts/sahool/sensor_reading.v1.json`
 #[derive(Serialize)]
-struct Payload<'a> {
+struct ReadingPayload<'a> {
     device_id: &'a str,
     field_id: &'a str,
     sensor_type: &'static str,
@@ -69,79 +80,167 @@ struct Metadata {
     rssi: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw_value: Option<f64>,
+    /// The device's own time when the timestamp policy replaced it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    original_timestamp: Option<String>,
 }
 
 impl Metadata {
     fn is_empty(&self) -> bool {
-        self.battery.is_none() && self.rssi.is_none() && self.raw_value.is_none()
+        self.battery.is_none()
+            && self.rssi.is_none()
+            && self.raw_value.is_none()
+            && self.original_timestamp.is_none()
     }
 }
 
-/// Renders a buffered reading as its event.
-pub fn render(
-    row: &OutboxRow,
-    gateway_id: &str,
-    subject: &SubjectTemplate,
-) -> Result<Event, EventError> {
-    if row.kind != 0 {
-        return Err(EventError::Kind {
-            seq: row.seq,
-            kind: row.kind,
+/// `contracts/sahool/device_status.v1.json`, for one sensor of the device.
+#[derive(Serialize)]
+struct StatusPayload<'a> {
+    device_id: &'a str,
+    field_id: &'a str,
+    sensor_type: &'static str,
+    status: &'static str,
+    last_seen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    battery_level: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signal_strength: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_message: Option<String>,
+}
+
+/// Where a row's event goes and what identifies it, whatever its kind.
+struct Routing<'a> {
+    row: &'a OutboxRow,
+    gateway_id: &'a str,
+    event_id: String,
+    tenant_id: &'a str,
+    field_id: &'a str,
+    device_id: &'a str,
+    sensor_type: SensorType,
+}
+
+impl Routing<'_> {
+    fn event<P: Serialize>(
+        self,
+        event_type: &'static str,
+        payload: P,
+        subject: &SubjectTemplate,
+        status: &str,
+    ) -> Event {
+        let envelope = Envelope {
+            event_id: &self.event_id,
+            event_type,
+            version: 1,
+            aggregate_id: self.field_id,
+            tenant_id: self.tenant_id,
+            correlation_id: &self.event_id,
+            timestamp: Timestamp::from_unix_millis(self.row.stored_ms).to_rfc3339(),
+            source: Source {
+                service: SERVICE,
+                version: env!("CARGO_PKG_VERSION"),
+                gateway_id: self.gateway_id,
+                seq: self.row.seq,
+            },
+            payload,
+        };
+        // Serializing a struct of strings and finite numbers cannot fail.
+        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        let subject = subject.render(|name| match name {
+            "tenant_id" => self.tenant_id.to_string(),
+            "field_id" => self.field_id.to_string(),
+            "gateway_id" => self.gateway_id.to_string(),
+            "device_id" => self.device_id.to_string(),
+            "sensor_type" => self.sensor_type.as_str().to_string(),
+            "status" => status.to_string(),
+            _ => String::new(),
         });
+        Event {
+            seq: self.row.seq,
+            tenant_id: self.tenant_id.to_string(),
+            event_id: self.event_id,
+            subject,
+            body,
+        }
     }
-    let reading: Reading =
-        postcard::from_bytes(&row.body).map_err(|source| EventError::Decode {
-            seq: row.seq,
-            source,
-        })?;
+}
+
+/// Renders a buffered row as its event.
+pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<Event, EventError> {
+    let decode_error = |source| EventError::Decode {
+        seq: row.seq,
+        source,
+    };
     let event_id = uuid::Uuid::from_bytes(row.event_id)
         .hyphenated()
         .to_string();
-    let envelope = Envelope {
-        event_id: &event_id,
-        event_type: "sensor_reading",
-        version: 1,
-        aggregate_id: &reading.field_id,
-        tenant_id: &reading.tenant_id,
-        correlation_id: &event_id,
-        timestamp: Timestamp::from_unix_millis(row.stored_ms).to_rfc3339(),
-        source: Source {
-            service: SERVICE,
-            version: env!("CARGO_PKG_VERSION"),
-            gateway_id,
-            seq: row.seq,
-        },
-        payload: Payload {
-            device_id: &reading.device_id,
-            field_id: &reading.field_id,
-            sensor_type: reading.sensor_type.as_str(),
-            value: reading.value,
-            unit: &reading.unit,
-            timestamp: reading.observed_at.to_rfc3339(),
-            metadata: Metadata {
-                battery: reading.battery,
-                rssi: reading.rssi,
-                raw_value: reading.raw_value,
-            },
-        },
-    };
-    // Serializing a struct of strings and finite numbers cannot fail.
-    let body = serde_json::to_vec(&envelope).unwrap_or_default();
-    let subject = subject.render(|name| match name {
-        "tenant_id" => reading.tenant_id.clone(),
-        "field_id" => reading.field_id.clone(),
-        "gateway_id" => gateway_id.to_string(),
-        "device_id" => reading.device_id.clone(),
-        "sensor_type" => reading.sensor_type.as_str().to_string(),
-        _ => String::new(),
-    });
-    Ok(Event {
-        seq: row.seq,
-        tenant_id: reading.tenant_id,
-        event_id,
-        subject,
-        body,
-    })
+    match row.kind {
+        KIND_READING => {
+            let r: Reading = postcard::from_bytes(&row.body).map_err(decode_error)?;
+            let payload = ReadingPayload {
+                device_id: &r.device_id,
+                field_id: &r.field_id,
+                sensor_type: r.sensor_type.as_str(),
+                value: r.value,
+                unit: &r.unit,
+                timestamp: r.observed_at.to_rfc3339(),
+                metadata: Metadata {
+                    battery: r.battery,
+                    rssi: r.rssi,
+                    raw_value: r.raw_value,
+                    original_timestamp: r.original_timestamp.map(Timestamp::to_rfc3339),
+                },
+            };
+            let routing = Routing {
+                row,
+                gateway_id,
+                event_id,
+                tenant_id: &r.tenant_id,
+                field_id: &r.field_id,
+                device_id: &r.device_id,
+                sensor_type: r.sensor_type,
+            };
+            Ok(routing.event("sensor_reading", payload, &subjects.reading, "reading"))
+        }
+        KIND_STATUS => {
+            let c: StatusChange = postcard::from_bytes(&row.body).map_err(decode_error)?;
+            let (status, subject_status, error_code, error_message) = match c.status {
+                SensorStatus::Online => ("online", "connected", None, None),
+                SensorStatus::Offline => ("offline", "disconnected", None, None),
+                SensorStatus::LowBattery => (
+                    "warning",
+                    "warning",
+                    Some("low_battery"),
+                    Some(format!("battery at {}%", c.battery.unwrap_or(0.0))),
+                ),
+            };
+            let payload = StatusPayload {
+                device_id: &c.device_id,
+                field_id: &c.field_id,
+                sensor_type: c.sensor_type.as_str(),
+                status,
+                last_seen: c.last_seen.to_rfc3339(),
+                battery_level: c.battery.map(|b| b.clamp(0.0, 100.0)),
+                signal_strength: c.rssi,
+                error_code,
+                error_message,
+            };
+            let routing = Routing {
+                row,
+                gateway_id,
+                event_id,
+                tenant_id: &c.tenant_id,
+                field_id: &c.field_id,
+                device_id: &c.device_id,
+                sensor_type: c.sensor_type,
+            };
+            Ok(routing.event("device_status", payload, &subjects.status, subject_status))
+        }
+        kind => Err(EventError::Kind { seq: row.seq, kind }),
+    }
 }
 
 /// The headers SAHOOL's publisher sets, plus `Nats-Msg-Id` for JetStream de-duplication.
@@ -158,7 +257,6 @@ pub fn headers(event: &Event) -> async_nats::HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reading::SensorType;
 
     #[test]
     fn renders_envelope_and_subject() {
@@ -173,6 +271,9 @@ mod tests {
             battery: Some(87.5),
             rssi: Some(-71),
             raw_value: None,
+            original_timestamp: None,
+            device_time: true,
+            stale_after_ms: 0,
         };
         let row = OutboxRow {
             seq: 42,
@@ -184,7 +285,11 @@ mod tests {
         let subject =
             SubjectTemplate::try_from("sahool.tenant.{tenant_id}.iot.sensor.reading".to_string())
                 .unwrap();
-        let e = render(&row, "gw-1", &subject).unwrap();
+        let subjects = Subjects {
+            reading: subject,
+            status: SubjectTemplate::default(),
+        };
+        let e = render(&row, "gw-1", &subjects).unwrap();
         assert_eq!(e.subject, "sahool.tenant.tenant-x.iot.sensor.reading");
         let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
         assert_eq!(v["event_id"], "07070707-0707-0707-0707-070707070707");

@@ -29,8 +29,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::config::SubjectTemplate;
-use crate::event::{self, Event};
+use crate::event::{self, Event, Subjects};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::store::{OutboxRow, StoreHandle};
@@ -55,7 +54,7 @@ pub struct Forwarder {
     pub client: async_nats::Client,
     pub js: Context,
     pub gateway_id: String,
-    pub subject: SubjectTemplate,
+    pub subjects: Subjects,
     pub window: usize,
     pub metrics: Arc<Metrics>,
     failure_log: LogLimit,
@@ -66,7 +65,7 @@ impl Forwarder {
         store: StoreHandle,
         client: async_nats::Client,
         gateway_id: String,
-        subject: SubjectTemplate,
+        subjects: Subjects,
         window: usize,
         ack_timeout: Duration,
         metrics: Arc<Metrics>,
@@ -81,7 +80,7 @@ impl Forwarder {
             client,
             js,
             gateway_id,
-            subject,
+            subjects,
             window: window.max(1),
             metrics,
             failure_log: LogLimit::new(Duration::from_secs(10)),
@@ -210,7 +209,7 @@ impl Forwarder {
     }
 
     async fn publish(&self, row: &OutboxRow) -> Result<InFlight, (Option<Event>, Failure)> {
-        let event = event::render(row, &self.gateway_id, &self.subject)
+        let event = event::render(row, &self.gateway_id, &self.subjects)
             .map_err(|e| (None, Failure::Permanent(e.to_string())))?;
         let publish = PublishMessage::build()
             .payload(event.body.clone().into())
@@ -260,7 +259,7 @@ impl Forwarder {
 
     /// Says, once connected, whether a JetStream stream captures the gateway's subject.
     async fn check_stream(&self) -> bool {
-        let sample = self.subject.render(|name| match name {
+        let sample = self.subjects.reading.render(|name| match name {
             "gateway_id" => self.gateway_id.clone(),
             _ => "x".into(),
         });

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::config::{Config, Format, JsonBinding, TimestampFormat};
+use crate::config::{Config, Format, JsonBinding, TimestampFormat, TimestampPolicy};
 use crate::reading::{normalize_unit, Reading, SensorType, Timestamp};
 
 /// Why an input did not become a reading. The label is the `reason` in metrics and dead-letters.
@@ -95,13 +95,37 @@ struct Target {
     range: Option<(f64, f64)>,
     /// `None`: any source of the sensor's format.
     source: Option<String>,
+    /// Silence after which the sensor counts as disconnected.
+    stale_after: std::time::Duration,
+}
+
+/// Which observation times are plausible, and what to do with the others.
+#[derive(Debug, Clone)]
+struct TimePolicy {
+    max_future_ns: i64,
+    max_past_ns: i64,
+    replace: bool,
+}
+
+impl TimePolicy {
+    /// Why `at` is implausible at `received`, if it is.
+    fn judge(&self, at: Timestamp, received: Timestamp) -> Option<&'static str> {
+        if at.0 > received.0.saturating_add(self.max_future_ns) {
+            Some("too far in the future")
+        } else if at.0 < received.0.saturating_sub(self.max_past_ns) {
+            Some("implausibly old")
+        } else {
+            None
+        }
+    }
 }
 
 /// What a device reported, before calibration and range checks.
 struct Observed {
     value: f64,
     unit: Option<String>,
-    at: Timestamp,
+    /// The device's own observation time, when it sent one.
+    at: Option<Timestamp>,
     battery: Option<f64>,
     rssi: Option<i64>,
 }
@@ -111,7 +135,12 @@ impl Target {
         self.source.as_deref().is_none_or(|s| s == source)
     }
 
-    fn reading(&self, o: Observed) -> Result<Reading, Rejection> {
+    fn reading(
+        &self,
+        o: Observed,
+        received: Timestamp,
+        time: &TimePolicy,
+    ) -> Result<Reading, Rejection> {
         if !o.value.is_finite() {
             return Err(Rejection::new(
                 Reason::NotFinite,
@@ -144,6 +173,24 @@ impl Target {
                 ));
             }
         }
+        let (observed_at, original_timestamp) = match o.at {
+            None => (received, None),
+            Some(at) => match time.judge(at, received) {
+                None => (at, None),
+                Some(_) if time.replace => (received, Some(at)),
+                Some(why) => {
+                    return Err(Rejection::new(
+                        Reason::BadTimestamp,
+                        format!(
+                            "{} {}: observation time {} is {why}",
+                            self.device_id,
+                            self.sensor_type,
+                            at.to_rfc3339()
+                        ),
+                    ))
+                }
+            },
+        };
         Ok(Reading {
             device_id: self.device_id.clone(),
             field_id: self.field_id.clone(),
@@ -151,10 +198,13 @@ impl Target {
             sensor_type: self.sensor_type,
             value,
             unit,
-            observed_at: o.at,
+            observed_at,
             battery: o.battery,
             rssi: o.rssi,
             raw_value: calibrated.then_some(o.value),
+            original_timestamp,
+            device_time: o.at.is_some() && original_timestamp.is_none(),
+            stale_after_ms: u64::try_from(self.stale_after.as_millis()).unwrap_or(u64::MAX),
         })
     }
 }
@@ -174,6 +224,7 @@ pub struct Mapper {
     /// Sensors with a JSON binding, in config order.
     json: Vec<(JsonBinding, Target)>,
     sources: HashMap<String, SourceRules>,
+    time: TimePolicy,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -201,6 +252,7 @@ impl Mapper {
                     offset: s.offset,
                     range: s.range.map(|[lo, hi]| (lo, hi)),
                     source: s.source.as_ref().map(|n| n.to_string()),
+                    stale_after: config.stale_after(s),
                 };
                 match &s.mqtt {
                     Some(binding) => json.push((binding.clone(), target)),
@@ -221,10 +273,17 @@ impl Mapper {
                 (m.name.to_string(), rules)
             })
             .collect();
+        let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let time = TimePolicy {
+            max_future_ns: nanos(config.quality.max_future.0),
+            max_past_ns: nanos(config.quality.max_past.0),
+            replace: config.quality.timestamp_policy == TimestampPolicy::Replace,
+        };
         Self {
             by_sensor,
             json,
             sources,
+            time,
         }
     }
 
@@ -274,7 +333,7 @@ impl Mapper {
             return Mapped::rejected(Reason::Malformed, "no device_id in payload or topic");
         };
         let field = text(&["field_id", "f"]).or_else(|| from_topic(3));
-        let shared_at = match timestamp_of(obj, received) {
+        let shared_at = match timestamp_of(obj, None) {
             Ok(t) => t,
             Err(r) => {
                 return Mapped {
@@ -314,7 +373,7 @@ impl Mapper {
                 .find_map(|k| item.get(*k).and_then(Value::as_str))
                 .or_else(|| from_topic(4));
             out.push(self.sahool_item(
-                source, device, field, type_name, item, shared_at, battery, rssi,
+                source, device, field, type_name, item, shared_at, received, battery, rssi,
             ));
         }
         out
@@ -328,7 +387,8 @@ impl Mapper {
         field: Option<&str>,
         type_name: Option<&str>,
         item: &serde_json::Map<String, Value>,
-        shared_at: Timestamp,
+        shared_at: Option<Timestamp>,
+        received: Timestamp,
         battery: Option<f64>,
         rssi: Option<i64>,
     ) -> Result<Reading, Rejection> {
@@ -392,13 +452,17 @@ impl Mapper {
             .or_else(|| item.get("u"))
             .and_then(Value::as_str)
             .map(str::to_string);
-        target.reading(Observed {
-            value,
-            unit,
-            at,
-            battery,
-            rssi,
-        })
+        target.reading(
+            Observed {
+                value,
+                unit,
+                at,
+                battery,
+                rssi,
+            },
+            received,
+            &self.time,
+        )
     }
 
     fn map_json(&self, source: &str, topic: &str, doc: &Value, received: Timestamp) -> Mapped {
@@ -409,7 +473,7 @@ impl Mapper {
                 continue;
             }
             matched = true;
-            out.push(json_reading(binding, target, doc, received));
+            out.push(json_reading(binding, target, doc, received, &self.time));
         }
         if !matched {
             out.rejections.push(Rejection::new(
@@ -426,6 +490,7 @@ fn json_reading(
     target: &Target,
     doc: &Value,
     received: Timestamp,
+    time: &TimePolicy,
 ) -> Result<Reading, Rejection> {
     let who = || format!("{} {}", target.device_id, target.sensor_type);
     let raw = doc.pointer(b.value.as_str()).ok_or_else(|| {
@@ -441,8 +506,8 @@ fn json_reading(
         )
     })?;
     let at = match &b.timestamp {
-        None => received,
-        Some(ptr) => {
+        None => None,
+        Some(ptr) => Some({
             let v = doc.pointer(ptr.as_str()).ok_or_else(|| {
                 Rejection::new(
                     Reason::BadTimestamp,
@@ -455,20 +520,24 @@ fn json_reading(
                     format!("{}: cannot read timestamp {v}", who()),
                 )
             })?
-        }
+        }),
     };
     let pointed = |p: &Option<crate::config::JsonPointer>| {
         p.as_ref()
             .and_then(|p| doc.pointer(p.as_str()))
             .and_then(number)
     };
-    target.reading(Observed {
-        value,
-        unit: None,
-        at,
-        battery: pointed(&b.battery),
-        rssi: pointed(&b.rssi).map(|r| r.round() as i64),
-    })
+    target.reading(
+        Observed {
+            value,
+            unit: None,
+            at,
+            battery: pointed(&b.battery),
+            rssi: pointed(&b.rssi).map(|r| r.round() as i64),
+        },
+        received,
+        time,
+    )
 }
 
 /// A JSON number, or a string holding one (`"24.61"`, as ChirpStack codecs often emit).
@@ -483,13 +552,15 @@ fn number(v: &Value) -> Option<f64> {
 /// `timestamp` / `ts` of a SAHOOL object: RFC 3339 or epoch; absent → `default`.
 fn timestamp_of(
     obj: &serde_json::Map<String, Value>,
-    default: Timestamp,
-) -> Result<Timestamp, Rejection> {
+    default: Option<Timestamp>,
+) -> Result<Option<Timestamp>, Rejection> {
     match obj.get("timestamp").or_else(|| obj.get("ts")) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => parse_timestamp(v, TimestampFormat::Auto, None).ok_or_else(|| {
-            Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))
-        }),
+        Some(v) => parse_timestamp(v, TimestampFormat::Auto, None)
+            .map(Some)
+            .ok_or_else(|| {
+                Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))
+            }),
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub mqtt_connected: Family<SourceLabel, Gauge>,
     pub mqtt_messages: Family<SourceLabel, Counter>,
     pub mqtt_duplicates: Family<SourceLabel, Counter>,
+    pub readings_duplicates: Counter,
+    pub timestamps_replaced: Counter,
+    pub status_events: Counter,
     store_healthy: AtomicBool,
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
@@ -70,6 +73,9 @@ impl Metrics {
             mqtt_connected: Family::default(),
             mqtt_messages: Family::default(),
             mqtt_duplicates: Family::default(),
+            readings_duplicates: Counter::default(),
+            timestamps_replaced: Counter::default(),
+            status_events: Counter::default(),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
@@ -160,6 +166,17 @@ impl Metrics {
             "mqtt_duplicates",
             "MQTT redeliveries of messages already committed",
             m.mqtt_duplicates.clone(),
+        );
+        r.register(
+            "readings_duplicates",
+            "Readings already stored from the same device observation (device, type, time)",
+            m.readings_duplicates.clone(),
+        );
+        r.register("timestamps_replaced", "Implausible observation times replaced by the receive time (kept as metadata.original_timestamp)", m.timestamps_replaced.clone());
+        r.register(
+            "status_events",
+            "Sensor connected / disconnected / low-battery events buffered",
+            m.status_events.clone(),
         );
         Self { registry, ..m }
     }

@@ -258,6 +258,42 @@ pub struct Reading {
     pub battery: Option<f64>,
     pub rssi: Option<i64>,
     pub raw_value: Option<f64>,
+    /// The device's own time when the policy replaced it with the receive time.
+    pub original_timestamp: Option<Timestamp>,
+    /// `observed_at` came from the device (so a repeat of it is a duplicate). Not stored.
+    #[serde(skip)]
+    pub device_time: bool,
+    /// Silence after which this sensor counts as disconnected. Not stored with the reading.
+    #[serde(skip)]
+    pub stale_after_ms: u64,
+}
+
+/// Kinds of buffered rows (the outbox's `kind` column).
+pub const KIND_READING: u8 = 0;
+pub const KIND_STATUS: u8 = 1;
+
+/// A sensor's liveness, as `device_status.v1.json` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SensorStatus {
+    /// Reported for the first time, or again after being stale (`sensor.connected`).
+    Online,
+    /// Silent for longer than its stale timeout (`sensor.disconnected`).
+    Offline,
+    /// Battery fell below the threshold (flagged once per crossing).
+    LowBattery,
+}
+
+/// A change of a sensor's liveness, buffered and forwarded like a reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub device_id: String,
+    pub field_id: String,
+    pub tenant_id: String,
+    pub sensor_type: SensorType,
+    pub status: SensorStatus,
+    pub last_seen: Timestamp,
+    pub battery: Option<f64>,
+    pub rssi: Option<i64>,
 }
 
 #[cfg(test)]

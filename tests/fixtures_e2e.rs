@@ -220,8 +220,42 @@ async fn every_fixture_becomes_exactly_its_expected_events() {
     gateway.wait_until("all readings forwarded", Duration::from_secs(30), |g| {
         g.metric("sahool_gateway_readings_forwarded_total", "") >= want
     });
-    let events = nats.read_stream("SAHOOL_IOT").await;
+    let all = nats.read_stream("SAHOOL_IOT").await;
+    let events: Vec<_> = all
+        .iter()
+        .filter(|e| e.body["event_type"] == "sensor_reading")
+        .cloned()
+        .collect();
     assert_eq!(events.len(), expected.len(), "events: {events:#?}");
+
+    // Every mapped sensor that reported announced itself once: `sensor.connected`.
+    let status = support::status_validator();
+    let mut connected = HashSet::new();
+    for e in all
+        .iter()
+        .filter(|e| e.body["event_type"] == "device_status")
+    {
+        let errors: Vec<String> = status
+            .iter_errors(&e.body["payload"])
+            .map(|err| err.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "status payload violates device_status.v1.json: {errors:?}\n{:#}",
+            e.body
+        );
+        assert_eq!(e.subject, "sahool.iot.sensor.connected");
+        assert_eq!(e.body["payload"]["status"], "online");
+        assert!(connected.insert(format!(
+            "{}/{}",
+            e.body["payload"]["device_id"], e.body["payload"]["sensor_type"]
+        )));
+    }
+    assert_eq!(
+        connected.len(),
+        expected.len(),
+        "one connected event per sensor: {connected:?}"
+    );
 
     let validator = event_validator();
     let mut ids = HashSet::new();

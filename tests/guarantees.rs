@@ -107,7 +107,7 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
 
     nats.resume();
     wait_forwarded(&gateway, n, Duration::from_secs(120)).await;
-    let events = nats.read_stream("SAHOOL_IOT").await;
+    let events = nats.read_readings("SAHOOL_IOT").await;
     let values = values_in_order(&events);
     assert_exactly_once(&values, n);
     assert_eq!(
@@ -156,14 +156,14 @@ async fn sigkill_mid_stream_loses_and_doubles_nothing() {
     // Redeliveries and re-sends happen after the last restart; then the stream must settle.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let events = loop {
-        let events = nats.read_stream("SAHOOL_IOT").await;
+        let events = nats.read_readings("SAHOOL_IOT").await;
         if events.len() >= n {
             // Anything doubled would arrive with the rest of the backlog: let it settle.
             gateway.wait_until("buffer drained", Duration::from_secs(30), |g| {
                 g.metric("sahool_gateway_buffer_readings", "") == 0.0
             });
             tokio::time::sleep(Duration::from_millis(500)).await;
-            break nats.read_stream("SAHOOL_IOT").await;
+            break nats.read_readings("SAHOOL_IOT").await;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -214,7 +214,7 @@ async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
 
     nats.resume();
     wait_forwarded(&gateway, buffered, Duration::from_secs(60)).await;
-    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
     assert_eq!(
         values,
         (dropped..n).collect::<Vec<_>>(),
@@ -256,7 +256,7 @@ async fn reject_new_holds_readings_at_the_broker_and_loses_none() {
 
     nats.resume();
     wait_forwarded(&gateway, n, Duration::from_secs(120)).await;
-    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
     assert_exactly_once(&values, n);
     assert_eq!(gateway.metric("sahool_gateway_intake_paused", ""), 0.0);
 }
@@ -300,7 +300,7 @@ async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
 
     assert_eq!(publish_all(broker.port, "post", readings(10..20)).await, 10);
     wait_forwarded(&gateway, 10, Duration::from_secs(30)).await;
-    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
     assert_exactly_once(&values, 20);
 
     // Truncated mid-page while stopped: the same recovery.
@@ -411,7 +411,7 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
             && r["raw"].as_str().is_some_and(|raw| raw.starts_with("fffe"))),
         "raw bytes kept (hex when not UTF-8): {rows:#?}"
     );
-    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
     assert_eq!(values, vec![0, 1]);
 }
 
@@ -426,7 +426,7 @@ async fn publishes_the_server_refuses_for_good_are_dead_lettered_and_later_readi
         &nats,
         &broker,
         "",
-        "subject = \"sahool.tenant.{tenant_id}.iot.sensor.reading\"",
+        "subject = \"sahool.tenant.{tenant_id}.iot.sensor.reading\"\nstatus_subject = \"sahool.tenant.{tenant_id}.iot.sensor.{status}\"",
     ) + r#"
 [[fields]]
 id = "field-b"
@@ -450,6 +450,7 @@ tenant_id = "tenant-b"
     };
     let messages = vec![reading(0), other(100), reading(1), other(101), reading(2)];
     assert_eq!(publish_all(broker.port, "refused", messages).await, 5);
+    // Refused: probe-b's two readings and its `connected` event, all for tenant-b.
     gateway.wait_until(
         "refusals dead-lettered and the rest forwarded",
         Duration::from_secs(60),
@@ -457,18 +458,24 @@ tenant_id = "tenant-b"
             g.metric(
                 "sahool_gateway_readings_rejected_total",
                 "reason=\"publish_refused\"",
-            ) == 2.0
+            ) == 3.0
                 && g.metric("sahool_gateway_readings_forwarded_total", "") == 3.0
         },
     );
     assert_eq!(gateway.metric("sahool_gateway_buffer_readings", ""), 0.0);
-    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
     assert_eq!(values, vec![0, 1, 2]);
     let listed = gateway.cli(&["dead-letters", "list"]);
     let text = String::from_utf8_lossy(&listed.stdout);
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("publish_refused"))
+        .collect();
+    assert_eq!(refused.len(), 3, "{text}");
     assert_eq!(
-        text.lines()
-            .filter(|l| l.contains("publish_refused"))
+        refused
+            .iter()
+            .filter(|l| l.contains("sensor_reading"))
             .count(),
         2,
         "{text}"
@@ -514,6 +521,6 @@ async fn frozen_nats_is_a_half_open_link_and_nothing_is_marked_delivered() {
 
     nats.thaw();
     wait_forwarded(&gateway, 2500, Duration::from_secs(90)).await;
-    let values = values_in_order(&nats.read_stream("SAHOOL_IOT").await);
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
     assert_exactly_once(&values, 2500);
 }

@@ -92,7 +92,7 @@ async fn sighup_applies_a_new_config_and_keeps_the_buffer() {
         g.metric("sahool_gateway_readings_forwarded_total", "") >= 201.0
             && g.metric("sahool_gateway_buffer_readings", "") == 0.0
     });
-    let events = nats.read_stream("SAHOOL_IOT").await;
+    let events = nats.read_readings("SAHOOL_IOT").await;
     let ids: HashSet<_> = events
         .iter()
         .map(|e| e.body["event_id"].as_str().unwrap_or("").to_string())

@@ -28,6 +28,7 @@ pub struct Config {
     pub nats: Nats,
     pub buffer: Buffer,
     pub http: Http,
+    pub quality: Quality,
     pub mqtt: Vec<MqttSource>,
     pub fields: Vec<Field>,
 }
@@ -49,6 +50,9 @@ pub struct Nats {
     pub servers: Vec<String>,
     #[serde(default)]
     pub subject: SubjectTemplate,
+    /// Subject of liveness events; `{status}` is `connected`, `disconnected` or `warning`.
+    #[serde(default = "SubjectTemplate::default_status")]
+    pub status_subject: SubjectTemplate,
     pub user: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
@@ -164,6 +168,8 @@ pub struct MqttSource {
     /// Larger payloads are dead-lettered (and refused by the client above 2× this).
     #[serde(default = "default_max_payload")]
     pub max_payload: ByteSize,
+    /// How often sensors on this source report, unless the sensor says otherwise.
+    pub expected_interval: Option<DurationValue>,
     #[serde(skip)]
     pub line: usize,
 }
@@ -209,8 +215,72 @@ pub struct Sensor {
     pub source: Option<Ident>,
     /// Binding for `format = "json"` sources.
     pub mqtt: Option<JsonBinding>,
+    /// How often this sensor reports; default: its source's, then `[quality] expected_interval`.
+    pub expected_interval: Option<DurationValue>,
     #[serde(skip)]
     pub line: usize,
+}
+
+/// `[quality]`: sensor liveness, plausibility of observation times, and flood protection.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quality {
+    /// How often sensors report unless the sensor or its source says otherwise.
+    #[serde(default = "default_expected_interval")]
+    pub expected_interval: DurationValue,
+    /// A sensor silent for this many expected intervals is reported disconnected.
+    #[serde(default = "default_stale_factor")]
+    pub stale_factor: f64,
+    /// Battery percentage below which a sensor is flagged (once per crossing).
+    #[serde(default = "default_low_battery")]
+    pub low_battery: f64,
+    /// Observation times further ahead of the gateway clock than this are implausible.
+    #[serde(default = "default_max_future")]
+    pub max_future: DurationValue,
+    /// Observation times further back than this are implausible.
+    #[serde(default = "default_max_past")]
+    pub max_past: DurationValue,
+    /// What happens to an implausible observation time.
+    #[serde(default)]
+    pub timestamp_policy: TimestampPolicy,
+    /// Sustained readings per second one device may send; the excess is rejected.
+    #[serde(default = "default_device_rate")]
+    pub device_rate: f64,
+    /// Readings a device may send in a burst above `device_rate`.
+    #[serde(default = "default_device_burst")]
+    pub device_burst: f64,
+    /// Sustained readings per second one source may deliver.
+    #[serde(default = "default_source_rate")]
+    pub source_rate: f64,
+    #[serde(default = "default_source_burst")]
+    pub source_burst: f64,
+}
+
+impl Default for Quality {
+    fn default() -> Self {
+        Self {
+            expected_interval: default_expected_interval(),
+            stale_factor: default_stale_factor(),
+            low_battery: default_low_battery(),
+            max_future: default_max_future(),
+            max_past: default_max_past(),
+            timestamp_policy: TimestampPolicy::default(),
+            device_rate: default_device_rate(),
+            device_burst: default_device_burst(),
+            source_rate: default_source_rate(),
+            source_burst: default_source_burst(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampPolicy {
+    /// Use the receive time and keep the device's time in `metadata.original_timestamp`.
+    #[default]
+    Replace,
+    /// Reject the reading (dead-letter `bad_timestamp`).
+    Reject,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -277,6 +347,34 @@ fn default_keep_alive() -> DurationValue {
 fn default_max_payload() -> ByteSize {
     ByteSize(64 << 10)
 }
+fn default_expected_interval() -> DurationValue {
+    DurationValue(Duration::from_secs(300))
+}
+fn default_stale_factor() -> f64 {
+    3.0
+}
+fn default_low_battery() -> f64 {
+    20.0
+}
+fn default_max_future() -> DurationValue {
+    DurationValue(Duration::from_secs(300))
+}
+fn default_max_past() -> DurationValue {
+    // Nodes with their own ring buffer may deliver months-old readings after an outage.
+    DurationValue(Duration::from_secs(365 * 24 * 3600))
+}
+fn default_device_rate() -> f64 {
+    20.0
+}
+fn default_device_burst() -> f64 {
+    200.0
+}
+fn default_source_rate() -> f64 {
+    5000.0
+}
+fn default_source_burst() -> f64 {
+    20000.0
+}
 fn one() -> f64 {
     1.0
 }
@@ -285,6 +383,7 @@ fn one() -> f64 {
 struct Parts<'a> {
     nats: Option<&'a Nats>,
     buffer: &'a Buffer,
+    quality: &'a Quality,
     mqtt: &'a [MqttSource],
     fields: &'a [Field],
 }
@@ -345,6 +444,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut present = HashSet::new();
     let mut buffer = Buffer::default();
     let mut http = Http::default();
+    let mut quality = Quality::default();
     let mut mqtt = Vec::new();
     let mut fields = Vec::new();
 
@@ -362,6 +462,11 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "http" => {
                 if let Some(h) = lines.section(value, "[http]", &mut problems) {
                     http = h;
+                }
+            }
+            "quality" => {
+                if let Some(q) = lines.section(value, "[quality]", &mut problems) {
+                    quality = q;
                 }
             }
             "mqtt" => {
@@ -389,7 +494,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             other => problems.push(Problem {
                 line: key_line,
                 message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, mqtt or fields"
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt or fields"
                 ),
             }),
         }
@@ -419,6 +524,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         &Parts {
             nats: nats.as_ref(),
             buffer: &buffer,
+            quality: &quality,
             mqtt: &mqtt,
             fields: &fields,
         },
@@ -430,6 +536,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             nats,
             buffer,
             http,
+            quality,
             mqtt,
             fields,
         }),
@@ -444,6 +551,20 @@ impl Config {
     /// Tenant of a field: its own, or the gateway's default.
     pub fn tenant_of<'a>(&'a self, field: &'a Field) -> &'a Ident {
         field.tenant_id.as_ref().unwrap_or(&self.gateway.tenant_id)
+    }
+
+    /// How long a sensor may stay silent before it counts as disconnected.
+    pub fn stale_after(&self, sensor: &Sensor) -> Duration {
+        let source = sensor
+            .source
+            .as_ref()
+            .and_then(|name| self.mqtt.iter().find(|m| &m.name == name))
+            .and_then(|m| m.expected_interval);
+        let interval = sensor
+            .expected_interval
+            .or(source)
+            .unwrap_or(self.quality.expected_interval);
+        interval.0.mul_f64(self.quality.stale_factor)
     }
 
     /// The SQLite file of the outbox.
@@ -519,6 +640,35 @@ impl Config {
         }
         if parts.buffer.max_age.0 < Duration::from_secs(60) {
             push(buffer_line, "[buffer] max_age must be at least 1m".into());
+        }
+
+        let quality_line = lines.find_line("[quality]");
+        let q = parts.quality;
+        for (key, v) in [
+            ("stale_factor", q.stale_factor),
+            ("device_rate", q.device_rate),
+            ("device_burst", q.device_burst),
+            ("source_rate", q.source_rate),
+            ("source_burst", q.source_burst),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                push(
+                    quality_line,
+                    format!("[quality] {key} must be a positive number"),
+                );
+            }
+        }
+        if q.device_burst < 1.0 || q.source_burst < 1.0 {
+            push(
+                quality_line,
+                "[quality] bursts must allow at least one reading".into(),
+            );
+        }
+        if !(0.0..=100.0).contains(&q.low_battery) {
+            push(
+                quality_line,
+                "[quality] low_battery is a percentage, 0 to 100".into(),
+            );
         }
 
         let mut names = HashSet::new();

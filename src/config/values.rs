@@ -263,12 +263,13 @@ impl TryFrom<String> for UtcOffsetValue {
 #[serde(try_from = "String")]
 pub struct SubjectTemplate(String);
 
-pub const SUBJECT_PLACEHOLDERS: [&str; 5] = [
+pub const SUBJECT_PLACEHOLDERS: [&str; 6] = [
     "tenant_id",
     "field_id",
     "gateway_id",
     "device_id",
     "sensor_type",
+    "status",
 ];
 
 impl SubjectTemplate {
@@ -294,6 +295,13 @@ impl SubjectTemplate {
 impl Default for SubjectTemplate {
     fn default() -> Self {
         Self("sahool.iot.sensor.reading".into())
+    }
+}
+
+impl SubjectTemplate {
+    /// Default for liveness events: `sahool.iot.sensor.connected` / `.disconnected` / `.warning`.
+    pub fn default_status() -> Self {
+        Self("sahool.iot.sensor.{status}".into())
     }
 }
 

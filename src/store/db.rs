@@ -10,7 +10,7 @@ use super::StoreError;
 use crate::config::Synchronous;
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -45,6 +45,38 @@ CREATE TABLE recent_messages (
 );
 INSERT INTO meta (key, value) VALUES ('next_seq', 1);
 ";
+
+/// Added in schema version 2: liveness per sensor, and readings already stored by their
+/// device's own (device, type, observation time).
+const SCHEMA_V2: &str = "
+CREATE TABLE sensors (
+    device_id      TEXT    NOT NULL,
+    sensor_type    INTEGER NOT NULL,
+    field_id       TEXT    NOT NULL,
+    tenant_id      TEXT    NOT NULL,
+    last_seen_ms   INTEGER NOT NULL,
+    stale_after_ms INTEGER NOT NULL,
+    online         INTEGER NOT NULL,
+    low_battery    INTEGER NOT NULL,
+    battery        REAL,
+    rssi           INTEGER,
+    readings       INTEGER NOT NULL,
+    PRIMARY KEY (device_id, sensor_type)
+) WITHOUT ROWID;
+CREATE TABLE recent_readings (
+    id  INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE
+);
+";
+
+const TABLES: [&str; 6] = [
+    "outbox",
+    "meta",
+    "dead_letters",
+    "recent_messages",
+    "sensors",
+    "recent_readings",
+];
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -141,22 +173,29 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
                 return Err(corrupt("tables present but no schema version".into()));
             }
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(classify)?;
+        }
+        1 => {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(classify)?;
         }
         SCHEMA_VERSION => {
+            let list = TABLES.map(|t| format!("'{t}'")).join(", ");
             let ok: i64 = conn
                 .query_row(
-                    "SELECT count(*) FROM sqlite_master WHERE type = 'table'
-                     AND name IN ('outbox', 'meta', 'dead_letters', 'recent_messages')",
+                    &format!("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({list})"),
                     [],
                     |r| r.get(0),
                 )
                 .map_err(classify)?;
-            if ok != 4 {
+            if ok != TABLES.len() as i64 {
                 return Err(corrupt(format!(
-                    "schema version {version} but {ok} of 4 tables"
+                    "schema version {version} but {ok} of {} tables",
+                    TABLES.len()
                 )));
             }
         }
@@ -220,6 +259,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
 /// Totals read once at open; afterwards the owner thread keeps them current.
 pub struct Totals {
     pub rows: u64,
+    pub status_rows: u64,
     pub bytes: u64,
     pub next_seq: u64,
     pub dead_letters: u64,
@@ -238,9 +278,14 @@ pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
     let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))?;
     let dead_letters: i64 =
         conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let status_rows: i64 =
+        conn.query_row("SELECT count(*) FROM outbox WHERE kind = 1", [], |r| {
+            r.get(0)
+        })?;
     let rows = u64::try_from(rows).unwrap_or(0);
     Ok(Totals {
         rows,
+        status_rows: u64::try_from(status_rows).unwrap_or(0),
         bytes: u64::try_from(body).unwrap_or(0) + rows * ROW_OVERHEAD,
         // The meta row is the authority; max(seq)+1 guards against a meta row older than rows.
         next_seq: u64::try_from(next_seq.max(max_seq.unwrap_or(0) + 1)).unwrap_or(1),

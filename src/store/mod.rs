@@ -32,6 +32,7 @@
 //!    committed.
 
 pub mod db;
+pub mod liveness;
 mod seq_floor;
 
 use std::path::PathBuf;
@@ -45,7 +46,7 @@ use crate::config::{Buffer, WhenFull};
 use crate::log_limit::LogLimit;
 use crate::mapping::Reason;
 use crate::metrics::Metrics;
-use crate::reading::Reading;
+use crate::reading::{Reading, KIND_READING, KIND_STATUS};
 pub use db::{DeadLetterRow, OutboxRow};
 
 /// Source messages remembered for redelivery detection.
@@ -111,7 +112,9 @@ pub enum AppendOutcome {
 /// Buffer totals for `buffer stats` and `/metrics`.
 #[derive(Debug, Clone)]
 pub struct Stats {
-    pub rows: u64,
+    /// Readings waiting (status events not counted).
+    pub readings: u64,
+    pub status_events: u64,
     pub bytes: u64,
     pub oldest_stored_ms: Option<i64>,
     pub next_seq: u64,
@@ -121,7 +124,8 @@ pub struct Stats {
 pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     let t = db::totals(conn)?;
     Ok(Stats {
-        rows: t.rows,
+        readings: t.rows - t.status_rows.min(t.rows),
+        status_events: t.status_rows,
         bytes: t.bytes,
         oldest_stored_ms: db::oldest_stored_ms(conn)?,
         next_seq: t.next_seq,
@@ -218,6 +222,7 @@ impl StoreHandle {
 pub fn start(
     path: PathBuf,
     buffer: Buffer,
+    low_battery: f64,
     metrics: Arc<Metrics>,
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
     let opened = db::open(&path, buffer.synchronous)?;
@@ -246,6 +251,7 @@ pub fn start(
         buffer,
         metrics,
         rows: totals.rows,
+        status_rows: totals.status_rows,
         bytes: totals.bytes,
         next_seq: totals.next_seq,
         dead_letters: totals.dead_letters,
@@ -254,6 +260,7 @@ pub fn start(
         committed: committed_tx,
         floor,
         failure_log: LogLimit::new(Duration::from_secs(10)),
+        low_battery,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -287,6 +294,8 @@ struct Writer {
     buffer: Buffer,
     metrics: Arc<Metrics>,
     rows: u64,
+    /// Of `rows`, the status events (the rest are readings).
+    status_rows: u64,
     bytes: u64,
     next_seq: u64,
     dead_letters: u64,
@@ -296,6 +305,8 @@ struct Writer {
     committed: watch::Sender<u64>,
     floor: seq_floor::SeqFloor,
     failure_log: LogLimit,
+    /// Battery percentage below which a sensor is flagged.
+    low_battery: f64,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -315,6 +326,32 @@ struct Delta {
     rejected: Vec<Reason>,
     refused: u64,
     forwarded: u64,
+    duplicates: u64,
+    timestamps_replaced: u64,
+    status_changes: u64,
+    status_rows_added: u64,
+    status_rows_removed: u64,
+}
+
+impl Delta {
+    fn added(&mut self, kind: u8, len: usize) {
+        self.rows_added += 1;
+        self.bytes_added += len as u64 + db::ROW_OVERHEAD;
+        if kind == KIND_STATUS {
+            self.status_rows_added += 1;
+        }
+    }
+
+    /// Counts a deleted row out; true if it was a reading.
+    fn removed(&mut self, kind: i64, len: i64) -> bool {
+        self.rows_removed += 1;
+        self.bytes_removed += len as u64 + db::ROW_OVERHEAD;
+        let status = kind == i64::from(KIND_STATUS);
+        if status {
+            self.status_rows_removed += 1;
+        }
+        !status
+    }
 }
 
 impl Writer {
@@ -353,7 +390,8 @@ impl Writer {
         if maintain {
             self.check_disk();
         }
-        let most_new: usize = appends.iter().map(|(a, _)| a.readings.len()).sum();
+        // Each reading may bring up to two status events (connected, low battery).
+        let most_new: usize = appends.iter().map(|(a, _)| a.readings.len() * 3).sum();
         if let Err(e) = self.floor.ensure(self.next_seq + most_new as u64) {
             tracing::error!(error = %e, dir = %self.data_dir.display(), "cannot write seq.floor; not committing");
             self.metrics.set_store_healthy(false);
@@ -437,12 +475,12 @@ impl Writer {
         let tx = self.conn.unchecked_transaction()?;
         let now = db::now_ms();
         for seq in acked {
-            if delete_row(&tx, *seq, delta)? {
+            if delete_row(&tx, *seq, delta)? == Some(true) {
                 delta.forwarded += 1;
             }
         }
         for (seq, detail, raw) in refused {
-            if delete_row(&tx, *seq, delta)? {
+            if delete_row(&tx, *seq, delta)?.is_some() {
                 delta.refused += 1;
                 insert_dead_letter(&tx, now, "forwarder", Reason::PublishRefused, detail, raw)?;
                 delta.dead_letters_added += 1;
@@ -452,6 +490,28 @@ impl Writer {
         for (append, _) in appends.iter_mut() {
             outcomes.push(self.append_one(&tx, append, now, delta)?);
         }
+        let mut seen = liveness::Seen::new();
+        for ((append, _), outcome) in appends.iter().zip(&outcomes) {
+            if matches!(outcome, AppendOutcome::Stored { .. }) {
+                for r in &append.readings {
+                    seen.insert((r.device_id.as_str(), r.sensor_type), r);
+                }
+            }
+        }
+        let mut changes = liveness::observe(&tx, &seen, now, self.low_battery)?;
+        if maintain {
+            changes.extend(liveness::expire(&tx, now)?);
+        }
+        for change in &changes {
+            insert_row(
+                &tx,
+                KIND_STATUS,
+                &postcard::to_stdvec(change).unwrap_or_default(),
+                now,
+                delta,
+            )?;
+        }
+        delta.status_changes += changes.len() as u64;
         if delta.next_seq != self.next_seq {
             tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
                 .execute([delta.next_seq as i64])?;
@@ -479,6 +539,18 @@ impl Writer {
                 return Ok(AppendOutcome::Duplicate);
             }
         }
+        // The same device observation delivered twice (e.g. a LoRaWAN uplink through two
+        // gateways) is stored once. Only checked here; remembered below, once it is stored.
+        let before = append.readings.len();
+        let mut seen = tx.prepare_cached("SELECT 1 FROM recent_readings WHERE key = ?1")?;
+        let mut keep = Vec::with_capacity(before);
+        for r in append.readings.drain(..) {
+            if !r.device_time || !seen.exists([&observation_key(&r)[..]])? {
+                keep.push(r);
+            }
+        }
+        append.readings = keep;
+        let duplicates = (before - append.readings.len()) as u64;
         let bodies: Vec<Vec<u8>> = append
             .readings
             .iter()
@@ -506,25 +578,22 @@ impl Writer {
                 }
             }
         }
+        delta.duplicates += duplicates;
         let first_seq = delta.next_seq;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, ?2, ?3, 0, ?4)",
-            )?;
-            for body in &bodies {
-                let id = uuid::Uuid::new_v4();
-                insert.execute(params![
-                    delta.next_seq as i64,
-                    &id.as_bytes()[..],
-                    now,
-                    body
-                ])?;
-                delta.next_seq += 1;
+        let mut remember =
+            tx.prepare_cached("INSERT OR IGNORE INTO recent_readings (key) VALUES (?1)")?;
+        for (r, body) in append.readings.iter().zip(&bodies) {
+            if r.device_time {
+                remember.execute([&observation_key(r)[..]])?;
             }
+            insert_row(tx, KIND_READING, body, now, delta)?;
         }
-        delta.rows_added += bodies.len() as u64;
-        delta.bytes_added += incoming;
         delta.accepted += bodies.len() as u64;
+        delta.timestamps_replaced += append
+            .readings
+            .iter()
+            .filter(|r| r.original_timestamp.is_some())
+            .count() as u64;
         for d in &append.dead_letters {
             insert_dead_letter(tx, now, &d.source, d.reason, &d.detail, &d.raw)?;
             delta.dead_letters_added += 1;
@@ -549,30 +618,28 @@ impl Writer {
     ) -> rusqlite::Result<()> {
         let mut freed = 0u64;
         let mut stmt =
-            tx.prepare_cached("SELECT seq, length(body) FROM outbox ORDER BY seq LIMIT 256")?;
+            tx.prepare_cached("SELECT seq, kind, length(body) FROM outbox ORDER BY seq LIMIT 256")?;
         let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?;
         while freed < need {
-            let rows: Vec<(i64, i64)> = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let rows: Vec<(i64, i64, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
             if rows.is_empty() {
                 break;
             }
             let mut last = 0;
-            let mut count = 0;
-            for (seq, len) in rows {
+            for (seq, kind, len) in rows {
                 if freed >= need {
                     break;
                 }
                 freed += len as u64 + db::ROW_OVERHEAD;
                 last = seq;
-                count += 1;
+                if delta.removed(kind, len) {
+                    delta.dropped_full += 1;
+                }
             }
             delete.execute([last])?;
-            delta.rows_removed += count;
-            delta.dropped_full += count;
         }
-        delta.bytes_removed += freed;
         Ok(())
     }
 
@@ -586,20 +653,21 @@ impl Writer {
         let cutoff = now - i64::try_from(self.buffer.max_age.0.as_millis()).unwrap_or(i64::MAX);
         let expired: Vec<(i64, i64)> = tx
             .prepare_cached(
-                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) AND stored_ms < ?1 RETURNING seq, length(body)",
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) AND stored_ms < ?1 RETURNING kind, length(body)",
             )?
             .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        delta.rows_removed += expired.len() as u64;
-        delta.bytes_removed += expired
-            .iter()
-            .map(|(_, l)| *l as u64 + db::ROW_OVERHEAD)
-            .sum::<u64>();
-        delta.dropped_age += expired.len() as u64;
-        tx.prepare_cached(
-            "DELETE FROM recent_messages WHERE id <= (SELECT max(id) FROM recent_messages) - ?1",
-        )?
-        .execute([RECENT_MESSAGES])?;
+        for (kind, len) in expired {
+            if delta.removed(kind, len) {
+                delta.dropped_age += 1;
+            }
+        }
+        for table in ["recent_messages", "recent_readings"] {
+            tx.prepare_cached(&format!(
+                "DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"
+            ))?
+            .execute([RECENT_MESSAGES])?;
+        }
         let cut = tx
             .prepare_cached(
                 "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1",
@@ -611,6 +679,8 @@ impl Writer {
 
     fn apply(&mut self, d: &Delta) {
         self.rows = (self.rows + d.rows_added).saturating_sub(d.rows_removed);
+        self.status_rows =
+            (self.status_rows + d.status_rows_added).saturating_sub(d.status_rows_removed);
         self.bytes = (self.bytes + d.bytes_added).saturating_sub(d.bytes_removed);
         self.dead_letters =
             (self.dead_letters + d.dead_letters_added).saturating_sub(d.dead_letters_removed);
@@ -621,6 +691,9 @@ impl Writer {
         }
         let m = &self.metrics;
         m.readings_accepted.inc_by(d.accepted);
+        m.readings_duplicates.inc_by(d.duplicates);
+        m.timestamps_replaced.inc_by(d.timestamps_replaced);
+        m.status_events.inc_by(d.status_changes);
         m.readings_forwarded.inc_by(d.forwarded);
         if d.dropped_full > 0 {
             m.dropped("buffer_full").inc_by(d.dropped_full);
@@ -651,7 +724,8 @@ impl Writer {
 
     fn publish_gauges(&self) {
         let m = &self.metrics;
-        m.buffer_readings.set(self.rows as i64);
+        m.buffer_readings
+            .set(self.rows.saturating_sub(self.status_rows) as i64);
         m.buffer_bytes.set(self.bytes as i64);
         m.dead_letters.set(self.dead_letters as i64);
         m.intake_paused.set(i64::from(self.disk_low || self.full));
@@ -681,22 +755,51 @@ impl Writer {
     }
 }
 
-/// Deletes one buffered row, counting it out of the totals; false if it was already gone
-/// (dropped by a bound meanwhile).
+/// Buffers one row with the next seq and a new event id.
+fn insert_row(
+    tx: &rusqlite::Transaction<'_>,
+    kind: u8,
+    body: &[u8],
+    now: i64,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    let id = uuid::Uuid::new_v4();
+    tx.prepare_cached(
+        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        delta.next_seq as i64,
+        &id.as_bytes()[..],
+        now,
+        kind,
+        body
+    ])?;
+    delta.next_seq += 1;
+    delta.added(kind, body.len());
+    Ok(())
+}
+
+/// Identity of a device observation: device, sensor type and the device's own time.
+fn observation_key(r: &Reading) -> [u8; 16] {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(r.device_id.as_bytes());
+    h.update(&[0, r.sensor_type as u8]);
+    h.update(&r.observed_at.0.to_le_bytes());
+    h.digest128().to_le_bytes()
+}
+
+/// Deletes one buffered row, counting it out of the totals: `Some(is_reading)`, or `None` if
+/// it was already gone (dropped by a bound meanwhile).
 fn delete_row(
     tx: &rusqlite::Transaction<'_>,
     seq: u64,
     delta: &mut Delta,
-) -> rusqlite::Result<bool> {
-    let len: Option<i64> = tx
-        .prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?
-        .query_row([seq as i64], |r| r.get(0))
+) -> rusqlite::Result<Option<bool>> {
+    let row: Option<(i64, i64)> = tx
+        .prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING kind, length(body)")?
+        .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    if let Some(len) = len {
-        delta.rows_removed += 1;
-        delta.bytes_removed += len as u64 + db::ROW_OVERHEAD;
-    }
-    Ok(len.is_some())
+    Ok(row.map(|(kind, len)| delta.removed(kind, len)))
 }
 
 fn insert_dead_letter(

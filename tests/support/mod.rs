@@ -167,6 +167,13 @@ impl Nats {
         .expect("create stream");
     }
 
+    /// The `sensor_reading` events in the stream, in stream order (liveness events left out).
+    pub async fn read_readings(&self, name: &str) -> Vec<StreamMessage> {
+        let mut events = self.read_stream(name).await;
+        events.retain(|e| e.body["event_type"] == "sensor_reading");
+        events
+    }
+
     /// Every message in the stream, in stream order: (subject, headers, body).
     pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
         let js = async_nats::jetstream::new(self.client().await);
@@ -624,9 +631,12 @@ id = "field-1"
 
 /// Reading `i` as a SAHOOL standard payload; `value` identifies it in the stream.
 pub fn probe_reading(i: usize) -> (String, Vec<u8>) {
+    // One observation per second from 2026-06-01T04:15:00Z (epoch ms): each is a distinct
+    // device observation, so none is taken for a repeat of another.
+    let ts = 1_780_287_300_000u64 + i as u64 * 1000;
     let payload = format!(
-        r#"{{"device_id":"probe-1","field_id":"field-1","type":"water_level","value":{i},"unit":"cm","timestamp":"2026-06-01T04:15:00Z","battery":90.5,"rssi":-70,"note":"{pad}"}}"#,
-        pad = "x".repeat(142)
+        r#"{{"device_id":"probe-1","field_id":"field-1","type":"water_level","value":{i},"unit":"cm","timestamp":{ts},"battery":90.5,"rssi":-70,"note":"{pad}"}}"#,
+        pad = "x".repeat(128)
     );
     (
         "sahool/sensors/probe-1/field-1/water_level".to_string(),
@@ -656,6 +666,18 @@ pub fn event_validator() -> jsonschema::Validator {
         .should_validate_formats(true)
         .build(&event)
         .expect("event schema compiles")
+}
+
+/// SAHOOL's device status schema (`contracts/sahool/device_status.v1.json`).
+pub fn status_validator() -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts/sahool/device_status.v1.json");
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("contract file"))
+            .expect("contract JSON");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("status schema compiles")
 }
 
 /// A fixture file from `tests/fixtures`.
