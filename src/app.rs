@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
-use crate::config::{Config, Gateway, MqttSource, Nats};
+use crate::config::{Config, Gateway, MqttSource, Nats, Quality};
 use crate::event::Subjects;
 use crate::forward::Forwarder;
 use crate::mapping::{Mapper, SharedMapper};
@@ -48,6 +48,7 @@ impl<C> Task<C> {
 /// What `run` keeps to start, replace and stop the parts a reload may change.
 struct Pipeline {
     gateway: Gateway,
+    quality: Quality,
     store: StoreHandle,
     metrics: Arc<Metrics>,
     mapper: SharedMapper,
@@ -68,6 +69,7 @@ impl Pipeline {
         };
         let input = MqttInput {
             source: source.clone(),
+            quality: self.quality.clone(),
             gateway: self.gateway.clone(),
             password,
             mapper: self.mapper.clone(),
@@ -140,6 +142,13 @@ impl Pipeline {
             }
         }
         *self.mapper.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Mapper::new(new));
+        if self.quality != new.quality {
+            // Sources read their rate limits at start: restart them all with the new ones.
+            self.quality = new.quality.clone();
+            for task in std::mem::take(&mut self.sources) {
+                task.stop().await;
+            }
+        }
 
         let mut kept = Vec::new();
         for task in std::mem::take(&mut self.sources) {
@@ -198,6 +207,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         Pipeline::start_forwarder(&config.gateway, &config.nats, &store, &metrics).await?;
     let mut pipeline = Pipeline {
         gateway: config.gateway.clone(),
+        quality: config.quality.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),

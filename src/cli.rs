@@ -239,3 +239,113 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
     }
     Ok(())
 }
+
+/// `mappings test`: what the gateway would make of one MQTT message, without storing it.
+/// Returns false when nothing became a reading.
+pub fn mappings_test(
+    config_path: &Path,
+    source: Option<&str>,
+    topic: &str,
+    payload: &[u8],
+    out: &mut impl Write,
+) -> Result<bool, CliError> {
+    let c = config::load(config_path)?;
+    let source = match source {
+        Some(name) => name.to_string(),
+        None => match c
+            .mqtt
+            .iter()
+            .find(|m| m.topics.iter().any(|t| t.matches(topic)))
+        {
+            Some(m) => m.name.to_string(),
+            None => {
+                writeln!(
+                    out,
+                    "rejected: unmapped_topic: no [[mqtt]] source subscribes to `{topic}`"
+                )?;
+                return Ok(false);
+            }
+        },
+    };
+    let mapper = crate::mapping::Mapper::new(&c);
+    let mapped = mapper.map_mqtt(&source, topic, payload, crate::reading::Timestamp::now());
+    for r in &mapped.readings {
+        let v = serde_json::json!({
+            "source": source,
+            "tenant_id": r.tenant_id,
+            "field_id": r.field_id,
+            "device_id": r.device_id,
+            "sensor_type": r.sensor_type.as_str(),
+            "value": r.value,
+            "unit": r.unit,
+            "timestamp": r.observed_at.to_rfc3339(),
+            "battery": r.battery,
+            "rssi": r.rssi,
+            "raw_value": r.raw_value,
+            "original_timestamp": r.original_timestamp.map(|t| t.to_rfc3339()),
+        });
+        writeln!(out, "{v}")?;
+    }
+    for r in &mapped.rejections {
+        writeln!(out, "rejected: {}: {}", r.reason.label(), r.detail)?;
+    }
+    Ok(!mapped.readings.is_empty())
+}
+
+/// `sensors`: every mapped sensor with its liveness as the buffer records it.
+pub fn sensors(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> {
+    let c = config::load(config_path)?;
+    let known = match db::open_read_only(&c.store_path()) {
+        Ok(conn) => store::liveness::list(&conn)?,
+        Err(StoreError::Missing { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    writeln!(
+        out,
+        "{:<18} {:<20} {:<22} {:<9} {:>9} {:>8}  last seen",
+        "field", "device", "sensor", "state", "readings", "battery"
+    )?;
+    let now = db::now_ms();
+    for field in &c.fields {
+        for s in &field.sensors {
+            let row = known
+                .iter()
+                .find(|k| k.device_id == s.device_id.as_str() && k.sensor_type == s.sensor_type.0);
+            let (state, readings, battery, seen) = match row {
+                Some(k) => (
+                    match (k.online, k.low_battery) {
+                        (true, true) => "low-batt",
+                        (true, false) => "online",
+                        (false, _) => "offline",
+                    },
+                    k.readings.to_string(),
+                    k.battery.map_or("-".to_string(), |b| format!("{b}%")),
+                    format!(
+                        "{} ({} ago)",
+                        crate::reading::Timestamp::from_unix_millis(k.last_seen_ms).to_rfc3339(),
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            ((now - k.last_seen_ms) / 1000).max(0) as u64
+                        ))
+                    ),
+                ),
+                None => (
+                    "unknown",
+                    "0".to_string(),
+                    "-".to_string(),
+                    "never".to_string(),
+                ),
+            };
+            writeln!(
+                out,
+                "{:<18} {:<20} {:<22} {:<9} {:>9} {:>8}  {seen}",
+                field.id.as_str(),
+                s.device_id.as_str(),
+                s.sensor_type.0.as_str(),
+                state,
+                readings,
+                battery
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
 //! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
 //! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
@@ -21,6 +22,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod flood;
 pub mod forward;
 pub mod http;
 pub mod log_limit;

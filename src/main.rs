@@ -36,6 +36,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Every mapped sensor: state (online, offline, low battery), readings, last seen.
+    Sensors {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Dry-run the mapping.
+    Mappings {
+        #[command(subcommand)]
+        command: MappingsCommand,
+    },
     /// Inspect the buffer.
     Buffer {
         #[command(subcommand)]
@@ -45,6 +55,22 @@ enum Command {
     DeadLetters {
         #[command(subcommand)]
         command: DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MappingsCommand {
+    /// Show what the gateway would make of one MQTT message: readings, or rejection reasons.
+    Test {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        payload: String,
+        /// The [[mqtt]] source; default: the first that subscribes to the topic.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -121,6 +147,26 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Status { config } => cli::status(&config, &mut stdout),
+        Command::Sensors { config } => cli::sensors(&config, &mut stdout),
+        Command::Mappings {
+            command:
+                MappingsCommand::Test {
+                    config,
+                    topic,
+                    payload,
+                    source,
+                },
+        } => match cli::mappings_test(
+            &config,
+            source.as_deref(),
+            &topic,
+            payload.as_bytes(),
+            &mut stdout,
+        ) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Buffer {
             command: BufferCommand::Stats { config, json },
         } => cli::buffer_stats(&config, json, &mut stdout),

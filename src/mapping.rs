@@ -24,6 +24,8 @@ pub enum Reason {
     BadTimestamp,
     /// The server refused the publish for good (set by the forwarder, not the mapping).
     PublishRefused,
+    /// Over the device's or source's rate limit (counted only, not dead-lettered).
+    RateLimited,
 }
 
 impl Reason {
@@ -40,6 +42,7 @@ impl Reason {
             Self::OutOfRange => "out_of_range",
             Self::BadTimestamp => "bad_timestamp",
             Self::PublishRefused => "publish_refused",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

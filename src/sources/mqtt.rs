@@ -20,8 +20,9 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
 use crate::backoff::Backoff;
-use crate::config::{Gateway, MqttSource};
-use crate::mapping::{self, Mapper, SharedMapper};
+use crate::config::{Gateway, MqttSource, Quality};
+use crate::flood::FloodGuard;
+use crate::mapping::{self, Mapper, Reason, SharedMapper};
 use crate::metrics::Metrics;
 use crate::reading::Timestamp;
 use crate::store::{Append, AppendOutcome, NewDeadLetter, StoreError, StoreHandle};
@@ -34,6 +35,7 @@ type Commit =
 
 pub struct MqttInput {
     pub source: MqttSource,
+    pub quality: Quality,
     pub gateway: Gateway,
     pub password: Option<String>,
     pub mapper: SharedMapper,
@@ -89,6 +91,10 @@ impl MqttInput {
         let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut stopping = false;
         let mut refused_last = false;
+        let q = &self.quality;
+        let mut flood =
+            FloodGuard::new(q.device_rate, q.device_burst, q.source_rate, q.source_burst);
+        let rate_limited = self.metrics.rejected(Reason::RateLimited.label());
 
         loop {
             if stopping && commits.is_empty() && unsent.is_empty() {
@@ -104,7 +110,12 @@ impl MqttInput {
                         }
                         messages.inc();
                         let received = Timestamp::now();
-                        match self.store.append(self.append_for(&p, received)).await {
+                        let mut append = self.append_for(&p, received);
+                        let now = std::time::Instant::now();
+                        let before = append.readings.len();
+                        append.readings.retain(|r| flood.admit(&r.device_id, now));
+                        rate_limited.inc_by((before - append.readings.len()) as u64);
+                        match self.store.append(append).await {
                             Ok(rx) => commits.push_back(Box::pin(async move {
                                 let result = rx.await.unwrap_or(Err(StoreError::Closed));
                                 (p, received, result)

@@ -10,38 +10,45 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::reading::{Reading, SensorStatus, SensorType, StatusChange, Timestamp};
 
-/// The newest reading of one sensor within a transaction.
-pub type Seen<'a> = HashMap<(&'a str, SensorType), &'a Reading>;
-
-/// Records that the sensors in `seen` reported at `now_ms`; returns the status changes.
+/// Records that the sensors of `readings` (in store order) reported at `now_ms`; returns the
+/// status changes, in order: every low-battery crossing counts, even within one transaction.
 pub fn observe(
     tx: &Transaction<'_>,
-    seen: &Seen<'_>,
+    readings: &[&Reading],
     now_ms: i64,
     low_battery: f64,
 ) -> rusqlite::Result<Vec<StatusChange>> {
-    let mut changes = Vec::new();
+    struct State<'a> {
+        online: bool,
+        low: bool,
+        last: &'a Reading,
+        count: i64,
+    }
     let mut get = tx.prepare_cached(
         "SELECT online, low_battery FROM sensors WHERE device_id = ?1 AND sensor_type = ?2",
     )?;
-    let mut put = tx.prepare_cached(
-        "INSERT INTO sensors (device_id, sensor_type, field_id, tenant_id, last_seen_ms, stale_after_ms, online, low_battery, battery, rssi, readings)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, 1)
-         ON CONFLICT (device_id, sensor_type) DO UPDATE SET
-           field_id = ?3, tenant_id = ?4, last_seen_ms = ?5, stale_after_ms = ?6, online = 1,
-           low_battery = ?7, battery = coalesce(?8, battery), rssi = coalesce(?9, rssi),
-           readings = readings + 1",
-    )?;
-    for ((device, sensor_type), r) in seen {
-        let before: Option<(bool, bool)> = get
-            .query_row(params![device, *sensor_type as i64], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()?;
-        let (was_online, was_low) = before.unwrap_or((false, false));
-        let low = match r.battery {
-            Some(b) => b < low_battery,
-            None => was_low,
+    let mut states: HashMap<(&str, SensorType), State<'_>> = HashMap::new();
+    let mut order = Vec::new();
+    let mut changes = Vec::new();
+    for r in readings {
+        let key = (r.device_id.as_str(), r.sensor_type);
+        let state = match states.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let (online, low) = get
+                    .query_row(params![r.device_id, r.sensor_type as i64], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                    .optional()?
+                    .unwrap_or((false, false));
+                order.push(key);
+                e.insert(State {
+                    online,
+                    low,
+                    last: r,
+                    count: 0,
+                })
+            }
         };
         let change = |status| StatusChange {
             device_id: r.device_id.clone(),
@@ -53,22 +60,42 @@ pub fn observe(
             battery: r.battery,
             rssi: r.rssi,
         };
-        if !was_online {
+        if !state.online {
             changes.push(change(SensorStatus::Online));
+            state.online = true;
         }
-        if low && !was_low {
-            changes.push(change(SensorStatus::LowBattery));
+        if let Some(b) = r.battery {
+            let low = b < low_battery;
+            if low && !state.low {
+                changes.push(change(SensorStatus::LowBattery));
+            }
+            state.low = low;
         }
+        state.last = r;
+        state.count += 1;
+    }
+    let mut put = tx.prepare_cached(
+        "INSERT INTO sensors (device_id, sensor_type, field_id, tenant_id, last_seen_ms, stale_after_ms, online, low_battery, battery, rssi, readings)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?10)
+         ON CONFLICT (device_id, sensor_type) DO UPDATE SET
+           field_id = ?3, tenant_id = ?4, last_seen_ms = ?5, stale_after_ms = ?6, online = 1,
+           low_battery = ?7, battery = coalesce(?8, battery), rssi = coalesce(?9, rssi),
+           readings = readings + ?10",
+    )?;
+    for key in order {
+        let Some(s) = states.get(&key) else { continue };
+        let r = s.last;
         put.execute(params![
-            device,
-            *sensor_type as i64,
+            r.device_id,
+            r.sensor_type as i64,
             r.field_id,
             r.tenant_id,
             now_ms,
             i64::try_from(r.stale_after_ms).unwrap_or(i64::MAX),
-            low,
+            s.low,
             r.battery,
             r.rssi,
+            s.count,
         ])?;
     }
     Ok(changes)

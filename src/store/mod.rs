@@ -490,15 +490,13 @@ impl Writer {
         for (append, _) in appends.iter_mut() {
             outcomes.push(self.append_one(&tx, append, now, delta)?);
         }
-        let mut seen = liveness::Seen::new();
-        for ((append, _), outcome) in appends.iter().zip(&outcomes) {
-            if matches!(outcome, AppendOutcome::Stored { .. }) {
-                for r in &append.readings {
-                    seen.insert((r.device_id.as_str(), r.sensor_type), r);
-                }
-            }
-        }
-        let mut changes = liveness::observe(&tx, &seen, now, self.low_battery)?;
+        let stored: Vec<&Reading> = appends
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, AppendOutcome::Stored { .. }))
+            .flat_map(|((append, _), _)| &append.readings)
+            .collect();
+        let mut changes = liveness::observe(&tx, &stored, now, self.low_battery)?;
         if maintain {
             changes.extend(liveness::expire(&tx, now)?);
         }
