@@ -155,7 +155,8 @@ const FARM: [DeviceSpec; 6] = [
 /// `Gateway::start` adds `[gateway]` and `[http]`.
 fn gateway_config(nats: &Nats, broker: &Mosquitto) -> String {
     let mut config = format!(
-        "[nats]\nservers = [\"{}\"]\n\n[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\n\
+        "[nats]\nservers = [\"{}\"]\n\n[quality]\n# The simulated devices report far faster than field devices.\n\
+         device_rate = 1000.0\ndevice_burst = 1000.0\n\n[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\n\
          topics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n",
         nats.url(),
         broker.url()

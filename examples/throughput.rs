@@ -16,14 +16,10 @@ async fn main() {
         .nth(1)
         .map(|a| a.parse().expect("READINGS is a number"))
         .unwrap_or(50_000);
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&probe_config(&nats, &broker, "", ""));
-    gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.wait_subscribed(1).await;
 
     // ~300-byte SAHOOL standard payloads, as the benchmark issue specifies.
     let messages = probe_readings(0..n);

@@ -187,8 +187,7 @@ fn matches_expected(payload: &Value, expect: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_becomes_exactly_its_expected_events() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(&nats, &broker));
     gateway.wait_until(

@@ -69,20 +69,12 @@ async fn wait_forwarded(gateway: &Gateway, n: usize, within: Duration) {
     });
 }
 
-async fn connected(gateway: &Gateway) {
-    gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order() {
-    let mut nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(&nats, &broker, "", ""));
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
         g.metric("sahool_gateway_nats_connected", "") == 1.0
     });
@@ -120,11 +112,10 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_and_doubles_nothing() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let mut gateway = Gateway::start(&config(&nats, &broker, "", ""));
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
 
     let n = 6_000;
     let port = broker.port;
@@ -179,8 +170,7 @@ async fn sigkill_mid_stream_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
-    let mut nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(
         &nats,
@@ -188,7 +178,7 @@ async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
         "max_bytes = \"32KiB\"\nwhen_full = \"drop_oldest\"",
         "",
     ));
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     nats.stop();
 
     let n = 1_000;
@@ -224,8 +214,7 @@ async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_new_holds_readings_at_the_broker_and_loses_none() {
-    let mut nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(
         &nats,
@@ -233,7 +222,7 @@ async fn reject_new_holds_readings_at_the_broker_and_loses_none() {
         "max_bytes = \"32KiB\"\nwhen_full = \"reject_new\"",
         "",
     ));
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     nats.stop();
 
     let n = 1_000;
@@ -263,11 +252,10 @@ async fn reject_new_holds_readings_at_the_broker_and_loses_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let mut gateway = Gateway::start(&config(&nats, &broker, "", ""));
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     assert_eq!(publish_all(broker.port, "pre", readings(0..10)).await, 10);
     wait_forwarded(&gateway, 10, Duration::from_secs(30)).await;
     assert_eq!(gateway.terminate(), Some(0), "SIGTERM exits 0");
@@ -278,7 +266,7 @@ async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
         .collect();
     std::fs::write(&db, garbage).expect("overwrite buffer");
     gateway.resume();
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     assert_eq!(
         gateway.metric("sahool_gateway_store_corruption_recovered_total", ""),
         1.0
@@ -312,7 +300,7 @@ async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
     f.set_len(1000).expect("truncate");
     drop(f);
     gateway.resume();
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     assert_eq!(
         gateway.metric("sahool_gateway_store_corruption_recovered_total", ""),
         1.0
@@ -321,8 +309,7 @@ async fn corrupt_buffer_file_is_moved_aside_and_the_gateway_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let cfg = config(&nats, &broker, "", "").replace(
         "sensor_type = \"water_level\"",
@@ -334,7 +321,7 @@ async fn hostile_payloads_are_dead_lettered_and_the_pipeline_keeps_flowing() {
         "format = \"sahool\"\nmax_payload = \"4KiB\"",
     );
     let gateway = Gateway::start(&cfg);
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
 
     let t = "sahool/sensors/probe-1/field-1/water_level".to_string();
     let mut messages = vec![reading(0)];
@@ -436,7 +423,7 @@ tenant_id = "tenant-b"
   sensor_type = "water_level"
 "#;
     let gateway = Gateway::start(&cfg);
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     let other = |i: usize| {
         let (_, p) = reading(i);
         let p = String::from_utf8(p)
@@ -488,11 +475,10 @@ tenant_id = "tenant-b"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_nats_is_a_half_open_link_and_nothing_is_marked_delivered() {
-    let mut nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(&nats, &broker, "", ""));
-    connected(&gateway).await;
+    gateway.wait_subscribed(1).await;
     gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
         g.metric("sahool_gateway_nats_connected", "") == 1.0
     });

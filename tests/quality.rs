@@ -83,17 +83,13 @@ fn count(map: &BTreeMap<(String, String), usize>, device: &str, status: &str) ->
 
 async fn start(nats: &Nats, broker: &Mosquitto, quality: &str) -> Gateway {
     let gateway = Gateway::start(&config(nats, broker, quality));
-    gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.wait_subscribed(1).await;
     gateway
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_events_follow_sensors_across_restarts() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     // Stale after 4 s of silence.
     let q = "expected_interval = \"2s\"\nstale_factor = 2.0\nlow_battery = 20.0";
@@ -180,8 +176,7 @@ async fn liveness_events_follow_sensors_across_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_observations_are_stored_once_and_implausible_times_follow_the_policy() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let mut gateway = start(&nats, &broker, "max_future = \"5m\"").await;
 
@@ -232,10 +227,7 @@ async fn repeated_observations_are_stored_once_and_implausible_times_follow_the_
     gateway.wait_until("reloaded", Duration::from_secs(10), |g| {
         g.log().contains("config reloaded")
     });
-    gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.wait_subscribed(1).await;
     assert_eq!(
         publish_all(broker.port, "q", vec![at("2098-01-01T00:00:00Z", 3)]).await,
         1
@@ -250,8 +242,7 @@ async fn repeated_observations_are_stored_once_and_implausible_times_follow_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_device_is_limited_and_the_others_lose_nothing() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = start(&nats, &broker, "device_rate = 10.0\ndevice_burst = 10.0").await;
 

@@ -24,15 +24,11 @@ fn probe_2_reading(i: usize) -> (String, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_new_config_and_keeps_the_buffer() {
-    let mut nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let base = probe_config(&nats, &broker, "", "");
     let mut gateway = Gateway::start(&base);
-    gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.wait_subscribed(1).await;
 
     // probe-2 is not mapped yet.
     assert_eq!(

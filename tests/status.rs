@@ -8,14 +8,10 @@ use support::{probe_config, probe_readings, publish_all, Gateway, Mosquitto, Nat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_summarises_links_backlog_sources_and_dead_letters() {
-    let mut nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&probe_config(&nats, &broker, "", ""));
-    gateway.wait_until("MQTT connected", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.wait_subscribed(1).await;
     nats.stop();
     let mut messages = probe_readings(0..5);
     messages.push(("sahool/sensors/x".into(), b"not json".to_vec()));

@@ -34,8 +34,7 @@ fn pings(messages: &[String]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_status_watchdog_and_stopping() {
-    let nats = Nats::start();
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("notify.sock");

@@ -102,6 +102,13 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// A server with the platform's stream, `SAHOOL_IOT` on `sahool.iot.>`.
+    pub async fn with_platform_stream() -> Self {
+        let n = Self::start();
+        n.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+        n
+    }
+
     /// Starts the server again (after `stop`), keeping its JetStream data.
     pub fn resume(&mut self) {
         let conf = self.dir.path().join("nats.conf");
@@ -472,6 +479,15 @@ impl Gateway {
         metric_value(&body, name, labels)
     }
 
+    /// Waits until `sources` MQTT sources are connected, then a moment for their SUBSCRIBE
+    /// (sent right after CONNACK) to take effect at the broker.
+    pub async fn wait_subscribed(&self, sources: usize) {
+        self.wait_until("MQTT sources connected", Duration::from_secs(20), |g| {
+            g.metric("sahool_gateway_mqtt_connected", "") >= sources as f64
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     /// Polls until `f` holds, or panics with the gateway log.
     pub fn wait_until(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> bool) {
         let deadline = Instant::now() + within;
@@ -599,7 +615,8 @@ pub async fn publish_all(
     acked
 }
 
-/// A gateway config reading `probe-1` water levels (no default range) from the broker.
+/// A gateway config reading `probe-1` water levels (no default range) from the broker, with
+/// `buffer` lines added to `[buffer]` and `extra` lines to `[nats]`.
 pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
     format!(
         r#"
@@ -611,6 +628,13 @@ ack_timeout = "2s"
 [buffer]
 min_free_disk = "1MiB"
 {buffer}
+
+# probe-1 stands in for a whole farm's traffic: no flood limits for it.
+[quality]
+device_rate = 1000000.0
+device_burst = 1000000.0
+source_rate = 1000000.0
+source_burst = 1000000.0
 
 [[mqtt]]
 name = "farm"
