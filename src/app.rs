@@ -159,21 +159,28 @@ impl Pipeline {
                 task.stop().await;
             }
         }
+        let mut failed = None;
         for source in &new.mqtt {
             if !kept.iter().any(|t| same_source(&t.config, source)) {
                 tracing::info!(source = %source.name, "starting MQTT source");
-                kept.push(self.start_source(source)?);
+                match self.start_source(source) {
+                    Ok(task) => kept.push(task),
+                    Err(e) => failed = Some(e),
+                }
             }
         }
         self.sources = kept;
 
         if self.forwarder.config != new.nats {
             tracing::info!("[nats] changed: reconnecting the forwarder");
-            let next =
-                Self::start_forwarder(&self.gateway, &new.nats, &self.store, &self.metrics).await?;
-            std::mem::replace(&mut self.forwarder, next).stop().await;
+            // The old link keeps forwarding until the new one is up.
+            match Self::start_forwarder(&self.gateway, &new.nats, &self.store, &self.metrics).await
+            {
+                Ok(next) => std::mem::replace(&mut self.forwarder, next).stop().await,
+                Err(e) => failed = Some(e),
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -245,8 +252,12 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
                 notifier.reloading();
                 match crate::config::load(config_path) {
                     Ok(new) => {
-                        pipeline.reload(&new, &current).await?;
-                        tracing::info!(sources = new.mqtt.len(), fields = new.fields.len(), "SIGHUP: config reloaded");
+                        // A part that cannot start (e.g. an unreadable secret file) must not
+                        // stop the rest: it is reported, and the next reload tries it again.
+                        match pipeline.reload(&new, &current).await {
+                            Ok(()) => tracing::info!(sources = new.mqtt.len(), fields = new.fields.len(), "SIGHUP: config reloaded"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: config reloaded in part; fix the cause and reload again"),
+                        }
                         current = new;
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: new config refused; the running one stays"),
