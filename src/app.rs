@@ -195,7 +195,21 @@ fn same_source(a: &MqttSource, b: &MqttSource) -> bool {
     }
 }
 
+/// Inline secrets work, but belong in files readable by the service only.
+fn warn_about_inline_secrets(config: &Config) {
+    if config.nats.password.is_some() || config.nats.token.is_some() {
+        tracing::warn!("[nats] has an inline secret; prefer password_file / token_file or ${{CREDENTIALS_DIRECTORY}}");
+    }
+    for m in config.mqtt.iter().filter(|m| m.password.is_some()) {
+        tracing::warn!(source = %m.name, "[[mqtt]] has an inline password; prefer password_file");
+    }
+    for m in config.mqtt.iter().filter(|m| m.allow_insecure) {
+        tracing::warn!(source = %m.name, url = %m.url, "allow_insecure = true: plaintext MQTT to this broker is permitted");
+    }
+}
+
 pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
+    warn_about_inline_secrets(&config);
     let metrics = Arc::new(Metrics::new());
     let (store, store_thread) = store::start(
         config.store_path(),

@@ -26,12 +26,23 @@ pub enum NatsError {
 /// Reads a secret from a file, trimming the trailing newline editors add.
 pub fn read_secret(what: &'static str, path: &Path) -> Result<Secret, NatsError> {
     let path = &resolve(path)?;
+    warn_if_readable_by_others(path);
     let text = std::fs::read_to_string(path).map_err(|source| NatsError::SecretFile {
         what,
         path: path.to_path_buf(),
         source,
     })?;
     Ok(Secret::new(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+/// A secret file that others may read is worth a warning naming it (never its content).
+pub fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(file = %path.display(), "secret file is readable by every user; chmod o-r it");
+        }
+    }
 }
 
 fn resolve(path: &Path) -> Result<std::path::PathBuf, NatsError> {
@@ -100,6 +111,7 @@ pub async fn connect(
     }
     if let Some(path) = &nats.creds_file {
         let path = resolve(path)?;
+        warn_if_readable_by_others(&path);
         options =
             options
                 .credentials_file(&path)

@@ -170,6 +170,9 @@ pub struct MqttSource {
     pub max_payload: ByteSize,
     /// How often sensors on this source report, unless the sensor says otherwise.
     pub expected_interval: Option<DurationValue>,
+    /// Permit plaintext MQTT to a non-loopback broker (warned about at every start).
+    #[serde(default)]
+    pub allow_insecure: bool,
     #[serde(skip)]
     pub line: usize,
 }
@@ -623,6 +626,9 @@ impl Config {
             if auth_modes.iter().filter(|m| **m).count() > 1 {
                 push(nats_line, "[nats] choose one authentication: user/password, token, nkey_seed_file or creds_file".into());
             }
+            if let Some(why) = n.password.as_ref().and_then(|p| weak_password(p.expose())) {
+                push(nats_line, format!("[nats] password is {why}; use a long random one, from password_file or ${{CREDENTIALS_DIRECTORY}}"));
+            }
             if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
                 push(
                     nats_line,
@@ -687,6 +693,23 @@ impl Config {
                         m.name
                     ),
                 );
+            }
+            if let Some(why) = m.password.as_ref().and_then(|p| weak_password(p.expose())) {
+                push(
+                    m.line,
+                    format!(
+                        "[[mqtt]] `{}` password is {why}; use a long random one",
+                        m.name
+                    ),
+                );
+            }
+            if let Ok((host, _)) = m.host_port() {
+                if !is_loopback_host(&host) && !m.allow_insecure {
+                    push(m.line, format!(
+                        "[[mqtt]] `{}`: `{}` is plaintext to a non-loopback broker; keep the broker on loopback, or set allow_insecure = true",
+                        m.name, m.url
+                    ));
+                }
             }
             if m.password.is_some() && m.password_file.is_some() {
                 push(
@@ -866,6 +889,48 @@ pub fn resolve_path(path: &Path) -> Result<PathBuf, String> {
         )
     })?;
     Ok(PathBuf::from(text.replace(VAR, &dir)))
+}
+
+/// Passwords that are defaults somewhere or trivially guessed; `Some(why)` if `password` is one.
+pub fn weak_password(password: &str) -> Option<&'static str> {
+    const KNOWN: [&str; 20] = [
+        "password",
+        "passw0rd",
+        "admin",
+        "administrator",
+        "changeme",
+        "change-me",
+        "secret",
+        "nats",
+        "mosquitto",
+        "guest",
+        "default",
+        "test",
+        "sahool",
+        "root",
+        "toor",
+        "letmein",
+        "qwerty",
+        "123456",
+        "12345678",
+        "1234567890",
+    ];
+    let lower = password.to_ascii_lowercase();
+    if KNOWN
+        .iter()
+        .any(|k| lower == *k || lower.trim_end_matches(|c: char| c.is_ascii_digit()) == *k)
+    {
+        Some("a known default")
+    } else if password.chars().count() < 12 {
+        Some("shorter than 12 characters")
+    } else if password
+        .chars()
+        .all(|c| c == password.chars().next().unwrap_or(c))
+    {
+        Some("one repeated character")
+    } else {
+        None
+    }
 }
 
 pub fn is_loopback_host(host: &str) -> bool {
@@ -1076,6 +1141,44 @@ id = "f1"
         assert!(all.contains("already mapped at line"), "{all}");
         assert!(all.contains("`nope`"), "{all}");
         assert!(all.contains("needs"), "{all}");
+    }
+
+    #[test]
+    fn weak_passwords_and_plaintext_brokers_are_refused() {
+        assert!(weak_password("changeme").is_some());
+        assert!(weak_password("Password123").is_some());
+        assert!(weak_password("short").is_some());
+        assert!(weak_password("aaaaaaaaaaaaaaaa").is_some());
+        assert!(weak_password("k3v-9Lq!tr8z-WmX").is_none());
+        let text = format!(
+            "{MINIMAL}\n{}",
+            r##"
+[[mqtt]]
+name = "lan"
+url = "mqtt://192.168.1.20:1883"
+topics = ["#"]
+format = "sahool"
+username = "gw"
+password = "mosquitto"
+"##
+        );
+        let all = parse(&text)
+            .unwrap_err()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(all.contains("known default"), "{all}");
+        assert!(all.contains("non-loopback broker"), "{all}");
+        assert!(
+            !all.contains("mosquitto\""),
+            "the secret is not echoed: {all}"
+        );
+        let ok = text.replace(
+            "password = \"mosquitto\"",
+            "password_file = \"/etc/x\"\nallow_insecure = true",
+        );
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]
