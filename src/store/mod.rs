@@ -1,8 +1,10 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = schema version)
-//! - `outbox(seq PK, event_id BLOB(16), stored_ms, kind, body)`: one row per reading. `body` is
-//!   the reading as postcard bytes (see [`Reading`]); the event JSON is rendered at publish time.
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 2; version 1 files
+//! gain the two tables added in 2 when opened)
+//! - `outbox(seq PK, event_id BLOB(16), stored_ms, kind, body)`: one row per event. `kind` 0 is
+//!   a reading (`body` = [`Reading`] as postcard bytes), 1 a liveness change (`body` =
+//!   [`crate::reading::StatusChange`]); the event JSON is rendered at publish time.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out.
 //! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
 //!   readings and publishes the server refused for good, with their raw bytes; bounded by
@@ -12,6 +14,11 @@
 //! - `recent_messages(id PK, key UNIQUE)`: hashes of the last [`RECENT_MESSAGES`] source messages
 //!   committed, so a redelivery of a message already stored (an MQTT ack lost to a crash) is
 //!   acknowledged again but not stored twice.
+//! - `recent_readings(id PK, key UNIQUE)`: hashes of (device, type, device timestamp) of the last
+//!   [`RECENT_MESSAGES`] readings stored, so the same observation delivered twice is stored once.
+//! - `sensors(device_id, sensor_type PK, field_id, tenant_id, last_seen_ms, stale_after_ms,
+//!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
+//!   in the same transaction as the readings and status events it follows from.
 //!
 //! # Invariants
 //! 1. One thread owns the connection; every write goes through its queue. Writes queued while a
@@ -30,6 +37,8 @@
 //! 6. A corrupt file at open is moved aside and replaced ([`db::open`]); an error from SQLite
 //!    at run time fails the affected callers, who retry: nothing is acknowledged that was not
 //!    committed.
+//! 7. Deduplication keys are remembered only for readings actually stored, so a reading refused
+//!    by a bound is not mistaken for a repeat when it is offered again.
 
 pub mod db;
 pub mod liveness;
