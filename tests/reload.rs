@@ -110,3 +110,38 @@ async fn sighup_applies_a_new_config_and_keeps_the_buffer() {
     ));
     assert_eq!(gateway.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_new_source_cannot_start_keeps_the_rest_running() {
+    let nats = Nats::with_platform_stream().await;
+    let broker = Mosquitto::start();
+    let base = probe_config(&nats, &broker, "", "");
+    let mut gateway = Gateway::start(&base);
+    gateway.wait_subscribed(1).await;
+
+    // The new source's password file does not exist.
+    let broken = format!(
+        "{base}\n[[mqtt]]\nname = \"second\"\nurl = \"{}\"\ntopics = [\"x/#\"]\nformat = \"sahool\"\nusername = \"gw\"\npassword_file = \"/nonexistent/mqtt.password\"\n",
+        broker.url()
+    );
+    gateway.rewrite_config(&broken);
+    gateway.signal("HUP");
+    gateway.wait_until("partial reload reported", Duration::from_secs(10), |g| {
+        g.log().contains("reloaded in part")
+    });
+    assert!(gateway.is_running());
+    assert!(
+        gateway.log().contains("/nonexistent/mqtt.password"),
+        "the error names the file"
+    );
+
+    // The running source still carries readings through.
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..5)).await,
+        5
+    );
+    gateway.wait_until("forwarded", Duration::from_secs(20), |g| {
+        g.metric("sahool_gateway_readings_forwarded_total", "") == 5.0
+    });
+    assert_eq!(gateway.terminate(), Some(0));
+}
