@@ -134,9 +134,7 @@ impl Forwarder {
                                     if let Some(held) = self.failure_log.admit() {
                                         tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
                                     }
-                                    inflight.clear();
-                                    cursor = row.seq - 1;
-                                    tokio::time::sleep(backoff.next_delay()).await;
+                                    rewind(&mut inflight, &mut cursor, row.seq, &mut backoff).await;
                                     break;
                                 }
                             }
@@ -170,9 +168,7 @@ impl Forwarder {
                                 if let Some(held) = self.failure_log.admit() {
                                     tracing::warn!(seq = event.seq, error = %why, in_flight = inflight.len(), repeats = held, "no PubAck; resending from this reading");
                                 }
-                                inflight.clear();
-                                cursor = event.seq - 1;
-                                tokio::time::sleep(backoff.next_delay()).await;
+                                rewind(&mut inflight, &mut cursor, event.seq, &mut backoff).await;
                             }
                         },
                     }
@@ -280,6 +276,19 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Invariant 4: forget every later in-flight result and resume publishing at `seq`, the first
+/// unacknowledged row, after a backoff.
+async fn rewind(
+    inflight: &mut FuturesOrdered<InFlight>,
+    cursor: &mut u64,
+    seq: u64,
+    backoff: &mut Backoff,
+) {
+    inflight.clear();
+    *cursor = seq - 1;
+    tokio::time::sleep(backoff.next_delay()).await;
 }
 
 async fn await_ack(event: Event, fut: PublishAckFuture) -> AckResult {

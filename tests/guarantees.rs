@@ -168,24 +168,23 @@ async fn sigkill_mid_stream_loses_and_doubles_nothing() {
     assert_exactly_once(&values, n);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
+/// A 32 KiB buffer with the `when_full` policy, NATS stopped, then `n` readings published
+/// (all acknowledged by the broker): far more than the bound holds.
+async fn outage_past_the_bound(when_full: &str, n: usize) -> (Nats, Mosquitto, Gateway) {
     let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(
-        &nats,
-        &broker,
-        "max_bytes = \"32KiB\"\nwhen_full = \"drop_oldest\"",
-        "",
-    ));
+    let buffer = format!("max_bytes = \"32KiB\"\nwhen_full = \"{when_full}\"");
+    let gateway = Gateway::start(&config(&nats, &broker, &buffer, ""));
     gateway.wait_subscribed(1).await;
     nats.stop();
+    assert_eq!(publish_all(broker.port, when_full, readings(0..n)).await, n);
+    (nats, broker, gateway)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
     let n = 1_000;
-    assert_eq!(
-        publish_all(broker.port, "bound-publisher", readings(0..n)).await,
-        n
-    );
+    let (mut nats, _broker, gateway) = outage_past_the_bound("drop_oldest", n).await;
     gateway.wait_until("all accepted", Duration::from_secs(30), |g| {
         g.metric("sahool_gateway_readings_accepted_total", "") == n as f64
     });
@@ -214,22 +213,8 @@ async fn drop_oldest_drops_exactly_the_counted_oldest_readings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_new_holds_readings_at_the_broker_and_loses_none() {
-    let mut nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(
-        &nats,
-        &broker,
-        "max_bytes = \"32KiB\"\nwhen_full = \"reject_new\"",
-        "",
-    ));
-    gateway.wait_subscribed(1).await;
-    nats.stop();
-
     let n = 1_000;
-    assert_eq!(
-        publish_all(broker.port, "reject-publisher", readings(0..n)).await,
-        n
-    );
+    let (mut nats, _broker, gateway) = outage_past_the_bound("reject_new", n).await;
     gateway.wait_until("intake paused at the bound", Duration::from_secs(30), |g| {
         g.metric("sahool_gateway_intake_paused", "") == 1.0
     });
