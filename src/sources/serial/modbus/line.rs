@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::sources::serial::quiet;
 
 /// Bytes of one answer kept for classification: a register read's answer is at most 255 bytes.
 const CAPTURE_LIMIT: usize = 512;
@@ -83,48 +83,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Line<T> {
 
     /// Reads and drops whatever has already arrived, without waiting.
     pub(super) fn discard_pending(&self) -> io::Result<usize> {
-        let mut reader = Tap {
-            shared: Arc::clone(&self.shared),
-            capture: false,
-        };
-        let mut buf = [0u8; 256];
-        let mut dropped = 0;
-        while let Some(read) = reader.read(&mut buf).now_or_never() {
-            match read? {
-                0 => return Err(eof()),
-                n => dropped += n,
-            }
-        }
-        Ok(dropped)
+        quiet::discard_available(&mut self.reader())
     }
 
-    /// Reads and drops bytes until the line has been quiet for `quiet`, or `cap` has passed
-    /// (a line that never falls quiet must not stall the bus for longer than that).
+    /// Reads and drops bytes until the line has been quiet for `quiet` (at most for `cap`).
     pub(super) async fn drain(&self, quiet: Duration, cap: Duration) -> io::Result<usize> {
-        let mut reader = Tap {
+        quiet::drain(&mut self.reader(), quiet, cap).await
+    }
+
+    /// A handle that reads without capturing.
+    fn reader(&self) -> Tap<T> {
+        Tap {
             shared: Arc::clone(&self.shared),
             capture: false,
-        };
-        let mut buf = [0u8; 256];
-        let mut dropped = 0;
-        let deadline = Instant::now() + cap;
-        loop {
-            let wait = quiet.min(deadline.saturating_duration_since(Instant::now()));
-            if wait.is_zero() {
-                return Ok(dropped);
-            }
-            match tokio::time::timeout(wait, reader.read(&mut buf)).await {
-                Err(_) => return Ok(dropped),
-                Ok(Ok(0)) => return Err(eof()),
-                Ok(Ok(n)) => dropped += n,
-                Ok(Err(e)) => return Err(e),
-            }
         }
     }
-}
-
-fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "the serial port was closed")
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
@@ -140,7 +113,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if new.is_empty() && wanted {
-                    shared.failure.get_or_insert_with(eof);
+                    shared.failure.get_or_insert_with(quiet::closed);
                 } else if self.capture {
                     let room = CAPTURE_LIMIT.saturating_sub(shared.captured.len());
                     let keep = &new[..new.len().min(room)];
