@@ -23,7 +23,7 @@ pub mod poller;
 pub use decode::{decode_value, DecodeError};
 pub use frame::{parse_response, FrameError};
 pub use plan::{plan, Plan, PointError, ReadRequest, Slot, MAX_GAP, MAX_REGISTERS};
-pub use poller::{frame_gap, CycleReport, PortLost, Poller, RequestOutcome, Timing};
+pub use poller::{frame_gap, CycleReport, Poller, PortLost, RequestOutcome, Timing};
 
 /// The caller's handle for one configured point (e.g. its index in the port's sensor list).
 pub type PointId = usize;

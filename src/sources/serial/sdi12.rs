@@ -117,7 +117,10 @@ mod tests {
         assert!(Address::new('é').is_err());
         let a = Address::new('3').unwrap();
         assert_eq!(MeasureCommand::M.text(a), "3M!");
-        assert_eq!("CC".parse::<MeasureCommand>().map(|c| c.text(a)), Ok("3CC!".into()));
+        assert_eq!(
+            "CC".parse::<MeasureCommand>().map(|c| c.text(a)),
+            Ok("3CC!".into())
+        );
         assert!("MX".parse::<MeasureCommand>().is_err());
         assert!(MeasureCommand::MC.with_crc() && !MeasureCommand::MC.concurrent());
     }

@@ -61,11 +61,10 @@ impl ReadRequest {
             .iter()
             .map(|s| {
                 let words = registers.get(usize::from(s.offset)..).unwrap_or(&[]);
-                let value =
-                    decode_value(s.value_type, s.word_order, words).map_err(|e| match e {
-                        DecodeError::NotFinite => Fault::NotFinite,
-                        DecodeError::Short { .. } => Fault::Unexpected,
-                    });
+                let value = decode_value(s.value_type, s.word_order, words).map_err(|e| match e {
+                    DecodeError::NotFinite => Fault::NotFinite,
+                    DecodeError::Short { .. } => Fault::Unexpected,
+                });
                 (s.id, value)
             })
             .collect()

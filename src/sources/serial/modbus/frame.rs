@@ -121,7 +121,10 @@ mod tests {
         );
         assert!(matches!(
             parse_response(3, h, 1, &good),
-            Err(FrameError::ByteCount { expected: 2, got: 4 })
+            Err(FrameError::ByteCount {
+                expected: 2,
+                got: 4
+            })
         ));
         let mut long = good.clone();
         long.push(0);

@@ -135,9 +135,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
     ) -> Poll<io::Result<usize>> {
         let mut shared = lock(&self.shared);
         match Pin::new(&mut shared.io).poll_write(cx, data) {
-            Poll::Ready(Ok(0)) if !data.is_empty() => Poll::Ready(Err(
-                shared.fail(io::Error::from(io::ErrorKind::WriteZero)),
-            )),
+            Poll::Ready(Ok(0)) if !data.is_empty() => {
+                Poll::Ready(Err(shared.fail(io::Error::from(io::ErrorKind::WriteZero))))
+            }
             Poll::Ready(Err(e)) => Poll::Ready(Err(shared.fail(e))),
             other => other,
         }

@@ -55,7 +55,9 @@ impl Plan {
 pub enum PointError {
     #[error("point {id}: unit {unit} is outside 1..=247")]
     Unit { id: PointId, unit: u8 },
-    #[error("point {id}: a {width}-register value at register {register} runs past register 65535")]
+    #[error(
+        "point {id}: a {width}-register value at register {register} runs past register 65535"
+    )]
     Register {
         id: PointId,
         register: u16,
@@ -213,10 +215,7 @@ mod tests {
     #[test]
     fn unreadable_points_are_refused() {
         let bad_unit = point(7, 0, RegisterKind::Holding, 0, ValueType::U16);
-        assert_eq!(
-            plan(&[bad_unit]),
-            Err(PointError::Unit { id: 7, unit: 0 })
-        );
+        assert_eq!(plan(&[bad_unit]), Err(PointError::Unit { id: 7, unit: 0 }));
         let high = point(8, 248, RegisterKind::Holding, 0, ValueType::U16);
         assert!(plan(&[high]).is_err());
         let past_end = point(9, 1, RegisterKind::Holding, 65535, ValueType::U32);

@@ -197,13 +197,17 @@ where
             Ok(Ok(Err(exception))) => Err(Fault::Exception(exception.into())),
             Ok(Err(tokio_modbus::Error::Protocol(_))) => Err(Fault::Unexpected),
             // The line did not fail, so this is tokio-modbus's decoder giving up on the bytes.
-            Ok(Err(tokio_modbus::Error::Transport(_))) => Err(self.classify_captured(request, false)),
+            Ok(Err(tokio_modbus::Error::Transport(_))) => {
+                Err(self.classify_captured(request, false))
+            }
         };
         if let Err(fault) = &result {
             tracing::debug!(unit = request.unit, start = request.start, %fault, "Modbus request failed");
             if !matches!(fault, Fault::Exception(_)) {
                 self.client = None;
-                self.line.drain(self.timing.settle, self.timing.timeout).await?;
+                self.line
+                    .drain(self.timing.settle, self.timing.timeout)
+                    .await?;
             }
         }
         Ok(result)

@@ -195,12 +195,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
             }
             let response = parse(answer)?;
             return match address {
-                Some(expected) if response.address() != expected => {
-                    Err(Sdi12Fault::WrongAddress {
-                        expected,
-                        got: response.address(),
-                    })
-                }
+                Some(expected) if response.address() != expected => Err(Sdi12Fault::WrongAddress {
+                    expected,
+                    got: response.address(),
+                }),
                 _ => Ok(response),
             };
         }
