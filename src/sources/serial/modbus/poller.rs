@@ -40,8 +40,11 @@ const SETTLE_FLOOR: Duration = Duration::from_millis(100);
 /// Timing of one bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    /// How long a slave has to answer one request (the port's `timeout`).
+    /// How long a slave has to answer one request (the port's `timeout`), on top of the time
+    /// the request and its answer take on the wire.
     pub timeout: Duration,
+    /// Wire time of one character (11 bits in RTU: start, 8 data, parity or second stop, stop).
+    pub char_time: Duration,
     /// Silence kept before each request: 3.5 character times.
     pub gap: Duration,
     /// Quiet time that ends the drain after a failed request.
@@ -53,9 +56,17 @@ impl Timing {
         let gap = frame_gap(baud);
         Self {
             timeout,
+            char_time: Duration::from_nanos(11_000_000_000 / u64::from(baud.max(1))),
             gap,
             settle: gap.max(SETTLE_FLOOR).min(timeout),
         }
+    }
+
+    /// The wait for the answer to a read of `count` registers: the timeout plus the wire time
+    /// of the 8-byte request and the answer (5 bytes of frame and 2 per register). At 9600
+    /// baud a 125-register answer alone takes 290 ms.
+    pub fn request_timeout(&self, count: u16) -> Duration {
+        self.timeout + self.char_time * (13 + 2 * u32::from(count))
     }
 }
 
@@ -182,7 +193,8 @@ where
             RegisterKind::Holding => Request::ReadHoldingRegisters(request.start, request.count),
             RegisterKind::Input => Request::ReadInputRegisters(request.start, request.count),
         };
-        let answer = tokio::time::timeout(self.timing.timeout, client.call(call)).await;
+        let wait = self.timing.request_timeout(request.count);
+        let answer = tokio::time::timeout(wait, client.call(call)).await;
         if let Some(error) = self.line.take_failure() {
             self.client = None;
             return Err(error);
@@ -239,5 +251,10 @@ mod tests {
         assert_eq!(t.settle, SETTLE_FLOOR);
         let short = Timing::new(Duration::from_millis(40), 9600);
         assert_eq!(short.settle, Duration::from_millis(40));
+        // 125 registers at 9600 baud: 263 bytes of 1.146 ms on the wire.
+        assert_eq!(
+            t.request_timeout(125).as_micros(),
+            500_000 + 263 * 1_145_833 / 1000
+        );
     }
 }
