@@ -3,6 +3,7 @@
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
 //! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//! - [`sources::serial`]: serial protocol engines (Modbus RTU, SDI-12) over any port transport.
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.

@@ -22,6 +22,22 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// One Modbus request's slave and outcome (`ok` or a fault reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModbusRequestLabel {
+    pub port: String,
+    pub unit: u8,
+    pub outcome: &'static str,
+}
+
+/// One SDI-12 measurement's sensor and outcome (`ok` or a fault reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Sdi12MeasurementLabel {
+    pub port: String,
+    pub address: String,
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub readings_accepted: Counter,
@@ -44,6 +60,8 @@ pub struct Metrics {
     pub readings_duplicates: Counter,
     pub timestamps_replaced: Counter,
     pub status_events: Counter,
+    pub modbus_requests: Family<ModbusRequestLabel, Counter>,
+    pub sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
     store_healthy: AtomicBool,
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
@@ -76,6 +94,8 @@ impl Metrics {
             readings_duplicates: Counter::default(),
             timestamps_replaced: Counter::default(),
             status_events: Counter::default(),
+            modbus_requests: Family::default(),
+            sdi12_measurements: Family::default(),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
@@ -178,6 +198,16 @@ impl Metrics {
             "Sensor connected / disconnected / low-battery events buffered",
             m.status_events.clone(),
         );
+        r.register(
+            "modbus_requests",
+            "Modbus RTU requests, by port, slave and outcome (ok, timeout, crc, exception, unexpected)",
+            m.modbus_requests.clone(),
+        );
+        r.register(
+            "sdi12_measurements",
+            "SDI-12 measurements, by port, sensor address and outcome",
+            m.sdi12_measurements.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -201,6 +231,26 @@ impl Metrics {
         SourceLabel {
             source: source.into(),
         }
+    }
+
+    pub fn modbus_request(&self, port: &str, unit: u8, outcome: &'static str) -> Counter {
+        self.modbus_requests
+            .get_or_create(&ModbusRequestLabel {
+                port: port.into(),
+                unit,
+                outcome,
+            })
+            .clone()
+    }
+
+    pub fn sdi12_measurement(&self, port: &str, address: char, outcome: &'static str) -> Counter {
+        self.sdi12_measurements
+            .get_or_create(&Sdi12MeasurementLabel {
+                port: port.into(),
+                address: address.into(),
+                outcome,
+            })
+            .clone()
     }
 
     pub fn set_store_healthy(&self, ok: bool) {

@@ -711,3 +711,7 @@ pub fn fixture(name: &str) -> Value {
         .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
 }
+
+// Simulated serial devices for the far end of a pseudo-terminal.
+pub mod sim_modbus;
+pub mod sim_sdi12;
