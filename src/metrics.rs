@@ -1,6 +1,7 @@
 //! Prometheus metrics, one registry per process. Counters get the `_total` suffix from the
 //! encoder, so `readings_accepted` is exported as `sahool_gateway_readings_accepted_total`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,6 +21,17 @@ pub struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabel {
+    pub port: String,
+    pub reason: String,
 }
 
 pub struct Metrics {
@@ -44,6 +56,13 @@ pub struct Metrics {
     pub readings_duplicates: Counter,
     pub timestamps_replaced: Counter,
     pub status_events: Counter,
+    pub serial_port_up: Family<PortLabel, Gauge>,
+    pub serial_reconnects: Family<PortLabel, Counter>,
+    pub serial_bytes: Family<PortLabel, Counter>,
+    pub serial_messages: Family<PortLabel, Counter>,
+    pub serial_errors: Family<PortReasonLabel, Counter>,
+    /// Each running serial port's state for `/readyz`: `Ok(())` up, `Err(why)` not.
+    serial_states: Mutex<BTreeMap<String, Result<(), String>>>,
     store_healthy: AtomicBool,
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
@@ -76,6 +95,12 @@ impl Metrics {
             readings_duplicates: Counter::default(),
             timestamps_replaced: Counter::default(),
             status_events: Counter::default(),
+            serial_port_up: Family::default(),
+            serial_reconnects: Family::default(),
+            serial_bytes: Family::default(),
+            serial_messages: Family::default(),
+            serial_errors: Family::default(),
+            serial_states: Mutex::new(BTreeMap::new()),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
@@ -178,6 +203,31 @@ impl Metrics {
             "Sensor connected / disconnected / low-battery events buffered",
             m.status_events.clone(),
         );
+        r.register(
+            "serial_port_up",
+            "1 while the serial port is open",
+            m.serial_port_up.clone(),
+        );
+        r.register(
+            "serial_reconnects",
+            "Serial ports opened again after they were lost",
+            m.serial_reconnects.clone(),
+        );
+        r.register(
+            "serial_bytes_received",
+            "Bytes read from the serial port",
+            m.serial_bytes.clone(),
+        );
+        r.register(
+            "serial_messages_received",
+            "Lines, frames or responses received on the serial port",
+            m.serial_messages.clone(),
+        );
+        r.register(
+            "serial_errors",
+            "Serial port faults and protocol errors, by reason",
+            m.serial_errors.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -201,6 +251,45 @@ impl Metrics {
         SourceLabel {
             source: source.into(),
         }
+    }
+
+    pub fn port(&self, port: &str) -> PortLabel {
+        PortLabel { port: port.into() }
+    }
+
+    pub fn serial_error(&self, port: &str, reason: &str) -> Counter {
+        self.serial_errors
+            .get_or_create(&PortReasonLabel {
+                port: port.into(),
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// Records a serial port as up (`Ok`) or not (`Err(why)`), for `/readyz` and the gauge.
+    pub fn set_serial_state(&self, port: &str, state: Result<(), String>) {
+        self.serial_port_up
+            .get_or_create(&self.port(port))
+            .set(i64::from(state.is_ok()));
+        if let Ok(mut states) = self.serial_states.lock() {
+            states.insert(port.to_string(), state);
+        }
+    }
+
+    /// A serial port that no longer runs (stopped, or removed by a reload).
+    pub fn forget_serial_port(&self, port: &str) {
+        self.serial_port_up.remove(&self.port(port));
+        if let Ok(mut states) = self.serial_states.lock() {
+            states.remove(port);
+        }
+    }
+
+    /// Every running serial port's state, by name.
+    pub fn serial_states(&self) -> Vec<(String, Result<(), String>)> {
+        self.serial_states.lock().map_or_else(
+            |_| Vec::new(),
+            |s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        )
     }
 
     pub fn set_store_healthy(&self, ok: bool) {
