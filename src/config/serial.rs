@@ -278,7 +278,7 @@ impl TryFrom<String> for LineKey {
         }
         if let Some(c) = s
             .chars()
-            .find(|c| !(c.is_ascii_graphic() && !matches!(c, '=' | ',' | ';' | '"' | '|' | '&')))
+            .find(|c| !c.is_ascii_graphic() || matches!(c, '=' | ',' | ';' | '"' | '|' | '&'))
         {
             return Err(format!(
                 "line key `{s}` contains `{c}`; keys are printable ASCII without spaces, `=`, `,`, `;`, `|`, `&` or quotes"

@@ -247,11 +247,7 @@ pub fn parse_line(spec: &LineSpec, line: &[u8]) -> Result<Option<ParsedLine>, Re
 }
 
 /// Splits at the separator: `None` means `default` characters and whitespace, `' '` whitespace.
-fn split<'a>(
-    text: &'a str,
-    separator: Option<char>,
-    default: Option<char>,
-) -> impl Iterator<Item = &'a str> {
+fn split(text: &str, separator: Option<char>, default: Option<char>) -> impl Iterator<Item = &str> {
     text.split(move |c: char| match separator {
         Some(' ') => c.is_whitespace(),
         Some(sep) => c == sep,
