@@ -246,19 +246,20 @@ pub fn parse_line(spec: &LineSpec, line: &[u8]) -> Result<Option<ParsedLine>, Re
     Ok(Some(parsed))
 }
 
-/// Splits at the separator: `None` means `default` characters and whitespace, `' '` whitespace.
-fn split(text: &str, separator: Option<char>, default: Option<char>) -> impl Iterator<Item = &str> {
+/// Splits at the separator, trimming each part: `' '` is any whitespace, `None` a comma or any
+/// whitespace (kv's default).
+fn split(text: &str, separator: Option<char>) -> impl Iterator<Item = &str> {
     text.split(move |c: char| match separator {
         Some(' ') => c.is_whitespace(),
         Some(sep) => c == sep,
-        None => Some(c) == default || (default == Some(',') && c.is_whitespace()),
+        None => c == ',' || c.is_whitespace(),
     })
     .map(str::trim)
 }
 
 fn kv_pairs(spec: &LineSpec, text: &str) -> Result<Vec<(String, Value)>, Rejection> {
     let mut pairs: Vec<(String, Value)> = Vec::new();
-    for pair in split(text, spec.separator, Some(',')).filter(|p| !p.is_empty()) {
+    for pair in split(text, spec.separator).filter(|p| !p.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
             return Err(malformed(format!("`{pair}` is not key=value")));
         };
@@ -276,8 +277,7 @@ fn kv_pairs(spec: &LineSpec, text: &str) -> Result<Vec<(String, Value)>, Rejecti
 
 fn csv_pairs(spec: &LineSpec, text: &str) -> Result<Option<Vec<(String, Value)>>, Rejection> {
     // The default delimiter is a comma alone: CSV values may hold spaces.
-    let separator = spec.separator.or(Some(','));
-    let fields: Vec<&str> = split(text, separator, None)
+    let fields: Vec<&str> = split(text, Some(spec.separator.unwrap_or(',')))
         .map(|f| {
             f.strip_prefix('"')
                 .and_then(|f| f.strip_suffix('"'))
