@@ -3,6 +3,8 @@
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
 //! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
+//!   plug-in point for protocol engines; [`sources::serial::lines`] reads ASCII talkers.
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
