@@ -205,31 +205,37 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
         rate("sahool_gateway_readings_forwarded_total", "")
     )?;
     writeln!(out, "sources:")?;
-    for source in label_values(&now, "sahool_gateway_mqtt_connected", "source") {
-        let label = format!("source=\"{source}\"");
-        let up = sample(&now, "sahool_gateway_mqtt_connected", &label) == 1.0;
-        writeln!(
-            out,
-            "  {source:<20} {:<13} {:.1} msg/s ({} messages)",
-            if up { "connected" } else { "DISCONNECTED" },
-            rate("sahool_gateway_mqtt_messages_total", &label),
-            sample(&now, "sahool_gateway_mqtt_messages_total", &label),
-        )?;
-    }
-    for port in label_values(&now, "sahool_gateway_serial_port_up", "port") {
-        let label = format!("port=\"{port}\"");
-        let up = sample(&now, "sahool_gateway_serial_port_up", &label) == 1.0;
-        writeln!(
-            out,
-            "  {port:<20} {:<13} {:.1} msg/s ({} lines/frames/responses; serial)",
-            if up { "open" } else { "DOWN" },
-            rate("sahool_gateway_serial_messages_received_total", &label),
-            sample(
-                &now,
-                "sahool_gateway_serial_messages_received_total",
-                &label
-            ),
-        )?;
+    // (link gauge, its label, message counter, up, down, what the counter counts)
+    let inputs = [
+        (
+            "sahool_gateway_mqtt_connected",
+            "source",
+            "sahool_gateway_mqtt_messages_total",
+            "connected",
+            "DISCONNECTED",
+            "messages",
+        ),
+        (
+            "sahool_gateway_serial_port_up",
+            "port",
+            "sahool_gateway_serial_messages_received_total",
+            "open",
+            "DOWN",
+            "lines/frames/responses; serial",
+        ),
+    ];
+    for (gauge, key, messages, up_text, down_text, what) in inputs {
+        for name in label_values(&now, gauge, key) {
+            let label = format!("{key}=\"{name}\"");
+            let up = sample(&now, gauge, &label) == 1.0;
+            writeln!(
+                out,
+                "  {name:<20} {:<13} {:.1} msg/s ({} {what})",
+                if up { up_text } else { down_text },
+                rate(messages, &label),
+                sample(&now, messages, &label),
+            )?;
+        }
     }
     let dropped = g("sahool_gateway_readings_dropped_total");
     if dropped > 0.0 {

@@ -22,16 +22,6 @@ const SER_RS485_RTS_AFTER_SEND: u32 = 1 << 2;
 const SER_RS485_RX_DURING_TX: u32 = 1 << 4;
 const SER_RS485_TERMINATE_BUS: u32 = 1 << 5;
 
-/// The generic ioctl number (x86, ARM, AArch64, RISC-V); other architectures number it apart.
-#[cfg(any(
-    target_arch = "x86",
-    target_arch = "x86_64",
-    target_arch = "arm",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-))]
-const TIOCSRS485: rustix::ioctl::Opcode = 0x542F;
-
 /// Switches the open port into RS-485 mode with the configured RTS levels and delays.
 pub fn enable(port: &impl AsRawFd, config: &Rs485) -> std::io::Result<()> {
     let ms = |d: Option<crate::config::DurationValue>| {
@@ -51,6 +41,7 @@ pub fn enable(port: &impl AsRawFd, config: &Rs485) -> std::io::Result<()> {
     set(port, &mut value)
 }
 
+/// The generic ioctl number (x86, ARM, AArch64, RISC-V); other architectures number it apart.
 #[cfg(any(
     target_arch = "x86",
     target_arch = "x86_64",
@@ -59,6 +50,7 @@ pub fn enable(port: &impl AsRawFd, config: &Rs485) -> std::io::Result<()> {
     target_arch = "riscv64"
 ))]
 fn set(port: &impl AsRawFd, value: &mut SerialRs485) -> std::io::Result<()> {
+    const TIOCSRS485: rustix::ioctl::Opcode = 0x542F;
     // SAFETY: the descriptor stays open while `port` is borrowed, which outlives this call;
     // TIOCSRS485 reads a `struct serial_rs485` and writes the settings the driver applied back
     // into it, which `SerialRs485` mirrors field for field (repr(C), 32 bytes), passed as `&mut`.
