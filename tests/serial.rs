@@ -1,7 +1,8 @@
 //! Serial ports through the real binary, with pseudo-terminals as devices: line talkers in all
 //! three forms with garbage mixed in; a device unplugged and plugged in again (a by-id style
 //! link repointed) without a restart; a port missing at start while MQTT carries on; a reload
-//! that restarts only the port whose settings changed.
+//! that restarts only the port whose settings changed; a full buffer (`reject_new`) that holds
+//! what the port read until there is room, losing nothing.
 
 mod support;
 
@@ -525,4 +526,80 @@ id = "field-1"
     assert_eq!(opens("a"), 1, "a kept its device open:\n{log}");
     assert_eq!(opens("b"), 2, "b was restarted:\n{log}");
     assert_eq!(gateway.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_holds_what_the_port_read_and_loses_none() {
+    let n = 400;
+    let mut nats = Nats::with_platform_stream().await;
+    let mut link = SerialLink::plugged("usb-tank");
+    let gateway = Gateway::start(&format!(
+        r#"
+[nats]
+servers = ["{nats}"]
+ack_timeout = "2s"
+
+[buffer]
+max_bytes = "16KiB"
+when_full = "reject_new"
+min_free_disk = "1MiB"
+
+# One talker stands in for a busy bus: no flood limits.
+[quality]
+device_rate = 1000000.0
+device_burst = 1000000.0
+source_rate = 1000000.0
+source_burst = 1000000.0
+
+[[serial]]
+name = "tank"
+path = "{path}"
+protocol = "lines"
+line_format = "kv"
+device_id = "tank-1"
+
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "tank-1"
+  sensor_type = "water_level"
+  line = {{ port = "tank", key = "level" }}
+"#,
+        nats = nats.url(),
+        path = link.path.display(),
+    ));
+    wait_port_open(&gateway, "tank");
+    nats.stop();
+    // About 4 KB: the pseudo-terminal holds what the gateway does not read meanwhile.
+    for i in 0..n {
+        link.write(format!("level={i}\n").as_bytes());
+    }
+    gateway.wait_until("intake paused at the bound", WITHIN, |g| {
+        g.metric("sahool_gateway_intake_paused", "") == 1.0
+    });
+    let buffered = gateway.metric("sahool_gateway_buffer_readings", "") as usize;
+    assert!(
+        buffered > 0 && buffered < n,
+        "the buffer holds {buffered}; the port holds the rest"
+    );
+    assert_eq!(
+        gateway.metric("sahool_gateway_serial_port_up", &port_label("tank")),
+        1.0
+    );
+
+    nats.resume();
+    gateway.wait_until("all forwarded", Duration::from_secs(120), |g| {
+        g.metric("sahool_gateway_readings_forwarded_total", "") >= n as f64
+    });
+    let values: Vec<f64> = readings(&nats).await.iter().map(|r| r.2).collect();
+    let expected: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    assert_eq!(values, expected, "every line once, in order");
+    assert_eq!(
+        gateway.metric("sahool_gateway_readings_dropped_total", ""),
+        0.0
+    );
+    assert_eq!(
+        gateway.metric("sahool_gateway_readings_rejected_total", ""),
+        0.0
+    );
 }
