@@ -120,15 +120,6 @@ pub enum PortFault {
     StoreClosed,
 }
 
-impl PortFault {
-    fn reason(&self) -> &'static str {
-        match self {
-            Self::Closed | Self::Io(_) => "lost",
-            Self::Stopping | Self::StoreClosed => "stopped",
-        }
-    }
-}
-
 /// Why a port could not be opened; `reason` is the metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -482,8 +473,8 @@ impl SerialInput {
                             tracing::error!(port = %name, "buffer closed; stopping serial port");
                             break;
                         }
-                        Err(fault) => {
-                            ctx.error(fault.reason());
+                        Err(fault @ (PortFault::Closed | PortFault::Io(_))) => {
+                            ctx.error("lost");
                             tracing::warn!(port = %name, error = %fault, "serial port lost; opening it again with backoff");
                             self.metrics
                                 .set_serial_state(&name, Err(format!("lost: {fault}")));
