@@ -449,6 +449,30 @@ mod tests {
     }
 
     #[test]
+    fn how_the_bytes_are_cut_into_reads_does_not_change_the_lines() {
+        let stream: &[u8] = b"a=1\r\nbbbbbbbbbbbb\n\nc=3\nddddd\r\n\r\ne\n";
+        let whole = frame(5, &[stream]);
+        assert_eq!(
+            whole,
+            vec![
+                line("a=1"),
+                Framed::Overlong(b"bbbbb".to_vec()),
+                line(""),
+                line("c=3"),
+                line("ddddd"),
+                line(""),
+                line("e"),
+            ]
+        );
+        for i in 0..=stream.len() {
+            for j in i..=stream.len() {
+                let cut = frame(5, &[&stream[..i], &stream[i..j], &stream[j..]]);
+                assert_eq!(cut, whole, "cut at {i} and {j}");
+            }
+        }
+    }
+
+    #[test]
     fn kv_pairs_with_commas_or_whitespace_and_the_recognised_keys() {
         let s = spec(LineFormat::Kv);
         let p = parse_line(&s, b"soil_t=21.5, vwc=31 ts=1780287300 battery=88")
