@@ -51,6 +51,34 @@ fn wait_forwarded(gateway: &Gateway, n: usize) {
     });
 }
 
+/// A config with one kv talker, `port`, printing `level=N` for water level sensor `tank-1`,
+/// with `extra` sections.
+fn tank_talker(nats: &Nats, link: &SerialLink, port: &str, extra: &str) -> String {
+    format!(
+        r#"
+[nats]
+servers = ["{nats}"]
+ack_timeout = "2s"
+{extra}
+[[serial]]
+name = "{port}"
+path = "{path}"
+protocol = "lines"
+line_format = "kv"
+device_id = "tank-1"
+
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "tank-1"
+  sensor_type = "water_level"
+  line = {{ port = "{port}", key = "level" }}
+"#,
+        nats = nats.url(),
+        path = link.path.display(),
+    )
+}
+
 const TALKERS: &str = r#"
 [[fields]]
 id = "field-1"
@@ -296,28 +324,7 @@ line_format = "json"
 async fn an_unplugged_device_is_opened_again_when_plugged_back_in() {
     let nats = Nats::with_platform_stream().await;
     let mut link = SerialLink::plugged("usb-FTDI_FT232R_A5069RR4-if00-port0");
-    let mut gateway = Gateway::start(&format!(
-        r#"
-[nats]
-servers = ["{nats}"]
-
-[[serial]]
-name = "talker"
-path = "{path}"
-protocol = "lines"
-line_format = "kv"
-device_id = "tank-1"
-
-[[fields]]
-id = "field-1"
-  [[fields.sensors]]
-  device_id = "tank-1"
-  sensor_type = "water_level"
-  line = {{ port = "talker", key = "level" }}
-"#,
-        nats = nats.url(),
-        path = link.path.display(),
-    ));
+    let mut gateway = Gateway::start(&tank_talker(&nats, &link, "talker", ""));
     let up = |g: &Gateway| g.metric("sahool_gateway_serial_port_up", &port_label("talker"));
     wait_port_open(&gateway, "talker");
     for i in 0..3 {
@@ -533,12 +540,11 @@ async fn a_full_buffer_holds_what_the_port_read_and_loses_none() {
     let n = 400;
     let mut nats = Nats::with_platform_stream().await;
     let mut link = SerialLink::plugged("usb-tank");
-    let gateway = Gateway::start(&format!(
+    let gateway = Gateway::start(&tank_talker(
+        &nats,
+        &link,
+        "tank",
         r#"
-[nats]
-servers = ["{nats}"]
-ack_timeout = "2s"
-
 [buffer]
 max_bytes = "16KiB"
 when_full = "reject_new"
@@ -550,23 +556,7 @@ device_rate = 1000000.0
 device_burst = 1000000.0
 source_rate = 1000000.0
 source_burst = 1000000.0
-
-[[serial]]
-name = "tank"
-path = "{path}"
-protocol = "lines"
-line_format = "kv"
-device_id = "tank-1"
-
-[[fields]]
-id = "field-1"
-  [[fields.sensors]]
-  device_id = "tank-1"
-  sensor_type = "water_level"
-  line = {{ port = "tank", key = "level" }}
 "#,
-        nats = nats.url(),
-        path = link.path.display(),
     ));
     wait_port_open(&gateway, "tank");
     nats.stop();
