@@ -15,6 +15,7 @@ use crate::forward::Forwarder;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics::Metrics;
 use crate::sources::mqtt::MqttInput;
+use crate::sources::serial::{PortPlan, SerialInput};
 use crate::store::StoreHandle;
 use crate::systemd::{self, Notifier};
 use crate::{http, nats, store};
@@ -53,6 +54,7 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     mapper: SharedMapper,
     sources: Vec<Task<MqttSource>>,
+    serial: Vec<Task<PortPlan>>,
     forwarder: Task<Nats>,
 }
 
@@ -82,6 +84,45 @@ impl Pipeline {
             stop,
             handle: tokio::spawn(input.run(stop_rx)),
         })
+    }
+
+    /// A port task; it opens the device itself (with backoff), so starting cannot fail.
+    fn start_serial(&self, plan: PortPlan) -> Task<PortPlan> {
+        let input = SerialInput {
+            plan: plan.clone(),
+            quality: self.quality.clone(),
+            mapper: self.mapper.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        Task {
+            config: plan,
+            stop,
+            handle: tokio::spawn(input.run(stop_rx)),
+        }
+    }
+
+    /// Stops ports that were removed or changed and starts new and changed ones; ports whose
+    /// settings and (for polled protocols) sensors are unchanged keep their device open.
+    async fn reload_serial(&mut self, new: &Config) {
+        let plans = PortPlan::all(new);
+        let mut kept = Vec::new();
+        for task in std::mem::take(&mut self.serial) {
+            if plans.iter().any(|p| task.config.unchanged(p)) {
+                kept.push(task);
+            } else {
+                tracing::info!(port = %task.config.port.name, "stopping serial port (removed or changed)");
+                task.stop().await;
+            }
+        }
+        for plan in plans {
+            if !kept.iter().any(|t| t.config.unchanged(&plan)) {
+                tracing::info!(port = %plan.port.name, "starting serial port");
+                kept.push(self.start_serial(plan));
+            }
+        }
+        self.serial = kept;
     }
 
     async fn start_forwarder(
@@ -148,7 +189,11 @@ impl Pipeline {
             for task in std::mem::take(&mut self.sources) {
                 task.stop().await;
             }
+            for task in std::mem::take(&mut self.serial) {
+                task.stop().await;
+            }
         }
+        self.reload_serial(new).await;
 
         let mut kept = Vec::new();
         for task in std::mem::take(&mut self.sources) {
@@ -233,11 +278,16 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),
         sources: Vec::new(),
+        serial: Vec::new(),
         forwarder,
     };
     for source in &config.mqtt {
         let task = pipeline.start_source(source)?;
         pipeline.sources.push(task);
+    }
+    for plan in PortPlan::all(&config) {
+        let task = pipeline.start_serial(plan);
+        pipeline.serial.push(task);
     }
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
     let notifier = Arc::new(Notifier::from_env());
@@ -252,6 +302,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     tracing::info!(
         gateway = %config.gateway.id,
         sources = config.mqtt.len(),
+        serial_ports = config.serial.len(),
         fields = config.fields.len(),
         buffer = %config.store_path().display(),
         "gateway running"
@@ -288,12 +339,16 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     let _ = supervisor.await;
     let Pipeline {
         sources,
+        serial,
         forwarder,
         store: pipeline_store,
         ..
     } = pipeline;
     for source in sources {
         source.stop().await;
+    }
+    for port in serial {
+        port.stop().await;
     }
     forwarder.stop().await;
     let _ = http_task.await;

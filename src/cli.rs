@@ -31,10 +31,11 @@ pub fn validate(path: &Path, out: &mut impl Write) -> Result<bool, CliError> {
             let sensors: usize = c.fields.iter().map(|f| f.sensors.len()).sum();
             writeln!(
                 out,
-                "{}: ok (gateway {}, {} MQTT source(s), {} field(s), {} sensor(s))",
+                "{}: ok (gateway {}, {} MQTT source(s), {} serial port(s), {} field(s), {} sensor(s))",
                 path.display(),
                 c.gateway.id,
                 c.mqtt.len(),
+                c.serial.len(),
                 c.fields.len(),
                 sensors
             )?;
@@ -204,16 +205,37 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
         rate("sahool_gateway_readings_forwarded_total", "")
     )?;
     writeln!(out, "sources:")?;
-    for source in label_values(&now, "sahool_gateway_mqtt_connected", "source") {
-        let label = format!("source=\"{source}\"");
-        let up = sample(&now, "sahool_gateway_mqtt_connected", &label) == 1.0;
-        writeln!(
-            out,
-            "  {source:<20} {:<13} {:.1} msg/s ({} messages)",
-            if up { "connected" } else { "DISCONNECTED" },
-            rate("sahool_gateway_mqtt_messages_total", &label),
-            sample(&now, "sahool_gateway_mqtt_messages_total", &label),
-        )?;
+    // (link gauge, its label, message counter, up, down, what the counter counts)
+    let inputs = [
+        (
+            "sahool_gateway_mqtt_connected",
+            "source",
+            "sahool_gateway_mqtt_messages_total",
+            "connected",
+            "DISCONNECTED",
+            "messages",
+        ),
+        (
+            "sahool_gateway_serial_port_up",
+            "port",
+            "sahool_gateway_serial_messages_received_total",
+            "open",
+            "DOWN",
+            "lines/frames/responses; serial",
+        ),
+    ];
+    for (gauge, key, messages, up_text, down_text, what) in inputs {
+        for name in label_values(&now, gauge, key) {
+            let label = format!("{key}=\"{name}\"");
+            let up = sample(&now, gauge, &label) == 1.0;
+            writeln!(
+                out,
+                "  {name:<20} {:<13} {:.1} msg/s ({} {what})",
+                if up { up_text } else { down_text },
+                rate(messages, &label),
+                sample(&now, messages, &label),
+            )?;
+        }
     }
     let dropped = g("sahool_gateway_readings_dropped_total");
     if dropped > 0.0 {
@@ -269,6 +291,57 @@ pub fn mappings_test(
     };
     let mapper = crate::mapping::Mapper::new(&c);
     let mapped = mapper.map_mqtt(&source, topic, payload, crate::reading::Timestamp::now());
+    print_mapped(&source, &mapped, out)
+}
+
+/// `mappings test --serial-line`: what the gateway would make of one line on a `lines` port.
+/// Returns false when nothing became a reading.
+pub fn mappings_test_serial_line(
+    config_path: &Path,
+    port: &str,
+    line: &[u8],
+    out: &mut impl Write,
+) -> Result<bool, CliError> {
+    use crate::sources::serial::lines;
+    let c = config::load(config_path)?;
+    let Some(spec) = c
+        .serial
+        .iter()
+        .find(|s| s.name.as_str() == port && s.protocol == config::Protocol::Lines)
+        .map(lines::LineSpec::of)
+    else {
+        let names: Vec<&str> = c
+            .serial
+            .iter()
+            .filter(|s| s.protocol == config::Protocol::Lines)
+            .map(|s| s.name.as_str())
+            .collect();
+        writeln!(
+            out,
+            "no [[serial]] port `{port}` with protocol = \"lines\" (lines ports: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )?;
+        return Ok(false);
+    };
+    let mapper = crate::mapping::Mapper::new(&c);
+    let mapped = lines::map_line(&mapper, port, &spec, line, crate::reading::Timestamp::now());
+    if mapped.readings.is_empty() && mapped.rejections.is_empty() {
+        writeln!(out, "skipped: a blank line or the CSV header")?;
+        return Ok(false);
+    }
+    print_mapped(port, &mapped, out)
+}
+
+/// One JSON object per reading, then one `rejected:` line per rejection.
+fn print_mapped(
+    source: &str,
+    mapped: &crate::mapping::Mapped,
+    out: &mut impl Write,
+) -> Result<bool, CliError> {
     for r in &mapped.readings {
         let v = serde_json::json!({
             "source": source,

@@ -67,7 +67,7 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let body = format!(
+            let mut body = format!(
                 "store: {}\nnats: {}\nstream: {}\n",
                 if store { "ok" } else { "failing" },
                 if nats { "connected" } else { "disconnected" },
@@ -77,6 +77,14 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
                     "not found"
                 },
             );
+            // A serial port that is down is reported but does not make the gateway unready:
+            // one unplugged sensor must not take the buffer and the other inputs out of service.
+            for (port, state) in metrics.serial_states() {
+                match state {
+                    Ok(()) => body.push_str(&format!("serial {port}: up\n")),
+                    Err(why) => body.push_str(&format!("serial {port}: down ({why})\n")),
+                }
+            }
             text(status, body)
         }
         "/metrics" => {

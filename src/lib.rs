@@ -3,7 +3,9 @@
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
 //! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
-//! - [`sources::serial`]: serial protocol engines (Modbus RTU, SDI-12) over any port transport.
+//!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
+//!   plug-in point for protocol engines: [`sources::serial::lines`] (ASCII talkers),
+//!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12).
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.

@@ -1,6 +1,7 @@
 //! Prometheus metrics, one registry per process. Counters get the `_total` suffix from the
 //! encoder, so `readings_accepted` is exported as `sahool_gateway_readings_accepted_total`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,6 +39,17 @@ pub struct Sdi12MeasurementLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabel {
+    pub port: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub readings_accepted: Counter,
@@ -62,6 +74,13 @@ pub struct Metrics {
     pub status_events: Counter,
     pub modbus_requests: Family<ModbusRequestLabel, Counter>,
     pub sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
+    pub serial_port_up: Family<PortLabel, Gauge>,
+    pub serial_reconnects: Family<PortLabel, Counter>,
+    pub serial_bytes: Family<PortLabel, Counter>,
+    pub serial_messages: Family<PortLabel, Counter>,
+    pub serial_errors: Family<PortReasonLabel, Counter>,
+    /// Each running serial port's state for `/readyz`: `Ok(())` up, `Err(why)` not.
+    serial_states: Mutex<BTreeMap<String, Result<(), String>>>,
     store_healthy: AtomicBool,
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
@@ -96,6 +115,12 @@ impl Metrics {
             status_events: Counter::default(),
             modbus_requests: Family::default(),
             sdi12_measurements: Family::default(),
+            serial_port_up: Family::default(),
+            serial_reconnects: Family::default(),
+            serial_bytes: Family::default(),
+            serial_messages: Family::default(),
+            serial_errors: Family::default(),
+            serial_states: Mutex::new(BTreeMap::new()),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
@@ -208,6 +233,31 @@ impl Metrics {
             "SDI-12 measurements, by port, sensor address and outcome",
             m.sdi12_measurements.clone(),
         );
+        r.register(
+            "serial_port_up",
+            "1 while the serial port is open",
+            m.serial_port_up.clone(),
+        );
+        r.register(
+            "serial_reconnects",
+            "Serial ports opened again after they were lost",
+            m.serial_reconnects.clone(),
+        );
+        r.register(
+            "serial_bytes_received",
+            "Bytes read from the serial port",
+            m.serial_bytes.clone(),
+        );
+        r.register(
+            "serial_messages_received",
+            "Lines, frames or responses received on the serial port",
+            m.serial_messages.clone(),
+        );
+        r.register(
+            "serial_errors",
+            "Serial port faults and protocol errors, by reason",
+            m.serial_errors.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -251,6 +301,45 @@ impl Metrics {
                 outcome,
             })
             .clone()
+    }
+
+    pub fn port(&self, port: &str) -> PortLabel {
+        PortLabel { port: port.into() }
+    }
+
+    pub fn serial_error(&self, port: &str, reason: &str) -> Counter {
+        self.serial_errors
+            .get_or_create(&PortReasonLabel {
+                port: port.into(),
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// Records a serial port as up (`Ok`) or not (`Err(why)`), for `/readyz` and the gauge.
+    pub fn set_serial_state(&self, port: &str, state: Result<(), String>) {
+        self.serial_port_up
+            .get_or_create(&self.port(port))
+            .set(i64::from(state.is_ok()));
+        if let Ok(mut states) = self.serial_states.lock() {
+            states.insert(port.to_string(), state);
+        }
+    }
+
+    /// A serial port that no longer runs (stopped, or removed by a reload).
+    pub fn forget_serial_port(&self, port: &str) {
+        self.serial_port_up.remove(&self.port(port));
+        if let Ok(mut states) = self.serial_states.lock() {
+            states.remove(port);
+        }
+    }
+
+    /// Every running serial port's state, by name.
+    pub fn serial_states(&self) -> Vec<(String, Result<(), String>)> {
+        self.serial_states.lock().map_or_else(
+            |_| Vec::new(),
+            |s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        )
     }
 
     pub fn set_store_healthy(&self, ok: bool) {

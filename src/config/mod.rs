@@ -5,6 +5,7 @@
 //! `[[fields]]` entry) is deserialized on its own, so one bad entry does not hide the next, and
 //! cross-section checks run over everything that parsed. Every problem carries its line.
 
+pub mod serial;
 mod values;
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
+pub use serial::{Protocol, SerialBinding, SerialSource};
 pub use values::{
     ByteSize, DurationValue, Ident, JsonPointer, Secret, SensorTypeName, SubjectTemplate,
     TopicFilter, UtcOffsetValue,
@@ -31,6 +33,7 @@ pub struct Config {
     pub quality: Quality,
     pub mqtt: Vec<MqttSource>,
     pub fields: Vec<Field>,
+    pub serial: Vec<SerialSource>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +221,15 @@ pub struct Sensor {
     pub source: Option<Ident>,
     /// Binding for `format = "json"` sources.
     pub mqtt: Option<JsonBinding>,
+    /// Binding to a `lines` serial port (TOML key `line`).
+    #[serde(rename = "line")]
+    pub line_binding: Option<serial::LineBinding>,
+    /// Binding to a `modbus-rtu` serial port.
+    pub modbus: Option<serial::ModbusBinding>,
+    /// Binding to an `sdi12` serial port.
+    pub sdi12: Option<serial::Sdi12Binding>,
+    /// Binding to a `frames` serial port.
+    pub frame: Option<serial::FrameBinding>,
     /// How often this sensor reports; default: its source's, then `[quality] expected_interval`.
     pub expected_interval: Option<DurationValue>,
     #[serde(skip)]
@@ -389,6 +401,7 @@ struct Parts<'a> {
     quality: &'a Quality,
     mqtt: &'a [MqttSource],
     fields: &'a [Field],
+    serial: &'a [SerialSource],
 }
 
 /// One thing wrong with a config file.
@@ -450,6 +463,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut quality = Quality::default();
     let mut mqtt = Vec::new();
     let mut fields = Vec::new();
+    let mut serial = Vec::new();
 
     for (key, value) in root.into_inner() {
         let key_line = lines.line(key.span().start);
@@ -485,19 +499,33 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "fields" => {
                 for (line, item) in lines.array(value, "[[fields]]", &mut problems) {
                     let sensor_lines = lines.sensor_lines(&item);
+                    let calibration = sensor_calibration_keys(&item);
                     if let Some(mut f) = lines.section::<Field>(item, "[[fields]]", &mut problems) {
                         f.line = line;
-                        for (sensor, line) in f.sensors.iter_mut().zip(sensor_lines) {
+                        for ((sensor, line), given) in
+                            f.sensors.iter_mut().zip(sensor_lines).zip(calibration)
+                        {
                             sensor.line = line;
+                            problems.extend(serial::fold_calibration(sensor, given));
                         }
                         fields.push(f);
+                    }
+                }
+            }
+            "serial" => {
+                for (line, item) in lines.array(value, "[[serial]]", &mut problems) {
+                    if let Some(mut s) =
+                        lines.section::<SerialSource>(item, "[[serial]]", &mut problems)
+                    {
+                        s.line = line;
+                        serial.push(s);
                     }
                 }
             }
             other => problems.push(Problem {
                 line: key_line,
                 message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt or fields"
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, serial or fields"
                 ),
             }),
         }
@@ -530,6 +558,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             quality: &quality,
             mqtt: &mqtt,
             fields: &fields,
+            serial: &serial,
         },
         &lines,
     ));
@@ -542,6 +571,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             quality,
             mqtt,
             fields,
+            serial,
         }),
         _ => {
             problems.sort_by_key(|p| p.line);
@@ -563,11 +593,24 @@ impl Config {
             .as_ref()
             .and_then(|name| self.mqtt.iter().find(|m| &m.name == name))
             .and_then(|m| m.expected_interval);
+        let port = sensor.serial_binding().and_then(|b| {
+            let port = self.serial.iter().find(|s| &s.name == b.port())?;
+            match b {
+                SerialBinding::Modbus(m) => port
+                    .expected_interval
+                    .map(|d| d.0)
+                    .or(m.poll_interval.map(|d| d.0))
+                    .or_else(|| port.report_interval()),
+                _ => port.report_interval(),
+            }
+        });
         let interval = sensor
             .expected_interval
             .or(source)
-            .unwrap_or(self.quality.expected_interval);
-        interval.0.mul_f64(self.quality.stale_factor)
+            .map(|d| d.0)
+            .or(port)
+            .unwrap_or(self.quality.expected_interval.0);
+        interval.mul_f64(self.quality.stale_factor)
     }
 
     /// The SQLite file of the outbox.
@@ -765,6 +808,10 @@ impl Config {
                         );
                     }
                 }
+                if s.serial_binding().is_some() {
+                    // Read from a serial port: checked with the ports (serial::check).
+                    continue;
+                }
                 let bound: Vec<&MqttSource> = match &s.source {
                     Some(name) => match parts.mqtt.iter().find(|m| &m.name == name) {
                         Some(m) => vec![m],
@@ -818,8 +865,27 @@ impl Config {
                 }
             }
         }
+        p.extend(serial::check(parts));
         p
     }
+}
+
+/// Which of `scale` and `offset` each sensor of a `[[fields]]` entry sets in its own table (a
+/// Modbus binding may carry them instead, not as well).
+fn sensor_calibration_keys(field: &Spanned<DeValue<'_>>) -> Vec<[bool; 2]> {
+    let DeValue::Table(table) = field.get_ref() else {
+        return Vec::new();
+    };
+    let Some(DeValue::Array(sensors)) = table.get("sensors").map(|s| s.get_ref()) else {
+        return Vec::new();
+    };
+    sensors
+        .iter()
+        .map(|s| match s.get_ref() {
+            DeValue::Table(t) => [t.contains_key("scale"), t.contains_key("offset")],
+            _ => [false, false],
+        })
+        .collect()
 }
 
 /// `scheme://host:port` (or bare `host:port`) → `(host, port)`.

@@ -1,0 +1,140 @@
+//! Pseudo-terminals standing in for serial devices. The gateway opens the slave end by path;
+//! the test holds the master end and plays the device (a line talker, a Modbus slave, a node).
+//! Closing the master is the far end going away: the gateway's reads end, as when a USB adapter
+//! is unplugged. [`SerialLink`] adds a stable path, a symlink like those in
+//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+
+use super::Gateway;
+
+/// One pseudo-terminal pair: the master end in the test, the slave end's path for the gateway.
+pub struct Pty {
+    master: File,
+    slave: PathBuf,
+}
+
+impl Pty {
+    pub fn open() -> Self {
+        // CLOEXEC: a process the test starts later (the gateway) must not hold the master too,
+        // or closing it here would not be the far end going away.
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .expect("open a pty master");
+        grantpt(&master).expect("grantpt");
+        unlockpt(&master).expect("unlockpt");
+        let name = ptsname(&master, Vec::new()).expect("ptsname");
+        let slave = PathBuf::from(name.to_str().expect("pty name is UTF-8"));
+        Self {
+            master: File::from(master),
+            slave,
+        }
+    }
+
+    /// The device path the gateway opens (`/dev/pts/N`).
+    pub fn slave_path(&self) -> &Path {
+        &self.slave
+    }
+
+    /// Sends bytes as the device would.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.master
+            .write_all(bytes)
+            .expect("write to the pty master");
+        self.master.flush().expect("flush the pty master");
+    }
+
+    /// Reads what the gateway sent, waiting at most `within` for the first byte.
+    pub fn read(&mut self, within: Duration) -> Vec<u8> {
+        let fd = rustix::fd::AsFd::as_fd(&self.master);
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let timeout = rustix::event::Timespec::try_from(within).expect("a short timeout");
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) if n > 0 => {
+                let mut buf = vec![0u8; 4096];
+                let n = self.master.read(&mut buf).unwrap_or(0);
+                buf.truncate(n);
+                buf
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The master end, for tests that drive it with their own I/O.
+    pub fn master(&self) -> &File {
+        &self.master
+    }
+}
+
+/// A device path that can be unplugged and plugged in again: a symlink in a temp directory
+/// (like `/dev/serial/by-id/usb-...`) to the current pseudo-terminal's slave end.
+pub struct SerialLink {
+    pub path: PathBuf,
+    pty: Option<Pty>,
+    _dir: tempfile::TempDir,
+}
+
+impl SerialLink {
+    /// A path with nothing plugged in yet.
+    pub fn unplugged(name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let by_id = dir.path().join("by-id");
+        std::fs::create_dir(&by_id).expect("by-id dir");
+        Self {
+            path: by_id.join(name),
+            pty: None,
+            _dir: dir,
+        }
+    }
+
+    /// A path with a device plugged in.
+    pub fn plugged(name: &str) -> Self {
+        let mut link = Self::unplugged(name);
+        link.plug();
+        link
+    }
+
+    /// Plugs a new device in: a fresh pseudo-terminal, the link repointed to it atomically.
+    pub fn plug(&mut self) {
+        let pty = Pty::open();
+        let tmp = self.path.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(pty.slave_path(), &tmp).expect("symlink");
+        std::fs::rename(&tmp, &self.path).expect("repoint the link");
+        self.pty = Some(pty);
+    }
+
+    /// Pulls the device: the master end closes, and the link is left dangling.
+    pub fn unplug(&mut self) {
+        self.pty = None;
+    }
+
+    pub fn pty(&mut self) -> &mut Pty {
+        self.pty.as_mut().expect("a device is plugged in")
+    }
+
+    /// Sends bytes from the plugged-in device.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.pty().write(bytes);
+    }
+}
+
+/// Waits until the gateway has the named port open, then past the moment after opening in
+/// which bytes may still belong to a line begun before (`lines::SETTLE`), so that what the test
+/// writes next is read from its first byte.
+pub fn wait_port_open(gateway: &Gateway, port: &str) {
+    let label = format!("port=\"{port}\"");
+    gateway.wait_until(
+        &format!("serial port {port} open"),
+        Duration::from_secs(30),
+        |g| g.metric("sahool_gateway_serial_port_up", &label) == 1.0,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+}
