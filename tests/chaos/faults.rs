@@ -182,7 +182,11 @@ impl Damage {
             Damage::Truncated => {
                 let keep = 1 + rng.below(bytes.len().max(2) as u64 - 1) as usize;
                 // Never on a page boundary: a cut there can leave a well-formed shorter file.
-                let keep = if keep % 4096 == 0 { keep - 1 } else { keep };
+                let keep = if keep.is_multiple_of(4096) {
+                    keep - 1
+                } else {
+                    keep
+                };
                 bytes.truncate(keep);
             }
             Damage::Empty => bytes.clear(),
