@@ -70,7 +70,7 @@ fn s1_sigkill_20_times_at_random_moments() {
         }
         let ledger = finish(publisher);
         let mut v = judge("1 SIGKILL x20", &rig, &ledger).await;
-        v.row.note = format!("{kills} kills in {}s", run.as_secs());
+        v.row.note += &format!("{kills} kills in {}s", run.as_secs());
         Verdict::report(&[v], seed);
     });
 }
@@ -101,7 +101,7 @@ fn s2_nats_stopped_then_frozen() {
         sleep(Duration::from_secs(3)).await;
         let ledger = finish(publisher);
         let mut v = judge("2 NATS down+frozen", &rig, &ledger).await;
-        v.row.note = format!("stopped {}s, frozen {}s", down.as_secs(), frozen.as_secs());
+        v.row.note += &format!("stopped {}s, frozen {}s", down.as_secs(), frozen.as_secs());
         if forwarded_frozen != forwarded {
             v.problems.push(format!(
                 "{} readings counted as forwarded while nats-server was frozen",
@@ -127,7 +127,7 @@ fn s3_mosquitto_restarted_mid_run() {
         sleep(Duration::from_secs(3)).await;
         let ledger = finish(publisher);
         let mut v = judge("3 mosquitto restarts", &rig, &ledger).await;
-        v.row.note = format!(
+        v.row.note += &format!(
             "{restarts} restarts; publisher reconnected {}x, re-sent {}",
             ledger.reconnects, ledger.resent
         );
@@ -189,7 +189,7 @@ fn s4_buffer_bound_during_an_outage() {
                         ));
                     }
                 }
-                v.row.note = format!("dropped {} (counted {dropped_now})", missing.len());
+                v.row.note += &format!("dropped {} (counted {dropped_now})", missing.len());
                 v
             } else {
                 let mut v = judge(&name, &rig, &ledger).await;
@@ -199,7 +199,7 @@ fn s4_buffer_bound_during_an_outage() {
                 if metric(&rig.gateway, "sahool_gateway_readings_dropped_total") != 0.0 {
                     v.problems.push("reject_new dropped readings".into());
                 }
-                v.row.note = "intake paused at the bound; broker held the rest".into();
+                v.row.note += "intake paused at the bound; broker held the rest";
                 v
             };
             v.row.note = format!("outage {}s; {}", outage.as_secs(), v.row.note);
@@ -269,7 +269,7 @@ fn s5_disk_reserve_reached_then_space_returns() {
         if backlog == 0.0 {
             v.problems.push("no backlog to forward while paused".into());
         }
-        v.row.note = format!("{}; {backlog} forwarded while paused", disk.kind());
+        v.row.note += &format!("{}; {backlog} forwarded while paused", disk.kind());
         drop(rig);
         drop(disk);
         Verdict::report(&[v], seed);
@@ -337,7 +337,7 @@ fn s6_wall_clock_jumps_back_and_forth_by_hours() {
                 "no reading was stored under a jumped clock: libfaketime had no effect".into(),
             );
         }
-        v.row.note = format!(
+        v.row.note += &format!(
             "offsets {}; {stored_off_clock} stored off the real clock",
             offsets.join(" ")
         );
@@ -413,7 +413,7 @@ fn s7_buffer_file_damaged_while_stopped() {
                 "{rounds} damaged files but {aside} kept aside for inspection"
             ));
         }
-        v.row.note = format!(
+        v.row.note += &format!(
             "{}; {} pending in damaged files, {} of them missing",
             kinds.join(" "),
             excused.len(),
@@ -448,7 +448,7 @@ fn s8_soak_with_nats_flapping() {
         let ledger = finish(publisher);
         let mut v = judge("8 soak", &rig, &ledger).await;
         let (rss_end, fds_end) = faults::process_figures(pid);
-        v.row.note = format!(
+        v.row.note += &format!(
             "{}s at {rate}/s, {flaps} NATS flaps; RSS {} -> {} MiB, fds {fds_start} -> {fds_end}",
             run.as_secs(),
             rss_start / 1024,
@@ -510,7 +510,7 @@ fn s9_storm_of_mixed_faults() {
         sleep(Duration::from_secs(2)).await;
         let ledger = finish(publisher);
         let mut v = judge("9 storm", &rig, &ledger).await;
-        v.row.note = format!("{} faults: {}", faults.len(), faults.join(" "));
+        v.row.note += &format!("{} faults: {}", faults.len(), faults.join(" "));
         Verdict::report(&[v], seed);
     });
 }
