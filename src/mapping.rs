@@ -163,6 +163,15 @@ impl Target {
         }
         let calibrated = self.scale != 1.0 || self.offset != 0.0;
         let value = o.value * self.scale + self.offset;
+        if !value.is_finite() {
+            return Err(Rejection::new(
+                Reason::NotFinite,
+                format!(
+                    "{} {}: {} calibrated (x {} + {}) is not a finite number",
+                    self.device_id, self.sensor_type, o.value, self.scale, self.offset
+                ),
+            ));
+        }
         let unit = o
             .unit
             .map_or_else(|| self.unit.clone(), |u| normalize_unit(&u));
@@ -590,11 +599,14 @@ impl Mapper {
                 }
             }
         };
-        let battery = obj.get("battery").or_else(|| obj.get("b")).and_then(number);
+        let battery = obj
+            .get("battery")
+            .or_else(|| obj.get("b"))
+            .and_then(metadata);
         let rssi = obj
             .get("rssi")
             .or_else(|| obj.get("r"))
-            .and_then(number)
+            .and_then(metadata)
             .map(|r| r.round() as i64);
 
         let mut out = Mapped::default();
@@ -773,7 +785,7 @@ fn json_reading(
     let pointed = |p: &Option<crate::config::JsonPointer>| {
         p.as_ref()
             .and_then(|p| doc.pointer(p.as_str()))
-            .and_then(number)
+            .and_then(metadata)
     };
     target.reading(
         Observed {
@@ -832,6 +844,12 @@ fn number(v: &Value) -> Option<f64> {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
+}
+
+/// A metadata number (battery, RSSI). A non-finite one (`"nan"`, `"inf"`) has no JSON form in
+/// the event, so it is left out rather than sent as `null` where the contract wants a number.
+fn metadata(v: &Value) -> Option<f64> {
+    number(v).filter(|n| n.is_finite())
 }
 
 /// `timestamp` / `ts` of a SAHOOL object: RFC 3339 or epoch; absent → `default`.
@@ -976,6 +994,35 @@ id = "field-1"
         assert_eq!(out.readings[0].observed_at, at());
         let reasons: Vec<_> = out.rejections.iter().map(|r| r.reason).collect();
         assert_eq!(reasons, vec![Reason::Malformed, Reason::OutOfRange]);
+    }
+
+    /// Found by fuzzing: a finite value that calibration overflows, and metadata numbers
+    /// without a JSON form, made events whose `value` or `battery` was `null`.
+    #[test]
+    fn non_finite_after_calibration_is_rejected_and_non_finite_metadata_left_out() {
+        let m = mapper(
+            r#"
+[[fields]]
+id = "f"
+  [[fields.sensors]]
+  device_id = "wx"
+  sensor_type = "wind_speed"
+  scale = 3.6
+"#,
+        );
+        let topic = "sahool/sensors/wx/f/wind_speed";
+        let out = m.map_mqtt("farm", topic, br#"{"v":1e308,"u":"km/h"}"#, at());
+        assert!(out.readings.is_empty(), "{out:?}");
+        assert_eq!(out.rejections[0].reason, Reason::NotFinite);
+        let out = m.map_mqtt(
+            "farm",
+            topic,
+            br#"{"v":2,"battery":"nan","rssi":"-inf"}"#,
+            at(),
+        );
+        let r = &out.readings[0];
+        assert_eq!((r.battery, r.rssi), (None, None), "{r:?}");
+        assert!((r.value - 7.2).abs() < 1e-12);
     }
 
     #[test]

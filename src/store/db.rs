@@ -92,15 +92,25 @@ pub struct Opened {
 
 /// Opens (or creates) the buffer. A file that is not a database, fails `quick_check`, or lacks
 /// our tables is renamed to `<name>.corrupt-<unix-seconds>` with its WAL, and a fresh file is
-/// started: a corrupt buffer must never keep the gateway from running.
-pub fn open(path: &Path, sync: Synchronous) -> Result<Opened, StoreError> {
+/// started: a corrupt buffer must never keep the gateway from running. So is an empty file
+/// (no WAL either) when `has_held_rows`: SQLite would take it for a new database and the rows
+/// it held would vanish without an alarm.
+pub fn open(path: &Path, sync: Synchronous, has_held_rows: bool) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
             path: dir.to_path_buf(),
             source,
         })?;
     }
-    match open_checked(path, sync) {
+    let opened = if has_held_rows && is_emptied(path) {
+        Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "the file is empty, though this buffer has held rows (seq.floor)".into(),
+        })
+    } else {
+        open_checked(path, sync)
+    };
+    match opened {
         Ok(conn) => Ok(Opened {
             conn,
             moved_aside: None,
@@ -121,6 +131,14 @@ pub fn open(path: &Path, sync: Synchronous) -> Result<Opened, StoreError> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// An existing database file of zero bytes without a WAL that could hold its pages.
+fn is_emptied(path: &Path) -> bool {
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    len(path) == Some(0) && len(Path::new(&wal)).unwrap_or(0) == 0
 }
 
 fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
@@ -213,9 +231,19 @@ fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".corrupt-{stamp}"));
-    let aside = PathBuf::from(aside);
+    // A second damaged file within the same second (or after the clock stepped back) must not
+    // replace the first one kept for inspection.
+    let aside = (0..)
+        .map(|n: u32| {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".corrupt-{stamp}"));
+            if n > 0 {
+                aside.push(format!(".{n}"));
+            }
+            PathBuf::from(aside)
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from(format!("{}.corrupt", path.display())));
     let io = |source| StoreError::DataDir {
         path: path.to_path_buf(),
         source,
@@ -371,4 +399,53 @@ pub fn dead_letters_by_reason(conn: &Connection) -> rusqlite::Result<Vec<(String
         conn.prepare("SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corrupt_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .count()
+    }
+
+    /// Found by the chaos suite: a buffer truncated to nothing opened as a new database, so
+    /// the rows it held vanished without an alarm.
+    #[test]
+    fn an_emptied_buffer_that_held_rows_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        drop(open(&path, Synchronous::Normal, false).unwrap());
+        std::fs::write(&path, b"").unwrap();
+        let opened = open(&path, Synchronous::Normal, true).unwrap();
+        assert!(opened.moved_aside.is_some(), "emptied file set aside");
+        assert_eq!(totals(&opened.conn).unwrap().rows, 0);
+        drop(opened);
+        // A buffer that never held rows may be empty: a crash right after creating it.
+        std::fs::write(&path, b"").unwrap();
+        assert!(open(&path, Synchronous::Normal, false)
+            .unwrap()
+            .moved_aside
+            .is_none());
+    }
+
+    /// Two damaged files in one second (or after the clock stepped back) used to keep only the
+    /// last.
+    #[test]
+    fn damaged_files_in_the_same_second_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        for _ in 0..3 {
+            std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+            assert!(open(&path, Synchronous::Normal, false)
+                .unwrap()
+                .moved_aside
+                .is_some());
+        }
+        assert_eq!(corrupt_files(dir.path()), 3);
+    }
 }

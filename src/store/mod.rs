@@ -234,7 +234,10 @@ pub fn start(
     low_battery: f64,
     metrics: Arc<Metrics>,
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
-    let opened = db::open(&path, buffer.synchronous)?;
+    let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
+    // Sequence numbers were handed out: this buffer has held rows, so an empty file lost them.
+    let has_held_rows = floor.reserved() > 1;
+    let opened = db::open(&path, buffer.synchronous, has_held_rows)?;
     if opened.moved_aside.is_some() {
         metrics.store_corruption_recovered.inc();
     }
@@ -242,7 +245,6 @@ pub fn start(
         path: path.clone(),
         source,
     })?;
-    let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
     if totals.next_seq == 1 {
         // A new (or replaced) database continues above everything handed out before.
         totals.next_seq = floor.reserved();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pty;
+pub mod steady;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -185,12 +186,19 @@ impl Nats {
 
     /// Every message in the stream, in stream order: (subject, headers, body).
     pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
+        let mut out = Vec::new();
+        self.visit_stream(name, |m| out.push(m)).await;
+        out
+    }
+
+    /// Hands every message in the stream to `visit`, in stream order, without keeping them:
+    /// for streams too long to hold as JSON values.
+    pub async fn visit_stream(&self, name: &str, mut visit: impl FnMut(StreamMessage)) -> usize {
         let js = async_nats::jetstream::new(self.client().await);
         let mut stream = js.get_stream(name).await.expect("stream exists");
         let total = stream.info().await.expect("stream info").state.messages as usize;
-        let mut out = Vec::with_capacity(total);
         if total == 0 {
-            return out;
+            return 0;
         }
         let consumer = stream
             .create_consumer(async_nats::jetstream::consumer::pull::Config {
@@ -200,7 +208,7 @@ impl Nats {
             .await
             .expect("consumer");
         let mut messages = consumer.messages().await.expect("messages");
-        while out.len() < total {
+        for _ in 0..total {
             let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
                 .await
                 .expect("stream read timed out")
@@ -220,13 +228,13 @@ impl Nats {
                         .collect()
                 })
                 .unwrap_or_default();
-            out.push(StreamMessage {
+            visit(StreamMessage {
                 subject: next.subject.to_string(),
                 headers,
                 body: serde_json::from_slice(&next.payload).expect("event is JSON"),
             });
         }
-        out
+        total
     }
 }
 
@@ -279,11 +287,14 @@ impl Mosquitto {
 
     pub fn resume(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        // `user root`: started as root, mosquitto would otherwise switch to its own user, which
+        // cannot write the temp directory, and silently persist nothing across a restart
+        // (sessions and queued messages gone). Without root the line has no effect.
         std::fs::write(
             &conf,
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\n",
+                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\nuser root\n",
                 self.port,
                 self.dir.path().display()
             ),
@@ -336,12 +347,19 @@ impl Gateway {
 
     /// As `start`, with extra environment variables for the gateway process.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let mut g = Self::configure(config, env);
+        g.resume();
+        g
+    }
+
+    /// Writes the config (as `start_with_env`) without starting the binary: `resume` starts it.
+    pub fn configure(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
         let config_path = dir.path().join("gateway.toml");
         let full = Self::compose(dir.path(), http_port, config);
         std::fs::write(&config_path, full).expect("write config");
-        let mut g = Self {
+        Self {
             dir,
             http_port,
             config_path,
@@ -351,9 +369,7 @@ impl Gateway {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        g.resume();
-        g
+        }
     }
 
     /// The full config file: `[gateway]` and `[http]` from the harness, then `config`.
@@ -383,6 +399,11 @@ impl Gateway {
         if let Some(c) = self.child.as_mut() {
             kill(c, name);
         }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// True while the process runs.
