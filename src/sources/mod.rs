@@ -2,3 +2,4 @@
 //! them to the store before acknowledging anything to its sender.
 
 pub mod mqtt;
+pub mod serial;

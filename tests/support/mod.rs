@@ -3,6 +3,8 @@
 //! is killed when its handle drops.
 #![allow(dead_code)]
 
+pub mod sim_node;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
