@@ -189,16 +189,56 @@ impl FrameSink for StoreSink {
     }
 }
 
-/// A pty pair: the gateway end (a serial device as the engine sees it) and the node's end.
-fn pty_pair() -> (SerialStream, SerialStream) {
-    let (node_end, gateway_end) = SerialStream::pair().expect("a pseudo-terminal pair");
-    (gateway_end, node_end)
+/// A store, a sink on it, and the engine serving one pty pair at a time.
+struct Rig {
+    store: Store,
+    sink: StoreSink,
+    engine: Option<tokio::task::JoinHandle<()>>,
 }
 
-fn serve(port: SerialStream, mut sink: StoreSink) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let _ = frames::run(PORT, port, &mut sink).await;
-    })
+impl Rig {
+    fn open(dir: &Path, buffer: Buffer) -> Self {
+        let store = open_store(dir, buffer);
+        let sink = StoreSink::new(&store.handle);
+        Self {
+            store,
+            sink,
+            engine: None,
+        }
+    }
+
+    /// Serves a new pty pair, the engine on the gateway's end (as on a serial device), and
+    /// returns the node's end. An engine serving an earlier pair is stopped.
+    fn connect(&mut self) -> SerialStream {
+        let (node_end, gateway_end) = SerialStream::pair().expect("a pseudo-terminal pair");
+        self.serve(gateway_end);
+        node_end
+    }
+
+    /// Runs the engine on `port`, stopping one already running.
+    fn serve(&mut self, port: SerialStream) {
+        self.stop();
+        let mut sink = self.sink.clone();
+        self.engine = Some(tokio::spawn(async move {
+            let _ = frames::run(PORT, port, &mut sink).await;
+        }));
+    }
+
+    /// Stops the engine, closing its end of the line.
+    fn stop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            engine.abort();
+        }
+    }
+
+    /// Stops the engine, then the store.
+    async fn close(mut self) {
+        if let Some(engine) = self.engine.take() {
+            engine.abort();
+            let _ = engine.await;
+        }
+        self.store.close(vec![self.sink.store]);
+    }
 }
 
 /// Asserts that the store holds every value of `seqs` sent by `spec` exactly once.
@@ -232,10 +272,7 @@ fn assert_stored_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resends_after_lost_acks_are_acked_again_but_stored_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path(), Buffer::default());
-    let sink = StoreSink::new(&store.handle);
-    let (gateway_end, node_end) = pty_pair();
-    let engine = serve(gateway_end, sink.clone());
+    let mut rig = Rig::open(dir.path(), Buffer::default());
     let spec = NodeSpec {
         id: 7,
         readings: 40,
@@ -244,7 +281,7 @@ async fn resends_after_lost_acks_are_acked_again_but_stored_once() {
         lose_first_ack_every: Some(3),
         ..NodeSpec::default()
     };
-    let node = SimNode::start(node_end, spec.clone());
+    let node = SimNode::start(rig.connect(), spec.clone());
     node.wait_done(WAIT).await;
 
     let state = node.state();
@@ -262,10 +299,10 @@ async fn resends_after_lost_acks_are_acked_again_but_stored_once() {
         };
         assert_eq!(*status, want, "seq {seq}");
     }
-    let stored = store.readings().await;
+    let stored = rig.store.readings().await;
     assert_eq!(stored.len(), 40 * 3);
     assert_stored_once(&stored, &spec, 0..40);
-    let seen = sink.seen.lock().unwrap();
+    let seen = rig.sink.seen.lock().unwrap();
     let stored_outcomes = seen
         .outcomes
         .iter()
@@ -274,16 +311,12 @@ async fn resends_after_lost_acks_are_acked_again_but_stored_once() {
     assert_eq!(stored_outcomes, 40);
     assert!(seen.bad.is_empty(), "{:?}", seen.bad);
     drop(seen);
-    engine.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_line_is_dead_lettered_never_acked_and_frames_still_arrive() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path(), Buffer::default());
-    let sink = StoreSink::new(&store.handle);
-    let (gateway_end, node_end) = pty_pair();
-    let engine = serve(gateway_end, sink.clone());
+    let mut rig = Rig::open(dir.path(), Buffer::default());
     let spec = NodeSpec {
         id: 3,
         readings: 24,
@@ -292,16 +325,16 @@ async fn garbage_on_the_line_is_dead_lettered_never_acked_and_frames_still_arriv
         with_time: true,
         ..NodeSpec::default()
     };
-    let node = SimNode::start(node_end, spec.clone());
+    let node = SimNode::start(rig.connect(), spec.clone());
     node.wait_done(WAIT).await;
 
-    let stored = store.readings().await;
+    let stored = rig.store.readings().await;
     assert_eq!(stored.len(), 24 * 2);
     assert_stored_once(&stored, &spec, 0..24);
 
     // 12 pieces of garbage, four kinds in turn (see sim_node::garbage_for), each one bad frame.
     assert_eq!(node.state().garbage_sent, 12);
-    let seen = sink.seen.lock().unwrap();
+    let seen = rig.sink.seen.lock().unwrap();
     let mut labels: Vec<&str> = seen.bad.iter().map(|(l, _, _)| *l).collect();
     labels.sort_unstable();
     labels.dedup();
@@ -315,7 +348,7 @@ async fn garbage_on_the_line_is_dead_lettered_never_acked_and_frames_still_arriv
         .all(|(_, raw, keep)| *keep && !raw.is_empty()));
     drop(seen);
 
-    let conn = db::open_read_only(&store.path).unwrap();
+    let conn = db::open_read_only(&rig.store.path).unwrap();
     let letters = db::dead_letters(&conn, 100).unwrap();
     assert_eq!(letters.len(), 12);
     let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
@@ -323,23 +356,19 @@ async fn garbage_on_the_line_is_dead_lettered_never_acked_and_frames_still_arriv
     assert!(letters
         .iter()
         .all(|l| l.source == PORT && !l.raw.is_empty() && l.detail.starts_with("bad frame")));
-    engine.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_ack_before_the_commit_and_none_for_a_failed_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path(), Buffer::default());
-    let mut sink = StoreSink::new(&store.handle);
+    let mut rig = Rig::open(dir.path(), Buffer::default());
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    sink.gate = Some(gate.clone());
-    sink.fail_next.store(3, Ordering::SeqCst);
-    let (gateway_end, node_end) = pty_pair();
-    let engine = serve(gateway_end, sink.clone());
+    rig.sink.gate = Some(gate.clone());
+    rig.sink.fail_next.store(3, Ordering::SeqCst);
 
     // Every ack the node accepts must be for a frame the store had already answered.
     let early = Arc::new(Mutex::new(Vec::new()));
-    let (check, record) = (sink.clone(), early.clone());
+    let (check, record) = (rig.sink.clone(), early.clone());
     let spec = NodeSpec {
         id: 11,
         readings: 5,
@@ -351,14 +380,14 @@ async fn no_ack_before_the_commit_and_none_for_a_failed_commit() {
         })),
         ..NodeSpec::default()
     };
-    let node = SimNode::start(node_end, spec.clone());
+    let node = SimNode::start(rig.connect(), spec.clone());
 
     // The engine is inside a commit that cannot finish: nothing is acked, nothing stored,
     // while the node keeps resending.
     node.wait_for("resending", WAIT, |s| s.resends >= 3).await;
-    assert!(sink.seen.lock().unwrap().commit_calls >= 1);
+    assert!(rig.sink.seen.lock().unwrap().commit_calls >= 1);
     assert!(node.state().acked.is_empty());
-    assert!(store.readings().await.is_empty());
+    assert!(rig.store.readings().await.is_empty());
 
     // Open the gate: the first three commits fail (no ack), the resends get through.
     gate.add_permits(1_000_000);
@@ -367,11 +396,10 @@ async fn no_ack_before_the_commit_and_none_for_a_failed_commit() {
         early.lock().unwrap().is_empty(),
         "acked before commit: {early:?}"
     );
-    assert_eq!(sink.fail_next.load(Ordering::SeqCst), 0);
-    let stored = store.readings().await;
+    assert_eq!(rig.sink.fail_next.load(Ordering::SeqCst), 0);
+    let stored = rig.store.readings().await;
     assert_eq!(stored.len(), 5 * 2);
     assert_stored_once(&stored, &spec, 0..5);
-    engine.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,20 +410,18 @@ async fn a_full_buffer_withholds_acks_until_there_is_room() {
         when_full: WhenFull::RejectNew,
         ..Buffer::default()
     };
-    let store = open_store(dir.path(), buffer);
-    let sink = StoreSink::new(&store.handle);
-    let (gateway_end, node_end) = pty_pair();
-    let engine = serve(gateway_end, sink.clone());
+    let mut rig = Rig::open(dir.path(), buffer);
     let spec = NodeSpec {
         id: 21,
         readings: 12,
         resend_after: Duration::from_millis(200),
         ..NodeSpec::default()
     };
-    let node = SimNode::start(node_end, spec.clone());
+    let node = SimNode::start(rig.connect(), spec.clone());
 
     let full = || {
-        sink.seen
+        rig.sink
+            .seen
             .lock()
             .unwrap()
             .outcomes
@@ -411,7 +437,7 @@ async fn a_full_buffer_withholds_acks_until_there_is_room() {
     // Refused frames are not acked: everything acked so far is in the buffer.
     let state = node.state();
     assert!(!state.unacked.is_empty());
-    let stored = store.readings().await;
+    let stored = rig.store.readings().await;
     assert_stored_once(&stored, &spec, state.acked.keys().copied());
 
     // Forward (delete after "PubAck") what is buffered until the node has everything acked.
@@ -419,7 +445,7 @@ async fn a_full_buffer_withholds_acks_until_there_is_room() {
     let deadline = std::time::Instant::now() + WAIT;
     while !node.done() {
         assert!(std::time::Instant::now() < deadline, "{:?}", node.state());
-        let rows = store.handle.fetch(0, 1000).await.unwrap();
+        let rows = rig.store.handle.fetch(0, 1000).await.unwrap();
         for row in &rows {
             if row.kind == KIND_READING {
                 let r: Reading = postcard::from_bytes(&row.body).unwrap();
@@ -431,17 +457,16 @@ async fn a_full_buffer_withholds_acks_until_there_is_room() {
                 ));
             }
         }
-        store
+        rig.store
             .handle
             .acked(rows.iter().map(|r| r.seq).collect())
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    forwarded.extend(store.readings().await);
+    forwarded.extend(rig.store.readings().await);
     assert_eq!(forwarded.len(), 12 * 2);
     assert_stored_once(&forwarded, &spec, 0..12);
-    engine.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,12 +480,9 @@ async fn resends_are_recognised_across_a_restart_and_new_frames_after_a_reboot_o
 
     // The gateway commits five frames whose acks the node never sees, then stops.
     {
-        let store = open_store(dir.path(), Buffer::default());
-        let sink = StoreSink::new(&store.handle);
-        let (gateway_end, node_end) = pty_pair();
-        let engine = serve(gateway_end, sink.clone());
+        let mut rig = Rig::open(dir.path(), Buffer::default());
         let node = SimNode::start(
-            node_end,
+            rig.connect(),
             NodeSpec {
                 resend_after: Duration::from_secs(3600),
                 lose_first_ack_every: Some(1),
@@ -470,18 +492,13 @@ async fn resends_are_recognised_across_a_restart_and_new_frames_after_a_reboot_o
         node.wait_for("five acks lost", WAIT, |s| s.acks_lost == 5)
             .await;
         assert!(node.state().acked.is_empty());
-        engine.abort();
-        let _ = engine.await;
         drop(node);
-        store.close(vec![sink.store]);
+        rig.close().await;
     }
 
     // After the restart the node resends all five: acked as duplicates, stored once.
-    let store = open_store(dir.path(), Buffer::default());
-    let sink = StoreSink::new(&store.handle);
-    let (gateway_end, node_end) = pty_pair();
-    let engine = serve(gateway_end, sink.clone());
-    let node = SimNode::start(node_end, spec.clone());
+    let mut rig = Rig::open(dir.path(), Buffer::default());
+    let node = SimNode::start(rig.connect(), spec.clone());
     node.wait_done(WAIT).await;
     assert!(
         node.state()
@@ -491,38 +508,65 @@ async fn resends_are_recognised_across_a_restart_and_new_frames_after_a_reboot_o
         "{:?}",
         node.state()
     );
-    assert_eq!(store.readings().await.len(), 5 * 2);
+    assert_eq!(rig.store.readings().await.len(), 5 * 2);
     drop(node);
 
     // The node reboots and counts from 0 again with new measurements: new frames, stored.
-    let (gateway_end, node_end) = pty_pair();
-    engine.abort();
-    let engine = serve(gateway_end, sink.clone());
     let rebooted = NodeSpec {
         value_base: 100.0,
         ..spec.clone()
     };
-    let node = SimNode::start(node_end, rebooted.clone());
+    let node = SimNode::start(rig.connect(), rebooted.clone());
     node.wait_done(WAIT).await;
     assert!(node.state().acked.values().all(|s| *s == AckStatus::Stored));
     drop(node);
 
     // Its counter wraps: u32::MAX - 2 ..= 1, all new.
-    let (gateway_end, node_end) = pty_pair();
-    engine.abort();
-    let engine = serve(gateway_end, sink.clone());
     let wrapping = NodeSpec {
         first_seq: u32::MAX - 2,
         value_base: 200.0,
         ..spec.clone()
     };
-    let node = SimNode::start(node_end, wrapping.clone());
+    let node = SimNode::start(rig.connect(), wrapping.clone());
     node.wait_done(WAIT).await;
     let acked: Vec<u32> = node.state().acked.keys().copied().collect();
     assert_eq!(acked, vec![0, 1, u32::MAX - 2, u32::MAX - 1, u32::MAX]);
     assert!(node.state().acked.values().all(|s| *s == AckStatus::Stored));
-    assert_eq!(store.readings().await.len(), 15 * 2);
-    engine.abort();
+    assert_eq!(rig.store.readings().await.len(), 15 * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_outlives_the_gateway_closing_its_port_and_resends_when_it_reopens() {
+    use tokio_serial::SerialPort;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rig = Rig::open(dir.path(), Buffer::default());
+    let (node_end, gateway_end) = SerialStream::pair().unwrap();
+    // The path a gateway would have in its config: the pty's device, opened by name.
+    let path = gateway_end.name().unwrap();
+    rig.serve(gateway_end);
+    let spec = NodeSpec {
+        id: 9,
+        readings: 30,
+        resend_after: Duration::from_millis(300),
+        ..NodeSpec::default()
+    };
+    let node = SimNode::start(node_end, spec.clone());
+    node.wait_for("some acks", WAIT, |s| s.acked.len() >= 5)
+        .await;
+
+    // The gateway's end closes mid-stream (as when the gateway is killed): the node keeps
+    // measuring into its ring and finds no one to talk to.
+    rig.stop();
+    node.wait_for("the line down", WAIT, |s| s.line_errors > 0)
+        .await;
+    let before = node.state().acked.len();
+
+    rig.serve(support::sim_node::open_port(&path));
+    node.wait_done(WAIT).await;
+    assert!(node.state().acked.len() > before);
+    let stored = rig.store.readings().await;
+    assert_eq!(stored.len(), 30 * 2);
+    assert_stored_once(&stored, &spec, 0..30);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

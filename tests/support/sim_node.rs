@@ -1,7 +1,9 @@
 //! A simulated firmware node speaking the wire crate on a serial line (one end of a pty pair,
 //! or a serial device path through [`open_port`]): it measures into a ring buffer, sends each
 //! measurement as a reading frame, resends every frame not acked within `resend_after`, and
-//! records the acks it got. Faults on demand: lost acks, garbage on the line.
+//! records the acks it got. Faults on demand: lost acks, garbage on the line. It outlives the
+//! gateway's end of the line closing and reopening (a gateway killed and restarted), as a
+//! real node outlives its gateway.
 //!
 //! Values are derived from `(value_base, seq, channel)`, so a test can tell what was sent.
 
@@ -85,6 +87,8 @@ pub struct NodeState {
     pub frames_sent: u64,
     pub resends: u64,
     pub garbage_sent: u32,
+    /// Reads or writes that failed (no one at the other end), survived.
+    pub line_errors: u32,
 }
 
 struct Pending {
@@ -202,7 +206,7 @@ where
     let mut buf = [0u8; 256];
     let mut lost = BTreeSet::new();
     // Idle line first: a leading delimiter lets the receiver sync at once.
-    tx.write_all(&[0]).await?;
+    let mut out = vec![0u8];
     loop {
         let now = Instant::now();
         if produced < spec.readings && now >= next_measure {
@@ -211,7 +215,7 @@ where
                 ring.pop_front();
                 state.lock().unwrap().overflowed += 1;
             }
-            tx.write_all(&bytes).await?;
+            out.extend_from_slice(&bytes);
             ring.push_back(Pending {
                 seq,
                 bytes,
@@ -223,27 +227,31 @@ where
             let garbage = spec
                 .garbage_every
                 .is_some_and(|n| produced.is_multiple_of(n));
-            if garbage {
-                let n = state.lock().unwrap().garbage_sent;
-                tx.write_all(&garbage_for(n, &ring.back().unwrap().bytes))
-                    .await?;
-            }
             let mut s = state.lock().unwrap();
+            if garbage {
+                out.extend_from_slice(&garbage_for(s.garbage_sent, &ring.back().unwrap().bytes));
+                s.garbage_sent += 1;
+            }
             s.produced = produced;
             s.frames_sent += 1;
-            s.garbage_sent += u32::from(garbage);
             s.unacked = ring.iter().map(|p| p.seq).collect();
         }
         for p in ring.iter_mut() {
             if now.duration_since(p.last_sent) >= spec.resend_after {
-                tx.write_all(&p.bytes).await?;
+                out.extend_from_slice(&p.bytes);
                 p.last_sent = now;
                 let mut s = state.lock().unwrap();
                 s.frames_sent += 1;
                 s.resends += 1;
             }
         }
-        tx.flush().await?;
+        if !out.is_empty() {
+            // Like a UART with nobody listening, a failed write just loses the bytes.
+            if tx.write_all(&out).await.is_err() || tx.flush().await.is_err() {
+                state.lock().unwrap().line_errors += 1;
+            }
+            out.clear();
+        }
 
         let wake = if produced < spec.readings {
             next_measure
@@ -251,22 +259,24 @@ where
             now + spec.resend_after / 4
         };
         tokio::select! {
-            n = rx.read(&mut buf) => {
-                let n = n?;
-                if n == 0 {
-                    return Ok(());
-                }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let (item, tail) = decoder.feed(rest);
-                    rest = tail;
-                    if let Some(Ok(Frame { node, seq: acked, message: Message::Ack(ack) })) = item {
-                        if node == spec.id {
-                            on_ack(&spec, &state, &mut ring, &mut lost, acked, ack.status);
+            n = rx.read(&mut buf) => match n {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    for (item, _) in decoder.frames(&buf[..n]) {
+                        if let Ok(Frame { node, seq: acked, message: Message::Ack(ack) }) = item {
+                            if node == spec.id {
+                                on_ack(&spec, &state, &mut ring, &mut lost, acked, ack.status);
+                            }
                         }
                     }
                 }
-            }
+                // A pty whose gateway end is closed (the gateway was killed or is restarting)
+                // reads as an I/O error until it is opened again: wait, keep the ring.
+                Err(_) => {
+                    state.lock().unwrap().line_errors += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }

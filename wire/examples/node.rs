@@ -45,23 +45,20 @@ impl Node {
     }
 
     /// Feeds received bytes; every ack for this node removes its frame from the ring.
-    fn receive(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let (item, rest) = self.acks.feed(bytes);
-            bytes = rest;
-            if let Some(Ok(Frame {
+    fn receive(&mut self, bytes: &[u8]) {
+        // Garbage, and frames for other nodes, are ignored: the node resends until acked.
+        for (item, _) in self.acks.frames(bytes) {
+            if let Ok(Frame {
                 node,
                 seq,
                 message: Message::Ack(_),
-            })) = item
+            }) = item
             {
                 if node == self.id {
-                    // Acks may come out of order: drop exactly the acked entry.
+                    // Acks may come late, twice or out of order: drop exactly that frame.
                     self.ring.retain(|(s, _)| *s != seq);
                 }
             }
-            // Garbage and frames for other nodes are ignored: the gateway resends nothing,
-            // the node resends until acked.
         }
     }
 }
@@ -81,11 +78,8 @@ fn main() {
     node.transmit(&mut |bytes| to_gateway.extend_from_slice(bytes));
     let mut gateway = FrameDecoder::new();
     let mut to_node = Vec::new();
-    let mut rest = &to_gateway[..];
-    while !rest.is_empty() {
-        let (item, tail) = gateway.feed(rest);
-        rest = tail;
-        if let Some(Ok(frame)) = item {
+    for (item, _) in gateway.frames(&to_gateway) {
+        if let Ok(frame) = item {
             println!(
                 "gateway got node {} seq {}: {:?}",
                 frame.node, frame.seq, frame.message

@@ -41,7 +41,7 @@ pub use codec::encode_to_vec;
 pub use codec::{decode, encode, HEADER_LEN, MAX_BODY, MAX_ENCODED, MAX_FRAME, MAX_PAYLOAD};
 pub use error::{DecodeError, EncodeError};
 pub use message::{Ack, AckStatus, ChannelValue, Frame, Kind, Message, Reading, MAX_VALUES};
-pub use stream::FrameDecoder;
+pub use stream::{FrameDecoder, Frames, RawFrame};
 
 /// The protocol version this crate speaks (byte 0 of every frame).
 pub const VERSION: u8 = 1;

@@ -18,12 +18,11 @@ use crate::message::Frame;
 /// let n = encode(&Frame::reading(7, 1, Reading::default()), &mut wire).unwrap();
 ///
 /// let mut decoder = FrameDecoder::new();
-/// let mut rest = &wire[..n];
-/// while !rest.is_empty() {
-///     let (item, tail) = decoder.feed(rest);
-///     rest = tail;
-///     if let Some(Ok(frame)) = item {
-///         assert_eq!(frame.node, 7);
+/// // Input arrives in pieces; a frame may span several.
+/// for chunk in wire[..n].chunks(5) {
+///     for (item, raw) in decoder.frames(chunk) {
+///         assert_eq!(item.unwrap().node, 7);
+///         assert_eq!(raw.len(), n - 1);
 ///     }
 /// }
 /// ```
@@ -98,8 +97,44 @@ impl FrameDecoder {
         &self.buf[..self.last]
     }
 
+    /// Every item `input` completes, each with a copy of its bytes (see
+    /// [`frame_bytes`](Self::frame_bytes)); a frame left incomplete at the end of `input`
+    /// continues with the next call.
+    pub fn frames<'d, 'i>(&'d mut self, input: &'i [u8]) -> Frames<'d, 'i> {
+        Frames {
+            decoder: self,
+            input,
+        }
+    }
+
     /// Forgets a partly received frame, e.g. after the port was reopened.
     pub fn reset(&mut self) {
         *self = Self::new();
+    }
+}
+
+/// A frame's bytes as received, without the delimiter.
+pub type RawFrame = heapless::Vec<u8, MAX_ENCODED>;
+
+/// The items of one chunk of input: see [`FrameDecoder::frames`].
+pub struct Frames<'d, 'i> {
+    decoder: &'d mut FrameDecoder,
+    input: &'i [u8],
+}
+
+impl Iterator for Frames<'_, '_> {
+    type Item = (Result<Frame, DecodeError>, RawFrame);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.input.is_empty() {
+            let (item, rest) = self.decoder.feed(self.input);
+            self.input = rest;
+            if let Some(item) = item {
+                // frame_bytes() never exceeds MAX_ENCODED, the capacity.
+                let raw = RawFrame::from_slice(self.decoder.frame_bytes()).unwrap_or_default();
+                return Some((item, raw));
+            }
+        }
+        None
     }
 }

@@ -67,15 +67,10 @@ fn decode_chunked(stream: &[u8], chunks: &[usize]) -> Vec<(Result<Frame, DecodeE
             break;
         }
         let end = (at + size).min(stream.len());
-        let mut rest = &stream[at..end];
-        at = end;
-        while !rest.is_empty() {
-            let (item, tail) = decoder.feed(rest);
-            rest = tail;
-            if let Some(item) = item {
-                items.push((item, decoder.frame_bytes().to_vec()));
-            }
+        for (item, raw) in decoder.frames(&stream[at..end]) {
+            items.push((item, raw.to_vec()));
         }
+        at = end;
     }
     items
 }

@@ -144,16 +144,11 @@ where
         if n == 0 {
             return Ok(());
         }
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let (item, tail) = decoder.feed(rest);
-            rest = tail;
-            let Some(item) = item else { continue };
+        for (item, raw) in decoder.frames(&buf[..n]) {
             let first = !std::mem::replace(&mut synced, true);
-            let raw = decoder.frame_bytes();
             match item {
                 Ok(frame) => {
-                    if let Some(ack) = handle_frame(port, frame, raw, sink, &logs).await {
+                    if let Some(ack) = handle_frame(port, frame, &raw, sink, &logs).await {
                         transport
                             .write_all(&ack)
                             .await
@@ -167,7 +162,7 @@ where
                 Err(error) => {
                     let bad = BadFrame {
                         error: &error,
-                        raw,
+                        raw: &raw,
                         keep: bad_frames.take(Instant::now()),
                     };
                     if let Some(held) = logs.bad_frame.admit() {
@@ -366,21 +361,17 @@ mod tests {
 
         let mut acks = Vec::new();
         node.read_to_end(&mut acks).await.unwrap();
-        let mut decoder = FrameDecoder::new();
-        let mut statuses = Vec::new();
-        let mut rest = &acks[..];
-        while !rest.is_empty() {
-            let (item, tail) = decoder.feed(rest);
-            rest = tail;
-            if let Some(Ok(Frame {
-                node: 7,
-                seq: 1,
-                message: Message::Ack(a),
-            })) = item
-            {
-                statuses.push(a.status);
-            }
-        }
+        let statuses: Vec<AckStatus> = FrameDecoder::new()
+            .frames(&acks)
+            .filter_map(|(item, _)| match item {
+                Ok(Frame {
+                    node: 7,
+                    seq: 1,
+                    message: Message::Ack(a),
+                }) => Some(a.status),
+                _ => None,
+            })
+            .collect();
         assert_eq!(statuses, vec![AckStatus::Stored, AckStatus::Duplicate]);
     }
 }
