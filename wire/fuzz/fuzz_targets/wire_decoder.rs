@@ -1,6 +1,7 @@
 //! The streaming decoder on arbitrary bytes in arbitrary chunks: it never panics, holds at
 //! most MAX_ENCODED bytes, always makes progress, agrees with the one-shot `decode`, and every
-//! frame it accepts re-encodes to a frame that decodes to the same thing.
+//! frame it accepts re-encodes to a frame that decodes to the same thing. The iterator
+//! `frames()`, fed whole, yields the same items with the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut decoder = FrameDecoder::new();
+    let mut items = Vec::new();
     for piece in stream.chunks(usize::from(chunk).max(1)) {
         let mut rest = piece;
         while !rest.is_empty() {
@@ -27,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
             let Some(item) = item else { continue };
             let raw = decoder.frame_bytes();
             assert!(!raw.is_empty() && raw.len() <= MAX_ENCODED && !raw.contains(&0));
+            items.push((item.clone(), raw.to_vec()));
             match item {
                 Ok(frame) => {
                     // Compared by encoding: floats by their bits, so NaN equals itself.
@@ -39,6 +42,15 @@ fuzz_target!(|data: &[u8]| {
                 Err(DecodeError::Overlong { .. }) => assert_eq!(raw.len(), MAX_ENCODED),
                 Err(e) => assert_eq!(decode(raw), Err(e)),
             }
+        }
+    }
+    let whole: Vec<_> = FrameDecoder::new().frames(stream).collect();
+    assert_eq!(whole.len(), items.len());
+    for ((a, raw_a), (b, raw_b)) in whole.iter().zip(&items) {
+        assert_eq!(&raw_a[..], &raw_b[..]);
+        match (a, b) {
+            (Ok(a), Ok(b)) => assert_eq!(wire(a), wire(b)),
+            (a, b) => assert_eq!(a.as_ref().err(), b.as_ref().err()),
         }
     }
 });
