@@ -288,6 +288,7 @@ fn build_append(mapper: &Mapper, source: &str, p: &Publish, received: Timestamp)
         dead_letters,
         message_key: Some(message_key(source, &p.topic, &p.payload)),
         maybe_duplicate: p.dup,
+        frame_key: None,
     }
 }
 

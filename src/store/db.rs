@@ -10,7 +10,7 @@ use super::StoreError;
 use crate::config::Synchronous;
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -69,13 +69,24 @@ CREATE TABLE recent_readings (
 );
 ";
 
-const TABLES: [&str; 6] = [
+/// Added in schema version 3: frames of firmware nodes already committed, a window per node.
+const SCHEMA_V3: &str = "
+CREATE TABLE recent_frames (
+    id   INTEGER PRIMARY KEY,
+    node INTEGER NOT NULL,
+    key  BLOB    NOT NULL UNIQUE
+);
+CREATE INDEX recent_frames_by_node ON recent_frames (node, id);
+";
+
+const TABLES: [&str; 7] = [
     "outbox",
     "meta",
     "dead_letters",
     "recent_messages",
     "sensors",
     "recent_readings",
+    "recent_frames",
 ];
 
 pub fn now_ms() -> i64 {
@@ -191,13 +202,19 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
                 return Err(corrupt("tables present but no schema version".into()));
             }
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(classify)?;
         }
         1 => {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(classify)?;
+        }
+        2 => {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(classify)?;
         }

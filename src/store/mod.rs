@@ -1,7 +1,7 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 2; version 1 files
-//! gain the two tables added in 2 when opened)
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 3; older files gain
+//! the tables added since when opened)
 //! - `outbox(seq PK, event_id BLOB(16), stored_ms, kind, body)`: one row per event. `kind` 0 is
 //!   a reading (`body` = [`Reading`] as postcard bytes), 1 a liveness change (`body` =
 //!   [`crate::reading::StatusChange`]); the event JSON is rendered at publish time.
@@ -16,6 +16,10 @@
 //!   acknowledged again but not stored twice.
 //! - `recent_readings(id PK, key UNIQUE)`: hashes of (device, type, device timestamp) of the last
 //!   [`RECENT_MESSAGES`] readings stored, so the same observation delivered twice is stored once.
+//! - `recent_frames(id PK, node, key UNIQUE)`: frames of firmware nodes committed, the last
+//!   [`FRAME_WINDOW`] per node (`node` = the node's [`FrameKey::node`]), so a resend after a lost
+//!   ack is acknowledged again but not stored twice, however long the node waited and whatever
+//!   else was stored meanwhile. At most [`RECENT_FRAMES_MAX`] rows over all nodes.
 //! - `sensors(device_id, sensor_type PK, field_id, tenant_id, last_seen_ms, stale_after_ms,
 //!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
 //!   in the same transaction as the readings and status events it follows from.
@@ -60,6 +64,13 @@ pub use db::{DeadLetterRow, OutboxRow};
 
 /// Source messages remembered for redelivery detection.
 pub const RECENT_MESSAGES: i64 = 200_000;
+
+/// Frames remembered per firmware node for resend detection. A node that keeps fewer frames
+/// than this in flight (sent, not yet acked) never gets a resend stored twice.
+pub const FRAME_WINDOW: i64 = 1024;
+
+/// Rows of `recent_frames` over all nodes; beyond it the oldest go, whichever node sent them.
+pub const RECENT_FRAMES_MAX: i64 = 256 * FRAME_WINDOW;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
@@ -106,6 +117,18 @@ pub struct Append {
     pub message_key: Option<[u8; 16]>,
     /// Check `message_key` against recent messages first (the source says it may be a resend).
     pub maybe_duplicate: bool,
+    /// A firmware frame's identity: always checked against its node's recent frames, and
+    /// remembered there once stored; see `recent_frames`.
+    pub frame_key: Option<FrameKey>,
+}
+
+/// Identity of a firmware node's frame, for resend detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameKey {
+    /// The node (a hash of port and node id): whose window remembers the frame.
+    pub node: i64,
+    /// The frame (a hash of port, node id, seq and content).
+    pub frame: [u8; 16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -539,6 +562,14 @@ impl Writer {
         now: i64,
         delta: &mut Delta,
     ) -> rusqlite::Result<AppendOutcome> {
+        if let Some(frame) = &append.frame_key {
+            let seen = tx
+                .prepare_cached("SELECT 1 FROM recent_frames WHERE key = ?1")?
+                .exists([&frame.frame[..]])?;
+            if seen {
+                return Ok(AppendOutcome::Duplicate);
+            }
+        }
         if let (Some(key), true) = (append.message_key, append.maybe_duplicate) {
             let seen: Option<i64> = tx
                 .prepare_cached("SELECT 1 FROM recent_messages WHERE key = ?1")?
@@ -612,6 +643,9 @@ impl Writer {
             tx.prepare_cached("INSERT OR IGNORE INTO recent_messages (key) VALUES (?1)")?
                 .execute([&key[..]])?;
         }
+        if let Some(frame) = &append.frame_key {
+            remember_frame(tx, frame)?;
+        }
         Ok(AppendOutcome::Stored {
             first_seq,
             count: bodies.len() as u64,
@@ -677,6 +711,10 @@ impl Writer {
             ))?
             .execute([RECENT_MESSAGES])?;
         }
+        tx.prepare_cached(
+            "DELETE FROM recent_frames WHERE id <= (SELECT max(id) FROM recent_frames) - ?1",
+        )?
+        .execute([RECENT_FRAMES_MAX])?;
         let cut = tx
             .prepare_cached(
                 "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1",
@@ -785,6 +823,18 @@ fn insert_row(
     ])?;
     delta.next_seq += 1;
     delta.added(kind, body.len());
+    Ok(())
+}
+
+/// Adds a stored frame to its node's window and lets the node's oldest beyond
+/// [`FRAME_WINDOW`] go.
+fn remember_frame(tx: &rusqlite::Transaction<'_>, frame: &FrameKey) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT OR IGNORE INTO recent_frames (node, key) VALUES (?1, ?2)")?
+        .execute(params![frame.node, &frame.frame[..]])?;
+    tx.prepare_cached(
+        "DELETE FROM recent_frames WHERE node = ?1 AND id <= (SELECT id FROM recent_frames WHERE node = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+    )?
+    .execute(params![frame.node, FRAME_WINDOW])?;
     Ok(())
 }
 

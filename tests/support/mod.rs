@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pty;
+pub mod sim_node;
 pub mod steady;
 
 use std::io::{Read, Write};

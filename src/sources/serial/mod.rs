@@ -18,6 +18,7 @@
 //! ([`PortFault::Closed`] / [`PortFault::Io`]) or the gateway stops ([`PortFault::Stopping`]),
 //! and gets its arm in [`run_protocol`].
 
+pub mod frames;
 pub mod lines;
 pub mod modbus;
 mod quiet;
@@ -41,7 +42,7 @@ use crate::log_limit::LogLimit;
 use crate::mapping::{self, Mapped, Reason, Rejection, SerialValue, SharedMapper};
 use crate::metrics::Metrics;
 use crate::reading::{Reading, SensorType, Timestamp};
-use crate::store::{Append, AppendOutcome, NewDeadLetter, StoreError, StoreHandle};
+use crate::store::{Append, AppendOutcome, FrameKey, NewDeadLetter, StoreError, StoreHandle};
 
 /// First and longest wait between attempts to open a port.
 const REOPEN_FIRST: Duration = Duration::from_millis(250);
@@ -229,6 +230,8 @@ pub struct Batch {
     pub message_key: Option<[u8; 16]>,
     /// The sender says this may be a resend: check `message_key` against recent messages.
     pub maybe_duplicate: bool,
+    /// A firmware frame's identity, checked against its node's recent frames (see the store).
+    pub frame_key: Option<FrameKey>,
 }
 
 impl Batch {
@@ -241,6 +244,7 @@ impl Batch {
             raw: Arc::from(raw),
             message_key: None,
             maybe_duplicate: false,
+            frame_key: None,
         }
     }
 
@@ -330,6 +334,7 @@ impl PortContext {
                 dead_letters: prepared.dead_letters.clone(),
                 message_key: prepared.message_key,
                 maybe_duplicate: prepared.maybe_duplicate,
+                frame_key: prepared.frame_key,
             };
             let why = match append_once(&self.store, append).await {
                 Ok(outcome @ (AppendOutcome::Stored { .. } | AppendOutcome::Duplicate)) => {
@@ -384,6 +389,7 @@ impl PortContext {
                 .collect(),
             message_key: batch.message_key,
             maybe_duplicate: batch.maybe_duplicate,
+            frame_key: batch.frame_key,
         }
     }
 }
