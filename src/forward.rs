@@ -10,15 +10,17 @@
 //! 4. On a transient failure (timeout, broken link) of row `s`, every later in-flight result is
 //!    discarded and publishing resumes at `s`: the first unacknowledged row.
 //! 5. A refusal the server will repeat forever (payload over `max_payload`, no stream for the
-//!    subject as JetStream itself confirms, a row this version cannot decode) moves that row to
+//!    subject as JetStream itself confirms, a publish permission the server reports denied for
+//!    the subject after the row was sent, a row this version cannot decode) moves that row to
 //!    the dead-letter table and the queue goes on.
 //! 6. No new publish is handed to the client while it is disconnected, so the client's own
 //!    queue does not replay a stale window after reconnecting.
 
 use std::future::Future;
+use std::future::IntoFuture;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{
     GetStreamByNameErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
@@ -32,6 +34,7 @@ use crate::backoff::Backoff;
 use crate::event::{self, Event, Subjects};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
+use crate::nats::PublishDenials;
 use crate::store::{OutboxRow, StoreHandle};
 
 /// How a failed publish is handled.
@@ -43,9 +46,17 @@ enum Failure {
     Permanent(String),
 }
 
+/// Why a publish got no PubAck.
+#[derive(Debug)]
+enum AckError {
+    Publish(PublishError),
+    /// The server reported this connection may not publish to the event's subject.
+    Denied,
+}
+
 type AckResult = (
     Event,
-    Result<async_nats::jetstream::publish::PublishAck, PublishError>,
+    Result<async_nats::jetstream::publish::PublishAck, AckError>,
 );
 type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
 
@@ -57,19 +68,21 @@ pub struct Forwarder {
     pub subjects: Subjects,
     pub window: usize,
     pub metrics: Arc<Metrics>,
+    pub denials: Arc<PublishDenials>,
     failure_log: LogLimit,
 }
 
 impl Forwarder {
     pub fn new(
         store: StoreHandle,
-        client: async_nats::Client,
+        link: crate::nats::Link,
         gateway_id: String,
         subjects: Subjects,
         window: usize,
         ack_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let crate::nats::Link { client, denials } = link;
         let js = async_nats::jetstream::context::ContextBuilder::new()
             .timeout(ack_timeout)
             .max_ack_inflight(window.max(1) * 2)
@@ -83,6 +96,7 @@ impl Forwarder {
             subjects,
             window: window.max(1),
             metrics,
+            denials,
             failure_log: LogLimit::new(Duration::from_secs(10)),
         }
     }
@@ -161,7 +175,11 @@ impl Forwarder {
                             acked.push(event.seq);
                             backoff.reset();
                         }
-                        Err(e) => match self.judge(&e, &event.subject).await {
+                        Err(AckError::Denied) => {
+                            let why = format!("permission denied: the NATS server does not let this user publish to {}", event.subject);
+                            self.refuse(event.seq, &why, Some(event)).await;
+                        }
+                        Err(AckError::Publish(e)) => match self.judge(&e, &event.subject).await {
                             Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
                             Failure::Transient(why) => {
                                 self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
@@ -210,8 +228,17 @@ impl Forwarder {
         let publish = PublishMessage::build()
             .payload(event.body.clone().into())
             .headers(event::headers(&event));
+        // Taken before sending, so a refusal of this very publish cannot slip past them.
+        let sent = Instant::now();
+        let refusals = self.denials.watch();
         match self.js.send_publish(event.subject.clone(), publish).await {
-            Ok(fut) => Ok(Box::pin(await_ack(event, fut))),
+            Ok(fut) => Ok(Box::pin(await_ack(
+                event,
+                fut,
+                self.denials.clone(),
+                refusals,
+                sent,
+            ))),
             Err(e) => {
                 let failure = self.judge(&e, &event.subject).await;
                 Err((Some(event), failure))
@@ -291,9 +318,33 @@ async fn rewind(
     tokio::time::sleep(backoff.next_delay()).await;
 }
 
-async fn await_ack(event: Event, fut: PublishAckFuture) -> AckResult {
-    let result = fut.await;
-    (event, result)
+/// The PubAck of one publish, or `Denied` as soon as the server reports the subject refused
+/// after `sent`. Only a PubAck counts as delivered; a refusal never does.
+async fn await_ack(
+    event: Event,
+    fut: PublishAckFuture,
+    denials: Arc<PublishDenials>,
+    mut refusals: watch::Receiver<u64>,
+    sent: Instant,
+) -> AckResult {
+    let ack = fut.into_future();
+    tokio::pin!(ack);
+    loop {
+        tokio::select! {
+            result = &mut ack => {
+                let result = match result {
+                    Err(_) if denials.denied_since(&event.subject, sent) => Err(AckError::Denied),
+                    other => other.map_err(AckError::Publish),
+                };
+                return (event, result);
+            }
+            Ok(()) = refusals.changed() => {
+                if denials.denied_since(&event.subject, sent) {
+                    return (event, Err(AckError::Denied));
+                }
+            }
+        }
+    }
 }
 
 fn classify(e: &PublishError) -> Failure {
