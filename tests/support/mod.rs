@@ -3,10 +3,12 @@
 //! is killed when its handle drops.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -73,12 +75,16 @@ fn kill(child: &mut Child, signal: &str) {
         .status();
 }
 
+/// How the test's own client connects to a server that wants TLS or credentials.
+pub type ClientOptions = Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>;
+
 /// A nats-server with JetStream, restartable on the same port and store directory.
 pub struct Nats {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_config: String,
+    client_options: Option<ClientOptions>,
 }
 
 impl Nats {
@@ -93,6 +99,7 @@ impl Nats {
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
             extra_config: extra_config.to_string(),
+            client_options: None,
         };
         n.resume();
         n
@@ -154,10 +161,28 @@ impl Nats {
         }
     }
 
+    /// The test's own client connects with these options (TLS, credentials) from now on.
+    pub fn with_client_options(mut self, options: ClientOptions) -> Self {
+        self.client_options = Some(options);
+        self
+    }
+
+    /// The server's temp directory (config, log, JetStream store).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
-            .await
-            .expect("test client connects to nats-server")
+        match &self.client_options {
+            Some(options) => options().connect(self.url()).await,
+            None => async_nats::connect(self.url()).await,
+        }
+        .expect("test client connects to nats-server")
     }
 
     /// Creates a stream the way the platform does (`SAHOOL_IOT` on `sahool.iot.>`, 120 s
@@ -183,49 +208,54 @@ impl Nats {
 
     /// Every message in the stream, in stream order: (subject, headers, body).
     pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
-        let js = async_nats::jetstream::new(self.client().await);
-        let mut stream = js.get_stream(name).await.expect("stream exists");
-        let total = stream.info().await.expect("stream info").state.messages as usize;
-        let mut out = Vec::with_capacity(total);
-        if total == 0 {
-            return out;
-        }
-        let consumer = stream
-            .create_consumer(async_nats::jetstream::consumer::pull::Config {
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        let mut messages = consumer.messages().await.expect("messages");
-        while out.len() < total {
-            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-                .await
-                .expect("stream read timed out")
-                .expect("stream ended")
-                .expect("message");
-            let headers = next
-                .headers
-                .as_ref()
-                .map(|h| {
-                    h.iter()
-                        .map(|(k, v)| {
-                            (
-                                k.to_string(),
-                                v.first().map(|v| v.to_string()).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(StreamMessage {
-                subject: next.subject.to_string(),
-                headers,
-                body: serde_json::from_slice(&next.payload).expect("event is JSON"),
-            });
-        }
-        out
+        read_stream_from(self.client().await, name).await
     }
+}
+
+/// Every message in the stream, read through `client`, in stream order.
+pub async fn read_stream_from(client: async_nats::Client, name: &str) -> Vec<StreamMessage> {
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(name).await.expect("stream exists");
+    let total = stream.info().await.expect("stream info").state.messages as usize;
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    while out.len() < total {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stream read timed out")
+            .expect("stream ended")
+            .expect("message");
+        let headers = next
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            v.first().map(|v| v.to_string()).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(StreamMessage {
+            subject: next.subject.to_string(),
+            headers,
+            body: serde_json::from_slice(&next.payload).expect("event is JSON"),
+        });
+    }
+    out
 }
 
 impl Drop for Nats {
@@ -234,6 +264,169 @@ impl Drop for Nats {
             kill(c, "CONT");
         }
         self.stop();
+    }
+}
+
+/// A nats-server cluster with JetStream on loopback: node `i` can be killed and restarted on its
+/// own ports and store; every node is killed on drop.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    pub fn start(nodes: usize) -> Self {
+        let mut c = Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            ports: (0..nodes).map(|_| (free_port(), free_port())).collect(),
+            children: (0..nodes).map(|_| None).collect(),
+        };
+        for i in 0..nodes {
+            c.spawn(i);
+        }
+        for (port, _) in &c.ports {
+            wait_for_port(*port, Duration::from_secs(10));
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, route))| format!("nats-route://127.0.0.1:{route}"))
+            .collect();
+        let (port, route) = self.ports[i];
+        let conf = self.dir.path().join(format!("n{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{\n  name: sahool\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
+                self.dir.path().join(format!("n{i}")).display(),
+                routes.join(", ")
+            ),
+        )
+        .expect("write node config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("n{i}.log")))
+            .expect("node log");
+        let child = Command::new(require("nats-server", "nats-server"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        self.children[i] = Some(child);
+    }
+
+    /// `nats://127.0.0.1:port` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|(port, _)| format!("nats://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// Node `i`'s `server_name`.
+    pub fn name(&self, i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// SIGKILL to node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again with its store.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        wait_for_port(self.ports[i].0, Duration::from_secs(10));
+    }
+
+    /// A client that may use any node that is up.
+    pub async fn client(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .urls()
+            .iter()
+            .map(|u| u.parse().expect("node url"))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(addrs)
+            .await
+            .expect("test client connects to the cluster")
+    }
+
+    /// Creates a stream once the cluster has elected its JetStream leader (120 s duplicate
+    /// window, as the platform's).
+    pub async fn create_stream(&self, name: &str, subjects: &[&str], replicas: usize) {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let created = js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.to_string(),
+                    subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                    duplicate_window: Duration::from_secs(120),
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(_) => return,
+                // Not yet: the cluster is still electing its JetStream leader.
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("cannot create stream {name} on the cluster: {e}"),
+            }
+        }
+    }
+
+    /// The index of the node leading the stream, once one does.
+    pub async fn stream_leader(&self, name: &str) -> usize {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut stream) = js.get_stream(name).await {
+                if let Ok(info) = stream.info().await {
+                    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+                    if let Some(i) =
+                        leader.and_then(|l| (0..self.ports.len()).find(|i| self.name(*i) == l))
+                    {
+                        return i;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream {name} has no leader after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every message in the stream, in stream order.
+    pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
+        read_stream_from(self.client().await, name).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
     }
 }
 
@@ -258,17 +451,30 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra_listeners: String,
 }
 
 impl Mosquitto {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// With more listeners (`listener PORT 127.0.0.1` and their settings) after the plaintext,
+    /// anonymous one on `port` that test publishers use; settings are then per listener.
+    pub fn start_with(extra_listeners: &str) -> Self {
         let mut m = Self {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            extra_listeners: extra_listeners.to_string(),
         };
         m.resume();
         m
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -277,13 +483,19 @@ impl Mosquitto {
 
     pub fn resume(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        let per_listener = if self.extra_listeners.is_empty() {
+            ""
+        } else {
+            "per_listener_settings true\n"
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\n",
+                "{per_listener}listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\n{}\n",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                self.extra_listeners
             ),
         )
         .expect("write mosquitto.conf");
@@ -410,6 +622,7 @@ impl Gateway {
         let log =
             std::fs::File::create(self.dir.path().join(format!("gateway-{}.log", self.starts)))
                 .expect("log");
+        let stdout = log.try_clone().expect("log");
         let child = Command::new(gateway_binary())
             .args(["run", "--config"])
             .arg(&self.config_path)
@@ -418,7 +631,8 @@ impl Gateway {
                 std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
             )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            // Both streams in one log, so tests can search everything the gateway printed.
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("start gateway");
@@ -613,6 +827,58 @@ pub async fn publish_all(
     })
     .await;
     acked
+}
+
+/// Values in stream order, with the checks every test shares: unique event ids, `seq`
+/// strictly increasing in stream order, and `Nats-Msg-Id` equal to `event_id`.
+pub fn values_in_order(events: &[StreamMessage]) -> Vec<usize> {
+    let mut ids = HashSet::new();
+    let mut last_seq = 0;
+    events
+        .iter()
+        .map(|e| {
+            let id = e.body["event_id"].as_str().expect("event_id");
+            assert!(
+                ids.insert(id.to_string()),
+                "event {id} is in the stream twice"
+            );
+            assert_eq!(e.header("Nats-Msg-Id"), Some(id));
+            let seq = e.body["source"]["seq"].as_u64().expect("seq");
+            assert!(
+                seq > last_seq,
+                "seq {seq} after {last_seq}: stream order must follow seq"
+            );
+            last_seq = seq;
+            e.body["payload"]["value"].as_f64().expect("value") as usize
+        })
+        .collect()
+}
+
+/// Asserts every value in `0..n` is present exactly once.
+pub fn assert_exactly_once(values: &[usize], n: usize) {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(*v).or_default() += 1;
+    }
+    let doubled: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(v, _)| *v)
+        .collect();
+    let missing: Vec<_> = (0..n).filter(|v| !counts.contains_key(v)).collect();
+    assert!(
+        doubled.is_empty(),
+        "{} readings doubled, e.g. {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} readings lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(values.len(), n);
 }
 
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with

@@ -1,0 +1,512 @@
+//! Secure links through the real binary and real servers: NATS over TLS (server name override,
+//! mTLS, a wrong CA fixed by reload), NKey and JWT (`.creds`, operator mode) users, a
+//! least-privilege user with the shipped permission block and a permission violation, MQTT
+//! over TLS with passwords, a 3-node JetStream cluster losing its stream leader and then every
+//! node, and every secret searched for in everything the gateway prints and serves.
+
+mod support;
+
+#[path = "support/nats_jwt.rs"]
+mod nats_jwt;
+#[path = "support/pki.rs"]
+mod pki;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pki::{write_private, Pki};
+use support::{probe_config, probe_readings, publish_all, Gateway, Mosquitto, Nats};
+
+/// A gateway config for `probe-1` (see `probe_config`) whose `[nats]` servers are `servers`
+/// and whose `[nats]` section gets `nats_extra` lines.
+fn config(nats: &Nats, servers: &[String], broker: &Mosquitto, nats_extra: &str) -> String {
+    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    probe_config(nats, broker, "", nats_extra).replace(
+        &format!("servers = [\"{}\"]", nats.url()),
+        &format!("servers = [{}]", list.join(", ")),
+    )
+}
+
+fn tls_url(nats: &Nats) -> String {
+    format!("tls://127.0.0.1:{}", nats.port)
+}
+
+fn quoted(path: &Path) -> String {
+    format!("\"{}\"", path.display())
+}
+
+/// nats-server TLS settings; `verify` asks every client for a certificate from `ca`.
+fn server_tls(pki: &Pki, name: &str, names: &[&str], verify: bool) -> String {
+    let server = pki.server_for(name, names);
+    format!(
+        "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: {verify}\n  timeout: 5\n}}\n",
+        quoted(&server.cert),
+        quoted(&server.key),
+        quoted(&pki.ca_file())
+    )
+}
+
+async fn wait_stream_readings(nats: &Nats, n: usize) -> Vec<support::StreamMessage> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = nats.read_readings("SAHOOL_IOT").await;
+        if events.len() >= n || std::time::Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn forwarded(g: &Gateway) -> f64 {
+    g.metric("sahool_gateway_readings_forwarded_total", "")
+}
+
+fn buffered(g: &Gateway) -> f64 {
+    g.metric("sahool_gateway_buffer_readings", "")
+}
+
+/// A server whose certificate names only `nats.sahool.test`: reached by IP address, the
+/// gateway refuses it and says why; with `tls_server_name` it forwards over `tls://`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_server_name_override() {
+    let pki = Pki::new("platform");
+    let checked_name = sahool_gateway::tls::client_config(
+        &sahool_gateway::tls::TlsFiles {
+            ca: Some(&pki.ca_file()),
+            cert: None,
+            key: None,
+            server_name: Some("nats.sahool.test"),
+        },
+        "test client",
+    )
+    .expect("test TLS config");
+    let nats = Nats::start_with(&server_tls(&pki, "nats", &["nats.sahool.test"], false))
+        .with_client_options(Arc::new(move || {
+            async_nats::ConnectOptions::new()
+                .tls_client_config(checked_name.config.as_ref().clone())
+                .require_tls(true)
+        }));
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let broker = Mosquitto::start();
+    let ca = format!("tls_ca_file = {}", quoted(&pki.ca_file()));
+    let mut gateway = Gateway::start(&config(&nats, &[tls_url(&nats)], &broker, &ca));
+    gateway.wait_subscribed(1).await;
+    gateway.wait_until("the name mismatch logged", Duration::from_secs(20), |g| {
+        g.log()
+            .contains("server certificate rejected for 127.0.0.1")
+            && g.log().contains("set tls_server_name")
+    });
+
+    let fixed = format!("{ca}\ntls_server_name = \"nats.sahool.test\"");
+    gateway.rewrite_config(&config(&nats, &[tls_url(&nats)], &broker, &fixed));
+    gateway.signal("HUP");
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..20)).await,
+        20
+    );
+    gateway.wait_until("forwarded over TLS", Duration::from_secs(30), |g| {
+        forwarded(g) == 20.0 && buffered(g) == 0.0
+    });
+    assert_eq!(wait_stream_readings(&nats, 20).await.len(), 20);
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// A server that verifies clients (mTLS): without a client certificate, then with a CA that did
+/// not sign the server's certificate, readings stay buffered and the log and `/readyz` say why;
+/// a reload with the right files delivers them all, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_and_a_wrong_ca_keep_readings_buffered_until_a_reload_fixes_them() {
+    let pki = Pki::new("platform");
+    let rogue = Pki::new("rogue");
+    let admin = pki.client("platform-admin");
+    let (ca, admin_cert, admin_key) = (pki.ca_file(), admin.cert.clone(), admin.key.clone());
+    let nats = Nats::start_with(&server_tls(&pki, "nats", &["localhost", "127.0.0.1"], true))
+        .with_client_options(Arc::new(move || {
+            async_nats::ConnectOptions::new()
+                .add_root_certificates(ca.clone())
+                .add_client_certificate(admin_cert.clone(), admin_key.clone())
+                .require_tls(true)
+        }));
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let broker = Mosquitto::start();
+    let client = pki.client("gw-test");
+    let servers = [tls_url(&nats)];
+
+    // 1. No client certificate.
+    let no_cert = format!("tls_ca_file = {}", quoted(&pki.ca_file()));
+    let mut gateway = Gateway::start(&config(&nats, &servers, &broker, &no_cert));
+    gateway.wait_subscribed(1).await;
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..30)).await,
+        30
+    );
+    gateway.wait_until(
+        "readings buffered, the missing certificate named",
+        Duration::from_secs(20),
+        |g| {
+            buffered(g) == 30.0
+                && g.log().contains("asks for a client certificate")
+                && g.get("/readyz")
+                    .is_some_and(|(code, body)| code == 503 && body.contains("client certificate"))
+        },
+    );
+
+    // 2. A client certificate, but the wrong CA for the server.
+    let wrong_ca = format!(
+        "tls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}",
+        quoted(&rogue.ca_file()),
+        quoted(&client.cert),
+        quoted(&client.key)
+    );
+    gateway.rewrite_config(&config(&nats, &servers, &broker, &wrong_ca));
+    gateway.signal("HUP");
+    gateway.wait_until("the unknown issuer named", Duration::from_secs(20), |g| {
+        g.log().contains("UnknownIssuer")
+            && g.log()
+                .contains("is tls_ca_file the CA that signed the server's certificate?")
+            && g.get("/readyz").is_some_and(|(code, body)| {
+                code == 503 && body.contains("server certificate rejected")
+            })
+    });
+    let stats = gateway.cli(&["buffer", "stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    assert_eq!(stats["readings"], 30, "every reading is still buffered");
+    assert_eq!(forwarded(&gateway), 0.0);
+
+    // 3. The right CA: everything arrives, once.
+    let fixed = wrong_ca.replace(
+        &rogue.ca_file().display().to_string(),
+        &pki.ca_file().display().to_string(),
+    );
+    gateway.rewrite_config(&config(&nats, &servers, &broker, &fixed));
+    gateway.signal("HUP");
+    gateway.wait_until("forwarded after the fix", Duration::from_secs(30), |g| {
+        forwarded(g) == 30.0 && buffered(g) == 0.0
+    });
+    let events = wait_stream_readings(&nats, 30).await;
+    support::assert_exactly_once(&support::values_in_order(&events), 30);
+    assert_eq!(gateway.get("/readyz").map(|(code, _)| code), Some(200));
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// An NKey user (keys from the nkeys crate) forwards with its seed file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_user_forwards() {
+    let gateway_key = nkeys::KeyPair::new_user();
+    let platform_key = nkeys::KeyPair::new_user();
+    let platform_seed = platform_key.seed().expect("seed");
+    let nats = Nats::start_with(&format!(
+        "authorization {{ users: [ {{ nkey: {} }}, {{ nkey: {} }} ] }}",
+        gateway_key.public_key(),
+        platform_key.public_key()
+    ))
+    .with_client_options(Arc::new(move || {
+        async_nats::ConnectOptions::new().nkey(platform_seed.clone())
+    }));
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let broker = Mosquitto::start();
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let seed_file = secrets.path().join("gateway.nk");
+    write_private(
+        &seed_file,
+        &format!("{}\n", gateway_key.seed().expect("seed")),
+    );
+
+    let seed_line = format!("nkey_seed_file = {}", quoted(&seed_file));
+    let mut gateway = Gateway::start(&config(&nats, &[nats.url()], &broker, &seed_line));
+    gateway.wait_subscribed(1).await;
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..20)).await,
+        20
+    );
+    gateway.wait_until("forwarded as the NKey user", Duration::from_secs(30), |g| {
+        forwarded(g) == 20.0 && buffered(g) == 0.0
+    });
+    assert_eq!(wait_stream_readings(&nats, 20).await.len(), 20);
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// Operator mode without nsc: operator, account and user JWTs signed in the test; the gateway
+/// authenticates with a `.creds` file and forwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_user_in_operator_mode_forwards() {
+    let operator = nats_jwt::operator("sahool-test");
+    let account = nats_jwt::account(&operator, "SAHOOL");
+    let gateway_user = nats_jwt::user(&account, "gw-test", None);
+    let platform = nats_jwt::user(&account, "platform", None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let platform_creds = platform.creds();
+    let nats = Nats::start_with(&nats_jwt::server_config(dir.path(), &operator, &account))
+        .with_client_options(Arc::new(move || {
+            async_nats::ConnectOptions::new()
+                .credentials(&platform_creds)
+                .expect("platform creds")
+        }));
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let broker = Mosquitto::start();
+    let creds_file = dir.path().join("gateway.creds");
+    write_private(&creds_file, &gateway_user.creds());
+
+    let creds_line = format!("creds_file = {}", quoted(&creds_file));
+    let mut gateway = Gateway::start(&config(&nats, &[nats.url()], &broker, &creds_line));
+    gateway.wait_subscribed(1).await;
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..20)).await,
+        20
+    );
+    gateway.wait_until("forwarded as the JWT user", Duration::from_secs(30), |g| {
+        forwarded(g) == 20.0 && buffered(g) == 0.0
+    });
+    assert_eq!(wait_stream_readings(&nats, 20).await.len(), 20);
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// The shipped permission block, verbatim.
+fn least_privilege_block() -> String {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/nats-server.least-privilege.conf");
+    std::fs::read_to_string(path).expect("config/nats-server.least-privilege.conf")
+}
+
+/// A user with only the shipped permissions forwards readings and status events. A subject
+/// template outside its space is refused by the server: each such reading is dead-lettered
+/// once with the reason, never retried, while status events keep flowing; after a reload with
+/// an allowed subject, readings flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_privilege_user_forwards_and_permission_violations_are_dead_lettered() {
+    let nats = Nats::start_with(&format!(
+        "{}\nauthorization {{\n  users: [\n    {{ user: gw-farm, password: \"q8V-3tLr-Wz9k-Pm2d\", permissions: $SAHOOL_GATEWAY }}\n    {{ user: platform, password: \"Hj4-xN7p-Qs2v-Lk8w\" }}\n  ]\n}}\n",
+        least_privilege_block()
+    ))
+    .with_client_options(Arc::new(|| {
+        async_nats::ConnectOptions::new()
+            .user_and_password("platform".into(), "Hj4-xN7p-Qs2v-Lk8w".into())
+    }));
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    // A stream does capture the forbidden subject: only the permission stands in the way.
+    nats.create_stream("FARM", &["farm.>"]).await;
+    let broker = Mosquitto::start();
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let password_file = secrets.path().join("nats.password");
+    write_private(&password_file, "q8V-3tLr-Wz9k-Pm2d\n");
+    let auth = format!(
+        "user = \"gw-farm\"\npassword_file = {}",
+        quoted(&password_file)
+    );
+    let forbidden = format!("{auth}\nsubject = \"farm.{{tenant_id}}.reading\"");
+
+    let mut gateway = Gateway::start(&config(&nats, &[nats.url()], &broker, &forbidden));
+    gateway.wait_subscribed(1).await;
+    gateway.wait_until("connected", Duration::from_secs(20), |g| {
+        g.metric("sahool_gateway_nats_connected", "") == 1.0
+    });
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..10)).await,
+        10
+    );
+    gateway.wait_until(
+        "every reading dead-lettered",
+        Duration::from_secs(30),
+        |g| {
+            g.metric(
+                "sahool_gateway_readings_rejected_total",
+                "reason=\"publish_refused\"",
+            ) == 10.0
+                && buffered(g) == 0.0
+        },
+    );
+    // Nothing was retried: no publish timed out, and the count stays at one per reading.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        gateway.metric(
+            "sahool_gateway_readings_rejected_total",
+            "reason=\"publish_refused\""
+        ),
+        10.0
+    );
+    assert_eq!(
+        gateway.metric(
+            "sahool_gateway_nats_publish_errors_total",
+            "reason=\"timeout\""
+        ),
+        0.0
+    );
+    let list = gateway.cli(&["dead-letters", "list"]);
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(list.lines().count(), 10, "{list}");
+    for line in list.lines() {
+        let d: serde_json::Value = serde_json::from_str(line).expect("dead-letter JSON");
+        assert_eq!(d["reason"], "publish_refused");
+        let detail = d["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("permission denied") && detail.contains("farm.tenant-a.reading"),
+            "{detail}"
+        );
+    }
+    assert!(gateway
+        .log()
+        .contains("denies this user publishing to the subject"));
+    assert!(
+        nats.read_stream("FARM").await.is_empty(),
+        "the server stored nothing it refused"
+    );
+    // The status event (sahool.iot.sensor.connected) is inside the allowed space and arrived.
+    let status = nats.read_stream("SAHOOL_IOT").await;
+    assert!(
+        status
+            .iter()
+            .any(|e| e.subject == "sahool.iot.sensor.connected"),
+        "{:?}",
+        status.iter().map(|e| &e.subject).collect::<Vec<_>>()
+    );
+    assert!(gateway.is_running());
+
+    // The default subject is allowed: later readings flow.
+    gateway.rewrite_config(&config(&nats, &[nats.url()], &broker, &auth));
+    gateway.signal("HUP");
+    gateway.wait_until("reloaded", Duration::from_secs(20), |g| {
+        g.log().contains("config reloaded")
+    });
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(10..20)).await,
+        10
+    );
+    gateway.wait_until("forwarded", Duration::from_secs(30), |g| {
+        forwarded(g) == 10.0 && buffered(g) == 0.0
+    });
+    let events = wait_stream_readings(&nats, 10).await;
+    let values = support::values_in_order(&events);
+    assert_eq!(values, (10..20).collect::<Vec<_>>());
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// mosquitto over TLS with passwords (hashed by mosquitto_passwd) and the shipped ACL, through
+/// the shipped listener snippet: one listener checks the server only, one also wants a client
+/// certificate. Both sources connect and read; a wrong password is refused by the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_passwords_and_client_certificates() {
+    let pki = Pki::new("farm");
+    let server = pki.server("mosquitto");
+    let client = pki.client("gw-farm-001");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passwords = dir.path().join("mosquitto.passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwords)
+        .args(["gw-farm-001", "Tz7-mK4q-Xw2n-Rb9s"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(made.success());
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let snippet = std::fs::read_to_string(shipped.join("mosquitto.tls.conf")).expect("snippet");
+    let (tls_port, mtls_port) = (support::free_port(), support::free_port());
+    let listener = |port: u16, require: bool| {
+        snippet
+            // The harness sets it, before its own listener.
+            .replace("per_listener_settings true", "")
+            .replace("listener 8883", &format!("listener {port} 127.0.0.1"))
+            .replace("/etc/mosquitto/passwd", &passwords.display().to_string())
+            .replace(
+                "/etc/mosquitto/sahool-gateway.acl",
+                &shipped
+                    .join("mosquitto.sahool-gateway.acl")
+                    .display()
+                    .to_string(),
+            )
+            .replace(
+                "/etc/mosquitto/certs/ca.pem",
+                &pki.ca_file().display().to_string(),
+            )
+            .replace(
+                "/etc/mosquitto/certs/broker.pem",
+                &server.cert.display().to_string(),
+            )
+            .replace(
+                "/etc/mosquitto/certs/broker.key",
+                &server.key.display().to_string(),
+            )
+            .replace(
+                "require_certificate false",
+                &format!("require_certificate {require}"),
+            )
+    };
+    // As root, mosquitto would drop to its own user, which cannot read the test's key files.
+    let broker = Mosquitto::start_with(&format!(
+        "user root\n{}\n{}",
+        listener(tls_port, false),
+        listener(mtls_port, true)
+    ));
+    support::wait_for_port(tls_port, Duration::from_secs(10));
+    let nats = Nats::with_platform_stream().await;
+    let password_file = dir.path().join("mqtt.password");
+    write_private(&password_file, "Tz7-mK4q-Xw2n-Rb9s\n");
+    let wrong_file = dir.path().join("wrong.password");
+    write_private(&wrong_file, "Not-the-Right-One-42\n");
+    let source = |name: &str, url: String, password: &Path, extra: &str| {
+        format!(
+            "\n[[mqtt]]\nname = \"{name}\"\nurl = \"{url}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\nusername = \"gw-farm-001\"\npassword_file = {}\ntls_ca_file = {}\n{extra}\n",
+            quoted(password),
+            quoted(&pki.ca_file())
+        )
+    };
+    let sources = [
+        source(
+            "tls",
+            format!("mqtts://127.0.0.1:{tls_port}"),
+            &password_file,
+            "",
+        ),
+        source(
+            "mtls",
+            format!("mqtts://localhost:{mtls_port}"),
+            &password_file,
+            &format!(
+                "tls_cert_file = {}\ntls_key_file = {}",
+                quoted(&client.cert),
+                quoted(&client.key)
+            ),
+        ),
+        source(
+            "intruder",
+            format!("mqtts://127.0.0.1:{tls_port}"),
+            &wrong_file,
+            "",
+        ),
+    ];
+    // The plaintext source of probe_config is replaced by the TLS ones.
+    let base = probe_config(&nats, &broker, "", "");
+    let (head, tail) = base
+        .split_once("[[mqtt]]")
+        .expect("probe config has a source");
+    let fields = &tail[tail.find("[[fields]]").expect("fields")..];
+    let mut gateway = Gateway::start(&format!("{head}{}\n{fields}", sources.concat()));
+    gateway.wait_until("both TLS sources connected", Duration::from_secs(30), |g| {
+        g.metric("sahool_gateway_mqtt_connected", "source=\"tls\"") == 1.0
+            && g.metric("sahool_gateway_mqtt_connected", "source=\"mtls\"") == 1.0
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..20)).await,
+        20
+    );
+    gateway.wait_until(
+        "read by both and forwarded once",
+        Duration::from_secs(30),
+        |g| {
+            g.metric("sahool_gateway_mqtt_messages_total", "source=\"tls\"") == 20.0
+                && g.metric("sahool_gateway_mqtt_messages_total", "source=\"mtls\"") == 20.0
+                && forwarded(g) == 20.0
+                && buffered(g) == 0.0
+        },
+    );
+    assert_eq!(
+        gateway.metric("sahool_gateway_mqtt_connected", "source=\"intruder\""),
+        0.0
+    );
+    assert!(gateway.log().contains("NotAuthorized"), "{}", gateway.log());
+    let events = nats.read_readings("SAHOOL_IOT").await;
+    support::assert_exactly_once(&support::values_in_order(&events), 20);
+    assert_eq!(gateway.terminate(), Some(0));
+    drop(broker);
+}
