@@ -393,14 +393,23 @@ impl Cluster {
         }
     }
 
-    /// The index of the node leading the stream, once one does.
+    /// The index of the node leading the stream, once one does and every other replica is
+    /// current (so killing one node leaves a quorum that has everything).
     pub async fn stream_leader(&self, name: &str) -> usize {
         let js = async_nats::jetstream::new(self.client().await);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(mut stream) = js.get_stream(name).await {
                 if let Ok(info) = stream.info().await {
-                    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+                    let replicas_current = info.cluster.as_ref().is_some_and(|c| {
+                        c.replicas.len() + 1 == self.ports.len()
+                            && c.replicas.iter().all(|r| r.current && !r.offline)
+                    });
+                    let leader = info
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| c.leader.clone())
+                        .filter(|_| replicas_current);
                     if let Some(i) =
                         leader.and_then(|l| (0..self.ports.len()).find(|i| self.name(*i) == l))
                     {
@@ -410,7 +419,7 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "stream {name} has no leader after 60 s"
+                "stream {name} has no leader with current replicas after 60 s"
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -884,10 +893,21 @@ pub fn assert_exactly_once(values: &[usize], n: usize) {
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with
 /// `buffer` lines added to `[buffer]` and `extra` lines to `[nats]`.
 pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
+    probe_config_for(&[nats.url()], broker, buffer, extra)
+}
+
+/// `probe_config` for any list of NATS server URLs (`tls://`, a cluster's nodes).
+pub fn probe_config_for(
+    servers: &[String],
+    broker: &Mosquitto,
+    buffer: &str,
+    extra: &str,
+) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     format!(
         r#"
 [nats]
-servers = ["{nats}"]
+servers = [{servers}]
 ack_timeout = "2s"
 {extra}
 
@@ -914,7 +934,7 @@ id = "field-1"
   device_id = "probe-1"
   sensor_type = "water_level"
 "#,
-        nats = nats.url(),
+        servers = servers.join(", "),
         mqtt = broker.url()
     )
 }
