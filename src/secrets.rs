@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{resolve_path, weak_password, Config, Secret};
-use crate::tls::{self, TlsFiles};
+use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -96,18 +96,29 @@ pub struct Finding {
     pub problem: bool,
 }
 
-/// Reads every secret and TLS file the config names, as `run` will. `section_line` gives the
-/// line of the `[nats]` header. Paths under `${CREDENTIALS_DIRECTORY}` are noted as unchecked
-/// when that variable is not set (it is set only for the service).
-pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
-    let mut found = Vec::new();
-    let note = |found: &mut Vec<Finding>, line: usize, message: String| {
-        found.push(Finding {
+impl Finding {
+    fn problem(line: usize, message: String) -> Self {
+        Self {
+            line,
+            message,
+            problem: true,
+        }
+    }
+
+    fn note(line: usize, message: String) -> Self {
+        Self {
             line,
             message,
             problem: false,
-        })
-    };
+        }
+    }
+}
+
+/// Reads every secret and TLS file the config names, as `run` will; `nats_line` is the line of
+/// the `[nats]` header. Paths under `${CREDENTIALS_DIRECTORY}` are noted as unchecked when that
+/// variable is not set (systemd sets it only for the service).
+pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
+    let mut found = Vec::new();
     let n = &config.nats;
     let nats_files = [
         &n.password_file,
@@ -115,19 +126,12 @@ pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
         &n.nkey_seed_file,
         &n.creds_file,
     ];
-    match nats_files
-        .iter()
-        .filter_map(|p| p.as_deref())
-        .find_map(unresolvable)
-    {
-        Some(why) => note(&mut found, nats_line, why),
+    let nats_paths = nats_files.iter().filter_map(|p| p.as_deref());
+    match nats_paths.clone().find_map(unresolvable) {
+        Some(why) => found.push(Finding::note(nats_line, why)),
         None => {
             if let Err(e) = crate::nats::with_auth(async_nats::ConnectOptions::new(), n) {
-                found.push(Finding {
-                    line: nats_line,
-                    message: e.to_string(),
-                    problem: true,
-                });
+                found.push(Finding::problem(nats_line, e.to_string()));
             }
         }
     }
@@ -136,50 +140,31 @@ pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
             continue;
         };
         match unresolvable(path) {
-            Some(why) => note(&mut found, m.line, why),
+            Some(why) => found.push(Finding::note(m.line, why)),
             None => {
                 if let Err(e) = read_password("[[mqtt]] password", path) {
-                    found.push(Finding {
-                        line: m.line,
-                        message: e.to_string(),
-                        problem: true,
-                    });
+                    found.push(Finding::problem(m.line, e.to_string()));
                 }
             }
         }
     }
 
-    let tls_check =
-        |found: &mut Vec<Finding>, line: usize, files: Option<TlsFiles<'_>>, label: &str| {
-            let Some(files) = files else { return };
-            let paths = [files.ca, files.cert, files.key];
-            if let Some(why) = paths.into_iter().flatten().find_map(unresolvable) {
-                note(found, line, why);
-                return;
-            }
-            if let Err(e) = tls::client_config(&files, label) {
-                found.push(Finding {
-                    line,
-                    message: format!("{label} TLS: {e}"),
-                    problem: true,
-                });
-            }
-        };
-    tls_check(&mut found, nats_line, n.tls_files(), "[nats]");
+    let mut tls = vec![(nats_line, n.tls_files(), "[nats]".to_string())];
     for m in &config.mqtt {
-        tls_check(
-            &mut found,
-            m.line,
-            m.tls_files(),
-            &format!("[[mqtt]] `{}`", m.name),
-        );
+        tls.push((m.line, m.tls_files(), format!("[[mqtt]] `{}`", m.name)));
+    }
+    for (line, files, label) in tls {
+        let Some(files) = files else { continue };
+        let paths = [files.ca, files.cert, files.key];
+        if let Some(why) = paths.into_iter().flatten().find_map(unresolvable) {
+            found.push(Finding::note(line, why));
+        } else if let Err(e) = tls::client_config(&files, &label) {
+            found.push(Finding::problem(line, format!("{label} TLS: {e}")));
+        }
     }
 
-    // Secrets others can read: a note naming the file.
-    let mut secret_files: Vec<(usize, &Path)> = nats_files
-        .into_iter()
-        .chain([&n.tls_key_file])
-        .filter_map(|p| p.as_deref())
+    let mut secret_files: Vec<(usize, &Path)> = nats_paths
+        .chain(n.tls_key_file.as_deref())
         .map(|p| (nats_line, p))
         .collect();
     for m in &config.mqtt {
@@ -188,17 +173,14 @@ pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
         }
     }
     for (line, path) in secret_files {
-        if let Ok(resolved) = resolve_path(path) {
-            if readable_by_others(&resolved) {
-                note(
-                    &mut found,
-                    line,
-                    format!(
-                        "secret file {} is readable by every user; chmod o-r it",
-                        resolved.display()
-                    ),
-                );
-            }
+        if let Some(resolved) = resolve_path(path).ok().filter(|p| readable_by_others(p)) {
+            found.push(Finding::note(
+                line,
+                format!(
+                    "secret file {} is readable by every user; chmod o-r it",
+                    resolved.display()
+                ),
+            ));
         }
     }
     found
@@ -209,4 +191,36 @@ fn unresolvable(path: &Path) -> Option<String> {
     resolve_path(path)
         .err()
         .map(|e| format!("not checked here: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_weak_password_in_a_file_is_refused_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nats.password");
+        std::fs::write(&path, "Changeme2024\n").unwrap();
+        let e = read_password("[nats] password", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("known default") && e.contains("nats.password"),
+            "{e}"
+        );
+        assert!(!e.contains("Changeme2024"), "{e}");
+
+        std::fs::write(&path, "\n").unwrap();
+        let e = read_password("[nats] password", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is empty"), "{e}");
+
+        std::fs::write(&path, "k3v-9Lq!tr8z-WmX\r\n").unwrap();
+        assert_eq!(
+            read_password("[nats] password", &path).unwrap().expose(),
+            "k3v-9Lq!tr8z-WmX"
+        );
+    }
 }

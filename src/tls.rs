@@ -26,13 +26,13 @@ use crate::log_limit::LogLimit;
 pub enum TlsError {
     #[error("{0}")]
     Path(String),
-    #[error("cannot read {what} file {path}: {problem}")]
+    #[error("cannot read {what} {path}: {problem}")]
     File {
         what: &'static str,
         path: PathBuf,
         problem: String,
     },
-    #[error("{what} file {path}: {problem}")]
+    #[error("{what} {path}: {problem}")]
     Content {
         what: &'static str,
         path: PathBuf,
@@ -350,5 +350,67 @@ impl ResolvesClientCert for Identity {
     fn has_certs(&self) -> bool {
         // Always answer a CertificateRequest, so a missing certificate is reported above.
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files<'a>(ca: &'a Path, cert: &'a Path, key: &'a Path) -> TlsFiles<'a> {
+        TlsFiles {
+            ca: Some(ca),
+            cert: Some(cert),
+            key: Some(key),
+            server_name: None,
+        }
+    }
+
+    #[test]
+    fn key_problems_are_named_without_quoting_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&ca, one.cert.pem()).unwrap();
+        std::fs::write(&cert, one.cert.pem()).unwrap();
+        std::fs::write(&key, one.signing_key.serialize_pem()).unwrap();
+        assert!(client_config(&files(&ca, &cert, &key), "test").is_ok());
+
+        std::fs::write(&key, other.serialize_pem()).unwrap();
+        let e = client_config(&files(&ca, &cert, &key), "test")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not belong to the certificate"), "{e}");
+
+        let damaged =
+            "-----BEGIN PRIVATE KEY-----\nS3cr3t!!Key*Material\n-----END PRIVATE KEY-----\n";
+        std::fs::write(&key, damaged).unwrap();
+        let e = client_config(&files(&ca, &cert, &key), "test")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("tls_key_file") && e.contains("key.pem"), "{e}");
+        assert!(!e.contains("S3cr3t") && !e.contains("Material"), "{e}");
+
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let e = client_config(&files(&ca, &cert, &key), "test")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("tls_ca_file") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+
+        let missing = dir.path().join("missing.pem");
+        let e = client_config(&files(&missing, &cert, &key), "test")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.starts_with("cannot read tls_ca_file"), "{e}");
     }
 }
