@@ -55,6 +55,21 @@ async fn wait_stream_readings(nats: &Nats, n: usize) -> Vec<support::StreamMessa
     }
 }
 
+/// Readings `0..n` published, forwarded, and in the stream exactly once, in order; then a
+/// clean stop.
+async fn assert_forwards(mut gateway: Gateway, broker: &Mosquitto, nats: &Nats, n: usize) {
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..n)).await,
+        n
+    );
+    gateway.wait_until("forwarded", Duration::from_secs(30), |g| {
+        forwarded(g) == n as f64 && buffered(g) == 0.0
+    });
+    let events = wait_stream_readings(nats, n).await;
+    support::assert_exactly_once(&support::values_in_order(&events), n);
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
 fn forwarded(g: &Gateway) -> f64 {
     g.metric("sahool_gateway_readings_forwarded_total", "")
 }
@@ -98,15 +113,7 @@ async fn tls_with_a_server_name_override() {
     let fixed = format!("{ca}\ntls_server_name = \"nats.sahool.test\"");
     gateway.rewrite_config(&config(&[tls_url(&nats)], &broker, &fixed));
     gateway.signal("HUP");
-    assert_eq!(
-        publish_all(broker.port, "p1", probe_readings(0..20)).await,
-        20
-    );
-    gateway.wait_until("forwarded over TLS", Duration::from_secs(30), |g| {
-        forwarded(g) == 20.0 && buffered(g) == 0.0
-    });
-    assert_eq!(wait_stream_readings(&nats, 20).await.len(), 20);
-    assert_eq!(gateway.terminate(), Some(0));
+    assert_forwards(gateway, &broker, &nats, 20).await;
 }
 
 /// A server that verifies clients (mTLS): without a client certificate, then with a CA that did
@@ -211,17 +218,9 @@ async fn nkey_user_forwards() {
     );
 
     let seed_line = format!("nkey_seed_file = {}", quoted(&seed_file));
-    let mut gateway = Gateway::start(&config(&[nats.url()], &broker, &seed_line));
+    let gateway = Gateway::start(&config(&[nats.url()], &broker, &seed_line));
     gateway.wait_subscribed(1).await;
-    assert_eq!(
-        publish_all(broker.port, "p1", probe_readings(0..20)).await,
-        20
-    );
-    gateway.wait_until("forwarded as the NKey user", Duration::from_secs(30), |g| {
-        forwarded(g) == 20.0 && buffered(g) == 0.0
-    });
-    assert_eq!(wait_stream_readings(&nats, 20).await.len(), 20);
-    assert_eq!(gateway.terminate(), Some(0));
+    assert_forwards(gateway, &broker, &nats, 20).await;
 }
 
 /// Operator mode without nsc: operator, account and user JWTs signed in the test; the gateway
@@ -246,17 +245,9 @@ async fn creds_user_in_operator_mode_forwards() {
     write_private(&creds_file, &gateway_user.creds());
 
     let creds_line = format!("creds_file = {}", quoted(&creds_file));
-    let mut gateway = Gateway::start(&config(&[nats.url()], &broker, &creds_line));
+    let gateway = Gateway::start(&config(&[nats.url()], &broker, &creds_line));
     gateway.wait_subscribed(1).await;
-    assert_eq!(
-        publish_all(broker.port, "p1", probe_readings(0..20)).await,
-        20
-    );
-    gateway.wait_until("forwarded as the JWT user", Duration::from_secs(30), |g| {
-        forwarded(g) == 20.0 && buffered(g) == 0.0
-    });
-    assert_eq!(wait_stream_readings(&nats, 20).await.len(), 20);
-    assert_eq!(gateway.terminate(), Some(0));
+    assert_forwards(gateway, &broker, &nats, 20).await;
 }
 
 /// The shipped permission block, verbatim.

@@ -1255,6 +1255,16 @@ password = "mosquitto"
         assert!(parse(&ok).is_ok());
     }
 
+    /// Every problem of a config that must not parse, one per line.
+    fn all_problems(text: &str) -> String {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     #[test]
     fn mqtt_tls_is_chosen_by_the_scheme() {
         let source = |url: &str, extra: &str| {
@@ -1270,17 +1280,9 @@ password = "mosquitto"
             ("broker.farm.example".into(), 8883)
         );
         assert!(c.mqtt[0].tls_files().is_some());
-        let all = |text: String| {
-            parse(&text)
-                .unwrap_err()
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let text = all(source("mqtt://127.0.0.1", "tls_ca_file = \"/etc/ca.pem\""));
+        let text = all_problems(&source("mqtt://127.0.0.1", "tls_ca_file = \"/etc/ca.pem\""));
         assert!(text.contains("need an mqtts:// url"), "{text}");
-        let text = all(source(
+        let text = all_problems(&source(
             "mqtts://10.0.0.2",
             "tls_cert_file = \"/etc/c.pem\"\ntls_server_name = \"not a name\"",
         ));
@@ -1320,12 +1322,7 @@ password = "mosquitto"
             "1979-05-27T07:32:00Z",
         ] {
             let text = MINIMAL.replace("[nats]", &format!("[nats]\ntoken = {value}"));
-            let all = parse(&text)
-                .unwrap_err()
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("\n");
+            let all = all_problems(&text);
             assert!(all.contains("a secret must be a string"), "{all}");
             assert!(!all.contains("98245") && !all.contains("1979"), "{all}");
         }

@@ -75,6 +75,17 @@ fn kill(child: &mut Child, signal: &str) {
         .status();
 }
 
+/// nats-server with a config file, its log to `log`.
+fn spawn_nats_server(conf: &Path, log: std::fs::File) -> Child {
+    Command::new(require("nats-server", "nats-server"))
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start nats-server")
+}
+
 /// How the test's own client connects to a server that wants TLS or credentials.
 pub type ClientOptions = Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>;
 
@@ -131,14 +142,7 @@ impl Nats {
         )
         .expect("write nats.conf");
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log");
-        let child = Command::new(require("nats-server", "nats-server"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
+        self.child = Some(spawn_nats_server(&conf, log));
         wait_for_port(self.port, Duration::from_secs(10));
     }
 
@@ -316,14 +320,7 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("n{i}.log")))
             .expect("node log");
-        let child = Command::new(require("nats-server", "nats-server"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start nats-server");
-        self.children[i] = Some(child);
+        self.children[i] = Some(spawn_nats_server(&conf, log));
     }
 
     /// `nats://127.0.0.1:port` of every node.
