@@ -20,7 +20,7 @@ use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("[nats]: {0}")]
+    #[error(transparent)]
     Secret(#[from] SecretError),
     #[error("[nats] TLS: {0}")]
     Tls(#[from] TlsError),
