@@ -28,6 +28,16 @@ pub enum RunError {
     Http(#[from] http::BindError),
     #[error(transparent)]
     Nats(#[from] nats::NatsError),
+    #[error("[[mqtt]] `{source_name}`: {error}")]
+    MqttSecret {
+        source_name: String,
+        error: crate::secrets::SecretError,
+    },
+    #[error("[[mqtt]] `{source_name}` TLS: {error}")]
+    MqttTls {
+        source_name: String,
+        error: crate::tls::TlsError,
+    },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -60,20 +70,30 @@ struct Pipeline {
 
 impl Pipeline {
     fn start_source(&self, source: &MqttSource) -> Result<Task<MqttSource>, RunError> {
+        let source_name = source.name.to_string();
         let password = match (&source.password, &source.password_file) {
-            (Some(p), _) => Some(p.expose().to_string()),
+            (Some(p), _) => Some(p.clone()),
             (None, Some(path)) => Some(
-                nats::read_secret("MQTT password", path)?
-                    .expose()
-                    .to_string(),
+                crate::secrets::read_password("[[mqtt]] password", path).map_err(|error| {
+                    RunError::MqttSecret {
+                        source_name: source_name.clone(),
+                        error,
+                    }
+                })?,
             ),
             (None, None) => None,
         };
+        let tls = source
+            .tls_files()
+            .map(|files| crate::tls::client_config(&files, &format!("MQTT source {source_name}")))
+            .transpose()
+            .map_err(|error| RunError::MqttTls { source_name, error })?;
         let input = MqttInput {
             source: source.clone(),
             quality: self.quality.clone(),
             gateway: self.gateway.clone(),
             password,
+            tls,
             mapper: self.mapper.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
@@ -134,7 +154,7 @@ impl Pipeline {
         if config.allow_insecure {
             tracing::warn!("[nats] allow_insecure = true: plaintext NATS connections to non-loopback servers are permitted");
         }
-        let client = nats::connect(
+        let link = nats::connect(
             config,
             &format!("sahool-gateway {}", gateway.id),
             metrics.clone(),
@@ -142,7 +162,7 @@ impl Pipeline {
         .await?;
         let forwarder = Forwarder::new(
             store.clone(),
-            client,
+            link,
             gateway.id.to_string(),
             Subjects {
                 reading: config.subject.clone(),

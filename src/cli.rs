@@ -25,21 +25,36 @@ pub enum CliError {
 }
 
 /// `validate`: prints every problem and returns false, or prints a summary and returns true.
+/// Besides the config itself, the secret and TLS files it names are read and checked as `run`
+/// will (a weak password in a file, a damaged key, a missing CA file are problems).
 pub fn validate(path: &Path, out: &mut impl Write) -> Result<bool, CliError> {
     match config::load(path) {
         Ok(c) => {
-            let sensors: usize = c.fields.iter().map(|f| f.sensors.len()).sum();
-            writeln!(
-                out,
-                "{}: ok (gateway {}, {} MQTT source(s), {} serial port(s), {} field(s), {} sensor(s))",
-                path.display(),
-                c.gateway.id,
-                c.mqtt.len(),
-                c.serial.len(),
-                c.fields.len(),
-                sensors
-            )?;
-            Ok(true)
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let findings = crate::secrets::check_files(&c, config::section_line(&text, "[nats]"));
+            let (problems, notes): (Vec<_>, Vec<_>) = findings.into_iter().partition(|f| f.problem);
+            if !problems.is_empty() {
+                writeln!(out, "{}: {} problem(s)", path.display(), problems.len())?;
+                for p in &problems {
+                    writeln!(out, "  line {}: {}", p.line, p.message)?;
+                }
+            } else {
+                let sensors: usize = c.fields.iter().map(|f| f.sensors.len()).sum();
+                writeln!(
+                    out,
+                    "{}: ok (gateway {}, {} MQTT source(s), {} serial port(s), {} field(s), {} sensor(s))",
+                    path.display(),
+                    c.gateway.id,
+                    c.mqtt.len(),
+                    c.serial.len(),
+                    c.fields.len(),
+                    sensors
+                )?;
+            }
+            for n in &notes {
+                writeln!(out, "  note: line {}: {}", n.line, n.message)?;
+            }
+            Ok(problems.is_empty())
         }
         Err(ConfigError::Invalid { path, problems }) => {
             writeln!(out, "{}: {} problem(s)", path.display(), problems.len())?;

@@ -67,10 +67,15 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
+            let link = match (nats, metrics.nats_problem()) {
+                (true, _) => "connected".to_string(),
+                (false, Some(problem)) => format!("disconnected ({problem})"),
+                (false, None) => "disconnected".to_string(),
+            };
             let mut body = format!(
                 "store: {}\nnats: {}\nstream: {}\n",
                 if store { "ok" } else { "failing" },
-                if nats { "connected" } else { "disconnected" },
+                link,
                 if metrics.stream_found() {
                     "found"
                 } else {

@@ -13,7 +13,9 @@
 //! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
 //! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck.
 //! - [`event`]: the event contract: envelope, subject and headers of a buffered reading.
-//! - [`nats`]: the NATS connection (servers, auth, TLS, reconnects).
+//! - [`nats`]: the NATS connection (servers, auth, TLS, reconnects, publish permission refusals).
+//! - [`tls`]: rustls client configs (ring) for NATS and MQTT: CA, client certificate, server name.
+//! - [`secrets`]: secrets read from files (`${CREDENTIALS_DIRECTORY}`), weak passwords refused.
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list`.
@@ -34,6 +36,8 @@ pub mod mapping;
 pub mod metrics;
 pub mod nats;
 pub mod reading;
+pub mod secrets;
 pub mod sources;
 pub mod store;
 pub mod systemd;
+pub mod tls;

@@ -85,6 +85,8 @@ pub struct Metrics {
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
     forwarder_beat: Mutex<Instant>,
+    /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
+    nats_problem: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
+            nats_problem: Mutex::new(None),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -372,6 +375,16 @@ impl Metrics {
 
     pub fn nats_is_connected(&self) -> bool {
         self.nats_connected.get() == 1
+    }
+
+    pub fn set_nats_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.nats_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    pub fn nats_problem(&self) -> Option<String> {
+        self.nats_problem.lock().ok().and_then(|p| p.clone())
     }
 
     /// Prometheus text exposition.

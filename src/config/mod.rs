@@ -66,6 +66,9 @@ pub struct Nats {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Name the servers' certificates must carry, when it differs from the host in `servers`
+    /// (e.g. servers listed by IP address, or a cluster's shared certificate).
+    pub tls_server_name: Option<String>,
     #[serde(default)]
     pub allow_insecure: bool,
     /// How long to wait for a PubAck before the publish counts as failed and is retried.
@@ -161,6 +164,8 @@ pub struct MqttSource {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Name the broker's certificate must carry, when it differs from the host in `url`.
+    pub tls_server_name: Option<String>,
     /// Defaults to `sahool-gw-{gateway.id}-{name}`: stable, so the broker keeps the session.
     pub client_id: Option<String>,
     /// MQTT 5 Receive Maximum: QoS 1 messages the broker may have in flight to us.
@@ -187,9 +192,44 @@ impl MqttSource {
             .unwrap_or_else(|| format!("sahool-gw-{}-{}", gateway.id, self.name))
     }
 
-    /// `(host, port)` of `mqtt://host:port`.
+    /// `(host, port)` of `mqtt://host:port` or `mqtts://host:port` (default ports 1883, 8883).
     pub fn host_port(&self) -> Result<(String, u16), String> {
-        parse_host_port(&self.url, &["mqtt"], 1883)
+        let port = if self.uses_tls() { 8883 } else { 1883 };
+        parse_host_port(&self.url, &["mqtt", "mqtts"], port)
+    }
+
+    /// TLS is chosen by the `mqtts://` scheme.
+    pub fn uses_tls(&self) -> bool {
+        self.url.starts_with("mqtts://")
+    }
+
+    /// The TLS settings, when the broker is reached over TLS.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles<'_>> {
+        self.uses_tls().then_some(crate::tls::TlsFiles::new(
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_server_name,
+        ))
+    }
+}
+
+impl Nats {
+    /// TLS is required by a `tls://` server or any TLS file.
+    pub fn uses_tls(&self) -> bool {
+        self.servers.iter().any(|s| s.starts_with("tls://"))
+            || self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+    }
+
+    /// The TLS settings, when the servers are reached over TLS.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles<'_>> {
+        self.uses_tls().then_some(crate::tls::TlsFiles::new(
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_server_name,
+        ))
     }
 }
 
@@ -632,8 +672,7 @@ impl Config {
             for server in &n.servers {
                 match parse_host_port(server, &["nats", "tls"], 4222) {
                     Ok((host, _)) => {
-                        let tls = server.starts_with("tls://") || n.tls_ca_file.is_some();
-                        if !tls && !is_loopback_host(&host) && !n.allow_insecure {
+                        if !n.uses_tls() && !is_loopback_host(&host) && !n.allow_insecure {
                             push(nats_line, format!(
                                 "[nats] servers: `{server}` is plaintext to a non-loopback host; use tls:// with tls_ca_file, or set allow_insecure = true"
                             ));
@@ -677,6 +716,9 @@ impl Config {
                     nats_line,
                     "[nats] tls_cert_file and tls_key_file go together".into(),
                 );
+            }
+            if let Some(problem) = check_server_name(n.tls_server_name.as_deref()) {
+                push(nats_line, format!("[nats] {problem}"));
             }
         }
 
@@ -747,9 +789,9 @@ impl Config {
                 );
             }
             if let Ok((host, _)) = m.host_port() {
-                if !is_loopback_host(&host) && !m.allow_insecure {
+                if !m.uses_tls() && !is_loopback_host(&host) && !m.allow_insecure {
                     push(m.line, format!(
-                        "[[mqtt]] `{}`: `{}` is plaintext to a non-loopback broker; keep the broker on loopback, or set allow_insecure = true",
+                        "[[mqtt]] `{}`: `{}` is plaintext to a non-loopback broker; use mqtts:// (with tls_ca_file), keep the broker on loopback, or set allow_insecure = true",
                         m.name, m.url
                     ));
                 }
@@ -763,8 +805,27 @@ impl Config {
                     ),
                 );
             }
-            if m.tls_ca_file.is_some() || m.tls_cert_file.is_some() || m.tls_key_file.is_some() {
-                push(m.line, format!("[[mqtt]] `{}`: TLS to MQTT brokers is not supported by this build; use a loopback broker", m.name));
+            let tls_keys = m.tls_ca_file.is_some()
+                || m.tls_cert_file.is_some()
+                || m.tls_key_file.is_some()
+                || m.tls_server_name.is_some();
+            if tls_keys && !m.uses_tls() {
+                push(m.line, format!(
+                    "[[mqtt]] `{}`: TLS settings need an mqtts:// url (TLS is chosen by the scheme)",
+                    m.name
+                ));
+            }
+            if m.tls_cert_file.is_some() != m.tls_key_file.is_some() {
+                push(
+                    m.line,
+                    format!(
+                        "[[mqtt]] `{}`: tls_cert_file and tls_key_file go together",
+                        m.name
+                    ),
+                );
+            }
+            if let Some(problem) = check_server_name(m.tls_server_name.as_deref()) {
+                push(m.line, format!("[[mqtt]] `{}`: {problem}", m.name));
             }
             if m.receive_maximum == 0 {
                 push(
@@ -939,6 +1000,19 @@ pub fn parse_host_port(
         None => default_port,
     };
     Ok((host, port))
+}
+
+/// A `tls_server_name` must be something a certificate can carry.
+fn check_server_name(name: Option<&str>) -> Option<String> {
+    let name = name?;
+    rustls::pki_types::ServerName::try_from(name)
+        .is_err()
+        .then(|| format!("tls_server_name `{name}` is not a DNS name or IP address"))
+}
+
+/// The line of a section header such as `[nats]` in config text, or 1 when it is absent.
+pub fn section_line(text: &str, header: &str) -> usize {
+    LineIndex::new(text).find_line(header)
 }
 
 /// Expands `${CREDENTIALS_DIRECTORY}` (set by systemd's `LoadCredential=`) in a file path.
@@ -1247,6 +1321,45 @@ password = "mosquitto"
         assert!(parse(&ok).is_ok());
     }
 
+    /// Every problem of a config that must not parse, one per line.
+    fn all_problems(text: &str) -> String {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn mqtt_tls_is_chosen_by_the_scheme() {
+        let source = |url: &str, extra: &str| {
+            format!("{MINIMAL}\n[[mqtt]]\nname = \"lan\"\nurl = \"{url}\"\ntopics = [\"#\"]\nformat = \"sahool\"\n{extra}\n")
+        };
+        let c = parse(&source(
+            "mqtts://broker.farm.example",
+            "tls_ca_file = \"/etc/ca.pem\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mqtt[0].host_port().unwrap(),
+            ("broker.farm.example".into(), 8883)
+        );
+        assert!(c.mqtt[0].tls_files().is_some());
+        let text = all_problems(&source("mqtt://127.0.0.1", "tls_ca_file = \"/etc/ca.pem\""));
+        assert!(text.contains("need an mqtts:// url"), "{text}");
+        let text = all_problems(&source(
+            "mqtts://10.0.0.2",
+            "tls_cert_file = \"/etc/c.pem\"\ntls_server_name = \"not a name\"",
+        ));
+        assert!(
+            text.contains("tls_cert_file and tls_key_file go together"),
+            "{text}"
+        );
+        assert!(text.contains("`not a name` is not a DNS name"), "{text}");
+        assert!(!text.contains("plaintext"), "{text}");
+    }
+
     #[test]
     fn host_ports() {
         assert_eq!(
@@ -1263,6 +1376,22 @@ password = "mosquitto"
         );
         assert!(parse_host_port("http://x", &["mqtt"], 1).is_err());
         assert!(parse_host_port("mqtt://u:p@x", &["mqtt"], 1).is_err());
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted() {
+        for value in [
+            "982451653982451",
+            "98245.1653",
+            "[\"98245165\"]",
+            "{ x = \"98245165\" }",
+            "1979-05-27T07:32:00Z",
+        ] {
+            let text = MINIMAL.replace("[nats]", &format!("[nats]\ntoken = {value}"));
+            let all = all_problems(&text);
+            assert!(all.contains("a secret must be a string"), "{all}");
+            assert!(!all.contains("98245") && !all.contains("1979"), "{all}");
+        }
     }
 
     #[test]

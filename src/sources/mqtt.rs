@@ -1,6 +1,9 @@
 //! An `[[mqtt]]` source: subscribes at QoS 1 in a persistent MQTT 5 session and acknowledges
 //! each message only after the readings made from it are committed.
 //!
+//! `mqtts://` brokers are reached over TLS with the shared rustls config from [`crate::tls`]
+//! (ring provider, the source's CA, client certificate and server name).
+//!
 //! One task owns the client's event loop and the queue of messages awaiting their commit, so
 //! acks and polling never wait on each other. Acks go out in arrival order. A message the store
 //! could not take (buffer full with `reject_new`, disk reserve, a failed commit) is offered again
@@ -20,7 +23,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
 use crate::backoff::Backoff;
-use crate::config::{Gateway, MqttSource, Quality};
+use crate::config::{Gateway, MqttSource, Quality, Secret};
 use crate::flood::FloodGuard;
 use crate::mapping::{self, Mapper, Reason, SharedMapper};
 use crate::metrics::Metrics;
@@ -37,7 +40,9 @@ pub struct MqttInput {
     pub source: MqttSource,
     pub quality: Quality,
     pub gateway: Gateway,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// Set for `mqtts://` brokers.
+    pub tls: Option<crate::tls::ClientTls>,
     pub mapper: SharedMapper,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
@@ -58,7 +63,17 @@ impl MqttInput {
             ))
             .set_connection_timeout(5);
         if let Some(user) = &self.source.username {
-            o.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
+            let password = self
+                .password
+                .as_ref()
+                .map(Secret::expose)
+                .unwrap_or_default();
+            o.set_credentials(user.clone(), password);
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+            ));
         }
         Ok(o)
     }
