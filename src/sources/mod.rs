@@ -1,4 +1,6 @@
 //! Inputs: each source turns what it receives into readings through the mapping and commits
 //! them to the store before acknowledging anything to its sender.
 
+pub mod intake;
+
 pub mod mqtt;
