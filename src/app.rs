@@ -9,11 +9,13 @@ use std::time::Duration;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
-use crate::config::{Config, Gateway, MqttSource, Nats, Quality};
+use crate::config::{Config, Gateway, ListenerAuth, MqttListener, MqttSource, Nats, Quality};
 use crate::event::Subjects;
 use crate::forward::Forwarder;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics::Metrics;
+use crate::sources::listener::auth::SharedPasswords;
+use crate::sources::listener::{self, ListenerError, ListenerInput};
 use crate::sources::mqtt::MqttInput;
 use crate::store::StoreHandle;
 use crate::systemd::{self, Notifier};
@@ -29,6 +31,8 @@ pub enum RunError {
     Nats(#[from] nats::NatsError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
 }
 
 /// A running task with its own stop signal.
@@ -45,6 +49,12 @@ impl<C> Task<C> {
     }
 }
 
+/// A running `[[mqtt_listener]]` and its password file, which a reload reads again.
+struct ListenerTask {
+    task: Task<MqttListener>,
+    passwords: Option<SharedPasswords>,
+}
+
 /// What `run` keeps to start, replace and stop the parts a reload may change.
 struct Pipeline {
     gateway: Gateway,
@@ -54,6 +64,7 @@ struct Pipeline {
     mapper: SharedMapper,
     sources: Vec<Task<MqttSource>>,
     forwarder: Task<Nats>,
+    listeners: Vec<ListenerTask>,
 }
 
 impl Pipeline {
@@ -82,6 +93,64 @@ impl Pipeline {
             stop,
             handle: tokio::spawn(input.run(stop_rx)),
         })
+    }
+
+    async fn start_listener(&self, config: &MqttListener) -> Result<ListenerTask, RunError> {
+        let passwords = listener::load_passwords(config)?;
+        let input = ListenerInput::new(
+            config,
+            &self.quality,
+            passwords.clone(),
+            self.mapper.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+        )
+        .await?;
+        let (stop, stop_rx) = watch::channel(false);
+        Ok(ListenerTask {
+            task: Task {
+                config: config.clone(),
+                stop,
+                handle: tokio::spawn(input.run(stop_rx)),
+            },
+            passwords,
+        })
+    }
+
+    /// Listeners as `new` wants them: unchanged ones keep running (their password files read
+    /// again), the others are stopped and started anew. The first failure is returned.
+    async fn reload_listeners(&mut self, new: &Config) -> Option<RunError> {
+        let mut kept = Vec::new();
+        let mut failed = None;
+        for l in std::mem::take(&mut self.listeners) {
+            if new
+                .mqtt_listener
+                .iter()
+                .any(|c| same_listener(c, &l.task.config))
+            {
+                if let Some(passwords) = &l.passwords {
+                    if let Err(e) = listener::reload_passwords(&l.task.config, passwords) {
+                        tracing::error!(error = %e, "password file not reloaded; the previous one stays in force");
+                        failed = Some(e.into());
+                    }
+                }
+                kept.push(l);
+            } else {
+                tracing::info!(listener = %l.task.config.name, "stopping MQTT listener (removed or changed)");
+                l.task.stop().await;
+            }
+        }
+        for config in &new.mqtt_listener {
+            if !kept.iter().any(|l| same_listener(&l.task.config, config)) {
+                tracing::info!(listener = %config.name, "starting MQTT listener");
+                match self.start_listener(config).await {
+                    Ok(l) => kept.push(l),
+                    Err(e) => failed = Some(e),
+                }
+            }
+        }
+        self.listeners = kept;
+        failed
     }
 
     async fn start_forwarder(
@@ -148,6 +217,9 @@ impl Pipeline {
             for task in std::mem::take(&mut self.sources) {
                 task.stop().await;
             }
+            for l in std::mem::take(&mut self.listeners) {
+                l.task.stop().await;
+            }
         }
 
         let mut kept = Vec::new();
@@ -170,6 +242,9 @@ impl Pipeline {
             }
         }
         self.sources = kept;
+        if let Some(e) = self.reload_listeners(new).await {
+            failed = Some(e);
+        }
 
         if self.forwarder.config != new.nats {
             tracing::info!("[nats] changed: reconnecting the forwarder");
@@ -195,6 +270,17 @@ fn same_source(a: &MqttSource, b: &MqttSource) -> bool {
     }
 }
 
+/// Equal settings, wherever in the file they stand.
+fn same_listener(a: &MqttListener, b: &MqttListener) -> bool {
+    MqttListener {
+        line: 0,
+        ..a.clone()
+    } == MqttListener {
+        line: 0,
+        ..b.clone()
+    }
+}
+
 /// Inline secrets work, but belong in files readable by the service only.
 fn warn_about_inline_secrets(config: &Config) {
     if config.nats.password.is_some() || config.nats.token.is_some() {
@@ -205,6 +291,11 @@ fn warn_about_inline_secrets(config: &Config) {
     }
     for m in config.mqtt.iter().filter(|m| m.allow_insecure) {
         tracing::warn!(source = %m.name, url = %m.url, "allow_insecure = true: plaintext MQTT to this broker is permitted");
+    }
+    for l in &config.mqtt_listener {
+        if l.auth == ListenerAuth::Password && !l.tls() && !l.listen.ip().is_loopback() {
+            tracing::warn!(listener = %l.name, listen = %l.listen, "devices send their passwords in plaintext to this listener; configure tls_cert_file and tls_key_file where devices support TLS");
+        }
     }
 }
 
@@ -234,10 +325,15 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),
         sources: Vec::new(),
         forwarder,
+        listeners: Vec::new(),
     };
     for source in &config.mqtt {
         let task = pipeline.start_source(source)?;
         pipeline.sources.push(task);
+    }
+    for l in &config.mqtt_listener {
+        let task = pipeline.start_listener(l).await?;
+        pipeline.listeners.push(task);
     }
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
     let notifier = Arc::new(Notifier::from_env());
@@ -252,6 +348,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     tracing::info!(
         gateway = %config.gateway.id,
         sources = config.mqtt.len(),
+        listeners = config.mqtt_listener.len(),
         fields = config.fields.len(),
         buffer = %config.store_path().display(),
         "gateway running"
@@ -289,11 +386,15 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     let Pipeline {
         sources,
         forwarder,
+        listeners,
         store: pipeline_store,
         ..
     } = pipeline;
     for source in sources {
         source.stop().await;
+    }
+    for l in listeners {
+        l.task.stop().await;
     }
     forwarder.stop().await;
     let _ = http_task.await;

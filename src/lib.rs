@@ -2,7 +2,8 @@
 //!
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
-//! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//! - [`sources`]: inputs ([`sources::mqtt`], [`sources::listener`]); each acks its sender only
+//!   after the commit, through the shared commit queue [`sources::intake`].
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.

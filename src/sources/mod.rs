@@ -2,5 +2,5 @@
 //! them to the store before acknowledging anything to its sender.
 
 pub mod intake;
-
+pub mod listener;
 pub mod mqtt;
