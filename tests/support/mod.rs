@@ -3,6 +3,7 @@
 //! is killed when its handle drops.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -710,4 +711,131 @@ pub fn fixture(name: &str) -> Value {
         .join("tests/fixtures")
         .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
+}
+
+/// Values in stream order, with the checks every test shares: unique event ids, `seq`
+/// strictly increasing in stream order, and `Nats-Msg-Id` equal to `event_id`.
+pub fn values_in_order(events: &[StreamMessage]) -> Vec<usize> {
+    let mut ids = HashSet::new();
+    let mut last_seq = 0;
+    events
+        .iter()
+        .map(|e| {
+            let id = e.body["event_id"].as_str().expect("event_id");
+            assert!(
+                ids.insert(id.to_string()),
+                "event {id} is in the stream twice"
+            );
+            assert_eq!(e.header("Nats-Msg-Id"), Some(id));
+            let seq = e.body["source"]["seq"].as_u64().expect("seq");
+            assert!(
+                seq > last_seq,
+                "seq {seq} after {last_seq}: stream order must follow seq"
+            );
+            last_seq = seq;
+            e.body["payload"]["value"].as_f64().expect("value") as usize
+        })
+        .collect()
+}
+
+/// Asserts every value in `0..n` is present exactly once.
+pub fn assert_exactly_once(values: &[usize], n: usize) {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(*v).or_default() += 1;
+    }
+    let doubled: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(v, _)| *v)
+        .collect();
+    let missing: Vec<_> = (0..n).filter(|v| !counts.contains_key(v)).collect();
+    assert!(
+        doubled.is_empty(),
+        "{} readings doubled, e.g. {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} readings lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(values.len(), n);
+}
+
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() < 1e-9 * x.abs().max(1.0),
+        _ => a == b,
+    }
+}
+
+/// True if an event payload is the reading a fixture's `expect` entry describes.
+pub fn matches_expected(payload: &Value, expect: &Value) -> bool {
+    let keys = ["device_id", "field_id", "sensor_type", "unit"];
+    if keys.iter().any(|k| payload[k] != expect[k]) {
+        return false;
+    }
+    if !numbers_equal(&payload["value"], &expect["value"]) {
+        return false;
+    }
+    if let Some(ts) = expect.get("timestamp") {
+        if &payload["timestamp"] != ts {
+            return false;
+        }
+    }
+    let empty = serde_json::Map::new();
+    let got = payload
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let want = expect
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    got.len() == want.len()
+        && want
+            .iter()
+            .all(|(k, v)| got.get(k).is_some_and(|g| numbers_equal(g, v)))
+}
+
+/// A gateway config like [`probe_config`], but `probe-1` publishes straight to an
+/// `[[mqtt_listener]]` named `devices` on `127.0.0.1:{port}`, with `auth = "none"` (loopback
+/// only) and `listener` lines added to it; no broker involved.
+pub fn probe_listener_config(nats: &Nats, port: u16, buffer: &str, listener: &str) -> String {
+    format!(
+        r#"
+[nats]
+servers = ["{nats}"]
+ack_timeout = "2s"
+
+[buffer]
+min_free_disk = "1MiB"
+{buffer}
+
+# probe-1 stands in for a whole farm's traffic: no flood limits for it.
+[quality]
+device_rate = 1000000.0
+device_burst = 1000000.0
+source_rate = 1000000.0
+source_burst = 1000000.0
+
+[[mqtt_listener]]
+name = "devices"
+listen = "127.0.0.1:{port}"
+topics = ["sahool/sensors/#"]
+format = "sahool"
+auth = "none"
+{listener}
+
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "probe-1"
+  sensor_type = "water_level"
+"#,
+        nats = nats.url(),
+    )
 }
