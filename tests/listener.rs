@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use support::{
     assert_exactly_once, event_validator, fixture, free_port, matches_expected,
-    probe_listener_config, probe_reading, probe_readings, values_in_order, Gateway, Nats,
+    probe_config_with_input, probe_listener_config, probe_reading, probe_readings, values_in_order,
+    Gateway, Nats,
 };
 
 const USER: &str = "node-1";
@@ -71,31 +72,13 @@ fn password_listener(name: &str, port: u16, passwords: &Path, extra: &str) -> St
     )
 }
 
-/// NATS, no flood limits, the probe sensor and the SAHOOL fixtures' sensors, and `listeners`.
+/// The probe config with `listeners` as its MQTT inputs, plus the SAHOOL fixtures' sensors.
 fn config(nats: &Nats, listeners: &str, buffer: &str) -> String {
-    format!(
-        r#"
-[nats]
-servers = ["{nats}"]
-ack_timeout = "2s"
+    probe_config_with_input(nats, buffer, "", listeners) + FIXTURE_FIELDS
+}
 
-[buffer]
-min_free_disk = "1MiB"
-{buffer}
-
-[quality]
-device_rate = 1000000.0
-device_burst = 1000000.0
-source_rate = 1000000.0
-source_burst = 1000000.0
-{listeners}
-
-[[fields]]
-id = "field-1"
-  [[fields.sensors]]
-  device_id = "probe-1"
-  sensor_type = "water_level"
-
+/// The fields and sensors of `tests/fixtures/mqtt/sahool-*.json`.
+const FIXTURE_FIELDS: &str = r#"
 [[fields]]
 id = "field-north-12"
   [[fields.sensors]]
@@ -119,10 +102,7 @@ id = "field-east-4"
   [[fields.sensors]]
   device_id = "node-11"
   sensor_type = "soil_ec"
-"#,
-        nats = nats.url()
-    )
-}
+"#;
 
 /// Runs `mosquitto_pub` with the message on stdin; `args` add host/port, auth, TLS, QoS.
 fn mosquitto_pub(args: &[&str], topic: &str, payload: &[u8]) -> Output {
@@ -156,10 +136,80 @@ fn login(port: &str) -> Vec<&str> {
     vec!["-h", "127.0.0.1", "-p", port, "-u", USER, "-P", PASSWORD]
 }
 
-/// Publishes every message at QoS 1 over one persistent session (MQTT 3.1.1 when `v5` is
-/// false), resending what was not PUBACKed after any disconnect, until all are PUBACKed.
-/// `acked` counts PUBACKs as they come; `pace` sleeps after every 25 publishes.
-async fn publish_resending(
+/// What one rumqttc event means to [`publish_until_acked`].
+enum Seen {
+    /// A PUBLISH went out with this packet id.
+    Sent(u16),
+    /// The PUBACK of this packet id came in.
+    Acked(u16),
+    /// The client held a publish back because its packet id was still unacknowledged: the
+    /// server acknowledged out of order.
+    Collision,
+    Other,
+}
+
+/// One connection of [`publish_until_acked`] for either rumqttc client: queues `batch` (pausing
+/// as `pace` says), polls until every message is PUBACKed or the connection fails, and returns
+/// the indices PUBACKed. A fresh client sends in queue order, so the k-th PUBLISH out is the
+/// k-th message queued; its packet id then names it until the PUBACK.
+macro_rules! one_connection {
+    ($client:expr, $eventloop:expr, $qos:expr, $classify:expr, $batch:expr, $pace:expr, $acked:expr) => {{
+        let (client, mut eventloop) = ($client, $eventloop);
+        let batch: Vec<(usize, String, Vec<u8>)> = $batch;
+        let pace: Option<Duration> = $pace;
+        let order: Vec<usize> = batch.iter().map(|(i, _, _)| *i).collect();
+        let sender = tokio::spawn(async move {
+            for (k, (_, topic, payload)) in batch.into_iter().enumerate() {
+                if client.publish(topic, $qos, false, payload).await.is_err() {
+                    return None;
+                }
+                if let (Some(d), true) = (pace, k % 25 == 24) {
+                    tokio::time::sleep(d).await;
+                }
+            }
+            Some(client)
+        });
+        let mut names: std::collections::HashMap<u16, usize> = Default::default();
+        let mut sent = 0;
+        let mut done = Vec::new();
+        while done.len() < order.len() {
+            let event = match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await
+            {
+                Ok(Ok(event)) => event,
+                Ok(Err(_)) => break,
+                Err(_) => panic!("no MQTT event for 60 s"),
+            };
+            match $classify(event) {
+                Seen::Sent(pkid) => {
+                    names.insert(pkid, order[sent]);
+                    sent += 1;
+                }
+                Seen::Acked(pkid) => {
+                    let index = names.remove(&pkid).expect("a PUBACK for a PUBLISH sent");
+                    done.push(index);
+                    $acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Seen::Collision => panic!("PUBACKs came out of order"),
+                Seen::Other => {}
+            }
+        }
+        if done.len() == order.len() {
+            if let Ok(Some(client)) = sender.await {
+                let _ = client.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+            }
+        } else {
+            sender.abort();
+        }
+        done
+    }};
+}
+
+/// Publishes every message at QoS 1 (MQTT 3.1.1, or 5 when `v5`) until each has its PUBACK,
+/// as a device with its own store-and-forward does: after any disconnect it connects afresh and
+/// publishes again, in order, every message not yet PUBACKed; a PUBACKed one is never sent
+/// again. `acked` counts PUBACKs as they come; `pace` sleeps after every 25 publishes.
+async fn publish_until_acked(
     v5: bool,
     port: u16,
     client_id: &str,
@@ -169,87 +219,76 @@ async fn publish_resending(
     acked: Arc<AtomicUsize>,
 ) -> usize {
     let total = messages.len();
+    let mut unacked: std::collections::BTreeMap<usize, (String, Vec<u8>)> =
+        messages.into_iter().enumerate().collect();
     let deadline = Instant::now() + Duration::from_secs(240);
-    let pause = move |i: usize| async move {
-        if let (Some(d), true) = (pace, i % 25 == 24) {
-            tokio::time::sleep(d).await;
-        }
-    };
-    let mut acks = 0;
-    if v5 {
-        use rumqttc::v5::mqttbytes::v5::Packet;
-        use rumqttc::v5::mqttbytes::QoS;
-        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(30))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(3600));
-        if let Some((u, p)) = credentials {
-            o.set_credentials(u, p);
-        }
-        let (client, mut eventloop) = AsyncClient::new(o, 64);
-        let sender = tokio::spawn(async move {
-            for (i, (topic, payload)) in messages.into_iter().enumerate() {
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .expect("queue publish");
-                pause(i).await;
+    while !unacked.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{}/{total} PUBACKed",
+            total - unacked.len()
+        );
+        let batch: Vec<(usize, String, Vec<u8>)> = unacked
+            .iter()
+            .map(|(i, (t, p))| (*i, t.clone(), p.clone()))
+            .collect();
+        let done = if v5 {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            use rumqttc::v5::mqttbytes::QoS;
+            use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+            let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(30));
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
             }
-            client
-        });
-        while acks < total {
-            assert!(Instant::now() < deadline, "{acks}/{total} PUBACKed (v5)");
-            match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                    acks += 1;
-                    acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
-                Err(_) => panic!("no MQTT event for 60 s ({acks}/{total} PUBACKed)"),
+            let (client, eventloop) = AsyncClient::new(o, 64);
+            let classify = |e: Event| match e {
+                Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Seen::Sent(pkid),
+                Event::Incoming(Packet::PubAck(a)) => Seen::Acked(a.pkid),
+                Event::Outgoing(rumqttc::Outgoing::AwaitAck(_)) => Seen::Collision,
+                _ => Seen::Other,
+            };
+            one_connection!(
+                client,
+                eventloop,
+                QoS::AtLeastOnce,
+                classify,
+                batch,
+                pace,
+                acked
+            )
+        } else {
+            use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+            let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
             }
+            let (client, eventloop) = AsyncClient::new(o, 64);
+            let classify = |e: Event| match e {
+                Event::Outgoing(Outgoing::Publish(pkid)) => Seen::Sent(pkid),
+                Event::Incoming(Packet::PubAck(a)) => Seen::Acked(a.pkid),
+                Event::Outgoing(Outgoing::AwaitAck(_)) => Seen::Collision,
+                _ => Seen::Other,
+            };
+            one_connection!(
+                client,
+                eventloop,
+                QoS::AtLeastOnce,
+                classify,
+                batch,
+                pace,
+                acked
+            )
+        };
+        for i in done {
+            unacked.remove(&i);
         }
-        let client = sender.await.expect("sender");
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-    } else {
-        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(false)
-            .set_inflight(100);
-        if let Some((u, p)) = credentials {
-            o.set_credentials(u, p);
+        if !unacked.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (client, mut eventloop) = AsyncClient::new(o, 64);
-        let sender = tokio::spawn(async move {
-            for (i, (topic, payload)) in messages.into_iter().enumerate() {
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .expect("queue publish");
-                pause(i).await;
-            }
-            client
-        });
-        while acks < total {
-            assert!(Instant::now() < deadline, "{acks}/{total} PUBACKed (3.1.1)");
-            match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                    acks += 1;
-                    acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
-                Err(_) => panic!("no MQTT event for 60 s ({acks}/{total} PUBACKed)"),
-            }
-        }
-        let client = sender.await.expect("sender");
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     }
-    acks
+    total
 }
 
 /// An MQTT 3.1.1 CONNECT as bytes.
@@ -358,7 +397,7 @@ async fn every_sahool_form_from_every_client_arrives_exactly_once() {
     )];
     let creds = Some((USER, PASSWORD));
     assert_eq!(
-        publish_resending(
+        publish_until_acked(
             false,
             port,
             "rumqttc-v4",
@@ -375,7 +414,7 @@ async fn every_sahool_form_from_every_client_arrives_exactly_once() {
     let n = 200;
     let acked = Arc::new(AtomicUsize::new(0));
     assert_eq!(
-        publish_resending(
+        publish_until_acked(
             true,
             port,
             "rumqttc-v5",
@@ -425,13 +464,16 @@ async fn every_sahool_form_from_every_client_arrives_exactly_once() {
     // Shutdown: a connected MQTT 5 client is told the server is going away.
     use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
     let mut o = rumqttc::v5::MqttOptions::new("idle-v5", "127.0.0.1", port);
-    o.set_credentials(USER, PASSWORD);
+    o.set_credentials(USER, PASSWORD).set_clean_start(false);
     let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 8);
-    loop {
-        if let Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) = eventloop.poll().await {
-            break;
+    let connack = loop {
+        if let Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(ack))) = eventloop.poll().await {
+            break ack;
         }
-    }
+    };
+    // Resuming a session is always possible (a publisher's session holds nothing), so clients
+    // resend what they had not got a PUBACK for.
+    assert!(connack.session_present);
     gateway.signal("TERM");
     // rumqttc reports a server's DISCONNECT as the error that ends the connection.
     let told = tokio::time::timeout(Duration::from_secs(20), async {
@@ -464,7 +506,7 @@ async fn sigkill_while_clients_publish_loses_no_acknowledged_reading() {
     let n = 2_000;
     let pace = Some(Duration::from_millis(15));
     let acked = Arc::new(AtomicUsize::new(0));
-    let v4 = tokio::spawn(publish_resending(
+    let v4 = tokio::spawn(publish_until_acked(
         false,
         port,
         "kill-v4",
@@ -473,7 +515,7 @@ async fn sigkill_while_clients_publish_loses_no_acknowledged_reading() {
         pace,
         acked.clone(),
     ));
-    let v5 = tokio::spawn(publish_resending(
+    let v5 = tokio::spawn(publish_until_acked(
         true,
         port,
         "kill-v5",
@@ -537,7 +579,7 @@ async fn bad_clients_are_refused_while_a_good_one_keeps_publishing() {
     ));
     let n = 600;
     let acked = Arc::new(AtomicUsize::new(0));
-    let good = tokio::spawn(publish_resending(
+    let good = tokio::spawn(publish_until_acked(
         false,
         port,
         "good-node",
@@ -840,7 +882,7 @@ async fn reject_new_withholds_pubacks_until_the_buffer_has_room() {
     nats.stop();
     let n = 1_000;
     let acked = Arc::new(AtomicUsize::new(0));
-    let publisher = tokio::spawn(publish_resending(
+    let publisher = tokio::spawn(publish_until_acked(
         false,
         port,
         "held",
@@ -902,7 +944,7 @@ async fn a_reloaded_password_file_admits_new_users_and_keeps_connections() {
     );
 
     let acked = Arc::new(AtomicUsize::new(0));
-    let steady = tokio::spawn(publish_resending(
+    let steady = tokio::spawn(publish_until_acked(
         true,
         port,
         "steady",

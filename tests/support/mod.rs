@@ -619,6 +619,15 @@ pub async fn publish_all(
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with
 /// `buffer` lines added to `[buffer]` and `extra` lines to `[nats]`.
 pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
+    let input = format!(
+        "[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n",
+        broker.url()
+    );
+    probe_config_with_input(nats, buffer, extra, &input)
+}
+
+/// [`probe_config`] with `input` (`[[mqtt]]` or `[[mqtt_listener]]` blocks) as its MQTT input.
+pub fn probe_config_with_input(nats: &Nats, buffer: &str, extra: &str, input: &str) -> String {
     format!(
         r#"
 [nats]
@@ -637,12 +646,7 @@ device_burst = 1000000.0
 source_rate = 1000000.0
 source_burst = 1000000.0
 
-[[mqtt]]
-name = "farm"
-url = "{mqtt}"
-topics = ["sahool/sensors/#"]
-format = "sahool"
-
+{input}
 [[fields]]
 id = "field-1"
   [[fields.sensors]]
@@ -650,7 +654,6 @@ id = "field-1"
   sensor_type = "water_level"
 "#,
         nats = nats.url(),
-        mqtt = broker.url()
     )
 }
 
@@ -805,37 +808,8 @@ pub fn matches_expected(payload: &Value, expect: &Value) -> bool {
 /// `[[mqtt_listener]]` named `devices` on `127.0.0.1:{port}`, with `auth = "none"` (loopback
 /// only) and `listener` lines added to it; no broker involved.
 pub fn probe_listener_config(nats: &Nats, port: u16, buffer: &str, listener: &str) -> String {
-    format!(
-        r#"
-[nats]
-servers = ["{nats}"]
-ack_timeout = "2s"
-
-[buffer]
-min_free_disk = "1MiB"
-{buffer}
-
-# probe-1 stands in for a whole farm's traffic: no flood limits for it.
-[quality]
-device_rate = 1000000.0
-device_burst = 1000000.0
-source_rate = 1000000.0
-source_burst = 1000000.0
-
-[[mqtt_listener]]
-name = "devices"
-listen = "127.0.0.1:{port}"
-topics = ["sahool/sensors/#"]
-format = "sahool"
-auth = "none"
-{listener}
-
-[[fields]]
-id = "field-1"
-  [[fields.sensors]]
-  device_id = "probe-1"
-  sensor_type = "water_level"
-"#,
-        nats = nats.url(),
-    )
+    let input = format!(
+        "[[mqtt_listener]]\nname = \"devices\"\nlisten = \"127.0.0.1:{port}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\nauth = \"none\"\n{listener}\n"
+    );
+    probe_config_with_input(nats, buffer, "", &input)
 }
