@@ -461,6 +461,41 @@ async fn every_sahool_form_from_every_client_arrives_exactly_once() {
         gateway.metric("sahool_gateway_mqtt_listener_puback_seconds_count", "") >= (n + 3) as f64
     );
 
+    // A second connection with the same client id takes over; the first is told why.
+    let twin = |n: u64| {
+        let mut o = rumqttc::v5::MqttOptions::new("twin", "127.0.0.1", port);
+        o.set_credentials(USER, PASSWORD)
+            .set_keep_alive(Duration::from_secs(30 + n));
+        rumqttc::v5::AsyncClient::new(o, 8)
+    };
+    let (_first, mut first) = twin(0);
+    let (_second, mut second) = twin(1);
+    let connected = |e: Result<rumqttc::v5::Event, _>| {
+        matches!(e, Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))))
+    };
+    while !connected(first.poll().await) {}
+    while !connected(second.poll().await) {}
+    let taken = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Err(e) = first.poll().await {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("the first connection hears it was taken over");
+    assert!(
+        matches!(
+            taken,
+            rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code: DisconnectReasonCode::SessionTakenOver,
+                ..
+            })
+        ),
+        "{taken:?}"
+    );
+    drop(second);
+
     // Shutdown: a connected MQTT 5 client is told the server is going away.
     use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
     let mut o = rumqttc::v5::MqttOptions::new("idle-v5", "127.0.0.1", port);

@@ -43,6 +43,8 @@ use crate::store::StoreHandle;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unsent reply bytes above which the connection stops reading (the client is not reading).
 const OUT_HIGH_WATER: usize = 64 << 10;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 8 << 10;
 /// How long a closing connection may take to write its last replies.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -262,15 +264,16 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                     return None;
                 }
             }
+            self.make_room();
             match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return None,
                 Err(_) => {
-                    self.cx.reject(
-                        "protocol",
-                        self.peer,
-                        "no CONNECT within 10 s of connecting",
+                    let detail = format!(
+                        "no CONNECT within {} s of connecting",
+                        CONNECT_TIMEOUT.as_secs()
                     );
+                    self.cx.reject("protocol", self.peer, &detail);
                     return None;
                 }
             }
@@ -402,11 +405,35 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 }
             }
             let can_read = ending.is_none() && parked.is_none() && self.out.len() < OUT_HIGH_WATER;
+            if can_read {
+                self.make_room();
+            }
             tokio::select! {
-                read = self.reader.read_buf(&mut self.buf), if can_read => match read {
-                    Ok(n) if n > 0 => {}
-                    _ => ending = Some(Ending::ClientLeft),
-                },
+                // In this order: the signals to stop are never starved by a busy client; the
+                // acknowledgements settled together go out in one write, before more is read.
+                biased;
+                _ = shutdown.changed(), if ending.is_none() => {
+                    // Already committed publishes are acknowledged; the rest the client resends.
+                    ending = Some(Ending::Closed(Violation {
+                        close: Close::ShuttingDown,
+                        detail: "the gateway is shutting down".into(),
+                    }));
+                }
+                taken = async {
+                    match taken_over.as_mut() {
+                        Some(rx) => rx.await,
+                        None => std::future::pending().await,
+                    }
+                }, if taken_over.is_some() => {
+                    // A oneshot answers once; only a sent signal means a takeover.
+                    taken_over = None;
+                    if taken.is_ok() {
+                        ending = Some(Ending::Closed(Violation {
+                            close: Close::TakenOver,
+                            detail: "another connection took over this client id".into(),
+                        }));
+                    }
+                }
                 Some((ack, outcome)) = intake.next(), if !intake.is_empty() => {
                     self.settled(ack, outcome);
                 }
@@ -416,31 +443,16 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                         break;
                     }
                 }
+                read = self.reader.read_buf(&mut self.buf), if can_read => match read {
+                    Ok(n) if n > 0 => {}
+                    _ => ending = Some(Ending::ClientLeft),
+                },
                 _ = tokio::time::sleep_until(deadline), if ending.is_none() && parked.is_none() => {
                     ending = Some(Ending::Closed(Violation {
                         close: Close::KeepAliveTimeout,
                         detail: format!("nothing received for {}s (1.5 × keep-alive)", idle_limit.as_secs()),
                     }));
                     tracing::debug!(listener = %self.cx.name, peer = %self.peer, "MQTT client idle past its keep-alive; closing");
-                }
-                _ = shutdown.changed(), if ending.is_none() => {
-                    // Already committed publishes are acknowledged; the rest the client resends.
-                    ending = Some(Ending::Closed(Violation {
-                        close: Close::ShuttingDown,
-                        detail: "the gateway is shutting down".into(),
-                    }));
-                }
-                Ok(()) = async {
-                    match taken_over.as_mut() {
-                        Some(rx) => rx.await,
-                        None => std::future::pending().await,
-                    }
-                }, if taken_over.is_some() => {
-                    taken_over = None;
-                    ending = Some(Ending::Closed(Violation {
-                        close: Close::TakenOver,
-                        detail: "another connection took over this client id".into(),
-                    }));
                 }
             }
         }
@@ -573,6 +585,14 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             self.cx
                 .puback_seconds
                 .observe(ack.arrived.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Room for the next read. The buffer never holds more than one incomplete packet (its
+    /// size checked from its header) plus one read.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
         }
     }
 
