@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use support::{
     assert_exactly_once, event_validator, fixture, free_port, matches_expected,
     probe_config_with_input, probe_listener_config, probe_reading, probe_readings, values_in_order,
@@ -104,8 +105,37 @@ id = "field-east-4"
   sensor_type = "soil_ec"
 "#;
 
+/// A gateway with NATS and one password listener, `devices`, whose file holds our user.
+struct PasswordSetup {
+    nats: Nats,
+    port: u16,
+    gateway: Gateway,
+    passwords: PathBuf,
+    /// Holds the password file.
+    _secrets: tempfile::TempDir,
+}
+
+impl PasswordSetup {
+    /// `extra`: more lines for the listener.
+    async fn start(extra: &str) -> Self {
+        let nats = Nats::with_platform_stream().await;
+        let _secrets = tempfile::tempdir().expect("tempdir");
+        let passwords = password_file(_secrets.path());
+        let port = free_port();
+        let listener = password_listener("devices", port, &passwords, extra);
+        let gateway = Gateway::start(&config(&nats, &listener, ""));
+        Self {
+            nats,
+            port,
+            gateway,
+            passwords,
+            _secrets,
+        }
+    }
+}
+
 /// Runs `mosquitto_pub` with the message on stdin; `args` add host/port, auth, TLS, QoS.
-fn mosquitto_pub(args: &[&str], topic: &str, payload: &[u8]) -> Output {
+fn mosquitto_pub<S: AsRef<std::ffi::OsStr>>(args: &[S], topic: &str, payload: &[u8]) -> Output {
     let mut child = Command::new("mosquitto_pub")
         .args(args)
         .args(["-t", topic, "-s"])
@@ -121,6 +151,28 @@ fn mosquitto_pub(args: &[&str], topic: &str, payload: &[u8]) -> Output {
         .write_all(payload)
         .expect("payload to mosquitto_pub");
     child.wait_with_output().expect("mosquitto_pub")
+}
+
+/// mosquitto_pub arguments for QoS 1 over TLS to `localhost:port`, trusting `ca`, with a
+/// client certificate and key when given.
+fn tls_args(port: u16, ca: &Path, client: Option<(&PathBuf, &PathBuf)>) -> Vec<String> {
+    let mut args = vec![
+        "-h".into(),
+        "localhost".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    args.extend([
+        "--cafile".into(),
+        ca.display().to_string(),
+        "-q".into(),
+        "1".into(),
+    ]);
+    if let Some((cert, key)) = client {
+        args.extend(["--cert".into(), cert.display().to_string()]);
+        args.extend(["--key".into(), key.display().to_string()]);
+    }
+    args
 }
 
 fn text(out: &Output) -> String {
@@ -153,14 +205,24 @@ enum Seen {
 /// the indices PUBACKed. A fresh client sends in queue order, so the k-th PUBLISH out is the
 /// k-th message queued; its packet id then names it until the PUBACK.
 macro_rules! one_connection {
-    ($client:expr, $eventloop:expr, $qos:expr, $classify:expr, $batch:expr, $pace:expr, $acked:expr) => {{
+    ($client:expr, $eventloop:expr, $QoS:ident, $Event:ident, $Packet:ident, $batch:expr, $pace:expr, $acked:expr) => {{
+        let classify = |e: $Event| match e {
+            $Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Seen::Sent(pkid),
+            $Event::Incoming($Packet::PubAck(a)) => Seen::Acked(a.pkid),
+            $Event::Outgoing(rumqttc::Outgoing::AwaitAck(_)) => Seen::Collision,
+            _ => Seen::Other,
+        };
         let (client, mut eventloop) = ($client, $eventloop);
         let batch: Vec<(usize, String, Vec<u8>)> = $batch;
         let pace: Option<Duration> = $pace;
         let order: Vec<usize> = batch.iter().map(|(i, _, _)| *i).collect();
         let sender = tokio::spawn(async move {
             for (k, (_, topic, payload)) in batch.into_iter().enumerate() {
-                if client.publish(topic, $qos, false, payload).await.is_err() {
+                if client
+                    .publish(topic, $QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
                     return None;
                 }
                 if let (Some(d), true) = (pace, k % 25 == 24) {
@@ -179,7 +241,7 @@ macro_rules! one_connection {
                 Ok(Err(_)) => break,
                 Err(_) => panic!("no MQTT event for 60 s"),
             };
-            match $classify(event) {
+            match classify(event) {
                 Seen::Sent(pkid) => {
                     names.insert(pkid, order[sent]);
                     sent += 1;
@@ -242,44 +304,16 @@ async fn publish_until_acked(
                 o.set_credentials(u, p);
             }
             let (client, eventloop) = AsyncClient::new(o, 64);
-            let classify = |e: Event| match e {
-                Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Seen::Sent(pkid),
-                Event::Incoming(Packet::PubAck(a)) => Seen::Acked(a.pkid),
-                Event::Outgoing(rumqttc::Outgoing::AwaitAck(_)) => Seen::Collision,
-                _ => Seen::Other,
-            };
-            one_connection!(
-                client,
-                eventloop,
-                QoS::AtLeastOnce,
-                classify,
-                batch,
-                pace,
-                acked
-            )
+            one_connection!(client, eventloop, QoS, Event, Packet, batch, pace, acked)
         } else {
-            use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+            use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
             let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
             o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
             if let Some((u, p)) = credentials {
                 o.set_credentials(u, p);
             }
             let (client, eventloop) = AsyncClient::new(o, 64);
-            let classify = |e: Event| match e {
-                Event::Outgoing(Outgoing::Publish(pkid)) => Seen::Sent(pkid),
-                Event::Incoming(Packet::PubAck(a)) => Seen::Acked(a.pkid),
-                Event::Outgoing(Outgoing::AwaitAck(_)) => Seen::Collision,
-                _ => Seen::Other,
-            };
-            one_connection!(
-                client,
-                eventloop,
-                QoS::AtLeastOnce,
-                classify,
-                batch,
-                pace,
-                acked
-            )
+            one_connection!(client, eventloop, QoS, Event, Packet, batch, pace, acked)
         };
         for i in done {
             unacked.remove(&i);
@@ -332,6 +366,38 @@ fn closed_by_gateway(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// Polls an MQTT 5 client until the gateway's CONNACK.
+async fn connack_v5(eventloop: &mut rumqttc::v5::EventLoop) -> rumqttc::v5::mqttbytes::v5::ConnAck {
+    use rumqttc::v5::{mqttbytes::v5::Packet, Event};
+    loop {
+        if let Ok(Event::Incoming(Packet::ConnAck(ack))) = eventloop.poll().await {
+            return ack;
+        }
+    }
+}
+
+/// Polls an MQTT 5 client until its connection ends: the reason code of the gateway's
+/// DISCONNECT, or `None` if it ended without one. (rumqttc reports a server's DISCONNECT as the
+/// error that ends the connection.)
+async fn disconnect_reason(eventloop: &mut rumqttc::v5::EventLoop) -> Option<DisconnectReasonCode> {
+    use rumqttc::v5::{ConnectionError, StateError};
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Err(e) = eventloop.poll().await {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("the connection ends within 20 s");
+    match ended {
+        ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, .. }) => {
+            Some(reason_code)
+        }
+        _ => None,
+    }
+}
+
 async fn wait_forwarded(gateway: &Gateway, n: usize) {
     gateway.wait_until(
         &format!("{n} readings forwarded"),
@@ -352,15 +418,13 @@ fn rejects(gateway: &Gateway, reason: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sahool_form_from_every_client_arrives_exactly_once() {
-    let nats = Nats::with_platform_stream().await;
-    let secrets = tempfile::tempdir().expect("tempdir");
-    let passwords = password_file(secrets.path());
-    let port = free_port();
-    let mut gateway = Gateway::start(&config(
-        &nats,
-        &password_listener("devices", port, &passwords, ""),
-        "",
-    ));
+    let PasswordSetup {
+        nats,
+        port,
+        mut gateway,
+        _secrets,
+        ..
+    } = PasswordSetup::start("").await;
     assert_eq!(
         gateway
             .get("/readyz")
@@ -462,73 +526,33 @@ async fn every_sahool_form_from_every_client_arrives_exactly_once() {
     );
 
     // A second connection with the same client id takes over; the first is told why.
-    let twin = |n: u64| {
+    let twin = |keep_alive: u64| {
         let mut o = rumqttc::v5::MqttOptions::new("twin", "127.0.0.1", port);
         o.set_credentials(USER, PASSWORD)
-            .set_keep_alive(Duration::from_secs(30 + n));
+            .set_keep_alive(Duration::from_secs(keep_alive));
         rumqttc::v5::AsyncClient::new(o, 8)
     };
-    let (_first, mut first) = twin(0);
-    let (_second, mut second) = twin(1);
-    let connected = |e: Result<rumqttc::v5::Event, _>| {
-        matches!(e, Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))))
-    };
-    while !connected(first.poll().await) {}
-    while !connected(second.poll().await) {}
-    let taken = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Err(e) = first.poll().await {
-                break e;
-            }
-        }
-    })
-    .await
-    .expect("the first connection hears it was taken over");
-    assert!(
-        matches!(
-            taken,
-            rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
-                reason_code: DisconnectReasonCode::SessionTakenOver,
-                ..
-            })
-        ),
-        "{taken:?}"
+    let (_first, mut first) = twin(30);
+    let (_second, mut second) = twin(31);
+    connack_v5(&mut first).await;
+    connack_v5(&mut second).await;
+    assert_eq!(
+        disconnect_reason(&mut first).await,
+        Some(DisconnectReasonCode::SessionTakenOver)
     );
     drop(second);
 
     // Shutdown: a connected MQTT 5 client is told the server is going away.
-    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
     let mut o = rumqttc::v5::MqttOptions::new("idle-v5", "127.0.0.1", port);
     o.set_credentials(USER, PASSWORD).set_clean_start(false);
     let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 8);
-    let connack = loop {
-        if let Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(ack))) = eventloop.poll().await {
-            break ack;
-        }
-    };
     // Resuming a session is always possible (a publisher's session holds nothing), so clients
     // resend what they had not got a PUBACK for.
-    assert!(connack.session_present);
+    assert!(connack_v5(&mut eventloop).await.session_present);
     gateway.signal("TERM");
-    // rumqttc reports a server's DISCONNECT as the error that ends the connection.
-    let told = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Err(e) = eventloop.poll().await {
-                break e;
-            }
-        }
-    })
-    .await
-    .expect("the client hears from the gateway");
-    assert!(
-        matches!(
-            told,
-            rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
-                reason_code: DisconnectReasonCode::ServerShuttingDown,
-                ..
-            })
-        ),
-        "{told:?}"
+    assert_eq!(
+        disconnect_reason(&mut eventloop).await,
+        Some(DisconnectReasonCode::ServerShuttingDown)
     );
     assert_eq!(gateway.terminate(), Some(0), "SIGTERM exits 0");
 }
@@ -597,21 +621,17 @@ async fn sigkill_while_clients_publish_loses_no_acknowledged_reading() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_are_refused_while_a_good_one_keeps_publishing() {
-    let nats = Nats::with_platform_stream().await;
-    let secrets = tempfile::tempdir().expect("tempdir");
-    let passwords = password_file(secrets.path());
-    let port = free_port();
     let max_connections = 20;
-    let gateway = Gateway::start(&config(
-        &nats,
-        &password_listener(
-            "lan",
-            port,
-            &passwords,
-            &format!("max_connections = {max_connections}\nmax_packet_size = \"16KiB\""),
-        ),
-        "",
-    ));
+    let PasswordSetup {
+        nats,
+        port,
+        gateway,
+        _secrets,
+        ..
+    } = PasswordSetup::start(&format!(
+        "max_connections = {max_connections}\nmax_packet_size = \"16KiB\""
+    ))
+    .await;
     let n = 600;
     let acked = Arc::new(AtomicUsize::new(0));
     let good = tokio::spawn(publish_until_acked(
@@ -804,96 +824,50 @@ async fn tls_with_a_test_ca_with_and_without_client_certificates() {
         ca = pki.ca.display(),
     );
     let gateway = Gateway::start(&config(&nats, &listeners, ""));
-    let (pw, cert) = (pw_port.to_string(), cert_port.to_string());
-    let ca = pki.ca.to_string_lossy().to_string();
-    let path = |p: &PathBuf| p.to_string_lossy().to_string();
     let (topic, first) = probe_reading(0);
     let (_, second) = probe_reading(1);
     let (_, never) = probe_reading(2);
+    let publishes = |args: Vec<String>, payload: &[u8]| {
+        let out = mosquitto_pub(&args, &topic, payload);
+        (out.status.success(), text(&out))
+    };
+    let credentials = ["-u", USER, "-P", PASSWORD].map(String::from);
 
     // Server certificate only, password auth; the client checks the server against the CA.
-    let tls_pw = [
-        "-h",
-        "localhost",
-        "-p",
-        &pw,
-        "--cafile",
-        &ca,
-        "-u",
-        USER,
-        "-P",
-        PASSWORD,
-        "-q",
-        "1",
-    ];
-    let out = mosquitto_pub(&tls_pw, &topic, &first);
-    assert!(out.status.success(), "TLS + password: {}", text(&out));
-    let rogue_ca = path(&pki.rogue_ca);
-    let mut untrusted = tls_pw.to_vec();
-    untrusted[5] = &rogue_ca;
-    assert!(
-        !mosquitto_pub(&untrusted, &topic, &never).status.success(),
-        "server not trusted"
+    let trusting = |port, ca| tls_args(port, ca, None);
+    let (ok, out) = publishes(
+        [trusting(pw_port, &pki.ca), credentials.to_vec()].concat(),
+        &first,
     );
+    assert!(ok, "TLS + password: {out}");
+    let untrusted = [trusting(pw_port, &pki.rogue_ca), credentials.to_vec()].concat();
+    assert!(!publishes(untrusted, &never).0, "server not trusted");
     let plaintext = [
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &pw,
-        "-u",
-        USER,
-        "-P",
-        PASSWORD,
-        "-q",
-        "1",
-    ];
-    assert!(
-        !mosquitto_pub(&plaintext, &topic, &never).status.success(),
-        "plaintext refused"
-    );
+        vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            pw_port.to_string(),
+        ],
+        credentials.to_vec(),
+    ]
+    .concat();
+    assert!(!publishes(plaintext, &never).0, "plaintext refused");
 
     // Client certificates required: from our CA accepted, none or another CA's refused.
-    let (client_cert, client_key) = (path(&pki.client_cert), path(&pki.client_key));
-    let with_cert = [
-        "-h",
-        "localhost",
-        "-p",
-        &cert,
-        "--cafile",
-        &ca,
-        "--cert",
-        &client_cert,
-        "--key",
-        &client_key,
-        "-q",
-        "1",
-    ];
-    let out = mosquitto_pub(&with_cert, &topic, &second);
-    assert!(out.status.success(), "client certificate: {}", text(&out));
-    let no_cert = ["-h", "localhost", "-p", &cert, "--cafile", &ca, "-q", "1"];
+    let with_cert = tls_args(
+        cert_port,
+        &pki.ca,
+        Some((&pki.client_cert, &pki.client_key)),
+    );
+    let (ok, out) = publishes(with_cert, &second);
+    assert!(ok, "client certificate: {out}");
     assert!(
-        !mosquitto_pub(&no_cert, &topic, &never).status.success(),
+        !publishes(trusting(cert_port, &pki.ca), &never).0,
         "no client certificate"
     );
-    let (rogue_cert, rogue_key) = (path(&pki.rogue_cert), path(&pki.rogue_key));
-    let rogue = [
-        "-h",
-        "localhost",
-        "-p",
-        &cert,
-        "--cafile",
-        &ca,
-        "--cert",
-        &rogue_cert,
-        "--key",
-        &rogue_key,
-        "-q",
-        "1",
-    ];
-    assert!(
-        !mosquitto_pub(&rogue, &topic, &never).status.success(),
-        "another CA's certificate"
-    );
+    let rogue = tls_args(cert_port, &pki.ca, Some((&pki.rogue_cert, &pki.rogue_key)));
+    assert!(!publishes(rogue, &never).0, "another CA's certificate");
     gateway.wait_until(
         "certificate refusals counted",
         Duration::from_secs(10),
@@ -950,15 +924,13 @@ async fn reject_new_withholds_pubacks_until_the_buffer_has_room() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reloaded_password_file_admits_new_users_and_keeps_connections() {
-    let nats = Nats::with_platform_stream().await;
-    let secrets = tempfile::tempdir().expect("tempdir");
-    let passwords = password_file(secrets.path());
-    let port = free_port();
-    let mut gateway = Gateway::start(&config(
-        &nats,
-        &password_listener("devices", port, &passwords, ""),
-        "",
-    ));
+    let PasswordSetup {
+        nats,
+        port,
+        mut gateway,
+        passwords,
+        _secrets,
+    } = PasswordSetup::start("").await;
     let p = port.to_string();
     let (topic, payload) = probe_reading(0);
     let newcomer = [
