@@ -9,11 +9,13 @@ use std::time::Duration;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
-use crate::config::{Config, Gateway, MqttSource, Nats, Quality};
+use crate::config::{Config, Gateway, ListenerAuth, MqttListener, MqttSource, Nats, Quality};
 use crate::event::Subjects;
 use crate::forward::Forwarder;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics::Metrics;
+use crate::sources::listener::auth::SharedPasswords;
+use crate::sources::listener::{self, ListenerError, ListenerInput};
 use crate::sources::mqtt::MqttInput;
 use crate::sources::serial::{PortPlan, SerialInput};
 use crate::store::StoreHandle;
@@ -40,6 +42,8 @@ pub enum RunError {
     },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
 }
 
 /// A running task with its own stop signal.
@@ -56,6 +60,12 @@ impl<C> Task<C> {
     }
 }
 
+/// A running `[[mqtt_listener]]` and its password file, which a reload reads again.
+struct ListenerTask {
+    task: Task<MqttListener>,
+    passwords: Option<SharedPasswords>,
+}
+
 /// What `run` keeps to start, replace and stop the parts a reload may change.
 struct Pipeline {
     gateway: Gateway,
@@ -66,6 +76,7 @@ struct Pipeline {
     sources: Vec<Task<MqttSource>>,
     serial: Vec<Task<PortPlan>>,
     forwarder: Task<Nats>,
+    listeners: Vec<ListenerTask>,
 }
 
 impl Pipeline {
@@ -145,6 +156,64 @@ impl Pipeline {
         self.serial = kept;
     }
 
+    async fn start_listener(&self, config: &MqttListener) -> Result<ListenerTask, RunError> {
+        let passwords = listener::load_passwords(config)?;
+        let input = ListenerInput::new(
+            config,
+            &self.quality,
+            passwords.clone(),
+            self.mapper.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+        )
+        .await?;
+        let (stop, stop_rx) = watch::channel(false);
+        Ok(ListenerTask {
+            task: Task {
+                config: config.clone(),
+                stop,
+                handle: tokio::spawn(input.run(stop_rx)),
+            },
+            passwords,
+        })
+    }
+
+    /// Listeners as `new` wants them: unchanged ones keep running (their password files read
+    /// again), the others are stopped and started anew. The first failure is returned.
+    async fn reload_listeners(&mut self, new: &Config) -> Option<RunError> {
+        let mut kept = Vec::new();
+        let mut failed = None;
+        for l in std::mem::take(&mut self.listeners) {
+            if new
+                .mqtt_listener
+                .iter()
+                .any(|c| same_listener(c, &l.task.config))
+            {
+                if let Some(passwords) = &l.passwords {
+                    if let Err(e) = listener::reload_passwords(&l.task.config, passwords) {
+                        tracing::error!(error = %e, "password file not reloaded; the previous one stays in force");
+                        failed = Some(e.into());
+                    }
+                }
+                kept.push(l);
+            } else {
+                tracing::info!(listener = %l.task.config.name, "stopping MQTT listener (removed or changed)");
+                l.task.stop().await;
+            }
+        }
+        for config in &new.mqtt_listener {
+            if !kept.iter().any(|l| same_listener(&l.task.config, config)) {
+                tracing::info!(listener = %config.name, "starting MQTT listener");
+                match self.start_listener(config).await {
+                    Ok(l) => kept.push(l),
+                    Err(e) => failed = Some(e),
+                }
+            }
+        }
+        self.listeners = kept;
+        failed
+    }
+
     async fn start_forwarder(
         gateway: &Gateway,
         config: &Nats,
@@ -212,6 +281,9 @@ impl Pipeline {
             for task in std::mem::take(&mut self.serial) {
                 task.stop().await;
             }
+            for l in std::mem::take(&mut self.listeners) {
+                l.task.stop().await;
+            }
         }
         self.reload_serial(new).await;
 
@@ -235,6 +307,9 @@ impl Pipeline {
             }
         }
         self.sources = kept;
+        if let Some(e) = self.reload_listeners(new).await {
+            failed = Some(e);
+        }
 
         if self.forwarder.config != new.nats {
             tracing::info!("[nats] changed: reconnecting the forwarder");
@@ -260,6 +335,17 @@ fn same_source(a: &MqttSource, b: &MqttSource) -> bool {
     }
 }
 
+/// Equal settings, wherever in the file they stand.
+fn same_listener(a: &MqttListener, b: &MqttListener) -> bool {
+    MqttListener {
+        line: 0,
+        ..a.clone()
+    } == MqttListener {
+        line: 0,
+        ..b.clone()
+    }
+}
+
 /// Inline secrets work, but belong in files readable by the service only.
 fn warn_about_inline_secrets(config: &Config) {
     if config.nats.password.is_some() || config.nats.token.is_some() {
@@ -270,6 +356,11 @@ fn warn_about_inline_secrets(config: &Config) {
     }
     for m in config.mqtt.iter().filter(|m| m.allow_insecure) {
         tracing::warn!(source = %m.name, url = %m.url, "allow_insecure = true: plaintext MQTT to this broker is permitted");
+    }
+    for l in &config.mqtt_listener {
+        if l.auth == ListenerAuth::Password && !l.tls() && !l.listen.ip().is_loopback() {
+            tracing::warn!(listener = %l.name, listen = %l.listen, "devices send their passwords in plaintext to this listener; configure tls_cert_file and tls_key_file where devices support TLS");
+        }
     }
 }
 
@@ -300,6 +391,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         sources: Vec::new(),
         serial: Vec::new(),
         forwarder,
+        listeners: Vec::new(),
     };
     for source in &config.mqtt {
         let task = pipeline.start_source(source)?;
@@ -308,6 +400,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     for plan in PortPlan::all(&config) {
         let task = pipeline.start_serial(plan);
         pipeline.serial.push(task);
+    }
+    for l in &config.mqtt_listener {
+        let task = pipeline.start_listener(l).await?;
+        pipeline.listeners.push(task);
     }
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
     let notifier = Arc::new(Notifier::from_env());
@@ -323,6 +419,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         gateway = %config.gateway.id,
         sources = config.mqtt.len(),
         serial_ports = config.serial.len(),
+        listeners = config.mqtt_listener.len(),
         fields = config.fields.len(),
         buffer = %config.store_path().display(),
         "gateway running"
@@ -361,6 +458,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         sources,
         serial,
         forwarder,
+        listeners,
         store: pipeline_store,
         ..
     } = pipeline;
@@ -369,6 +467,9 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     }
     for port in serial {
         port.stop().await;
+    }
+    for l in listeners {
+        l.task.stop().await;
     }
     forwarder.stop().await;
     let _ = http_task.await;

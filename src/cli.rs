@@ -22,6 +22,10 @@ pub enum CliError {
     Sqlite(#[from] rusqlite::Error),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Passwd(#[from] crate::sources::listener::auth::AuthError),
+    #[error("no password on standard input")]
+    NoPassword,
 }
 
 /// `validate`: prints every problem and returns false, or prints a summary and returns true.
@@ -42,10 +46,11 @@ pub fn validate(path: &Path, out: &mut impl Write) -> Result<bool, CliError> {
                 let sensors: usize = c.fields.iter().map(|f| f.sensors.len()).sum();
                 writeln!(
                     out,
-                    "{}: ok (gateway {}, {} MQTT source(s), {} serial port(s), {} field(s), {} sensor(s))",
+                    "{}: ok (gateway {}, {} MQTT source(s), {} MQTT listener(s), {} serial port(s), {} field(s), {} sensor(s))",
                     path.display(),
                     c.gateway.id,
                     c.mqtt.len(),
+                    c.mqtt_listener.len(),
                     c.serial.len(),
                     c.fields.len(),
                     sensors
@@ -252,6 +257,32 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
             )?;
         }
     }
+    let listeners = label_values(
+        &now,
+        "sahool_gateway_mqtt_listener_connections_open",
+        "listener",
+    );
+    if !listeners.is_empty() {
+        writeln!(out, "listeners:")?;
+    }
+    for listener in listeners {
+        let label = format!("listener=\"{listener}\"");
+        writeln!(
+            out,
+            "  {listener:<20} {:<13} {:.1} msg/s ({} publishes, {} refused)",
+            format!(
+                "{} clients",
+                sample(
+                    &now,
+                    "sahool_gateway_mqtt_listener_connections_open",
+                    &label
+                )
+            ),
+            rate("sahool_gateway_mqtt_listener_publishes_total", &label),
+            sample(&now, "sahool_gateway_mqtt_listener_publishes_total", &label),
+            sample(&now, "sahool_gateway_mqtt_listener_rejects_total", &label),
+        )?;
+    }
     let dropped = g("sahool_gateway_readings_dropped_total");
     if dropped > 0.0 {
         writeln!(
@@ -289,20 +320,23 @@ pub fn mappings_test(
     let c = config::load(config_path)?;
     let source = match source {
         Some(name) => name.to_string(),
-        None => match c
-            .mqtt
-            .iter()
-            .find(|m| m.topics.iter().any(|t| t.matches(topic)))
-        {
-            Some(m) => m.name.to_string(),
-            None => {
-                writeln!(
-                    out,
-                    "rejected: unmapped_topic: no [[mqtt]] source subscribes to `{topic}`"
-                )?;
-                return Ok(false);
+        None => {
+            let clients = c.mqtt.iter().map(|m| (&m.name, &m.topics));
+            let listeners = c.mqtt_listener.iter().map(|l| (&l.name, &l.topics));
+            match clients
+                .chain(listeners)
+                .find(|(_, topics)| topics.iter().any(|t| t.matches(topic)))
+            {
+                Some((name, _)) => name.to_string(),
+                None => {
+                    writeln!(
+                        out,
+                        "rejected: unmapped_topic: no [[mqtt]] source or [[mqtt_listener]] takes `{topic}`"
+                    )?;
+                    return Ok(false);
+                }
             }
-        },
+        }
     };
     let mapper = crate::mapping::Mapper::new(&c);
     let mapped = mapper.map_mqtt(&source, topic, payload, crate::reading::Timestamp::now());
@@ -435,5 +469,24 @@ pub fn sensors(config_path: &Path, out: &mut impl Write) -> Result<(), CliError>
             )?;
         }
     }
+    Ok(())
+}
+
+/// `passwd FILE USER`: reads the password from the first line of `input` and stores its argon2
+/// hash for `user` in the listener password file (created, mode 0600, if missing).
+pub fn passwd(
+    file: &Path,
+    user: &str,
+    input: &mut impl std::io::BufRead,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(CliError::NoPassword);
+    }
+    crate::sources::listener::auth::set_password(file, user, password)?;
+    writeln!(out, "{}: password of {user} set", file.display())?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics` on a loopback socket.
+//! `/healthz`, `/readyz` and `/metrics` on a loopback socket. Ready means: the store writes,
+//! NATS is connected, and every MQTT listener is bound.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,7 +63,9 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         "/readyz" => {
             let store = metrics.store_healthy();
             let nats = metrics.nats_is_connected();
-            let status = if store && nats {
+            let listeners = metrics.listeners_bound();
+            let bound = listeners.iter().all(|(_, b)| *b);
+            let status = if store && nats && bound {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -89,6 +92,10 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
                     Ok(()) => body.push_str(&format!("serial {port}: up\n")),
                     Err(why) => body.push_str(&format!("serial {port}: down ({why})\n")),
                 }
+            }
+            for (name, bound) in listeners {
+                let state = if bound { "listening" } else { "not bound" };
+                body.push_str(&format!("listener {name}: {state}\n"));
             }
             text(status, body)
         }

@@ -2,7 +2,8 @@
 //!
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
-//! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//! - [`sources`]: inputs ([`sources::mqtt`], [`sources::listener`]); each acks its sender only
+//!   after the commit, through the shared commit queue [`sources::intake`].
 //!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
 //!   plug-in point for protocol engines: [`sources::serial::lines`] (ASCII talkers),
 //!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12),

@@ -56,6 +56,13 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Set a user's password in an [[mqtt_listener]] password file. The password is read from
+    /// standard input; only its argon2 hash is written.
+    Passwd {
+        /// The password file (created with mode 0600 if missing).
+        file: PathBuf,
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,7 +76,7 @@ enum MappingsCommand {
         topic: Option<String>,
         #[arg(long, requires = "topic")]
         payload: Option<String>,
-        /// The [[mqtt]] source; default: the first that subscribes to the topic.
+        /// The [[mqtt]] source or [[mqtt_listener]]; default: the first that takes the topic.
         #[arg(long, requires = "topic")]
         source: Option<String>,
         /// One line as the talker prints it, without its line end.
@@ -187,6 +194,13 @@ fn main() -> ExitCode {
         Command::DeadLetters {
             command: DeadLetterCommand::List { config, limit },
         } => cli::dead_letters_list(&config, limit, &mut stdout),
+        Command::Passwd { file, user } => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprint!("password for {user} (shown as typed): ");
+            }
+            cli::passwd(&file, &user, &mut stdin.lock(), &mut stdout)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

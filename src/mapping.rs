@@ -474,17 +474,20 @@ impl Mapper {
                 }
             }
         }
-        let sources = config
+        let rules = |format, max_payload: u64| SourceRules {
+            format,
+            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
+        };
+        let clients = config
             .mqtt
             .iter()
-            .map(|m| {
-                let rules = SourceRules {
-                    format: m.format,
-                    max_payload: usize::try_from(m.max_payload.0).unwrap_or(usize::MAX),
-                };
-                (m.name.to_string(), rules)
-            })
-            .collect();
+            .map(|m| (m.name.to_string(), rules(m.format, m.max_payload.0)));
+        // A listener refuses packets above max_packet_size, so every payload it passes on fits.
+        let listeners = config
+            .mqtt_listener
+            .iter()
+            .map(|l| (l.name.to_string(), rules(l.format, l.max_packet_size.0)));
+        let sources = clients.chain(listeners).collect();
         let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         let time = TimePolicy {
             max_future_ns: nanos(config.quality.max_future.0),
@@ -544,7 +547,7 @@ impl Mapper {
         out
     }
 
-    /// Maps one MQTT message from the named source.
+    /// Maps one MQTT message from the named source (`[[mqtt]]` or `[[mqtt_listener]]`).
     pub fn map_mqtt(
         &self,
         source: &str,

@@ -50,6 +50,25 @@ pub struct PortReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReasonLabel {
+    pub listener: String,
+    pub reason: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn puback_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ])
+}
+
 pub struct Metrics {
     registry: Registry,
     pub readings_accepted: Counter,
@@ -87,6 +106,13 @@ pub struct Metrics {
     forwarder_beat: Mutex<Instant>,
     /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
     nats_problem: Mutex<Option<String>>,
+    pub listener_connections_open: Family<ListenerLabel, Gauge>,
+    pub listener_connections: Family<ListenerLabel, Counter>,
+    pub listener_publishes: Family<ListenerLabel, Counter>,
+    pub listener_puback_seconds: HistogramFamily<ListenerLabel>,
+    pub listener_rejects: Family<ListenerReasonLabel, Counter>,
+    /// Each configured listener: whether its socket is bound (for `/readyz`).
+    listeners_bound: Mutex<BTreeMap<String, bool>>,
 }
 
 impl Metrics {
@@ -127,6 +153,12 @@ impl Metrics {
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
             nats_problem: Mutex::new(None),
+            listener_connections_open: Family::default(),
+            listener_connections: Family::default(),
+            listener_publishes: Family::default(),
+            listener_puback_seconds: Family::new_with_constructor(puback_histogram),
+            listener_rejects: Family::default(),
+            listeners_bound: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -261,7 +293,69 @@ impl Metrics {
             "Serial port faults and protocol errors, by reason",
             m.serial_errors.clone(),
         );
+        r.register(
+            "mqtt_listener_connections_open",
+            "Connections open on each MQTT listener",
+            m.listener_connections_open.clone(),
+        );
+        r.register(
+            "mqtt_listener_connections",
+            "Connections accepted by each MQTT listener (CONNACK sent)",
+            m.listener_connections.clone(),
+        );
+        r.register(
+            "mqtt_listener_publishes",
+            "PUBLISH packets received by each MQTT listener",
+            m.listener_publishes.clone(),
+        );
+        r.register(
+            "mqtt_listener_puback_seconds",
+            "From a PUBLISH arriving to its PUBACK (the commit included)",
+            m.listener_puback_seconds.clone(),
+        );
+        r.register(
+            "mqtt_listener_rejects",
+            "Connections and packets an MQTT listener refused, by reason (auth, oversize, subscribe, protocol, too_many_connections, topic, tls)",
+            m.listener_rejects.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn listener(&self, listener: &str) -> ListenerLabel {
+        ListenerLabel {
+            listener: listener.into(),
+        }
+    }
+
+    pub fn listener_reject(&self, listener: &str, reason: &str) -> Counter {
+        self.listener_rejects
+            .get_or_create(&ListenerReasonLabel {
+                listener: listener.into(),
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// Records whether a configured listener's socket is bound; `None` forgets a removed one.
+    pub fn set_listener_bound(&self, listener: &str, bound: Option<bool>) {
+        if let Ok(mut m) = self.listeners_bound.lock() {
+            match bound {
+                Some(b) => {
+                    m.insert(listener.to_string(), b);
+                }
+                None => {
+                    m.remove(listener);
+                }
+            }
+        }
+    }
+
+    /// Every configured listener and whether it is bound.
+    pub fn listeners_bound(&self) -> Vec<(String, bool)> {
+        self.listeners_bound
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
     }
 
     pub fn rejected(&self, reason: &str) -> Counter {

@@ -7,8 +7,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::{assert_exactly_once, publish_all, values_in_order, Gateway, Mosquitto, Nats};
+use support::{assert_exactly_once, values_in_order};
 use support::{probe_config as config, probe_reading as reading, probe_readings as readings};
+use support::{publish_all, Gateway, Mosquitto, Nats};
 
 async fn wait_forwarded(gateway: &Gateway, n: usize, within: Duration) {
     gateway.wait_until(&format!("{n} readings forwarded"), within, |g| {

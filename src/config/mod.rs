@@ -5,6 +5,7 @@
 //! `[[fields]]` entry) is deserialized on its own, so one bad entry does not hide the next, and
 //! cross-section checks run over everything that parsed. Every problem carries its line.
 
+mod listener;
 pub mod serial;
 mod values;
 
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
+pub use listener::{ListenerAuth, MqttListener};
 pub use serial::{Protocol, SerialBinding, SerialSource};
 pub use values::{
     ByteSize, DurationValue, Ident, JsonPointer, Secret, SensorTypeName, SubjectTemplate,
@@ -34,6 +36,7 @@ pub struct Config {
     pub mqtt: Vec<MqttSource>,
     pub fields: Vec<Field>,
     pub serial: Vec<SerialSource>,
+    pub mqtt_listener: Vec<MqttListener>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,7 +260,8 @@ pub struct Sensor {
     pub offset: f64,
     /// `[min, max]` of plausible values after scaling; defaults to SAHOOL's range for the type.
     pub range: Option<[f64; 2]>,
-    /// The `[[mqtt]]` source this sensor is read from; default: every source of its format.
+    /// The `[[mqtt]]` source or `[[mqtt_listener]]` this sensor is read from; default: every
+    /// MQTT input of its format.
     pub source: Option<Ident>,
     /// Binding for `format = "json"` sources.
     pub mqtt: Option<JsonBinding>,
@@ -442,6 +446,8 @@ struct Parts<'a> {
     mqtt: &'a [MqttSource],
     fields: &'a [Field],
     serial: &'a [SerialSource],
+    mqtt_listener: &'a [MqttListener],
+    http: &'a Http,
 }
 
 /// One thing wrong with a config file.
@@ -504,6 +510,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut mqtt = Vec::new();
     let mut fields = Vec::new();
     let mut serial = Vec::new();
+    let mut mqtt_listener = Vec::new();
 
     for (key, value) in root.into_inner() {
         let key_line = lines.line(key.span().start);
@@ -562,10 +569,20 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                     }
                 }
             }
+            "mqtt_listener" => {
+                for (line, item) in lines.array(value, "[[mqtt_listener]]", &mut problems) {
+                    if let Some(mut l) =
+                        lines.section::<MqttListener>(item, "[[mqtt_listener]]", &mut problems)
+                    {
+                        l.line = line;
+                        mqtt_listener.push(l);
+                    }
+                }
+            }
             other => problems.push(Problem {
                 line: key_line,
                 message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, serial or fields"
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial or fields"
                 ),
             }),
         }
@@ -599,6 +616,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             mqtt: &mqtt,
             fields: &fields,
             serial: &serial,
+            mqtt_listener: &mqtt_listener,
+            http: &http,
         },
         &lines,
     ));
@@ -612,6 +631,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             mqtt,
             fields,
             serial,
+            mqtt_listener,
         }),
         _ => {
             problems.sort_by_key(|p| p.line);
@@ -631,7 +651,7 @@ impl Config {
         let source = sensor
             .source
             .as_ref()
-            .and_then(|name| self.mqtt.iter().find(|m| &m.name == name))
+            .and_then(|name| mqtt_inputs(&self.mqtt, &self.mqtt_listener).find(|m| m.name == name))
             .and_then(|m| m.expected_interval);
         let port = sensor.serial_binding().and_then(|b| {
             let port = self.serial.iter().find(|s| &s.name == b.port())?;
@@ -835,6 +855,18 @@ impl Config {
             }
         }
 
+        for l in parts.mqtt_listener {
+            if !names.insert(l.name.as_str()) {
+                push(l.line, format!(
+                    "[[mqtt_listener]] name `{}` is already used by another [[mqtt]] or [[mqtt_listener]]",
+                    l.name
+                ));
+            }
+            l.check(&mut push);
+        }
+        listener::check_addresses(parts.mqtt_listener, parts.http.listen, &mut push);
+
+        let inputs: Vec<MqttInputRef> = mqtt_inputs(parts.mqtt, parts.mqtt_listener).collect();
         let mut field_ids = HashSet::new();
         let mut sensors: HashMap<(&str, crate::reading::SensorType), usize> = HashMap::new();
         for f in parts.fields {
@@ -873,28 +905,28 @@ impl Config {
                     // Read from a serial port: checked with the ports (serial::check).
                     continue;
                 }
-                let bound: Vec<&MqttSource> = match &s.source {
-                    Some(name) => match parts.mqtt.iter().find(|m| &m.name == name) {
+                let bound: Vec<&MqttInputRef> = match &s.source {
+                    Some(name) => match inputs.iter().find(|m| m.name == name) {
                         Some(m) => vec![m],
                         None => {
                             push(
                                 s.line,
                                 format!(
-                                    "sensor {}: source `{name}` is not an [[mqtt]] name",
+                                    "sensor {}: source `{name}` is not an [[mqtt]] or [[mqtt_listener]] name",
                                     s.device_id
                                 ),
                             );
                             continue;
                         }
                     },
-                    None => parts.mqtt.iter().collect(),
+                    None => inputs.iter().collect(),
                 };
                 let wants = if s.mqtt.is_some() {
                     Format::Json
                 } else {
                     Format::Sahool
                 };
-                if !parts.mqtt.is_empty() && !bound.iter().any(|m| m.format == wants) {
+                if !inputs.is_empty() && !bound.iter().any(|m| m.format == wants) {
                     let msg = match wants {
                         Format::Json => "has an [fields.sensors.mqtt] binding but no format = \"json\" source reads it",
                         Format::Sahool => "has no [fields.sensors.mqtt] binding, which a format = \"json\" source needs",
@@ -947,6 +979,31 @@ fn sensor_calibration_keys(field: &Spanned<DeValue<'_>>) -> Vec<[bool; 2]> {
             _ => [false, false],
         })
         .collect()
+}
+
+/// What sensor bindings need of an MQTT input, whether a `[[mqtt]]` client or a listener.
+struct MqttInputRef<'a> {
+    name: &'a Ident,
+    format: Format,
+    expected_interval: Option<DurationValue>,
+}
+
+/// Every MQTT input by name: the `[[mqtt]]` sources, then the `[[mqtt_listener]]`s.
+fn mqtt_inputs<'a>(
+    mqtt: &'a [MqttSource],
+    listeners: &'a [MqttListener],
+) -> impl Iterator<Item = MqttInputRef<'a>> {
+    let clients = mqtt.iter().map(|m| MqttInputRef {
+        name: &m.name,
+        format: m.format,
+        expected_interval: m.expected_interval,
+    });
+    let listeners = listeners.iter().map(|l| MqttInputRef {
+        name: &l.name,
+        format: l.format,
+        expected_interval: l.expected_interval,
+    });
+    clients.chain(listeners)
 }
 
 /// `scheme://host:port` (or bare `host:port`) → `(host, port)`.

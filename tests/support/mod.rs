@@ -934,6 +934,24 @@ pub fn probe_config_for(
     buffer: &str,
     extra: &str,
 ) -> String {
+    let input = format!(
+        "[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n",
+        broker.url()
+    );
+    probe_config_with_input_for(servers, buffer, extra, &input)
+}
+
+/// [`probe_config`] with `input` (`[[mqtt]]` or `[[mqtt_listener]]` blocks) as its MQTT input.
+pub fn probe_config_with_input(nats: &Nats, buffer: &str, extra: &str, input: &str) -> String {
+    probe_config_with_input_for(&[nats.url()], buffer, extra, input)
+}
+
+fn probe_config_with_input_for(
+    servers: &[String],
+    buffer: &str,
+    extra: &str,
+    input: &str,
+) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     format!(
         r#"
@@ -953,12 +971,7 @@ device_burst = 1000000.0
 source_rate = 1000000.0
 source_burst = 1000000.0
 
-[[mqtt]]
-name = "farm"
-url = "{mqtt}"
-topics = ["sahool/sensors/#"]
-format = "sahool"
-
+{input}
 [[fields]]
 id = "field-1"
   [[fields.sensors]]
@@ -966,7 +979,6 @@ id = "field-1"
   sensor_type = "water_level"
 "#,
         servers = servers.join(", "),
-        mqtt = broker.url()
     )
 }
 
@@ -1032,3 +1044,49 @@ pub fn fixture(name: &str) -> Value {
 // Simulated serial devices for the far end of a pseudo-terminal.
 pub mod sim_modbus;
 pub mod sim_sdi12;
+
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() < 1e-9 * x.abs().max(1.0),
+        _ => a == b,
+    }
+}
+
+/// True if an event payload is the reading a fixture's `expect` entry describes.
+pub fn matches_expected(payload: &Value, expect: &Value) -> bool {
+    let keys = ["device_id", "field_id", "sensor_type", "unit"];
+    if keys.iter().any(|k| payload[k] != expect[k]) {
+        return false;
+    }
+    if !numbers_equal(&payload["value"], &expect["value"]) {
+        return false;
+    }
+    if let Some(ts) = expect.get("timestamp") {
+        if &payload["timestamp"] != ts {
+            return false;
+        }
+    }
+    let empty = serde_json::Map::new();
+    let got = payload
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let want = expect
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    got.len() == want.len()
+        && want
+            .iter()
+            .all(|(k, v)| got.get(k).is_some_and(|g| numbers_equal(g, v)))
+}
+
+/// A gateway config like [`probe_config`], but `probe-1` publishes straight to an
+/// `[[mqtt_listener]]` named `devices` on `127.0.0.1:{port}`, with `auth = "none"` (loopback
+/// only) and `listener` lines added to it; no broker involved.
+pub fn probe_listener_config(nats: &Nats, port: u16, buffer: &str, listener: &str) -> String {
+    let input = format!(
+        "[[mqtt_listener]]\nname = \"devices\"\nlisten = \"127.0.0.1:{port}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\nauth = \"none\"\n{listener}\n"
+    );
+    probe_config_with_input(nats, buffer, "", &input)
+}
