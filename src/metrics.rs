@@ -39,16 +39,12 @@ pub struct Sdi12MeasurementLabel {
     pub outcome: &'static str,
 }
 
-/// One firmware frame's port and what became of it (see [`FRAME_OUTCOMES`]).
+/// One firmware frame's port and what became of it (see [`Metrics::serial_frame`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrameOutcomeLabel {
     pub port: String,
     pub outcome: &'static str,
 }
-
-/// The outcomes of a frame on a `frames` port: `stored` and `duplicate` are acked, the others
-/// are not (the node resends `refused` and `failed` ones).
-pub const FRAME_OUTCOMES: [&str; 5] = ["stored", "duplicate", "refused", "failed", "bad"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabel {
@@ -431,7 +427,8 @@ impl Metrics {
             .clone()
     }
 
-    /// `serial_frames_total{port, outcome}`, `outcome` one of [`FRAME_OUTCOMES`].
+    /// `serial_frames_total{port, outcome}`: `stored` and `duplicate` (acked), `refused`
+    /// (buffer full) and `failed` (commit failed), not acked and resent by the node, and `bad`.
     pub fn serial_frame(&self, port: &str, outcome: &'static str) -> Counter {
         self.serial_frames
             .get_or_create(&FrameOutcomeLabel {

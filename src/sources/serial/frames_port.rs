@@ -18,8 +18,8 @@
 //!    (`readings_rejected_total{reason}`); either way it is counted per port and decode error
 //!    (`serial_errors_total{port, reason="frame_<error>"}`) and never acked.
 //! 3. Every frame is counted once in `serial_frames_total{port, outcome}` (see
-//!    [`FRAME_OUTCOMES`]) and in `serial_messages_received_total{port}`; every byte read in
-//!    `serial_bytes_received_total{port}`.
+//!    [`Metrics::serial_frame`]) and in `serial_messages_received_total{port}`; every byte
+//!    read in `serial_bytes_received_total{port}`.
 
 use std::io;
 use std::pin::Pin;
@@ -33,7 +33,7 @@ use super::frames::{self, BadFrame, FrameSink, FramesError, ReadingFrame};
 use super::{stop_requested, Batch, PortContext, PortFault};
 use crate::mapping::{RawValue, Rejection, SerialKey, SerialValue};
 #[cfg(doc)]
-use crate::metrics::FRAME_OUTCOMES;
+use crate::metrics::Metrics;
 use crate::reading::Timestamp;
 #[cfg(doc)]
 use crate::store::FrameKey;
