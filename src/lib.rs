@@ -7,7 +7,8 @@
 //!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
 //!   plug-in point for protocol engines: [`sources::serial::lines`] (ASCII talkers),
 //!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12),
-//!   [`sources::serial::frames`] (firmware nodes speaking the `sahool-wire` frames).
+//!   [`sources::serial::frames`] (firmware nodes speaking the `sahool-wire` frames; on a port
+//!   through [`sources::serial::frames_port`]).
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.

@@ -39,6 +39,13 @@ pub struct Sdi12MeasurementLabel {
     pub outcome: &'static str,
 }
 
+/// One firmware frame's port and what became of it (see [`Metrics::serial_frame`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameOutcomeLabel {
+    pub port: String,
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabel {
     pub port: String,
@@ -98,6 +105,7 @@ pub struct Metrics {
     pub serial_bytes: Family<PortLabel, Counter>,
     pub serial_messages: Family<PortLabel, Counter>,
     pub serial_errors: Family<PortReasonLabel, Counter>,
+    pub serial_frames: Family<FrameOutcomeLabel, Counter>,
     /// Each running serial port's state for `/readyz`: `Ok(())` up, `Err(why)` not.
     serial_states: Mutex<BTreeMap<String, Result<(), String>>>,
     store_healthy: AtomicBool,
@@ -148,6 +156,7 @@ impl Metrics {
             serial_bytes: Family::default(),
             serial_messages: Family::default(),
             serial_errors: Family::default(),
+            serial_frames: Family::default(),
             serial_states: Mutex::new(BTreeMap::new()),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
@@ -294,6 +303,11 @@ impl Metrics {
             m.serial_errors.clone(),
         );
         r.register(
+            "serial_frames",
+            "Firmware frames on frames ports, by outcome: stored and duplicate (acked), refused (buffer full) and failed (commit failed) not acked but resent by the node, bad (did not decode, never acked)",
+            m.serial_frames.clone(),
+        );
+        r.register(
             "mqtt_listener_connections_open",
             "Connections open on each MQTT listener",
             m.listener_connections_open.clone(),
@@ -409,6 +423,17 @@ impl Metrics {
             .get_or_create(&PortReasonLabel {
                 port: port.into(),
                 reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// `serial_frames_total{port, outcome}`: `stored` and `duplicate` (acked), `refused`
+    /// (buffer full) and `failed` (commit failed), not acked and resent by the node, and `bad`.
+    pub fn serial_frame(&self, port: &str, outcome: &'static str) -> Counter {
+        self.serial_frames
+            .get_or_create(&FrameOutcomeLabel {
+                port: port.into(),
+                outcome,
             })
             .clone()
     }

@@ -2,14 +2,20 @@
 //! the test holds the master end and plays the device (a line talker, a Modbus slave, a node).
 //! Closing the master is the far end going away: the gateway's reads end, as when a USB adapter
 //! is unplugged. [`SerialLink`] adds a stable path, a symlink like those in
-//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal.
+//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal; [`DeviceSide`] lets a
+//! device simulated by a tokio task (a firmware node) stay the same across unplug and re-plug.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Gateway;
 
@@ -71,6 +77,112 @@ impl Pty {
     pub fn master(&self) -> &File {
         &self.master
     }
+
+    /// The master end as an async stream, for a device simulated by a tokio task.
+    pub fn into_async(self) -> AsyncMaster {
+        rustix::io::ioctl_fionbio(&self.master, true).expect("non-blocking pty master");
+        // SAFETY: the `File` owns its descriptor, which stays open and the same until the
+        // `AsyncFd` (which owns the `File`) is dropped.
+        let fd = unsafe { AsyncFd::register(self.master) };
+        AsyncMaster(fd.expect("register the pty master with tokio"))
+    }
+}
+
+/// A pseudo-terminal's master end as a tokio stream.
+pub struct AsyncMaster(AsyncFd<File>);
+
+impl AsyncRead for AsyncMaster {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let mut ready = ready!(self.0.poll_read_ready(cx))?;
+            match ready.try_io(|fd| fd.get_ref().read(buf.initialize_unfilled())) {
+                Ok(read) => {
+                    buf.advance(read?);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for AsyncMaster {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            let mut ready = ready!(self.0.poll_write_ready(cx))?;
+            match ready.try_io(|fd| fd.get_ref().write(bytes)) {
+                Ok(written) => return Poll::Ready(written),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The device's side of a [`SerialLink`] for a simulated device that outlives being unplugged,
+/// as a firmware node keeps its buffer: reads and writes reach the pseudo-terminal plugged in
+/// now ([`SerialLink::plug_into`]) and fail while none is, like a UART with nothing attached.
+#[derive(Clone, Default)]
+pub struct DeviceSide(Arc<Mutex<Option<AsyncMaster>>>);
+
+impl DeviceSide {
+    /// Pulls the device: its master end closes, so the gateway's reads end.
+    pub fn unplug(&self) {
+        *self.0.lock().unwrap() = None;
+    }
+
+    fn poll<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut AsyncMaster>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match self.0.lock().unwrap().as_mut() {
+            Some(master) => f(Pin::new(master)),
+            None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncRead for DeviceSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.poll(|m| m.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for DeviceSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll(|m| m.poll_write(cx, bytes))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A device path that can be unplugged and plugged in again: a symlink in a temp directory
@@ -114,6 +226,13 @@ impl SerialLink {
     /// Pulls the device: the master end closes, and the link is left dangling.
     pub fn unplug(&mut self) {
         self.pty = None;
+    }
+
+    /// Plugs a new device in, as [`plug`](Self::plug), with `side` driving its master end.
+    pub fn plug_into(&mut self, side: &DeviceSide) {
+        self.plug();
+        let master = self.pty.take().expect("just plugged in").into_async();
+        *side.0.lock().unwrap() = Some(master);
     }
 
     pub fn pty(&mut self) -> &mut Pty {

@@ -19,6 +19,7 @@
 //! and gets its arm in [`run_protocol`].
 
 pub mod frames;
+pub mod frames_port;
 pub mod lines;
 pub mod modbus;
 mod quiet;
@@ -409,7 +410,7 @@ async fn run_protocol(io: SerialStream, ctx: &mut PortContext) -> Result<(), Por
         Protocol::Lines => lines::run(io, ctx).await,
         Protocol::ModbusRtu => engine_missing(io, ctx).await,
         Protocol::Sdi12 => engine_missing(io, ctx).await,
-        Protocol::Frames => engine_missing(io, ctx).await,
+        Protocol::Frames => frames_port::run(io, ctx).await,
     }
 }
 
