@@ -8,7 +8,7 @@
 //! `cargo build --release --bin sahool-gateway && cargo run --release --example demo`.
 //! Exits non-zero when a check fails.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::{HashMap, HashSet};
