@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use farm::{Input, FARM, SERIAL_PORT, TALKER};
 use publisher::Progress;
-use summary::{CatchUp, Figures, InputRow, Run};
+use summary::{Figures, InputRow, Run};
 use support::pty::{wait_port_open, Pty};
 use support::{free_port, Gateway, Nats};
+use time::OffsetDateTime;
 
 /// MQTT readings per second, all devices together.
 const RATE: f64 = 200.0;
@@ -223,7 +224,9 @@ async fn run() -> bool {
         outage_secs: outage.down_for.as_secs_f64(),
         max_buffered: watch.max_buffered,
         publish_secs,
-        catch_up: outage.catch_up,
+        catch_up: outage
+            .down_at
+            .and_then(|down_at| summary::catch_up(&events, down_at)),
         mean_puback_ms: last.puback_seconds * 1000.0 / last.pubacks.max(1.0),
         reconnects: mqtt.reconnects,
         resent: mqtt.resent,
@@ -262,14 +265,14 @@ fn print_setup(nats: &Nats, listen_port: u16, pty: &Pty, gateway: &Gateway) {
 /// Where the NATS outage stands.
 enum Outage {
     Ahead,
-    Ongoing(Instant),
+    Ongoing(Instant, OffsetDateTime),
     Over(OutageReport),
 }
 
-/// How long NATS was down, and how fast the gateway then forwarded its backlog.
+/// When NATS went down, and for how long.
 struct OutageReport {
+    down_at: Option<OffsetDateTime>,
     down_for: Duration,
-    catch_up: Option<CatchUp>,
 }
 
 /// Runs the MQTT devices to the end, printing progress every second, with nats-server down
@@ -299,37 +302,24 @@ async fn publish_through_outage(
     ));
     let mut outage = Outage::Ahead;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // Timing the catch-up holds this loop for a few seconds: no burst of progress lines after.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     while !devices.is_finished() {
         tick.tick().await;
         match outage {
             Outage::Ahead if start.elapsed() >= OUTAGE_AT => {
                 nats.stop();
-                outage = Outage::Ongoing(Instant::now());
+                outage = Outage::Ongoing(Instant::now(), OffsetDateTime::now_utc());
                 println!(">>> nats-server stopped: the gateway keeps acking devices and buffers in SQLite");
             }
-            Outage::Ongoing(since) if start.elapsed() >= OUTAGE_AT + OUTAGE_FOR => {
+            Outage::Ongoing(since, down_at) if start.elapsed() >= OUTAGE_AT + OUTAGE_FOR => {
                 nats.resume();
-                let down_for = since.elapsed();
+                outage = Outage::Over(OutageReport {
+                    down_at: Some(down_at),
+                    down_for: since.elapsed(),
+                });
                 println!(
                     ">>> nats-server started again: the gateway reconnects and drains the buffer"
                 );
-                let catch_up = time_catch_up(gateway);
-                match &catch_up {
-                    Some(c) => println!(
-                        ">>> backlog forwarded: {} readings in {:.2} s ({:.0} readings/s)",
-                        c.readings,
-                        c.secs,
-                        c.rate()
-                    ),
-                    None => println!(
-                        ">>> backlog not forwarded within {} s",
-                        CATCH_UP_WITHIN.as_secs()
-                    ),
-                }
-                outage = Outage::Over(OutageReport { down_for, catch_up });
             }
             _ => {}
         }
@@ -344,52 +334,19 @@ async fn publish_through_outage(
     );
     let report = match outage {
         Outage::Over(report) => report,
-        Outage::Ongoing(since) => {
+        Outage::Ongoing(since, down_at) => {
             nats.resume();
             OutageReport {
+                down_at: Some(down_at),
                 down_for: since.elapsed(),
-                catch_up: None,
             }
         }
         Outage::Ahead => OutageReport {
+            down_at: None,
             down_for: Duration::ZERO,
-            catch_up: None,
         },
     };
     (outcome, report)
-}
-
-/// How long timing the catch-up may take, the gateway's reconnect included.
-const CATCH_UP_WITHIN: Duration = Duration::from_secs(30);
-/// Backlog left when the gateway has caught up: what a steady stream keeps in the buffer.
-const CAUGHT_UP: u64 = 50;
-
-/// Once nats-server is back: polls `/metrics` every 5 ms from the moment the gateway forwards
-/// again until its buffer is down to `CAUGHT_UP`, counting what it forwarded meanwhile (the
-/// backlog and the readings still arriving).
-fn time_catch_up(gateway: &Gateway) -> Option<CatchUp> {
-    let deadline = Instant::now() + CATCH_UP_WITHIN;
-    let mut before = (Instant::now(), snapshot(gateway).forwarded);
-    // When forwarding resumed (the sample before the first that moved) and the count then.
-    let mut resumed: Option<(Instant, u64)> = None;
-    while Instant::now() < deadline {
-        // The backlog of a 6 s outage goes in well under a second: sample finely.
-        std::thread::sleep(Duration::from_millis(5));
-        let (now, s) = (Instant::now(), snapshot(gateway));
-        if resumed.is_none() && s.forwarded > before.1 {
-            resumed = Some(before);
-        }
-        if let Some((since, from)) = resumed {
-            if s.buffered <= CAUGHT_UP {
-                return Some(CatchUp {
-                    readings: s.forwarded - from,
-                    secs: now.duration_since(since).as_secs_f64(),
-                });
-            }
-        }
-        before = (now, s.forwarded);
-    }
-    None
 }
 
 /// Waits until the gateway has forwarded every reading sent and its buffer is empty, printing
