@@ -274,10 +274,12 @@ pub async fn visit_stream_from(
                     .collect()
             })
             .unwrap_or_default();
+        let stored = next.info().expect("JetStream message info").published;
         visit(StreamMessage {
             subject: next.subject.to_string(),
             headers,
             body: serde_json::from_slice(&next.payload).expect("event is JSON"),
+            stored,
         });
     }
     total
@@ -462,6 +464,8 @@ pub struct StreamMessage {
     pub subject: String,
     pub headers: Vec<(String, String)>,
     pub body: Value,
+    /// When the server stored it (JetStream's own timestamp).
+    pub stored: time::OffsetDateTime,
 }
 
 impl StreamMessage {
