@@ -5,7 +5,8 @@
 //! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
 //!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
 //!   plug-in point for protocol engines: [`sources::serial::lines`] (ASCII talkers),
-//!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12).
+//!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12);
+//!   [`sources::serial::polling`]: the poll schedule and per-station fault reports they share.
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.

@@ -20,6 +20,7 @@
 
 pub mod lines;
 pub mod modbus;
+pub mod polling;
 mod quiet;
 mod rs485;
 pub mod sdi12;
@@ -401,15 +402,15 @@ async fn append_once(store: &StoreHandle, append: Append) -> Result<AppendOutcom
 async fn run_protocol(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     match ctx.port.protocol {
         Protocol::Lines => lines::run(io, ctx).await,
-        Protocol::ModbusRtu => engine_missing(io, ctx).await,
-        Protocol::Sdi12 => engine_missing(io, ctx).await,
+        Protocol::ModbusRtu => modbus::run(io, ctx).await,
+        Protocol::Sdi12 => sdi12::run(io, ctx).await,
         Protocol::Frames => engine_missing(io, ctx).await,
     }
 }
 
 /// Holds a port whose protocol has no engine in this build: reports it loudly, and still reads
 /// (and drops) what arrives so that an unplug is noticed.
-async fn engine_missing(mut io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
+async fn engine_missing(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     let why = format!(
         "protocol {} engine not available in this build; the port is open but nothing is decoded",
         ctx.port.protocol
@@ -417,6 +418,12 @@ async fn engine_missing(mut io: SerialStream, ctx: &mut PortContext) -> Result<(
     tracing::error!(port = %ctx.name(), "{why}");
     ctx.error("engine_missing");
     ctx.metrics.set_serial_state(ctx.name(), Err(why));
+    hold(io, ctx).await
+}
+
+/// Keeps an open port that has nothing to do: reads and drops what arrives, so that an unplug
+/// is noticed, until the port is lost or the gateway stops.
+pub(crate) async fn hold(mut io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     let mut stop = ctx.stop_signal();
     let mut buf = [0u8; 256];
     loop {
