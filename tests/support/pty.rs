@@ -2,14 +2,21 @@
 //! the test holds the master end and plays the device (a line talker, a Modbus slave, a node).
 //! Closing the master is the far end going away: the gateway's reads end, as when a USB adapter
 //! is unplugged. [`SerialLink`] adds a stable path, a symlink like those in
-//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal.
+//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal. [`AsyncPty`] is the
+//! master end as a tokio stream, for the simulated devices (`sim_modbus`, `sim_sdi12`).
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use super::Gateway;
 
@@ -71,6 +78,85 @@ impl Pty {
     pub fn master(&self) -> &File {
         &self.master
     }
+
+    /// The master end as a tokio stream (call inside a runtime). Dropping it is the device
+    /// going away.
+    pub fn into_async(self) -> AsyncPty {
+        let flags = rustix::fs::fcntl_getfl(&self.master).expect("pty flags");
+        rustix::fs::fcntl_setfl(&self.master, flags | rustix::fs::OFlags::NONBLOCK)
+            .expect("non-blocking pty");
+        // SAFETY: the File owns the descriptor, which stays open and the same until the
+        // AsyncFd drops the File.
+        let fd = unsafe { AsyncFd::register(self.master) }.expect("register the pty with tokio");
+        AsyncPty { fd, idle: None }
+    }
+}
+
+/// How often a device with nobody on the other end checks again whether the port is open.
+const NOBODY_THERE: Duration = Duration::from_millis(20);
+
+/// A pty master as a tokio stream. While no process has the slave end open (before the gateway
+/// opens the port, or between its attempts) reads on a master fail with EIO; this stream waits
+/// and reads again instead, as a device keeps listening on a quiet line.
+pub struct AsyncPty {
+    fd: AsyncFd<File>,
+    idle: Option<Pin<Box<Sleep>>>,
+}
+
+impl AsyncRead for AsyncPty {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            if let Some(idle) = self.idle.as_mut() {
+                ready!(idle.as_mut().poll(cx));
+                self.idle = None;
+            }
+            let read = {
+                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+                let unfilled = buf.initialize_unfilled();
+                match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
+                    Ok(read) => read,
+                    Err(_would_block) => continue,
+                }
+            };
+            match read {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                    self.idle = Some(Box::pin(tokio::time::sleep(NOBODY_THERE)));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for AsyncPty {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            if let Ok(written) = guard.try_io(|fd| fd.get_ref().write(data)) {
+                return Poll::Ready(written);
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A device path that can be unplugged and plugged in again: a symlink in a temp directory
@@ -118,6 +204,12 @@ impl SerialLink {
 
     pub fn pty(&mut self) -> &mut Pty {
         self.pty.as_mut().expect("a device is plugged in")
+    }
+
+    /// Hands the plugged-in device's master end to the test (e.g. to a simulator): dropping it
+    /// is the unplug. The link keeps pointing at its slave end.
+    pub fn take_pty(&mut self) -> Pty {
+        self.pty.take().expect("a device is plugged in")
     }
 
     /// Sends bytes from the plugged-in device.
