@@ -15,7 +15,8 @@
 //!   missing index are bad input: logged and dead-lettered (with the response text where there
 //!   is one), rate-limited per address and reason ([`StationFaults`]); a `timeout` is logged
 //!   (rate-limited) and counted only.
-//! - A lost port ends the engine after the values measured before the loss are committed.
+//! - A lost port, or the gateway stopping, ends the engine after the values measured before
+//!   are committed.
 
 use tokio::time::Instant;
 use tokio_serial::SerialStream;
@@ -153,11 +154,15 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
         }
         let mut values = Vec::new();
         let mut reported = Vec::new();
-        let mut lost = None;
+        // Why the poll ended early; what was measured before is committed first.
+        let mut ended = None;
         for station in &stations {
             let measured = tokio::select! {
                 m = session.measure(station.address, station.command) => m,
-                _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
+                _ = stop_requested(&mut stop) => {
+                    ended = Some(PortFault::Stopping);
+                    break;
+                }
             };
             let outcome = match &measured {
                 Ok(_) => "ok",
@@ -193,7 +198,7 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
                     }
                 }
                 Err(Sdi12Fault::Io(e)) => {
-                    lost = Some(e);
+                    ended = Some(PortFault::Io(e));
                     break;
                 }
                 Err(fault) => reported.push(Reported {
@@ -236,8 +241,8 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
                     .await?;
             }
         }
-        if let Some(e) = lost {
-            return Err(PortFault::Io(e));
+        if let Some(fault) = ended {
+            return Err(fault);
         }
         schedule.polled(group, Instant::now());
     }
