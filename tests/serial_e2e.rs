@@ -54,15 +54,6 @@ fn of<'a>(got: &'a [Got], device: &str, sensor_type: &str) -> Vec<&'a Got> {
         .collect()
 }
 
-fn dead_letters(gateway: &Gateway) -> Vec<Value> {
-    let out = gateway.cli(&["dead-letters", "list"]);
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("dead-letter JSON"))
-        .collect()
-}
-
 /// `reason → count` of the dead-letters from `source`.
 fn dead_letter_reasons(letters: &[Value], source: &str) -> BTreeMap<String, usize> {
     let mut reasons = BTreeMap::new();
@@ -99,6 +90,22 @@ async fn wait_rounds(nats: &Nats, gateway: &Gateway, sensors: &[(&str, &str)], r
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The gateway with one `[[serial]]` port, `name` on `link`: `port` holds the port's other
+/// keys, `fields` the sensors.
+fn start_with_port(
+    nats: &Nats,
+    link: &SerialLink,
+    name: &str,
+    port: &str,
+    fields: &str,
+) -> Gateway {
+    Gateway::start(&format!(
+        "[nats]\nservers = [\"{}\"]\n\n[[serial]]\nname = \"{name}\"\npath = \"{}\"\n{port}\n{fields}",
+        nats.url(),
+        link.path.display()
+    ))
 }
 
 fn modbus_count(gateway: &Gateway, unit: u8, outcome: &str) -> f64 {
@@ -169,22 +176,18 @@ async fn modbus_bus_good_slaves_read_and_scaled_faulty_ones_counted_not_flooding
                 .behaving(Behaviour::Exception(0x02)),
         ],
     );
-    let gateway = Gateway::start(&format!(
+    let gateway = start_with_port(
+        &nats,
+        &link,
+        "bus",
         r#"
-[nats]
-servers = ["{nats}"]
-
-[[serial]]
-name = "bus"
-path = "{path}"
 protocol = "modbus-rtu"
 baud = 19200
 timeout = "200ms"
 poll_interval = "300ms"
-{MODBUS_SENSORS}"#,
-        nats = nats.url(),
-        path = link.path.display(),
-    ));
+"#,
+        MODBUS_SENSORS,
+    );
 
     let good = [
         ("soil-1", "soil_moisture"),
@@ -274,7 +277,7 @@ poll_interval = "300ms"
 
     // Bad input is dead-lettered with its bytes, once per slave and reason in ten minutes
     // however often it recurs; silence is only counted.
-    let letters = dead_letters(&gateway);
+    let letters = gateway.dead_letters();
     let reasons = dead_letter_reasons(&letters, "bus");
     let expected: BTreeMap<String, usize> =
         [("malformed", 1), ("missing_value", 1), ("not_finite", 1)]
@@ -336,49 +339,45 @@ async fn sdi12_sensors_measured_and_mapped_by_index() {
         ],
         false,
     );
-    let gateway = Gateway::start(&format!(
+    let gateway = start_with_port(
+        &nats,
+        &link,
+        "sdi",
         r#"
-[nats]
-servers = ["{nats}"]
-
-[[serial]]
-name = "sdi"
-path = "{path}"
 protocol = "sdi12"
 timeout = "500ms"
 poll_interval = "1s"
-
+"#,
+        r#"
 [[fields]]
 id = "field-1"
   [[fields.sensors]]
   device_id = "profile-0"
   sensor_type = "soil_moisture"
-  sdi12 = {{ port = "sdi", address = "0", index = 2 }}
+  sdi12 = { port = "sdi", address = "0", index = 2 }
   [[fields.sensors]]
   device_id = "profile-0"
   sensor_type = "soil_temperature"
-  sdi12 = {{ port = "sdi", address = "0", index = 1 }}
+  sdi12 = { port = "sdi", address = "0", index = 1 }
   [[fields.sensors]]
   device_id = "profile-0"
   sensor_type = "soil_ec"
-  sdi12 = {{ port = "sdi", address = "0", index = 3 }}
+  sdi12 = { port = "sdi", address = "0", index = 3 }
   [[fields.sensors]]
   device_id = "wx-1"
   sensor_type = "air_temperature"
-  sdi12 = {{ port = "sdi", address = "1", index = 1, command = "MC" }}
+  sdi12 = { port = "sdi", address = "1", index = 1, command = "MC" }
   # The sensor sends two values: nothing at index 3.
   [[fields.sensors]]
   device_id = "wx-1"
   sensor_type = "air_humidity"
-  sdi12 = {{ port = "sdi", address = "1", index = 3, command = "MC" }}
+  sdi12 = { port = "sdi", address = "1", index = 3, command = "MC" }
   [[fields.sensors]]
   device_id = "broken-b"
   sensor_type = "soil_moisture"
-  sdi12 = {{ port = "sdi", address = "b", index = 1, command = "MC" }}
+  sdi12 = { port = "sdi", address = "b", index = 1, command = "MC" }
 "#,
-        nats = nats.url(),
-        path = link.path.display(),
-    ));
+    );
 
     let good = [
         ("profile-0", "soil_moisture"),
@@ -424,7 +423,7 @@ id = "field-1"
     assert!(count(&gateway, "0", "ok") >= 3.0 && count(&gateway, "1", "ok") >= 3.0);
     assert_eq!(count(&gateway, "b", "ok"), 0.0);
 
-    let letters = dead_letters(&gateway);
+    let letters = gateway.dead_letters();
     let reasons = dead_letter_reasons(&letters, "sdi");
     let expected: BTreeMap<String, usize> = [("malformed", 1), ("missing_value", 1)]
         .into_iter()
@@ -459,28 +458,24 @@ async fn an_unplugged_modbus_adapter_is_polled_again_when_plugged_back_in() {
     let mut link = SerialLink::plugged("usb-FTDI_USB-RS485_Cable_A1B2C3-if00-port0");
     let slave = |moisture: u16| vec![Slave::new(7).holding(0, &[moisture])];
     let bus = SimBus::spawn(link.take_pty().into_async(), slave(100));
-    let mut gateway = Gateway::start(&format!(
+    let mut gateway = start_with_port(
+        &nats,
+        &link,
+        "bus",
         r#"
-[nats]
-servers = ["{nats}"]
-
-[[serial]]
-name = "bus"
-path = "{path}"
 protocol = "modbus-rtu"
 timeout = "200ms"
 poll_interval = "300ms"
-
+"#,
+        r#"
 [[fields]]
 id = "field-1"
   [[fields.sensors]]
   device_id = "soil-7"
   sensor_type = "soil_moisture"
-  modbus = {{ port = "bus", unit = 7, register = 0, scale = 0.1 }}
+  modbus = { port = "bus", unit = 7, register = 0, scale = 0.1 }
 "#,
-        nats = nats.url(),
-        path = link.path.display(),
-    ));
+    );
     let sensor = [("soil-7", "soil_moisture")];
     wait_rounds(&nats, &gateway, &sensor, 2).await;
 

@@ -415,8 +415,19 @@ async fn engine_missing(io: SerialStream, ctx: &mut PortContext) -> Result<(), P
         "protocol {} engine not available in this build; the port is open but nothing is decoded",
         ctx.port.protocol
     );
+    idle(io, ctx, "engine_missing", why).await
+}
+
+/// Holds a port its engine cannot serve: logs `why`, counts `reason`, reports the port down
+/// with `why`, and keeps it open (see [`hold`]).
+pub(crate) async fn idle(
+    io: SerialStream,
+    ctx: &mut PortContext,
+    reason: &str,
+    why: String,
+) -> Result<(), PortFault> {
     tracing::error!(port = %ctx.name(), "{why}");
-    ctx.error("engine_missing");
+    ctx.error(reason);
     ctx.metrics.set_serial_state(ctx.name(), Err(why));
     hold(io, ctx).await
 }

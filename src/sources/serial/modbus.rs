@@ -45,6 +45,14 @@ pub enum RegisterKind {
 }
 
 impl RegisterKind {
+    /// `holding` or `input`, as the config names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Holding => "holding",
+            Self::Input => "input",
+        }
+    }
+
     pub fn function_code(self) -> u8 {
         match self {
             Self::Holding => 0x03,

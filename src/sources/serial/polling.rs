@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::{Batch, PortContext, PortFault};
 use crate::log_limit::LogLimit;
-use crate::mapping::{RawValue, SerialValue};
+use crate::mapping::{RawValue, Reason, Rejection, SerialValue};
 
 /// Least time between two log lines of one station's repeating fault.
 pub const LOG_EVERY: Duration = Duration::from_secs(600);
@@ -69,6 +70,22 @@ impl Schedule {
     }
 }
 
+/// A fault of one station in one poll, as an engine reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StationFault {
+    /// Who failed: `Modbus unit 3`, `SDI-12 address 0`.
+    pub station: String,
+    /// The fault's reason as the metrics name it (`timeout`, `crc`, …).
+    pub label: &'static str,
+    /// The log line and dead-letter detail.
+    pub detail: String,
+    /// The dead-letter reason when the station sent something wrong; `None` for silence,
+    /// which is only counted and logged.
+    pub dead_letter: Option<Reason>,
+    /// Bytes to keep with the dead-letter (what arrived, or the values as text).
+    pub raw: Vec<u8>,
+}
+
 /// Rate limits of one station's fault of one reason.
 struct Limits {
     log: LogLimit,
@@ -89,34 +106,49 @@ impl StationFaults {
         Self::default()
     }
 
-    /// Logs a fault of `station` (rate-limited) and says whether to keep it as a dead-letter
-    /// now: `Some(n)` with the number of like faults not kept since the last one, `None` when
-    /// it is only counted. `bad_input`: the station sent something wrong (a corrupt or refused
-    /// answer), as opposed to nothing at all.
-    pub fn fault(
-        &mut self,
-        port: &str,
-        station: &str,
-        reason: &'static str,
-        detail: &str,
-        bad_input: bool,
-    ) -> Option<u64> {
-        *self.failing.entry(station.to_string()).or_insert(0) += 1;
+    /// Logs a fault (rate-limited) and says whether to keep it as a dead-letter now: `Some(n)`
+    /// with the number of like faults not kept since the last one, `None` when it is only
+    /// counted.
+    pub fn fault(&mut self, port: &str, f: &StationFault) -> Option<u64> {
+        *self.failing.entry(f.station.clone()).or_insert(0) += 1;
         let limits = self
             .limits
-            .entry((station.to_string(), reason))
+            .entry((f.station.clone(), f.label))
             .or_insert_with(|| Limits {
                 log: LogLimit::new(LOG_EVERY),
                 dead_letter: LogLimit::new(DEAD_LETTER_EVERY),
             });
         if let Some(repeats) = limits.log.admit() {
-            tracing::warn!(port, station, reason, repeats, "{detail}");
+            tracing::warn!(port, station = %f.station, reason = f.label, repeats, "{}", f.detail);
         }
-        if bad_input {
-            limits.dead_letter.admit()
-        } else {
-            None
+        f.dead_letter.and_then(|_| limits.dead_letter.admit())
+    }
+
+    /// Commits one poll: its values as one batch, then each fault this keeps as a dead-letter,
+    /// with its bytes and how many like it were not kept since.
+    pub async fn commit_poll(
+        &mut self,
+        ctx: &mut PortContext,
+        values: Vec<SerialValue>,
+        faults: Vec<StationFault>,
+    ) -> Result<(), PortFault> {
+        if !values.is_empty() {
+            let raw = values_text(&values);
+            ctx.commit(&Batch::values(values, &raw)).await?;
         }
+        for f in faults {
+            let (Some(since), Some(reason)) = (self.fault(ctx.name(), &f), f.dead_letter) else {
+                continue;
+            };
+            let detail = if since > 0 {
+                format!("{} ({since} more since the last one kept)", f.detail)
+            } else {
+                f.detail
+            };
+            ctx.commit(&Batch::rejected(Rejection::new(reason, detail), &f.raw))
+                .await?;
+        }
+        Ok(())
     }
 
     /// `station` answered: says so once if it had been failing.
@@ -192,21 +224,33 @@ mod tests {
 
     #[test]
     fn repeating_faults_are_dead_lettered_once_per_interval_and_timeouts_never() {
+        let fault = |station: &str, label, dead_letter| StationFault {
+            station: station.into(),
+            label,
+            detail: format!("{station}: {label}"),
+            dead_letter,
+            raw: Vec::new(),
+        };
+        let crc = |station| fault(station, "crc", Some(Reason::Malformed));
         let mut f = StationFaults::new();
-        assert_eq!(f.fault("bus", "unit 3", "crc", "bad CRC", true), Some(0));
-        assert_eq!(f.fault("bus", "unit 3", "crc", "bad CRC", true), None);
+        assert_eq!(f.fault("bus", &crc("unit 3")), Some(0));
+        assert_eq!(f.fault("bus", &crc("unit 3")), None);
         assert_eq!(
-            f.fault("bus", "unit 3", "exception", "refused", true),
+            f.fault(
+                "bus",
+                &fault("unit 3", "exception", Some(Reason::MissingValue))
+            ),
             Some(0),
             "another reason has its own limit"
         );
         assert_eq!(
-            f.fault("bus", "unit 4", "crc", "bad CRC", true),
+            f.fault("bus", &crc("unit 4")),
             Some(0),
             "another station too"
         );
-        assert_eq!(f.fault("bus", "unit 2", "timeout", "silent", false), None);
-        assert_eq!(f.fault("bus", "unit 2", "timeout", "silent", false), None);
+        let silent = fault("unit 2", "timeout", None);
+        assert_eq!(f.fault("bus", &silent), None);
+        assert_eq!(f.fault("bus", &silent), None);
         assert_eq!(f.failing.get("unit 3"), Some(&3));
         f.answered("bus", "unit 3");
         assert!(!f.failing.contains_key("unit 3"));

@@ -25,9 +25,9 @@ use super::{
     ValueType, WordOrder,
 };
 use crate::config::serial::{self as config, SerialBinding};
-use crate::mapping::{Reason, Rejection, SerialKey, SerialValue};
-use crate::sources::serial::polling::{values_text, Schedule, StationFaults};
-use crate::sources::serial::{hold, stop_requested, Batch, PortContext, PortFault, PortSensor};
+use crate::mapping::{Reason, SerialKey, SerialValue};
+use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
+use crate::sources::serial::{hold, idle, stop_requested, PortContext, PortFault, PortSensor};
 
 impl From<config::RegisterKind> for RegisterKind {
     fn from(kind: config::RegisterKind) -> Self {
@@ -113,16 +113,25 @@ impl Bus {
 #[derive(Debug, Default)]
 struct Outcome {
     values: Vec<SerialValue>,
-    faults: Vec<PollFault>,
+    faults: Vec<StationFault>,
 }
 
-#[derive(Debug)]
-struct PollFault {
-    unit: u8,
-    fault: Fault,
-    /// What was asked, for messages: `holding 0..12`, or the point's key.
-    what: String,
-    raw: Vec<u8>,
+/// A Modbus fault as reported: bad input is dead-lettered (a corrupt or unexpected answer as
+/// malformed, a refusal as a missing value), silence only counted.
+fn station_fault(unit: u8, what: &str, fault: &Fault, raw: Vec<u8>) -> StationFault {
+    let station = format!("Modbus unit {unit}");
+    StationFault {
+        detail: format!("{station} {what}: {fault}"),
+        station,
+        label: fault.reason(),
+        dead_letter: match fault {
+            Fault::Timeout => None,
+            Fault::NotFinite => Some(Reason::NotFinite),
+            Fault::Exception(_) => Some(Reason::MissingValue),
+            Fault::Crc | Fault::Unexpected => Some(Reason::Malformed),
+        },
+        raw,
+    }
 }
 
 impl Bus {
@@ -135,44 +144,36 @@ impl Bus {
                 answered.insert(slot.id, result.at);
             }
             if let Err(fault) = &result.result {
-                let kind = match result.kind {
-                    RegisterKind::Holding => "holding",
-                    RegisterKind::Input => "input",
-                };
-                out.faults.push(PollFault {
-                    unit: result.unit,
-                    fault: fault.clone(),
-                    what: format!(
-                        "{kind} registers {}..{}",
-                        result.start,
-                        u32::from(result.start) + u32::from(result.count)
-                    ),
-                    raw: result.raw.clone(),
-                });
+                let end = u32::from(result.start) + u32::from(result.count);
+                let what = format!("{} registers {}..{end}", result.kind.name(), result.start);
+                out.faults
+                    .push(station_fault(result.unit, &what, fault, result.raw.clone()));
             }
         }
         for (id, value) in &report.values {
             let Some(key) = self.keys.get(*id) else {
                 continue;
             };
-            match value {
-                Ok(v) => out.values.push(SerialValue {
+            match (value, key) {
+                (Ok(v), _) => out.values.push(SerialValue {
                     at: answered.get(id).copied(),
                     ..SerialValue::number(key.clone(), *v)
                 }),
-                // Request faults are reported once per request, above.
-                Err(fault @ Fault::NotFinite) => {
-                    let SerialKey::Modbus { unit, .. } = key else {
-                        continue;
-                    };
-                    out.faults.push(PollFault {
-                        unit: *unit,
-                        fault: fault.clone(),
-                        what: key.to_string(),
-                        raw: Vec::new(),
-                    });
+                (
+                    Err(fault @ Fault::NotFinite),
+                    SerialKey::Modbus {
+                        unit,
+                        kind,
+                        register,
+                    },
+                ) => {
+                    let kind = RegisterKind::from(*kind).name();
+                    let what = format!("{kind} register {register}");
+                    out.faults
+                        .push(station_fault(*unit, &what, fault, Vec::new()));
                 }
-                Err(_) => {}
+                // Request faults are reported once per request, above.
+                (Err(_), _) => {}
             }
         }
         out
@@ -184,11 +185,8 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
     let bus = match Bus::of(&ctx.sensors, ctx.port.poll_interval()) {
         Ok(bus) => bus,
         Err(e) => {
-            let why = format!("a Modbus binding cannot be read: {e}");
-            tracing::error!(port = %ctx.name(), "{why}; the port is open but not polled");
-            ctx.error("plan");
-            ctx.metrics.set_serial_state(ctx.name(), Err(why));
-            return hold(io, ctx).await;
+            let why = format!("a Modbus binding cannot be read ({e}); the port is not polled");
+            return idle(io, ctx, "plan", why).await;
         }
     };
     if bus.groups.is_empty() {
@@ -245,40 +243,14 @@ async fn commit(
         }
     }
     let outcome = bus.outcome(plan, report);
-    if !outcome.values.is_empty() {
-        let raw = values_text(&outcome.values);
-        ctx.commit(&Batch::values(outcome.values, &raw)).await?;
-    }
-    for f in outcome.faults {
-        let station = format!("Modbus unit {}", f.unit);
-        let detail = format!("{station} {}: {}", f.what, f.fault);
-        let reason = match f.fault {
-            Fault::Timeout => None,
-            Fault::NotFinite => {
-                ctx.error(f.fault.reason());
-                Some(Reason::NotFinite)
-            }
-            Fault::Exception(_) => Some(Reason::MissingValue),
-            Fault::Crc | Fault::Unexpected => Some(Reason::Malformed),
-        };
-        let kept = faults.fault(
-            ctx.name(),
-            &station,
-            f.fault.reason(),
-            &detail,
-            reason.is_some(),
-        );
-        if let (Some(reason), Some(since)) = (reason, kept) {
-            let detail = if since > 0 {
-                format!("{detail} ({since} more since the last one kept)")
-            } else {
-                detail
-            };
-            ctx.commit(&Batch::rejected(Rejection::new(reason, detail), &f.raw))
-                .await?;
+    for f in &outcome.faults {
+        if f.label == Fault::NotFinite.reason() {
+            ctx.error(f.label);
         }
     }
-    Ok(())
+    faults
+        .commit_poll(ctx, outcome.values, outcome.faults)
+        .await
 }
 
 #[cfg(test)]
@@ -374,27 +346,40 @@ mod tests {
         assert_eq!(out.values.len(), 1);
         assert_eq!(out.values[0].key, bus.keys[0]);
         assert_eq!(out.values[0].at, Some(Timestamp(10)));
-        let faults: Vec<(u8, &Fault, &str, &[u8])> = out
-            .faults
-            .iter()
-            .map(|f| (f.unit, &f.fault, f.what.as_str(), f.raw.as_slice()))
-            .collect();
+        let fault = |station: &str, label, detail: &str, dead_letter, raw: &[u8]| StationFault {
+            station: station.into(),
+            label,
+            detail: detail.into(),
+            dead_letter,
+            raw: raw.to_vec(),
+        };
         assert_eq!(
-            faults,
+            out.faults,
             vec![
-                (
-                    3,
-                    &Fault::Crc,
-                    "holding registers 0..3",
-                    &b"\x03\x03\x02"[..]
+                fault(
+                    "Modbus unit 3",
+                    "crc",
+                    "Modbus unit 3 holding registers 0..3: the answer failed its CRC check",
+                    Some(Reason::Malformed),
+                    b"\x03\x03\x02"
                 ),
-                (
-                    1,
-                    &Fault::NotFinite,
-                    "Modbus unit 1 holding register 1",
-                    &b""[..]
+                fault(
+                    "Modbus unit 1",
+                    "not_finite",
+                    "Modbus unit 1 holding register 1: the register value is not a finite number",
+                    Some(Reason::NotFinite),
+                    b""
                 ),
             ]
+        );
+        let silent = station_fault(2, "holding registers 0..1", &Fault::Timeout, Vec::new());
+        assert_eq!(silent.dead_letter, None, "silence is only counted");
+        let refused = station_fault(4, "x", &Fault::Exception(2), Vec::new());
+        assert_eq!(refused.dead_letter, Some(Reason::MissingValue));
+        assert!(
+            refused.detail.contains("illegal data address"),
+            "{}",
+            refused.detail
         );
     }
 }

@@ -23,10 +23,10 @@ use tokio_serial::SerialStream;
 
 use super::{Address, MeasureCommand, ParseError, Sdi12Fault, Session};
 use crate::config::serial::{Sdi12Command, SerialBinding};
-use crate::mapping::{Reason, Rejection, SerialKey, SerialValue};
+use crate::mapping::{Reason, SerialKey, SerialValue};
 use crate::reading::Timestamp;
-use crate::sources::serial::polling::{values_text, Schedule, StationFaults};
-use crate::sources::serial::{hold, stop_requested, Batch, PortContext, PortFault, PortSensor};
+use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
+use crate::sources::serial::{hold, idle, stop_requested, PortContext, PortFault, PortSensor};
 
 impl From<Sdi12Command> for MeasureCommand {
     fn from(c: Sdi12Command) -> Self {
@@ -116,14 +116,42 @@ fn fault_raw(address: Address, fault: &Sdi12Fault) -> Vec<u8> {
     }
 }
 
-/// A fault to report: its station, label, message, dead-letter reason (`None`: only counted)
-/// and bytes.
-struct Reported {
-    station: String,
-    label: &'static str,
-    detail: String,
-    reason: Option<Reason>,
-    raw: Vec<u8>,
+impl Station {
+    /// A failed measurement as reported: bad input is dead-lettered with the response it
+    /// carries (a wrong CRC, an unreadable or misaddressed answer as malformed, fewer values
+    /// than announced as a missing value), silence only counted.
+    fn fault(&self, fault: &Sdi12Fault) -> StationFault {
+        StationFault {
+            station: self.name(),
+            label: fault.reason(),
+            detail: format!("{}: {fault}", self.name()),
+            dead_letter: match fault {
+                Sdi12Fault::Timeout { .. } | Sdi12Fault::Io(_) => None,
+                Sdi12Fault::FewerValues { .. } => Some(Reason::MissingValue),
+                Sdi12Fault::Crc(_) | Sdi12Fault::Malformed(_) | Sdi12Fault::WrongAddress { .. } => {
+                    Some(Reason::Malformed)
+                }
+            },
+            raw: fault_raw(self.address, fault),
+        }
+    }
+
+    /// Bound indexes a measurement did not reach, with its values.
+    fn missing(&self, measured: &[f64], missing: &[u16]) -> StationFault {
+        let indexes: Vec<String> = missing.iter().map(u16::to_string).collect();
+        StationFault {
+            station: self.name(),
+            label: "missing_value",
+            detail: format!(
+                "{}: the measurement has {} values; value {} is bound but missing",
+                self.name(),
+                measured.len(),
+                indexes.join(", ")
+            ),
+            dead_letter: Some(Reason::MissingValue),
+            raw: sdi12_text(self.address, measured),
+        }
+    }
 }
 
 /// Measures the port's sensors at every poll until the port is lost or the gateway stops.
@@ -131,11 +159,8 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
     let stations = match stations(&ctx.sensors) {
         Ok(s) => s,
         Err(e) => {
-            let why = format!("an SDI-12 binding cannot be read: {e}");
-            tracing::error!(port = %ctx.name(), "{why}; the port is open but not polled");
-            ctx.error("plan");
-            ctx.metrics.set_serial_state(ctx.name(), Err(why));
-            return hold(io, ctx).await;
+            let why = format!("an SDI-12 binding cannot be read ({e}); the port is not polled");
+            return idle(io, ctx, "plan", why).await;
         }
     };
     if stations.is_empty() {
@@ -179,68 +204,20 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
                     values.extend(bound);
                     if !missing.is_empty() {
                         ctx.error("missing_value");
-                        reported.push(Reported {
-                            station: station.name(),
-                            label: "missing_value",
-                            detail: format!(
-                                "{}: the measurement has {} values; value {} is bound but missing",
-                                station.name(),
-                                measured.len(),
-                                missing
-                                    .iter()
-                                    .map(u16::to_string)
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            reason: Some(Reason::MissingValue),
-                            raw: sdi12_text(station.address, &measured),
-                        });
+                        reported.push(station.missing(&measured, &missing));
                     }
                 }
                 Err(Sdi12Fault::Io(e)) => {
                     ended = Some(PortFault::Io(e));
                     break;
                 }
-                Err(fault) => reported.push(Reported {
-                    station: station.name(),
-                    label: fault.reason(),
-                    detail: format!("{}: {fault}", station.name()),
-                    reason: match fault {
-                        Sdi12Fault::Timeout { .. } | Sdi12Fault::Io(_) => None,
-                        Sdi12Fault::FewerValues { .. } => Some(Reason::MissingValue),
-                        Sdi12Fault::Crc(_)
-                        | Sdi12Fault::Malformed(_)
-                        | Sdi12Fault::WrongAddress { .. } => Some(Reason::Malformed),
-                    },
-                    raw: fault_raw(station.address, &fault),
-                }),
+                Err(fault) => reported.push(station.fault(&fault)),
             }
         }
         let bytes = session.bytes_received();
         ctx.bytes.inc_by(bytes - counted_bytes);
         counted_bytes = bytes;
-        if !values.is_empty() {
-            let raw = values_text(&values);
-            ctx.commit(&Batch::values(values, &raw)).await?;
-        }
-        for r in reported {
-            let kept = faults.fault(
-                ctx.name(),
-                &r.station,
-                r.label,
-                &r.detail,
-                r.reason.is_some(),
-            );
-            if let (Some(reason), Some(since)) = (r.reason, kept) {
-                let detail = if since > 0 {
-                    format!("{} ({since} more since the last one kept)", r.detail)
-                } else {
-                    r.detail
-                };
-                ctx.commit(&Batch::rejected(Rejection::new(reason, detail), &r.raw))
-                    .await?;
-            }
-        }
+        faults.commit_poll(ctx, values, reported).await?;
         if let Some(fault) = ended {
             return Err(fault);
         }
@@ -342,5 +319,35 @@ mod tests {
             command: "0M!".into(),
         };
         assert!(fault_raw(a, &timeout).is_empty());
+
+        let station = stations(&[sensor('0', 3, Sdi12Command::MC)])
+            .unwrap()
+            .remove(0);
+        let reported = station.fault(&crc);
+        assert_eq!(
+            (
+                reported.label,
+                reported.dead_letter,
+                reported.raw.as_slice()
+            ),
+            ("crc", Some(Reason::Malformed), &b"0+3.14OqY"[..])
+        );
+        assert_eq!(
+            station.fault(&timeout).dead_letter,
+            None,
+            "silence is only counted"
+        );
+        assert_eq!(
+            station.fault(&fewer).dead_letter,
+            Some(Reason::MissingValue)
+        );
+        let missing = station.missing(&[1.5, -2.0], &[3]);
+        assert_eq!(
+            (missing.detail.as_str(), missing.raw.as_slice()),
+            (
+                "SDI-12 address 0: the measurement has 2 values; value 3 is bound but missing",
+                &b"0+1.5-2"[..]
+            )
+        );
     }
 }
