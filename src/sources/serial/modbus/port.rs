@@ -116,10 +116,15 @@ struct Outcome {
     faults: Vec<StationFault>,
 }
 
+/// How logs and dead-letters name a slave.
+fn station(unit: u8) -> String {
+    format!("Modbus unit {unit}")
+}
+
 /// A Modbus fault as reported: bad input is dead-lettered (a corrupt or unexpected answer as
 /// malformed, a refusal as a missing value), silence only counted.
 fn station_fault(unit: u8, what: &str, fault: &Fault, raw: Vec<u8>) -> StationFault {
-    let station = format!("Modbus unit {unit}");
+    let station = station(unit);
     StationFault {
         detail: format!("{station} {what}: {fault}"),
         station,
@@ -239,7 +244,7 @@ async fn commit(
             ctx.messages.inc();
         }
         if r.result.is_ok() {
-            faults.answered(ctx.name(), &format!("Modbus unit {}", r.unit));
+            faults.answered(ctx.name(), &station(r.unit));
         }
     }
     let outcome = bus.outcome(plan, report);
