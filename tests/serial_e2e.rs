@@ -315,9 +315,12 @@ poll_interval = "300ms"
         "{nan}"
     );
     let log = gateway.log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("no answer within the response timeout"))
+        .count();
     assert_eq!(
-        log.matches("no answer within the response timeout").count(),
-        1,
+        warned, 1,
         "a silent slave is logged once per ten minutes:\n{log}"
     );
     drop(bus);
