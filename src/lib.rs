@@ -9,6 +9,7 @@
 //!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12),
 //!   [`sources::serial::frames`] (firmware nodes speaking the `sahool-wire` frames; on a port
 //!   through [`sources::serial::frames_port`]).
+//!   [`sources::serial::polling`]: the poll schedule and per-station fault reports they share.
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.

@@ -826,7 +826,8 @@ fn serial_reading(
             value,
             unit: None,
             at: v.at,
-            battery: v.battery,
+            // As for MQTT (`metadata`): a non-finite battery has no JSON form in the event.
+            battery: v.battery.filter(|b| b.is_finite()),
             rssi: v.rssi,
         },
         received,
@@ -1158,6 +1159,13 @@ id = "field-1"
         assert_eq!(out.readings[0].observed_at, device_time);
         assert_eq!(out.readings[0].battery, Some(88.0));
         assert_eq!(out.readings[1].value, 31.5);
+        let mut infinite = line_value(Some("probe-b"), "t", num(21.5));
+        infinite.battery = Some(f64::INFINITY);
+        let out = m.map_serial("talk", &[infinite], at());
+        assert_eq!(
+            out.readings[0].battery, None,
+            "a battery of `inf` (or `974e44`) is left out, not sent as null"
+        );
 
         let reasons = |values: &[SerialValue]| -> Vec<Reason> {
             let out = m.map_serial("talk", values, at());

@@ -11,10 +11,13 @@ use std::path::Path;
 type Entry = fn(&[u8]);
 
 /// Target name → entry point; a new fuzz target (a serial decoder, say) adds its line here.
-const TARGETS: [(&str, Entry); 3] = [
+const TARGETS: [(&str, Entry); 6] = [
     ("sahool_payload", entry::sahool_payload),
     ("json_mapping", entry::json_mapping),
     ("config_parse", entry::config_parse),
+    ("modbus_response", entry::modbus_response),
+    ("sdi12_response", entry::sdi12_response),
+    ("serial_line", entry::serial_line),
 ];
 
 #[test]
@@ -51,4 +54,8 @@ fn inputs_that_once_failed_pass() {
         b"sahool/sensors/wx-3/field-south-2\0{\"d\":\"wx-3\",\"t\":\"wind_speed\",\"v\":1e308,\"u\":\"km/h\"}",
     );
     entry::json_mapping(b"fuzz/a/escaped\0{\"a/b\":{\"m~n\":[1e10]},\"b\":\"inf\"}");
+    // A talker's battery that overflows f64 became an infinite battery in the reading.
+    entry::serial_line(
+        b"{\"temp\":24.5,\"rh\":\"55\",\"ts\":1780287300250,\"battery\":\"974444444444444444E44444444444444\"}\n",
+    );
 }

@@ -9,7 +9,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::pty::{wait_port_open, SerialLink};
 use support::{probe_config, probe_readings, publish_all, Gateway, Mosquitto, Nats};
 
@@ -33,15 +32,6 @@ async fn readings(nats: &Nats) -> Vec<(String, String, f64)> {
                 p["value"].as_f64().unwrap_or(f64::NAN),
             )
         })
-        .collect()
-}
-
-fn dead_letters(gateway: &Gateway) -> Vec<Value> {
-    let out = gateway.cli(&["dead-letters", "list"]);
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("dead-letter JSON"))
         .collect()
 }
 
@@ -236,7 +226,7 @@ line_format = "json"
     }
 
     let mut by_source: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let letters = dead_letters(&gateway);
+    let letters = gateway.dead_letters();
     for d in &letters {
         by_source
             .entry(d["source"].as_str().unwrap_or_default().to_string())

@@ -772,6 +772,16 @@ impl Gateway {
         cmd.args(args).arg("--config").arg(&self.config_path);
         cmd.output().expect("run gateway CLI")
     }
+
+    /// `dead-letters list`: every dead-letter, newest first, as JSON.
+    pub fn dead_letters(&self) -> Vec<Value> {
+        let out = self.cli(&["dead-letters", "list"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("dead-letter JSON"))
+            .collect()
+    }
 }
 
 impl Drop for Gateway {

@@ -2,10 +2,13 @@
 //! the test holds the master end and plays the device (a line talker, a Modbus slave, a node).
 //! Closing the master is the far end going away: the gateway's reads end, as when a USB adapter
 //! is unplugged. [`SerialLink`] adds a stable path, a symlink like those in
-//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal; [`DeviceSide`] lets a
-//! device simulated by a tokio task (a firmware node) stay the same across unplug and re-plug.
+//! `/dev/serial/by-id/`, that a re-plug repoints to a new pseudo-terminal. [`AsyncPty`] is the
+//! master end as a tokio stream, for the simulated devices (`sim_modbus`, `sim_sdi12`);
+//! [`DeviceSide`] lets a device simulated by a tokio task (a firmware node) stay the same across
+//! unplug and re-plug.
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -16,6 +19,7 @@ use std::time::Duration;
 use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use super::Gateway;
 
@@ -78,49 +82,73 @@ impl Pty {
         &self.master
     }
 
-    /// The master end as an async stream, for a device simulated by a tokio task.
-    pub fn into_async(self) -> AsyncMaster {
-        rustix::io::ioctl_fionbio(&self.master, true).expect("non-blocking pty master");
-        // SAFETY: the `File` owns its descriptor, which stays open and the same until the
-        // `AsyncFd` (which owns the `File`) is dropped.
-        let fd = unsafe { AsyncFd::register(self.master) };
-        AsyncMaster(fd.expect("register the pty master with tokio"))
+    /// The master end as a tokio stream (call inside a runtime). Dropping it is the device
+    /// going away.
+    pub fn into_async(self) -> AsyncPty {
+        let flags = rustix::fs::fcntl_getfl(&self.master).expect("pty flags");
+        rustix::fs::fcntl_setfl(&self.master, flags | rustix::fs::OFlags::NONBLOCK)
+            .expect("non-blocking pty");
+        // SAFETY: the File owns the descriptor, which stays open and the same until the
+        // AsyncFd drops the File.
+        let fd = unsafe { AsyncFd::register(self.master) }.expect("register the pty with tokio");
+        AsyncPty { fd, idle: None }
     }
 }
 
-/// A pseudo-terminal's master end as a tokio stream.
-pub struct AsyncMaster(AsyncFd<File>);
+/// How often a device with nobody on the other end checks again whether the port is open.
+const NOBODY_THERE: Duration = Duration::from_millis(20);
 
-impl AsyncRead for AsyncMaster {
+/// A pty master as a tokio stream. While no process has the slave end open (before the gateway
+/// opens the port, or between its attempts) reads on a master fail with EIO; this stream waits
+/// and reads again instead, as a device keeps listening on a quiet line.
+pub struct AsyncPty {
+    fd: AsyncFd<File>,
+    idle: Option<Pin<Box<Sleep>>>,
+}
+
+impl AsyncRead for AsyncPty {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         loop {
-            let mut ready = ready!(self.0.poll_read_ready(cx))?;
-            match ready.try_io(|fd| fd.get_ref().read(buf.initialize_unfilled())) {
-                Ok(read) => {
-                    buf.advance(read?);
+            if let Some(idle) = self.idle.as_mut() {
+                ready!(idle.as_mut().poll(cx));
+                self.idle = None;
+            }
+            let read = {
+                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+                let unfilled = buf.initialize_unfilled();
+                match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
+                    Ok(read) => read,
+                    Err(_would_block) => continue,
+                }
+            };
+            match read {
+                Ok(n) => {
+                    buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Err(_would_block) => continue,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                    self.idle = Some(Box::pin(tokio::time::sleep(NOBODY_THERE)));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
-impl AsyncWrite for AsyncMaster {
+impl AsyncWrite for AsyncPty {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bytes: &[u8],
+        data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         loop {
-            let mut ready = ready!(self.0.poll_write_ready(cx))?;
-            match ready.try_io(|fd| fd.get_ref().write(bytes)) {
-                Ok(written) => return Poll::Ready(written),
-                Err(_would_block) => continue,
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            if let Ok(written) = guard.try_io(|fd| fd.get_ref().write(data)) {
+                return Poll::Ready(written);
             }
         }
     }
@@ -138,7 +166,7 @@ impl AsyncWrite for AsyncMaster {
 /// as a firmware node keeps its buffer: reads and writes reach the pseudo-terminal plugged in
 /// now ([`SerialLink::plug_into`]) and fail while none is, like a UART with nothing attached.
 #[derive(Clone, Default)]
-pub struct DeviceSide(Arc<Mutex<Option<AsyncMaster>>>);
+pub struct DeviceSide(Arc<Mutex<Option<AsyncPty>>>);
 
 impl DeviceSide {
     /// Pulls the device: its master end closes, so the gateway's reads end.
@@ -148,7 +176,7 @@ impl DeviceSide {
 
     fn poll<T>(
         &self,
-        f: impl FnOnce(Pin<&mut AsyncMaster>) -> Poll<std::io::Result<T>>,
+        f: impl FnOnce(Pin<&mut AsyncPty>) -> Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
         match self.0.lock().unwrap().as_mut() {
             Some(master) => f(Pin::new(master)),
@@ -237,6 +265,12 @@ impl SerialLink {
 
     pub fn pty(&mut self) -> &mut Pty {
         self.pty.as_mut().expect("a device is plugged in")
+    }
+
+    /// Hands the plugged-in device's master end to the test (e.g. to a simulator): dropping it
+    /// is the unplug. The link keeps pointing at its slave end.
+    pub fn take_pty(&mut self) -> Pty {
+        self.pty.take().expect("a device is plugged in")
     }
 
     /// Sends bytes from the plugged-in device.

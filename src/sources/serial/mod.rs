@@ -22,6 +22,7 @@ pub mod frames;
 pub mod frames_port;
 pub mod lines;
 pub mod modbus;
+pub mod polling;
 mod quiet;
 mod rs485;
 pub mod sdi12;
@@ -404,26 +405,33 @@ async fn append_once(store: &StoreHandle, append: Append) -> Result<AppendOutcom
 }
 
 /// The protocol engine of a port: each arm owns the open port until it is lost or the gateway
-/// stops. An engine that is not part of this build keeps its port idle and says so.
+/// stops.
 async fn run_protocol(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     match ctx.port.protocol {
         Protocol::Lines => lines::run(io, ctx).await,
-        Protocol::ModbusRtu => engine_missing(io, ctx).await,
-        Protocol::Sdi12 => engine_missing(io, ctx).await,
+        Protocol::ModbusRtu => modbus::run(io, ctx).await,
+        Protocol::Sdi12 => sdi12::run(io, ctx).await,
         Protocol::Frames => frames_port::run(io, ctx).await,
     }
 }
 
-/// Holds a port whose protocol has no engine in this build: reports it loudly, and still reads
-/// (and drops) what arrives so that an unplug is noticed.
-async fn engine_missing(mut io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
-    let why = format!(
-        "protocol {} engine not available in this build; the port is open but nothing is decoded",
-        ctx.port.protocol
-    );
+/// Holds a port its engine cannot serve: logs `why`, counts `reason`, reports the port down
+/// with `why`, and keeps it open (see [`hold`]).
+pub(crate) async fn idle(
+    io: SerialStream,
+    ctx: &mut PortContext,
+    reason: &str,
+    why: String,
+) -> Result<(), PortFault> {
     tracing::error!(port = %ctx.name(), "{why}");
-    ctx.error("engine_missing");
+    ctx.error(reason);
     ctx.metrics.set_serial_state(ctx.name(), Err(why));
+    hold(io, ctx).await
+}
+
+/// Keeps an open port that has nothing to do: reads and drops what arrives, so that an unplug
+/// is noticed, until the port is lost or the gateway stops.
+pub(crate) async fn hold(mut io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     let mut stop = ctx.stop_signal();
     let mut buf = [0u8; 256];
     loop {

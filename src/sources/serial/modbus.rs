@@ -9,6 +9,8 @@
 //! - [`poller`]: async. Runs a plan over any byte transport through tokio-modbus, one request
 //!   at a time, each bounded by the response timeout, and reports a value or a [`Fault`] per
 //!   point. A lost port ends the cycle with [`PortLost`] so the caller can reopen it.
+//! - [`port`]: the engine on a gateway port ([`run`]): the port's sensors as poll groups, the
+//!   schedule, and each poll's values and faults committed, counted and logged.
 //!
 //! Invariants: requests on one bus never overlap in time; every point of a plan gets exactly
 //! one result per cycle; a value is never taken from a frame that failed its CRC or answered
@@ -19,11 +21,13 @@ pub mod frame;
 mod line;
 pub mod plan;
 pub mod poller;
+pub mod port;
 
 pub use decode::{decode_value, DecodeError};
 pub use frame::{parse_response, FrameError};
 pub use plan::{plan, Plan, PointError, ReadRequest, Slot, MAX_GAP, MAX_REGISTERS};
 pub use poller::{frame_gap, CycleReport, Poller, PortLost, RequestOutcome, Timing};
+pub use port::run;
 
 /// The caller's handle for one configured point (e.g. its index in the port's sensor list).
 pub type PointId = usize;
@@ -41,6 +45,14 @@ pub enum RegisterKind {
 }
 
 impl RegisterKind {
+    /// `holding` or `input`, as the config names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Holding => "holding",
+            Self::Input => "input",
+        }
+    }
+
     pub fn function_code(self) -> u8 {
         match self {
             Self::Holding => 0x03,

@@ -6,12 +6,15 @@
 //! - [`session`]: async. One measurement end to end: `aM!` (or `aMC!`, `aC!`, `aCC!`), the
 //!   announced wait or the service request, then `aD0!`, `aD1!`… until every announced value
 //!   is read.
+//! - [`port`]: the engine on a gateway port ([`run`]): each bound address measured at every
+//!   poll, its values mapped by index, faults counted and logged.
 //!
 //! Invariants: a value is only returned from a response that carries the asked address and,
 //! for the CRC variants, a matching CRC; a measurement returns exactly the announced number of
 //! values or a fault; stale bytes are dropped before each command.
 
 pub mod parse;
+pub mod port;
 pub mod session;
 
 use std::fmt;
@@ -21,6 +24,7 @@ pub use parse::{
     crc_chars, format_value, parse_address, parse_data, parse_measurement, parse_response,
     Addressed, Data, Expect, Measurement, ParseError, Response,
 };
+pub use port::run;
 pub use session::{Sdi12Fault, Session, MAX_LINE};
 
 /// A sensor address: `0`-`9`, `a`-`z` or `A`-`Z`.

@@ -23,6 +23,8 @@ const CAPTURE_LIMIT: usize = 512;
 struct Shared<T> {
     io: T,
     captured: Vec<u8>,
+    /// Every byte read from the port, captured or not.
+    received: u64,
     /// The first transport failure (error or end of stream): the port is gone.
     failure: Option<io::Error>,
 }
@@ -56,6 +58,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Line<T> {
             shared: Arc::new(Mutex::new(Shared {
                 io,
                 captured: Vec::new(),
+                received: 0,
                 failure: None,
             })),
         }
@@ -75,6 +78,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Line<T> {
 
     pub(super) fn captured(&self) -> Vec<u8> {
         lock(&self.shared).captured.clone()
+    }
+
+    /// Bytes read from the port so far.
+    pub(super) fn received(&self) -> u64 {
+        lock(&self.shared).received
     }
 
     pub(super) fn take_failure(&self) -> Option<io::Error> {
@@ -112,6 +120,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
         match Pin::new(&mut shared.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
+                shared.received += new.len() as u64;
                 if new.is_empty() && wanted {
                     shared.failure.get_or_insert_with(quiet::closed);
                 } else if self.capture {

@@ -32,6 +32,7 @@ use super::frame::{parse_response, FrameError};
 use super::line::Line;
 use super::plan::{Plan, ReadRequest};
 use super::{Fault, PointId, RegisterKind};
+use crate::reading::Timestamp;
 
 /// Smallest quiet time that ends a drain. USB adapters hand bytes over in bursts (FTDI's
 /// latency timer is 16 ms), so the character-time gap alone would end a drain mid-answer.
@@ -87,6 +88,11 @@ pub struct RequestOutcome {
     pub start: u16,
     pub count: u16,
     pub result: Result<(), Fault>,
+    /// When the answer (or the timeout) came: the observation time of the request's values.
+    pub at: Timestamp,
+    /// The bytes that arrived for a failed request (at most 512; empty for a success or
+    /// silence), to keep with a dead-letter.
+    pub raw: Vec<u8>,
 }
 
 impl RequestOutcome {
@@ -146,6 +152,11 @@ where
         }
     }
 
+    /// Bytes read from the port so far (answers, late answers and noise alike).
+    pub fn bytes_received(&self) -> u64 {
+        self.line.received()
+    }
+
     /// Runs every request of `plan` in turn.
     pub async fn poll(&mut self, plan: &Plan) -> Result<CycleReport, PortLost> {
         let mut report = CycleReport::default();
@@ -159,16 +170,25 @@ where
                     })
                 }
             };
-            match &result {
-                Ok(registers) => report.values.extend(request.decode(registers)),
-                Err(fault) => report.values.extend(request.fail(fault)),
-            }
+            let at = Timestamp::now();
+            let raw = match &result {
+                Ok(registers) => {
+                    report.values.extend(request.decode(registers));
+                    Vec::new()
+                }
+                Err(fault) => {
+                    report.values.extend(request.fail(fault));
+                    self.line.captured()
+                }
+            };
             report.requests.push(RequestOutcome {
                 unit: request.unit,
                 kind: request.kind,
                 start: request.start,
                 count: request.count,
                 result: result.map(drop),
+                at,
+                raw,
             });
         }
         Ok(report)

@@ -36,6 +36,17 @@ pub enum Expect {
     Data { crc: bool },
 }
 
+impl Expect {
+    /// Every kind of response, for checks that try a line as each.
+    pub const ALL: [Expect; 5] = [
+        Expect::Address,
+        Expect::Measurement { concurrent: false },
+        Expect::Measurement { concurrent: true },
+        Expect::Data { crc: false },
+        Expect::Data { crc: true },
+    ];
+}
+
 /// The answer to `aM!`/`aMC!` (`atttn`) or `aC!`/`aCC!` (`atttnn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Measurement {
@@ -400,13 +411,7 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
-            for expect in [
-                Expect::Address,
-                Expect::Measurement { concurrent: false },
-                Expect::Measurement { concurrent: true },
-                Expect::Data { crc: false },
-                Expect::Data { crc: true },
-            ] {
+            for expect in Expect::ALL {
                 let _ = parse_response(expect, &bytes);
             }
         }

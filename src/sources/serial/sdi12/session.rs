@@ -77,6 +77,8 @@ pub struct Session<T> {
     /// Bytes read but not yet consumed as a line.
     pending: Vec<u8>,
     response_timeout: Duration,
+    /// Every byte read from the port, stale ones included.
+    received: u64,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
@@ -86,7 +88,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
             io,
             pending: Vec::with_capacity(MAX_LINE),
             response_timeout,
+            received: 0,
         }
+    }
+
+    /// Bytes read from the port so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.received
     }
 
     pub fn into_inner(self) -> T {
@@ -179,7 +187,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
         parse: impl Fn(&[u8]) -> Result<R, ParseError>,
     ) -> Result<R, Sdi12Fault> {
         self.pending.clear();
-        quiet::discard_available(&mut self.io)?;
+        self.received += quiet::discard_available(&mut self.io)? as u64;
         self.io.write_all(command.as_bytes()).await?;
         self.io.flush().await?;
         let deadline = Instant::now() + self.response_timeout;
@@ -224,7 +232,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
             match tokio::time::timeout_at(deadline, self.io.read(&mut buf)).await {
                 Err(_) => return Ok(None),
                 Ok(Ok(0)) => return Err(quiet::closed()),
-                Ok(Ok(n)) => self.pending.extend_from_slice(&buf[..n]),
+                Ok(Ok(n)) => {
+                    self.received += n as u64;
+                    self.pending.extend_from_slice(&buf[..n]);
+                }
                 Ok(Err(e)) => return Err(e),
             }
         }
@@ -236,7 +247,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
             if !fault.is_port_lost() {
                 self.pending.clear();
                 let quiet = SETTLE.min(self.response_timeout);
-                quiet::drain(&mut self.io, quiet, self.response_timeout).await?;
+                self.received +=
+                    quiet::drain(&mut self.io, quiet, self.response_timeout).await? as u64;
             }
         }
         result
