@@ -177,24 +177,7 @@ pub(super) fn check_addresses(
 mod tests {
     use super::super::parse;
 
-    const BASE: &str = r#"
-[gateway]
-id = "gw-1"
-tenant_id = "tenant-a"
-
-[nats]
-servers = ["nats://127.0.0.1:4222"]
-"#;
-
-    fn problems(extra: &str) -> String {
-        parse(&format!("{BASE}{extra}"))
-            .err()
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
+    use crate::config::test_support::{problems, MINIMAL as BASE};
 
     #[test]
     fn a_listener_with_defaults() {

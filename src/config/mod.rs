@@ -1223,11 +1223,11 @@ impl<'a> LineIndex<'a> {
     }
 }
 
+/// What the config tests of every section share: a minimal valid config, and the problems of
+/// that config with more sections appended.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
+pub(crate) mod test_support {
+    pub(crate) const MINIMAL: &str = r#"
 [gateway]
 id = "gw-1"
 tenant_id = "tenant-a"
@@ -1235,6 +1235,23 @@ tenant_id = "tenant-a"
 [nats]
 servers = ["nats://127.0.0.1:4222"]
 "#;
+
+    /// Every problem of `MINIMAL` + `extra`, one per line; empty when it parses.
+    pub(crate) fn problems(extra: &str) -> String {
+        super::parse(&format!("{MINIMAL}{extra}"))
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::MINIMAL;
+    use super::*;
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -796,23 +796,7 @@ pub(super) fn check(parts: &Parts<'_>) -> Vec<Problem> {
 mod tests {
     use crate::config::parse;
 
-    const BASE: &str = r#"
-[gateway]
-id = "gw-1"
-tenant_id = "t"
-[nats]
-servers = ["nats://127.0.0.1:4222"]
-"#;
-
-    fn problems(extra: &str) -> String {
-        parse(&format!("{BASE}{extra}"))
-            .err()
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
+    use crate::config::test_support::{problems, MINIMAL as BASE};
 
     #[test]
     fn ports_get_protocol_defaults() {
@@ -879,9 +863,9 @@ path = "/dev/ttyS3"
 protocol = "morse"
 "#,
         );
-        assert!(all.contains("line 13") && all.contains("9601"), "{all}");
+        assert!(all.contains("line 14") && all.contains("9601"), "{all}");
         assert!(
-            all.contains("line 19") && all.contains("data_bits"),
+            all.contains("line 20") && all.contains("data_bits"),
             "{all}"
         );
         assert!(all.contains("morse"), "{all}");
