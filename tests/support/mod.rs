@@ -142,6 +142,11 @@ impl Nats {
         }
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn freeze(&mut self) {
         if let Some(c) = self.child.as_mut() {
             kill(c, "STOP");
@@ -334,12 +339,20 @@ impl Gateway {
 
     /// As `start`, with extra environment variables for the gateway process.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let mut g = Self::configure(config, env);
+        g.resume();
+        g
+    }
+
+    /// Writes the config and its directory but does not start the binary: `resume` does. For
+    /// work on the buffer before the gateway opens it.
+    pub fn configure(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
         let config_path = dir.path().join("gateway.toml");
         let full = Self::compose(dir.path(), http_port, config);
         std::fs::write(&config_path, full).expect("write config");
-        let mut g = Self {
+        Self {
             dir,
             http_port,
             config_path,
@@ -349,9 +362,12 @@ impl Gateway {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        g.resume();
-        g
+        }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The full config file: `[gateway]` and `[http]` from the harness, then `config`.
