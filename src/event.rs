@@ -1,11 +1,15 @@
 //! The event contract (`contracts/sensor_reading_event.v1.json`): a buffered row rendered as
 //! SAHOOL's IoT envelope around a `sensor_reading` payload, its subject and its headers.
 
+use async_nats::header::{HeaderMap, HeaderName};
+use async_nats::Subject;
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::SubjectTemplate;
 use crate::reading::{
-    Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING, KIND_STATUS,
+    Reading, Rfc3339Text, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING,
+    KIND_STATUS,
 };
 use crate::store::OutboxRow;
 
@@ -20,15 +24,19 @@ pub enum EventError {
     Kind { seq: u64, kind: u8 },
 }
 
-/// A row ready to publish.
+/// A row ready to publish. Subject and body are shared buffers: a publish and a later retry
+/// or dead-letter use them without copying.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub seq: u64,
     pub event_id: String,
     pub tenant_id: String,
-    pub subject: String,
-    pub body: Vec<u8>,
+    pub subject: Subject,
+    pub body: Bytes,
 }
+
+/// Room for a rendered event, so the body is written without growing its buffer.
+const BODY_CAPACITY: usize = 768;
 
 /// The subjects events go to: readings, and liveness changes (`{status}` is `connected`,
 /// `disconnected` or `warning`).
@@ -46,7 +54,7 @@ struct Envelope<'a, P> {
     aggregate_id: &'a str,
     tenant_id: &'a str,
     correlation_id: &'a str,
-    timestamp: String,
+    timestamp: Rfc3339Text,
     source: Source<'a>,
     payload: P,
 }
@@ -67,7 +75,7 @@ struct ReadingPayload<'a> {
     sensor_type: &'static str,
     value: f64,
     unit: &'a str,
-    timestamp: String,
+    timestamp: Rfc3339Text,
     #[serde(skip_serializing_if = "Metadata::is_empty")]
     metadata: Metadata,
 }
@@ -82,7 +90,7 @@ struct Metadata {
     raw_value: Option<f64>,
     /// The device's own time when the timestamp policy replaced it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    original_timestamp: Option<String>,
+    original_timestamp: Option<Rfc3339Text>,
 }
 
 impl Metadata {
@@ -101,7 +109,7 @@ struct StatusPayload<'a> {
     field_id: &'a str,
     sensor_type: &'static str,
     status: &'static str,
-    last_seen: String,
+    last_seen: Rfc3339Text,
     #[serde(skip_serializing_if = "Option::is_none")]
     battery_level: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -138,7 +146,7 @@ impl Routing<'_> {
             aggregate_id: self.field_id,
             tenant_id: self.tenant_id,
             correlation_id: &self.event_id,
-            timestamp: Timestamp::from_unix_millis(self.row.stored_ms).to_rfc3339(),
+            timestamp: Timestamp::from_unix_millis(self.row.stored_ms).rfc3339(),
             source: Source {
                 service: SERVICE,
                 version: env!("CARGO_PKG_VERSION"),
@@ -148,7 +156,8 @@ impl Routing<'_> {
             payload,
         };
         // Serializing a struct of strings and finite numbers cannot fail.
-        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        let mut body = Vec::with_capacity(BODY_CAPACITY);
+        let _ = serde_json::to_writer(&mut body, &envelope);
         let subject = subject.render(|name| match name {
             "tenant_id" => self.tenant_id.to_string(),
             "field_id" => self.field_id.to_string(),
@@ -162,8 +171,8 @@ impl Routing<'_> {
             seq: self.row.seq,
             tenant_id: self.tenant_id.to_string(),
             event_id: self.event_id,
-            subject,
-            body,
+            subject: Subject::from(subject),
+            body: Bytes::from(body),
         }
     }
 }
@@ -186,12 +195,12 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
                 sensor_type: r.sensor_type.as_str(),
                 value: r.value,
                 unit: &r.unit,
-                timestamp: r.observed_at.to_rfc3339(),
+                timestamp: r.observed_at.rfc3339(),
                 metadata: Metadata {
                     battery: r.battery,
                     rssi: r.rssi,
                     raw_value: r.raw_value,
-                    original_timestamp: r.original_timestamp.map(Timestamp::to_rfc3339),
+                    original_timestamp: r.original_timestamp.map(Timestamp::rfc3339),
                 },
             };
             let routing = Routing {
@@ -222,7 +231,7 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
                 field_id: &c.field_id,
                 sensor_type: c.sensor_type.as_str(),
                 status,
-                last_seen: c.last_seen.to_rfc3339(),
+                last_seen: c.last_seen.rfc3339(),
                 battery_level: c.battery.map(|b| b.clamp(0.0, 100.0)),
                 signal_strength: c.rssi,
                 error_code,
@@ -243,14 +252,20 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
     }
 }
 
+const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+const X_EVENT_ID: HeaderName = HeaderName::from_static("X-Event-ID");
+const X_TENANT_ID: HeaderName = HeaderName::from_static("X-Tenant-ID");
+const X_CORRELATION_ID: HeaderName = HeaderName::from_static("X-Correlation-ID");
+const X_SCHEMA_VERSION: HeaderName = HeaderName::from_static("X-Schema-Version");
+
 /// The headers SAHOOL's publisher sets, plus `Nats-Msg-Id` for JetStream de-duplication.
-pub fn headers(event: &Event) -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Nats-Msg-Id", event.event_id.as_str());
-    h.insert("X-Event-ID", event.event_id.as_str());
-    h.insert("X-Tenant-ID", event.tenant_id.as_str());
-    h.insert("X-Correlation-ID", event.event_id.as_str());
-    h.insert("X-Schema-Version", SCHEMA_VERSION);
+pub fn headers(event: &Event) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(NATS_MSG_ID, event.event_id.as_str());
+    h.insert(X_EVENT_ID, event.event_id.as_str());
+    h.insert(X_TENANT_ID, event.tenant_id.as_str());
+    h.insert(X_CORRELATION_ID, event.event_id.as_str());
+    h.insert(X_SCHEMA_VERSION, SCHEMA_VERSION);
     h
 }
 
@@ -290,7 +305,10 @@ mod tests {
             status: SubjectTemplate::default(),
         };
         let e = render(&row, "gw-1", &subjects).unwrap();
-        assert_eq!(e.subject, "sahool.tenant.tenant-x.iot.sensor.reading");
+        assert_eq!(
+            e.subject.as_str(),
+            "sahool.tenant.tenant-x.iot.sensor.reading"
+        );
         let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
         assert_eq!(v["event_id"], "07070707-0707-0707-0707-070707070707");
         assert_eq!(v["aggregate_id"], "field-9");

@@ -2,7 +2,8 @@
 //!
 //! # Invariants
 //! 1. Rows are published in `seq` order with up to `nats.max_in_flight` PubAcks outstanding;
-//!    results are consumed in the same order (`FuturesOrdered`).
+//!    results are consumed in the same order (`FuturesOrdered`). Rows are read from the buffer
+//!    [`FETCH_ROWS`] at a time, the next read under way while the last ones are published.
 //! 2. A row is deleted from the buffer only when its own PubAck arrived (`StoreHandle::acked`).
 //!    A publish that was merely written to the socket or queued in the client counts for nothing.
 //! 3. Every attempt for a row carries `Nats-Msg-Id = event_id`, so JetStream drops retries of a
@@ -14,8 +15,15 @@
 //!    the dead-letter table and the queue goes on.
 //! 6. No new publish is handed to the client while it is disconnected, so the client's own
 //!    queue does not replay a stale window after reconnecting.
+//! 7. Acknowledged rows go to the store as runs of seqs, deleted by one statement each. An ack
+//!    extends the current run only if its row was published right after the run's last row
+//!    (no row refused, failed or rewound in between), so a run covers no buffered row that did
+//!    not get its own PubAck: rows read in one pass are consecutive in the buffer, and a seq
+//!    between two of them without a row can never get one.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,13 +34,14 @@ use async_nats::jetstream::context::{
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::event::{self, Event, Subjects};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
-use crate::store::{OutboxRow, StoreHandle};
+use crate::store::{OutboxRow, StoreError, StoreHandle};
 
 /// How a failed publish is handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,11 +52,19 @@ enum Failure {
     Permanent(String),
 }
 
+/// A publish's outcome, with the seq of the row published just before it (invariant 7).
 type AckResult = (
     Event,
+    u64,
     Result<async_nats::jetstream::publish::PublishAck, PublishError>,
 );
 type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
+type Fetch = Pin<Box<dyn Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
+
+/// Rows read from the buffer at once. Constant, so SQLite keeps one plan for the read.
+const FETCH_ROWS: usize = 512;
+/// Acknowledged rows reported to the store at once while more PubAcks are outstanding.
+const ACK_BATCH: usize = 256;
 
 pub struct Forwarder {
     pub store: StoreHandle,
@@ -58,6 +75,54 @@ pub struct Forwarder {
     pub window: usize,
     pub metrics: Arc<Metrics>,
     failure_log: LogLimit,
+}
+
+/// The publishing state that a transient failure rewinds.
+struct Pipeline {
+    /// Rows read from the buffer and not yet handed to the client, in seq order.
+    queue: VecDeque<OutboxRow>,
+    /// The read of the buffer under way, if any, with the newest committed seq when it began.
+    fetching: Option<(u64, Fetch)>,
+    inflight: FuturesOrdered<InFlight>,
+    /// Highest seq read from the buffer (queued, in flight or done).
+    cursor: u64,
+    /// Seq of the last row handed to the client (or refused); 0 after a rewind.
+    last_published: u64,
+}
+
+impl Pipeline {
+    /// Invariant 4: forget every later row, queued or in flight, and resume at `seq`, the
+    /// first unacknowledged row.
+    fn rewind(&mut self, seq: u64) {
+        self.inflight.clear();
+        self.queue.clear();
+        self.fetching = None;
+        self.cursor = seq - 1;
+        self.last_published = 0;
+    }
+}
+
+/// Acknowledged rows as runs of seqs for [`StoreHandle::acked`] (invariant 7).
+#[derive(Debug, Default)]
+struct AckedRuns {
+    runs: Vec<RangeInclusive<u64>>,
+    rows: usize,
+}
+
+impl AckedRuns {
+    /// Row `seq` was acknowledged; `after` is the seq of the row published just before it.
+    fn push(&mut self, seq: u64, after: u64) {
+        match self.runs.last_mut() {
+            Some(run) if after != 0 && *run.end() == after => *run = *run.start()..=seq,
+            _ => self.runs.push(seq..=seq),
+        }
+        self.rows += 1;
+    }
+
+    fn take(&mut self) -> Vec<RangeInclusive<u64>> {
+        self.rows = 0;
+        std::mem::take(&mut self.runs)
+    }
 }
 
 impl Forwarder {
@@ -94,12 +159,19 @@ impl Forwarder {
     /// Runs until `shutdown` turns true, then waits briefly for outstanding PubAcks.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut committed = self.store.committed();
-        let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
-        let mut acked: Vec<u64> = Vec::new();
-        // Highest seq handed to the client (in flight or done).
-        let mut cursor = 0u64;
+        let mut p = Pipeline {
+            queue: VecDeque::new(),
+            fetching: None,
+            inflight: FuturesOrdered::new(),
+            cursor: 0,
+            last_published: 0,
+        };
+        let mut acked = AckedRuns::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut stream_checked = false;
+        // Goes round at least once a second, so the watchdog sees the loop alive.
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             if *shutdown.borrow() {
@@ -112,106 +184,133 @@ impl Forwarder {
             }
             // Marks the value seen: a commit after this line wakes `changed()` below.
             let newest = *committed.borrow_and_update();
-            let more = cursor < newest;
-            if connected && more && inflight.len() < self.window {
-                match self.store.fetch(cursor, self.window - inflight.len()).await {
-                    Ok(rows) if rows.is_empty() => cursor = newest,
-                    Ok(rows) => {
-                        tracing::debug!(
-                            after = cursor,
-                            rows = rows.len(),
-                            in_flight = inflight.len(),
-                            "publishing"
-                        );
-                        for row in rows {
-                            cursor = row.seq;
-                            match self.publish(&row).await {
-                                Ok(fut) => inflight.push_back(fut),
-                                Err((event, Failure::Permanent(why))) => {
-                                    self.refuse(row.seq, &why, event).await
-                                }
-                                Err((_, Failure::Transient(why))) => {
-                                    if let Some(held) = self.failure_log.admit() {
-                                        tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
-                                    }
-                                    rewind(&mut inflight, &mut cursor, row.seq, &mut backoff).await;
-                                    break;
-                                }
-                            }
-                        }
+            let low = p.queue.len() < FETCH_ROWS / 2;
+            if connected && low && p.fetching.is_none() && p.cursor < newest {
+                let store = self.store.clone();
+                let after = p.cursor;
+                p.fetching = Some((
+                    newest,
+                    Box::pin(async move { store.fetch(after, FETCH_ROWS).await }),
+                ));
+            }
+            while connected && p.inflight.len() < self.window {
+                let Some(row) = p.queue.pop_front() else {
+                    break;
+                };
+                let after = std::mem::replace(&mut p.last_published, row.seq);
+                match self.publish(&row, after).await {
+                    Ok(ack) => p.inflight.push_back(ack),
+                    Err((event, Failure::Permanent(why))) => {
+                        self.refuse(row.seq, &why, event).await
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the buffer");
+                    Err((_, Failure::Transient(why))) => {
+                        if let Some(held) = self.failure_log.admit() {
+                            tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
+                        }
+                        p.rewind(row.seq);
                         tokio::time::sleep(backoff.next_delay()).await;
+                        break;
                     }
                 }
             }
-            let flush = !acked.is_empty() && (inflight.is_empty() || acked.len() >= 256);
-            if flush && self.store.acked(std::mem::take(&mut acked)).await.is_err() {
+            let flush = acked.rows >= ACK_BATCH || (acked.rows > 0 && p.inflight.is_empty());
+            if flush && self.store.acked(acked.take()).await.is_err() {
                 return;
             }
-            let can_send = connected && inflight.len() < self.window;
+            let idle = connected && p.fetching.is_none() && p.queue.len() < FETCH_ROWS / 2;
             tokio::select! {
-                Some((event, result)) = inflight.next(), if !inflight.is_empty() => {
-                    match result {
-                        Ok(ack) => {
-                            if ack.duplicate {
-                                tracing::debug!(seq = event.seq, "JetStream already had this event (duplicate window)");
-                            }
-                            acked.push(event.seq);
-                            backoff.reset();
-                        }
-                        Err(e) => match self.judge(&e, &event.subject).await {
-                            Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
-                            Failure::Transient(why) => {
-                                self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
-                                if let Some(held) = self.failure_log.admit() {
-                                    tracing::warn!(seq = event.seq, error = %why, in_flight = inflight.len(), repeats = held, "no PubAck; resending from this reading");
+                Some(first) = p.inflight.next(), if !p.inflight.is_empty() => {
+                    // Every result already in takes one turn of the loop.
+                    let mut next = Some(first);
+                    while let Some((event, after, result)) = next.take() {
+                        match result {
+                            Ok(ack) => {
+                                if ack.duplicate {
+                                    tracing::debug!(seq = event.seq, "JetStream already had this event (duplicate window)");
                                 }
-                                rewind(&mut inflight, &mut cursor, event.seq, &mut backoff).await;
+                                acked.push(event.seq, after);
+                                backoff.reset();
                             }
-                        },
+                            Err(e) => match self.judge(&e, &event.subject).await {
+                                Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
+                                Failure::Transient(why) => {
+                                    self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
+                                    if let Some(held) = self.failure_log.admit() {
+                                        tracing::warn!(seq = event.seq, error = %why, in_flight = p.inflight.len(), repeats = held, "no PubAck; resending from this reading");
+                                    }
+                                    p.rewind(event.seq);
+                                    tokio::time::sleep(backoff.next_delay()).await;
+                                    break;
+                                }
+                            },
+                        }
+                        next = p.inflight.next().now_or_never().flatten();
                     }
                 }
-                changed = committed.changed(), if can_send => {
+                Some(rows) = async { match p.fetching.as_mut() { Some((_, f)) => Some(f.await), None => None } }, if p.fetching.is_some() => {
+                    let newest_then = p.fetching.take().map_or(0, |(n, _)| n);
+                    match rows {
+                        Ok(rows) => {
+                            // A short read returned every row committed when it began.
+                            let complete = rows.len() < FETCH_ROWS;
+                            if let Some(last) = rows.last() {
+                                p.cursor = last.seq;
+                            }
+                            if complete {
+                                p.cursor = p.cursor.max(newest_then);
+                            }
+                            tracing::debug!(after = p.cursor, rows = rows.len(), in_flight = p.inflight.len(), "publishing");
+                            p.queue.extend(rows);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the buffer");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                }
+                changed = committed.changed(), if idle => {
                     if changed.is_err() { break; }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && inflight.is_empty()) => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected => {}
                 _ = shutdown.changed() => {}
-                // Goes round at least once a second, so the watchdog sees the loop alive.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = heartbeat.tick() => {}
             }
         }
-        self.drain(inflight, acked).await;
+        self.drain(p.inflight, acked).await;
     }
 
-    async fn drain(&self, mut inflight: FuturesOrdered<InFlight>, mut acked: Vec<u64>) {
+    async fn drain(&self, mut inflight: FuturesOrdered<InFlight>, mut acked: AckedRuns) {
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 next = inflight.next() => match next {
-                    Some((event, Ok(_))) => acked.push(event.seq),
+                    Some((event, after, Ok(_))) => acked.push(event.seq, after),
                     // Anything not acknowledged stays buffered for the next start.
-                    Some((_, Err(_))) | None => break,
+                    Some((_, _, Err(_))) | None => break,
                 },
                 _ = &mut deadline => break,
             }
         }
-        if !acked.is_empty() {
-            let _ = self.store.acked(acked).await;
+        if acked.rows > 0 {
+            let _ = self.store.acked(acked.take()).await;
         }
         let _ = self.store.flush().await;
     }
 
-    async fn publish(&self, row: &OutboxRow) -> Result<InFlight, (Option<Event>, Failure)> {
+    /// Hands a row's event to the client; `after` is the seq of the row published before it.
+    async fn publish(
+        &self,
+        row: &OutboxRow,
+        after: u64,
+    ) -> Result<InFlight, (Option<Event>, Failure)> {
         let event = event::render(row, &self.gateway_id, &self.subjects)
             .map_err(|e| (None, Failure::Permanent(e.to_string())))?;
         let publish = PublishMessage::build()
-            .payload(event.body.clone().into())
+            .payload(event.body.clone())
             .headers(event::headers(&event));
         match self.js.send_publish(event.subject.clone(), publish).await {
-            Ok(fut) => Ok(Box::pin(await_ack(event, fut))),
+            Ok(fut) => Ok(Box::pin(await_ack(event, after, fut))),
             Err(e) => {
                 let failure = self.judge(&e, &event.subject).await;
                 Err((Some(event), failure))
@@ -247,7 +346,7 @@ impl Forwarder {
             })
             .inc();
         tracing::error!(seq, reason = %why, "the server refuses this reading for good: moved to dead-letters");
-        let raw = event.map(|e| e.body).unwrap_or_default();
+        let raw = event.map(|e| e.body.to_vec()).unwrap_or_default();
         if self.store.refused(seq, why.to_string(), raw).await.is_err() {
             tracing::error!("buffer closed while dead-lettering");
         }
@@ -278,22 +377,9 @@ impl Forwarder {
     }
 }
 
-/// Invariant 4: forget every later in-flight result and resume publishing at `seq`, the first
-/// unacknowledged row, after a backoff.
-async fn rewind(
-    inflight: &mut FuturesOrdered<InFlight>,
-    cursor: &mut u64,
-    seq: u64,
-    backoff: &mut Backoff,
-) {
-    inflight.clear();
-    *cursor = seq - 1;
-    tokio::time::sleep(backoff.next_delay()).await;
-}
-
-async fn await_ack(event: Event, fut: PublishAckFuture) -> AckResult {
+async fn await_ack(event: Event, after: u64, fut: PublishAckFuture) -> AckResult {
     let result = fut.await;
-    (event, result)
+    (event, after, result)
 }
 
 fn classify(e: &PublishError) -> Failure {
@@ -320,4 +406,29 @@ fn kind_label(e: &PublishError) -> String {
         _ => "other",
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acked_runs_span_only_rows_published_one_after_another() {
+        let mut runs = AckedRuns::default();
+        // 1, 2, 3 published in a row; 4 was refused; 5 and 7 follow it (6 no longer buffered
+        // when read, so 7 was published right after 5).
+        runs.push(1, 0);
+        runs.push(2, 1);
+        runs.push(3, 2);
+        runs.push(5, 4);
+        runs.push(7, 5);
+        // After a rewind nothing counts as published before the first row.
+        runs.push(8, 0);
+        assert_eq!(runs.rows, 6);
+        assert_eq!(runs.take(), vec![1..=3, 5..=7, 8..=8]);
+        assert_eq!(runs.rows, 0);
+        // A new batch starts a new run, even for the next row.
+        runs.push(9, 8);
+        assert_eq!(runs.take(), vec![9..=9]);
+    }
 }

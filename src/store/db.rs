@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::StoreError;
@@ -143,6 +144,10 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
     )
     .map_err(classify)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(classify)?;
+    // Without the planner stability guarantee, rebinding a parameter SQLite may plan around
+    // (a LIMIT, for one) recompiles the statement at its next step: a parse per fetch.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(classify)?;
     let sync = match sync {
         Synchronous::Full => "FULL",
@@ -330,12 +335,9 @@ pub fn fetch_after(
 
 /// Oldest buffered row's store time.
 pub fn oldest_stored_ms(conn: &Connection) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT stored_ms FROM outbox ORDER BY seq LIMIT 1",
-        [],
-        |r| r.get(0),
-    )
-    .optional()
+    conn.prepare_cached("SELECT stored_ms FROM outbox ORDER BY seq LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()
 }
 
 /// Dead-letter row for listing.

@@ -28,7 +28,8 @@
 //!    transaction as the rows it numbers, so it survives restarts and deleting every row; and
 //!    `seq.floor` covers it before the commit, so it survives losing the file too.
 //! 3. `event_id` is made once, when the row is committed, and never changes.
-//! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`]); a permanent
+//! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`], which takes
+//!    runs of seqs whose every buffered row was acknowledged, so one statement deletes a run); a permanent
 //!    publish refusal (moved to `dead_letters` in the same transaction); or a bound
 //!    (`max_bytes` with `drop_oldest`, `max_age`), counted in `readings_dropped_total{reason}`.
 //! 5. With `reject_new`, or while free disk is below `min_free_disk`, appends that carry
@@ -44,6 +45,7 @@ pub mod db;
 pub mod liveness;
 mod seq_floor;
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +65,11 @@ pub const RECENT_MESSAGES: i64 = 200_000;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
+
+/// Acknowledged seqs held back from a transaction of their own until this many are waiting:
+/// deletes need no fsync of their own, so they ride along with the next commit (an append, a
+/// flush, the once-a-second maintenance) or go in groups of this size.
+const ACKED_COMMIT_AT: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -149,7 +156,7 @@ enum Command {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<OutboxRow>, StoreError>>,
     },
-    Acked(Vec<u64>),
+    Acked(Vec<RangeInclusive<u64>>),
     Refused {
         seq: u64,
         detail: String,
@@ -195,10 +202,12 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Rows JetStream acknowledged: deleted in the next transaction.
-    pub async fn acked(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+    /// Rows JetStream acknowledged, as runs of seqs: every row still buffered in a run had its
+    /// own PubAck (seqs in a run without a row are gone for good). Deleted in the next
+    /// transaction.
+    pub async fn acked(&self, runs: Vec<RangeInclusive<u64>>) -> Result<(), StoreError> {
         self.tx
-            .send(Command::Acked(seqs))
+            .send(Command::Acked(runs))
             .await
             .map_err(|_| StoreError::Closed)
     }
@@ -270,6 +279,8 @@ pub fn start(
         floor,
         failure_log: LogLimit::new(Duration::from_secs(10)),
         low_battery,
+        acked: Vec::new(),
+        acked_seqs: 0,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -316,6 +327,9 @@ struct Writer {
     failure_log: LogLimit,
     /// Battery percentage below which a sensor is flagged.
     low_battery: f64,
+    /// Acknowledged runs not yet deleted, and how many seqs they span.
+    acked: Vec<RangeInclusive<u64>>,
+    acked_seqs: u64,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -373,23 +387,28 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.run_batch(batch);
+            self.run_batch(batch, false);
         }
-        // Every handle is gone: fold the WAL into the main file so the next open is quick.
+        // Every handle is gone: delete what was acknowledged, and fold the WAL into the main
+        // file so the next open is quick.
+        self.run_batch(Vec::new(), true);
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
     }
 
-    fn run_batch(&mut self, batch: Vec<Command>) {
+    /// Runs a group of commands; `closing` commits whatever is pending.
+    fn run_batch(&mut self, batch: Vec<Command>, closing: bool) {
         let mut appends = Vec::new();
         let mut reads = Vec::new();
-        let mut acked = Vec::new();
         let mut refused = Vec::new();
         let mut flushes = Vec::new();
         let mut maintain = false;
         for c in batch {
             match c {
                 Command::Append(a, reply) => appends.push((a, reply)),
-                Command::Acked(seqs) => acked.extend(seqs),
+                Command::Acked(runs) => {
+                    self.acked_seqs += runs.iter().map(|r| r.end() - r.start() + 1).sum::<u64>();
+                    self.acked.extend(runs);
+                }
                 Command::Refused { seq, detail, raw } => refused.push((seq, detail, raw)),
                 Command::Flush(reply) => flushes.push(reply),
                 Command::Maintain => maintain = true,
@@ -408,15 +427,26 @@ impl Writer {
                 let _ = reply.send(Err(StoreError::Commit(format!("seq.floor: {e}"))));
             }
         }
-        if !(appends.is_empty() && acked.is_empty() && refused.is_empty() && !maintain) {
+        let other_writes = !appends.is_empty() || !refused.is_empty() || maintain;
+        let delete = !self.acked.is_empty()
+            && (other_writes
+                || closing
+                || !flushes.is_empty()
+                || self.acked_seqs >= ACKED_COMMIT_AT);
+        if other_writes || delete {
             let started = Instant::now();
             let mut delta = Delta {
                 next_seq: self.next_seq,
                 ..Delta::default()
             };
-            let result = self.write(&mut appends, &acked, &refused, maintain, &mut delta);
+            let acked: &[RangeInclusive<u64>] = if delete { &self.acked } else { &[] };
+            let result = self.write(&mut appends, acked, &refused, maintain, &mut delta);
             match result {
                 Ok(outcomes) => {
+                    if delete {
+                        self.acked.clear();
+                        self.acked_seqs = 0;
+                    }
                     self.apply(&delta);
                     self.metrics.store_commits.inc();
                     self.metrics
@@ -476,17 +506,15 @@ impl Writer {
     fn write(
         &self,
         appends: &mut [(Append, oneshot::Sender<Result<AppendOutcome, StoreError>>)],
-        acked: &[u64],
+        acked: &[RangeInclusive<u64>],
         refused: &[(u64, String, Vec<u8>)],
         maintain: bool,
         delta: &mut Delta,
     ) -> rusqlite::Result<Vec<AppendOutcome>> {
         let tx = self.conn.unchecked_transaction()?;
         let now = db::now_ms();
-        for seq in acked {
-            if delete_row(&tx, *seq, delta)? == Some(true) {
-                delta.forwarded += 1;
-            }
+        for run in acked {
+            delete_run(&tx, run, delta)?;
         }
         for (seq, detail, raw) in refused {
             if delete_row(&tx, *seq, delta)?.is_some() {
@@ -658,12 +686,18 @@ impl Writer {
         delta: &mut Delta,
     ) -> rusqlite::Result<()> {
         let cutoff = now - i64::try_from(self.buffer.max_age.0.as_millis()).unwrap_or(i64::MAX);
-        let expired: Vec<(i64, i64)> = tx
-            .prepare_cached(
+        // Rows are stored in time order, so while the oldest is within the bound there is
+        // nothing to scan. (A row stored after the clock went back waits for the rows before it.)
+        let oldest = db::oldest_stored_ms(tx)?;
+        let expired: Vec<(i64, i64)> = if oldest.is_none_or(|t| t >= cutoff) {
+            Vec::new()
+        } else {
+            tx.prepare_cached(
                 "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) AND stored_ms < ?1 RETURNING kind, length(body)",
             )?
             .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()?
+        };
         for (kind, len) in expired {
             if delta.removed(kind, len) {
                 delta.dropped_age += 1;
@@ -793,6 +827,25 @@ fn observation_key(r: &Reading) -> [u8; 16] {
     h.update(&[0, r.sensor_type as u8]);
     h.update(&r.observed_at.0.to_le_bytes());
     h.digest128().to_le_bytes()
+}
+
+/// Deletes the buffered rows of an acknowledged run of seqs, counting them out of the totals
+/// and the readings among them as forwarded.
+fn delete_run(
+    tx: &rusqlite::Transaction<'_>,
+    run: &RangeInclusive<u64>,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING kind, length(body)",
+    )?;
+    let mut rows = stmt.query([*run.start() as i64, *run.end() as i64])?;
+    while let Some(row) = rows.next()? {
+        if delta.removed(row.get(0)?, row.get(1)?) {
+            delta.forwarded += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes one buffered row, counting it out of the totals: `Some(is_reading)`, or `None` if
