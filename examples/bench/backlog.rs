@@ -13,7 +13,7 @@ use sahool_gateway::reading::Timestamp;
 use sahool_gateway::sources::mqtt::message_key;
 use sahool_gateway::store::{self, Append, AppendOutcome};
 
-use crate::measure::{self, ns_of, secs, unix_ns, wait_stream, PeakRss};
+use crate::measure::{self, ns_of, secs, unix_ns, wait_stream, CpuMeter, PeakRss};
 use crate::publisher::payload;
 use crate::scenarios::{gateway_config, GATEWAY_STREAM};
 use crate::support::{Gateway, Nats};
@@ -95,6 +95,8 @@ pub struct Drain {
     pub peak_rss_mib: f64,
     pub file_bytes_per_reading: f64,
     pub fill_rate: f64,
+    /// CPU per drained reading: gateway, nats-server.
+    pub cpu_us: Vec<(&'static str, f64)>,
 }
 
 /// `count` readings buffered while NATS is down; then NATS starts, and the gateway, running
@@ -120,8 +122,14 @@ pub async fn drain(count: u64) -> Drain {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let up = unix_ns();
     nats.resume();
+    let gateway_pid = gateway.pid().expect("gateway running");
+    let cpu = CpuMeter::start(&[
+        ("gateway", gateway_pid),
+        ("nats-server", nats.pid().expect("nats-server running")),
+    ]);
     let js = measure::jetstream(&nats.url()).await;
     let state = wait_stream(&js, GATEWAY_STREAM, rows, Duration::from_secs(900)).await;
+    let cpu_us = cpu.per_item_us(rows);
     let peak_rss_mib = rss.finish();
     let (first, last) = (ns_of(state.first_timestamp), ns_of(state.last_timestamp));
     Drain {
@@ -131,6 +139,7 @@ pub async fn drain(count: u64) -> Drain {
         peak_rss_mib,
         file_bytes_per_reading: on_disk as f64 / count as f64,
         fill_rate: count as f64 / fill,
+        cpu_us,
     }
 }
 

@@ -20,8 +20,9 @@ use crate::scenarios::GATEWAY_STREAM;
 use crate::support::Nats;
 
 /// Messages/s publishing `count` of the gateway's events (body and headers as it renders
-/// them) to the platform's stream, with up to `window` PubAcks outstanding.
-pub async fn jetstream(count: u64, window: usize) -> f64 {
+/// them) to the platform's stream, with up to `window` PubAcks outstanding; and nats-server's
+/// CPU per message (µs).
+pub async fn jetstream(count: u64, window: usize) -> (f64, f64) {
     let nats = Nats::with_platform_stream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = bench_config(dir.path());
@@ -54,6 +55,7 @@ pub async fn jetstream(count: u64, window: usize) -> f64 {
         .backpressure_on_inflight(true)
         .build(nats.client().await);
 
+    let cpu = crate::measure::CpuMeter::start(&[("nats-server", nats.pid().expect("nats-server"))]);
     let started = Instant::now();
     let mut inflight = FuturesOrdered::new();
     for e in events {
@@ -72,11 +74,12 @@ pub async fn jetstream(count: u64, window: usize) -> f64 {
         ack.expect("PubAck");
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
+    let server_us = cpu.per_item_us(count)[0].1;
     let stored = crate::measure::stream_state(&js, GATEWAY_STREAM)
         .await
         .messages;
     assert_eq!(stored, count, "every event stored");
-    rate
+    (rate, server_us)
 }
 
 /// Rows/s through the gateway's store with its default settings (`synchronous = FULL`), one

@@ -21,7 +21,8 @@
 //! The table is printed and written as JSON to `target/bench/results.json`. Figures are
 //! printed, never asserted: a loaded machine gives lower numbers, not a failure.
 //!
-//! Options: `--quick`, `--runs N`, `--out FILE`.
+//! Options: `--quick`, `--runs N`, `--out FILE`, `--only PHASE,...` (of `ceilings`,
+//! `throughput`, `latency`, `steady`, `drain`: to look at one part again).
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -35,7 +36,6 @@ mod scenarios;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use report::{Report, Section, Target};
 use scenarios::{System, SCENARIOS};
@@ -92,6 +92,7 @@ struct Options {
     quick: bool,
     runs: usize,
     out: PathBuf,
+    only: Vec<String>,
 }
 
 impl Options {
@@ -100,6 +101,7 @@ impl Options {
             quick: false,
             runs: 0,
             out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/results.json"),
+            only: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -113,6 +115,18 @@ impl Options {
                         .ok_or("--runs needs a number above 0")?
                 }
                 "--out" => o.out = PathBuf::from(it.next().ok_or("--out needs a file")?),
+                "--only" => {
+                    let list = it.next().ok_or("--only needs a list of phases")?;
+                    for phase in list.split(',') {
+                        if !PHASES.contains(&phase) {
+                            return Err(format!(
+                                "unknown phase `{phase}` (phases: {})",
+                                PHASES.join(", ")
+                            ));
+                        }
+                        o.only.push(phase.to_string());
+                    }
+                }
                 other => {
                     return Err(format!(
                         "unknown argument `{other}` (try --quick, --runs N, --out FILE)"
@@ -185,7 +199,7 @@ async fn bench(options: Options) -> ExitCode {
     for run in 1..=options.runs {
         eprintln!("bench: run {run} of {}", options.runs);
         report.note_load(run, "start");
-        one_run(&sizes, &mut report).await;
+        one_run(&sizes, &options.only, &mut report).await;
         report.note_load(run, "end");
     }
     footprint_sizes(&mut report);
@@ -202,12 +216,127 @@ async fn bench(options: Options) -> ExitCode {
     }
 }
 
-async fn one_run(sizes: &Sizes, report: &mut Report) {
-    // 1. Ceilings.
-    let mut js_best = 0.0f64;
+/// The parts of a run, for `--only`.
+const PHASES: &[&str] = &["ceilings", "throughput", "latency", "steady", "drain"];
+
+async fn one_run(sizes: &Sizes, only: &[String], report: &mut Report) {
+    let wanted = |phase: &str| only.is_empty() || only.iter().any(|o| o == phase);
+    let mut js_best = None;
+    if wanted("ceilings") {
+        js_best = Some(ceilings_phase(sizes, report).await);
+    }
+    let mut peer_rate = None;
+    let mut gateway_rates = Vec::new();
+    for (i, scenario) in SCENARIOS.iter().enumerate() {
+        // Index ranges differ per system so no reading repeats another's device timestamp.
+        let base = i as u64 * 10_000_000;
+        let gateway = matches!(scenario.system, System::Gateway(_));
+        if wanted("throughput") {
+            let online = scenarios::online(scenario, base, sizes.throughput).await;
+            let section = if gateway {
+                Section::Online
+            } else {
+                Section::Peer
+            };
+            report.add(
+                section,
+                &format!("online.{}", scenario.key),
+                scenario.label,
+                "readings/s",
+                None,
+                online.rate,
+            );
+            for (process, us) in online.cpu_us {
+                report.add(
+                    section,
+                    &format!("online.{}.cpu.{process}", scenario.key),
+                    &format!("  CPU per reading: {process}"),
+                    "µs",
+                    None,
+                    us,
+                );
+            }
+            if gateway {
+                gateway_rates.push((scenario, online.rate));
+            } else {
+                peer_rate = Some(online.rate);
+            }
+        }
+        if wanted("latency") {
+            let latency =
+                scenarios::latency(scenario, base + 2_000_000, LATENCY_RATE, sizes.latency_secs)
+                    .await;
+            for (name, q, target) in [
+                ("p50", 0.50, None),
+                ("p99", 0.99, Some(Target::AtMost(20.0))),
+                ("p99.9", 0.999, None),
+            ] {
+                report.add(
+                    Section::Latency,
+                    &format!("latency.{}.{name}", scenario.key),
+                    &format!("{}: {name}", scenario.name),
+                    "ms",
+                    target.filter(|_| gateway),
+                    measure::quantile(&latency, q),
+                );
+            }
+        }
+        if wanted("steady") {
+            let steady =
+                scenarios::steady(scenario, base + 4_000_000, STEADY_RATE, sizes.steady_secs).await;
+            report.add(
+                Section::Footprint,
+                &format!("rss.steady.{}", scenario.key),
+                &format!("peak RSS at 10,000 readings/s: {}", scenario.name),
+                "MiB",
+                gateway.then_some(Target::AtMost(16.0)),
+                steady.peak_rss_mib,
+            );
+            report.add(
+                Section::Footprint,
+                &format!("steady.rate.{}", scenario.key),
+                &format!("  rate reached, 10,000/s offered: {}", scenario.name),
+                "readings/s",
+                None,
+                steady.rate,
+            );
+        }
+    }
+    for (scenario, rate) in &gateway_rates {
+        if let Some(peer) = peer_rate {
+            report.add(
+                Section::Online,
+                &format!("ratio.{}.peer", scenario.key),
+                &format!("{} / peer", scenario.name),
+                "×",
+                Some(Target::AtLeast(2.0)),
+                rate / peer,
+            );
+        }
+        if let Some(ceiling) = js_best {
+            report.add(
+                Section::Online,
+                &format!("ratio.{}.jetstream", scenario.key),
+                &format!("{} / JetStream ceiling", scenario.name),
+                "%",
+                Some(Target::AtLeast(80.0)),
+                100.0 * rate / ceiling,
+            );
+        }
+    }
+    if wanted("drain") {
+        drain_phase(sizes, report).await;
+    }
+}
+
+/// 1. Ceilings; returns the JetStream one (best window).
+async fn ceilings_phase(sizes: &Sizes, report: &mut Report) -> f64 {
+    let mut best = (0.0f64, 0.0);
     for &window in sizes.windows {
-        let rate = ceilings::jetstream(sizes.jetstream, window).await;
-        js_best = js_best.max(rate);
+        let (rate, server_us) = ceilings::jetstream(sizes.jetstream, window).await;
+        if rate > best.0 {
+            best = (rate, server_us);
+        }
         report.add(
             Section::Ceilings,
             &format!("ceiling.jetstream.window_{window}"),
@@ -223,13 +352,21 @@ async fn one_run(sizes: &Sizes, report: &mut Report) {
         "JetStream publish, pipelined acks (best window)",
         "msgs/s",
         None,
-        js_best,
+        best.0,
+    );
+    report.add(
+        Section::Ceilings,
+        "ceiling.jetstream.cpu.nats-server",
+        "  CPU per message: nats-server",
+        "µs",
+        None,
+        best.1,
     );
     let store = ceilings::store(sizes.store_rows).await;
     report.add(
         Section::Ceilings,
         "ceiling.store",
-        "SQLite group commit, gateway settings (1,024 appends in flight)",
+        "SQLite group commit, gateway settings, 1,024 appends in flight",
         "rows/s",
         None,
         store,
@@ -243,91 +380,11 @@ async fn one_run(sizes: &Sizes, report: &mut Report) {
         None,
         fsync,
     );
+    best.0
+}
 
-    // 2., 3., 5. and the steady footprint, for every system compared.
-    let mut peer_rate = None;
-    let mut gateway_rates = Vec::new();
-    for (i, scenario) in SCENARIOS.iter().enumerate() {
-        // Index ranges differ per system so no reading repeats another's device timestamp.
-        let base = i as u64 * 10_000_000;
-        let online = scenarios::online(scenario, base, sizes.throughput).await;
-        let section = match scenario.system {
-            System::NatsPeer => Section::Peer,
-            System::Gateway(_) => Section::Online,
-        };
-        report.add(
-            section,
-            &format!("online.{}", scenario.key),
-            scenario.label,
-            "readings/s",
-            None,
-            online,
-        );
-        match scenario.system {
-            System::NatsPeer => peer_rate = Some(online),
-            System::Gateway(_) => gateway_rates.push((scenario, online)),
-        }
-
-        let latency =
-            scenarios::latency(scenario, base + 2_000_000, LATENCY_RATE, sizes.latency_secs).await;
-        for (name, q, target) in [
-            ("p50", 0.50, None),
-            ("p99", 0.99, Some(Target::AtMost(20.0))),
-            ("p99.9", 0.999, None),
-        ] {
-            let target = target.filter(|_| matches!(scenario.system, System::Gateway(_)));
-            report.add(
-                Section::Latency,
-                &format!("latency.{}.{name}", scenario.key),
-                &format!("{}: {name}", scenario.label),
-                "ms",
-                target,
-                measure::quantile(&latency, q),
-            );
-        }
-
-        let steady =
-            scenarios::steady(scenario, base + 4_000_000, STEADY_RATE, sizes.steady_secs).await;
-        let gateway = matches!(scenario.system, System::Gateway(_));
-        report.add(
-            Section::Footprint,
-            &format!("rss.steady.{}", scenario.key),
-            &format!("peak RSS at 10,000 readings/s: {}", scenario.label),
-            "MiB",
-            gateway.then_some(Target::AtMost(16.0)),
-            steady.peak_rss_mib,
-        );
-        report.add(
-            Section::Footprint,
-            &format!("steady.rate.{}", scenario.key),
-            &format!("rate reached when offered 10,000/s: {}", scenario.label),
-            "readings/s",
-            None,
-            steady.rate,
-        );
-    }
-    for (scenario, rate) in &gateway_rates {
-        if let Some(peer) = peer_rate {
-            report.add(
-                Section::Online,
-                &format!("ratio.{}.peer", scenario.key),
-                &format!("{} / peer", scenario.key),
-                "×",
-                Some(Target::AtLeast(2.0)),
-                rate / peer,
-            );
-        }
-        report.add(
-            Section::Online,
-            &format!("ratio.{}.jetstream", scenario.key),
-            &format!("{} / JetStream ceiling", scenario.key),
-            "%",
-            Some(Target::AtLeast(80.0)),
-            100.0 * rate / js_best.max(1.0),
-        );
-    }
-
-    // 4. Backlog drain, and the buffer's size on disk.
+/// 4. Backlog drain, and the buffer's size on disk.
+async fn drain_phase(sizes: &Sizes, report: &mut Report) {
     let drain = backlog::drain(sizes.backlog).await;
     let full = sizes.backlog == TARGET_BACKLOG;
     report.add(
@@ -341,7 +398,7 @@ async fn one_run(sizes: &Sizes, report: &mut Report) {
     report.add(
         Section::Drain,
         "drain.reconnect_seconds",
-        "of which NATS up → first PubAck (reconnect)",
+        "  of which NATS up → first PubAck (reconnect)",
         "s",
         None,
         drain.nats_up_to_first,
@@ -354,6 +411,16 @@ async fn one_run(sizes: &Sizes, report: &mut Report) {
         Some(Target::AtLeast(100_000.0)),
         drain.rate,
     );
+    for (process, us) in drain.cpu_us {
+        report.add(
+            Section::Drain,
+            &format!("drain.cpu.{process}"),
+            &format!("  CPU per reading: {process}"),
+            "µs",
+            None,
+            us,
+        );
+    }
     report.add(
         Section::Footprint,
         "rss.drain",
@@ -373,13 +440,11 @@ async fn one_run(sizes: &Sizes, report: &mut Report) {
     report.add(
         Section::Footprint,
         "buffer.fill_rate",
-        "backlog written through the store (fill before the drain)",
+        "  backlog written through the store before the drain",
         "rows/s",
         None,
         drain.fill_rate,
     );
-    // Gives the servers a moment to wind down before the next run.
-    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 /// Stripped binary sizes: this machine's release build, and the aarch64 one if `cross/build`

@@ -159,6 +159,44 @@ impl PeakRss {
     }
 }
 
+/// CPU time (user + system, seconds) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name: state is the 3rd, utime the 14th, stime the 15th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // /proc reports in USER_HZ, which Linux fixes at 100 for user space.
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU used by named processes between `start` and `finish`.
+pub struct CpuMeter {
+    start: Vec<(&'static str, u32, f64)>,
+}
+
+impl CpuMeter {
+    pub fn start(processes: &[(&'static str, u32)]) -> Self {
+        Self {
+            start: processes
+                .iter()
+                .map(|&(name, pid)| (name, pid, cpu_seconds(pid).unwrap_or(0.0)))
+                .collect(),
+        }
+    }
+
+    /// Microseconds of CPU per item, for each process.
+    pub fn per_item_us(&self, items: u64) -> Vec<(&'static str, f64)> {
+        self.start
+            .iter()
+            .map(|&(name, pid, t0)| {
+                let used = cpu_seconds(pid).unwrap_or(t0) - t0;
+                (name, used * 1e6 / items.max(1) as f64)
+            })
+            .collect()
+    }
+}
+
 /// Size of `binary` after `strip --strip-all`, in MiB; `None` if there is no such binary.
 pub fn stripped_mib(binary: &Path, strip: &str) -> Option<f64> {
     if !binary.exists() {

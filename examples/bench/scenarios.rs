@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::measure::{self, secs, wait_stream, Arrivals, PeakRss};
+use crate::measure::{self, secs, wait_stream, Arrivals, CpuMeter, PeakRss};
 use crate::publisher::{read_send_log, Job, Publisher};
 use crate::support::{free_port, wait_for_port, Gateway, Mosquitto, Nats};
 
@@ -18,7 +18,8 @@ const PEER_SUBJECTS: &str = "sahool.sensors.>";
 pub struct Scenario {
     /// Short name, in JSON keys.
     pub key: &'static str,
-    /// Its row in the table.
+    /// What it is, in a few words, and the whole path for its throughput row.
+    pub name: &'static str,
     pub label: &'static str,
     pub system: System,
 }
@@ -47,6 +48,7 @@ pub struct Ingest {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         key: "gateway",
+        name: "gateway via mosquitto",
         label: "gateway: publisher → mosquitto → [[mqtt]] → SQLite → JetStream",
         system: System::Gateway(Ingest {
             broker: true,
@@ -55,6 +57,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         key: "peer",
+        name: "peer",
         label: "peer: publisher → nats-server MQTT → JetStream",
         system: System::NatsPeer,
     },
@@ -110,7 +113,7 @@ pub struct Running {
     pub extra: u64,
     pub nats: Nats,
     pub gateway: Option<Gateway>,
-    _broker: Option<Mosquitto>,
+    broker: Option<Mosquitto>,
 }
 
 impl Running {
@@ -122,6 +125,27 @@ impl Running {
         }
         .expect("system process running")
     }
+
+    /// Every process of the system, by name.
+    pub fn processes(&self) -> Vec<(&'static str, u32)> {
+        let mut all = Vec::new();
+        if let Some(pid) = self.gateway.as_ref().and_then(Gateway::pid) {
+            all.push(("gateway", pid));
+        }
+        if let Some(pid) = self.broker.as_ref().and_then(Mosquitto::pid) {
+            all.push(("mosquitto", pid));
+        }
+        if let Some(pid) = self.nats.pid() {
+            all.push(("nats-server", pid));
+        }
+        all
+    }
+}
+
+/// Readings/s, and CPU per reading of each process of the system.
+pub struct Online {
+    pub rate: f64,
+    pub cpu_us: Vec<(&'static str, f64)>,
 }
 
 impl Scenario {
@@ -145,7 +169,7 @@ impl Scenario {
                     extra: 1,
                     nats,
                     gateway: Some(gateway),
-                    _broker: broker,
+                    broker,
                 }
             }
             System::NatsPeer => {
@@ -162,7 +186,7 @@ impl Scenario {
                     extra: 0,
                     nats,
                     gateway: None,
-                    _broker: None,
+                    broker: None,
                 }
             }
         }
@@ -170,9 +194,10 @@ impl Scenario {
 }
 
 /// Readings/s from the first publish to the moment the stream held the last of `count`.
-pub async fn online(scenario: &Scenario, first: u64, count: u64) -> f64 {
+pub async fn online(scenario: &Scenario, first: u64, count: u64) -> Online {
     let system = scenario.start().await;
     let js = measure::jetstream(&system.nats.url()).await;
+    let cpu = CpuMeter::start(&system.processes());
     let publisher = Publisher::spawn(&Job {
         port: system.publisher_port,
         first,
@@ -189,7 +214,10 @@ pub async fn online(scenario: &Scenario, first: u64, count: u64) -> f64 {
     )
     .await;
     let elapsed = secs(measure::ns_of(state.last_timestamp) - sent.first_send_ns);
-    count as f64 / elapsed
+    Online {
+        rate: count as f64 / elapsed,
+        cpu_us: cpu.per_item_us(count),
+    }
 }
 
 /// Milliseconds from each publish to its arrival in the stream, at a steady `rate`.

@@ -280,6 +280,11 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
+    /// The running broker's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn resume(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
         std::fs::write(
