@@ -11,7 +11,7 @@ use super::StoreError;
 use crate::config::Synchronous;
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -68,6 +68,21 @@ CREATE TABLE recent_readings (
     id  INTEGER PRIMARY KEY,
     key BLOB NOT NULL UNIQUE
 );
+";
+
+/// Schema version 3: `recent_messages` without an index on its random keys (looked up in
+/// memory instead, see [`super::recent`]), and `recent_readings` keys that begin with the
+/// observation time, so its index grows at one end. Old-style reading keys can never match a
+/// new one, so they are dropped.
+const SCHEMA_V3: &str = "
+CREATE TABLE recent_messages_v3 (
+    id  INTEGER PRIMARY KEY,
+    key BLOB NOT NULL
+);
+INSERT INTO recent_messages_v3 (id, key) SELECT id, key FROM recent_messages;
+DROP TABLE recent_messages;
+ALTER TABLE recent_messages_v3 RENAME TO recent_messages;
+DELETE FROM recent_readings;
 ";
 
 const TABLES: [&str; 6] = [
@@ -178,13 +193,19 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
                 return Err(corrupt("tables present but no schema version".into()));
             }
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(classify)?;
         }
         1 => {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(classify)?;
+        }
+        2 => {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(classify)?;
         }
@@ -373,4 +394,95 @@ pub fn dead_letters_by_reason(conn: &Connection) -> rusqlite::Result<Vec<(String
         conn.prepare("SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer as version 2 left it: a row waiting, a message and a reading remembered.
+    fn version_2_file(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; BEGIN; {SCHEMA} {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+        ))
+        .unwrap();
+        conn.execute(
+            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (7, ?1, 1000, 0, x'0102')",
+            [&[9u8; 16][..]],
+        )
+        .unwrap();
+        conn.execute("UPDATE meta SET value = 8 WHERE key = 'next_seq'", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO recent_messages (key) VALUES (?1)",
+            [&[5u8; 16][..]],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO recent_readings (key) VALUES (?1)",
+            [&[6u8; 16][..]],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn version_2_buffer_is_migrated_keeping_rows_and_remembered_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        version_2_file(&path);
+
+        let opened = open(&path, Synchronous::Full).unwrap();
+        assert!(opened.moved_aside.is_none());
+        let conn = opened.conn;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        let rows = fetch_after(&conn, 0, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].seq, rows[0].event_id), (7, [9u8; 16]));
+        assert_eq!(rows[0].body, vec![1, 2]);
+        assert_eq!(totals(&conn).unwrap().next_seq, 8);
+        let kept: Vec<u8> = conn
+            .query_row("SELECT key FROM recent_messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, vec![5u8; 16]);
+        let readings: i64 = conn
+            .query_row("SELECT count(*) FROM recent_readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(readings, 0, "old-style observation keys are dropped");
+        // No index on the message keys any more: the same key may be stored twice.
+        conn.execute(
+            "INSERT INTO recent_messages (key) VALUES (?1)",
+            [&[5u8; 16][..]],
+        )
+        .unwrap();
+        drop(conn);
+
+        // Opening again finds version 3 and changes nothing.
+        let again = open(&path, Synchronous::Full).unwrap();
+        assert!(again.moved_aside.is_none());
+        assert_eq!(fetch_after(&again.conn, 0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn fresh_buffer_has_the_current_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("buffer.db"), Synchronous::Full)
+            .unwrap()
+            .conn;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let indexed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'recent_messages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 0);
+    }
 }

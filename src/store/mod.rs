@@ -1,7 +1,7 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 2; version 1 files
-//! gain the two tables added in 2 when opened)
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 3; older files are
+//! migrated when opened, see [`db`])
 //! - `outbox(seq PK, event_id BLOB(16), stored_ms, kind, body)`: one row per event. `kind` 0 is
 //!   a reading (`body` = [`Reading`] as postcard bytes), 1 a liveness change (`body` =
 //!   [`crate::reading::StatusChange`]); the event JSON is rendered at publish time.
@@ -11,11 +11,15 @@
 //!   `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
 //! - `seq.floor` (a text file beside the database): a reserved high-water mark of `seq`, so a
 //!   fresh database after corruption recovery continues above every seq ever handed out.
-//! - `recent_messages(id PK, key UNIQUE)`: hashes of the last [`RECENT_MESSAGES`] source messages
-//!   committed, so a redelivery of a message already stored (an MQTT ack lost to a crash) is
-//!   acknowledged again but not stored twice.
-//! - `recent_readings(id PK, key UNIQUE)`: hashes of (device, type, device timestamp) of the last
-//!   [`RECENT_MESSAGES`] readings stored, so the same observation delivered twice is stored once.
+//! - `recent_messages(id PK, key)`: hashes of the last [`recent::RECENT_MESSAGES`] source
+//!   messages committed, so a redelivery of a message already stored (an MQTT ack lost to a
+//!   crash) is acknowledged again but not stored twice. Append-only; looked up in memory.
+//! - `recent_readings(id PK, key UNIQUE)`: (device timestamp, hash of device and type) of the
+//!   last [`RECENT_READINGS`] readings stored, so the same observation delivered twice is stored
+//!   once. The key starts with the time, so new keys land at one end of the index.
+//!
+//! Every table grows at one end and is trimmed at the other: a commit dirties a few pages
+//! whatever the size of the buffer.
 //! - `sensors(device_id, sensor_type PK, field_id, tenant_id, last_seen_ms, stale_after_ms,
 //!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
 //!   in the same transaction as the readings and status events it follows from.
@@ -43,6 +47,7 @@
 
 pub mod db;
 pub mod liveness;
+mod recent;
 mod seq_floor;
 
 use std::ops::RangeInclusive;
@@ -60,8 +65,8 @@ use crate::metrics::Metrics;
 use crate::reading::{Reading, KIND_READING, KIND_STATUS};
 pub use db::{DeadLetterRow, OutboxRow};
 
-/// Source messages remembered for redelivery detection.
-pub const RECENT_MESSAGES: i64 = 200_000;
+/// Device observations remembered for duplicate detection.
+pub const RECENT_READINGS: i64 = 200_000;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
@@ -251,6 +256,11 @@ pub fn start(
         path: path.clone(),
         source,
     })?;
+    let recent =
+        recent::RecentMessages::load(&opened.conn).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
     let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
     if totals.next_seq == 1 {
         // A new (or replaced) database continues above everything handed out before.
@@ -281,6 +291,7 @@ pub fn start(
         low_battery,
         acked: Vec::new(),
         acked_seqs: 0,
+        recent,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -330,6 +341,7 @@ struct Writer {
     /// Acknowledged runs not yet deleted, and how many seqs they span.
     acked: Vec<RangeInclusive<u64>>,
     acked_seqs: u64,
+    recent: recent::RecentMessages,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -354,6 +366,8 @@ struct Delta {
     status_changes: u64,
     status_rows_added: u64,
     status_rows_removed: u64,
+    /// Fingerprints of the source messages stored, in order.
+    messages: Vec<u64>,
 }
 
 impl Delta {
@@ -566,11 +580,8 @@ impl Writer {
         delta: &mut Delta,
     ) -> rusqlite::Result<AppendOutcome> {
         if let (Some(key), true) = (append.message_key, append.maybe_duplicate) {
-            let seen: Option<i64> = tx
-                .prepare_cached("SELECT 1 FROM recent_messages WHERE key = ?1")?
-                .query_row([&key[..]], |r| r.get(0))
-                .optional()?;
-            if seen.is_some() {
+            let fingerprint = recent::fingerprint(&key);
+            if self.recent.contains(fingerprint) || delta.messages.contains(&fingerprint) {
                 return Ok(AppendOutcome::Duplicate);
             }
         }
@@ -635,8 +646,9 @@ impl Writer {
             delta.rejected.push(d.reason);
         }
         if let Some(key) = append.message_key {
-            tx.prepare_cached("INSERT OR IGNORE INTO recent_messages (key) VALUES (?1)")?
+            tx.prepare_cached("INSERT INTO recent_messages (key) VALUES (?1)")?
                 .execute([&key[..]])?;
+            delta.messages.push(recent::fingerprint(&key));
         }
         Ok(AppendOutcome::Stored {
             first_seq,
@@ -703,11 +715,14 @@ impl Writer {
                 delta.dropped_age += 1;
             }
         }
-        for table in ["recent_messages", "recent_readings"] {
+        for (table, keep) in [
+            ("recent_messages", recent::RECENT_MESSAGES as i64),
+            ("recent_readings", RECENT_READINGS),
+        ] {
             tx.prepare_cached(&format!(
                 "DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"
             ))?
-            .execute([RECENT_MESSAGES])?;
+            .execute([keep])?;
         }
         let cut = tx
             .prepare_cached(
@@ -756,6 +771,7 @@ impl Writer {
         for r in &d.rejected {
             m.rejected(r.label()).inc();
         }
+        self.recent.extend(&d.messages);
         if d.next_seq != self.next_seq {
             self.next_seq = d.next_seq;
             self.committed.send_replace(self.next_seq - 1);
@@ -820,13 +836,17 @@ fn insert_row(
     Ok(())
 }
 
-/// Identity of a device observation: device, sensor type and the device's own time.
+/// Identity of a device observation: the device's own time (big-endian with the sign bit
+/// flipped, so keys sort by time and new ones land at the end of the index), then a hash of
+/// device and sensor type.
 fn observation_key(r: &Reading) -> [u8; 16] {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(r.device_id.as_bytes());
     h.update(&[0, r.sensor_type as u8]);
-    h.update(&r.observed_at.0.to_le_bytes());
-    h.digest128().to_le_bytes()
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&((r.observed_at.0 as u64) ^ (1 << 63)).to_be_bytes());
+    key[8..].copy_from_slice(&h.digest().to_le_bytes());
+    key
 }
 
 /// Deletes the buffered rows of an acknowledged run of seqs, counting them out of the totals
@@ -876,4 +896,140 @@ fn insert_dead_letter(
     )?
     .execute(params![now, source, reason.label(), detail, raw])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Buffer;
+    use crate::reading::{SensorType, Timestamp};
+
+    fn reading(i: i64) -> Reading {
+        Reading {
+            device_id: "probe-1".into(),
+            field_id: "field-1".into(),
+            tenant_id: "tenant-a".into(),
+            sensor_type: SensorType::WaterLevel,
+            value: i as f64,
+            unit: "cm".into(),
+            observed_at: Timestamp(1_780_287_300_000_000_000 + i * 1_000_000_000),
+            battery: None,
+            rssi: None,
+            raw_value: None,
+            original_timestamp: None,
+            device_time: true,
+            stale_after_ms: 3_600_000,
+        }
+    }
+
+    fn message(i: i64, resent: bool) -> Append {
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&i.to_le_bytes());
+        Append {
+            readings: vec![reading(i)],
+            dead_letters: Vec::new(),
+            message_key: Some(key),
+            maybe_duplicate: resent,
+        }
+    }
+
+    async fn append(store: &StoreHandle, a: Append) -> AppendOutcome {
+        store.append(a).await.unwrap().await.unwrap().unwrap()
+    }
+
+    async fn close(store: StoreHandle, thread: std::thread::JoinHandle<()>) {
+        drop(store);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn observation_keys_sort_by_time() {
+        let mut early = reading(0);
+        early.observed_at = Timestamp(-5);
+        let keys = [early, reading(0), reading(1), reading(1_000_000)].map(|r| observation_key(&r));
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[tokio::test]
+    async fn resent_messages_are_recognised_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) =
+            start(path.clone(), Buffer::default(), 20.0, metrics.clone()).unwrap();
+        assert!(matches!(
+            append(&store, message(1, false)).await,
+            AppendOutcome::Stored { .. }
+        ));
+        assert_eq!(
+            append(&store, message(1, true)).await,
+            AppendOutcome::Duplicate
+        );
+        // Not flagged as resent: not looked up (its reading is then dropped as a repeat of
+        // the same observation, but the message itself is stored).
+        assert!(matches!(
+            append(&store, message(1, false)).await,
+            AppendOutcome::Stored { count: 0, .. }
+        ));
+        close(store, thread).await;
+
+        let (store, thread) = start(path, Buffer::default(), 20.0, metrics).unwrap();
+        assert_eq!(
+            append(&store, message(1, true)).await,
+            AppendOutcome::Duplicate
+        );
+        assert!(matches!(
+            append(&store, message(2, true)).await,
+            AppendOutcome::Stored { count: 1, .. }
+        ));
+        close(store, thread).await;
+    }
+
+    #[tokio::test]
+    async fn acknowledged_runs_delete_exactly_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(
+            dir.path().join("buffer.db"),
+            Buffer::default(),
+            20.0,
+            metrics.clone(),
+        )
+        .unwrap();
+        for i in 1..=6 {
+            append(&store, message(i, false)).await;
+        }
+        // Seqs: 1 and 2 readings, then the sensor's `connected` event, then readings 3..=6.
+        let rows = store.fetch(0, 100).await.unwrap();
+        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs.len(), 7);
+        let first = seqs[0];
+        // Acknowledged: all but the fourth row; the run past the last row covers nothing.
+        store
+            .acked(vec![first..=first + 2, first + 4..=first + 10])
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let left: Vec<u64> = store
+            .fetch(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(left, vec![first + 3]);
+        let is_reading = |r: &&OutboxRow| r.kind == KIND_READING;
+        let deleted = rows.iter().filter(|r| r.seq != first + 3);
+        assert_eq!(
+            metrics.readings_forwarded.get(),
+            deleted.filter(is_reading).count() as u64
+        );
+        assert_eq!(
+            metrics.buffer_readings.get(),
+            i64::from(is_reading(&&rows[3]))
+        );
+        close(store, thread).await;
+    }
 }
