@@ -71,10 +71,13 @@ CREATE TABLE recent_readings (
 ";
 
 /// Schema version 3: `recent_messages` without an index on its random keys (looked up in
-/// memory instead, see [`super::recent`]), and `recent_readings` keys that begin with the
-/// observation time, so its index grows at one end. Old-style reading keys can never match a
-/// new one, so they are dropped.
+/// memory instead, see [`super::recent`]); `recent_readings` keys that begin with the
+/// observation time, so its index grows at one end (old-style keys can never match a new one,
+/// so they are dropped); and a random salt from which rows stored from now on derive their
+/// event id ([`event_id`]), leaving their `event_id` column empty. Rows stored before keep the
+/// id they were given.
 const SCHEMA_V3: &str = "
+INSERT INTO meta (key, value) VALUES ('event_salt_0', random()), ('event_salt_1', random());
 CREATE TABLE recent_messages_v3 (
     id  INTEGER PRIMARY KEY,
     key BLOB NOT NULL
@@ -282,6 +285,33 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// A row's event id when its `event_id` column is empty: a hash of the buffer's random salt
+/// and the row's seq, laid out as a version 4 UUID. Fixed by the row's seq, so it never
+/// changes; unique per buffer because seqs are; unlike other buffers' ids because salts are.
+pub fn event_id(salt: &[u8; 16], seq: u64) -> [u8; 16] {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(salt);
+    h.update(&seq.to_le_bytes());
+    let mut id = h.digest128().to_le_bytes();
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
+}
+
+/// The salt of [`event_id`], made when the schema was created or migrated to version 3.
+pub fn event_salt(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
+    let mut salt = [0u8; 16];
+    for (i, half) in salt.chunks_exact_mut(8).enumerate() {
+        let value: i64 = conn.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [format!("event_salt_{i}")],
+            |r| r.get(0),
+        )?;
+        half.copy_from_slice(&value.to_le_bytes());
+    }
+    Ok(salt)
+}
+
 /// Totals read once at open; afterwards the owner thread keeps them current.
 pub struct Totals {
     pub rows: u64,
@@ -329,22 +359,23 @@ pub struct OutboxRow {
     pub body: Vec<u8>,
 }
 
+/// Committed rows with `seq > after`, oldest first, with their event ids (`salt`: see
+/// [`event_id`]).
 pub fn fetch_after(
     conn: &Connection,
     after: u64,
     limit: usize,
+    salt: &[u8; 16],
 ) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, event_id, stored_ms, kind, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-        let id: Vec<u8> = r.get(1)?;
-        let mut event_id = [0u8; 16];
-        if id.len() == 16 {
-            event_id.copy_from_slice(&id);
-        }
+        let seq = r.get::<_, i64>(0)? as u64;
+        let stored = r.get_ref(1)?.as_blob()?;
+        let event_id = <[u8; 16]>::try_from(stored).unwrap_or_else(|_| event_id(salt, seq));
         Ok(OutboxRow {
-            seq: r.get::<_, i64>(0)? as u64,
+            seq,
             event_id,
             stored_ms: r.get(2)?,
             kind: r.get::<_, i64>(3)? as u8,
@@ -439,9 +470,14 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, 3);
-        let rows = fetch_after(&conn, 0, 10).unwrap();
+        let salt = event_salt(&conn).unwrap();
+        let rows = fetch_after(&conn, 0, 10, &salt).unwrap();
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].seq, rows[0].event_id), (7, [9u8; 16]));
+        assert_eq!(
+            (rows[0].seq, rows[0].event_id),
+            (7, [9u8; 16]),
+            "ids given before stay"
+        );
         assert_eq!(rows[0].body, vec![1, 2]);
         assert_eq!(totals(&conn).unwrap().next_seq, 8);
         let kept: Vec<u8> = conn
@@ -458,12 +494,26 @@ mod tests {
             [&[5u8; 16][..]],
         )
         .unwrap();
+
+        // A row stored now gets its id from the salt, the same at every read.
+        conn.execute(
+            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (8, x'', 1000, 0, x'03')",
+            [],
+        )
+        .unwrap();
+        let new_id = fetch_after(&conn, 7, 10, &salt).unwrap()[0].event_id;
+        assert_eq!(new_id, event_id(&salt, 8));
         drop(conn);
 
-        // Opening again finds version 3 and changes nothing.
+        // Opening again finds version 3 and changes nothing, the salt included.
         let again = open(&path, Synchronous::Full).unwrap();
         assert!(again.moved_aside.is_none());
-        assert_eq!(fetch_after(&again.conn, 0, 10).unwrap().len(), 1);
+        assert_eq!(event_salt(&again.conn).unwrap(), salt);
+        let rows = fetch_after(&again.conn, 0, 10, &salt).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+            vec![[9u8; 16], new_id]
+        );
     }
 
     #[test]
@@ -484,5 +534,19 @@ mod tests {
             )
             .unwrap();
         assert_eq!(indexed, 0);
+    }
+
+    #[test]
+    fn derived_event_ids_are_v4_uuids_distinct_per_seq_and_per_buffer() {
+        let a = [1u8; 16];
+        let b = [2u8; 16];
+        let ids: std::collections::HashSet<[u8; 16]> = (1..=10_000)
+            .flat_map(|seq| [event_id(&a, seq), event_id(&b, seq)])
+            .collect();
+        assert_eq!(ids.len(), 20_000);
+        let id = uuid::Uuid::from_bytes(event_id(&a, 1));
+        assert_eq!(id.get_version_num(), 4);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(event_id(&a, 1), event_id(&a, 1));
     }
 }

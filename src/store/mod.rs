@@ -2,10 +2,13 @@
 //!
 //! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 3; older files are
 //! migrated when opened, see [`db`])
-//! - `outbox(seq PK, event_id BLOB(16), stored_ms, kind, body)`: one row per event. `kind` 0 is
+//! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
+//!   empty for rows stored since version 3: their id derives from the seq ([`db::event_id`]),
+//!   16 bytes saved per row. `kind` 0 is
 //!   a reading (`body` = [`Reading`] as postcard bytes), 1 a liveness change (`body` =
 //!   [`crate::reading::StatusChange`]); the event JSON is rendered at publish time.
-//! - `meta(key, value)`: `next_seq`, the next sequence number to hand out.
+//! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
+//!   `event_salt_1`, the random salt of derived event ids.
 //! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
 //!   readings and publishes the server refused for good, with their raw bytes; bounded by
 //!   `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
@@ -31,7 +34,8 @@
 //! 2. `seq` is strictly increasing and never reused: `next_seq` is written in the same
 //!    transaction as the rows it numbers, so it survives restarts and deleting every row; and
 //!    `seq.floor` covers it before the commit, so it survives losing the file too.
-//! 3. `event_id` is made once, when the row is committed, and never changes.
+//! 3. `event_id` is fixed when the row is committed (by its seq and the buffer's salt, or
+//!    stored) and never changes.
 //! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`], which takes
 //!    runs of seqs whose every buffered row was acknowledged, so one statement deletes a run); a permanent
 //!    publish refusal (moved to `dead_letters` in the same transaction); or a bound
@@ -256,11 +260,12 @@ pub fn start(
         path: path.clone(),
         source,
     })?;
-    let recent =
-        recent::RecentMessages::load(&opened.conn).map_err(|source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        })?;
+    let sqlite = |source| StoreError::Sqlite {
+        path: path.clone(),
+        source,
+    };
+    let recent = recent::RecentMessages::load(&opened.conn).map_err(sqlite)?;
+    let event_salt = db::event_salt(&opened.conn).map_err(sqlite)?;
     let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
     if totals.next_seq == 1 {
         // A new (or replaced) database continues above everything handed out before.
@@ -292,6 +297,7 @@ pub fn start(
         acked: Vec::new(),
         acked_seqs: 0,
         recent,
+        event_salt,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -342,6 +348,7 @@ struct Writer {
     acked: Vec<RangeInclusive<u64>>,
     acked_seqs: u64,
     recent: recent::RecentMessages,
+    event_salt: [u8; 16],
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -502,12 +509,13 @@ impl Writer {
                 reply,
             } = read
             {
-                let rows = db::fetch_after(&self.conn, after, limit).map_err(|source| {
-                    StoreError::Sqlite {
-                        path: self.path.clone(),
-                        source,
-                    }
-                });
+                let rows =
+                    db::fetch_after(&self.conn, after, limit, &self.event_salt).map_err(|source| {
+                        StoreError::Sqlite {
+                            path: self.path.clone(),
+                            source,
+                        }
+                    });
                 let _ = reply.send(rows);
             }
         }
@@ -586,16 +594,31 @@ impl Writer {
             }
         }
         // The same device observation delivered twice (e.g. a LoRaWAN uplink through two
-        // gateways) is stored once. Only checked here; remembered below, once it is stored.
+        // gateways) is stored once: remembering its key is the check (nothing inserted: seen
+        // before). Keys of an append that is then refused are forgotten again (invariant 7).
         let before = append.readings.len();
-        let mut seen = tx.prepare_cached("SELECT 1 FROM recent_readings WHERE key = ?1")?;
+        let mut remember =
+            tx.prepare_cached("INSERT OR IGNORE INTO recent_readings (key) VALUES (?1)")?;
+        let mut first_remembered = None;
         let mut keep = Vec::with_capacity(before);
         for r in append.readings.drain(..) {
-            if !r.device_time || !seen.exists([&observation_key(&r)[..]])? {
-                keep.push(r);
+            if r.device_time {
+                if remember.execute([&observation_key(&r)[..]])? == 0 {
+                    continue;
+                }
+                first_remembered.get_or_insert_with(|| tx.last_insert_rowid());
             }
+            keep.push(r);
         }
         append.readings = keep;
+        let refuse = |delta: &mut Delta, full: bool| -> rusqlite::Result<AppendOutcome> {
+            if let Some(id) = first_remembered {
+                tx.prepare_cached("DELETE FROM recent_readings WHERE id >= ?1")?
+                    .execute([id])?;
+            }
+            delta.refused_full += u64::from(full);
+            Ok(AppendOutcome::Full)
+        };
         let duplicates = (before - append.readings.len()) as u64;
         let bodies: Vec<Vec<u8>> = append
             .readings
@@ -608,16 +631,13 @@ impl Writer {
             .sum();
         if !bodies.is_empty() {
             if self.disk_low {
-                return Ok(AppendOutcome::Full);
+                return refuse(delta, false);
             }
             let in_use = self.bytes + delta.bytes_added - delta.bytes_removed;
             let limit = self.buffer.max_bytes.0;
             if in_use + incoming > limit {
                 match self.buffer.when_full {
-                    WhenFull::RejectNew => {
-                        delta.refused_full += 1;
-                        return Ok(AppendOutcome::Full);
-                    }
+                    WhenFull::RejectNew => return refuse(delta, true),
                     WhenFull::DropOldest => {
                         self.drop_oldest(tx, in_use + incoming - limit, delta)?;
                     }
@@ -626,12 +646,7 @@ impl Writer {
         }
         delta.duplicates += duplicates;
         let first_seq = delta.next_seq;
-        let mut remember =
-            tx.prepare_cached("INSERT OR IGNORE INTO recent_readings (key) VALUES (?1)")?;
-        for (r, body) in append.readings.iter().zip(&bodies) {
-            if r.device_time {
-                remember.execute([&observation_key(r)[..]])?;
-            }
+        for body in &bodies {
             insert_row(tx, KIND_READING, body, now, delta)?;
         }
         delta.accepted += bodies.len() as u64;
@@ -812,7 +827,7 @@ impl Writer {
     }
 }
 
-/// Buffers one row with the next seq and a new event id.
+/// Buffers one row with the next seq; its event id derives from the seq.
 fn insert_row(
     tx: &rusqlite::Transaction<'_>,
     kind: u8,
@@ -820,17 +835,10 @@ fn insert_row(
     now: i64,
     delta: &mut Delta,
 ) -> rusqlite::Result<()> {
-    let id = uuid::Uuid::new_v4();
     tx.prepare_cached(
-        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, x'', ?2, ?3, ?4)",
     )?
-    .execute(params![
-        delta.next_seq as i64,
-        &id.as_bytes()[..],
-        now,
-        kind,
-        body
-    ])?;
+    .execute(params![delta.next_seq as i64, now, kind, body])?;
     delta.next_seq += 1;
     delta.added(kind, body.len());
     Ok(())
@@ -982,6 +990,47 @@ mod tests {
         );
         assert!(matches!(
             append(&store, message(2, true)).await,
+            AppendOutcome::Stored { count: 1, .. }
+        ));
+        close(store, thread).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_reading_is_not_remembered_as_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer {
+            max_bytes: crate::config::ByteSize(250),
+            when_full: WhenFull::RejectNew,
+            min_free_disk: crate::config::ByteSize(0),
+            ..Buffer::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(dir.path().join("buffer.db"), buffer, 20.0, metrics).unwrap();
+        assert!(matches!(
+            append(&store, message(1, false)).await,
+            AppendOutcome::Stored { count: 1, .. }
+        ));
+        assert_eq!(append(&store, message(2, false)).await, AppendOutcome::Full);
+        let all = store.fetch(0, 100).await.unwrap();
+        let last = all.last().unwrap().seq;
+        store.acked(vec![1..=last]).await.unwrap();
+        store.flush().await.unwrap();
+        // Offered again once there is room: stored, not taken for a repeat of itself.
+        assert!(matches!(
+            append(&store, message(2, false)).await,
+            AppendOutcome::Stored { count: 1, .. }
+        ));
+        assert!(matches!(
+            append(&store, message(2, false)).await,
+            AppendOutcome::Stored { count: 0, .. }
+        ));
+        // Twice in one message: once.
+        let mut twice = message(3, false);
+        twice.readings.push(reading(3));
+        store.acked(vec![1..=1000]).await.unwrap();
+        store.flush().await.unwrap();
+        assert!(matches!(
+            append(&store, twice).await,
             AppendOutcome::Stored { count: 1, .. }
         ));
         close(store, thread).await;
