@@ -314,12 +314,6 @@ impl fmt::Display for Rfc3339Text {
     }
 }
 
-impl Serialize for Rfc3339Text {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
 /// What a source measured, mapped to a field: everything the event payload carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
@@ -413,9 +407,9 @@ mod tests {
             let nanos = dt.nanosecond();
             let frac = if nanos == 0 {
                 String::new()
-            } else if nanos % 1_000_000 == 0 {
+            } else if nanos.is_multiple_of(1_000_000) {
                 format!(".{:03}", nanos / 1_000_000)
-            } else if nanos % 1_000 == 0 {
+            } else if nanos.is_multiple_of(1_000) {
                 format!(".{:06}", nanos / 1_000)
             } else {
                 format!(".{nanos:09}")
