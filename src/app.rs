@@ -9,12 +9,15 @@ use std::time::Duration;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
-use crate::config::{Config, Gateway, MqttSource, Nats, Quality};
+use crate::config::{Config, Gateway, ListenerAuth, MqttListener, MqttSource, Nats, Quality};
 use crate::event::Subjects;
 use crate::forward::Forwarder;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics::Metrics;
+use crate::sources::listener::auth::SharedPasswords;
+use crate::sources::listener::{self, ListenerError, ListenerInput};
 use crate::sources::mqtt::MqttInput;
+use crate::sources::serial::{PortPlan, SerialInput};
 use crate::store::StoreHandle;
 use crate::systemd::{self, Notifier};
 use crate::{http, nats, store};
@@ -27,8 +30,20 @@ pub enum RunError {
     Http(#[from] http::BindError),
     #[error(transparent)]
     Nats(#[from] nats::NatsError),
+    #[error("[[mqtt]] `{source_name}`: {error}")]
+    MqttSecret {
+        source_name: String,
+        error: crate::secrets::SecretError,
+    },
+    #[error("[[mqtt]] `{source_name}` TLS: {error}")]
+    MqttTls {
+        source_name: String,
+        error: crate::tls::TlsError,
+    },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
 }
 
 /// A running task with its own stop signal.
@@ -45,6 +60,12 @@ impl<C> Task<C> {
     }
 }
 
+/// A running `[[mqtt_listener]]` and its password file, which a reload reads again.
+struct ListenerTask {
+    task: Task<MqttListener>,
+    passwords: Option<SharedPasswords>,
+}
+
 /// What `run` keeps to start, replace and stop the parts a reload may change.
 struct Pipeline {
     gateway: Gateway,
@@ -53,25 +74,37 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     mapper: SharedMapper,
     sources: Vec<Task<MqttSource>>,
+    serial: Vec<Task<PortPlan>>,
     forwarder: Task<Nats>,
+    listeners: Vec<ListenerTask>,
 }
 
 impl Pipeline {
     fn start_source(&self, source: &MqttSource) -> Result<Task<MqttSource>, RunError> {
+        let source_name = source.name.to_string();
         let password = match (&source.password, &source.password_file) {
-            (Some(p), _) => Some(p.expose().to_string()),
+            (Some(p), _) => Some(p.clone()),
             (None, Some(path)) => Some(
-                nats::read_secret("MQTT password", path)?
-                    .expose()
-                    .to_string(),
+                crate::secrets::read_password("[[mqtt]] password", path).map_err(|error| {
+                    RunError::MqttSecret {
+                        source_name: source_name.clone(),
+                        error,
+                    }
+                })?,
             ),
             (None, None) => None,
         };
+        let tls = source
+            .tls_files()
+            .map(|files| crate::tls::client_config(&files, &format!("MQTT source {source_name}")))
+            .transpose()
+            .map_err(|error| RunError::MqttTls { source_name, error })?;
         let input = MqttInput {
             source: source.clone(),
             quality: self.quality.clone(),
             gateway: self.gateway.clone(),
             password,
+            tls,
             mapper: self.mapper.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
@@ -84,6 +117,103 @@ impl Pipeline {
         })
     }
 
+    /// A port task; it opens the device itself (with backoff), so starting cannot fail.
+    fn start_serial(&self, plan: PortPlan) -> Task<PortPlan> {
+        let input = SerialInput {
+            plan: plan.clone(),
+            quality: self.quality.clone(),
+            mapper: self.mapper.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        Task {
+            config: plan,
+            stop,
+            handle: tokio::spawn(input.run(stop_rx)),
+        }
+    }
+
+    /// Stops ports that were removed or changed and starts new and changed ones; ports whose
+    /// settings and (for polled protocols) sensors are unchanged keep their device open.
+    async fn reload_serial(&mut self, new: &Config) {
+        let plans = PortPlan::all(new);
+        let mut kept = Vec::new();
+        for task in std::mem::take(&mut self.serial) {
+            if plans.iter().any(|p| task.config.unchanged(p)) {
+                kept.push(task);
+            } else {
+                tracing::info!(port = %task.config.port.name, "stopping serial port (removed or changed)");
+                task.stop().await;
+            }
+        }
+        for plan in plans {
+            if !kept.iter().any(|t| t.config.unchanged(&plan)) {
+                tracing::info!(port = %plan.port.name, "starting serial port");
+                kept.push(self.start_serial(plan));
+            }
+        }
+        self.serial = kept;
+    }
+
+    async fn start_listener(&self, config: &MqttListener) -> Result<ListenerTask, RunError> {
+        let passwords = listener::load_passwords(config)?;
+        let input = ListenerInput::new(
+            config,
+            &self.quality,
+            passwords.clone(),
+            self.mapper.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+        )
+        .await?;
+        let (stop, stop_rx) = watch::channel(false);
+        Ok(ListenerTask {
+            task: Task {
+                config: config.clone(),
+                stop,
+                handle: tokio::spawn(input.run(stop_rx)),
+            },
+            passwords,
+        })
+    }
+
+    /// Listeners as `new` wants them: unchanged ones keep running (their password files read
+    /// again), the others are stopped and started anew. The first failure is returned.
+    async fn reload_listeners(&mut self, new: &Config) -> Option<RunError> {
+        let mut kept = Vec::new();
+        let mut failed = None;
+        for l in std::mem::take(&mut self.listeners) {
+            if new
+                .mqtt_listener
+                .iter()
+                .any(|c| same_listener(c, &l.task.config))
+            {
+                if let Some(passwords) = &l.passwords {
+                    if let Err(e) = listener::reload_passwords(&l.task.config, passwords) {
+                        tracing::error!(error = %e, "password file not reloaded; the previous one stays in force");
+                        failed = Some(e.into());
+                    }
+                }
+                kept.push(l);
+            } else {
+                tracing::info!(listener = %l.task.config.name, "stopping MQTT listener (removed or changed)");
+                l.task.stop().await;
+            }
+        }
+        for config in &new.mqtt_listener {
+            if !kept.iter().any(|l| same_listener(&l.task.config, config)) {
+                tracing::info!(listener = %config.name, "starting MQTT listener");
+                match self.start_listener(config).await {
+                    Ok(l) => kept.push(l),
+                    Err(e) => failed = Some(e),
+                }
+            }
+        }
+        self.listeners = kept;
+        failed
+    }
+
     async fn start_forwarder(
         gateway: &Gateway,
         config: &Nats,
@@ -93,7 +223,7 @@ impl Pipeline {
         if config.allow_insecure {
             tracing::warn!("[nats] allow_insecure = true: plaintext NATS connections to non-loopback servers are permitted");
         }
-        let client = nats::connect(
+        let link = nats::connect(
             config,
             &format!("sahool-gateway {}", gateway.id),
             metrics.clone(),
@@ -101,7 +231,7 @@ impl Pipeline {
         .await?;
         let forwarder = Forwarder::new(
             store.clone(),
-            client,
+            link,
             gateway.id.to_string(),
             Subjects {
                 reading: config.subject.clone(),
@@ -148,7 +278,14 @@ impl Pipeline {
             for task in std::mem::take(&mut self.sources) {
                 task.stop().await;
             }
+            for task in std::mem::take(&mut self.serial) {
+                task.stop().await;
+            }
+            for l in std::mem::take(&mut self.listeners) {
+                l.task.stop().await;
+            }
         }
+        self.reload_serial(new).await;
 
         let mut kept = Vec::new();
         for task in std::mem::take(&mut self.sources) {
@@ -170,6 +307,9 @@ impl Pipeline {
             }
         }
         self.sources = kept;
+        if let Some(e) = self.reload_listeners(new).await {
+            failed = Some(e);
+        }
 
         if self.forwarder.config != new.nats {
             tracing::info!("[nats] changed: reconnecting the forwarder");
@@ -195,6 +335,17 @@ fn same_source(a: &MqttSource, b: &MqttSource) -> bool {
     }
 }
 
+/// Equal settings, wherever in the file they stand.
+fn same_listener(a: &MqttListener, b: &MqttListener) -> bool {
+    MqttListener {
+        line: 0,
+        ..a.clone()
+    } == MqttListener {
+        line: 0,
+        ..b.clone()
+    }
+}
+
 /// Inline secrets work, but belong in files readable by the service only.
 fn warn_about_inline_secrets(config: &Config) {
     if config.nats.password.is_some() || config.nats.token.is_some() {
@@ -205,6 +356,11 @@ fn warn_about_inline_secrets(config: &Config) {
     }
     for m in config.mqtt.iter().filter(|m| m.allow_insecure) {
         tracing::warn!(source = %m.name, url = %m.url, "allow_insecure = true: plaintext MQTT to this broker is permitted");
+    }
+    for l in &config.mqtt_listener {
+        if l.auth == ListenerAuth::Password && !l.tls() && !l.listen.ip().is_loopback() {
+            tracing::warn!(listener = %l.name, listen = %l.listen, "devices send their passwords in plaintext to this listener; configure tls_cert_file and tls_key_file where devices support TLS");
+        }
     }
 }
 
@@ -233,11 +389,21 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         metrics: metrics.clone(),
         mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),
         sources: Vec::new(),
+        serial: Vec::new(),
         forwarder,
+        listeners: Vec::new(),
     };
     for source in &config.mqtt {
         let task = pipeline.start_source(source)?;
         pipeline.sources.push(task);
+    }
+    for plan in PortPlan::all(&config) {
+        let task = pipeline.start_serial(plan);
+        pipeline.serial.push(task);
+    }
+    for l in &config.mqtt_listener {
+        let task = pipeline.start_listener(l).await?;
+        pipeline.listeners.push(task);
     }
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
     let notifier = Arc::new(Notifier::from_env());
@@ -252,6 +418,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     tracing::info!(
         gateway = %config.gateway.id,
         sources = config.mqtt.len(),
+        serial_ports = config.serial.len(),
+        listeners = config.mqtt_listener.len(),
         fields = config.fields.len(),
         buffer = %config.store_path().display(),
         "gateway running"
@@ -288,12 +456,20 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     let _ = supervisor.await;
     let Pipeline {
         sources,
+        serial,
         forwarder,
+        listeners,
         store: pipeline_store,
         ..
     } = pipeline;
     for source in sources {
         source.stop().await;
+    }
+    for port in serial {
+        port.stop().await;
+    }
+    for l in listeners {
+        l.task.stop().await;
     }
     forwarder.stop().await;
     let _ = http_task.await;

@@ -22,23 +22,44 @@ pub enum CliError {
     Sqlite(#[from] rusqlite::Error),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Passwd(#[from] crate::sources::listener::auth::AuthError),
+    #[error("no password on standard input")]
+    NoPassword,
 }
 
 /// `validate`: prints every problem and returns false, or prints a summary and returns true.
+/// Besides the config itself, the secret and TLS files it names are read and checked as `run`
+/// will (a weak password in a file, a damaged key, a missing CA file are problems).
 pub fn validate(path: &Path, out: &mut impl Write) -> Result<bool, CliError> {
     match config::load(path) {
         Ok(c) => {
-            let sensors: usize = c.fields.iter().map(|f| f.sensors.len()).sum();
-            writeln!(
-                out,
-                "{}: ok (gateway {}, {} MQTT source(s), {} field(s), {} sensor(s))",
-                path.display(),
-                c.gateway.id,
-                c.mqtt.len(),
-                c.fields.len(),
-                sensors
-            )?;
-            Ok(true)
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let findings = crate::secrets::check_files(&c, config::section_line(&text, "[nats]"));
+            let (problems, notes): (Vec<_>, Vec<_>) = findings.into_iter().partition(|f| f.problem);
+            if !problems.is_empty() {
+                writeln!(out, "{}: {} problem(s)", path.display(), problems.len())?;
+                for p in &problems {
+                    writeln!(out, "  line {}: {}", p.line, p.message)?;
+                }
+            } else {
+                let sensors: usize = c.fields.iter().map(|f| f.sensors.len()).sum();
+                writeln!(
+                    out,
+                    "{}: ok (gateway {}, {} MQTT source(s), {} MQTT listener(s), {} serial port(s), {} field(s), {} sensor(s))",
+                    path.display(),
+                    c.gateway.id,
+                    c.mqtt.len(),
+                    c.mqtt_listener.len(),
+                    c.serial.len(),
+                    c.fields.len(),
+                    sensors
+                )?;
+            }
+            for n in &notes {
+                writeln!(out, "  note: line {}: {}", n.line, n.message)?;
+            }
+            Ok(problems.is_empty())
         }
         Err(ConfigError::Invalid { path, problems }) => {
             writeln!(out, "{}: {} problem(s)", path.display(), problems.len())?;
@@ -204,15 +225,62 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
         rate("sahool_gateway_readings_forwarded_total", "")
     )?;
     writeln!(out, "sources:")?;
-    for source in label_values(&now, "sahool_gateway_mqtt_connected", "source") {
-        let label = format!("source=\"{source}\"");
-        let up = sample(&now, "sahool_gateway_mqtt_connected", &label) == 1.0;
+    // (link gauge, its label, message counter, up, down, what the counter counts)
+    let inputs = [
+        (
+            "sahool_gateway_mqtt_connected",
+            "source",
+            "sahool_gateway_mqtt_messages_total",
+            "connected",
+            "DISCONNECTED",
+            "messages",
+        ),
+        (
+            "sahool_gateway_serial_port_up",
+            "port",
+            "sahool_gateway_serial_messages_received_total",
+            "open",
+            "DOWN",
+            "lines/frames/responses; serial",
+        ),
+    ];
+    for (gauge, key, messages, up_text, down_text, what) in inputs {
+        for name in label_values(&now, gauge, key) {
+            let label = format!("{key}=\"{name}\"");
+            let up = sample(&now, gauge, &label) == 1.0;
+            writeln!(
+                out,
+                "  {name:<20} {:<13} {:.1} msg/s ({} {what})",
+                if up { up_text } else { down_text },
+                rate(messages, &label),
+                sample(&now, messages, &label),
+            )?;
+        }
+    }
+    let listeners = label_values(
+        &now,
+        "sahool_gateway_mqtt_listener_connections_open",
+        "listener",
+    );
+    if !listeners.is_empty() {
+        writeln!(out, "listeners:")?;
+    }
+    for listener in listeners {
+        let label = format!("listener=\"{listener}\"");
         writeln!(
             out,
-            "  {source:<20} {:<13} {:.1} msg/s ({} messages)",
-            if up { "connected" } else { "DISCONNECTED" },
-            rate("sahool_gateway_mqtt_messages_total", &label),
-            sample(&now, "sahool_gateway_mqtt_messages_total", &label),
+            "  {listener:<20} {:<13} {:.1} msg/s ({} publishes, {} refused)",
+            format!(
+                "{} clients",
+                sample(
+                    &now,
+                    "sahool_gateway_mqtt_listener_connections_open",
+                    &label
+                )
+            ),
+            rate("sahool_gateway_mqtt_listener_publishes_total", &label),
+            sample(&now, "sahool_gateway_mqtt_listener_publishes_total", &label),
+            sample(&now, "sahool_gateway_mqtt_listener_rejects_total", &label),
         )?;
     }
     let dropped = g("sahool_gateway_readings_dropped_total");
@@ -252,23 +320,77 @@ pub fn mappings_test(
     let c = config::load(config_path)?;
     let source = match source {
         Some(name) => name.to_string(),
-        None => match c
-            .mqtt
-            .iter()
-            .find(|m| m.topics.iter().any(|t| t.matches(topic)))
-        {
-            Some(m) => m.name.to_string(),
-            None => {
-                writeln!(
-                    out,
-                    "rejected: unmapped_topic: no [[mqtt]] source subscribes to `{topic}`"
-                )?;
-                return Ok(false);
+        None => {
+            let clients = c.mqtt.iter().map(|m| (&m.name, &m.topics));
+            let listeners = c.mqtt_listener.iter().map(|l| (&l.name, &l.topics));
+            match clients
+                .chain(listeners)
+                .find(|(_, topics)| topics.iter().any(|t| t.matches(topic)))
+            {
+                Some((name, _)) => name.to_string(),
+                None => {
+                    writeln!(
+                        out,
+                        "rejected: unmapped_topic: no [[mqtt]] source or [[mqtt_listener]] takes `{topic}`"
+                    )?;
+                    return Ok(false);
+                }
             }
-        },
+        }
     };
     let mapper = crate::mapping::Mapper::new(&c);
     let mapped = mapper.map_mqtt(&source, topic, payload, crate::reading::Timestamp::now());
+    print_mapped(&source, &mapped, out)
+}
+
+/// `mappings test --serial-line`: what the gateway would make of one line on a `lines` port.
+/// Returns false when nothing became a reading.
+pub fn mappings_test_serial_line(
+    config_path: &Path,
+    port: &str,
+    line: &[u8],
+    out: &mut impl Write,
+) -> Result<bool, CliError> {
+    use crate::sources::serial::lines;
+    let c = config::load(config_path)?;
+    let Some(spec) = c
+        .serial
+        .iter()
+        .find(|s| s.name.as_str() == port && s.protocol == config::Protocol::Lines)
+        .map(lines::LineSpec::of)
+    else {
+        let names: Vec<&str> = c
+            .serial
+            .iter()
+            .filter(|s| s.protocol == config::Protocol::Lines)
+            .map(|s| s.name.as_str())
+            .collect();
+        writeln!(
+            out,
+            "no [[serial]] port `{port}` with protocol = \"lines\" (lines ports: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )?;
+        return Ok(false);
+    };
+    let mapper = crate::mapping::Mapper::new(&c);
+    let mapped = lines::map_line(&mapper, port, &spec, line, crate::reading::Timestamp::now());
+    if mapped.readings.is_empty() && mapped.rejections.is_empty() {
+        writeln!(out, "skipped: a blank line or the CSV header")?;
+        return Ok(false);
+    }
+    print_mapped(port, &mapped, out)
+}
+
+/// One JSON object per reading, then one `rejected:` line per rejection.
+fn print_mapped(
+    source: &str,
+    mapped: &crate::mapping::Mapped,
+    out: &mut impl Write,
+) -> Result<bool, CliError> {
     for r in &mapped.readings {
         let v = serde_json::json!({
             "source": source,
@@ -347,5 +469,24 @@ pub fn sensors(config_path: &Path, out: &mut impl Write) -> Result<(), CliError>
             )?;
         }
     }
+    Ok(())
+}
+
+/// `passwd FILE USER`: reads the password from the first line of `input` and stores its argon2
+/// hash for `user` in the listener password file (created, mode 0600, if missing).
+pub fn passwd(
+    file: &Path,
+    user: &str,
+    input: &mut impl std::io::BufRead,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(CliError::NoPassword);
+    }
+    crate::sources::listener::auth::set_password(file, user, password)?;
+    writeln!(out, "{}: password of {user} set", file.display())?;
     Ok(())
 }

@@ -8,25 +8,36 @@
 //!    A publish that was merely written to the socket or queued in the client counts for nothing.
 //! 3. Every attempt for a row carries `Nats-Msg-Id = event_id`, so JetStream drops retries of a
 //!    row it already stored (within the stream's duplicate window).
-//! 4. On a transient failure (timeout, broken link) of row `s`, every later in-flight result is
-//!    discarded and publishing resumes at `s`: the first unacknowledged row.
+//! 4. After any sign of trouble (a publish that failed, in whatever position; a lost link) no new
+//!    publish goes out until every in-flight one has its outcome; PubAcks that arrive meanwhile
+//!    count. Publishing then resumes at the first row without a PubAck, after a backoff: rows
+//!    read ahead are forgotten and read again, once the acknowledged ones have left the buffer.
 //! 5. A refusal the server will repeat forever (payload over `max_payload`, no stream for the
-//!    subject as JetStream itself confirms, a row this version cannot decode) moves that row to
+//!    subject as JetStream itself confirms, a publish permission the server reports denied for
+//!    the subject after the row was sent, a row this version cannot decode) moves that row to
 //!    the dead-letter table and the queue goes on.
-//! 6. No new publish is handed to the client while it is disconnected, so the client's own
-//!    queue does not replay a stale window after reconnecting.
+//! 6. No new publish is handed to the client while it is disconnected (its own queue would
+//!    replay a stale window after reconnecting), nor while the oldest in-flight publish waits
+//!    much longer than PubAcks usually take.
 //! 7. Acknowledged rows go to the store as runs of seqs, deleted by one statement each. An ack
 //!    extends the current run only if its row was published right after the run's last row
-//!    (no row refused, failed or rewound in between), so a run covers no buffered row that did
-//!    not get its own PubAck: rows read in one pass are consecutive in the buffer, and a seq
+//!    (no row refused, failed or resumed from in between), so a run covers no buffered row that
+//!    did not get its own PubAck: rows read in one pass are consecutive in the buffer, and a seq
 //!    between two of them without a row can never get one.
+//!
+//! Why 4 and 6: a publish sent past one that is lost can be stored before the lost one's
+//! resend (a cluster elects a new stream leader, which takes the later publish), and the stream
+//! would hold them out of order. So the forwarder stops sending as soon as trouble shows,
+//! keeping the publishes past a lost one few and sent within a fraction of a leader election.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::future::IntoFuture;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{
     GetStreamByNameErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
@@ -41,6 +52,7 @@ use crate::backoff::Backoff;
 use crate::event::{self, Event, Subjects};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
+use crate::nats::PublishDenials;
 use crate::store::{OutboxRow, StoreError, StoreHandle};
 
 /// How a failed publish is handled.
@@ -52,11 +64,19 @@ enum Failure {
     Permanent(String),
 }
 
+/// Why a publish got no PubAck.
+#[derive(Debug)]
+enum AckError {
+    Publish(PublishError),
+    /// The server reported this connection may not publish to the event's subject.
+    Denied,
+}
+
 /// A publish's outcome, with the seq of the row published just before it (invariant 7).
 type AckResult = (
     Event,
     u64,
-    Result<async_nats::jetstream::publish::PublishAck, PublishError>,
+    Result<async_nats::jetstream::publish::PublishAck, AckError>,
 );
 type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
 type Fetch = Pin<Box<dyn Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
@@ -74,27 +94,33 @@ pub struct Forwarder {
     pub subjects: Subjects,
     pub window: usize,
     pub metrics: Arc<Metrics>,
+    pub denials: Arc<PublishDenials>,
+    ack_timeout: Duration,
     failure_log: LogLimit,
 }
 
-/// The publishing state that a transient failure rewinds.
+/// The publishing state that resuming after trouble resets.
 struct Pipeline {
     /// Rows read from the buffer and not yet handed to the client, in seq order.
     queue: VecDeque<OutboxRow>,
     /// The read of the buffer under way, if any, with the newest committed seq when it began.
     fetching: Option<(u64, Fetch)>,
     inflight: FuturesOrdered<InFlight>,
+    /// When each in-flight publish was sent, in the same order.
+    sent: VecDeque<Instant>,
     /// Highest seq read from the buffer (queued, in flight or done).
     cursor: u64,
-    /// Seq of the last row handed to the client (or refused); 0 after a rewind.
+    /// Seq of the last row handed to the client (or refused); 0 after resuming.
     last_published: u64,
 }
 
 impl Pipeline {
-    /// Invariant 4: forget every later row, queued or in flight, and resume at `seq`, the
-    /// first unacknowledged row.
-    fn rewind(&mut self, seq: u64) {
+    /// Invariant 4: with nothing in flight, forget every row read ahead and resume at `seq`,
+    /// the first row without a PubAck.
+    fn resume_at(&mut self, seq: u64) {
+        debug_assert!(self.inflight.is_empty());
         self.inflight.clear();
+        self.sent.clear();
         self.queue.clear();
         self.fetching = None;
         self.cursor = seq - 1;
@@ -128,13 +154,14 @@ impl AckedRuns {
 impl Forwarder {
     pub fn new(
         store: StoreHandle,
-        client: async_nats::Client,
+        link: crate::nats::Link,
         gateway_id: String,
         subjects: Subjects,
         window: usize,
         ack_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let crate::nats::Link { client, denials } = link;
         let js = async_nats::jetstream::context::ContextBuilder::new()
             .timeout(ack_timeout)
             .max_ack_inflight(window.max(1) * 2)
@@ -148,6 +175,8 @@ impl Forwarder {
             subjects,
             window: window.max(1),
             metrics,
+            denials,
+            ack_timeout,
             failure_log: LogLimit::new(Duration::from_secs(10)),
         }
     }
@@ -163,11 +192,13 @@ impl Forwarder {
             queue: VecDeque::new(),
             fetching: None,
             inflight: FuturesOrdered::new(),
+            sent: VecDeque::new(),
             cursor: 0,
             last_published: 0,
         };
         let mut acked = AckedRuns::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut fence = Fence::new(self.ack_timeout);
         let mut stream_checked = false;
         // Goes round at least once a second, so the watchdog sees the loop alive.
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
@@ -179,6 +210,24 @@ impl Forwarder {
             }
             self.metrics.beat_forwarder();
             let connected = self.connected();
+            if !connected {
+                fence.trip();
+            }
+            if p.inflight.is_empty() {
+                if let Some(resume) = fence.settle() {
+                    // Rows acknowledged while settling leave the buffer before it is read
+                    // again (the flush commits their deletion).
+                    if acked.rows > 0 && self.store.acked(acked.take()).await.is_err() {
+                        return;
+                    }
+                    if self.store.flush().await.is_err() {
+                        return;
+                    }
+                    p.resume_at(resume);
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            }
             if connected && !stream_checked {
                 stream_checked = self.check_stream().await;
             }
@@ -193,13 +242,19 @@ impl Forwarder {
                     Box::pin(async move { store.fetch(after, FETCH_ROWS).await }),
                 ));
             }
-            while connected && p.inflight.len() < self.window {
+            while p.inflight.len() < self.window
+                && self.connected()
+                && fence.may_send(p.sent.front())
+            {
                 let Some(row) = p.queue.pop_front() else {
                     break;
                 };
                 let after = std::mem::replace(&mut p.last_published, row.seq);
-                match self.publish(&row, after).await {
-                    Ok(ack) => p.inflight.push_back(ack),
+                match self.publish(&row, after, fence.tripped.clone()).await {
+                    Ok(ack) => {
+                        p.inflight.push_back(ack);
+                        p.sent.push_back(Instant::now());
+                    }
                     Err((event, Failure::Permanent(why))) => {
                         self.refuse(row.seq, &why, event).await
                     }
@@ -207,8 +262,7 @@ impl Forwarder {
                         if let Some(held) = self.failure_log.admit() {
                             tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
                         }
-                        p.rewind(row.seq);
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        fence.failed(row.seq);
                         break;
                     }
                 }
@@ -217,30 +271,38 @@ impl Forwarder {
             if flush && self.store.acked(acked.take()).await.is_err() {
                 return;
             }
+            let can_send =
+                connected && p.inflight.len() < self.window && fence.may_send(p.sent.front());
             let idle = connected && p.fetching.is_none() && p.queue.len() < FETCH_ROWS / 2;
             tokio::select! {
                 Some(first) = p.inflight.next(), if !p.inflight.is_empty() => {
                     // Every result already in takes one turn of the loop.
                     let mut next = Some(first);
                     while let Some((event, after, result)) = next.take() {
+                        let sent_at = p.sent.pop_front();
                         match result {
                             Ok(ack) => {
                                 if ack.duplicate {
                                     tracing::debug!(seq = event.seq, "JetStream already had this event (duplicate window)");
                                 }
                                 acked.push(event.seq, after);
+                                if let Some(at) = sent_at {
+                                    fence.acked(at.elapsed());
+                                }
                                 backoff.reset();
                             }
-                            Err(e) => match self.judge(&e, &event.subject).await {
+                            Err(AckError::Denied) => {
+                                let why = format!("permission denied: the NATS server does not let this user publish to {}", event.subject);
+                                self.refuse(event.seq, &why, Some(event)).await;
+                            }
+                            Err(AckError::Publish(e)) => match self.judge(&e, &event.subject).await {
                                 Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
                                 Failure::Transient(why) => {
                                     self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
                                     if let Some(held) = self.failure_log.admit() {
-                                        tracing::warn!(seq = event.seq, error = %why, in_flight = p.inflight.len(), repeats = held, "no PubAck; resending from this reading");
+                                        tracing::warn!(seq = event.seq, error = %why, in_flight = p.inflight.len(), repeats = held, "no PubAck; resending from this reading once every publish in flight has its outcome");
                                     }
-                                    p.rewind(event.seq);
-                                    tokio::time::sleep(backoff.next_delay()).await;
-                                    break;
+                                    fence.failed(event.seq);
                                 }
                             },
                         }
@@ -271,7 +333,7 @@ impl Forwarder {
                 changed = committed.changed(), if idle => {
                     if changed.is_err() { break; }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && p.inflight.is_empty()) => {}
                 _ = shutdown.changed() => {}
                 _ = heartbeat.tick() => {}
             }
@@ -298,26 +360,39 @@ impl Forwarder {
         let _ = self.store.flush().await;
     }
 
-    /// Hands a row's event to the client; `after` is the seq of the row published before it.
+    /// Hands a row's event to the client; `after` is the seq of the row published before it,
+    /// and `tripped` is set the moment this publish fails.
     async fn publish(
         &self,
         row: &OutboxRow,
         after: u64,
+        tripped: Arc<AtomicBool>,
     ) -> Result<InFlight, (Option<Event>, Failure)> {
         let event = event::render(row, &self.gateway_id, &self.subjects)
             .map_err(|e| (None, Failure::Permanent(e.to_string())))?;
         let publish = PublishMessage::build()
             .payload(event.body.clone())
             .headers(event::headers(&event));
+        // Taken before sending, so a refusal of this very publish cannot slip past them.
+        let sent = Instant::now();
+        let refusals = self.denials.watch();
         match self.js.send_publish(event.subject.clone(), publish).await {
-            Ok(fut) => Ok(Box::pin(await_ack(event, after, fut))),
+            Ok(fut) => {
+                let denials = self.denials.clone();
+                Ok(Box::pin(async move {
+                    let result = await_ack(event, fut, denials, refusals, sent).await;
+                    if matches!(result.1, Err(AckError::Publish(_))) {
+                        tripped.store(true, Ordering::Relaxed);
+                    }
+                    (result.0, after, result.1)
+                }))
+            }
             Err(e) => {
                 let failure = self.judge(&e, &event.subject).await;
                 Err((Some(event), failure))
             }
         }
     }
-
     /// Classifies a failure. "No stream" comes from a 503 no-responders reply, which a cluster
     /// can also give while electing a leader: it is permanent only if JetStream's own stream
     /// lookup confirms that no stream captures the subject.
@@ -377,9 +452,98 @@ impl Forwarder {
     }
 }
 
-async fn await_ack(event: Event, after: u64, fut: PublishAckFuture) -> AckResult {
-    let result = fut.await;
-    (event, after, result)
+/// When new publishes may go out (invariants 4 and 6): not while settling after trouble, and
+/// not while the oldest in-flight publish has waited well past the usual PubAck time.
+struct Fence {
+    /// Set by an in-flight publish the moment it fails, before its turn in `seq` order.
+    tripped: Arc<AtomicBool>,
+    /// No new publish until every in-flight one has its outcome.
+    settling: bool,
+    /// The first row that failed: publishing resumes there once settled.
+    resume_at: Option<u64>,
+    /// Smoothed time from send to PubAck.
+    ack_latency: Duration,
+    ack_timeout: Duration,
+}
+
+impl Fence {
+    fn new(ack_timeout: Duration) -> Self {
+        Self {
+            tripped: Arc::new(AtomicBool::new(false)),
+            settling: false,
+            resume_at: None,
+            ack_latency: Duration::from_millis(50),
+            ack_timeout,
+        }
+    }
+
+    /// Trouble without a row to blame yet (a lost link): settle what is in flight.
+    fn trip(&mut self) {
+        self.settling = true;
+    }
+
+    /// Row `seq` got no PubAck.
+    fn failed(&mut self, seq: u64) {
+        self.settling = true;
+        self.resume_at = Some(self.resume_at.map_or(seq, |r| r.min(seq)));
+    }
+
+    fn acked(&mut self, latency: Duration) {
+        self.ack_latency = (self.ack_latency * 7 + latency) / 8;
+    }
+
+    /// How long the oldest publish may wait before sending pauses: well past the usual PubAck
+    /// time, yet far shorter than a stream leader election (seconds).
+    fn stall_after(&self) -> Duration {
+        (self.ack_latency * 4).clamp(Duration::from_millis(250), self.ack_timeout)
+    }
+
+    /// Whether a new publish may go out, given when the oldest in-flight one was sent.
+    fn may_send(&mut self, oldest: Option<&Instant>) -> bool {
+        if self.tripped.load(Ordering::Relaxed) {
+            self.settling = true;
+        }
+        !self.settling && oldest.is_none_or(|t| t.elapsed() <= self.stall_after())
+    }
+
+    /// With nothing in flight, ends settling; returns the row to resume at, if one failed.
+    fn settle(&mut self) -> Option<u64> {
+        self.settling = false;
+        self.tripped.store(false, Ordering::Relaxed);
+        self.resume_at.take()
+    }
+}
+
+/// The PubAck of one publish, or `Denied` as soon as the server reports the subject refused
+/// after `sent`. Only a PubAck counts as delivered; a refusal never does.
+async fn await_ack(
+    event: Event,
+    fut: PublishAckFuture,
+    denials: Arc<PublishDenials>,
+    mut refusals: watch::Receiver<u64>,
+    sent: Instant,
+) -> (
+    Event,
+    Result<async_nats::jetstream::publish::PublishAck, AckError>,
+) {
+    let ack = fut.into_future();
+    tokio::pin!(ack);
+    loop {
+        tokio::select! {
+            result = &mut ack => {
+                let result = match result {
+                    Err(_) if denials.denied_since(&event.subject, sent) => Err(AckError::Denied),
+                    other => other.map_err(AckError::Publish),
+                };
+                return (event, result);
+            }
+            Ok(()) = refusals.changed() => {
+                if denials.denied_since(&event.subject, sent) {
+                    return (event, Err(AckError::Denied));
+                }
+            }
+        }
+    }
 }
 
 fn classify(e: &PublishError) -> Failure {
@@ -413,6 +577,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn trouble_stops_sending_until_everything_in_flight_settled() {
+        let mut fence = Fence::new(Duration::from_secs(5));
+        assert!(fence.may_send(None));
+        // A later publish failing first (it completes out of turn) trips the fence at once.
+        fence.tripped.store(true, Ordering::Relaxed);
+        assert!(!fence.may_send(None));
+        fence.failed(7);
+        fence.failed(5);
+        assert!(!fence.may_send(None));
+        assert_eq!(
+            fence.settle(),
+            Some(5),
+            "resume at the first row without PubAck"
+        );
+        assert!(fence.may_send(None));
+        // A lost link settles what was sent on it; nothing to resend if all was acked.
+        fence.trip();
+        assert!(!fence.may_send(None));
+        assert_eq!(fence.settle(), None);
+        assert!(fence.may_send(None));
+    }
+
+    #[test]
+    fn a_late_oldest_publish_pauses_sending() {
+        let mut fence = Fence::new(Duration::from_secs(5));
+        for _ in 0..32 {
+            fence.acked(Duration::from_millis(10));
+        }
+        assert_eq!(fence.stall_after(), Duration::from_millis(250));
+        let now = Instant::now();
+        assert!(fence.may_send(Some(&now)));
+        let long_ago = now - Duration::from_secs(1);
+        assert!(!fence.may_send(Some(&long_ago)));
+        // Slow links: the pause follows the PubAck time they really have, up to the timeout.
+        for _ in 0..64 {
+            fence.acked(Duration::from_millis(800));
+        }
+        assert!(fence.may_send(Some(&long_ago)));
+        for _ in 0..64 {
+            fence.acked(Duration::from_secs(30));
+        }
+        assert_eq!(fence.stall_after(), Duration::from_secs(5));
+    }
+
+    #[test]
     fn acked_runs_span_only_rows_published_one_after_another() {
         let mut runs = AckedRuns::default();
         // 1, 2, 3 published in a row; 4 was refused; 5 and 7 follow it (6 no longer buffered
@@ -422,7 +631,7 @@ mod tests {
         runs.push(3, 2);
         runs.push(5, 4);
         runs.push(7, 5);
-        // After a rewind nothing counts as published before the first row.
+        // After resuming nothing counts as published before the first row.
         runs.push(8, 0);
         assert_eq!(runs.rows, 6);
         assert_eq!(runs.take(), vec![1..=3, 5..=7, 8..=8]);
@@ -430,5 +639,10 @@ mod tests {
         // A new batch starts a new run, even for the next row.
         runs.push(9, 8);
         assert_eq!(runs.take(), vec![9..=9]);
+        // 10..=13 in flight, 11 gets no PubAck while the others do: no run spans 11.
+        runs.push(10, 9);
+        runs.push(12, 11);
+        runs.push(13, 12);
+        assert_eq!(runs.take(), vec![10..=10, 12..=13]);
     }
 }

@@ -1,4 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics` on a loopback socket.
+//! `/healthz`, `/readyz` and `/metrics` on a loopback socket. Ready means: the store writes,
+//! NATS is connected, and every MQTT listener is bound.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,21 +63,40 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         "/readyz" => {
             let store = metrics.store_healthy();
             let nats = metrics.nats_is_connected();
-            let status = if store && nats {
+            let listeners = metrics.listeners_bound();
+            let bound = listeners.iter().all(|(_, b)| *b);
+            let status = if store && nats && bound {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let body = format!(
+            let link = match (nats, metrics.nats_problem()) {
+                (true, _) => "connected".to_string(),
+                (false, Some(problem)) => format!("disconnected ({problem})"),
+                (false, None) => "disconnected".to_string(),
+            };
+            let mut body = format!(
                 "store: {}\nnats: {}\nstream: {}\n",
                 if store { "ok" } else { "failing" },
-                if nats { "connected" } else { "disconnected" },
+                link,
                 if metrics.stream_found() {
                     "found"
                 } else {
                     "not found"
                 },
             );
+            // A serial port that is down is reported but does not make the gateway unready:
+            // one unplugged sensor must not take the buffer and the other inputs out of service.
+            for (port, state) in metrics.serial_states() {
+                match state {
+                    Ok(()) => body.push_str(&format!("serial {port}: up\n")),
+                    Err(why) => body.push_str(&format!("serial {port}: down ({why})\n")),
+                }
+            }
+            for (name, bound) in listeners {
+                let state = if bound { "listening" } else { "not bound" };
+                body.push_str(&format!("listener {name}: {state}\n"));
+            }
             text(status, body)
         }
         "/metrics" => {

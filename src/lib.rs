@@ -2,14 +2,23 @@
 //!
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
-//! - [`sources`]: inputs ([`sources::mqtt`]); each acks its sender only after the commit.
+//! - [`sources`]: inputs ([`sources::mqtt`], [`sources::listener`]); each acks its sender only
+//!   after the commit, through the shared commit queue [`sources::intake`].
+//!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
+//!   plug-in point for protocol engines: [`sources::serial::lines`] (ASCII talkers),
+//!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12),
+//!   [`sources::serial::frames`] (firmware nodes speaking the `sahool-wire` frames; on a port
+//!   through [`sources::serial::frames_port`]).
+//!   [`sources::serial::polling`]: the poll schedule and per-station fault reports they share.
 //! - [`flood`]: token buckets per device and source against flooding nodes.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
 //! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
 //! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck.
 //! - [`event`]: the event contract: envelope, subject and headers of a buffered reading.
-//! - [`nats`]: the NATS connection (servers, auth, TLS, reconnects).
+//! - [`nats`]: the NATS connection (servers, auth, TLS, reconnects, publish permission refusals).
+//! - [`tls`]: rustls client configs (ring) for NATS and MQTT: CA, client certificate, server name.
+//! - [`secrets`]: secrets read from files (`${CREDENTIALS_DIRECTORY}`), weak passwords refused.
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list`.
@@ -30,6 +39,8 @@ pub mod mapping;
 pub mod metrics;
 pub mod nats;
 pub mod reading;
+pub mod secrets;
 pub mod sources;
 pub mod store;
 pub mod systemd;
+pub mod tls;

@@ -56,21 +56,35 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Set a user's password in an [[mqtt_listener]] password file. The password is read from
+    /// standard input; only its argon2 hash is written.
+    Passwd {
+        /// The password file (created with mode 0600 if missing).
+        file: PathBuf,
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum MappingsCommand {
-    /// Show what the gateway would make of one MQTT message: readings, or rejection reasons.
+    /// Show what the gateway would make of one MQTT message (--topic, --payload) or one line
+    /// on a `lines` serial port (--serial-line, --port): readings, or rejection reasons.
     Test {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        #[arg(long)]
-        topic: String,
-        #[arg(long)]
-        payload: String,
-        /// The [[mqtt]] source; default: the first that subscribes to the topic.
-        #[arg(long)]
+        #[arg(long, required_unless_present = "serial_line", requires = "payload")]
+        topic: Option<String>,
+        #[arg(long, requires = "topic")]
+        payload: Option<String>,
+        /// The [[mqtt]] source or [[mqtt_listener]]; default: the first that takes the topic.
+        #[arg(long, requires = "topic")]
         source: Option<String>,
+        /// One line as the talker prints it, without its line end.
+        #[arg(long, conflicts_with = "topic", requires = "port")]
+        serial_line: Option<String>,
+        /// The `lines` [[serial]] port the line arrives on.
+        #[arg(long, requires = "serial_line")]
+        port: Option<String>,
     },
 }
 
@@ -155,14 +169,21 @@ fn main() -> ExitCode {
                     topic,
                     payload,
                     source,
+                    serial_line,
+                    port,
                 },
-        } => match cli::mappings_test(
-            &config,
-            source.as_deref(),
-            &topic,
-            payload.as_bytes(),
-            &mut stdout,
-        ) {
+        } => match match (serial_line, port) {
+            (Some(line), Some(port)) => {
+                cli::mappings_test_serial_line(&config, &port, line.as_bytes(), &mut stdout)
+            }
+            _ => cli::mappings_test(
+                &config,
+                source.as_deref(),
+                topic.as_deref().unwrap_or_default(),
+                payload.as_deref().unwrap_or_default().as_bytes(),
+                &mut stdout,
+            ),
+        } {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
@@ -173,6 +194,13 @@ fn main() -> ExitCode {
         Command::DeadLetters {
             command: DeadLetterCommand::List { config, limit },
         } => cli::dead_letters_list(&config, limit, &mut stdout),
+        Command::Passwd { file, user } => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprint!("password for {user} (shown as typed): ");
+            }
+            cli::passwd(&file, &user, &mut stdin.lock(), &mut stdout)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

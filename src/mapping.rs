@@ -1,12 +1,20 @@
 //! Turns what a source received into readings of configured sensors, or rejections with a
 //! reason. Pure: no I/O, no clock (the receive time is passed in), so every rule here is tested
 //! directly and the same code serves `run` and any dry-run tooling.
+//!
+//! Two entry points share the per-reading rules (calibration, range, timestamp policy):
+//! [`Mapper::map_mqtt`] for MQTT messages and [`Mapper::map_serial`] for values a serial
+//! protocol engine decoded, identified by their [`SerialKey`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 
 use serde_json::Value;
 
-use crate::config::{Config, Format, JsonBinding, TimestampFormat, TimestampPolicy};
+use crate::config::serial::RegisterKind;
+use crate::config::{
+    Config, Format, JsonBinding, Protocol, SerialBinding, TimestampFormat, TimestampPolicy,
+};
 use crate::reading::{normalize_unit, Reading, SensorType, Timestamp};
 
 /// Why an input did not become a reading. The label is the `reason` in metrics and dead-letters.
@@ -54,7 +62,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -155,6 +163,15 @@ impl Target {
         }
         let calibrated = self.scale != 1.0 || self.offset != 0.0;
         let value = o.value * self.scale + self.offset;
+        if !value.is_finite() {
+            return Err(Rejection::new(
+                Reason::NotFinite,
+                format!(
+                    "{} {}: {} calibrated (x {} + {}) is not a finite number",
+                    self.device_id, self.sensor_type, o.value, self.scale, self.offset
+                ),
+            ));
+        }
         let unit = o
             .unit
             .map_or_else(|| self.unit.clone(), |u| normalize_unit(&u));
@@ -220,14 +237,184 @@ pub fn current(shared: &SharedMapper) -> std::sync::Arc<Mapper> {
     shared.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// The config's sensors, indexed for lookup by device and type, and by MQTT topic.
+/// The config's sensors, indexed for lookup by device and type, by MQTT topic, and by serial
+/// port and binding key.
 #[derive(Debug, Clone)]
 pub struct Mapper {
     by_sensor: HashMap<(String, SensorType), Target>,
     /// Sensors with a JSON binding, in config order.
     json: Vec<(JsonBinding, Target)>,
     sources: HashMap<String, SourceRules>,
+    /// Serial-bound sensors by port name.
+    serial: HashMap<String, PortTargets>,
     time: TimePolicy,
+}
+
+/// What identifies a value on a serial port: the binding of the sensor it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SerialKey {
+    /// A kv key, CSV column or JSON member of a `lines` port.
+    Line(String),
+    Modbus {
+        unit: u8,
+        kind: RegisterKind,
+        register: u16,
+    },
+    /// `index` is 1-based, in the order the sensor returned its values.
+    Sdi12 {
+        address: char,
+        index: u16,
+    },
+    Frame {
+        node: u32,
+        channel: u8,
+    },
+}
+
+impl SerialKey {
+    pub fn of(binding: &SerialBinding) -> Self {
+        match binding {
+            SerialBinding::Line(b) => Self::Line(b.key.as_str().to_string()),
+            SerialBinding::Modbus(b) => Self::Modbus {
+                unit: b.unit.0,
+                kind: b.kind,
+                register: b.register,
+            },
+            SerialBinding::Sdi12(b) => Self::Sdi12 {
+                address: b.address.0,
+                index: b.index.0,
+            },
+            SerialBinding::Frame(b) => Self::Frame {
+                node: b.node,
+                channel: b.channel,
+            },
+        }
+    }
+
+    /// The bus station a key belongs to (Modbus unit, SDI-12 address, node), if any.
+    fn station(&self) -> Option<String> {
+        match self {
+            Self::Line(_) => None,
+            Self::Modbus { unit, .. } => Some(format!("Modbus unit {unit}")),
+            Self::Sdi12 { address, .. } => Some(format!("SDI-12 address {address}")),
+            Self::Frame { node, .. } => Some(format!("node {node}")),
+        }
+    }
+}
+
+impl fmt::Display for SerialKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Line(key) => write!(f, "key `{key}`"),
+            Self::Modbus {
+                unit,
+                kind,
+                register,
+            } => {
+                let kind = match kind {
+                    RegisterKind::Holding => "holding",
+                    RegisterKind::Input => "input",
+                };
+                write!(f, "Modbus unit {unit} {kind} register {register}")
+            }
+            Self::Sdi12 { address, index } => write!(f, "SDI-12 address {address} value {index}"),
+            Self::Frame { node, channel } => write!(f, "node {node} channel {channel}"),
+        }
+    }
+}
+
+/// A value as a protocol decoded it: a number, or text that should hold one (`lines`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawValue {
+    Number(f64),
+    Text(String),
+}
+
+/// One value read from a serial port, before calibration and range checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerialValue {
+    pub key: SerialKey,
+    /// The device the value says it is from (`lines`); `None`: whichever sensor binds `key`.
+    pub device: Option<String>,
+    pub value: RawValue,
+    /// The device's own observation time, when it sent one.
+    pub at: Option<Timestamp>,
+    pub battery: Option<f64>,
+    pub rssi: Option<i64>,
+}
+
+impl SerialValue {
+    /// A number under a key, with nothing else known about it.
+    pub fn number(key: SerialKey, value: f64) -> Self {
+        Self {
+            key,
+            device: None,
+            value: RawValue::Number(value),
+            at: None,
+            battery: None,
+            rssi: None,
+        }
+    }
+}
+
+/// The sensors bound on one serial port.
+#[derive(Debug, Clone)]
+struct PortTargets {
+    protocol: Protocol,
+    /// Several targets share a key on a `lines` port when lines name their device.
+    by_key: HashMap<SerialKey, Vec<Target>>,
+    devices: HashSet<String>,
+}
+
+impl PortTargets {
+    /// The sensor a value belongs to; `Err(None)` when no sensor binds it.
+    fn target(&self, port: &str, v: &SerialValue) -> Result<&Target, Option<Rejection>> {
+        let candidates = self.by_key.get(&v.key).map_or(&[][..], Vec::as_slice);
+        match (&v.device, candidates) {
+            (Some(device), _) => match candidates.iter().find(|t| &t.device_id == device) {
+                Some(t) => Ok(t),
+                None if !self.devices.contains(device) => Err(Some(Rejection::new(
+                    Reason::UnknownDevice,
+                    format!("device `{device}` has no sensor on port `{port}`"),
+                ))),
+                None => Err(None),
+            },
+            (None, [t]) => Ok(t),
+            (None, []) => Err(None),
+            (None, many) => Err(Some(Rejection::new(
+                Reason::UnknownDevice,
+                format!(
+                    "{} is bound for devices {} on port `{port}`, and the value names no device",
+                    v.key,
+                    many.iter()
+                        .map(|t| t.device_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))),
+        }
+    }
+
+    /// Why nothing binds `key`: an unknown station, or an unbound value of a known one.
+    fn unbound(&self, port: &str, key: &SerialKey) -> Rejection {
+        match key.station() {
+            Some(station)
+                if !self
+                    .by_key
+                    .keys()
+                    .any(|k| k.station().as_ref() == Some(&station)) =>
+            {
+                Rejection::new(
+                    Reason::UnknownDevice,
+                    format!("no sensor on port `{port}` is at {station}"),
+                )
+            }
+            _ => Rejection::new(
+                Reason::UnknownSensorType,
+                format!("no sensor is bound to {key} on port `{port}`"),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +427,18 @@ impl Mapper {
     pub fn new(config: &Config) -> Self {
         let mut by_sensor = HashMap::new();
         let mut json = Vec::new();
+        let mut serial: HashMap<String, PortTargets> = config
+            .serial
+            .iter()
+            .map(|p| {
+                let targets = PortTargets {
+                    protocol: p.protocol,
+                    by_key: HashMap::new(),
+                    devices: HashSet::new(),
+                };
+                (p.name.to_string(), targets)
+            })
+            .collect();
         for field in &config.fields {
             for s in &field.sensors {
                 let target = Target {
@@ -257,25 +456,38 @@ impl Mapper {
                     source: s.source.as_ref().map(|n| n.to_string()),
                     stale_after: config.stale_after(s),
                 };
-                match &s.mqtt {
-                    Some(binding) => json.push((binding.clone(), target)),
-                    None => {
+                match (&s.mqtt, s.serial_binding()) {
+                    (_, Some(binding)) => {
+                        if let Some(port) = serial.get_mut(binding.port().as_str()) {
+                            let port: &mut PortTargets = port;
+                            port.devices.insert(target.device_id.clone());
+                            port.by_key
+                                .entry(SerialKey::of(&binding))
+                                .or_default()
+                                .push(target);
+                        }
+                    }
+                    (Some(binding), None) => json.push((binding.clone(), target)),
+                    (None, None) => {
                         by_sensor.insert((target.device_id.clone(), target.sensor_type), target);
                     }
                 }
             }
         }
-        let sources = config
+        let rules = |format, max_payload: u64| SourceRules {
+            format,
+            max_payload: usize::try_from(max_payload).unwrap_or(usize::MAX),
+        };
+        let clients = config
             .mqtt
             .iter()
-            .map(|m| {
-                let rules = SourceRules {
-                    format: m.format,
-                    max_payload: usize::try_from(m.max_payload.0).unwrap_or(usize::MAX),
-                };
-                (m.name.to_string(), rules)
-            })
-            .collect();
+            .map(|m| (m.name.to_string(), rules(m.format, m.max_payload.0)));
+        // A listener refuses packets above max_packet_size, so every payload it passes on fits.
+        let listeners = config
+            .mqtt_listener
+            .iter()
+            .map(|l| (l.name.to_string(), rules(l.format, l.max_packet_size.0)));
+        let sources = clients.chain(listeners).collect();
         let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         let time = TimePolicy {
             max_future_ns: nanos(config.quality.max_future.0),
@@ -286,11 +498,56 @@ impl Mapper {
             by_sensor,
             json,
             sources,
+            serial,
             time,
         }
     }
 
-    /// Maps one MQTT message from the named source.
+    /// Maps values a protocol engine read on the named serial port. Each value becomes a
+    /// reading of the sensor bound to its key, or a rejection. On a `lines` port a key no sensor
+    /// binds is skipped (talkers print more than is wired up), but a line of which nothing is
+    /// bound is rejected whole; on other ports every unbound value is rejected.
+    pub fn map_serial(&self, port: &str, values: &[SerialValue], received: Timestamp) -> Mapped {
+        let Some(targets) = self.serial.get(port) else {
+            return Mapped::rejected(
+                Reason::UnmappedTopic,
+                format!("port `{port}` is not configured"),
+            );
+        };
+        let lines = targets.protocol == Protocol::Lines;
+        let mut out = Mapped::default();
+        for v in values {
+            let result = match targets.target(port, v) {
+                Ok(target) => serial_reading(target, v, received, &self.time),
+                Err(None) if lines => continue,
+                Err(None) => Err(targets.unbound(port, &v.key)),
+                Err(Some(rejection)) => Err(rejection),
+            };
+            match result {
+                Ok(reading) => out.readings.push(reading),
+                // A line from an unknown device says so once, not once per key.
+                Err(r) if !out.rejections.contains(&r) => out.rejections.push(r),
+                Err(_) => {}
+            }
+        }
+        if lines && out.readings.is_empty() && out.rejections.is_empty() {
+            let keys: Vec<String> = values.iter().map(|v| v.key.to_string()).collect();
+            out.rejections.push(Rejection::new(
+                Reason::UnknownSensorType,
+                if keys.is_empty() {
+                    "the line holds no values".to_string()
+                } else {
+                    format!(
+                        "no sensor on port `{port}` is bound to any value of the line ({})",
+                        keys.join(", ")
+                    )
+                },
+            ));
+        }
+        out
+    }
+
+    /// Maps one MQTT message from the named source (`[[mqtt]]` or `[[mqtt_listener]]`).
     pub fn map_mqtt(
         &self,
         source: &str,
@@ -345,11 +602,14 @@ impl Mapper {
                 }
             }
         };
-        let battery = obj.get("battery").or_else(|| obj.get("b")).and_then(number);
+        let battery = obj
+            .get("battery")
+            .or_else(|| obj.get("b"))
+            .and_then(metadata);
         let rssi = obj
             .get("rssi")
             .or_else(|| obj.get("r"))
-            .and_then(number)
+            .and_then(metadata)
             .map(|r| r.round() as i64);
 
         let mut out = Mapped::default();
@@ -528,7 +788,7 @@ fn json_reading(
     let pointed = |p: &Option<crate::config::JsonPointer>| {
         p.as_ref()
             .and_then(|p| doc.pointer(p.as_str()))
-            .and_then(number)
+            .and_then(metadata)
     };
     target.reading(
         Observed {
@@ -543,6 +803,44 @@ fn json_reading(
     )
 }
 
+fn serial_reading(
+    target: &Target,
+    v: &SerialValue,
+    received: Timestamp,
+    time: &TimePolicy,
+) -> Result<Reading, Rejection> {
+    let value = match &v.value {
+        RawValue::Number(n) => *n,
+        RawValue::Text(text) => text.trim().parse().map_err(|_| {
+            Rejection::new(
+                Reason::Malformed,
+                format!(
+                    "{} {}: {} holds `{text}`, not a number",
+                    target.device_id, target.sensor_type, v.key
+                ),
+            )
+        })?,
+    };
+    target.reading(
+        Observed {
+            value,
+            unit: None,
+            at: v.at,
+            // As for MQTT (`metadata`): a non-finite battery has no JSON form in the event.
+            battery: v.battery.filter(|b| b.is_finite()),
+            rssi: v.rssi,
+        },
+        received,
+        time,
+    )
+}
+
+/// A device's own observation time in any form `timestamp_format = "auto"` reads: RFC 3339,
+/// or epoch seconds or milliseconds as a number or a string.
+pub fn parse_device_time(v: &Value) -> Option<Timestamp> {
+    parse_timestamp(v, TimestampFormat::Auto, None)
+}
+
 /// A JSON number, or a string holding one (`"24.61"`, as ChirpStack codecs often emit).
 fn number(v: &Value) -> Option<f64> {
     match v {
@@ -550,6 +848,12 @@ fn number(v: &Value) -> Option<f64> {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
+}
+
+/// A metadata number (battery, RSSI). A non-finite one (`"nan"`, `"inf"`) has no JSON form in
+/// the event, so it is left out rather than sent as `null` where the contract wants a number.
+fn metadata(v: &Value) -> Option<f64> {
+    number(v).filter(|n| n.is_finite())
 }
 
 /// `timestamp` / `ts` of a SAHOOL object: RFC 3339 or epoch; absent → `default`.
@@ -696,6 +1000,35 @@ id = "field-1"
         assert_eq!(reasons, vec![Reason::Malformed, Reason::OutOfRange]);
     }
 
+    /// Found by fuzzing: a finite value that calibration overflows, and metadata numbers
+    /// without a JSON form, made events whose `value` or `battery` was `null`.
+    #[test]
+    fn non_finite_after_calibration_is_rejected_and_non_finite_metadata_left_out() {
+        let m = mapper(
+            r#"
+[[fields]]
+id = "f"
+  [[fields.sensors]]
+  device_id = "wx"
+  sensor_type = "wind_speed"
+  scale = 3.6
+"#,
+        );
+        let topic = "sahool/sensors/wx/f/wind_speed";
+        let out = m.map_mqtt("farm", topic, br#"{"v":1e308,"u":"km/h"}"#, at());
+        assert!(out.readings.is_empty(), "{out:?}");
+        assert_eq!(out.rejections[0].reason, Reason::NotFinite);
+        let out = m.map_mqtt(
+            "farm",
+            topic,
+            br#"{"v":2,"battery":"nan","rssi":"-inf"}"#,
+            at(),
+        );
+        let r = &out.readings[0];
+        assert_eq!((r.battery, r.rssi), (None, None), "{r:?}");
+        assert!((r.value - 7.2).abs() < 1e-12);
+    }
+
     #[test]
     fn calibration_keeps_raw_value_and_config_range() {
         let m = mapper(
@@ -726,5 +1059,152 @@ id = "f"
             at(),
         );
         assert_eq!(out.rejections[0].reason, Reason::OutOfRange);
+    }
+
+    const SERIAL: &str = r#"
+[[serial]]
+name = "talk"
+path = "/dev/ttyS1"
+protocol = "lines"
+line_format = "kv"
+
+[[serial]]
+name = "bus"
+path = "/dev/ttyUSB0"
+protocol = "modbus-rtu"
+
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "probe-a"
+  sensor_type = "soil_temperature"
+  line = { port = "talk", key = "t" }
+  [[fields.sensors]]
+  device_id = "probe-b"
+  sensor_type = "soil_temperature"
+  line = { port = "talk", key = "t" }
+  [[fields.sensors]]
+  device_id = "probe-b"
+  sensor_type = "soil_moisture"
+  line = { port = "talk", key = "vwc" }
+  [[fields.sensors]]
+  device_id = "rs485-probe"
+  sensor_type = "soil_moisture"
+  modbus = { port = "bus", unit = 3, register = 0, scale = 0.1 }
+"#;
+
+    fn line_value(device: Option<&str>, key: &str, value: RawValue) -> SerialValue {
+        SerialValue {
+            device: device.map(str::to_string),
+            value,
+            ..SerialValue::number(SerialKey::Line(key.into()), 0.0)
+        }
+    }
+
+    #[test]
+    fn serial_values_map_through_the_shared_rules() {
+        let m = mapper(SERIAL);
+        let modbus = |register| SerialKey::Modbus {
+            unit: 3,
+            kind: RegisterKind::Holding,
+            register,
+        };
+        let out = m.map_serial("bus", &[SerialValue::number(modbus(0), 235.0)], at());
+        let r = &out.readings[0];
+        assert_eq!(
+            (r.device_id.as_str(), r.field_id.as_str()),
+            ("rs485-probe", "field-1")
+        );
+        assert!((r.value - 23.5).abs() < 1e-9);
+        assert_eq!(r.raw_value, Some(235.0));
+        assert_eq!(r.observed_at, at());
+        let out = m.map_serial("bus", &[SerialValue::number(modbus(0), 2000.0)], at());
+        assert_eq!(out.rejections[0].reason, Reason::OutOfRange);
+        let out = m.map_serial("bus", &[SerialValue::number(modbus(7), 1.0)], at());
+        assert_eq!(
+            out.rejections[0].reason,
+            Reason::UnknownSensorType,
+            "{out:?}"
+        );
+        let other_unit = SerialKey::Modbus {
+            unit: 9,
+            kind: RegisterKind::Holding,
+            register: 0,
+        };
+        let out = m.map_serial("bus", &[SerialValue::number(other_unit, 1.0)], at());
+        assert_eq!(out.rejections[0].reason, Reason::UnknownDevice, "{out:?}");
+        let out = m.map_serial("nope", &[SerialValue::number(modbus(0), 1.0)], at());
+        assert_eq!(out.rejections[0].reason, Reason::UnmappedTopic);
+    }
+
+    #[test]
+    fn lines_pick_the_device_skip_unbound_keys_and_reject_what_is_left() {
+        let m = mapper(SERIAL);
+        let num = |n| RawValue::Number(n);
+        let device_time = Timestamp(at().0 - 60_000_000_000);
+        let mut with_time = line_value(Some("probe-b"), "t", num(21.5));
+        with_time.at = Some(device_time);
+        with_time.battery = Some(88.0);
+        let out = m.map_serial(
+            "talk",
+            &[
+                with_time,
+                line_value(Some("probe-b"), "vwc", RawValue::Text(" 31.5 ".into())),
+                line_value(Some("probe-b"), "uptime", num(5.0)),
+            ],
+            at(),
+        );
+        assert!(out.rejections.is_empty(), "{out:?}");
+        assert_eq!(out.readings.len(), 2);
+        assert_eq!(out.readings[0].observed_at, device_time);
+        assert_eq!(out.readings[0].battery, Some(88.0));
+        assert_eq!(out.readings[1].value, 31.5);
+        let mut infinite = line_value(Some("probe-b"), "t", num(21.5));
+        infinite.battery = Some(f64::INFINITY);
+        let out = m.map_serial("talk", &[infinite], at());
+        assert_eq!(
+            out.readings[0].battery, None,
+            "a battery of `inf` (or `974e44`) is left out, not sent as null"
+        );
+
+        let reasons = |values: &[SerialValue]| -> Vec<Reason> {
+            let out = m.map_serial("talk", values, at());
+            assert!(out.readings.is_empty(), "{out:?}");
+            out.rejections.iter().map(|r| r.reason).collect()
+        };
+        // Two devices bind `t` and the line names neither.
+        assert_eq!(
+            reasons(&[line_value(None, "t", num(1.0))]),
+            [Reason::UnknownDevice]
+        );
+        // An unknown device is reported once per line.
+        assert_eq!(
+            reasons(&[
+                line_value(Some("ghost"), "t", num(1.0)),
+                line_value(Some("ghost"), "vwc", num(1.0))
+            ]),
+            [Reason::UnknownDevice]
+        );
+        assert_eq!(
+            reasons(&[line_value(
+                Some("probe-a"),
+                "t",
+                RawValue::Text("warm".into())
+            )]),
+            [Reason::Malformed]
+        );
+        assert_eq!(
+            reasons(&[line_value(
+                Some("probe-a"),
+                "t",
+                RawValue::Text("NaN".into())
+            )]),
+            [Reason::NotFinite]
+        );
+        assert_eq!(
+            reasons(&[line_value(Some("probe-a"), "uptime", num(1.0))]),
+            [Reason::UnknownSensorType],
+            "nothing of the line is bound"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Prometheus metrics, one registry per process. Counters get the `_total` suffix from the
 //! encoder, so `readings_accepted` is exported as `sahool_gateway_readings_accepted_total`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,6 +21,59 @@ pub struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
+}
+
+/// One Modbus request's slave and outcome (`ok` or a fault reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModbusRequestLabel {
+    pub port: String,
+    pub unit: u8,
+    pub outcome: &'static str,
+}
+
+/// One SDI-12 measurement's sensor and outcome (`ok` or a fault reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Sdi12MeasurementLabel {
+    pub port: String,
+    pub address: String,
+    pub outcome: &'static str,
+}
+
+/// One firmware frame's port and what became of it (see [`Metrics::serial_frame`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameOutcomeLabel {
+    pub port: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabel {
+    pub port: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReasonLabel {
+    pub listener: String,
+    pub reason: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn puback_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ])
 }
 
 pub struct Metrics {
@@ -44,10 +98,29 @@ pub struct Metrics {
     pub readings_duplicates: Counter,
     pub timestamps_replaced: Counter,
     pub status_events: Counter,
+    pub modbus_requests: Family<ModbusRequestLabel, Counter>,
+    pub sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
+    pub serial_port_up: Family<PortLabel, Gauge>,
+    pub serial_reconnects: Family<PortLabel, Counter>,
+    pub serial_bytes: Family<PortLabel, Counter>,
+    pub serial_messages: Family<PortLabel, Counter>,
+    pub serial_errors: Family<PortReasonLabel, Counter>,
+    pub serial_frames: Family<FrameOutcomeLabel, Counter>,
+    /// Each running serial port's state for `/readyz`: `Ok(())` up, `Err(why)` not.
+    serial_states: Mutex<BTreeMap<String, Result<(), String>>>,
     store_healthy: AtomicBool,
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
     forwarder_beat: Mutex<Instant>,
+    /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
+    nats_problem: Mutex<Option<String>>,
+    pub listener_connections_open: Family<ListenerLabel, Gauge>,
+    pub listener_connections: Family<ListenerLabel, Counter>,
+    pub listener_publishes: Family<ListenerLabel, Counter>,
+    pub listener_puback_seconds: HistogramFamily<ListenerLabel>,
+    pub listener_rejects: Family<ListenerReasonLabel, Counter>,
+    /// Each configured listener: whether its socket is bound (for `/readyz`).
+    listeners_bound: Mutex<BTreeMap<String, bool>>,
 }
 
 impl Metrics {
@@ -76,9 +149,25 @@ impl Metrics {
             readings_duplicates: Counter::default(),
             timestamps_replaced: Counter::default(),
             status_events: Counter::default(),
+            modbus_requests: Family::default(),
+            sdi12_measurements: Family::default(),
+            serial_port_up: Family::default(),
+            serial_reconnects: Family::default(),
+            serial_bytes: Family::default(),
+            serial_messages: Family::default(),
+            serial_errors: Family::default(),
+            serial_frames: Family::default(),
+            serial_states: Mutex::new(BTreeMap::new()),
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
+            nats_problem: Mutex::new(None),
+            listener_connections_open: Family::default(),
+            listener_connections: Family::default(),
+            listener_publishes: Family::default(),
+            listener_puback_seconds: Family::new_with_constructor(puback_histogram),
+            listener_rejects: Family::default(),
+            listeners_bound: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -178,7 +267,109 @@ impl Metrics {
             "Sensor connected / disconnected / low-battery events buffered",
             m.status_events.clone(),
         );
+        r.register(
+            "modbus_requests",
+            "Modbus RTU requests, by port, slave and outcome (ok, timeout, crc, exception, unexpected)",
+            m.modbus_requests.clone(),
+        );
+        r.register(
+            "sdi12_measurements",
+            "SDI-12 measurements, by port, sensor address and outcome",
+            m.sdi12_measurements.clone(),
+        );
+        r.register(
+            "serial_port_up",
+            "1 while the serial port is open",
+            m.serial_port_up.clone(),
+        );
+        r.register(
+            "serial_reconnects",
+            "Serial ports opened again after they were lost",
+            m.serial_reconnects.clone(),
+        );
+        r.register(
+            "serial_bytes_received",
+            "Bytes read from the serial port",
+            m.serial_bytes.clone(),
+        );
+        r.register(
+            "serial_messages_received",
+            "Lines, frames or responses received on the serial port",
+            m.serial_messages.clone(),
+        );
+        r.register(
+            "serial_errors",
+            "Serial port faults and protocol errors, by reason",
+            m.serial_errors.clone(),
+        );
+        r.register(
+            "serial_frames",
+            "Firmware frames on frames ports, by outcome: stored and duplicate (acked), refused (buffer full) and failed (commit failed) not acked but resent by the node, bad (did not decode, never acked)",
+            m.serial_frames.clone(),
+        );
+        r.register(
+            "mqtt_listener_connections_open",
+            "Connections open on each MQTT listener",
+            m.listener_connections_open.clone(),
+        );
+        r.register(
+            "mqtt_listener_connections",
+            "Connections accepted by each MQTT listener (CONNACK sent)",
+            m.listener_connections.clone(),
+        );
+        r.register(
+            "mqtt_listener_publishes",
+            "PUBLISH packets received by each MQTT listener",
+            m.listener_publishes.clone(),
+        );
+        r.register(
+            "mqtt_listener_puback_seconds",
+            "From a PUBLISH arriving to its PUBACK (the commit included)",
+            m.listener_puback_seconds.clone(),
+        );
+        r.register(
+            "mqtt_listener_rejects",
+            "Connections and packets an MQTT listener refused, by reason (auth, oversize, subscribe, protocol, too_many_connections, topic, tls)",
+            m.listener_rejects.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn listener(&self, listener: &str) -> ListenerLabel {
+        ListenerLabel {
+            listener: listener.into(),
+        }
+    }
+
+    pub fn listener_reject(&self, listener: &str, reason: &str) -> Counter {
+        self.listener_rejects
+            .get_or_create(&ListenerReasonLabel {
+                listener: listener.into(),
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// Records whether a configured listener's socket is bound; `None` forgets a removed one.
+    pub fn set_listener_bound(&self, listener: &str, bound: Option<bool>) {
+        if let Ok(mut m) = self.listeners_bound.lock() {
+            match bound {
+                Some(b) => {
+                    m.insert(listener.to_string(), b);
+                }
+                None => {
+                    m.remove(listener);
+                }
+            }
+        }
+    }
+
+    /// Every configured listener and whether it is bound.
+    pub fn listeners_bound(&self) -> Vec<(String, bool)> {
+        self.listeners_bound
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
     }
 
     pub fn rejected(&self, reason: &str) -> Counter {
@@ -201,6 +392,76 @@ impl Metrics {
         SourceLabel {
             source: source.into(),
         }
+    }
+
+    pub fn modbus_request(&self, port: &str, unit: u8, outcome: &'static str) -> Counter {
+        self.modbus_requests
+            .get_or_create(&ModbusRequestLabel {
+                port: port.into(),
+                unit,
+                outcome,
+            })
+            .clone()
+    }
+
+    pub fn sdi12_measurement(&self, port: &str, address: char, outcome: &'static str) -> Counter {
+        self.sdi12_measurements
+            .get_or_create(&Sdi12MeasurementLabel {
+                port: port.into(),
+                address: address.into(),
+                outcome,
+            })
+            .clone()
+    }
+
+    pub fn port(&self, port: &str) -> PortLabel {
+        PortLabel { port: port.into() }
+    }
+
+    pub fn serial_error(&self, port: &str, reason: &str) -> Counter {
+        self.serial_errors
+            .get_or_create(&PortReasonLabel {
+                port: port.into(),
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// `serial_frames_total{port, outcome}`: `stored` and `duplicate` (acked), `refused`
+    /// (buffer full) and `failed` (commit failed), not acked and resent by the node, and `bad`.
+    pub fn serial_frame(&self, port: &str, outcome: &'static str) -> Counter {
+        self.serial_frames
+            .get_or_create(&FrameOutcomeLabel {
+                port: port.into(),
+                outcome,
+            })
+            .clone()
+    }
+
+    /// Records a serial port as up (`Ok`) or not (`Err(why)`), for `/readyz` and the gauge.
+    pub fn set_serial_state(&self, port: &str, state: Result<(), String>) {
+        self.serial_port_up
+            .get_or_create(&self.port(port))
+            .set(i64::from(state.is_ok()));
+        if let Ok(mut states) = self.serial_states.lock() {
+            states.insert(port.to_string(), state);
+        }
+    }
+
+    /// A serial port that no longer runs (stopped, or removed by a reload).
+    pub fn forget_serial_port(&self, port: &str) {
+        self.serial_port_up.remove(&self.port(port));
+        if let Ok(mut states) = self.serial_states.lock() {
+            states.remove(port);
+        }
+    }
+
+    /// Every running serial port's state, by name.
+    pub fn serial_states(&self) -> Vec<(String, Result<(), String>)> {
+        self.serial_states.lock().map_or_else(
+            |_| Vec::new(),
+            |s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        )
     }
 
     pub fn set_store_healthy(&self, ok: bool) {
@@ -233,6 +494,16 @@ impl Metrics {
 
     pub fn nats_is_connected(&self) -> bool {
         self.nats_connected.get() == 1
+    }
+
+    pub fn set_nats_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.nats_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    pub fn nats_problem(&self) -> Option<String> {
+        self.nats_problem.lock().ok().and_then(|p| p.clone())
     }
 
     /// Prometheus text exposition.

@@ -114,3 +114,66 @@ fn buffer_stats_before_first_run_says_what_is_wrong() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has the gateway run"));
 }
+
+/// The example config's commented serial ports and serial sensors (each a run of comment lines
+/// from `# [[serial]]` or `# [[fields.sensors]]` on, with `# # ` for their own comments)
+/// validate once uncommented, so an operator can start from them.
+#[test]
+fn the_example_serial_sections_validate_uncommented() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
+    let text = std::fs::read_to_string(&example).expect("the example config");
+    let mut uncommented = Vec::new();
+    let mut in_example = false;
+    for line in text.lines() {
+        let body = line.trim_start();
+        let indent = &line[..line.len() - body.len()];
+        if body == "# [[serial]]" || body == "# [[fields.sensors]]" {
+            in_example = true;
+        }
+        in_example &= body.starts_with('#');
+        if in_example {
+            let rest = body
+                .strip_prefix("# ")
+                .unwrap_or(body.trim_start_matches('#'));
+            uncommented.push(format!("{indent}{rest}"));
+        } else {
+            uncommented.push(line.to_string());
+        }
+    }
+    let uncommented = uncommented.join("\n");
+    let config = sahool_gateway::config::parse(&uncommented)
+        .unwrap_or_else(|problems| panic!("{problems:?}\n{uncommented}"));
+    let ports: Vec<String> = config
+        .serial
+        .iter()
+        .map(|p| format!("{} {}", p.name.as_str(), p.protocol))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            "talker lines",
+            "rs485-1 modbus-rtu",
+            "sdi12-usb sdi12",
+            "nodes frames"
+        ],
+        "every protocol has an example"
+    );
+    let bound: usize = config
+        .fields
+        .iter()
+        .flat_map(|f| &f.sensors)
+        .filter(|s| s.serial_binding().is_some())
+        .count();
+    assert_eq!(bound, 7, "{uncommented}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("uncommented.toml");
+    std::fs::write(&path, &uncommented).expect("write");
+    let out = gateway(&["validate", "--config", path.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -6,8 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use serde_json::Value;
-use support::{event_validator, fixture, publish_all, Gateway, Mosquitto, Nats};
+use support::{event_validator, fixture, matches_expected, publish_all, Gateway, Mosquitto, Nats};
 
 const FIXTURES: [&str; 6] = [
     "mqtt/sahool-standard.json",
@@ -148,41 +147,6 @@ id = "field-west-9"
         nats = nats.url(),
         mqtt = broker.url()
     )
-}
-
-fn numbers_equal(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => (x - y).abs() < 1e-9 * x.abs().max(1.0),
-        _ => a == b,
-    }
-}
-
-fn matches_expected(payload: &Value, expect: &Value) -> bool {
-    let keys = ["device_id", "field_id", "sensor_type", "unit"];
-    if keys.iter().any(|k| payload[k] != expect[k]) {
-        return false;
-    }
-    if !numbers_equal(&payload["value"], &expect["value"]) {
-        return false;
-    }
-    if let Some(ts) = expect.get("timestamp") {
-        if &payload["timestamp"] != ts {
-            return false;
-        }
-    }
-    let empty = serde_json::Map::new();
-    let got = payload
-        .get("metadata")
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    let want = expect
-        .get("metadata")
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    got.len() == want.len()
-        && want
-            .iter()
-            .all(|(k, v)| got.get(k).is_some_and(|g| numbers_equal(g, v)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

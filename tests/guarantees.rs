@@ -4,63 +4,12 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use support::{assert_exactly_once, values_in_order};
 use support::{probe_config as config, probe_reading as reading, probe_readings as readings};
-use support::{publish_all, Gateway, Mosquitto, Nats, StreamMessage};
-
-/// Values in stream order, with the checks every test shares: unique event ids, `seq`
-/// strictly increasing in stream order, and `Nats-Msg-Id` equal to `event_id`.
-fn values_in_order(events: &[StreamMessage]) -> Vec<usize> {
-    let mut ids = HashSet::new();
-    let mut last_seq = 0;
-    events
-        .iter()
-        .map(|e| {
-            let id = e.body["event_id"].as_str().expect("event_id");
-            assert!(
-                ids.insert(id.to_string()),
-                "event {id} is in the stream twice"
-            );
-            assert_eq!(e.header("Nats-Msg-Id"), Some(id));
-            let seq = e.body["source"]["seq"].as_u64().expect("seq");
-            assert!(
-                seq > last_seq,
-                "seq {seq} after {last_seq}: stream order must follow seq"
-            );
-            last_seq = seq;
-            e.body["payload"]["value"].as_f64().expect("value") as usize
-        })
-        .collect()
-}
-
-/// Asserts every value in `0..n` is present exactly once.
-fn assert_exactly_once(values: &[usize], n: usize) {
-    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-    for v in values {
-        *counts.entry(*v).or_default() += 1;
-    }
-    let doubled: Vec<_> = counts
-        .iter()
-        .filter(|(_, c)| **c > 1)
-        .map(|(v, _)| *v)
-        .collect();
-    let missing: Vec<_> = (0..n).filter(|v| !counts.contains_key(v)).collect();
-    assert!(
-        doubled.is_empty(),
-        "{} readings doubled, e.g. {:?}",
-        doubled.len(),
-        &doubled[..doubled.len().min(10)]
-    );
-    assert!(
-        missing.is_empty(),
-        "{} readings lost, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    assert_eq!(values.len(), n);
-}
+use support::{publish_all, Gateway, Mosquitto, Nats};
 
 async fn wait_forwarded(gateway: &Gateway, n: usize, within: Duration) {
     gateway.wait_until(&format!("{n} readings forwarded"), within, |g| {

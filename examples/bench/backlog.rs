@@ -10,7 +10,7 @@ use sahool_gateway::config::Config;
 use sahool_gateway::mapping::Mapper;
 use sahool_gateway::metrics::Metrics;
 use sahool_gateway::reading::Timestamp;
-use sahool_gateway::sources::mqtt::message_key;
+use sahool_gateway::sources::intake::message_key;
 use sahool_gateway::store::{self, Append, AppendOutcome};
 
 use crate::measure::{self, ns_of, secs, unix_ns, wait_stream, CpuMeter, PeakRss};
@@ -60,6 +60,7 @@ pub async fn write_readings(config: &Config, first: u64, count: u64, in_flight: 
             dead_letters: Vec::new(),
             message_key: Some(message_key(SOURCE, topic.as_bytes(), &body)),
             maybe_duplicate: false,
+            frame_key: None,
         };
         pending.push_back(handle.append(append).await.expect("store open"));
         if pending.len() >= in_flight {

@@ -5,6 +5,8 @@
 //! `[[fields]]` entry) is deserialized on its own, so one bad entry does not hide the next, and
 //! cross-section checks run over everything that parsed. Every problem carries its line.
 
+mod listener;
+pub mod serial;
 mod values;
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +19,8 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
+pub use listener::{ListenerAuth, MqttListener};
+pub use serial::{Protocol, SerialBinding, SerialSource};
 pub use values::{
     ByteSize, DurationValue, Ident, JsonPointer, Secret, SensorTypeName, SubjectTemplate,
     TopicFilter, UtcOffsetValue,
@@ -31,6 +35,8 @@ pub struct Config {
     pub quality: Quality,
     pub mqtt: Vec<MqttSource>,
     pub fields: Vec<Field>,
+    pub serial: Vec<SerialSource>,
+    pub mqtt_listener: Vec<MqttListener>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +69,9 @@ pub struct Nats {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Name the servers' certificates must carry, when it differs from the host in `servers`
+    /// (e.g. servers listed by IP address, or a cluster's shared certificate).
+    pub tls_server_name: Option<String>,
     #[serde(default)]
     pub allow_insecure: bool,
     /// How long to wait for a PubAck before the publish counts as failed and is retried.
@@ -158,6 +167,8 @@ pub struct MqttSource {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Name the broker's certificate must carry, when it differs from the host in `url`.
+    pub tls_server_name: Option<String>,
     /// Defaults to `sahool-gw-{gateway.id}-{name}`: stable, so the broker keeps the session.
     pub client_id: Option<String>,
     /// MQTT 5 Receive Maximum: QoS 1 messages the broker may have in flight to us.
@@ -184,9 +195,44 @@ impl MqttSource {
             .unwrap_or_else(|| format!("sahool-gw-{}-{}", gateway.id, self.name))
     }
 
-    /// `(host, port)` of `mqtt://host:port`.
+    /// `(host, port)` of `mqtt://host:port` or `mqtts://host:port` (default ports 1883, 8883).
     pub fn host_port(&self) -> Result<(String, u16), String> {
-        parse_host_port(&self.url, &["mqtt"], 1883)
+        let port = if self.uses_tls() { 8883 } else { 1883 };
+        parse_host_port(&self.url, &["mqtt", "mqtts"], port)
+    }
+
+    /// TLS is chosen by the `mqtts://` scheme.
+    pub fn uses_tls(&self) -> bool {
+        self.url.starts_with("mqtts://")
+    }
+
+    /// The TLS settings, when the broker is reached over TLS.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles<'_>> {
+        self.uses_tls().then_some(crate::tls::TlsFiles::new(
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_server_name,
+        ))
+    }
+}
+
+impl Nats {
+    /// TLS is required by a `tls://` server or any TLS file.
+    pub fn uses_tls(&self) -> bool {
+        self.servers.iter().any(|s| s.starts_with("tls://"))
+            || self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+    }
+
+    /// The TLS settings, when the servers are reached over TLS.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles<'_>> {
+        self.uses_tls().then_some(crate::tls::TlsFiles::new(
+            &self.tls_ca_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_server_name,
+        ))
     }
 }
 
@@ -214,10 +260,20 @@ pub struct Sensor {
     pub offset: f64,
     /// `[min, max]` of plausible values after scaling; defaults to SAHOOL's range for the type.
     pub range: Option<[f64; 2]>,
-    /// The `[[mqtt]]` source this sensor is read from; default: every source of its format.
+    /// The `[[mqtt]]` source or `[[mqtt_listener]]` this sensor is read from; default: every
+    /// MQTT input of its format.
     pub source: Option<Ident>,
     /// Binding for `format = "json"` sources.
     pub mqtt: Option<JsonBinding>,
+    /// Binding to a `lines` serial port (TOML key `line`).
+    #[serde(rename = "line")]
+    pub line_binding: Option<serial::LineBinding>,
+    /// Binding to a `modbus-rtu` serial port.
+    pub modbus: Option<serial::ModbusBinding>,
+    /// Binding to an `sdi12` serial port.
+    pub sdi12: Option<serial::Sdi12Binding>,
+    /// Binding to a `frames` serial port.
+    pub frame: Option<serial::FrameBinding>,
     /// How often this sensor reports; default: its source's, then `[quality] expected_interval`.
     pub expected_interval: Option<DurationValue>,
     #[serde(skip)]
@@ -389,6 +445,9 @@ struct Parts<'a> {
     quality: &'a Quality,
     mqtt: &'a [MqttSource],
     fields: &'a [Field],
+    serial: &'a [SerialSource],
+    mqtt_listener: &'a [MqttListener],
+    http: &'a Http,
 }
 
 /// One thing wrong with a config file.
@@ -450,6 +509,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut quality = Quality::default();
     let mut mqtt = Vec::new();
     let mut fields = Vec::new();
+    let mut serial = Vec::new();
+    let mut mqtt_listener = Vec::new();
 
     for (key, value) in root.into_inner() {
         let key_line = lines.line(key.span().start);
@@ -485,19 +546,43 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             "fields" => {
                 for (line, item) in lines.array(value, "[[fields]]", &mut problems) {
                     let sensor_lines = lines.sensor_lines(&item);
+                    let calibration = sensor_calibration_keys(&item);
                     if let Some(mut f) = lines.section::<Field>(item, "[[fields]]", &mut problems) {
                         f.line = line;
-                        for (sensor, line) in f.sensors.iter_mut().zip(sensor_lines) {
+                        for ((sensor, line), given) in
+                            f.sensors.iter_mut().zip(sensor_lines).zip(calibration)
+                        {
                             sensor.line = line;
+                            problems.extend(serial::fold_calibration(sensor, given));
                         }
                         fields.push(f);
+                    }
+                }
+            }
+            "serial" => {
+                for (line, item) in lines.array(value, "[[serial]]", &mut problems) {
+                    if let Some(mut s) =
+                        lines.section::<SerialSource>(item, "[[serial]]", &mut problems)
+                    {
+                        s.line = line;
+                        serial.push(s);
+                    }
+                }
+            }
+            "mqtt_listener" => {
+                for (line, item) in lines.array(value, "[[mqtt_listener]]", &mut problems) {
+                    if let Some(mut l) =
+                        lines.section::<MqttListener>(item, "[[mqtt_listener]]", &mut problems)
+                    {
+                        l.line = line;
+                        mqtt_listener.push(l);
                     }
                 }
             }
             other => problems.push(Problem {
                 line: key_line,
                 message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt or fields"
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial or fields"
                 ),
             }),
         }
@@ -530,6 +615,9 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             quality: &quality,
             mqtt: &mqtt,
             fields: &fields,
+            serial: &serial,
+            mqtt_listener: &mqtt_listener,
+            http: &http,
         },
         &lines,
     ));
@@ -542,6 +630,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             quality,
             mqtt,
             fields,
+            serial,
+            mqtt_listener,
         }),
         _ => {
             problems.sort_by_key(|p| p.line);
@@ -561,13 +651,26 @@ impl Config {
         let source = sensor
             .source
             .as_ref()
-            .and_then(|name| self.mqtt.iter().find(|m| &m.name == name))
+            .and_then(|name| mqtt_inputs(&self.mqtt, &self.mqtt_listener).find(|m| m.name == name))
             .and_then(|m| m.expected_interval);
+        let port = sensor.serial_binding().and_then(|b| {
+            let port = self.serial.iter().find(|s| &s.name == b.port())?;
+            match b {
+                SerialBinding::Modbus(m) => port
+                    .expected_interval
+                    .map(|d| d.0)
+                    .or(m.poll_interval.map(|d| d.0))
+                    .or_else(|| port.report_interval()),
+                _ => port.report_interval(),
+            }
+        });
         let interval = sensor
             .expected_interval
             .or(source)
-            .unwrap_or(self.quality.expected_interval);
-        interval.0.mul_f64(self.quality.stale_factor)
+            .map(|d| d.0)
+            .or(port)
+            .unwrap_or(self.quality.expected_interval.0);
+        interval.mul_f64(self.quality.stale_factor)
     }
 
     /// The SQLite file of the outbox.
@@ -589,8 +692,7 @@ impl Config {
             for server in &n.servers {
                 match parse_host_port(server, &["nats", "tls"], 4222) {
                     Ok((host, _)) => {
-                        let tls = server.starts_with("tls://") || n.tls_ca_file.is_some();
-                        if !tls && !is_loopback_host(&host) && !n.allow_insecure {
+                        if !n.uses_tls() && !is_loopback_host(&host) && !n.allow_insecure {
                             push(nats_line, format!(
                                 "[nats] servers: `{server}` is plaintext to a non-loopback host; use tls:// with tls_ca_file, or set allow_insecure = true"
                             ));
@@ -634,6 +736,9 @@ impl Config {
                     nats_line,
                     "[nats] tls_cert_file and tls_key_file go together".into(),
                 );
+            }
+            if let Some(problem) = check_server_name(n.tls_server_name.as_deref()) {
+                push(nats_line, format!("[nats] {problem}"));
             }
         }
 
@@ -704,9 +809,9 @@ impl Config {
                 );
             }
             if let Ok((host, _)) = m.host_port() {
-                if !is_loopback_host(&host) && !m.allow_insecure {
+                if !m.uses_tls() && !is_loopback_host(&host) && !m.allow_insecure {
                     push(m.line, format!(
-                        "[[mqtt]] `{}`: `{}` is plaintext to a non-loopback broker; keep the broker on loopback, or set allow_insecure = true",
+                        "[[mqtt]] `{}`: `{}` is plaintext to a non-loopback broker; use mqtts:// (with tls_ca_file), keep the broker on loopback, or set allow_insecure = true",
                         m.name, m.url
                     ));
                 }
@@ -720,8 +825,27 @@ impl Config {
                     ),
                 );
             }
-            if m.tls_ca_file.is_some() || m.tls_cert_file.is_some() || m.tls_key_file.is_some() {
-                push(m.line, format!("[[mqtt]] `{}`: TLS to MQTT brokers is not supported by this build; use a loopback broker", m.name));
+            let tls_keys = m.tls_ca_file.is_some()
+                || m.tls_cert_file.is_some()
+                || m.tls_key_file.is_some()
+                || m.tls_server_name.is_some();
+            if tls_keys && !m.uses_tls() {
+                push(m.line, format!(
+                    "[[mqtt]] `{}`: TLS settings need an mqtts:// url (TLS is chosen by the scheme)",
+                    m.name
+                ));
+            }
+            if m.tls_cert_file.is_some() != m.tls_key_file.is_some() {
+                push(
+                    m.line,
+                    format!(
+                        "[[mqtt]] `{}`: tls_cert_file and tls_key_file go together",
+                        m.name
+                    ),
+                );
+            }
+            if let Some(problem) = check_server_name(m.tls_server_name.as_deref()) {
+                push(m.line, format!("[[mqtt]] `{}`: {problem}", m.name));
             }
             if m.receive_maximum == 0 {
                 push(
@@ -731,6 +855,18 @@ impl Config {
             }
         }
 
+        for l in parts.mqtt_listener {
+            if !names.insert(l.name.as_str()) {
+                push(l.line, format!(
+                    "[[mqtt_listener]] name `{}` is already used by another [[mqtt]] or [[mqtt_listener]]",
+                    l.name
+                ));
+            }
+            l.check(&mut push);
+        }
+        listener::check_addresses(parts.mqtt_listener, parts.http.listen, &mut push);
+
+        let inputs: Vec<MqttInputRef> = mqtt_inputs(parts.mqtt, parts.mqtt_listener).collect();
         let mut field_ids = HashSet::new();
         let mut sensors: HashMap<(&str, crate::reading::SensorType), usize> = HashMap::new();
         for f in parts.fields {
@@ -765,28 +901,32 @@ impl Config {
                         );
                     }
                 }
-                let bound: Vec<&MqttSource> = match &s.source {
-                    Some(name) => match parts.mqtt.iter().find(|m| &m.name == name) {
+                if s.serial_binding().is_some() {
+                    // Read from a serial port: checked with the ports (serial::check).
+                    continue;
+                }
+                let bound: Vec<&MqttInputRef> = match &s.source {
+                    Some(name) => match inputs.iter().find(|m| m.name == name) {
                         Some(m) => vec![m],
                         None => {
                             push(
                                 s.line,
                                 format!(
-                                    "sensor {}: source `{name}` is not an [[mqtt]] name",
+                                    "sensor {}: source `{name}` is not an [[mqtt]] or [[mqtt_listener]] name",
                                     s.device_id
                                 ),
                             );
                             continue;
                         }
                     },
-                    None => parts.mqtt.iter().collect(),
+                    None => inputs.iter().collect(),
                 };
                 let wants = if s.mqtt.is_some() {
                     Format::Json
                 } else {
                     Format::Sahool
                 };
-                if !parts.mqtt.is_empty() && !bound.iter().any(|m| m.format == wants) {
+                if !inputs.is_empty() && !bound.iter().any(|m| m.format == wants) {
                     let msg = match wants {
                         Format::Json => "has an [fields.sensors.mqtt] binding but no format = \"json\" source reads it",
                         Format::Sahool => "has no [fields.sensors.mqtt] binding, which a format = \"json\" source needs",
@@ -818,8 +958,52 @@ impl Config {
                 }
             }
         }
+        p.extend(serial::check(parts));
         p
     }
+}
+
+/// Which of `scale` and `offset` each sensor of a `[[fields]]` entry sets in its own table (a
+/// Modbus binding may carry them instead, not as well).
+fn sensor_calibration_keys(field: &Spanned<DeValue<'_>>) -> Vec<[bool; 2]> {
+    let DeValue::Table(table) = field.get_ref() else {
+        return Vec::new();
+    };
+    let Some(DeValue::Array(sensors)) = table.get("sensors").map(|s| s.get_ref()) else {
+        return Vec::new();
+    };
+    sensors
+        .iter()
+        .map(|s| match s.get_ref() {
+            DeValue::Table(t) => [t.contains_key("scale"), t.contains_key("offset")],
+            _ => [false, false],
+        })
+        .collect()
+}
+
+/// What sensor bindings need of an MQTT input, whether a `[[mqtt]]` client or a listener.
+struct MqttInputRef<'a> {
+    name: &'a Ident,
+    format: Format,
+    expected_interval: Option<DurationValue>,
+}
+
+/// Every MQTT input by name: the `[[mqtt]]` sources, then the `[[mqtt_listener]]`s.
+fn mqtt_inputs<'a>(
+    mqtt: &'a [MqttSource],
+    listeners: &'a [MqttListener],
+) -> impl Iterator<Item = MqttInputRef<'a>> {
+    let clients = mqtt.iter().map(|m| MqttInputRef {
+        name: &m.name,
+        format: m.format,
+        expected_interval: m.expected_interval,
+    });
+    let listeners = listeners.iter().map(|l| MqttInputRef {
+        name: &l.name,
+        format: l.format,
+        expected_interval: l.expected_interval,
+    });
+    clients.chain(listeners)
 }
 
 /// `scheme://host:port` (or bare `host:port`) → `(host, port)`.
@@ -873,6 +1057,19 @@ pub fn parse_host_port(
         None => default_port,
     };
     Ok((host, port))
+}
+
+/// A `tls_server_name` must be something a certificate can carry.
+fn check_server_name(name: Option<&str>) -> Option<String> {
+    let name = name?;
+    rustls::pki_types::ServerName::try_from(name)
+        .is_err()
+        .then(|| format!("tls_server_name `{name}` is not a DNS name or IP address"))
+}
+
+/// The line of a section header such as `[nats]` in config text, or 1 when it is absent.
+pub fn section_line(text: &str, header: &str) -> usize {
+    LineIndex::new(text).find_line(header)
 }
 
 /// Expands `${CREDENTIALS_DIRECTORY}` (set by systemd's `LoadCredential=`) in a file path.
@@ -1181,6 +1378,45 @@ password = "mosquitto"
         assert!(parse(&ok).is_ok());
     }
 
+    /// Every problem of a config that must not parse, one per line.
+    fn all_problems(text: &str) -> String {
+        parse(text)
+            .unwrap_err()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn mqtt_tls_is_chosen_by_the_scheme() {
+        let source = |url: &str, extra: &str| {
+            format!("{MINIMAL}\n[[mqtt]]\nname = \"lan\"\nurl = \"{url}\"\ntopics = [\"#\"]\nformat = \"sahool\"\n{extra}\n")
+        };
+        let c = parse(&source(
+            "mqtts://broker.farm.example",
+            "tls_ca_file = \"/etc/ca.pem\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mqtt[0].host_port().unwrap(),
+            ("broker.farm.example".into(), 8883)
+        );
+        assert!(c.mqtt[0].tls_files().is_some());
+        let text = all_problems(&source("mqtt://127.0.0.1", "tls_ca_file = \"/etc/ca.pem\""));
+        assert!(text.contains("need an mqtts:// url"), "{text}");
+        let text = all_problems(&source(
+            "mqtts://10.0.0.2",
+            "tls_cert_file = \"/etc/c.pem\"\ntls_server_name = \"not a name\"",
+        ));
+        assert!(
+            text.contains("tls_cert_file and tls_key_file go together"),
+            "{text}"
+        );
+        assert!(text.contains("`not a name` is not a DNS name"), "{text}");
+        assert!(!text.contains("plaintext"), "{text}");
+    }
+
     #[test]
     fn host_ports() {
         assert_eq!(
@@ -1197,6 +1433,22 @@ password = "mosquitto"
         );
         assert!(parse_host_port("http://x", &["mqtt"], 1).is_err());
         assert!(parse_host_port("mqtt://u:p@x", &["mqtt"], 1).is_err());
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted() {
+        for value in [
+            "982451653982451",
+            "98245.1653",
+            "[\"98245165\"]",
+            "{ x = \"98245165\" }",
+            "1979-05-27T07:32:00Z",
+        ] {
+            let text = MINIMAL.replace("[nats]", &format!("[nats]\ntoken = {value}"));
+            let all = all_problems(&text);
+            assert!(all.contains("a secret must be a string"), "{all}");
+            assert!(!all.contains("98245") && !all.contains("1979"), "{all}");
+        }
     }
 
     #[test]

@@ -1,31 +1,30 @@
 //! An `[[mqtt]]` source: subscribes at QoS 1 in a persistent MQTT 5 session and acknowledges
 //! each message only after the readings made from it are committed.
 //!
-//! One task owns the client's event loop and the queue of messages awaiting their commit, so
-//! acks and polling never wait on each other. Acks go out in arrival order. A message the store
-//! could not take (buffer full with `reject_new`, disk reserve, a failed commit) is offered again
-//! after a backoff and stays unacknowledged meanwhile: the broker keeps it, and stops sending
-//! once `receive_maximum` messages are unacknowledged.
+//! One task owns the client's event loop and the [`Intake`] of messages awaiting their commit,
+//! so acks and polling never wait on each other. Acks go out in arrival order. A message the
+//! store could not take stays unacknowledged while the intake retries it: the broker keeps it,
+//! and stops sending once `receive_maximum` messages are unacknowledged.
+//!
+//! `mqtts://` brokers are reached over TLS with the shared rustls config from [`crate::tls`]
+//! (ring provider, the source's CA, client certificate and server name).
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
+use super::intake::{self, Intake, Message, Outcome};
 use crate::backoff::Backoff;
-use crate::config::{Gateway, MqttSource, Quality};
-use crate::flood::FloodGuard;
-use crate::mapping::{self, Mapper, Reason, SharedMapper};
+use crate::config::{Gateway, MqttSource, Quality, Secret};
+use crate::mapping::SharedMapper;
 use crate::metrics::Metrics;
 use crate::reading::Timestamp;
-use crate::store::{Append, AppendOutcome, NewDeadLetter, StoreError, StoreHandle};
+use crate::store::StoreHandle;
 
 /// Sessions outlive a gateway restart or a long outage by this much (MQTT 5 seconds).
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
@@ -33,14 +32,13 @@ const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 /// Packet ids the client may have outstanding: only its SUBSCRIBEs use any.
 const OUTGOING_IN_FLIGHT: u16 = 16;
 
-type Commit =
-    Pin<Box<dyn Future<Output = (Publish, Timestamp, Result<AppendOutcome, StoreError>)> + Send>>;
-
 pub struct MqttInput {
     pub source: MqttSource,
     pub quality: Quality,
     pub gateway: Gateway,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// Set for `mqtts://` brokers.
+    pub tls: Option<crate::tls::ClientTls>,
     pub mapper: SharedMapper,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
@@ -64,7 +62,17 @@ impl MqttInput {
             ))
             .set_connection_timeout(5);
         if let Some(user) = &self.source.username {
-            o.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
+            let password = self
+                .password
+                .as_ref()
+                .map(Secret::expose)
+                .unwrap_or_default();
+            o.set_credentials(user.clone(), password);
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+            ));
         }
         Ok(o)
     }
@@ -93,17 +101,17 @@ impl MqttInput {
         let (events_tx, mut events) =
             mpsc::channel(usize::from(self.source.receive_maximum) * 2 + 64);
         let poller = tokio::spawn(poll(eventloop, events_tx, name.clone(), connected.clone()));
-        let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
-        let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut intake = Intake::new(
+            &name,
+            self.mapper.clone(),
+            self.store.clone(),
+            intake::flood_guard(&self.quality),
+            &self.metrics,
+        );
         let mut stopping = false;
-        let mut refused_last = false;
-        let q = &self.quality;
-        let mut flood =
-            FloodGuard::new(q.device_rate, q.device_burst, q.source_rate, q.source_burst);
-        let rate_limited = self.metrics.rejected(Reason::RateLimited.label());
 
         loop {
-            if stopping && commits.is_empty() && unsent.is_empty() {
+            if stopping && intake.is_empty() && unsent.is_empty() {
                 break;
             }
             tokio::select! {
@@ -115,21 +123,15 @@ impl MqttInput {
                             continue;
                         }
                         messages.inc();
-                        let received = Timestamp::now();
-                        let mut append = self.append_for(&p, received);
-                        let now = std::time::Instant::now();
-                        let before = append.readings.len();
-                        append.readings.retain(|r| flood.admit(&r.device_id, now));
-                        rate_limited.inc_by((before - append.readings.len()) as u64);
-                        match self.store.append(append).await {
-                            Ok(rx) => commits.push_back(Box::pin(async move {
-                                let result = rx.await.unwrap_or(Err(StoreError::Closed));
-                                (p, received, result)
-                            })),
-                            Err(e) => {
-                                tracing::error!(source = %name, error = %e, "buffer closed; stopping source");
-                                break;
-                            }
+                        let message = Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            dup: p.dup,
+                            received: Timestamp::now(),
+                        };
+                        if let Err(e) = intake.offer(p, message).await {
+                            tracing::error!(source = %name, error = %e, "buffer closed; stopping source");
+                            break;
                         }
                     }
                     Some(Incoming::Connected) => {
@@ -140,43 +142,24 @@ impl MqttInput {
                     }
                     None => break,
                 },
-                Some((p, received, result)) = commits.next(), if !commits.is_empty() => match result {
-                    Ok(AppendOutcome::Stored { .. }) | Ok(AppendOutcome::Duplicate) => {
-                        if matches!(result, Ok(AppendOutcome::Duplicate)) {
-                            duplicates.inc();
-                        }
-                        retry.reset();
-                        refused_last = false;
+                Some((p, outcome)) = intake.next(), if !intake.is_empty() => {
+                    if outcome == Outcome::Duplicate {
+                        duplicates.inc();
+                    }
+                    // NotStored (after give_up) stays unacknowledged: the broker keeps it.
+                    if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
                         unsent.push_back(p);
                         send_acks(&client, &mut unsent);
                     }
-                    Ok(AppendOutcome::Full) | Err(_) => {
-                        if let Err(e) = &result {
-                            tracing::warn!(source = %name, error = %e, "commit failed; message kept unacknowledged and retried");
-                        }
-                        // A refusal that came before the last success is stale: retry at once.
-                        // Only consecutive refusals back off.
-                        let delay = if refused_last { retry.next_delay() } else { Duration::ZERO };
-                        refused_last = true;
-                        let store = self.store.clone();
-                        let append = self.append_for(&p, received);
-                        commits.push_front(Box::pin(async move {
-                            tokio::time::sleep(delay).await;
-                            let result = match store.append(append).await {
-                                Ok(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
-                                Err(e) => Err(e),
-                            };
-                            (p, received, result)
-                        }));
-                    }
-                },
+                }
                 _ = tokio::time::sleep(Duration::from_millis(10)), if !unsent.is_empty() => {
                     send_acks(&client, &mut unsent);
                 }
                 _ = shutdown.changed(), if !stopping => {
                     stopping = true;
                     // Messages held for lack of space will be redelivered after restart.
-                    tracing::info!(source = %name, pending = commits.len(), "MQTT source stopping");
+                    intake.give_up();
+                    tracing::info!(source = %name, pending = intake.len(), "MQTT source stopping");
                 }
             }
         }
@@ -199,15 +182,6 @@ impl MqttInput {
             tracing::warn!(source = %name, "MQTT client did not disconnect in time");
         }
         connected.set(0);
-    }
-
-    fn append_for(&self, p: &Publish, received: Timestamp) -> Append {
-        build_append(
-            &mapping::current(&self.mapper),
-            self.source.name.as_str(),
-            p,
-            received,
-        )
     }
 }
 
@@ -268,42 +242,4 @@ async fn poll(
             }
         }
     }
-}
-
-/// Maps a message and packs readings, rejections and the message's identity for one commit.
-fn build_append(mapper: &Mapper, source: &str, p: &Publish, received: Timestamp) -> Append {
-    let topic = String::from_utf8_lossy(&p.topic);
-    let mapped = mapper.map_mqtt(source, &topic, &p.payload, received);
-    let raw: Arc<[u8]> = if mapped.rejections.is_empty() {
-        Arc::from(&[][..])
-    } else {
-        Arc::from(&p.payload[..])
-    };
-    let dead_letters = mapped
-        .rejections
-        .into_iter()
-        .map(|r| NewDeadLetter {
-            source: source.to_string(),
-            reason: r.reason,
-            detail: format!("topic {topic}: {}", r.detail),
-            raw: raw.clone(),
-        })
-        .collect();
-    Append {
-        readings: mapped.readings,
-        dead_letters,
-        message_key: Some(message_key(source, &p.topic, &p.payload)),
-        maybe_duplicate: p.dup,
-    }
-}
-
-/// Identity of a message for redelivery detection: source, topic and payload.
-pub fn message_key(source: &str, topic: &[u8], payload: &[u8]) -> [u8; 16] {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(source.as_bytes());
-    h.update(&[0]);
-    h.update(topic);
-    h.update(&[0]);
-    h.update(payload);
-    h.digest128().to_le_bytes()
 }

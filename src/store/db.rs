@@ -11,7 +11,7 @@ use super::StoreError;
 use crate::config::Synchronous;
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -70,31 +70,46 @@ CREATE TABLE recent_readings (
 );
 ";
 
-/// Schema version 3: `recent_messages` without an index on its random keys (looked up in
+/// Added in schema version 3: frames of firmware nodes already committed, a window per node.
+const SCHEMA_V3: &str = "
+CREATE TABLE recent_frames (
+    id   INTEGER PRIMARY KEY,
+    node INTEGER NOT NULL,
+    key  BLOB    NOT NULL UNIQUE
+);
+CREATE INDEX recent_frames_by_node ON recent_frames (node, id);
+";
+
+/// Schema version 4: `recent_messages` without an index on its random keys (looked up in
 /// memory instead, see [`super::recent`]); `recent_readings` keys that begin with the
 /// observation time, so its index grows at one end (old-style keys can never match a new one,
 /// so they are dropped); and a random salt from which rows stored from now on derive their
 /// event id ([`event_id`]), leaving their `event_id` column empty. Rows stored before keep the
 /// id they were given.
-const SCHEMA_V3: &str = "
+const SCHEMA_V4: &str = "
 INSERT INTO meta (key, value) VALUES ('event_salt_0', random()), ('event_salt_1', random());
-CREATE TABLE recent_messages_v3 (
+CREATE TABLE recent_messages_v4 (
     id  INTEGER PRIMARY KEY,
     key BLOB NOT NULL
 );
-INSERT INTO recent_messages_v3 (id, key) SELECT id, key FROM recent_messages;
+INSERT INTO recent_messages_v4 (id, key) SELECT id, key FROM recent_messages;
 DROP TABLE recent_messages;
-ALTER TABLE recent_messages_v3 RENAME TO recent_messages;
+ALTER TABLE recent_messages_v4 RENAME TO recent_messages;
 DELETE FROM recent_readings;
 ";
 
-const TABLES: [&str; 6] = [
+/// The steps from each version to the next: `STEPS[v..]` brings a file at version `v` (0: a
+/// new file) to [`SCHEMA_VERSION`].
+const STEPS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+
+const TABLES: [&str; 7] = [
     "outbox",
     "meta",
     "dead_letters",
     "recent_messages",
     "sensors",
     "recent_readings",
+    "recent_frames",
 ];
 
 pub fn now_ms() -> i64 {
@@ -111,15 +126,25 @@ pub struct Opened {
 
 /// Opens (or creates) the buffer. A file that is not a database, fails `quick_check`, or lacks
 /// our tables is renamed to `<name>.corrupt-<unix-seconds>` with its WAL, and a fresh file is
-/// started: a corrupt buffer must never keep the gateway from running.
-pub fn open(path: &Path, sync: Synchronous) -> Result<Opened, StoreError> {
+/// started: a corrupt buffer must never keep the gateway from running. So is an empty file
+/// (no WAL either) when `has_held_rows`: SQLite would take it for a new database and the rows
+/// it held would vanish without an alarm.
+pub fn open(path: &Path, sync: Synchronous, has_held_rows: bool) -> Result<Opened, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
             path: dir.to_path_buf(),
             source,
         })?;
     }
-    match open_checked(path, sync) {
+    let opened = if has_held_rows && is_emptied(path) {
+        Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "the file is empty, though this buffer has held rows (seq.floor)".into(),
+        })
+    } else {
+        open_checked(path, sync)
+    };
+    match opened {
         Ok(conn) => Ok(Opened {
             conn,
             moved_aside: None,
@@ -140,6 +165,14 @@ pub fn open(path: &Path, sync: Synchronous) -> Result<Opened, StoreError> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// An existing database file of zero bytes without a WAL that could hold its pages.
+fn is_emptied(path: &Path) -> bool {
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    len(path) == Some(0) && len(Path::new(&wal)).unwrap_or(0) == 0
 }
 
 fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError> {
@@ -187,6 +220,12 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(classify)?;
+    let migrate = |from: i64| {
+        let steps = STEPS[from as usize..].join("\n");
+        conn.execute_batch(&format!(
+            "BEGIN; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))
+    };
     match version {
         0 => {
             let tables: i64 = conn
@@ -195,23 +234,9 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
             if tables != 0 {
                 return Err(corrupt("tables present but no schema version".into()));
             }
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(classify)?;
+            migrate(0).map_err(classify)?;
         }
-        1 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(classify)?;
-        }
-        2 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(classify)?;
-        }
+        1..SCHEMA_VERSION => migrate(version).map_err(classify)?,
         SCHEMA_VERSION => {
             let list = TABLES.map(|t| format!("'{t}'")).join(", ");
             let ok: i64 = conn
@@ -242,9 +267,19 @@ fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".corrupt-{stamp}"));
-    let aside = PathBuf::from(aside);
+    // A second damaged file within the same second (or after the clock stepped back) must not
+    // replace the first one kept for inspection.
+    let aside = (0..)
+        .map(|n: u32| {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".corrupt-{stamp}"));
+            if n > 0 {
+                aside.push(format!(".{n}"));
+            }
+            PathBuf::from(aside)
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| PathBuf::from(format!("{}.corrupt", path.display())));
     let io = |source| StoreError::DataDir {
         path: path.to_path_buf(),
         source,
@@ -298,7 +333,7 @@ pub fn event_id(salt: &[u8; 16], seq: u64) -> [u8; 16] {
     id
 }
 
-/// The salt of [`event_id`], made when the schema was created or migrated to version 3.
+/// The salt of [`event_id`], made when the schema was created or migrated to version 4.
 pub fn event_salt(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
     let mut salt = [0u8; 16];
     for (i, half) in salt.chunks_exact_mut(8).enumerate() {
@@ -431,11 +466,57 @@ pub fn dead_letters_by_reason(conn: &Connection) -> rusqlite::Result<Vec<(String
 mod tests {
     use super::*;
 
-    /// A buffer as version 2 left it: a row waiting, a message and a reading remembered.
-    fn version_2_file(path: &Path) {
+    fn corrupt_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .count()
+    }
+
+    /// Found by the chaos suite: a buffer truncated to nothing opened as a new database, so
+    /// the rows it held vanished without an alarm.
+    #[test]
+    fn an_emptied_buffer_that_held_rows_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        drop(open(&path, Synchronous::Normal, false).unwrap());
+        std::fs::write(&path, b"").unwrap();
+        let opened = open(&path, Synchronous::Normal, true).unwrap();
+        assert!(opened.moved_aside.is_some(), "emptied file set aside");
+        assert_eq!(totals(&opened.conn).unwrap().rows, 0);
+        drop(opened);
+        // A buffer that never held rows may be empty: a crash right after creating it.
+        std::fs::write(&path, b"").unwrap();
+        assert!(open(&path, Synchronous::Normal, false)
+            .unwrap()
+            .moved_aside
+            .is_none());
+    }
+
+    /// Two damaged files in one second (or after the clock stepped back) used to keep only the
+    /// last.
+    #[test]
+    fn damaged_files_in_the_same_second_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        for _ in 0..3 {
+            std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+            assert!(open(&path, Synchronous::Normal, false)
+                .unwrap()
+                .moved_aside
+                .is_some());
+        }
+        assert_eq!(corrupt_files(dir.path()), 3);
+    }
+
+    /// A buffer as `version` (1 to 3) left it: a row waiting and a message remembered; from
+    /// version 2 a reading remembered, from version 3 a firmware frame.
+    fn old_file(path: &Path, version: usize) {
         let conn = Connection::open(path).unwrap();
+        let steps = STEPS[..version].join("\n");
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; BEGIN; {SCHEMA} {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+            "PRAGMA journal_mode = WAL; BEGIN; {steps} PRAGMA user_version = {version}; COMMIT;"
         ))
         .unwrap();
         conn.execute(
@@ -450,44 +531,72 @@ mod tests {
             [&[5u8; 16][..]],
         )
         .unwrap();
-        conn.execute(
-            "INSERT INTO recent_readings (key) VALUES (?1)",
-            [&[6u8; 16][..]],
-        )
-        .unwrap();
+        if version >= 2 {
+            conn.execute(
+                "INSERT INTO recent_readings (key) VALUES (?1)",
+                [&[6u8; 16][..]],
+            )
+            .unwrap();
+        }
+        if version >= 3 {
+            conn.execute(
+                "INSERT INTO recent_frames (node, key) VALUES (3, ?1)",
+                [&[4u8; 16][..]],
+            )
+            .unwrap();
+        }
     }
 
     #[test]
-    fn version_2_buffer_is_migrated_keeping_rows_and_remembered_messages() {
+    fn buffers_of_every_older_version_are_migrated_keeping_rows_and_remembered_keys() {
+        for version in 1..SCHEMA_VERSION as usize {
+            migrates_from(version);
+        }
+    }
+
+    fn migrates_from(version: usize) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buffer.db");
-        version_2_file(&path);
+        old_file(&path, version);
 
-        let opened = open(&path, Synchronous::Full).unwrap();
-        assert!(opened.moved_aside.is_none());
+        let opened = open(&path, Synchronous::Full, true).unwrap();
+        assert!(opened.moved_aside.is_none(), "version {version}");
         let conn = opened.conn;
-        let version: i64 = conn
+        let found: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(found, SCHEMA_VERSION, "version {version}");
         let salt = event_salt(&conn).unwrap();
         let rows = fetch_after(&conn, 0, 10, &salt).unwrap();
-        assert_eq!(rows.len(), 1);
+        assert_eq!(rows.len(), 1, "version {version}");
         assert_eq!(
             (rows[0].seq, rows[0].event_id),
             (7, [9u8; 16]),
-            "ids given before stay"
+            "ids given before stay (version {version})"
         );
         assert_eq!(rows[0].body, vec![1, 2]);
         assert_eq!(totals(&conn).unwrap().next_seq, 8);
         let kept: Vec<u8> = conn
             .query_row("SELECT key FROM recent_messages", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(kept, vec![5u8; 16]);
+        assert_eq!(kept, vec![5u8; 16], "version {version}");
         let readings: i64 = conn
             .query_row("SELECT count(*) FROM recent_readings", [], |r| r.get(0))
             .unwrap();
         assert_eq!(readings, 0, "old-style observation keys are dropped");
+        let frames: Vec<(i64, Vec<u8>)> = conn
+            .prepare("SELECT node, key FROM recent_frames")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected = if version >= 3 {
+            vec![(3, vec![4u8; 16])]
+        } else {
+            vec![]
+        };
+        assert_eq!(frames, expected, "frames kept (version {version})");
         // No index on the message keys any more: the same key may be stored twice.
         conn.execute(
             "INSERT INTO recent_messages (key) VALUES (?1)",
@@ -505,8 +614,8 @@ mod tests {
         assert_eq!(new_id, event_id(&salt, 8));
         drop(conn);
 
-        // Opening again finds version 3 and changes nothing, the salt included.
-        let again = open(&path, Synchronous::Full).unwrap();
+        // Opening again finds the current version and changes nothing, the salt included.
+        let again = open(&path, Synchronous::Full, true).unwrap();
         assert!(again.moved_aside.is_none());
         assert_eq!(event_salt(&again.conn).unwrap(), salt);
         let rows = fetch_after(&again.conn, 0, 10, &salt).unwrap();
@@ -519,7 +628,7 @@ mod tests {
     #[test]
     fn fresh_buffer_has_the_current_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open(&dir.path().join("buffer.db"), Synchronous::Full)
+        let conn = open(&dir.path().join("buffer.db"), Synchronous::Full, false)
             .unwrap()
             .conn;
         let version: i64 = conn

@@ -1,12 +1,12 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 3; older files are
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 4; older files are
 //! migrated when opened, see [`db`])
 //! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
-//!   empty for rows stored since version 3: their id derives from the seq ([`db::event_id`]),
-//!   16 bytes saved per row. `kind` 0 is
-//!   a reading (`body` = [`Reading`] as postcard bytes), 1 a liveness change (`body` =
-//!   [`crate::reading::StatusChange`]); the event JSON is rendered at publish time.
+//!   empty for rows stored since version 4: their id derives from the seq ([`db::event_id`]),
+//!   16 bytes saved per row. `kind` 0 is a reading (`body` = [`Reading`] as postcard bytes), 1
+//!   a liveness change (`body` = [`crate::reading::StatusChange`]); the event JSON is rendered
+//!   at publish time.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids.
 //! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
@@ -20,9 +20,10 @@
 //! - `recent_readings(id PK, key UNIQUE)`: (device timestamp, hash of device and type) of the
 //!   last [`RECENT_READINGS`] readings stored, so the same observation delivered twice is stored
 //!   once. The key starts with the time, so new keys land at one end of the index.
-//!
-//! Every table grows at one end and is trimmed at the other: a commit dirties a few pages
-//! whatever the size of the buffer.
+//! - `recent_frames(id PK, node, key UNIQUE)`: frames of firmware nodes committed, the last
+//!   [`FRAME_WINDOW`] per node (`node` = the node's [`FrameKey::node`]), so a resend after a lost
+//!   ack is acknowledged again but not stored twice, however long the node waited and whatever
+//!   else was stored meanwhile. At most [`RECENT_FRAMES_MAX`] rows over all nodes.
 //! - `sensors(device_id, sensor_type PK, field_id, tenant_id, last_seen_ms, stale_after_ms,
 //!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
 //!   in the same transaction as the readings and status events it follows from.
@@ -37,8 +38,8 @@
 //! 3. `event_id` is fixed when the row is committed (by its seq and the buffer's salt, or
 //!    stored) and never changes.
 //! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`], which takes
-//!    runs of seqs whose every buffered row was acknowledged, so one statement deletes a run); a permanent
-//!    publish refusal (moved to `dead_letters` in the same transaction); or a bound
+//!    runs of seqs whose every buffered row was acknowledged, so one statement deletes a run);
+//!    a permanent publish refusal (moved to `dead_letters` in the same transaction); or a bound
 //!    (`max_bytes` with `drop_oldest`, `max_age`), counted in `readings_dropped_total{reason}`.
 //! 5. With `reject_new`, or while free disk is below `min_free_disk`, appends that carry
 //!    readings are refused whole ([`AppendOutcome::Full`]): nothing of them is stored, so the
@@ -71,6 +72,13 @@ pub use db::{DeadLetterRow, OutboxRow};
 
 /// Device observations remembered for duplicate detection.
 pub const RECENT_READINGS: i64 = 200_000;
+
+/// Frames remembered per firmware node for resend detection. A node that keeps fewer frames
+/// than this in flight (sent, not yet acked) never gets a resend stored twice.
+pub const FRAME_WINDOW: i64 = 1024;
+
+/// Rows of `recent_frames` over all nodes; beyond it the oldest go, whichever node sent them.
+pub const RECENT_FRAMES_MAX: i64 = 256 * FRAME_WINDOW;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
@@ -122,6 +130,18 @@ pub struct Append {
     pub message_key: Option<[u8; 16]>,
     /// Check `message_key` against recent messages first (the source says it may be a resend).
     pub maybe_duplicate: bool,
+    /// A firmware frame's identity: always checked against its node's recent frames, and
+    /// remembered there once stored; see `recent_frames`.
+    pub frame_key: Option<FrameKey>,
+}
+
+/// Identity of a firmware node's frame, for resend detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameKey {
+    /// The node (a hash of port and node id): whose window remembers the frame.
+    pub node: i64,
+    /// The frame (a hash of port, node id, seq and content).
+    pub frame: [u8; 16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +272,10 @@ pub fn start(
     low_battery: f64,
     metrics: Arc<Metrics>,
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
-    let opened = db::open(&path, buffer.synchronous)?;
+    let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
+    // Sequence numbers were handed out: this buffer has held rows, so an empty file lost them.
+    let has_held_rows = floor.reserved() > 1;
+    let opened = db::open(&path, buffer.synchronous, has_held_rows)?;
     if opened.moved_aside.is_some() {
         metrics.store_corruption_recovered.inc();
     }
@@ -266,7 +289,6 @@ pub fn start(
     };
     let recent = recent::RecentMessages::load(&opened.conn).map_err(sqlite)?;
     let event_salt = db::event_salt(&opened.conn).map_err(sqlite)?;
-    let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
     if totals.next_seq == 1 {
         // A new (or replaced) database continues above everything handed out before.
         totals.next_seq = floor.reserved();
@@ -587,6 +609,14 @@ impl Writer {
         now: i64,
         delta: &mut Delta,
     ) -> rusqlite::Result<AppendOutcome> {
+        if let Some(frame) = &append.frame_key {
+            let seen = tx
+                .prepare_cached("SELECT 1 FROM recent_frames WHERE key = ?1")?
+                .exists([&frame.frame[..]])?;
+            if seen {
+                return Ok(AppendOutcome::Duplicate);
+            }
+        }
         if let (Some(key), true) = (append.message_key, append.maybe_duplicate) {
             let fingerprint = recent::fingerprint(&key);
             if self.recent.contains(fingerprint) || delta.messages.contains(&fingerprint) {
@@ -665,6 +695,9 @@ impl Writer {
                 .execute([&key[..]])?;
             delta.messages.push(recent::fingerprint(&key));
         }
+        if let Some(frame) = &append.frame_key {
+            remember_frame(tx, frame)?;
+        }
         Ok(AppendOutcome::Stored {
             first_seq,
             count: bodies.len() as u64,
@@ -733,6 +766,7 @@ impl Writer {
         for (table, keep) in [
             ("recent_messages", recent::RECENT_MESSAGES as i64),
             ("recent_readings", RECENT_READINGS),
+            ("recent_frames", RECENT_FRAMES_MAX),
         ] {
             tx.prepare_cached(&format!(
                 "DELETE FROM {table} WHERE id <= (SELECT max(id) FROM {table}) - ?1"
@@ -844,6 +878,18 @@ fn insert_row(
     Ok(())
 }
 
+/// Adds a stored frame to its node's window and lets the node's oldest beyond
+/// [`FRAME_WINDOW`] go.
+fn remember_frame(tx: &rusqlite::Transaction<'_>, frame: &FrameKey) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT OR IGNORE INTO recent_frames (node, key) VALUES (?1, ?2)")?
+        .execute(params![frame.node, &frame.frame[..]])?;
+    tx.prepare_cached(
+        "DELETE FROM recent_frames WHERE node = ?1 AND id <= (SELECT id FROM recent_frames WHERE node = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+    )?
+    .execute(params![frame.node, FRAME_WINDOW])?;
+    Ok(())
+}
+
 /// Identity of a device observation: the device's own time (big-endian with the sign bit
 /// flipped, so keys sort by time and new ones land at the end of the index), then a hash of
 /// device and sensor type.
@@ -938,6 +984,7 @@ mod tests {
             dead_letters: Vec::new(),
             message_key: Some(key),
             maybe_duplicate: resent,
+            frame_key: None,
         }
     }
 

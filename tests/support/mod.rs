@@ -3,10 +3,16 @@
 //! is killed when its handle drops.
 #![allow(dead_code)]
 
+pub mod pty;
+pub mod sim_node;
+pub mod steady;
+
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -73,12 +79,27 @@ fn kill(child: &mut Child, signal: &str) {
         .status();
 }
 
+/// nats-server with a config file, its log to `log`.
+fn spawn_nats_server(conf: &Path, log: std::fs::File) -> Child {
+    Command::new(require("nats-server", "nats-server"))
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start nats-server")
+}
+
+/// How the test's own client connects to a server that wants TLS or credentials.
+pub type ClientOptions = Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>;
+
 /// A nats-server with JetStream, restartable on the same port and store directory.
 pub struct Nats {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_config: String,
+    client_options: Option<ClientOptions>,
 }
 
 impl Nats {
@@ -93,6 +114,7 @@ impl Nats {
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
             extra_config: extra_config.to_string(),
+            client_options: None,
         };
         n.resume();
         n
@@ -124,14 +146,7 @@ impl Nats {
         )
         .expect("write nats.conf");
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log");
-        let child = Command::new(require("nats-server", "nats-server"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
+        self.child = Some(spawn_nats_server(&conf, log));
         wait_for_port(self.port, Duration::from_secs(10));
     }
 
@@ -159,10 +174,28 @@ impl Nats {
         }
     }
 
+    /// The test's own client connects with these options (TLS, credentials) from now on.
+    pub fn with_client_options(mut self, options: ClientOptions) -> Self {
+        self.client_options = Some(options);
+        self
+    }
+
+    /// The server's temp directory (config, log, JetStream store).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
-            .await
-            .expect("test client connects to nats-server")
+        match &self.client_options {
+            Some(options) => options().connect(self.url()).await,
+            None => async_nats::connect(self.url()).await,
+        }
+        .expect("test client connects to nats-server")
     }
 
     /// Creates a stream the way the platform does (`SAHOOL_IOT` on `sahool.iot.>`, 120 s
@@ -188,49 +221,73 @@ impl Nats {
 
     /// Every message in the stream, in stream order: (subject, headers, body).
     pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
-        let js = async_nats::jetstream::new(self.client().await);
-        let mut stream = js.get_stream(name).await.expect("stream exists");
-        let total = stream.info().await.expect("stream info").state.messages as usize;
-        let mut out = Vec::with_capacity(total);
-        if total == 0 {
-            return out;
-        }
-        let consumer = stream
-            .create_consumer(async_nats::jetstream::consumer::pull::Config {
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .expect("consumer");
-        let mut messages = consumer.messages().await.expect("messages");
-        while out.len() < total {
-            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-                .await
-                .expect("stream read timed out")
-                .expect("stream ended")
-                .expect("message");
-            let headers = next
-                .headers
-                .as_ref()
-                .map(|h| {
-                    h.iter()
-                        .map(|(k, v)| {
-                            (
-                                k.to_string(),
-                                v.first().map(|v| v.to_string()).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(StreamMessage {
-                subject: next.subject.to_string(),
-                headers,
-                body: serde_json::from_slice(&next.payload).expect("event is JSON"),
-            });
-        }
-        out
+        read_stream_from(self.client().await, name).await
     }
+
+    /// Hands every message in the stream to `visit`, in stream order, without keeping them:
+    /// for streams too long to hold as JSON values.
+    pub async fn visit_stream(&self, name: &str, visit: impl FnMut(StreamMessage)) -> usize {
+        visit_stream_from(self.client().await, name, visit).await
+    }
+}
+
+/// Every message in the stream, read through `client`, in stream order.
+pub async fn read_stream_from(client: async_nats::Client, name: &str) -> Vec<StreamMessage> {
+    let mut out = Vec::new();
+    visit_stream_from(client, name, |m| out.push(m)).await;
+    out
+}
+
+/// Hands every message in the stream, read through `client`, to `visit` in stream order;
+/// returns how many there were.
+pub async fn visit_stream_from(
+    client: async_nats::Client,
+    name: &str,
+    mut visit: impl FnMut(StreamMessage),
+) -> usize {
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(name).await.expect("stream exists");
+    let total = stream.info().await.expect("stream info").state.messages as usize;
+    if total == 0 {
+        return 0;
+    }
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    for _ in 0..total {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stream read timed out")
+            .expect("stream ended")
+            .expect("message");
+        let headers = next
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            v.first().map(|v| v.to_string()).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stored = next.info().expect("JetStream message info").published;
+        visit(StreamMessage {
+            subject: next.subject.to_string(),
+            headers,
+            body: serde_json::from_slice(&next.payload).expect("event is JSON"),
+            stored,
+        });
+    }
+    total
 }
 
 impl Drop for Nats {
@@ -242,11 +299,178 @@ impl Drop for Nats {
     }
 }
 
+/// A nats-server cluster with JetStream on loopback: node `i` can be killed and restarted on its
+/// own ports and store; every node is killed on drop.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    pub fn start(nodes: usize) -> Self {
+        let mut c = Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            ports: (0..nodes).map(|_| (free_port(), free_port())).collect(),
+            children: (0..nodes).map(|_| None).collect(),
+        };
+        for i in 0..nodes {
+            c.spawn(i);
+        }
+        for (port, _) in &c.ports {
+            wait_for_port(*port, Duration::from_secs(10));
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, route))| format!("nats-route://127.0.0.1:{route}"))
+            .collect();
+        let (port, route) = self.ports[i];
+        let conf = self.dir.path().join(format!("n{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{\n  name: sahool\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
+                self.dir.path().join(format!("n{i}")).display(),
+                routes.join(", ")
+            ),
+        )
+        .expect("write node config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("n{i}.log")))
+            .expect("node log");
+        self.children[i] = Some(spawn_nats_server(&conf, log));
+    }
+
+    /// `nats://127.0.0.1:port` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|(port, _)| format!("nats://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// Node `i`'s `server_name`.
+    pub fn name(&self, i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// SIGKILL to node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again with its store.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        wait_for_port(self.ports[i].0, Duration::from_secs(10));
+    }
+
+    /// A client that may use any node that is up.
+    pub async fn client(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .urls()
+            .iter()
+            .map(|u| u.parse().expect("node url"))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(addrs)
+            .await
+            .expect("test client connects to the cluster")
+    }
+
+    /// Creates a stream once the cluster has elected its JetStream leader (120 s duplicate
+    /// window, as the platform's).
+    pub async fn create_stream(&self, name: &str, subjects: &[&str], replicas: usize) {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let created = js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.to_string(),
+                    subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                    duplicate_window: Duration::from_secs(120),
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(_) => return,
+                // Not yet: the cluster is still electing its JetStream leader.
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("cannot create stream {name} on the cluster: {e}"),
+            }
+        }
+    }
+
+    /// The index of the node leading the stream, once one does and every other replica is
+    /// current (so killing one node leaves a quorum that has everything).
+    pub async fn stream_leader(&self, name: &str) -> usize {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut stream) = js.get_stream(name).await {
+                if let Ok(info) = stream.info().await {
+                    let replicas_current = info.cluster.as_ref().is_some_and(|c| {
+                        c.replicas.len() + 1 == self.ports.len()
+                            && c.replicas.iter().all(|r| r.current && !r.offline)
+                    });
+                    let leader = info
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| c.leader.clone())
+                        .filter(|_| replicas_current);
+                    if let Some(i) =
+                        leader.and_then(|l| (0..self.ports.len()).find(|i| self.name(*i) == l))
+                    {
+                        return i;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream {name} has no leader with current replicas after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every message in the stream, in stream order.
+    pub async fn read_stream(&self, name: &str) -> Vec<StreamMessage> {
+        read_stream_from(self.client().await, name).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StreamMessage {
     pub subject: String,
     pub headers: Vec<(String, String)>,
     pub body: Value,
+    /// When the server stored it (JetStream's own timestamp).
+    pub stored: time::OffsetDateTime,
 }
 
 impl StreamMessage {
@@ -263,17 +487,30 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra_listeners: String,
 }
 
 impl Mosquitto {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// With more listeners (`listener PORT 127.0.0.1` and their settings) after the plaintext,
+    /// anonymous one on `port` that test publishers use; settings are then per listener.
+    pub fn start_with(extra_listeners: &str) -> Self {
         let mut m = Self {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            extra_listeners: extra_listeners.to_string(),
         };
         m.resume();
         m
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -287,13 +524,22 @@ impl Mosquitto {
 
     pub fn resume(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        let per_listener = if self.extra_listeners.is_empty() {
+            ""
+        } else {
+            "per_listener_settings true\n"
+        };
+        // `user root`: started as root, mosquitto would otherwise switch to its own user, which
+        // cannot write the temp directory, and silently persist nothing across a restart
+        // (sessions and queued messages gone). Without root the line has no effect.
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\n",
+                "{per_listener}listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 max_inflight_messages 0\nmax_queued_messages 0\nmax_queued_bytes 0\nautosave_interval 1\nuser root\n{}\n",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                self.extra_listeners
             ),
         )
         .expect("write mosquitto.conf");
@@ -349,8 +595,8 @@ impl Gateway {
         g
     }
 
-    /// Writes the config and its directory but does not start the binary: `resume` does. For
-    /// work on the buffer before the gateway opens it.
+    /// Writes the config (as `start_with_env`) without starting the binary: `resume` starts it.
+    /// For work on the buffer before the gateway opens it.
     pub fn configure(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
@@ -368,11 +614,6 @@ impl Gateway {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
-    }
-
-    /// The running process's id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     /// The full config file: `[gateway]` and `[http]` from the harness, then `config`.
@@ -404,6 +645,11 @@ impl Gateway {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -431,6 +677,7 @@ impl Gateway {
         let log =
             std::fs::File::create(self.dir.path().join(format!("gateway-{}.log", self.starts)))
                 .expect("log");
+        let stdout = log.try_clone().expect("log");
         let child = Command::new(gateway_binary())
             .args(["run", "--config"])
             .arg(&self.config_path)
@@ -439,7 +686,8 @@ impl Gateway {
                 std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
             )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            // Both streams in one log, so tests can search everything the gateway printed.
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("start gateway");
@@ -534,6 +782,16 @@ impl Gateway {
         let mut cmd = Command::new(gateway_binary());
         cmd.args(args).arg("--config").arg(&self.config_path);
         cmd.output().expect("run gateway CLI")
+    }
+
+    /// `dead-letters list`: every dead-letter, newest first, as JSON.
+    pub fn dead_letters(&self) -> Vec<Value> {
+        let out = self.cli(&["dead-letters", "list"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("dead-letter JSON"))
+            .collect()
     }
 }
 
@@ -636,13 +894,94 @@ pub async fn publish_all(
     acked
 }
 
+/// Values in stream order, with the checks every test shares: unique event ids, `seq`
+/// strictly increasing in stream order, and `Nats-Msg-Id` equal to `event_id`.
+pub fn values_in_order(events: &[StreamMessage]) -> Vec<usize> {
+    let mut ids = HashSet::new();
+    let mut last_seq = 0;
+    events
+        .iter()
+        .map(|e| {
+            let id = e.body["event_id"].as_str().expect("event_id");
+            assert!(
+                ids.insert(id.to_string()),
+                "event {id} is in the stream twice"
+            );
+            assert_eq!(e.header("Nats-Msg-Id"), Some(id));
+            let seq = e.body["source"]["seq"].as_u64().expect("seq");
+            assert!(
+                seq > last_seq,
+                "seq {seq} after {last_seq}: stream order must follow seq"
+            );
+            last_seq = seq;
+            e.body["payload"]["value"].as_f64().expect("value") as usize
+        })
+        .collect()
+}
+
+/// Asserts every value in `0..n` is present exactly once.
+pub fn assert_exactly_once(values: &[usize], n: usize) {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(*v).or_default() += 1;
+    }
+    let doubled: Vec<_> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(v, _)| *v)
+        .collect();
+    let missing: Vec<_> = (0..n).filter(|v| !counts.contains_key(v)).collect();
+    assert!(
+        doubled.is_empty(),
+        "{} readings doubled, e.g. {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} readings lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(values.len(), n);
+}
+
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with
 /// `buffer` lines added to `[buffer]` and `extra` lines to `[nats]`.
 pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
+    probe_config_for(&[nats.url()], broker, buffer, extra)
+}
+
+/// `probe_config` for any list of NATS server URLs (`tls://`, a cluster's nodes).
+pub fn probe_config_for(
+    servers: &[String],
+    broker: &Mosquitto,
+    buffer: &str,
+    extra: &str,
+) -> String {
+    let input = format!(
+        "[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n",
+        broker.url()
+    );
+    probe_config_with_input_for(servers, buffer, extra, &input)
+}
+
+/// [`probe_config`] with `input` (`[[mqtt]]` or `[[mqtt_listener]]` blocks) as its MQTT input.
+pub fn probe_config_with_input(nats: &Nats, buffer: &str, extra: &str, input: &str) -> String {
+    probe_config_with_input_for(&[nats.url()], buffer, extra, input)
+}
+
+fn probe_config_with_input_for(
+    servers: &[String],
+    buffer: &str,
+    extra: &str,
+    input: &str,
+) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     format!(
         r#"
 [nats]
-servers = ["{nats}"]
+servers = [{servers}]
 ack_timeout = "2s"
 {extra}
 
@@ -657,20 +996,14 @@ device_burst = 1000000.0
 source_rate = 1000000.0
 source_burst = 1000000.0
 
-[[mqtt]]
-name = "farm"
-url = "{mqtt}"
-topics = ["sahool/sensors/#"]
-format = "sahool"
-
+{input}
 [[fields]]
 id = "field-1"
   [[fields.sensors]]
   device_id = "probe-1"
   sensor_type = "water_level"
 "#,
-        nats = nats.url(),
-        mqtt = broker.url()
+        servers = servers.join(", "),
     )
 }
 
@@ -731,4 +1064,54 @@ pub fn fixture(name: &str) -> Value {
         .join("tests/fixtures")
         .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
+}
+
+// Simulated serial devices for the far end of a pseudo-terminal.
+pub mod sim_modbus;
+pub mod sim_sdi12;
+
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() < 1e-9 * x.abs().max(1.0),
+        _ => a == b,
+    }
+}
+
+/// True if an event payload is the reading a fixture's `expect` entry describes.
+pub fn matches_expected(payload: &Value, expect: &Value) -> bool {
+    let keys = ["device_id", "field_id", "sensor_type", "unit"];
+    if keys.iter().any(|k| payload[k] != expect[k]) {
+        return false;
+    }
+    if !numbers_equal(&payload["value"], &expect["value"]) {
+        return false;
+    }
+    if let Some(ts) = expect.get("timestamp") {
+        if &payload["timestamp"] != ts {
+            return false;
+        }
+    }
+    let empty = serde_json::Map::new();
+    let got = payload
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let want = expect
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    got.len() == want.len()
+        && want
+            .iter()
+            .all(|(k, v)| got.get(k).is_some_and(|g| numbers_equal(g, v)))
+}
+
+/// A gateway config like [`probe_config`], but `probe-1` publishes straight to an
+/// `[[mqtt_listener]]` named `devices` on `127.0.0.1:{port}`, with `auth = "none"` (loopback
+/// only) and `listener` lines added to it; no broker involved.
+pub fn probe_listener_config(nats: &Nats, port: u16, buffer: &str, listener: &str) -> String {
+    let input = format!(
+        "[[mqtt_listener]]\nname = \"devices\"\nlisten = \"127.0.0.1:{port}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\nauth = \"none\"\n{listener}\n"
+    );
+    probe_config_with_input(nats, buffer, "", &input)
 }
