@@ -1,6 +1,9 @@
 //! The event contract (`contracts/sensor_reading_event.v1.json`): a buffered row rendered as
 //! SAHOOL's IoT envelope around a `sensor_reading` payload, its subject and its headers.
 
+use async_nats::header::{HeaderMap, HeaderName};
+use async_nats::Subject;
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::SubjectTemplate;
@@ -20,15 +23,19 @@ pub enum EventError {
     Kind { seq: u64, kind: u8 },
 }
 
-/// A row ready to publish.
+/// A row ready to publish. Subject and body are shared buffers: a publish and a later retry
+/// or dead-letter use them without copying.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub seq: u64,
     pub event_id: String,
     pub tenant_id: String,
-    pub subject: String,
-    pub body: Vec<u8>,
+    pub subject: Subject,
+    pub body: Bytes,
 }
+
+/// Room for a rendered event, so the body is written without growing its buffer.
+const BODY_CAPACITY: usize = 768;
 
 /// The subjects events go to: readings, and liveness changes (`{status}` is `connected`,
 /// `disconnected` or `warning`).
@@ -38,85 +45,68 @@ pub struct Subjects {
     pub status: SubjectTemplate,
 }
 
-#[derive(Serialize)]
-struct Envelope<'a, P> {
-    event_id: &'a str,
-    event_type: &'static str,
-    version: u32,
-    aggregate_id: &'a str,
-    tenant_id: &'a str,
-    correlation_id: &'a str,
-    timestamp: String,
-    source: Source<'a>,
-    payload: P,
+/// A JSON object written straight into a buffer. Keys are constants of this module and need
+/// no escaping; string values are escaped by serde_json, numbers formatted by it. Cheaper than
+/// serializing structs: every event goes through here.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
 }
 
-#[derive(Serialize)]
-struct Source<'a> {
-    service: &'static str,
-    version: &'static str,
-    gateway_id: &'a str,
-    seq: u64,
-}
-
-/// `contracts/sahool/sensor_reading.v1.json`
-#[derive(Serialize)]
-struct ReadingPayload<'a> {
-    device_id: &'a str,
-    field_id: &'a str,
-    sensor_type: &'static str,
-    value: f64,
-    unit: &'a str,
-    timestamp: String,
-    #[serde(skip_serializing_if = "Metadata::is_empty")]
-    metadata: Metadata,
-}
-
-#[derive(Serialize)]
-struct Metadata {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    battery: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rssi: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    raw_value: Option<f64>,
-    /// The device's own time when the timestamp policy replaced it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    original_timestamp: Option<String>,
-}
-
-impl Metadata {
-    fn is_empty(&self) -> bool {
-        self.battery.is_none()
-            && self.rssi.is_none()
-            && self.raw_value.is_none()
-            && self.original_timestamp.is_none()
+impl<'a> JsonObject<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, empty: true }
     }
-}
 
-/// `contracts/sahool/device_status.v1.json`, for one sensor of the device.
-#[derive(Serialize)]
-struct StatusPayload<'a> {
-    device_id: &'a str,
-    field_id: &'a str,
-    sensor_type: &'static str,
-    status: &'static str,
-    last_seen: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    battery_level: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    signal_strength: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error_code: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error_message: Option<String>,
+    fn key(&mut self, key: &str) {
+        if !std::mem::take(&mut self.empty) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.out, value);
+    }
+
+    /// A value made of digits and punctuation only (a UUID, an RFC 3339 time).
+    fn plain_str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.out.push(b'"');
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.push(b'"');
+    }
+
+    fn number<N: Serialize>(&mut self, key: &str, value: N) {
+        self.key(key);
+        let _ = serde_json::to_writer(&mut *self.out, &value);
+    }
+
+    fn optional<V>(&mut self, key: &str, value: Option<V>, write: impl FnOnce(&mut Self, &str, V)) {
+        if let Some(v) = value {
+            write(self, key, v);
+        }
+    }
+
+    fn object(&mut self, key: &str) -> JsonObject<'_> {
+        self.key(key);
+        JsonObject::new(self.out)
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
 }
 
 /// Where a row's event goes and what identifies it, whatever its kind.
 struct Routing<'a> {
     row: &'a OutboxRow,
     gateway_id: &'a str,
-    event_id: String,
     tenant_id: &'a str,
     field_id: &'a str,
     device_id: &'a str,
@@ -124,31 +114,38 @@ struct Routing<'a> {
 }
 
 impl Routing<'_> {
-    fn event<P: Serialize>(
+    /// SAHOOL's envelope around the payload `write_payload` writes.
+    fn event(
         self,
         event_type: &'static str,
-        payload: P,
+        write_payload: impl FnOnce(&mut JsonObject<'_>),
         subject: &SubjectTemplate,
         status: &str,
     ) -> Event {
-        let envelope = Envelope {
-            event_id: &self.event_id,
-            event_type,
-            version: 1,
-            aggregate_id: self.field_id,
-            tenant_id: self.tenant_id,
-            correlation_id: &self.event_id,
-            timestamp: Timestamp::from_unix_millis(self.row.stored_ms).to_rfc3339(),
-            source: Source {
-                service: SERVICE,
-                version: env!("CARGO_PKG_VERSION"),
-                gateway_id: self.gateway_id,
-                seq: self.row.seq,
-            },
-            payload,
-        };
-        // Serializing a struct of strings and finite numbers cannot fail.
-        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        let mut id = uuid::Uuid::encode_buffer();
+        let event_id = uuid::Uuid::from_bytes(self.row.event_id)
+            .hyphenated()
+            .encode_lower(&mut id);
+        let mut body = Vec::with_capacity(BODY_CAPACITY);
+        let mut envelope = JsonObject::new(&mut body);
+        envelope.plain_str("event_id", event_id);
+        envelope.plain_str("event_type", event_type);
+        envelope.number("version", 1);
+        envelope.str("aggregate_id", self.field_id);
+        envelope.str("tenant_id", self.tenant_id);
+        envelope.plain_str("correlation_id", event_id);
+        let stored = Timestamp::from_unix_millis(self.row.stored_ms).rfc3339();
+        envelope.plain_str("timestamp", stored.as_str());
+        let mut source = envelope.object("source");
+        source.plain_str("service", SERVICE);
+        source.str("version", env!("CARGO_PKG_VERSION"));
+        source.str("gateway_id", self.gateway_id);
+        source.number("seq", self.row.seq);
+        source.end();
+        let mut payload = envelope.object("payload");
+        write_payload(&mut payload);
+        payload.end();
+        envelope.end();
         let subject = subject.render(|name| match name {
             "tenant_id" => self.tenant_id.to_string(),
             "field_id" => self.field_id.to_string(),
@@ -161,10 +158,59 @@ impl Routing<'_> {
         Event {
             seq: self.row.seq,
             tenant_id: self.tenant_id.to_string(),
-            event_id: self.event_id,
-            subject,
-            body,
+            event_id: event_id.to_string(),
+            subject: Subject::from(subject),
+            body: Bytes::from(body),
         }
+    }
+}
+
+/// `contracts/sahool/sensor_reading.v1.json`
+fn reading_payload(p: &mut JsonObject<'_>, r: &Reading) {
+    p.str("device_id", &r.device_id);
+    p.str("field_id", &r.field_id);
+    p.plain_str("sensor_type", r.sensor_type.as_str());
+    p.number("value", r.value);
+    p.str("unit", &r.unit);
+    p.plain_str("timestamp", r.observed_at.rfc3339().as_str());
+    let original = r.original_timestamp.map(Timestamp::rfc3339);
+    if r.battery.is_some() || r.rssi.is_some() || r.raw_value.is_some() || original.is_some() {
+        let mut m = p.object("metadata");
+        m.optional("battery", r.battery, JsonObject::number);
+        m.optional("rssi", r.rssi, JsonObject::number);
+        m.optional("raw_value", r.raw_value, JsonObject::number);
+        // The device's own time when the timestamp policy replaced it.
+        m.optional("original_timestamp", original, |m, k, t| {
+            m.plain_str(k, t.as_str())
+        });
+        m.end();
+    }
+}
+
+/// `contracts/sahool/device_status.v1.json`, for one sensor of the device.
+fn status_payload(p: &mut JsonObject<'_>, c: &StatusChange) {
+    let (status, error) = match c.status {
+        SensorStatus::Online => ("online", None),
+        SensorStatus::Offline => ("offline", None),
+        SensorStatus::LowBattery => ("warning", Some("low_battery")),
+    };
+    p.str("device_id", &c.device_id);
+    p.str("field_id", &c.field_id);
+    p.plain_str("sensor_type", c.sensor_type.as_str());
+    p.plain_str("status", status);
+    p.plain_str("last_seen", c.last_seen.rfc3339().as_str());
+    p.optional(
+        "battery_level",
+        c.battery.map(|b| b.clamp(0.0, 100.0)),
+        JsonObject::number,
+    );
+    p.optional("signal_strength", c.rssi, JsonObject::number);
+    if let Some(code) = error {
+        p.plain_str("error_code", code);
+        p.str(
+            "error_message",
+            &format!("battery at {}%", c.battery.unwrap_or(0.0)),
+        );
     }
 }
 
@@ -174,83 +220,56 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
         seq: row.seq,
         source,
     };
-    let event_id = uuid::Uuid::from_bytes(row.event_id)
-        .hyphenated()
-        .to_string();
     match row.kind {
         KIND_READING => {
             let r: Reading = postcard::from_bytes(&row.body).map_err(decode_error)?;
-            let payload = ReadingPayload {
-                device_id: &r.device_id,
-                field_id: &r.field_id,
-                sensor_type: r.sensor_type.as_str(),
-                value: r.value,
-                unit: &r.unit,
-                timestamp: r.observed_at.to_rfc3339(),
-                metadata: Metadata {
-                    battery: r.battery,
-                    rssi: r.rssi,
-                    raw_value: r.raw_value,
-                    original_timestamp: r.original_timestamp.map(Timestamp::to_rfc3339),
-                },
-            };
             let routing = Routing {
                 row,
                 gateway_id,
-                event_id,
                 tenant_id: &r.tenant_id,
                 field_id: &r.field_id,
                 device_id: &r.device_id,
                 sensor_type: r.sensor_type,
             };
+            let payload = |p: &mut JsonObject<'_>| reading_payload(p, &r);
             Ok(routing.event("sensor_reading", payload, &subjects.reading, "reading"))
         }
         KIND_STATUS => {
             let c: StatusChange = postcard::from_bytes(&row.body).map_err(decode_error)?;
-            let (status, subject_status, error_code, error_message) = match c.status {
-                SensorStatus::Online => ("online", "connected", None, None),
-                SensorStatus::Offline => ("offline", "disconnected", None, None),
-                SensorStatus::LowBattery => (
-                    "warning",
-                    "warning",
-                    Some("low_battery"),
-                    Some(format!("battery at {}%", c.battery.unwrap_or(0.0))),
-                ),
-            };
-            let payload = StatusPayload {
-                device_id: &c.device_id,
-                field_id: &c.field_id,
-                sensor_type: c.sensor_type.as_str(),
-                status,
-                last_seen: c.last_seen.to_rfc3339(),
-                battery_level: c.battery.map(|b| b.clamp(0.0, 100.0)),
-                signal_strength: c.rssi,
-                error_code,
-                error_message,
+            let subject_status = match c.status {
+                SensorStatus::Online => "connected",
+                SensorStatus::Offline => "disconnected",
+                SensorStatus::LowBattery => "warning",
             };
             let routing = Routing {
                 row,
                 gateway_id,
-                event_id,
                 tenant_id: &c.tenant_id,
                 field_id: &c.field_id,
                 device_id: &c.device_id,
                 sensor_type: c.sensor_type,
             };
+            let payload = |p: &mut JsonObject<'_>| status_payload(p, &c);
             Ok(routing.event("device_status", payload, &subjects.status, subject_status))
         }
         kind => Err(EventError::Kind { seq: row.seq, kind }),
     }
 }
 
+const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+const X_EVENT_ID: HeaderName = HeaderName::from_static("X-Event-ID");
+const X_TENANT_ID: HeaderName = HeaderName::from_static("X-Tenant-ID");
+const X_CORRELATION_ID: HeaderName = HeaderName::from_static("X-Correlation-ID");
+const X_SCHEMA_VERSION: HeaderName = HeaderName::from_static("X-Schema-Version");
+
 /// The headers SAHOOL's publisher sets, plus `Nats-Msg-Id` for JetStream de-duplication.
-pub fn headers(event: &Event) -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert("Nats-Msg-Id", event.event_id.as_str());
-    h.insert("X-Event-ID", event.event_id.as_str());
-    h.insert("X-Tenant-ID", event.tenant_id.as_str());
-    h.insert("X-Correlation-ID", event.event_id.as_str());
-    h.insert("X-Schema-Version", SCHEMA_VERSION);
+pub fn headers(event: &Event) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(NATS_MSG_ID, event.event_id.as_str());
+    h.insert(X_EVENT_ID, event.event_id.as_str());
+    h.insert(X_TENANT_ID, event.tenant_id.as_str());
+    h.insert(X_CORRELATION_ID, event.event_id.as_str());
+    h.insert(X_SCHEMA_VERSION, SCHEMA_VERSION);
     h
 }
 
@@ -290,7 +309,10 @@ mod tests {
             status: SubjectTemplate::default(),
         };
         let e = render(&row, "gw-1", &subjects).unwrap();
-        assert_eq!(e.subject, "sahool.tenant.tenant-x.iot.sensor.reading");
+        assert_eq!(
+            e.subject.as_str(),
+            "sahool.tenant.tenant-x.iot.sensor.reading"
+        );
         let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
         assert_eq!(v["event_id"], "07070707-0707-0707-0707-070707070707");
         assert_eq!(v["aggregate_id"], "field-9");
@@ -303,6 +325,139 @@ mod tests {
         assert_eq!(
             h.get("Nats-Msg-Id").map(|v| v.as_str()),
             Some(e.event_id.as_str())
+        );
+    }
+
+    fn row(kind: u8, body: Vec<u8>) -> OutboxRow {
+        OutboxRow {
+            seq: 9,
+            event_id: [0xab; 16],
+            stored_ms: 1_780_287_301_000,
+            kind,
+            body,
+        }
+    }
+
+    fn subjects() -> Subjects {
+        Subjects {
+            reading: SubjectTemplate::default(),
+            status: SubjectTemplate::default_status(),
+        }
+    }
+
+    fn body(e: &Event) -> serde_json::Value {
+        serde_json::from_slice(&e.body).expect("the body is JSON")
+    }
+
+    #[test]
+    fn renders_every_field_of_a_reading_and_leaves_out_empty_metadata() {
+        let mut r = Reading {
+            device_id: "probe \"7\"".into(),
+            field_id: "field-9".into(),
+            tenant_id: "tenant-x".into(),
+            sensor_type: SensorType::SoilEc,
+            value: 1.25,
+            unit: "mS/cm".into(),
+            observed_at: Timestamp::parse_rfc3339("2026-06-01T04:15:00.5Z").unwrap(),
+            battery: Some(12.0),
+            rssi: Some(-80),
+            raw_value: Some(1250.0),
+            original_timestamp: Timestamp::parse_rfc3339("2031-01-01T00:00:00Z"),
+            device_time: false,
+            stale_after_ms: 0,
+        };
+        let e = render(
+            &row(KIND_READING, postcard::to_stdvec(&r).unwrap()),
+            "gw-1",
+            &subjects(),
+        )
+        .unwrap();
+        let id = "abababab-abab-abab-abab-abababababab";
+        assert_eq!(
+            body(&e),
+            serde_json::json!({
+                "event_id": id,
+                "event_type": "sensor_reading",
+                "version": 1,
+                "aggregate_id": "field-9",
+                "tenant_id": "tenant-x",
+                "correlation_id": id,
+                "timestamp": "2026-06-01T04:15:01Z",
+                "source": {"service": "sahool-gateway", "version": env!("CARGO_PKG_VERSION"), "gateway_id": "gw-1", "seq": 9},
+                "payload": {
+                    "device_id": "probe \"7\"",
+                    "field_id": "field-9",
+                    "sensor_type": "soil_ec",
+                    "value": 1.25,
+                    "unit": "mS/cm",
+                    "timestamp": "2026-06-01T04:15:00.500Z",
+                    "metadata": {"battery": 12.0, "rssi": -80, "raw_value": 1250.0, "original_timestamp": "2031-01-01T00:00:00Z"}
+                }
+            })
+        );
+        assert_eq!(e.subject.as_str(), "sahool.iot.sensor.reading");
+        (r.battery, r.rssi, r.raw_value, r.original_timestamp) = (None, None, None, None);
+        let e = render(
+            &row(KIND_READING, postcard::to_stdvec(&r).unwrap()),
+            "gw-1",
+            &subjects(),
+        )
+        .unwrap();
+        assert!(body(&e)["payload"].get("metadata").is_none());
+    }
+
+    #[test]
+    fn renders_liveness_changes_with_their_subjects() {
+        let mut c = StatusChange {
+            device_id: "probe-1".into(),
+            field_id: "field-1".into(),
+            tenant_id: "tenant-a".into(),
+            sensor_type: SensorType::SoilMoisture,
+            status: SensorStatus::LowBattery,
+            last_seen: Timestamp::parse_rfc3339("2026-06-01T04:15:00Z").unwrap(),
+            battery: Some(150.0),
+            rssi: Some(-90),
+        };
+        let e = render(
+            &row(KIND_STATUS, postcard::to_stdvec(&c).unwrap()),
+            "gw-1",
+            &subjects(),
+        )
+        .unwrap();
+        assert_eq!(e.subject.as_str(), "sahool.iot.sensor.warning");
+        let v = body(&e);
+        assert_eq!(v["event_type"], "device_status");
+        assert_eq!(
+            v["payload"],
+            serde_json::json!({
+                "device_id": "probe-1",
+                "field_id": "field-1",
+                "sensor_type": "soil_moisture",
+                "status": "warning",
+                "last_seen": "2026-06-01T04:15:00Z",
+                "battery_level": 100.0,
+                "signal_strength": -90,
+                "error_code": "low_battery",
+                "error_message": "battery at 150%"
+            })
+        );
+        (c.status, c.battery, c.rssi) = (SensorStatus::Online, None, None);
+        let e = render(
+            &row(KIND_STATUS, postcard::to_stdvec(&c).unwrap()),
+            "gw-1",
+            &subjects(),
+        )
+        .unwrap();
+        assert_eq!(e.subject.as_str(), "sahool.iot.sensor.connected");
+        assert_eq!(
+            body(&e)["payload"],
+            serde_json::json!({
+                "device_id": "probe-1",
+                "field_id": "field-1",
+                "sensor_type": "soil_moisture",
+                "status": "online",
+                "last_seen": "2026-06-01T04:15:00Z"
+            })
         );
     }
 }

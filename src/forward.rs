@@ -2,14 +2,16 @@
 //!
 //! # Invariants
 //! 1. Rows are published in `seq` order with up to `nats.max_in_flight` PubAcks outstanding;
-//!    results are consumed in the same order (`FuturesOrdered`).
+//!    results are consumed in the same order (`FuturesOrdered`). Rows are read from the buffer
+//!    [`FETCH_ROWS`] at a time, the next read under way while the last ones are published.
 //! 2. A row is deleted from the buffer only when its own PubAck arrived (`StoreHandle::acked`).
 //!    A publish that was merely written to the socket or queued in the client counts for nothing.
 //! 3. Every attempt for a row carries `Nats-Msg-Id = event_id`, so JetStream drops retries of a
 //!    row it already stored (within the stream's duplicate window).
 //! 4. After any sign of trouble (a publish that failed, in whatever position; a lost link) no new
 //!    publish goes out until every in-flight one has its outcome; PubAcks that arrive meanwhile
-//!    count. Publishing then resumes at the first row without a PubAck, after a backoff.
+//!    count. Publishing then resumes at the first row without a PubAck, after a backoff: rows
+//!    read ahead are forgotten and read again, once the acknowledged ones have left the buffer.
 //! 5. A refusal the server will repeat forever (payload over `max_payload`, no stream for the
 //!    subject as JetStream itself confirms, a publish permission the server reports denied for
 //!    the subject after the row was sent, a row this version cannot decode) moves that row to
@@ -17,6 +19,11 @@
 //! 6. No new publish is handed to the client while it is disconnected (its own queue would
 //!    replay a stale window after reconnecting), nor while the oldest in-flight publish waits
 //!    much longer than PubAcks usually take.
+//! 7. Acknowledged rows go to the store as runs of seqs, deleted by one statement each. An ack
+//!    extends the current run only if its row was published right after the run's last row
+//!    (no row refused, failed or resumed from in between), so a run covers no buffered row that
+//!    did not get its own PubAck: rows read in one pass are consecutive in the buffer, and a seq
+//!    between two of them without a row can never get one.
 //!
 //! Why 4 and 6: a publish sent past one that is lost can be stored before the lost one's
 //! resend (a cluster elects a new stream leader, which takes the later publish), and the stream
@@ -26,6 +33,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::future::IntoFuture;
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,6 +45,7 @@ use async_nats::jetstream::context::{
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
@@ -44,7 +53,7 @@ use crate::event::{self, Event, Subjects};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::nats::PublishDenials;
-use crate::store::{OutboxRow, StoreHandle};
+use crate::store::{OutboxRow, StoreError, StoreHandle};
 
 /// How a failed publish is handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +72,19 @@ enum AckError {
     Denied,
 }
 
+/// A publish's outcome, with the seq of the row published just before it (invariant 7).
 type AckResult = (
     Event,
+    u64,
     Result<async_nats::jetstream::publish::PublishAck, AckError>,
 );
 type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
+type Fetch = Pin<Box<dyn Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
+
+/// Rows read from the buffer at once. Constant, so SQLite keeps one plan for the read.
+const FETCH_ROWS: usize = 512;
+/// Acknowledged rows reported to the store at once while more PubAcks are outstanding.
+const ACK_BATCH: usize = 256;
 
 pub struct Forwarder {
     pub store: StoreHandle,
@@ -80,6 +97,58 @@ pub struct Forwarder {
     pub denials: Arc<PublishDenials>,
     ack_timeout: Duration,
     failure_log: LogLimit,
+}
+
+/// The publishing state that resuming after trouble resets.
+struct Pipeline {
+    /// Rows read from the buffer and not yet handed to the client, in seq order.
+    queue: VecDeque<OutboxRow>,
+    /// The read of the buffer under way, if any, with the newest committed seq when it began.
+    fetching: Option<(u64, Fetch)>,
+    inflight: FuturesOrdered<InFlight>,
+    /// When each in-flight publish was sent, in the same order.
+    sent: VecDeque<Instant>,
+    /// Highest seq read from the buffer (queued, in flight or done).
+    cursor: u64,
+    /// Seq of the last row handed to the client (or refused); 0 after resuming.
+    last_published: u64,
+}
+
+impl Pipeline {
+    /// Invariant 4: with nothing in flight, forget every row read ahead and resume at `seq`,
+    /// the first row without a PubAck.
+    fn resume_at(&mut self, seq: u64) {
+        debug_assert!(self.inflight.is_empty());
+        self.inflight.clear();
+        self.sent.clear();
+        self.queue.clear();
+        self.fetching = None;
+        self.cursor = seq - 1;
+        self.last_published = 0;
+    }
+}
+
+/// Acknowledged rows as runs of seqs for [`StoreHandle::acked`] (invariant 7).
+#[derive(Debug, Default)]
+struct AckedRuns {
+    runs: Vec<RangeInclusive<u64>>,
+    rows: usize,
+}
+
+impl AckedRuns {
+    /// Row `seq` was acknowledged; `after` is the seq of the row published just before it.
+    fn push(&mut self, seq: u64, after: u64) {
+        match self.runs.last_mut() {
+            Some(run) if after != 0 && *run.end() == after => *run = *run.start()..=seq,
+            _ => self.runs.push(seq..=seq),
+        }
+        self.rows += 1;
+    }
+
+    fn take(&mut self) -> Vec<RangeInclusive<u64>> {
+        self.rows = 0;
+        std::mem::take(&mut self.runs)
+    }
 }
 
 impl Forwarder {
@@ -119,15 +188,21 @@ impl Forwarder {
     /// Runs until `shutdown` turns true, then waits briefly for outstanding PubAcks.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut committed = self.store.committed();
-        let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
-        // When each in-flight publish was sent, in the same order.
-        let mut sent: VecDeque<Instant> = VecDeque::new();
-        let mut acked: Vec<u64> = Vec::new();
-        // Highest seq handed to the client (in flight or done).
-        let mut cursor = 0u64;
+        let mut p = Pipeline {
+            queue: VecDeque::new(),
+            fetching: None,
+            inflight: FuturesOrdered::new(),
+            sent: VecDeque::new(),
+            cursor: 0,
+            last_published: 0,
+        };
+        let mut acked = AckedRuns::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut fence = Fence::new(self.ack_timeout);
         let mut stream_checked = false;
+        // Goes round at least once a second, so the watchdog sees the loop alive.
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             if *shutdown.borrow() {
@@ -138,13 +213,17 @@ impl Forwarder {
             if !connected {
                 fence.trip();
             }
-            if inflight.is_empty() {
+            if p.inflight.is_empty() {
                 if let Some(resume) = fence.settle() {
-                    // Rows acknowledged while settling leave the buffer before it is read again.
-                    if self.store.acked(std::mem::take(&mut acked)).await.is_err() {
+                    // Rows acknowledged while settling leave the buffer before it is read
+                    // again (the flush commits their deletion).
+                    if acked.rows > 0 && self.store.acked(acked.take()).await.is_err() {
                         return;
                     }
-                    cursor = resume - 1;
+                    if self.store.flush().await.is_err() {
+                        return;
+                    }
+                    p.resume_at(resume);
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
@@ -154,125 +233,145 @@ impl Forwarder {
             }
             // Marks the value seen: a commit after this line wakes `changed()` below.
             let newest = *committed.borrow_and_update();
-            let more = cursor < newest;
-            let can_send =
-                connected && inflight.len() < self.window && fence.may_send(sent.front());
-            if can_send && more {
-                match self.store.fetch(cursor, self.window - inflight.len()).await {
-                    Ok(rows) if rows.is_empty() => cursor = newest,
-                    Ok(rows) => {
-                        tracing::debug!(
-                            after = cursor,
-                            rows = rows.len(),
-                            in_flight = inflight.len(),
-                            "publishing"
-                        );
-                        for row in rows {
-                            if !self.connected() || !fence.may_send(sent.front()) {
-                                break;
-                            }
-                            cursor = row.seq;
-                            match self.publish(&row, fence.tripped.clone()).await {
-                                Ok(fut) => {
-                                    inflight.push_back(fut);
-                                    sent.push_back(Instant::now());
-                                }
-                                Err((event, Failure::Permanent(why))) => {
-                                    self.refuse(row.seq, &why, event).await
-                                }
-                                Err((_, Failure::Transient(why))) => {
-                                    if let Some(held) = self.failure_log.admit() {
-                                        tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
-                                    }
-                                    fence.failed(row.seq);
-                                    break;
-                                }
-                            }
-                        }
+            let low = p.queue.len() < FETCH_ROWS / 2;
+            if connected && low && p.fetching.is_none() && p.cursor < newest {
+                let store = self.store.clone();
+                let after = p.cursor;
+                p.fetching = Some((
+                    newest,
+                    Box::pin(async move { store.fetch(after, FETCH_ROWS).await }),
+                ));
+            }
+            while p.inflight.len() < self.window
+                && self.connected()
+                && fence.may_send(p.sent.front())
+            {
+                let Some(row) = p.queue.pop_front() else {
+                    break;
+                };
+                let after = std::mem::replace(&mut p.last_published, row.seq);
+                match self.publish(&row, after, fence.tripped.clone()).await {
+                    Ok(ack) => {
+                        p.inflight.push_back(ack);
+                        p.sent.push_back(Instant::now());
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the buffer");
-                        tokio::time::sleep(backoff.next_delay()).await;
+                    Err((event, Failure::Permanent(why))) => {
+                        self.refuse(row.seq, &why, event).await
+                    }
+                    Err((_, Failure::Transient(why))) => {
+                        if let Some(held) = self.failure_log.admit() {
+                            tracing::warn!(seq = row.seq, error = %why, repeats = held, "publish failed; will retry");
+                        }
+                        fence.failed(row.seq);
+                        break;
                     }
                 }
             }
-            let flush = !acked.is_empty() && (inflight.is_empty() || acked.len() >= 256);
-            if flush && self.store.acked(std::mem::take(&mut acked)).await.is_err() {
+            let flush = acked.rows >= ACK_BATCH || (acked.rows > 0 && p.inflight.is_empty());
+            if flush && self.store.acked(acked.take()).await.is_err() {
                 return;
             }
             let can_send =
-                connected && inflight.len() < self.window && fence.may_send(sent.front());
+                connected && p.inflight.len() < self.window && fence.may_send(p.sent.front());
+            let idle = connected && p.fetching.is_none() && p.queue.len() < FETCH_ROWS / 2;
             tokio::select! {
-                Some((event, result)) = inflight.next(), if !inflight.is_empty() => {
-                    let sent_at = sent.pop_front();
-                    match result {
-                        Ok(ack) => {
-                            if ack.duplicate {
-                                tracing::debug!(seq = event.seq, "JetStream already had this event (duplicate window)");
-                            }
-                            acked.push(event.seq);
-                            if let Some(at) = sent_at {
-                                fence.acked(at.elapsed());
-                            }
-                            backoff.reset();
-                        }
-                        Err(AckError::Denied) => {
-                            let why = format!("permission denied: the NATS server does not let this user publish to {}", event.subject);
-                            self.refuse(event.seq, &why, Some(event)).await;
-                        }
-                        Err(AckError::Publish(e)) => match self.judge(&e, &event.subject).await {
-                            Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
-                            Failure::Transient(why) => {
-                                self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
-                                if let Some(held) = self.failure_log.admit() {
-                                    tracing::warn!(seq = event.seq, error = %why, in_flight = inflight.len(), repeats = held, "no PubAck; resending from this reading once every publish in flight has its outcome");
+                Some(first) = p.inflight.next(), if !p.inflight.is_empty() => {
+                    // Every result already in takes one turn of the loop.
+                    let mut next = Some(first);
+                    while let Some((event, after, result)) = next.take() {
+                        let sent_at = p.sent.pop_front();
+                        match result {
+                            Ok(ack) => {
+                                if ack.duplicate {
+                                    tracing::debug!(seq = event.seq, "JetStream already had this event (duplicate window)");
                                 }
-                                fence.failed(event.seq);
+                                acked.push(event.seq, after);
+                                if let Some(at) = sent_at {
+                                    fence.acked(at.elapsed());
+                                }
+                                backoff.reset();
                             }
-                        },
+                            Err(AckError::Denied) => {
+                                let why = format!("permission denied: the NATS server does not let this user publish to {}", event.subject);
+                                self.refuse(event.seq, &why, Some(event)).await;
+                            }
+                            Err(AckError::Publish(e)) => match self.judge(&e, &event.subject).await {
+                                Failure::Permanent(why) => self.refuse(event.seq, &why, Some(event)).await,
+                                Failure::Transient(why) => {
+                                    self.metrics.nats_publish_errors.get_or_create(&crate::metrics::ReasonLabel { reason: kind_label(&e) }).inc();
+                                    if let Some(held) = self.failure_log.admit() {
+                                        tracing::warn!(seq = event.seq, error = %why, in_flight = p.inflight.len(), repeats = held, "no PubAck; resending from this reading once every publish in flight has its outcome");
+                                    }
+                                    fence.failed(event.seq);
+                                }
+                            },
+                        }
+                        next = p.inflight.next().now_or_never().flatten();
                     }
                 }
-                changed = committed.changed(), if can_send => {
+                Some(rows) = async { match p.fetching.as_mut() { Some((_, f)) => Some(f.await), None => None } }, if p.fetching.is_some() => {
+                    let newest_then = p.fetching.take().map_or(0, |(n, _)| n);
+                    match rows {
+                        Ok(rows) => {
+                            // A short read returned every row committed when it began.
+                            let complete = rows.len() < FETCH_ROWS;
+                            if let Some(last) = rows.last() {
+                                p.cursor = last.seq;
+                            }
+                            if complete {
+                                p.cursor = p.cursor.max(newest_then);
+                            }
+                            tracing::debug!(after = p.cursor, rows = rows.len(), in_flight = p.inflight.len(), "publishing");
+                            p.queue.extend(rows);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the buffer");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                    }
+                }
+                changed = committed.changed(), if idle => {
                     if changed.is_err() { break; }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && inflight.is_empty()) => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)), if !connected || (!can_send && p.inflight.is_empty()) => {}
                 _ = shutdown.changed() => {}
-                // Goes round at least once a second, so the watchdog sees the loop alive.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = heartbeat.tick() => {}
             }
         }
-        self.drain(inflight, acked).await;
+        self.drain(p.inflight, acked).await;
     }
 
-    async fn drain(&self, mut inflight: FuturesOrdered<InFlight>, mut acked: Vec<u64>) {
+    async fn drain(&self, mut inflight: FuturesOrdered<InFlight>, mut acked: AckedRuns) {
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 next = inflight.next() => match next {
-                    Some((event, Ok(_))) => acked.push(event.seq),
+                    Some((event, after, Ok(_))) => acked.push(event.seq, after),
                     // Anything not acknowledged stays buffered for the next start.
-                    Some((_, Err(_))) | None => break,
+                    Some((_, _, Err(_))) | None => break,
                 },
                 _ = &mut deadline => break,
             }
         }
-        if !acked.is_empty() {
-            let _ = self.store.acked(acked).await;
+        if acked.rows > 0 {
+            let _ = self.store.acked(acked.take()).await;
         }
         let _ = self.store.flush().await;
     }
 
-    /// Hands one row to the client; `tripped` is set the moment its publish fails.
+    /// Hands a row's event to the client; `after` is the seq of the row published before it,
+    /// and `tripped` is set the moment this publish fails.
     async fn publish(
         &self,
         row: &OutboxRow,
+        after: u64,
         tripped: Arc<AtomicBool>,
     ) -> Result<InFlight, (Option<Event>, Failure)> {
         let event = event::render(row, &self.gateway_id, &self.subjects)
             .map_err(|e| (None, Failure::Permanent(e.to_string())))?;
         let publish = PublishMessage::build()
-            .payload(event.body.clone().into())
+            .payload(event.body.clone())
             .headers(event::headers(&event));
         // Taken before sending, so a refusal of this very publish cannot slip past them.
         let sent = Instant::now();
@@ -285,7 +384,7 @@ impl Forwarder {
                     if matches!(result.1, Err(AckError::Publish(_))) {
                         tripped.store(true, Ordering::Relaxed);
                     }
-                    result
+                    (result.0, after, result.1)
                 }))
             }
             Err(e) => {
@@ -294,7 +393,6 @@ impl Forwarder {
             }
         }
     }
-
     /// Classifies a failure. "No stream" comes from a 503 no-responders reply, which a cluster
     /// can also give while electing a leader: it is permanent only if JetStream's own stream
     /// lookup confirms that no stream captures the subject.
@@ -323,7 +421,7 @@ impl Forwarder {
             })
             .inc();
         tracing::error!(seq, reason = %why, "the server refuses this reading for good: moved to dead-letters");
-        let raw = event.map(|e| e.body).unwrap_or_default();
+        let raw = event.map(|e| e.body.to_vec()).unwrap_or_default();
         if self.store.refused(seq, why.to_string(), raw).await.is_err() {
             tracing::error!("buffer closed while dead-lettering");
         }
@@ -424,7 +522,10 @@ async fn await_ack(
     denials: Arc<PublishDenials>,
     mut refusals: watch::Receiver<u64>,
     sent: Instant,
-) -> AckResult {
+) -> (
+    Event,
+    Result<async_nats::jetstream::publish::PublishAck, AckError>,
+) {
     let ack = fut.into_future();
     tokio::pin!(ack);
     loop {
@@ -518,5 +619,30 @@ mod tests {
             fence.acked(Duration::from_secs(30));
         }
         assert_eq!(fence.stall_after(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn acked_runs_span_only_rows_published_one_after_another() {
+        let mut runs = AckedRuns::default();
+        // 1, 2, 3 published in a row; 4 was refused; 5 and 7 follow it (6 no longer buffered
+        // when read, so 7 was published right after 5).
+        runs.push(1, 0);
+        runs.push(2, 1);
+        runs.push(3, 2);
+        runs.push(5, 4);
+        runs.push(7, 5);
+        // After resuming nothing counts as published before the first row.
+        runs.push(8, 0);
+        assert_eq!(runs.rows, 6);
+        assert_eq!(runs.take(), vec![1..=3, 5..=7, 8..=8]);
+        assert_eq!(runs.rows, 0);
+        // A new batch starts a new run, even for the next row.
+        runs.push(9, 8);
+        assert_eq!(runs.take(), vec![9..=9]);
+        // 10..=13 in flight, 11 gets no PubAck while the others do: no run spans 11.
+        runs.push(10, 9);
+        runs.push(12, 11);
+        runs.push(13, 12);
+        assert_eq!(runs.take(), vec![10..=10, 12..=13]);
     }
 }

@@ -187,21 +187,42 @@ impl Timestamp {
 
     /// RFC 3339 in UTC with `Z`, fractional digits only as many as needed (0, 3, 6 or 9).
     pub fn to_rfc3339(self) -> String {
-        let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0))
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let (y, mo, d) = (dt.year(), u8::from(dt.month()), dt.day());
-        let (h, mi, s) = (dt.hour(), dt.minute(), dt.second());
-        let nanos = dt.nanosecond();
-        let frac = if nanos == 0 {
-            String::new()
-        } else if nanos.is_multiple_of(1_000_000) {
-            format!(".{:03}", nanos / 1_000_000)
-        } else if nanos.is_multiple_of(1_000) {
-            format!(".{:06}", nanos / 1_000)
-        } else {
-            format!(".{nanos:09}")
+        self.rfc3339().as_str().to_string()
+    }
+
+    /// As [`Timestamp::to_rfc3339`], without allocating: every event carries two of these.
+    pub fn rfc3339(self) -> Rfc3339Text {
+        let secs = self.0.div_euclid(1_000_000_000);
+        let nanos = self.0.rem_euclid(1_000_000_000) as u32;
+        let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
+        let (y, mo, d) = civil_from_days(days);
+        let mut out = Rfc3339Text {
+            buf: [0; 30],
+            len: 0,
         };
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{frac}Z")
+        out.digits(y as u32, 4);
+        out.push(b'-');
+        out.digits(mo, 2);
+        out.push(b'-');
+        out.digits(d, 2);
+        out.push(b'T');
+        out.digits(of_day / 3600, 2);
+        out.push(b':');
+        out.digits(of_day / 60 % 60, 2);
+        out.push(b':');
+        out.digits(of_day % 60, 2);
+        if nanos != 0 {
+            out.push(b'.');
+            if nanos.is_multiple_of(1_000_000) {
+                out.digits(nanos / 1_000_000, 3);
+            } else if nanos.is_multiple_of(1_000) {
+                out.digits(nanos / 1_000, 6);
+            } else {
+                out.digits(nanos, 9);
+            }
+        }
+        out.push(b'Z');
+        out
     }
 
     /// Parses RFC 3339 with an offset (`2026-06-01T04:15:00Z`, `...+03:00`).
@@ -242,6 +263,54 @@ impl Timestamp {
 
     fn checked(dt: OffsetDateTime) -> Option<Self> {
         i64::try_from(dt.unix_timestamp_nanos()).ok().map(Self)
+    }
+}
+
+/// Year, month and day of a day count since 1970-01-01 in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// A formatted RFC 3339 time on the stack (at most `9999-12-31T23:59:59.999999999Z`).
+#[derive(Clone, Copy)]
+pub struct Rfc3339Text {
+    buf: [u8; 30],
+    len: u8,
+}
+
+impl Rfc3339Text {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[usize::from(self.len)] = b;
+        self.len += 1;
+    }
+
+    /// `n` as exactly `width` decimal digits, zero-padded.
+    fn digits(&mut self, mut n: u32, width: u8) {
+        for i in (0..width).rev() {
+            self.buf[usize::from(self.len + i)] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.len += width;
+    }
+}
+
+impl fmt::Display for Rfc3339Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -329,6 +398,50 @@ mod tests {
         assert_eq!(normalize_unit("C"), "°C");
         assert_eq!(normalize_unit("mS/cm"), "mS/cm");
         assert_eq!(normalize_unit("kPa"), "kPa");
+    }
+
+    #[test]
+    fn rfc3339_matches_the_time_crate_over_the_whole_range() {
+        let reference = |t: Timestamp| {
+            let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0)).unwrap();
+            let nanos = dt.nanosecond();
+            let frac = if nanos == 0 {
+                String::new()
+            } else if nanos.is_multiple_of(1_000_000) {
+                format!(".{:03}", nanos / 1_000_000)
+            } else if nanos.is_multiple_of(1_000) {
+                format!(".{:06}", nanos / 1_000)
+            } else {
+                format!(".{nanos:09}")
+            };
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{frac}Z",
+                dt.year(),
+                u8::from(dt.month()),
+                dt.day(),
+                dt.hour(),
+                dt.minute(),
+                dt.second()
+            )
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut samples = vec![i64::MIN, i64::MAX, 0, -1, 1, 951_782_400_000_000_000];
+        for _ in 0..20_000 {
+            // xorshift: spread over the whole i64 range, then rounded to ms and µs and s.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = x as i64;
+            samples.extend([
+                n,
+                n / 1_000_000 * 1_000_000,
+                n / 1_000 * 1_000,
+                n / 1_000_000_000 * 1_000_000_000,
+            ]);
+        }
+        for n in samples {
+            assert_eq!(Timestamp(n).to_rfc3339(), reference(Timestamp(n)), "{n}");
+        }
     }
 
     #[test]

@@ -206,7 +206,13 @@ async fn run(ops: Vec<Op>) {
                         m.maybe_acked.insert(*seq, n);
                     }
                 }
-                store.h().acked(acked).await.expect("queue ack");
+                // As the forwarder reports them: rows of one read are consecutive in the
+                // buffer, so their acks form one run of seqs.
+                let runs = match (acked.first(), acked.last()) {
+                    (Some(first), Some(last)) => vec![*first..=*last],
+                    _ => Vec::new(),
+                };
+                store.h().acked(runs).await.expect("queue ack");
             }
             Op::Flush => {
                 store.h().flush().await.expect("flush");

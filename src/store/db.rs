@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::StoreError;
 use crate::config::Synchronous;
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -78,6 +79,28 @@ CREATE TABLE recent_frames (
 );
 CREATE INDEX recent_frames_by_node ON recent_frames (node, id);
 ";
+
+/// Schema version 4: `recent_messages` without an index on its random keys (looked up in
+/// memory instead, see [`super::recent`]); `recent_readings` keys that begin with the
+/// observation time, so its index grows at one end (old-style keys can never match a new one,
+/// so they are dropped); and a random salt from which rows stored from now on derive their
+/// event id ([`event_id`]), leaving their `event_id` column empty. Rows stored before keep the
+/// id they were given.
+const SCHEMA_V4: &str = "
+INSERT INTO meta (key, value) VALUES ('event_salt_0', random()), ('event_salt_1', random());
+CREATE TABLE recent_messages_v4 (
+    id  INTEGER PRIMARY KEY,
+    key BLOB NOT NULL
+);
+INSERT INTO recent_messages_v4 (id, key) SELECT id, key FROM recent_messages;
+DROP TABLE recent_messages;
+ALTER TABLE recent_messages_v4 RENAME TO recent_messages;
+DELETE FROM recent_readings;
+";
+
+/// The steps from each version to the next: `STEPS[v..]` brings a file at version `v` (0: a
+/// new file) to [`SCHEMA_VERSION`].
+const STEPS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 const TABLES: [&str; 7] = [
     "outbox",
@@ -173,6 +196,10 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
     .map_err(classify)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(classify)?;
+    // Without the planner stability guarantee, rebinding a parameter SQLite may plan around
+    // (a LIMIT, for one) recompiles the statement at its next step: a parse per fetch.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(classify)?;
     let sync = match sync {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
@@ -193,6 +220,12 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(classify)?;
+    let migrate = |from: i64| {
+        let steps = STEPS[from as usize..].join("\n");
+        conn.execute_batch(&format!(
+            "BEGIN; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))
+    };
     match version {
         0 => {
             let tables: i64 = conn
@@ -201,23 +234,9 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
             if tables != 0 {
                 return Err(corrupt("tables present but no schema version".into()));
             }
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(classify)?;
+            migrate(0).map_err(classify)?;
         }
-        1 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V2} {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(classify)?;
-        }
-        2 => {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            ))
-            .map_err(classify)?;
-        }
+        1..SCHEMA_VERSION => migrate(version).map_err(classify)?,
         SCHEMA_VERSION => {
             let list = TABLES.map(|t| format!("'{t}'")).join(", ");
             let ok: i64 = conn
@@ -301,6 +320,33 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// A row's event id when its `event_id` column is empty: a hash of the buffer's random salt
+/// and the row's seq, laid out as a version 4 UUID. Fixed by the row's seq, so it never
+/// changes; unique per buffer because seqs are; unlike other buffers' ids because salts are.
+pub fn event_id(salt: &[u8; 16], seq: u64) -> [u8; 16] {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(salt);
+    h.update(&seq.to_le_bytes());
+    let mut id = h.digest128().to_le_bytes();
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
+}
+
+/// The salt of [`event_id`], made when the schema was created or migrated to version 4.
+pub fn event_salt(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
+    let mut salt = [0u8; 16];
+    for (i, half) in salt.chunks_exact_mut(8).enumerate() {
+        let value: i64 = conn.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [format!("event_salt_{i}")],
+            |r| r.get(0),
+        )?;
+        half.copy_from_slice(&value.to_le_bytes());
+    }
+    Ok(salt)
+}
+
 /// Totals read once at open; afterwards the owner thread keeps them current.
 pub struct Totals {
     pub rows: u64,
@@ -348,22 +394,23 @@ pub struct OutboxRow {
     pub body: Vec<u8>,
 }
 
+/// Committed rows with `seq > after`, oldest first, with their event ids (`salt`: see
+/// [`event_id`]).
 pub fn fetch_after(
     conn: &Connection,
     after: u64,
     limit: usize,
+    salt: &[u8; 16],
 ) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, event_id, stored_ms, kind, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-        let id: Vec<u8> = r.get(1)?;
-        let mut event_id = [0u8; 16];
-        if id.len() == 16 {
-            event_id.copy_from_slice(&id);
-        }
+        let seq = r.get::<_, i64>(0)? as u64;
+        let stored = r.get_ref(1)?.as_blob()?;
+        let event_id = <[u8; 16]>::try_from(stored).unwrap_or_else(|_| event_id(salt, seq));
         Ok(OutboxRow {
-            seq: r.get::<_, i64>(0)? as u64,
+            seq,
             event_id,
             stored_ms: r.get(2)?,
             kind: r.get::<_, i64>(3)? as u8,
@@ -375,12 +422,9 @@ pub fn fetch_after(
 
 /// Oldest buffered row's store time.
 pub fn oldest_stored_ms(conn: &Connection) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT stored_ms FROM outbox ORDER BY seq LIMIT 1",
-        [],
-        |r| r.get(0),
-    )
-    .optional()
+    conn.prepare_cached("SELECT stored_ms FROM outbox ORDER BY seq LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()
 }
 
 /// Dead-letter row for listing.
@@ -464,5 +508,154 @@ mod tests {
                 .is_some());
         }
         assert_eq!(corrupt_files(dir.path()), 3);
+    }
+
+    /// A buffer as `version` (1 to 3) left it: a row waiting and a message remembered; from
+    /// version 2 a reading remembered, from version 3 a firmware frame.
+    fn old_file(path: &Path, version: usize) {
+        let conn = Connection::open(path).unwrap();
+        let steps = STEPS[..version].join("\n");
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; BEGIN; {steps} PRAGMA user_version = {version}; COMMIT;"
+        ))
+        .unwrap();
+        conn.execute(
+            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (7, ?1, 1000, 0, x'0102')",
+            [&[9u8; 16][..]],
+        )
+        .unwrap();
+        conn.execute("UPDATE meta SET value = 8 WHERE key = 'next_seq'", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO recent_messages (key) VALUES (?1)",
+            [&[5u8; 16][..]],
+        )
+        .unwrap();
+        if version >= 2 {
+            conn.execute(
+                "INSERT INTO recent_readings (key) VALUES (?1)",
+                [&[6u8; 16][..]],
+            )
+            .unwrap();
+        }
+        if version >= 3 {
+            conn.execute(
+                "INSERT INTO recent_frames (node, key) VALUES (3, ?1)",
+                [&[4u8; 16][..]],
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn buffers_of_every_older_version_are_migrated_keeping_rows_and_remembered_keys() {
+        for version in 1..SCHEMA_VERSION as usize {
+            migrates_from(version);
+        }
+    }
+
+    fn migrates_from(version: usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        old_file(&path, version);
+
+        let opened = open(&path, Synchronous::Full, true).unwrap();
+        assert!(opened.moved_aside.is_none(), "version {version}");
+        let conn = opened.conn;
+        let found: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(found, SCHEMA_VERSION, "version {version}");
+        let salt = event_salt(&conn).unwrap();
+        let rows = fetch_after(&conn, 0, 10, &salt).unwrap();
+        assert_eq!(rows.len(), 1, "version {version}");
+        assert_eq!(
+            (rows[0].seq, rows[0].event_id),
+            (7, [9u8; 16]),
+            "ids given before stay (version {version})"
+        );
+        assert_eq!(rows[0].body, vec![1, 2]);
+        assert_eq!(totals(&conn).unwrap().next_seq, 8);
+        let kept: Vec<u8> = conn
+            .query_row("SELECT key FROM recent_messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, vec![5u8; 16], "version {version}");
+        let readings: i64 = conn
+            .query_row("SELECT count(*) FROM recent_readings", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(readings, 0, "old-style observation keys are dropped");
+        let frames: Vec<(i64, Vec<u8>)> = conn
+            .prepare("SELECT node, key FROM recent_frames")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected = if version >= 3 {
+            vec![(3, vec![4u8; 16])]
+        } else {
+            vec![]
+        };
+        assert_eq!(frames, expected, "frames kept (version {version})");
+        // No index on the message keys any more: the same key may be stored twice.
+        conn.execute(
+            "INSERT INTO recent_messages (key) VALUES (?1)",
+            [&[5u8; 16][..]],
+        )
+        .unwrap();
+
+        // A row stored now gets its id from the salt, the same at every read.
+        conn.execute(
+            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (8, x'', 1000, 0, x'03')",
+            [],
+        )
+        .unwrap();
+        let new_id = fetch_after(&conn, 7, 10, &salt).unwrap()[0].event_id;
+        assert_eq!(new_id, event_id(&salt, 8));
+        drop(conn);
+
+        // Opening again finds the current version and changes nothing, the salt included.
+        let again = open(&path, Synchronous::Full, true).unwrap();
+        assert!(again.moved_aside.is_none());
+        assert_eq!(event_salt(&again.conn).unwrap(), salt);
+        let rows = fetch_after(&again.conn, 0, 10, &salt).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+            vec![[9u8; 16], new_id]
+        );
+    }
+
+    #[test]
+    fn fresh_buffer_has_the_current_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("buffer.db"), Synchronous::Full, false)
+            .unwrap()
+            .conn;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let indexed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'recent_messages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexed, 0);
+    }
+
+    #[test]
+    fn derived_event_ids_are_v4_uuids_distinct_per_seq_and_per_buffer() {
+        let a = [1u8; 16];
+        let b = [2u8; 16];
+        let ids: std::collections::HashSet<[u8; 16]> = (1..=10_000)
+            .flat_map(|seq| [event_id(&a, seq), event_id(&b, seq)])
+            .collect();
+        assert_eq!(ids.len(), 20_000);
+        let id = uuid::Uuid::from_bytes(event_id(&a, 1));
+        assert_eq!(id.get_version_num(), 4);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(event_id(&a, 1), event_id(&a, 1));
     }
 }

@@ -157,6 +157,11 @@ impl Nats {
         }
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn freeze(&mut self) {
         if let Some(c) = self.child.as_mut() {
             kill(c, "STOP");
@@ -512,6 +517,11 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
+    /// The running broker's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn resume(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
         let per_listener = if self.extra_listeners.is_empty() {
@@ -586,6 +596,7 @@ impl Gateway {
     }
 
     /// Writes the config (as `start_with_env`) without starting the binary: `resume` starts it.
+    /// For work on the buffer before the gateway opens it.
     pub fn configure(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
