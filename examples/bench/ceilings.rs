@@ -64,9 +64,7 @@ pub async fn jetstream(count: u64, window: usize) -> (f64, f64) {
             ack.expect("PubAck");
         }
         let headers = event::headers(&e);
-        let message = PublishMessage::build()
-            .payload(e.body)
-            .headers(headers);
+        let message = PublishMessage::build().payload(e.body).headers(headers);
         let ack = js.send_publish(e.subject, message).await.expect("publish");
         inflight.push_back(ack.into_future());
     }
