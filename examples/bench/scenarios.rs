@@ -157,6 +157,10 @@ impl Scenario {
                 let publisher_port = broker.as_ref().map_or_else(free_port, |b| b.port);
                 let config = gateway_config(&nats.url(), &(ingest.section)(publisher_port));
                 let gateway = Gateway::start(&config);
+                // Readings are timed from the first publish: the NATS link must be up by then.
+                gateway.wait_until("NATS connected", Duration::from_secs(20), |g| {
+                    g.metric("sahool_gateway_nats_connected", "") >= 1.0
+                });
                 if broker.is_some() {
                     gateway.wait_subscribed(1).await;
                 } else {
