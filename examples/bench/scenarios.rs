@@ -42,9 +42,8 @@ pub struct Ingest {
     pub section: fn(publisher_port: u16) -> String,
 }
 
-/// Every system the benchmark compares, in table order. The gateway's own MQTT ingest
-/// listener is measured by adding an entry with `broker: false` and a section such as
-/// `[[mqtt_listener]] listen = "127.0.0.1:{port}"`: nothing else changes.
+/// Every system the benchmark compares, in table order: the gateway fed through a broker, the
+/// gateway's own MQTT ingest listener (no broker), and the NATS-native peer.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         key: "gateway",
@@ -53,6 +52,15 @@ pub const SCENARIOS: &[Scenario] = &[
         system: System::Gateway(Ingest {
             broker: true,
             section: mqtt_client_section,
+        }),
+    },
+    Scenario {
+        key: "listener",
+        name: "gateway listener",
+        label: "gateway: publisher → [[mqtt_listener]] → SQLite → JetStream",
+        system: System::Gateway(Ingest {
+            broker: false,
+            section: mqtt_listener_section,
         }),
     },
     Scenario {
@@ -70,6 +78,19 @@ name = "farm"
 url = "mqtt://127.0.0.1:{port}"
 topics = ["sahool/sensors/#"]
 format = "sahool"
+"#
+    )
+}
+
+fn mqtt_listener_section(port: u16) -> String {
+    format!(
+        r#"[[mqtt_listener]]
+name = "devices"
+listen = "127.0.0.1:{port}"
+auth = "none"
+topics = ["sahool/sensors/#"]
+format = "sahool"
+max_in_flight = 256
 "#
     )
 }
