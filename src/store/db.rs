@@ -200,7 +200,10 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
     // (a LIMIT, for one) recompiles the statement at its next step: a parse per fetch.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(classify)?;
-    let sync = synchronous_pragma(sync);
+    let sync = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = {sync};
@@ -258,14 +261,6 @@ fn open_checked(path: &Path, sync: Synchronous) -> Result<Connection, StoreError
         }
     }
     Ok(conn)
-}
-
-/// The value of `PRAGMA synchronous` for a `[buffer] synchronous` setting.
-pub fn synchronous_pragma(sync: Synchronous) -> &'static str {
-    match sync {
-        Synchronous::Full => "FULL",
-        Synchronous::Normal => "NORMAL",
-    }
 }
 
 fn move_aside(path: &Path) -> Result<PathBuf, StoreError> {

@@ -31,8 +31,7 @@
 //! # Invariants
 //! 1. One thread owns the connection; every write goes through its queue. Writes queued while a
 //!    commit is running are committed together in the next transaction (group commit: one fsync
-//!    for all of them). A caller learns its outcome only after that commit returned. WAL
-//!    checkpoints run on a second connection of their own ([`checkpoint`]), never in a commit.
+//!    for all of them). A caller learns its outcome only after that commit returned.
 //! 2. `seq` is strictly increasing and never reused: `next_seq` is written in the same
 //!    transaction as the rows it numbers, so it survives restarts and deleting every row; and
 //!    `seq.floor` covers it before the commit, so it survives losing the file too.
@@ -51,7 +50,6 @@
 //! 7. Deduplication keys are remembered only for readings actually stored, so a reading refused
 //!    by a bound is not mistaken for a repeat when it is offered again.
 
-mod checkpoint;
 pub mod db;
 pub mod liveness;
 mod recent;
@@ -291,12 +289,6 @@ pub fn start(
     };
     let recent = recent::RecentMessages::load(&opened.conn).map_err(sqlite)?;
     let event_salt = db::event_salt(&opened.conn).map_err(sqlite)?;
-    let checkpointer =
-        checkpoint::Checkpointer::start(&path, db::synchronous_pragma(buffer.synchronous))?;
-    opened
-        .conn
-        .execute_batch("PRAGMA wal_autocheckpoint = 0;")
-        .map_err(sqlite)?;
     if totals.next_seq == 1 {
         // A new (or replaced) database continues above everything handed out before.
         totals.next_seq = floor.reserved();
@@ -328,7 +320,6 @@ pub fn start(
         acked_seqs: 0,
         recent,
         event_salt,
-        checkpointer: Some(checkpointer),
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -380,8 +371,6 @@ struct Writer {
     acked_seqs: u64,
     recent: recent::RecentMessages,
     event_salt: [u8; 16],
-    /// Until the writer ends.
-    checkpointer: Option<checkpoint::Checkpointer>,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -446,9 +435,6 @@ impl Writer {
         // Every handle is gone: delete what was acknowledged, and fold the WAL into the main
         // file so the next open is quick.
         self.run_batch(Vec::new(), true);
-        if let Some(c) = self.checkpointer.take() {
-            c.stop();
-        }
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
     }
 
@@ -500,9 +486,6 @@ impl Writer {
             let result = self.write(&mut appends, acked, &refused, maintain, &mut delta);
             match result {
                 Ok(outcomes) => {
-                    if let Some(c) = &self.checkpointer {
-                        c.nudge();
-                    }
                     if delete {
                         self.acked.clear();
                         self.acked_seqs = 0;
@@ -1097,35 +1080,6 @@ mod tests {
             append(&store, twice).await,
             AppendOutcome::Stored { count: 1, .. }
         ));
-        close(store, thread).await;
-    }
-
-    #[tokio::test]
-    async fn committed_pages_reach_the_database_file_without_a_checkpoint_in_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("buffer.db");
-        let metrics = Arc::new(Metrics::new());
-        let (store, thread) = start(path.clone(), Buffer::default(), 20.0, metrics).unwrap();
-        let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
-        let empty = size();
-        for i in 1..=5_000 {
-            let rx = store.append(message(i, false)).await.unwrap();
-            if i % 1000 == 0 {
-                rx.await.unwrap().unwrap();
-            }
-        }
-        store.flush().await.unwrap();
-        // The writer's connection never checkpoints (automatic checkpoints are off): only the
-        // checkpoint thread moves pages from the WAL into the file while the store is open.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while size() < empty + 256 * 1024 {
-            assert!(
-                Instant::now() < deadline,
-                "no checkpoint: file still {} bytes",
-                size()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         close(store, thread).await;
     }
 
