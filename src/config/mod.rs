@@ -534,14 +534,9 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 }
             }
             "mqtt" => {
-                for (line, item) in lines.array(value, "[[mqtt]]", &mut problems) {
-                    if let Some(mut m) =
-                        lines.section::<MqttSource>(item, "[[mqtt]]", &mut problems)
-                    {
-                        m.line = line;
-                        mqtt.push(m);
-                    }
-                }
+                mqtt.extend(lines.entries(value, "[[mqtt]]", &mut problems, |m: &mut MqttSource, line| {
+                    m.line = line
+                }))
             }
             "fields" => {
                 for (line, item) in lines.array(value, "[[fields]]", &mut problems) {
@@ -560,24 +555,14 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 }
             }
             "serial" => {
-                for (line, item) in lines.array(value, "[[serial]]", &mut problems) {
-                    if let Some(mut s) =
-                        lines.section::<SerialSource>(item, "[[serial]]", &mut problems)
-                    {
-                        s.line = line;
-                        serial.push(s);
-                    }
-                }
+                serial.extend(lines.entries(value, "[[serial]]", &mut problems, |s: &mut SerialSource, line| {
+                    s.line = line
+                }))
             }
             "mqtt_listener" => {
-                for (line, item) in lines.array(value, "[[mqtt_listener]]", &mut problems) {
-                    if let Some(mut l) =
-                        lines.section::<MqttListener>(item, "[[mqtt_listener]]", &mut problems)
-                    {
-                        l.line = line;
-                        mqtt_listener.push(l);
-                    }
-                }
+                mqtt_listener.extend(lines.entries(value, "[[mqtt_listener]]", &mut problems, |l: &mut MqttListener, line| {
+                    l.line = line
+                }))
             }
             other => problems.push(Problem {
                 line: key_line,
@@ -1185,6 +1170,25 @@ impl<'a> LineIndex<'a> {
         T::deserialize(ValueDeserializer::from(value))
             .map_err(|e| problems.push(self.problem_from_toml(&e, name)))
             .ok()
+    }
+
+    /// The entries of an array of tables such as `[[mqtt]]`, each parsed and given its line;
+    /// entries with problems are left out (the problems are reported).
+    fn entries<T: for<'de> Deserialize<'de>>(
+        &self,
+        value: Spanned<DeValue<'_>>,
+        name: &str,
+        problems: &mut Vec<Problem>,
+        set_line: fn(&mut T, usize),
+    ) -> Vec<T> {
+        let mut out = Vec::new();
+        for (line, item) in self.array(value, name, problems) {
+            if let Some(mut entry) = self.section::<T>(item, name, problems) {
+                set_line(&mut entry, line);
+                out.push(entry);
+            }
+        }
+        out
     }
 
     fn array<'i>(
