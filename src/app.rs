@@ -223,15 +223,14 @@ impl Pipeline {
         if config.allow_insecure {
             tracing::warn!("[nats] allow_insecure = true: plaintext NATS connections to non-loopback servers are permitted");
         }
-        let link = nats::connect(
+        let connector = nats::Connector::new(
             config,
             &format!("sahool-gateway {}", gateway.id),
             metrics.clone(),
-        )
-        .await?;
+        )?;
         let forwarder = Forwarder::new(
             store.clone(),
-            link,
+            connector,
             gateway.id.to_string(),
             Subjects {
                 reading: config.subject.clone(),

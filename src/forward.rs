@@ -16,9 +16,11 @@
 //!    subject as JetStream itself confirms, a publish permission the server reports denied for
 //!    the subject after the row was sent, a row this version cannot decode) moves that row to
 //!    the dead-letter table and the queue goes on.
-//! 6. No new publish is handed to the client while it is disconnected (its own queue would
-//!    replay a stale window after reconnecting), nor while the oldest in-flight publish waits
-//!    much longer than PubAcks usually take.
+//! 6. No new publish is handed to the client while it is disconnected, nor while the oldest
+//!    in-flight publish waits much longer than PubAcks usually take. A lost link is never
+//!    resumed: once its publishes have their outcomes it is dropped with whatever its client
+//!    still queued, and a new one is opened (`nats::Connector`), so no stale publish can land
+//!    ahead of the resent ones.
 //! 7. Acknowledged rows go to the store as runs of seqs, deleted by one statement each. An ack
 //!    extends the current run only if its row was published right after the run's last row
 //!    (no row refused, failed or resumed from in between), so a run covers no buffered row that
@@ -52,7 +54,7 @@ use crate::backoff::Backoff;
 use crate::event::{self, Event, Subjects};
 use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
-use crate::nats::PublishDenials;
+use crate::nats::{Connector, Link, NatsError, PublishDenials};
 use crate::store::{OutboxRow, StoreError, StoreHandle};
 
 /// How a failed publish is handled.
@@ -80,6 +82,7 @@ type AckResult = (
 );
 type InFlight = Pin<Box<dyn Future<Output = AckResult> + Send>>;
 type Fetch = Pin<Box<dyn Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
+type Opening = Pin<Box<dyn Future<Output = Result<Link, NatsError>> + Send>>;
 
 /// Rows read from the buffer at once. Constant, so SQLite keeps one plan for the read.
 const FETCH_ROWS: usize = 512;
@@ -88,15 +91,21 @@ const ACK_BATCH: usize = 256;
 
 pub struct Forwarder {
     pub store: StoreHandle,
-    pub client: async_nats::Client,
-    pub js: Context,
+    connector: Connector,
+    /// The current link, while it is up or its publishes are settling.
+    session: Option<Session>,
     pub gateway_id: String,
     pub subjects: Subjects,
     pub window: usize,
     pub metrics: Arc<Metrics>,
-    pub denials: Arc<PublishDenials>,
     ack_timeout: Duration,
     failure_log: LogLimit,
+}
+
+/// One link and the JetStream context publishing over it.
+struct Session {
+    link: Link,
+    js: Context,
 }
 
 /// The publishing state that resuming after trouble resets.
@@ -154,39 +163,41 @@ impl AckedRuns {
 impl Forwarder {
     pub fn new(
         store: StoreHandle,
-        link: crate::nats::Link,
+        connector: Connector,
         gateway_id: String,
         subjects: Subjects,
         window: usize,
         ack_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let crate::nats::Link { client, denials } = link;
-        let js = async_nats::jetstream::context::ContextBuilder::new()
-            .timeout(ack_timeout)
-            .max_ack_inflight(window.max(1) * 2)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
         Self {
             store,
-            client,
-            js,
+            connector,
+            session: None,
             gateway_id,
             subjects,
             window: window.max(1),
             metrics,
-            denials,
             ack_timeout,
             failure_log: LogLimit::new(Duration::from_secs(10)),
         }
     }
 
+    fn start_session(&mut self, link: Link) {
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(self.ack_timeout)
+            .max_ack_inflight(self.window * 2)
+            .backpressure_on_inflight(true)
+            .build(link.client.clone());
+        self.session = Some(Session { link, js });
+    }
+
     fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.session.as_ref().is_some_and(|s| s.link.connected())
     }
 
     /// Runs until `shutdown` turns true, then waits briefly for outstanding PubAcks.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut committed = self.store.committed();
         let mut p = Pipeline {
             queue: VecDeque::new(),
@@ -198,6 +209,10 @@ impl Forwarder {
         };
         let mut acked = AckedRuns::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut link_backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(8));
+        let mut opening: Option<Opening> = None;
+        let mut opened_before = false;
+        let link_log = LogLimit::new(Duration::from_secs(60));
         let mut fence = Fence::new(self.ack_timeout);
         let mut stream_checked = false;
         // Goes round at least once a second, so the watchdog sees the loop alive.
@@ -227,9 +242,25 @@ impl Forwarder {
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
+                if !connected && self.session.take().is_some() {
+                    self.metrics.nats_connected.set(0);
+                }
+                if self.session.is_none() && opening.is_none() {
+                    let delay = if opened_before {
+                        link_backoff.next_delay()
+                    } else {
+                        Duration::ZERO
+                    };
+                    opened_before = true;
+                    let connector = self.connector.clone();
+                    opening = Some(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        connector.open().await
+                    }));
+                }
             }
-            if connected && !stream_checked {
-                stream_checked = self.check_stream().await;
+            if let (false, Some(session)) = (stream_checked, &self.session) {
+                stream_checked = connected && self.check_stream(session).await;
             }
             // Marks the value seen: a commit after this line wakes `changed()` below.
             let newest = *committed.borrow_and_update();
@@ -242,15 +273,18 @@ impl Forwarder {
                     Box::pin(async move { store.fetch(after, FETCH_ROWS).await }),
                 ));
             }
-            while p.inflight.len() < self.window
-                && self.connected()
-                && fence.may_send(p.sent.front())
-            {
+            while let Some(session) = self.session.as_ref().filter(|s| s.link.connected()) {
+                if p.inflight.len() >= self.window || !fence.may_send(p.sent.front()) {
+                    break;
+                }
                 let Some(row) = p.queue.pop_front() else {
                     break;
                 };
                 let after = std::mem::replace(&mut p.last_published, row.seq);
-                match self.publish(&row, after, fence.tripped.clone()).await {
+                match self
+                    .publish(session, &row, after, fence.tripped.clone())
+                    .await
+                {
                     Ok(ack) => {
                         p.inflight.push_back(ack);
                         p.sent.push_back(Instant::now());
@@ -290,6 +324,7 @@ impl Forwarder {
                                     fence.acked(at.elapsed());
                                 }
                                 backoff.reset();
+                                link_backoff.reset();
                             }
                             Err(AckError::Denied) => {
                                 let why = format!("permission denied: the NATS server does not let this user publish to {}", event.subject);
@@ -330,6 +365,17 @@ impl Forwarder {
                         }
                     }
                 }
+                Some(opened) = async { match opening.as_mut() { Some(o) => Some(o.await), None => None } }, if opening.is_some() => {
+                    opening = None;
+                    match opened {
+                        Ok(link) => self.start_session(link),
+                        Err(e) => {
+                            if let Some(held) = link_log.admit() {
+                                tracing::warn!(error = %e, repeats = held, "cannot connect to NATS; readings stay buffered, retrying with backoff");
+                            }
+                        }
+                    }
+                }
                 changed = committed.changed(), if idle => {
                     if changed.is_err() { break; }
                 }
@@ -364,6 +410,7 @@ impl Forwarder {
     /// and `tripped` is set the moment this publish fails.
     async fn publish(
         &self,
+        session: &Session,
         row: &OutboxRow,
         after: u64,
         tripped: Arc<AtomicBool>,
@@ -375,18 +422,20 @@ impl Forwarder {
             .headers(event::headers(&event));
         // Taken before sending, so a refusal of this very publish cannot slip past them.
         let sent = Instant::now();
-        let refusals = self.denials.watch();
-        match self.js.send_publish(event.subject.clone(), publish).await {
-            Ok(fut) => {
-                let denials = self.denials.clone();
-                Ok(Box::pin(async move {
-                    let result = await_ack(event, fut, denials, refusals, sent).await;
-                    if matches!(result.1, Err(AckError::Publish(_))) {
-                        tripped.store(true, Ordering::Relaxed);
-                    }
-                    (result.0, after, result.1)
-                }))
-            }
+        let denials = session.link.denials.clone();
+        let refusals = denials.watch();
+        match session
+            .js
+            .send_publish(event.subject.clone(), publish)
+            .await
+        {
+            Ok(fut) => Ok(Box::pin(async move {
+                let result = await_ack(event, fut, denials, refusals, sent).await;
+                if matches!(result.1, Err(AckError::Publish(_))) {
+                    tripped.store(true, Ordering::Relaxed);
+                }
+                (result.0, after, result.1)
+            })),
             Err(e) => {
                 let failure = self.judge(&e, &event.subject).await;
                 Err((Some(event), failure))
@@ -399,10 +448,13 @@ impl Forwarder {
     async fn judge(&self, e: &PublishError, subject: &str) -> Failure {
         match classify(e) {
             Failure::Permanent(why) if e.kind() == PublishErrorKind::StreamNotFound => {
-                let missing = matches!(
-                    self.js.stream_by_subject(subject.to_string()).await,
-                    Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound
-                );
+                let missing = match &self.session {
+                    Some(s) => matches!(
+                        s.js.stream_by_subject(subject.to_string()).await,
+                        Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound
+                    ),
+                    None => false,
+                };
                 if missing {
                     Failure::Permanent(why)
                 } else {
@@ -428,12 +480,12 @@ impl Forwarder {
     }
 
     /// Says, once connected, whether a JetStream stream captures the gateway's subject.
-    async fn check_stream(&self) -> bool {
+    async fn check_stream(&self, session: &Session) -> bool {
         let sample = self.subjects.reading.render(|name| match name {
             "gateway_id" => self.gateway_id.clone(),
             _ => "x".into(),
         });
-        match self.js.stream_by_subject(sample.clone()).await {
+        match session.js.stream_by_subject(sample.clone()).await {
             Ok(stream) => {
                 self.metrics.set_stream_found(true);
                 tracing::info!(%stream, subject = %sample, "JetStream stream captures the gateway's subject");

@@ -112,8 +112,10 @@ enum DeadLetterCommand {
 }
 
 fn init_logging() {
+    // The NATS client's own lines repeat what `nats` logs from its events, and call a lost
+    // link's client giving up (as designed, see `nats::Connector`) an error: RUST_LOG shows them.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

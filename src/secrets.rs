@@ -130,7 +130,7 @@ pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
     match nats_paths.clone().find_map(unresolvable) {
         Some(why) => found.push(Finding::note(nats_line, why)),
         None => {
-            if let Err(e) = crate::nats::with_auth(async_nats::ConnectOptions::new(), n) {
+            if let Err(e) = crate::nats::Identity::load(n) {
                 found.push(Finding::problem(nats_line, e.to_string()));
             }
         }

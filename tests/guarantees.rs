@@ -59,6 +59,56 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
     assert_eq!(gateway.get("/readyz").map(|r| r.0), Some(200));
 }
 
+/// A link lost with a full window in flight: whatever the NATS client still queued for it must
+/// never reach the server ahead of the earlier publishes the gateway resends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_again_and_again_during_a_drain_keeps_seq_order() {
+    let mut nats = Nats::with_platform_stream().await;
+    let broker = Mosquitto::start();
+    let gateway = Gateway::start(&config(&nats, &broker, "", ""));
+    gateway.wait_subscribed(1).await;
+    gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
+        g.metric("sahool_gateway_nats_connected", "") == 1.0
+    });
+    nats.stop();
+    let n = 40_000;
+    assert_eq!(
+        publish_all(broker.port, "drain-publisher", readings(0..n)).await,
+        n
+    );
+    gateway.wait_until("all buffered", Duration::from_secs(120), |g| {
+        g.metric("sahool_gateway_buffer_readings", "") == n as f64
+    });
+
+    nats.resume();
+    let mut kills = 0;
+    for round in 0..10u64 {
+        // Each kill waits until the drain is under way again, so it hits a full window.
+        let forwarded = gateway.metric("sahool_gateway_readings_forwarded_total", "");
+        gateway.wait_until("the drain moving", Duration::from_secs(60), |g| {
+            g.metric("sahool_gateway_readings_forwarded_total", "") > forwarded + 500.0
+                || g.metric("sahool_gateway_buffer_readings", "") < 3_000.0
+        });
+        if gateway.metric("sahool_gateway_buffer_readings", "") < 3_000.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20 * round)).await;
+        nats.stop();
+        kills += 1;
+        nats.resume();
+    }
+    assert!(kills >= 3, "only {kills} kills landed during the drain");
+    eprintln!("{kills} kills of nats-server during the drain");
+    wait_forwarded(&gateway, n, Duration::from_secs(180)).await;
+    let values = values_in_order(&nats.read_readings("SAHOOL_IOT").await);
+    assert_exactly_once(&values, n);
+    let late: Vec<_> = values.windows(2).filter(|w| w[1] < w[0]).take(5).collect();
+    assert!(
+        late.is_empty(),
+        "stream out of seq order after {kills} kills, e.g. {late:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_and_doubles_nothing() {
     let nats = Nats::with_platform_stream().await;
