@@ -437,8 +437,11 @@ fn s8_soak_with_nats_flapping() {
         let (rss_start, fds_start) = faults::process_figures(pid);
         let started = Instant::now();
         let mut flaps = 0;
+        // RSS before each flap, to tell a warming cache (flattening) from a leak (a slope).
+        let mut rss_curve = Vec::new();
         while started.elapsed() + every <= run {
             sleep(every.saturating_sub(Duration::from_secs(3))).await;
+            rss_curve.push((faults::process_figures(pid).0 / 1024).to_string());
             rig.nats.stop();
             flaps += 1;
             sleep(rng.between(Duration::from_secs(1), Duration::from_secs(3))).await;
@@ -449,10 +452,11 @@ fn s8_soak_with_nats_flapping() {
         let mut v = judge("8 soak", &rig, &ledger).await;
         let (rss_end, fds_end) = faults::process_figures(pid);
         v.row.note += &format!(
-            "{}s at {rate}/s, {flaps} NATS flaps; RSS {} -> {} MiB, fds {fds_start} -> {fds_end}",
+            "{}s at {rate}/s, {flaps} NATS flaps; RSS {} -> {} MiB (before each flap: {}), fds {fds_start} -> {fds_end}",
             run.as_secs(),
             rss_start / 1024,
-            rss_end / 1024
+            rss_end / 1024,
+            rss_curve.join(" ")
         );
         if fds_end > fds_start + 8 {
             v.problems
