@@ -18,8 +18,8 @@ async fn wait_forwarded(gateway: &Gateway, n: usize, within: Duration) {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order() {
+/// A gateway that was forwarding, then NATS stopped and `n` readings published and buffered.
+async fn backlog_during_an_outage(n: usize, publisher: &str) -> (Nats, Mosquitto, Gateway) {
     let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let gateway = Gateway::start(&config(&nats, &broker, "", ""));
@@ -27,19 +27,21 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
     gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
         g.metric("sahool_gateway_nats_connected", "") == 1.0
     });
-
     nats.stop();
     gateway.wait_until("NATS loss noticed", Duration::from_secs(10), |g| {
         g.metric("sahool_gateway_nats_connected", "") == 0.0
     });
-    let n = 10_000;
-    assert_eq!(
-        publish_all(broker.port, "outage-publisher", readings(0..n)).await,
-        n
-    );
-    gateway.wait_until("all buffered", Duration::from_secs(60), |g| {
+    assert_eq!(publish_all(broker.port, publisher, readings(0..n)).await, n);
+    gateway.wait_until("all buffered", Duration::from_secs(120), |g| {
         g.metric("sahool_gateway_buffer_readings", "") == n as f64
     });
+    (nats, broker, gateway)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order() {
+    let n = 10_000;
+    let (mut nats, _broker, gateway) = backlog_during_an_outage(n, "outage-publisher").await;
     let (status, body) = gateway.get("/readyz").expect("readyz");
     assert_eq!(status, 503, "not ready without NATS: {body}");
     let stats = gateway.cli(&["buffer", "stats", "--json"]);
@@ -63,22 +65,8 @@ async fn nats_down_while_10000_readings_arrive_then_all_delivered_once_in_order(
 /// never reach the server ahead of the earlier publishes the gateway resends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_again_and_again_during_a_drain_keeps_seq_order() {
-    let mut nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(&nats, &broker, "", ""));
-    gateway.wait_subscribed(1).await;
-    gateway.wait_until("NATS connected", Duration::from_secs(10), |g| {
-        g.metric("sahool_gateway_nats_connected", "") == 1.0
-    });
-    nats.stop();
     let n = 40_000;
-    assert_eq!(
-        publish_all(broker.port, "drain-publisher", readings(0..n)).await,
-        n
-    );
-    gateway.wait_until("all buffered", Duration::from_secs(120), |g| {
-        g.metric("sahool_gateway_buffer_readings", "") == n as f64
-    });
+    let (mut nats, _broker, gateway) = backlog_during_an_outage(n, "drain-publisher").await;
 
     nats.resume();
     let mut kills = 0;
