@@ -16,7 +16,7 @@
 //! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
 //! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck.
 //! - [`event`]: the event contract: envelope, subject and headers of a buffered reading.
-//! - [`nats`]: the NATS connection (servers, auth, TLS, reconnects, publish permission refusals).
+//! - [`nats`]: NATS links, one connection each (servers, auth, TLS, publish permission refusals).
 //! - [`tls`]: rustls client configs (ring) for NATS and MQTT: CA, client certificate, server name.
 //! - [`secrets`]: secrets read from files (`${CREDENTIALS_DIRECTORY}`), weak passwords refused.
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
