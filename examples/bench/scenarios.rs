@@ -218,29 +218,30 @@ impl Scenario {
     }
 }
 
-/// Readings/s from the first publish to the moment the stream held the last of `count`.
-pub async fn online(scenario: &Scenario, first: u64, count: u64) -> Online {
-    let system = scenario.start().await;
+/// Publishes `count` readings (at `rate`, or as fast as they go with 0) and waits until the
+/// stream holds them all; returns readings/s from the first publish to the last one stored.
+async fn publish_until_stored(system: &Running, first: u64, count: u64, rate: f64) -> f64 {
     let js = measure::jetstream(&system.nats.url()).await;
-    let cpu = CpuMeter::start(&system.processes());
     let publisher = Publisher::spawn(&Job {
         port: system.publisher_port,
         first,
         count,
-        rate: 0.0,
+        rate,
         send_log: None,
     });
     let sent = publisher.finish().await;
-    let state = wait_stream(
-        &js,
-        system.stream,
-        count + system.extra,
-        Duration::from_secs(600),
-    )
-    .await;
-    let elapsed = secs(measure::ns_of(state.last_timestamp) - sent.first_send_ns);
+    let within = Duration::from_secs(600);
+    let state = wait_stream(&js, system.stream, count + system.extra, within).await;
+    count as f64 / secs(measure::ns_of(state.last_timestamp) - sent.first_send_ns)
+}
+
+/// Readings/s from the first publish to the moment the stream held the last of `count`.
+pub async fn online(scenario: &Scenario, first: u64, count: u64) -> Online {
+    let system = scenario.start().await;
+    let cpu = CpuMeter::start(&system.processes());
+    let rate = publish_until_stored(&system, first, count, 0.0).await;
     Online {
-        rate: count as f64 / elapsed,
+        rate,
         cpu_us: cpu.per_item_us(count),
     }
 }
@@ -282,27 +283,10 @@ pub struct Steady {
 /// Peak RSS of the system's process while readings come at a steady `rate`.
 pub async fn steady(scenario: &Scenario, first: u64, rate: f64, seconds: u64) -> Steady {
     let system = scenario.start().await;
-    let js = measure::jetstream(&system.nats.url()).await;
-    let count = (rate * seconds as f64) as u64;
     let rss = PeakRss::start(system.pid());
-    let publisher = Publisher::spawn(&Job {
-        port: system.publisher_port,
-        first,
-        count,
-        rate,
-        send_log: None,
-    });
-    let sent = publisher.finish().await;
-    let state = wait_stream(
-        &js,
-        system.stream,
-        count + system.extra,
-        Duration::from_secs(600),
-    )
-    .await;
-    let peak_rss_mib = rss.finish();
+    let rate = publish_until_stored(&system, first, (rate * seconds as f64) as u64, rate).await;
     Steady {
-        peak_rss_mib,
-        rate: count as f64 / secs(measure::ns_of(state.last_timestamp) - sent.first_send_ns),
+        peak_rss_mib: rss.finish(),
+        rate,
     }
 }
