@@ -192,6 +192,15 @@ impl Forwarder {
         self.session = Some(Session { link, js });
     }
 
+    /// Opens a new link after `delay`.
+    fn open_link(&self, delay: Duration) -> Opening {
+        let connector = self.connector.clone();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            connector.open().await
+        })
+    }
+
     fn connected(&self) -> bool {
         self.session.as_ref().is_some_and(|s| s.link.connected())
     }
@@ -210,8 +219,8 @@ impl Forwarder {
         let mut acked = AckedRuns::default();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut link_backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(8));
-        let mut opening: Option<Opening> = None;
-        let mut opened_before = false;
+        // The first link at once; each later one after the link backoff.
+        let mut opening = Some(self.open_link(Duration::ZERO));
         let link_log = LogLimit::new(Duration::from_secs(60));
         let mut fence = Fence::new(self.ack_timeout);
         let mut stream_checked = false;
@@ -246,17 +255,7 @@ impl Forwarder {
                     self.metrics.nats_connected.set(0);
                 }
                 if self.session.is_none() && opening.is_none() {
-                    let delay = if opened_before {
-                        link_backoff.next_delay()
-                    } else {
-                        Duration::ZERO
-                    };
-                    opened_before = true;
-                    let connector = self.connector.clone();
-                    opening = Some(Box::pin(async move {
-                        tokio::time::sleep(delay).await;
-                        connector.open().await
-                    }));
+                    opening = Some(self.open_link(link_backoff.next_delay()));
                 }
             }
             if let (false, Some(session)) = (stream_checked, &self.session) {
