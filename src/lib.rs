@@ -3,14 +3,17 @@
 //! Module map, in the order data flows:
 //! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
 //! - [`sources`]: inputs ([`sources::mqtt`], [`sources::listener`]); each acks its sender only
-//!   after the commit, through the shared commit queue [`sources::intake`].
+//!   after the commit, through the shared commit queue [`sources::intake`]. Every input, serial
+//!   ones too, screens what its mapping made by the same rules: [`sources::admission`] (flood
+//!   protection, rejections dead-lettered with their raw bytes).
 //!   [`sources::serial`]: one task per `[[serial]]` port (open, reopen with backoff) and the
 //!   plug-in point for protocol engines: [`sources::serial::lines`] (ASCII talkers),
 //!   [`sources::serial::modbus`] (Modbus RTU), [`sources::serial::sdi12`] (SDI-12),
 //!   [`sources::serial::frames`] (firmware nodes speaking the `sahool-wire` frames; on a port
 //!   through [`sources::serial::frames_port`]).
 //!   [`sources::serial::polling`]: the poll schedule and per-station fault reports they share.
-//! - [`flood`]: token buckets per device and source against flooding nodes.
+//! - [`flood`]: flood protection that tells a burst from a flood: claims per unit of a device's
+//!   own observation time, and pacing (not discarding) by arrival.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
 //! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).

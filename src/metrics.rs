@@ -97,6 +97,8 @@ pub struct Metrics {
     pub mqtt_duplicates: Family<SourceLabel, Counter>,
     pub readings_duplicates: Counter,
     pub timestamps_replaced: Counter,
+    /// Readings stored only after a wait for their flood budget (the sender was slowed).
+    pub readings_paced: Counter,
     pub status_events: Counter,
     pub modbus_requests: Family<ModbusRequestLabel, Counter>,
     pub sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
@@ -148,6 +150,7 @@ impl Metrics {
             mqtt_duplicates: Family::default(),
             readings_duplicates: Counter::default(),
             timestamps_replaced: Counter::default(),
+            readings_paced: Counter::default(),
             status_events: Counter::default(),
             modbus_requests: Family::default(),
             sdi12_measurements: Family::default(),
@@ -260,6 +263,11 @@ impl Metrics {
             "readings_duplicates",
             "Readings already stored from the same device observation (device, type, time)",
             m.readings_duplicates.clone(),
+        );
+        r.register(
+            "readings_paced",
+            "Readings that waited for their device's or source's flood budget before being stored (their sender was slowed down, nothing dropped)",
+            m.readings_paced.clone(),
         );
         r.register("timestamps_replaced", "Implausible observation times replaced by the receive time (kept as metadata.original_timestamp)", m.timestamps_replaced.clone());
         r.register(

@@ -247,7 +247,9 @@ async fn a_flooding_device_is_limited_and_the_others_lose_nothing() {
     let gateway = start(&nats, &broker, "device_rate = 10.0\ndevice_burst = 10.0").await;
 
     let port = broker.port;
-    // flood-1 sends 500 readings as fast as it can: 50× its limit of 10/s for a second or so.
+    // flood-1 sends 500 readings without a time of their own as fast as it can: 50× its pace
+    // of 10/s. Over its burst its readings wait (acks withheld) up to a window (1 s), then it is
+    // refused: dead-lettered, not dropped.
     let flood = tokio::spawn(async move {
         publish_all(
             port,
@@ -296,6 +298,20 @@ async fn a_flooding_device_is_limited_and_the_others_lose_nothing() {
             "reason=\"rate_limited\""
         ),
         (500 - flooded) as f64
+    );
+    assert!(
+        gateway.metric("sahool_gateway_readings_paced_total", "") > 0.0,
+        "the flood was slowed down before anything was refused"
+    );
+    let out = gateway.cli(&["dead-letters", "list", "--limit", "1000"]);
+    let refused = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("rate_limited") && l.contains("flood-1"))
+        .count();
+    assert_eq!(
+        refused,
+        500 - flooded,
+        "every refused reading is a dead-letter"
     );
 }
 

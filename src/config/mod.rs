@@ -302,13 +302,16 @@ pub struct Quality {
     /// What happens to an implausible observation time.
     #[serde(default)]
     pub timestamp_policy: TimestampPolicy,
-    /// Sustained readings per second one device may send; the excess is rejected.
+    /// Per device: readings per second of the device's own observation time (readings it
+    /// timestamps), and the pace of readings without a device time; see [`crate::flood`].
     #[serde(default = "default_device_rate")]
     pub device_rate: f64,
-    /// Readings a device may send in a burst above `device_rate`.
+    /// Per device: readings that may claim one window of `device_burst / device_rate` seconds
+    /// of observation time, and the burst of readings without a device time before they wait.
     #[serde(default = "default_device_burst")]
     pub device_burst: f64,
-    /// Sustained readings per second one source may deliver.
+    /// Readings per second one source delivers before its acknowledgements are paced (never
+    /// a reason to reject).
     #[serde(default = "default_source_rate")]
     pub source_rate: f64,
     #[serde(default = "default_source_burst")]

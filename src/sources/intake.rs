@@ -1,27 +1,33 @@
-//! The commit queue every MQTT input shares: a message is mapped, rate-limited and handed to the
-//! store; its outcome comes back in arrival order, so the input acknowledges in that order and
-//! only after the commit.
+//! The commit queue every MQTT input shares: a message is mapped, screened by the shared ingest
+//! rules ([`super::admission`]: flood protection, dead-letters) and handed to the store; its
+//! outcome comes back in arrival order, so the input acknowledges in that order and only after
+//! the commit.
+//!
+//! A message whose readings must wait for their flood budget is committed after the wait; the
+//! messages behind it are not held back from the store, only their acknowledgements keep their
+//! order, which is what slows a fast sender down (MQTT Receive Maximum, the listener's
+//! `max_in_flight`).
 //!
 //! A message the store could not take (buffer full with `reject_new`, disk reserve, a failed
 //! commit) is offered again after a backoff and stays at the head of the queue meanwhile: nothing
-//! behind it is reported before it, and it is never acknowledged while uncommitted.
+//! behind it is reported before it, and it is never acknowledged while uncommitted. It is offered
+//! again as it was first screened, so a retry is never charged twice against the flood limits.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use prometheus_client::metrics::counter::Counter;
 
 use crate::backoff::Backoff;
-use crate::config::Quality;
-use crate::flood::FloodGuard;
-use crate::mapping::{self, Mapper, Reason, SharedMapper};
+use crate::mapping::{self, SharedMapper};
 use crate::metrics::Metrics;
 use crate::reading::Timestamp;
-use crate::store::{Append, AppendOutcome, NewDeadLetter, StoreError, StoreHandle};
+use crate::store::{Append, AppendOutcome, StoreError, StoreHandle};
+
+use super::admission::Admission;
+pub use super::admission::{flood_guard, SharedFloodGuard};
 
 /// One MQTT message as an input received it.
 #[derive(Debug, Clone)]
@@ -46,21 +52,9 @@ pub enum Outcome {
     Passed,
 }
 
-/// The flood guard of one source, shared by every connection that feeds it.
-pub type SharedFloodGuard = Arc<Mutex<FloodGuard>>;
-
-pub fn flood_guard(q: &Quality) -> SharedFloodGuard {
-    Arc::new(Mutex::new(FloodGuard::new(
-        q.device_rate,
-        q.device_burst,
-        q.source_rate,
-        q.source_burst,
-    )))
-}
-
 /// A queued message's result: its commit, or nothing to commit.
 enum Settled {
-    Commit(Message, Result<AppendOutcome, StoreError>),
+    Commit(Append, Result<AppendOutcome, StoreError>),
     Passed,
 }
 
@@ -72,8 +66,7 @@ pub struct Intake<T> {
     source: String,
     mapper: SharedMapper,
     store: StoreHandle,
-    flood: SharedFloodGuard,
-    rate_limited: Counter,
+    admission: Admission,
     pending: FuturesOrdered<Pending<T>>,
     retry: Backoff,
     /// The last outcome was a refusal; cleared by the next commit.
@@ -94,8 +87,7 @@ impl<T: Send + 'static> Intake<T> {
             source: source.to_string(),
             mapper,
             store,
-            flood,
-            rate_limited: metrics.rejected(Reason::RateLimited.label()),
+            admission: Admission::new(source, flood, metrics),
             pending: FuturesOrdered::new(),
             retry: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             refused_last: false,
@@ -103,23 +95,29 @@ impl<T: Send + 'static> Intake<T> {
         }
     }
 
-    /// Maps `message`, drops readings over the flood limits, and queues the commit. Awaiting
-    /// the store's queue is the back-pressure when the writer falls behind.
+    /// Maps and screens `message` and queues its commit: at once, or after the wait its flood
+    /// budget asks for. Awaiting the store's queue is the back-pressure when the writer falls
+    /// behind.
     pub async fn offer(&mut self, tag: T, message: Message) -> Result<(), StoreError> {
-        let mut append = self.append_for(&message);
-        let before = append.readings.len();
-        if before > 0 {
-            let now = Instant::now();
-            let mut flood = self.flood.lock().unwrap_or_else(|e| e.into_inner());
-            append.readings.retain(|r| flood.admit(&r.device_id, now));
-        }
-        self.rate_limited
-            .inc_by((before - append.readings.len()) as u64);
-        let rx = self.store.append(append).await?;
-        self.pending.push_back(Box::pin(async move {
-            let result = rx.await.unwrap_or(Err(StoreError::Closed));
-            (tag, Settled::Commit(message, result))
-        }));
+        let (append, wait_until) = self.prepare(&message);
+        let pending: Pending<T> = match wait_until {
+            None => {
+                let rx = self.store.append(append.clone()).await?;
+                Box::pin(async move {
+                    let result = rx.await.unwrap_or(Err(StoreError::Closed));
+                    (tag, Settled::Commit(append, result))
+                })
+            }
+            Some(at) => {
+                let store = self.store.clone();
+                Box::pin(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    let result = append_once(&store, append.clone()).await;
+                    (tag, Settled::Commit(append, result))
+                })
+            }
+        };
+        self.pending.push_back(pending);
         Ok(())
     }
 
@@ -135,9 +133,9 @@ impl<T: Send + 'static> Intake<T> {
     pub async fn next(&mut self) -> Option<(T, Outcome)> {
         loop {
             let (tag, settled) = self.pending.next().await?;
-            let (message, result) = match settled {
+            let (append, result) = match settled {
                 Settled::Passed => return Some((tag, Outcome::Passed)),
-                Settled::Commit(message, result) => (message, result),
+                Settled::Commit(append, result) => (append, result),
             };
             match result {
                 Ok(AppendOutcome::Stored { .. }) | Ok(AppendOutcome::Duplicate) => {
@@ -166,14 +164,10 @@ impl<T: Send + 'static> Intake<T> {
                     };
                     self.refused_last = true;
                     let store = self.store.clone();
-                    let append = self.append_for(&message);
                     self.pending.push_front(Box::pin(async move {
                         tokio::time::sleep(delay).await;
-                        let result = match store.append(append).await {
-                            Ok(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
-                            Err(e) => Err(e),
-                        };
-                        (tag, Settled::Commit(message, result))
+                        let result = append_once(&store, append.clone()).await;
+                        (tag, Settled::Commit(append, result))
                     }));
                 }
             }
@@ -200,37 +194,39 @@ impl<T: Send + 'static> Intake<T> {
         self.give_up = true;
     }
 
-    fn append_for(&self, m: &Message) -> Append {
-        build_append(&mapping::current(&self.mapper), &self.source, m)
+    /// Maps a message and packs what one commit appends, with the time it may commit.
+    fn prepare(&self, m: &Message) -> (Append, Option<Instant>) {
+        let topic = String::from_utf8_lossy(&m.topic);
+        let mapped =
+            mapping::current(&self.mapper).map_mqtt(&self.source, &topic, &m.payload, m.received);
+        let admitted = self.admission.admit(
+            mapped,
+            &[],
+            &format!("topic {topic}"),
+            &m.payload,
+            Instant::now(),
+        );
+        let append = Append {
+            readings: admitted.readings,
+            dead_letters: admitted.dead_letters,
+            message_key: Some(message_key(&self.source, &m.topic, &m.payload)),
+            maybe_duplicate: m.dup,
+            frame_key: None,
+        };
+        (append, admitted.wait_until)
     }
 }
 
-/// Maps a message and packs readings, rejections and the message's identity for one commit.
-fn build_append(mapper: &Mapper, source: &str, m: &Message) -> Append {
-    let topic = String::from_utf8_lossy(&m.topic);
-    let mapped = mapper.map_mqtt(source, &topic, &m.payload, m.received);
-    let raw: Arc<[u8]> = if mapped.rejections.is_empty() {
-        Arc::from(&[][..])
-    } else {
-        Arc::from(&m.payload[..])
-    };
-    let dead_letters = mapped
-        .rejections
-        .into_iter()
-        .map(|r| NewDeadLetter {
-            source: source.to_string(),
-            reason: r.reason,
-            detail: format!("topic {topic}: {}", r.detail),
-            raw: raw.clone(),
-        })
-        .collect();
-    Append {
-        readings: mapped.readings,
-        dead_letters,
-        message_key: Some(message_key(source, &m.topic, &m.payload)),
-        maybe_duplicate: m.dup,
-        frame_key: None,
-    }
+/// Appends once and awaits the commit: `Full` (or an error) means nothing was stored.
+pub(crate) async fn append_once(
+    store: &StoreHandle,
+    append: Append,
+) -> Result<AppendOutcome, StoreError> {
+    store
+        .append(append)
+        .await?
+        .await
+        .unwrap_or(Err(StoreError::Closed))
 }
 
 /// Identity of a message for redelivery detection: source, topic and payload.

@@ -122,7 +122,7 @@ pub struct NewDeadLetter {
 }
 
 /// Everything one source message produced, committed together or not at all.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Append {
     pub readings: Vec<Reading>,
     pub dead_letters: Vec<NewDeadLetter>,

@@ -946,6 +946,22 @@ pub fn assert_exactly_once(values: &[usize], n: usize) {
     assert_eq!(values.len(), n);
 }
 
+/// A section of the shipped `config/gateway.example.toml`, verbatim from its header to the next
+/// one: tests that claim to run with the product's defaults take them from the file users get.
+pub fn shipped_section(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
+    let text = std::fs::read_to_string(&path).expect("config/gateway.example.toml");
+    let header = format!("[{name}]");
+    let mut lines = text.lines().skip_while(|l| l.trim() != header);
+    let first = lines
+        .next()
+        .unwrap_or_else(|| panic!("no {header} in the example config"));
+    let body: Vec<&str> = lines
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .collect();
+    format!("{first}\n{}\n", body.join("\n"))
+}
+
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with
 /// `buffer` lines added to `[buffer]` and `extra` lines to `[nats]`.
 pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {

@@ -9,9 +9,12 @@
 //!   (`serial_port_up`, `serial_errors_total{reason}`, `/readyz`, the log) and opened again with
 //!   backoff. Nothing else waits on it: other ports and MQTT sources carry on.
 //! - Engines commit through [`PortContext::commit`], which maps values through the mapping in
-//!   force and appends readings and dead-letters in one commit. Serial devices cannot be asked
-//!   to resend, so a full buffer (`reject_new`, disk reserve) holds the values and retries with
-//!   backoff; an engine that can withhold an acknowledgement uses [`PortContext::try_commit`].
+//!   force, screens them by the ingest rules every input shares ([`super::admission`]) and
+//!   appends readings and dead-letters in one commit. A port whose readings must wait for their
+//!   flood budget is not read meanwhile: the wire paces the device. Serial devices cannot be
+//!   asked to resend, so a full buffer (`reject_new`, disk reserve) holds the values and retries
+//!   with backoff; an engine that can withhold an acknowledgement uses
+//!   [`PortContext::try_commit`].
 //!
 //! Plugging in a protocol engine: an engine is an `async fn(SerialStream, &mut PortContext) ->
 //! Result<(), PortFault>` that reads (and writes) the port until it is lost
@@ -39,12 +42,14 @@ use tokio_serial::{SerialPort, SerialStream};
 use crate::backoff::Backoff;
 use crate::config::serial::Parity;
 use crate::config::{Config, Protocol, Quality, SerialBinding, SerialSource};
-use crate::flood::FloodGuard;
 use crate::log_limit::LogLimit;
-use crate::mapping::{self, Mapped, Reason, Rejection, SerialValue, SharedMapper};
+use crate::mapping::{self, Mapped, Rejection, SerialValue, SharedMapper};
 use crate::metrics::Metrics;
-use crate::reading::{Reading, SensorType, Timestamp};
-use crate::store::{Append, AppendOutcome, FrameKey, NewDeadLetter, StoreError, StoreHandle};
+use crate::reading::{SensorType, Timestamp};
+use crate::store::{Append, AppendOutcome, FrameKey, StoreError, StoreHandle};
+
+use super::admission::{self, Admission};
+use super::intake::append_once;
 
 /// First and longest wait between attempts to open a port.
 const REOPEN_FIRST: Duration = Duration::from_millis(250);
@@ -271,8 +276,7 @@ pub struct PortContext {
     pub bytes: Counter,
     /// `serial_messages_received_total{port}`: lines, frames or responses.
     pub messages: Counter,
-    flood: FloodGuard,
-    rate_limited: Counter,
+    admission: Admission,
     stop: watch::Receiver<bool>,
     full_log: LogLimit,
     rejected_log: LogLimit,
@@ -291,8 +295,7 @@ impl PortContext {
             metrics: input.metrics.clone(),
             bytes: input.metrics.serial_bytes.get_or_create(&label).clone(),
             messages: input.metrics.serial_messages.get_or_create(&label).clone(),
-            flood: FloodGuard::new(q.device_rate, q.device_burst, q.source_rate, q.source_burst),
-            rate_limited: input.metrics.rejected(Reason::RateLimited.label()),
+            admission: Admission::new(name, admission::flood_guard(q), &input.metrics),
             stop,
             full_log: LogLimit::new(Duration::from_secs(10)),
             rejected_log: LogLimit::new(Duration::from_secs(10)),
@@ -320,25 +323,20 @@ impl PortContext {
     /// Maps `batch` through the mapping in force and appends it once: readings, plus
     /// dead-letters for what was rejected. `Full` (or an error) means nothing was stored.
     pub async fn try_commit(&mut self, batch: &Batch) -> Result<AppendOutcome, StoreError> {
-        let append = self.prepare(batch);
+        let Some(append) = self.prepare(batch).await else {
+            return Err(StoreError::Closed);
+        };
         append_once(&self.store, append).await
     }
 
     /// As [`try_commit`](Self::try_commit), but holds the values and retries with backoff while
     /// the buffer refuses them or a commit fails; ends early only when the gateway stops.
     pub async fn commit(&mut self, batch: &Batch) -> Result<AppendOutcome, PortFault> {
-        let prepared = self.prepare(batch);
+        let prepared = self.prepare(batch).await.ok_or(PortFault::Stopping)?;
         let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut stop = self.stop.clone();
         loop {
-            let append = Append {
-                readings: prepared.readings.clone(),
-                dead_letters: prepared.dead_letters.clone(),
-                message_key: prepared.message_key,
-                maybe_duplicate: prepared.maybe_duplicate,
-                frame_key: prepared.frame_key,
-            };
-            let why = match append_once(&self.store, append).await {
+            let why = match append_once(&self.store, prepared.clone()).await {
                 Ok(outcome @ (AppendOutcome::Stored { .. } | AppendOutcome::Duplicate)) => {
                     return Ok(outcome)
                 }
@@ -359,49 +357,42 @@ impl PortContext {
         }
     }
 
-    /// Maps and rate-limits a batch into what one commit appends.
-    fn prepare(&mut self, batch: &Batch) -> Append {
+    /// Maps and screens a batch into what one commit appends, after the wait its flood budget
+    /// asks for (the port is not read meanwhile). `None` if the gateway stops while waiting.
+    async fn prepare(&mut self, batch: &Batch) -> Option<Append> {
         let mapped = if batch.values.is_empty() {
             Mapped::default()
         } else {
             mapping::current(&self.mapper).map_serial(self.name(), &batch.values, batch.received)
         };
-        let now = Instant::now();
-        let mut readings: Vec<Reading> = mapped.readings;
-        let before = readings.len();
-        readings.retain(|r| self.flood.admit(&r.device_id, now));
-        self.rate_limited.inc_by((before - readings.len()) as u64);
         let name = self.port.name.to_string();
-        let rejections: Vec<&Rejection> = batch.rejected.iter().chain(&mapped.rejections).collect();
-        if let Some(first) = rejections.first() {
+        if let Some(first) = batch.rejected.iter().chain(&mapped.rejections).next() {
             if let Some(held) = self.rejected_log.admit() {
                 tracing::warn!(port = %name, reason = first.reason.label(), detail = %first.detail, repeats = held, "serial input rejected (kept in dead-letters)");
             }
         }
-        Append {
-            readings,
-            dead_letters: rejections
-                .into_iter()
-                .map(|r| NewDeadLetter {
-                    source: name.clone(),
-                    reason: r.reason,
-                    detail: format!("port {name}: {}", r.detail),
-                    raw: batch.raw.clone(),
-                })
-                .collect(),
+        let admitted = self.admission.admit(
+            mapped,
+            &batch.rejected,
+            &format!("port {name}"),
+            &batch.raw,
+            Instant::now(),
+        );
+        if let Some(at) = admitted.wait_until {
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = stop_requested(&mut stop) => return None,
+            }
+        }
+        Some(Append {
+            readings: admitted.readings,
+            dead_letters: admitted.dead_letters,
             message_key: batch.message_key,
             maybe_duplicate: batch.maybe_duplicate,
             frame_key: batch.frame_key,
-        }
+        })
     }
-}
-
-async fn append_once(store: &StoreHandle, append: Append) -> Result<AppendOutcome, StoreError> {
-    store
-        .append(append)
-        .await?
-        .await
-        .unwrap_or(Err(StoreError::Closed))
 }
 
 /// The protocol engine of a port: each arm owns the open port until it is lost or the gateway
