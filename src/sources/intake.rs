@@ -3,10 +3,11 @@
 //! outcome comes back in arrival order, so the input acknowledges in that order and only after
 //! the commit.
 //!
-//! A message whose readings must wait for their flood budget is committed after the wait; the
-//! messages behind it are not held back from the store, only their acknowledgements keep their
-//! order, which is what slows a fast sender down (MQTT Receive Maximum, the listener's
-//! `max_in_flight`).
+//! A message whose readings must wait for their flood budget is committed after the wait, and
+//! after every message that waited before it, so waiting never reorders an input's messages.
+//! Messages that need not wait are not held back from the store; only their acknowledgements
+//! keep their order, which is what slows a fast sender down (MQTT Receive Maximum, the
+//! listener's `max_in_flight`).
 //!
 //! A message the store could not take (buffer full with `reject_new`, disk reserve, a failed
 //! commit) is offered again after a backoff and stays at the head of the queue meanwhile: nothing
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::oneshot;
 
 use crate::backoff::Backoff;
 use crate::mapping::{self, SharedMapper};
@@ -73,6 +75,9 @@ pub struct Intake<T> {
     refused_last: bool,
     /// Refused messages are handed back instead of retried (the input is stopping).
     give_up: bool,
+    /// Resolves once the last message that had to wait is queued at the store: the next one
+    /// that waits goes after it, so waiting never reorders an input's messages.
+    last_waiting: Option<oneshot::Receiver<()>>,
 }
 
 impl<T: Send + 'static> Intake<T> {
@@ -92,6 +97,7 @@ impl<T: Send + 'static> Intake<T> {
             retry: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             refused_last: false,
             give_up: false,
+            last_waiting: None,
         }
     }
 
@@ -100,6 +106,8 @@ impl<T: Send + 'static> Intake<T> {
     /// behind.
     pub async fn offer(&mut self, tag: T, message: Message) -> Result<(), StoreError> {
         let (append, wait_until) = self.prepare(&message);
+        // Behind a message still waiting, even one that need not wait queues after it.
+        let wait_until = wait_until.or_else(|| self.waiting_ahead().then(Instant::now));
         let pending: Pending<T> = match wait_until {
             None => {
                 let rx = self.store.append(append.clone()).await?;
@@ -110,9 +118,19 @@ impl<T: Send + 'static> Intake<T> {
             }
             Some(at) => {
                 let store = self.store.clone();
+                let (queued, next) = oneshot::channel();
+                let before = self.last_waiting.replace(next);
                 Box::pin(async move {
                     tokio::time::sleep_until(at.into()).await;
-                    let result = append_once(&store, append.clone()).await;
+                    if let Some(before) = before {
+                        let _ = before.await;
+                    }
+                    let rx = store.append(append.clone()).await;
+                    let _ = queued.send(());
+                    let result = match rx {
+                        Ok(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
+                        Err(e) => Err(e),
+                    };
                     (tag, Settled::Commit(append, result))
                 })
             }
@@ -170,6 +188,17 @@ impl<T: Send + 'static> Intake<T> {
                         (tag, Settled::Commit(append, result))
                     }));
                 }
+            }
+        }
+    }
+
+    /// True while a message that waited is not yet queued at the store.
+    fn waiting_ahead(&mut self) -> bool {
+        match self.last_waiting.as_mut().map(oneshot::Receiver::try_recv) {
+            Some(Err(oneshot::error::TryRecvError::Empty)) => true,
+            _ => {
+                self.last_waiting = None;
+                false
             }
         }
     }

@@ -1005,13 +1005,9 @@ ack_timeout = "2s"
 min_free_disk = "1MiB"
 {buffer}
 
-# probe-1 stands in for a whole farm's traffic: no flood limits for it.
-[quality]
-device_rate = 1000000.0
-device_burst = 1000000.0
-source_rate = 1000000.0
-source_burst = 1000000.0
-
+# probe-1 stands in for a whole farm's traffic, one reading a second of its own clock: the
+# shipped flood protection applies as users get it.
+{quality}
 {input}
 [[fields]]
 id = "field-1"
@@ -1020,6 +1016,7 @@ id = "field-1"
   sensor_type = "water_level"
 "#,
         servers = servers.join(", "),
+        quality = shipped_section("quality"),
     )
 }
 
