@@ -76,30 +76,17 @@ impl SensorType {
         Self::ALL.get(usize::from(n)).copied()
     }
 
-    /// A canonical name or one of the aliases SAHOOL devices send (`vwc`, `temp`, `ec`, ...).
+    /// A canonical name or one of the aliases SAHOOL devices send (`vwc`, `temp`, `ec`, ...),
+    /// in any casing.
     pub fn from_name(name: &str) -> Option<Self> {
         let lower = name.trim().to_ascii_lowercase();
         if let Some(t) = Self::ALL.iter().find(|t| t.as_str() == lower) {
             return Some(*t);
         }
-        Some(match lower.as_str() {
-            "vwc" | "moisture" | "soil_humidity" | "soil_water" => Self::SoilMoisture,
-            "soil_temp" | "soiltemp" | "st" => Self::SoilTemperature,
-            "ec" | "conductivity" | "soil_conductivity" => Self::SoilEc,
-            "ph" => Self::SoilPh,
-            "temp" | "temperature" | "air_temp" | "t" => Self::AirTemperature,
-            "humidity" | "rh" | "air_rh" | "h" => Self::AirHumidity,
-            "wind" | "windspeed" | "ws" => Self::WindSpeed,
-            "wind_dir" | "winddir" | "wd" => Self::WindDirection,
-            "rain" | "precipitation" => Self::Rainfall,
-            "solar" | "radiation" | "irradiance" => Self::SolarRadiation,
-            "pressure" | "baro" | "air_pressure" => Self::AtmosphericPressure,
-            "level" => Self::WaterLevel,
-            "flow" => Self::WaterFlow,
-            "leaf" | "leaf_wet" => Self::LeafWetness,
-            "canopy_temp" => Self::CanopyTemperature,
-            _ => return None,
-        })
+        TYPE_ALIASES
+            .iter()
+            .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+            .map(|(t, _)| *t)
     }
 
     /// SAHOOL's unit for this type: what a reading gets when neither device nor config says.
@@ -108,7 +95,8 @@ impl SensorType {
             Self::SoilMoisture | Self::AirHumidity | Self::LeafWetness => "%",
             Self::SoilTemperature | Self::AirTemperature | Self::CanopyTemperature => "°C",
             Self::SoilEc => "mS/cm",
-            Self::SoilPh => "pH",
+            // The platform's normaliser gives pH no unit; the schema allows an empty one.
+            Self::SoilPh => "",
             Self::WindSpeed => "m/s",
             Self::WindDirection => "°",
             Self::Rainfall => "mm",
@@ -145,22 +133,112 @@ impl fmt::Display for SensorType {
     }
 }
 
-/// Unit spellings devices use, folded to SAHOOL's (`percent` → `%`, `C` → `°C`).
+/// Spellings devices use for each type, in lower case: every alias of SAHOOL's normaliser
+/// (`sensor_type_aliases` in `tests/fixtures/sahool-normalizer.json`), plus a few seen in the
+/// field (`soil_water`, `t`, `h`, `irradiance`, ...).
+const TYPE_ALIASES: &[(SensorType, &[&str])] = &[
+    (
+        SensorType::SoilMoisture,
+        &[
+            "sm",
+            "moisture",
+            "soil_moist",
+            "vwc",
+            "soil_humidity",
+            "soil_water",
+        ],
+    ),
+    (
+        SensorType::SoilTemperature,
+        &["soil_temp", "st", "ground_temp", "soiltemp"],
+    ),
+    (
+        SensorType::SoilEc,
+        &[
+            "ec",
+            "conductivity",
+            "electrical_conductivity",
+            "salinity",
+            "soil_conductivity",
+        ],
+    ),
+    (SensorType::SoilPh, &["ph", "acidity"]),
+    (
+        SensorType::AirTemperature,
+        &["temp", "temperature", "air_temp", "at", "t"],
+    ),
+    (
+        SensorType::AirHumidity,
+        &["humidity", "rh", "relative_humidity", "air_rh", "h"],
+    ),
+    (
+        SensorType::WindSpeed,
+        &["wind", "ws", "wind_velocity", "windspeed"],
+    ),
+    (SensorType::WindDirection, &["wind_dir", "wd", "winddir"]),
+    (SensorType::Rainfall, &["rain", "precipitation", "precip"]),
+    (
+        SensorType::SolarRadiation,
+        &["solar", "radiation", "sr", "light", "irradiance"],
+    ),
+    (
+        SensorType::AtmosphericPressure,
+        &["pressure", "atm", "baro", "air_pressure"],
+    ),
+    (SensorType::WaterLevel, &["level", "wl", "tank_level"]),
+    (SensorType::WaterFlow, &["flow", "flow_rate", "wf"]),
+    (SensorType::WaterPressure, &["water_press", "wp"]),
+    (
+        SensorType::LeafWetness,
+        &["lw", "leaf_wet", "wetness", "leaf"],
+    ),
+    (SensorType::CanopyTemperature, &["canopy_temp", "ct"]),
+];
+
+/// Types SAHOOL's normaliser knows but the `sensor_reading` schema's enum lacks, with their
+/// aliases (lower case). Readings of them are rejected naming the type, never renamed.
+const TYPES_OUTSIDE_SCHEMA: &[(&str, &[&str])] =
+    &[("water_quality", &["water_quality", "wq", "tds"])];
+
+/// The SAHOOL type a name outside the schema's enum stands for (`tds` → `water_quality`).
+pub fn type_outside_schema(name: &str) -> Option<&'static str> {
+    let lower = name.trim().to_ascii_lowercase();
+    TYPES_OUTSIDE_SCHEMA
+        .iter()
+        .find(|(_, names)| names.contains(&lower.as_str()))
+        .map(|(t, _)| *t)
+}
+
+/// SAHOOL's unit spellings and what devices send for each, in lower case (the spelling itself
+/// included): every alias of SAHOOL's normaliser (`unit_aliases`), plus a few seen in the field.
+const UNIT_ALIASES: &[(&str, &[&str])] = &[
+    ("%", &["%", "percent", "pct", "%rh", "% rh", "%vwc"]),
+    ("°C", &["°c", "celsius", "c", "deg_c", "degc"]),
+    ("°F", &["°f", "fahrenheit", "f", "deg_f", "degf"]),
+    ("mm", &["mm", "millimeter", "millimeters"]),
+    ("m/s", &["m/s", "meters_per_second", "mps"]),
+    ("km/h", &["km/h", "kilometers_per_hour", "kph"]),
+    ("mS/cm", &["ms/cm", "millisiemens", "ms_cm", "ec_unit"]),
+    ("µS/cm", &["µs/cm", "us/cm"]),
+    ("dS/m", &["ds/m", "decisiemens", "ds_m"]),
+    ("lux", &["lux", "lx", "illuminance"]),
+    ("W/m²", &["w/m²", "w/m2", "watts_per_m2", "solar_unit"]),
+    ("hPa", &["hpa", "hectopascal", "mbar"]),
+    ("L/min", &["l/min", "liters_per_minute", "lpm"]),
+    ("m³/h", &["m³/h", "m3/h", "cubic_meters_per_hour", "cmh"]),
+    ("°", &["°", "deg", "degree", "degrees"]),
+];
+
+/// Unit spellings devices use, folded to SAHOOL's in any casing (`percent` → `%`, `KPH` →
+/// `km/h`); an unknown unit is kept as sent, trimmed.
 pub fn normalize_unit(unit: &str) -> String {
     let trimmed = unit.trim();
-    let folded = match trimmed.to_ascii_lowercase().as_str() {
-        "percent" | "pct" | "%rh" | "% rh" | "%vwc" => "%",
-        "c" | "degc" | "deg_c" | "celsius" | "°c" => "°C",
-        "hpa" | "mbar" => "hPa",
-        "ms/cm" => "mS/cm",
-        "us/cm" | "µs/cm" => "µS/cm",
-        "mm" => "mm",
-        "m/s" | "mps" => "m/s",
-        "deg" | "degree" | "degrees" => "°",
-        "w/m2" | "w/m²" => "W/m²",
-        _ => return trimmed.to_string(),
-    };
-    folded.to_string()
+    let lower = trimmed.to_lowercase();
+    UNIT_ALIASES
+        .iter()
+        .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+        .map_or(trimmed, |(unit, _)| unit)
+        .to_string()
 }
 
 /// Observation time as nanoseconds since the Unix epoch (UTC).
