@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::config::SubjectTemplate;
 use crate::reading::{
-    Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING, KIND_STATUS,
+    BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING,
+    KIND_READING_META, KIND_STATUS,
 };
 use crate::store::OutboxRow;
 
@@ -18,7 +19,7 @@ pub const SCHEMA_VERSION: &str = "1";
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
     #[error("buffered row {seq} cannot be decoded ({source}); it was written by an incompatible version")]
-    Decode { seq: u64, source: postcard::Error },
+    Decode { seq: u64, source: BodyError },
     #[error("buffered row {seq} has unknown kind {kind}")]
     Kind { seq: u64, kind: u8 },
 }
@@ -91,6 +92,15 @@ impl<'a> JsonObject<'a> {
         if let Some(v) = value {
             write(self, key, v);
         }
+    }
+
+    /// Members already in JSON form (`"a":1,"b":[2]`), as the text of an object without its
+    /// braces.
+    fn raw_members(&mut self, members: &str) {
+        if !std::mem::take(&mut self.empty) {
+            self.out.push(b',');
+        }
+        self.out.extend_from_slice(members.as_bytes());
     }
 
     fn object(&mut self, key: &str) -> JsonObject<'_> {
@@ -174,7 +184,18 @@ fn reading_payload(p: &mut JsonObject<'_>, r: &Reading) {
     p.str("unit", &r.unit);
     p.plain_str("timestamp", r.observed_at.rfc3339().as_str());
     let original = r.original_timestamp.map(Timestamp::rfc3339);
-    if r.battery.is_some() || r.rssi.is_some() || r.raw_value.is_some() || original.is_some() {
+    // The device's own members; the mapping renamed any key of ours, so none repeats.
+    let device = r
+        .metadata
+        .as_deref()
+        .and_then(|m| m.trim().strip_prefix('{')?.strip_suffix('}'))
+        .filter(|members| !members.trim().is_empty());
+    if r.battery.is_some()
+        || r.rssi.is_some()
+        || r.raw_value.is_some()
+        || original.is_some()
+        || device.is_some()
+    {
         let mut m = p.object("metadata");
         m.optional("battery", r.battery, JsonObject::number);
         m.optional("rssi", r.rssi, JsonObject::number);
@@ -183,6 +204,9 @@ fn reading_payload(p: &mut JsonObject<'_>, r: &Reading) {
         m.optional("original_timestamp", original, |m, k, t| {
             m.plain_str(k, t.as_str())
         });
+        if let Some(members) = device {
+            m.raw_members(members);
+        }
         m.end();
     }
 }
@@ -221,8 +245,8 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
         source,
     };
     match row.kind {
-        KIND_READING => {
-            let r: Reading = postcard::from_bytes(&row.body).map_err(decode_error)?;
+        KIND_READING | KIND_READING_META => {
+            let r = Reading::from_row(row.kind, &row.body).map_err(decode_error)?;
             let routing = Routing {
                 row,
                 gateway_id,
@@ -235,7 +259,8 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
             Ok(routing.event("sensor_reading", payload, &subjects.reading, "reading"))
         }
         KIND_STATUS => {
-            let c: StatusChange = postcard::from_bytes(&row.body).map_err(decode_error)?;
+            let c: StatusChange =
+                postcard::from_bytes(&row.body).map_err(|e| decode_error(e.into()))?;
             let subject_status = match c.status {
                 SensorStatus::Online => "connected",
                 SensorStatus::Offline => "disconnected",
@@ -293,6 +318,7 @@ mod tests {
             original_timestamp: None,
             device_time: true,
             stale_after_ms: 0,
+            metadata: None,
         };
         let row = OutboxRow {
             seq: 42,
@@ -365,6 +391,7 @@ mod tests {
             original_timestamp: Timestamp::parse_rfc3339("2031-01-01T00:00:00Z"),
             device_time: false,
             stale_after_ms: 0,
+            metadata: None,
         };
         let e = render(
             &row(KIND_READING, postcard::to_stdvec(&r).unwrap()),

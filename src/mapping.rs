@@ -15,7 +15,7 @@ use crate::config::serial::RegisterKind;
 use crate::config::{
     Config, Format, JsonBinding, Protocol, SerialBinding, TimestampFormat, TimestampPolicy,
 };
-use crate::reading::{normalize_unit, Reading, SensorType, Timestamp};
+use crate::reading::{normalize_unit, type_outside_schema, Reading, SensorType, Timestamp};
 
 /// Why an input did not become a reading. The label is the `reason` in metrics and dead-letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,6 +139,8 @@ struct Observed {
     at: Option<Timestamp>,
     battery: Option<f64>,
     rssi: Option<i64>,
+    /// The device's own metadata as JSON object text (SAHOOL format only).
+    metadata: Option<String>,
 }
 
 impl Target {
@@ -225,6 +227,7 @@ impl Target {
             original_timestamp,
             device_time: o.at.is_some() && original_timestamp.is_none(),
             stale_after_ms: u64::try_from(self.stale_after.as_millis()).unwrap_or(u64::MAX),
+            metadata: o.metadata,
         })
     }
 }
@@ -578,91 +581,98 @@ impl Mapper {
         }
     }
 
+    /// SAHOOL's device convention: one reading, a batch (`readings` or `data`), or a top-level
+    /// array of readings. Device, field and type may come from the topic
+    /// `sahool/sensors/{device_id}/{field_id}/{sensor_type}`; a payload's own values win.
     fn map_sahool(&self, source: &str, topic: &str, doc: &Value, received: Timestamp) -> Mapped {
-        let Some(obj) = doc.as_object() else {
-            return Mapped::rejected(Reason::Malformed, "payload is not a JSON object");
-        };
-        // sahool/sensors/{device_id}/{field_id}[/{sensor_type}]
         let levels: Vec<&str> = topic.split('/').collect();
         let from_topic = |i: usize| levels.get(i).copied().filter(|s| !s.is_empty());
-        let text = |keys: &[&str]| {
-            keys.iter()
-                .find_map(|k| obj.get(*k).and_then(Value::as_str))
+        let topic = Shared {
+            device: from_topic(2),
+            field: from_topic(3),
+            type_name: from_topic(4),
+            ..Shared::default()
         };
-        let Some(device) = text(&["device_id", "d"]).or_else(|| from_topic(2)) else {
-            return Mapped::rejected(Reason::Malformed, "no device_id in payload or topic");
-        };
-        let field = text(&["field_id", "f"]).or_else(|| from_topic(3));
-        let shared_at = match timestamp_of(obj, None) {
-            Ok(t) => t,
-            Err(r) => {
-                return Mapped {
-                    readings: vec![],
-                    rejections: vec![r],
-                }
-            }
-        };
-        let battery = obj
-            .get("battery")
-            .or_else(|| obj.get("b"))
-            .and_then(metadata);
-        let rssi = obj
-            .get("rssi")
-            .or_else(|| obj.get("r"))
-            .and_then(metadata)
-            .map(|r| r.round() as i64);
-
         let mut out = Mapped::default();
-        let items: Vec<&serde_json::Map<String, Value>> = match obj.get("readings") {
-            Some(Value::Array(items)) => {
-                let mut objs = Vec::with_capacity(items.len());
+        match doc {
+            Value::Object(obj) => self.sahool_object(source, obj, &topic, received, &mut out),
+            Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     match item.as_object() {
-                        Some(o) => objs.push(o),
+                        Some(obj) => self.sahool_object(source, obj, &topic, received, &mut out),
                         None => out.rejections.push(Rejection::new(
                             Reason::Malformed,
-                            format!("readings[{i}] is not an object"),
+                            format!("item {i} of the array is not an object"),
                         )),
                     }
                 }
-                objs
             }
-            Some(_) => return Mapped::rejected(Reason::Malformed, "`readings` is not an array"),
-            None => vec![obj],
-        };
-        for item in items {
-            let type_name = ["type", "sensor_type", "t"]
-                .iter()
-                .find_map(|k| item.get(*k).and_then(Value::as_str))
-                .or_else(|| from_topic(4));
-            out.push(self.sahool_item(
-                source, device, field, type_name, item, shared_at, received, battery, rssi,
-            ));
+            _ => {
+                return Mapped::rejected(Reason::Malformed, "payload is not a JSON object or array")
+            }
         }
         out
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One object: a reading, or a batch whose items share its values.
+    fn sahool_object(
+        &self,
+        source: &str,
+        obj: &serde_json::Map<String, Value>,
+        parent: &Shared<'_>,
+        received: Timestamp,
+        out: &mut Mapped,
+    ) {
+        let shared = match Shared::of(obj, parent) {
+            Ok(s) => s,
+            Err(r) => return out.rejections.push(r),
+        };
+        let Some((key, batch)) = BATCH_KEYS.iter().find_map(|k| obj.get(*k).map(|v| (*k, v)))
+        else {
+            return out.push(self.sahool_item(source, obj, &shared, received));
+        };
+        let Some(items) = batch.as_array() else {
+            return out.rejections.push(Rejection::new(
+                Reason::Malformed,
+                format!("`{key}` is not an array"),
+            ));
+        };
+        for (i, item) in items.iter().enumerate() {
+            let result = item
+                .as_object()
+                .ok_or_else(|| {
+                    Rejection::new(Reason::Malformed, format!("{key}[{i}] is not an object"))
+                })
+                .and_then(|item| {
+                    let own = Shared::of(item, &shared)?;
+                    self.sahool_item(source, item, &own, received)
+                });
+            out.push(result);
+        }
+    }
+
+    /// One reading: `item`'s value and unit, with the rest as `view` resolved it.
     fn sahool_item(
         &self,
         source: &str,
-        device: &str,
-        field: Option<&str>,
-        type_name: Option<&str>,
         item: &serde_json::Map<String, Value>,
-        shared_at: Option<Timestamp>,
+        view: &Shared<'_>,
         received: Timestamp,
-        battery: Option<f64>,
-        rssi: Option<i64>,
     ) -> Result<Reading, Rejection> {
-        let type_name = type_name.ok_or_else(|| {
+        let device = view
+            .device
+            .ok_or_else(|| Rejection::new(Reason::Malformed, "no device_id in payload or topic"))?;
+        let type_name = view.type_name.ok_or_else(|| {
             Rejection::new(Reason::Malformed, format!("{device}: no sensor type"))
         })?;
         let sensor_type = SensorType::from_name(type_name).ok_or_else(|| {
-            Rejection::new(
-                Reason::UnknownSensorType,
-                format!("{device}: unknown sensor type `{type_name}`"),
-            )
+            let detail = match type_outside_schema(type_name) {
+                Some(t) => format!(
+                    "{device}: `{type_name}` means {t}, which the sensor_reading schema does not have"
+                ),
+                None => format!("{device}: unknown sensor type `{type_name}`"),
+            };
+            Rejection::new(Reason::UnknownSensorType, detail)
         })?;
         let target = self
             .by_sensor
@@ -682,7 +692,7 @@ impl Mapper {
                     )
                 }
             })?;
-        if let Some(field) = field {
+        if let Some(field) = view.field {
             if field != target.field_id {
                 return Err(Rejection::new(
                     Reason::FieldMismatch,
@@ -693,7 +703,7 @@ impl Mapper {
                 ));
             }
         }
-        let raw = item.get("value").or_else(|| item.get("v")).ok_or_else(|| {
+        let raw = Key::Value.get(item).ok_or_else(|| {
             Rejection::new(
                 Reason::MissingValue,
                 format!("{device} {sensor_type}: no value"),
@@ -705,23 +715,31 @@ impl Mapper {
                 format!("{device} {sensor_type}: value {raw} is not a number"),
             )
         })?;
-        let at = if item.contains_key("timestamp") || item.contains_key("ts") {
-            timestamp_of(item, shared_at)?
-        } else {
-            shared_at
+        // Battery and RSSI inside the metadata are promoted (moved out of it) when the payload
+        // does not set them itself.
+        let from_meta = |key: Key, set: bool| {
+            let m = view.meta.filter(|_| !set)?;
+            let (k, v) = key.entry(m)?;
+            Some((k, metadata(v)?))
         };
-        let unit = item
-            .get("unit")
-            .or_else(|| item.get("u"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let meta_battery = from_meta(Key::Battery, view.battery.is_some());
+        let meta_rssi = from_meta(Key::Rssi, view.rssi.is_some());
+        let promoted: Vec<&str> = [meta_battery, meta_rssi]
+            .iter()
+            .flatten()
+            .map(|(k, _)| *k)
+            .collect();
         target.reading(
             Observed {
                 value,
-                unit,
-                at,
-                battery,
-                rssi,
+                unit: Key::Unit
+                    .get(item)
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                at: view.at,
+                battery: view.battery.or(meta_battery.map(|(_, b)| b)),
+                rssi: view.rssi.or(meta_rssi.map(|(_, r)| r.round() as i64)),
+                metadata: view.meta.and_then(|m| device_metadata(m, &promoted)),
             },
             received,
             &self.time,
@@ -746,6 +764,139 @@ impl Mapper {
         }
         out
     }
+}
+
+/// SAHOOL's payload keys with every spelling of the platform's normaliser (`payload_keys` in
+/// `tests/fixtures/sahool-normalizer.json`), plus `b` and `r` for battery and RSSI.
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    Device,
+    Field,
+    Type,
+    Value,
+    Unit,
+    Time,
+    Metadata,
+    Battery,
+    Rssi,
+}
+
+impl Key {
+    fn spellings(self) -> &'static [&'static str] {
+        match self {
+            Self::Device => &["device_id", "deviceId", "d", "id"],
+            Self::Field => &["field_id", "fieldId", "f", "field"],
+            Self::Type => &["type", "sensor_type", "sensorType", "t"],
+            Self::Value => &["value", "v", "val"],
+            Self::Unit => &["unit", "u"],
+            Self::Time => &["timestamp", "ts", "time"],
+            Self::Metadata => &["metadata", "meta"],
+            Self::Battery => &["battery", "b"],
+            Self::Rssi => &["rssi", "r"],
+        }
+    }
+
+    /// The member under the first spelling present, with that spelling; `null` counts as
+    /// absent.
+    fn entry(self, obj: &serde_json::Map<String, Value>) -> Option<(&'static str, &Value)> {
+        self.spellings()
+            .iter()
+            .find_map(|k| obj.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)))
+    }
+
+    fn get(self, obj: &serde_json::Map<String, Value>) -> Option<&Value> {
+        self.entry(obj).map(|(_, v)| v)
+    }
+
+    fn text(self, obj: &serde_json::Map<String, Value>) -> Option<&str> {
+        self.get(obj).and_then(Value::as_str)
+    }
+}
+
+/// Members holding a batch of readings, in the order looked for.
+const BATCH_KEYS: [&str; 2] = ["readings", "data"];
+
+/// What a reading's object says, or inherits from its batch (and the topic) where it is silent.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shared<'a> {
+    device: Option<&'a str>,
+    field: Option<&'a str>,
+    type_name: Option<&'a str>,
+    at: Option<Timestamp>,
+    /// Battery and RSSI set as members (not inside the metadata).
+    battery: Option<f64>,
+    rssi: Option<i64>,
+    /// The device's metadata object; an item's own replaces its batch's whole.
+    meta: Option<&'a serde_json::Map<String, Value>>,
+}
+
+impl<'a> Shared<'a> {
+    fn of(obj: &'a serde_json::Map<String, Value>, parent: &Shared<'a>) -> Result<Self, Rejection> {
+        let at = Key::Time
+            .get(obj)
+            .map(|v| {
+                parse_timestamp(v, TimestampFormat::Auto, None).ok_or_else(|| {
+                    Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))
+                })
+            })
+            .transpose()?
+            .or(parent.at);
+        Ok(Self {
+            device: Key::Device.text(obj).or(parent.device),
+            field: Key::Field.text(obj).or(parent.field),
+            type_name: Key::Type.text(obj).or(parent.type_name),
+            at,
+            battery: Key::Battery.get(obj).and_then(metadata).or(parent.battery),
+            rssi: Key::Rssi
+                .get(obj)
+                .and_then(metadata)
+                .map(|r| r.round() as i64)
+                .or(parent.rssi),
+            // Metadata that is not an object is ignored, as if absent.
+            meta: Key::Metadata
+                .get(obj)
+                .and_then(Value::as_object)
+                .or(parent.meta),
+        })
+    }
+}
+
+/// Bounds of the device metadata carried into an event, so one chatty device cannot bloat
+/// every buffered row: JSON text bytes and keys.
+const DEVICE_METADATA_MAX_BYTES: usize = 1024;
+const DEVICE_METADATA_MAX_KEYS: usize = 32;
+
+/// Keys the gateway itself writes into `payload.metadata`. A device's own value under one of
+/// them is kept as `device_<key>` (the gateway's key keeps the contract's type).
+const GATEWAY_METADATA_KEYS: [&str; 4] = ["battery", "rssi", "raw_value", "original_timestamp"];
+
+/// The device's metadata as it goes into the event: without the members promoted to battery
+/// and RSSI, keys of the gateway's renamed, and over the bounds replaced by a note saying so.
+fn device_metadata(meta: &serde_json::Map<String, Value>, promoted: &[&str]) -> Option<String> {
+    let mut out = serde_json::Map::new();
+    for (k, v) in meta.iter().filter(|(k, _)| !promoted.contains(&k.as_str())) {
+        let mut key = k.clone();
+        if GATEWAY_METADATA_KEYS.contains(&k.as_str()) {
+            key.insert_str(0, "device_");
+            while meta.contains_key(&key) {
+                key.insert_str(0, "device_");
+            }
+        }
+        out.insert(key, v.clone());
+    }
+    if out.is_empty() {
+        return None;
+    }
+    let text = serde_json::to_string(&out).ok()?;
+    if out.len() <= DEVICE_METADATA_MAX_KEYS && text.len() <= DEVICE_METADATA_MAX_BYTES {
+        return Some(text);
+    }
+    let note = format!(
+        "device metadata of {} keys and {} bytes exceeds {DEVICE_METADATA_MAX_KEYS} keys or {DEVICE_METADATA_MAX_BYTES} bytes",
+        out.len(),
+        text.len()
+    );
+    serde_json::to_string(&serde_json::json!({ "device_metadata_dropped": note })).ok()
 }
 
 fn json_reading(
@@ -797,6 +948,7 @@ fn json_reading(
             at,
             battery: pointed(&b.battery),
             rssi: pointed(&b.rssi).map(|r| r.round() as i64),
+            metadata: None,
         },
         received,
         time,
@@ -829,6 +981,7 @@ fn serial_reading(
             // As for MQTT (`metadata`): a non-finite battery has no JSON form in the event.
             battery: v.battery.filter(|b| b.is_finite()),
             rssi: v.rssi,
+            metadata: None,
         },
         received,
         time,
@@ -854,21 +1007,6 @@ fn number(v: &Value) -> Option<f64> {
 /// the event, so it is left out rather than sent as `null` where the contract wants a number.
 fn metadata(v: &Value) -> Option<f64> {
     number(v).filter(|n| n.is_finite())
-}
-
-/// `timestamp` / `ts` of a SAHOOL object: RFC 3339 or epoch; absent → `default`.
-fn timestamp_of(
-    obj: &serde_json::Map<String, Value>,
-    default: Option<Timestamp>,
-) -> Result<Option<Timestamp>, Rejection> {
-    match obj.get("timestamp").or_else(|| obj.get("ts")) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => parse_timestamp(v, TimestampFormat::Auto, None)
-            .map(Some)
-            .ok_or_else(|| {
-                Rejection::new(Reason::BadTimestamp, format!("cannot read timestamp {v}"))
-            }),
-    }
 }
 
 fn parse_timestamp(
@@ -997,7 +1135,7 @@ id = "field-1"
         assert_eq!(out.readings[0].value, 20.0);
         assert_eq!(out.readings[0].observed_at, at());
         let reasons: Vec<_> = out.rejections.iter().map(|r| r.reason).collect();
-        assert_eq!(reasons, vec![Reason::Malformed, Reason::OutOfRange]);
+        assert_eq!(reasons, vec![Reason::OutOfRange, Reason::Malformed]);
     }
 
     /// Found by fuzzing: a finite value that calibration overflows, and metadata numbers

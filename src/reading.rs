@@ -76,30 +76,17 @@ impl SensorType {
         Self::ALL.get(usize::from(n)).copied()
     }
 
-    /// A canonical name or one of the aliases SAHOOL devices send (`vwc`, `temp`, `ec`, ...).
+    /// A canonical name or one of the aliases SAHOOL devices send (`vwc`, `temp`, `ec`, ...),
+    /// in any casing.
     pub fn from_name(name: &str) -> Option<Self> {
         let lower = name.trim().to_ascii_lowercase();
         if let Some(t) = Self::ALL.iter().find(|t| t.as_str() == lower) {
             return Some(*t);
         }
-        Some(match lower.as_str() {
-            "vwc" | "moisture" | "soil_humidity" | "soil_water" => Self::SoilMoisture,
-            "soil_temp" | "soiltemp" | "st" => Self::SoilTemperature,
-            "ec" | "conductivity" | "soil_conductivity" => Self::SoilEc,
-            "ph" => Self::SoilPh,
-            "temp" | "temperature" | "air_temp" | "t" => Self::AirTemperature,
-            "humidity" | "rh" | "air_rh" | "h" => Self::AirHumidity,
-            "wind" | "windspeed" | "ws" => Self::WindSpeed,
-            "wind_dir" | "winddir" | "wd" => Self::WindDirection,
-            "rain" | "precipitation" => Self::Rainfall,
-            "solar" | "radiation" | "irradiance" => Self::SolarRadiation,
-            "pressure" | "baro" | "air_pressure" => Self::AtmosphericPressure,
-            "level" => Self::WaterLevel,
-            "flow" => Self::WaterFlow,
-            "leaf" | "leaf_wet" => Self::LeafWetness,
-            "canopy_temp" => Self::CanopyTemperature,
-            _ => return None,
-        })
+        TYPE_ALIASES
+            .iter()
+            .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+            .map(|(t, _)| *t)
     }
 
     /// SAHOOL's unit for this type: what a reading gets when neither device nor config says.
@@ -108,7 +95,8 @@ impl SensorType {
             Self::SoilMoisture | Self::AirHumidity | Self::LeafWetness => "%",
             Self::SoilTemperature | Self::AirTemperature | Self::CanopyTemperature => "°C",
             Self::SoilEc => "mS/cm",
-            Self::SoilPh => "pH",
+            // The platform's normaliser gives pH no unit; the schema allows an empty one.
+            Self::SoilPh => "",
             Self::WindSpeed => "m/s",
             Self::WindDirection => "°",
             Self::Rainfall => "mm",
@@ -145,22 +133,112 @@ impl fmt::Display for SensorType {
     }
 }
 
-/// Unit spellings devices use, folded to SAHOOL's (`percent` → `%`, `C` → `°C`).
+/// Spellings devices use for each type, in lower case: every alias of SAHOOL's normaliser
+/// (`sensor_type_aliases` in `tests/fixtures/sahool-normalizer.json`), plus a few seen in the
+/// field (`soil_water`, `t`, `h`, `irradiance`, ...).
+const TYPE_ALIASES: &[(SensorType, &[&str])] = &[
+    (
+        SensorType::SoilMoisture,
+        &[
+            "sm",
+            "moisture",
+            "soil_moist",
+            "vwc",
+            "soil_humidity",
+            "soil_water",
+        ],
+    ),
+    (
+        SensorType::SoilTemperature,
+        &["soil_temp", "st", "ground_temp", "soiltemp"],
+    ),
+    (
+        SensorType::SoilEc,
+        &[
+            "ec",
+            "conductivity",
+            "electrical_conductivity",
+            "salinity",
+            "soil_conductivity",
+        ],
+    ),
+    (SensorType::SoilPh, &["ph", "acidity"]),
+    (
+        SensorType::AirTemperature,
+        &["temp", "temperature", "air_temp", "at", "t"],
+    ),
+    (
+        SensorType::AirHumidity,
+        &["humidity", "rh", "relative_humidity", "air_rh", "h"],
+    ),
+    (
+        SensorType::WindSpeed,
+        &["wind", "ws", "wind_velocity", "windspeed"],
+    ),
+    (SensorType::WindDirection, &["wind_dir", "wd", "winddir"]),
+    (SensorType::Rainfall, &["rain", "precipitation", "precip"]),
+    (
+        SensorType::SolarRadiation,
+        &["solar", "radiation", "sr", "light", "irradiance"],
+    ),
+    (
+        SensorType::AtmosphericPressure,
+        &["pressure", "atm", "baro", "air_pressure"],
+    ),
+    (SensorType::WaterLevel, &["level", "wl", "tank_level"]),
+    (SensorType::WaterFlow, &["flow", "flow_rate", "wf"]),
+    (SensorType::WaterPressure, &["water_press", "wp"]),
+    (
+        SensorType::LeafWetness,
+        &["lw", "leaf_wet", "wetness", "leaf"],
+    ),
+    (SensorType::CanopyTemperature, &["canopy_temp", "ct"]),
+];
+
+/// Types SAHOOL's normaliser knows but the `sensor_reading` schema's enum lacks, with their
+/// aliases (lower case). Readings of them are rejected naming the type, never renamed.
+const TYPES_OUTSIDE_SCHEMA: &[(&str, &[&str])] =
+    &[("water_quality", &["water_quality", "wq", "tds"])];
+
+/// The SAHOOL type a name outside the schema's enum stands for (`tds` → `water_quality`).
+pub fn type_outside_schema(name: &str) -> Option<&'static str> {
+    let lower = name.trim().to_ascii_lowercase();
+    TYPES_OUTSIDE_SCHEMA
+        .iter()
+        .find(|(_, names)| names.contains(&lower.as_str()))
+        .map(|(t, _)| *t)
+}
+
+/// SAHOOL's unit spellings and what devices send for each, in lower case (the spelling itself
+/// included): every alias of SAHOOL's normaliser (`unit_aliases`), plus a few seen in the field.
+const UNIT_ALIASES: &[(&str, &[&str])] = &[
+    ("%", &["%", "percent", "pct", "%rh", "% rh", "%vwc"]),
+    ("°C", &["°c", "celsius", "c", "deg_c", "degc"]),
+    ("°F", &["°f", "fahrenheit", "f", "deg_f", "degf"]),
+    ("mm", &["mm", "millimeter", "millimeters"]),
+    ("m/s", &["m/s", "meters_per_second", "mps"]),
+    ("km/h", &["km/h", "kilometers_per_hour", "kph"]),
+    ("mS/cm", &["ms/cm", "millisiemens", "ms_cm", "ec_unit"]),
+    ("µS/cm", &["µs/cm", "us/cm"]),
+    ("dS/m", &["ds/m", "decisiemens", "ds_m"]),
+    ("lux", &["lux", "lx", "illuminance"]),
+    ("W/m²", &["w/m²", "w/m2", "watts_per_m2", "solar_unit"]),
+    ("hPa", &["hpa", "hectopascal", "mbar"]),
+    ("L/min", &["l/min", "liters_per_minute", "lpm"]),
+    ("m³/h", &["m³/h", "m3/h", "cubic_meters_per_hour", "cmh"]),
+    ("°", &["°", "deg", "degree", "degrees"]),
+];
+
+/// Unit spellings devices use, folded to SAHOOL's in any casing (`percent` → `%`, `KPH` →
+/// `km/h`); an unknown unit is kept as sent, trimmed.
 pub fn normalize_unit(unit: &str) -> String {
     let trimmed = unit.trim();
-    let folded = match trimmed.to_ascii_lowercase().as_str() {
-        "percent" | "pct" | "%rh" | "% rh" | "%vwc" => "%",
-        "c" | "degc" | "deg_c" | "celsius" | "°c" => "°C",
-        "hpa" | "mbar" => "hPa",
-        "ms/cm" => "mS/cm",
-        "us/cm" | "µs/cm" => "µS/cm",
-        "mm" => "mm",
-        "m/s" | "mps" => "m/s",
-        "deg" | "degree" | "degrees" => "°",
-        "w/m2" | "w/m²" => "W/m²",
-        _ => return trimmed.to_string(),
-    };
-    folded.to_string()
+    let lower = trimmed.to_lowercase();
+    UNIT_ALIASES
+        .iter()
+        .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+        .map_or(trimmed, |(unit, _)| unit)
+        .to_string()
 }
 
 /// Observation time as nanoseconds since the Unix epoch (UTC).
@@ -335,11 +413,62 @@ pub struct Reading {
     /// Silence after which this sensor counts as disconnected. Not stored with the reading.
     #[serde(skip)]
     pub stale_after_ms: u64,
+    /// The device's own metadata, as JSON object text (bounded, no key of the gateway's), for
+    /// the event's `payload.metadata`. Outside the postcard layout: rows that carry it are
+    /// [`KIND_READING_META`], so rows of kind 0 written by earlier versions decode unchanged.
+    #[serde(skip)]
+    pub metadata: Option<String>,
 }
 
-/// Kinds of buffered rows (the outbox's `kind` column).
+/// Kinds of buffered rows (the outbox's `kind` column). Every kind but [`KIND_STATUS`] is a
+/// reading.
 pub const KIND_READING: u8 = 0;
 pub const KIND_STATUS: u8 = 1;
+/// A reading with device metadata: the [`KIND_READING`] body followed by the metadata's JSON
+/// object text.
+pub const KIND_READING_META: u8 = 2;
+
+/// Why a buffered reading's body does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Postcard(#[from] postcard::Error),
+    #[error("its device metadata is not a JSON object")]
+    Metadata,
+    #[error("kind {0} is not a reading")]
+    Kind(u8),
+}
+
+impl Reading {
+    /// The outbox row kind and body of this reading.
+    pub fn to_row(&self) -> (u8, Vec<u8>) {
+        // Serializing strings and numbers into a Vec cannot fail.
+        let mut body = postcard::to_stdvec(self).unwrap_or_default();
+        match &self.metadata {
+            None => (KIND_READING, body),
+            Some(meta) => {
+                body.extend_from_slice(meta.as_bytes());
+                (KIND_READING_META, body)
+            }
+        }
+    }
+
+    /// A reading from its outbox row, of either reading kind.
+    pub fn from_row(kind: u8, body: &[u8]) -> Result<Self, BodyError> {
+        match kind {
+            KIND_READING => Ok(postcard::from_bytes(body)?),
+            KIND_READING_META => {
+                let (mut r, meta): (Self, _) = postcard::take_from_bytes(body)?;
+                let text = std::str::from_utf8(meta).map_err(|_| BodyError::Metadata)?;
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                    .map_err(|_| BodyError::Metadata)?;
+                r.metadata = Some(text.to_string());
+                Ok(r)
+            }
+            kind => Err(BodyError::Kind(kind)),
+        }
+    }
+}
 
 /// A sensor's liveness, as `device_status.v1.json` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,7 +526,80 @@ mod tests {
         assert_eq!(normalize_unit("percent"), "%");
         assert_eq!(normalize_unit("C"), "°C");
         assert_eq!(normalize_unit("mS/cm"), "mS/cm");
+        assert_eq!(normalize_unit(" KPH "), "km/h");
         assert_eq!(normalize_unit("kPa"), "kPa");
+        assert_eq!(normalize_unit(" odd unit "), "odd unit");
+        for (unit, aliases) in UNIT_ALIASES {
+            assert!(aliases.contains(&unit.to_lowercase().as_str()), "{unit}");
+            assert!(aliases.iter().all(|a| *a == a.to_lowercase()), "{unit}");
+        }
+        for (t, aliases) in TYPE_ALIASES {
+            for a in *aliases {
+                assert_eq!(SensorType::from_name(a), Some(*t), "{a}");
+            }
+        }
+        assert_eq!(type_outside_schema(" TDS"), Some("water_quality"));
+        assert_eq!(SensorType::from_name("wq"), None);
+    }
+
+    fn reading() -> Reading {
+        Reading {
+            device_id: "probe-1".into(),
+            field_id: "field-1".into(),
+            tenant_id: "tenant-a".into(),
+            sensor_type: SensorType::SoilEc,
+            value: 1.25,
+            unit: "mS/cm".into(),
+            observed_at: Timestamp(1_780_287_300_000_000_000),
+            battery: Some(87.5),
+            rssi: Some(-71),
+            raw_value: None,
+            original_timestamp: None,
+            device_time: false,
+            stale_after_ms: 0,
+            metadata: None,
+        }
+    }
+
+    /// A buffered row of kind 0 written by a version before device metadata existed: the exact
+    /// bytes of [`reading`] in that layout.
+    const OLD_BODY: &[u8] = &[
+        7, b'p', b'r', b'o', b'b', b'e', b'-', b'1', 7, b'f', b'i', b'e', b'l', b'd', b'-', b'1',
+        8, b't', b'e', b'n', b'a', b'n', b't', b'-', b'a', 2, 0, 0, 0, 0, 0, 0, 244, 63, 5, b'm',
+        b'S', b'/', b'c', b'm', 128, 160, 157, 170, 190, 247, 236, 180, 49, 1, 0, 0, 0, 0, 0, 224,
+        85, 64, 1, 141, 1, 0, 0,
+    ];
+
+    #[test]
+    fn rows_of_the_previous_layout_still_decode() {
+        assert_eq!(
+            Reading::from_row(KIND_READING, OLD_BODY).unwrap(),
+            reading()
+        );
+        assert_eq!(reading().to_row(), (KIND_READING, OLD_BODY.to_vec()));
+    }
+
+    #[test]
+    fn device_metadata_rides_in_rows_of_its_own_kind() {
+        let mut r = reading();
+        r.metadata = Some(r#"{"fw":"1.2","slot":[1,2]}"#.into());
+        let (kind, body) = r.to_row();
+        assert_eq!(kind, KIND_READING_META);
+        assert!(
+            body.starts_with(OLD_BODY),
+            "the kind-0 layout, then the metadata"
+        );
+        assert_eq!(Reading::from_row(kind, &body).unwrap(), r);
+        let mut bad = OLD_BODY.to_vec();
+        bad.extend_from_slice(b"[1]");
+        assert!(matches!(
+            Reading::from_row(KIND_READING_META, &bad),
+            Err(BodyError::Metadata)
+        ));
+        assert!(matches!(
+            Reading::from_row(KIND_STATUS, OLD_BODY),
+            Err(BodyError::Kind(KIND_STATUS))
+        ));
     }
 
     #[test]

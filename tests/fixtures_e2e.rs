@@ -8,10 +8,15 @@ use std::time::Duration;
 
 use support::{event_validator, fixture, matches_expected, publish_all, Gateway, Mosquitto, Nats};
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 9] = [
     "mqtt/sahool-standard.json",
     "mqtt/sahool-compact-epoch.json",
     "mqtt/sahool-batch.json",
+    // The platform's own vocabulary: camelCase and short keys, `meta`, unit aliases, a
+    // top-level array and a `data` batch.
+    "mqtt/sahool-platform-keys.json",
+    "mqtt/sahool-top-level-array.json",
+    "mqtt/sahool-data-batch.json",
     "mqtt/zigbee2mqtt-aqara.json",
     "mqtt/chirpstack-v4-uplink.json",
     "mqtt/tasmota-sensor.json",
@@ -68,6 +73,27 @@ id = "field-north-12"
   value = "/DS18B20/Temperature"
   timestamp = "/Time"
   utc_offset = "+03:00"
+
+[[fields]]
+id = "field-orchard-3"
+  [[fields.sensors]]
+  device_id = "tank-2"
+  sensor_type = "water_flow"
+  [[fields.sensors]]
+  device_id = "tank-2"
+  sensor_type = "water_level"
+  [[fields.sensors]]
+  device_id = "wx-9"
+  sensor_type = "wind_speed"
+  [[fields.sensors]]
+  device_id = "wx-9"
+  sensor_type = "rainfall"
+  [[fields.sensors]]
+  device_id = "wx-9"
+  sensor_type = "air_temperature"
+  [[fields.sensors]]
+  device_id = "wx-9"
+  sensor_type = "leaf_wetness"
 
 [[fields]]
 id = "field-south-2"

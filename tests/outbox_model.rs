@@ -56,6 +56,7 @@ fn reading(n: u64) -> Reading {
         original_timestamp: None,
         device_time: true,
         stale_after_ms: 3_600_000,
+        metadata: None,
     }
 }
 

@@ -142,6 +142,7 @@ impl FrameSink for StoreSink {
                 original_timestamp: None,
                 device_time: false,
                 stale_after_ms: 600_000,
+                metadata: None,
             })
             .collect();
         let append = Append {

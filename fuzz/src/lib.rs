@@ -15,7 +15,7 @@ use std::sync::LazyLock;
 use sahool_gateway::config::{self, Config};
 use sahool_gateway::event::{self, Subjects};
 use sahool_gateway::mapping::{Mapped, Mapper, SerialKey, SerialValue};
-use sahool_gateway::reading::{Reading, Timestamp, KIND_READING};
+use sahool_gateway::reading::{Reading, Timestamp};
 use sahool_gateway::sources::serial::lines::{self, Framed, LineBuffer, LineSpec};
 use sahool_gateway::sources::serial::modbus::{self, frame::crc16, port::Bus, RegisterKind};
 use sahool_gateway::sources::serial::sdi12::{self, Expect, Response};
@@ -320,18 +320,28 @@ fn check_reading(f: &Fixture, seq: u64, reading: &Reading) {
             .any(|field| field.id.as_str() == reading.field_id),
         "reading for an unconfigured field: {reading:?}"
     );
-    let body = postcard::to_stdvec(reading).expect("a reading serializes");
-    let back: Reading = postcard::from_bytes(&body).expect("a stored reading decodes");
+    let (kind, body) = reading.to_row();
+    let back = Reading::from_row(kind, &body).expect("a stored reading decodes");
     assert_eq!(
-        (&back.device_id, back.value, back.observed_at),
-        (&reading.device_id, reading.value, reading.observed_at),
+        (
+            &back.device_id,
+            back.value,
+            back.observed_at,
+            &back.metadata
+        ),
+        (
+            &reading.device_id,
+            reading.value,
+            reading.observed_at,
+            &reading.metadata
+        ),
         "outbox round trip changed the reading"
     );
     let row = OutboxRow {
         seq,
         event_id: [0x5a; 16],
         stored_ms: f.received.unix_millis(),
-        kind: KIND_READING,
+        kind,
         body,
     };
     let event = event::render(&row, f.config.gateway.id.as_str(), &f.subjects)

@@ -5,8 +5,9 @@
 //! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
 //!   empty for rows stored since version 4: their id derives from the seq ([`db::event_id`]),
 //!   16 bytes saved per row. `kind` 0 is a reading (`body` = [`Reading`] as postcard bytes), 1
-//!   a liveness change (`body` = [`crate::reading::StatusChange`]); the event JSON is rendered
-//!   at publish time.
+//!   a liveness change (`body` = [`crate::reading::StatusChange`]), 2 a reading with its
+//!   device's metadata (the kind-0 body, then the metadata's JSON text; see
+//!   [`Reading::to_row`]); the event JSON is rendered at publish time.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids.
 //! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
@@ -67,7 +68,7 @@ use crate::config::{Buffer, WhenFull};
 use crate::log_limit::LogLimit;
 use crate::mapping::Reason;
 use crate::metrics::Metrics;
-use crate::reading::{Reading, KIND_READING, KIND_STATUS};
+use crate::reading::{Reading, KIND_STATUS};
 pub use db::{DeadLetterRow, OutboxRow};
 
 /// Device observations remembered for duplicate detection.
@@ -650,14 +651,10 @@ impl Writer {
             Ok(AppendOutcome::Full)
         };
         let duplicates = (before - append.readings.len()) as u64;
-        let bodies: Vec<Vec<u8>> = append
-            .readings
-            .iter()
-            .map(|r| postcard::to_stdvec(r).unwrap_or_default())
-            .collect();
+        let bodies: Vec<(u8, Vec<u8>)> = append.readings.iter().map(Reading::to_row).collect();
         let incoming: u64 = bodies
             .iter()
-            .map(|b| b.len() as u64 + db::ROW_OVERHEAD)
+            .map(|(_, b)| b.len() as u64 + db::ROW_OVERHEAD)
             .sum();
         if !bodies.is_empty() {
             if self.disk_low {
@@ -676,8 +673,8 @@ impl Writer {
         }
         delta.duplicates += duplicates;
         let first_seq = delta.next_seq;
-        for body in &bodies {
-            insert_row(tx, KIND_READING, body, now, delta)?;
+        for (kind, body) in &bodies {
+            insert_row(tx, *kind, body, now, delta)?;
         }
         delta.accepted += bodies.len() as u64;
         delta.timestamps_replaced += append
@@ -956,7 +953,7 @@ fn insert_dead_letter(
 mod tests {
     use super::*;
     use crate::config::Buffer;
-    use crate::reading::{SensorType, Timestamp};
+    use crate::reading::{SensorType, Timestamp, KIND_READING};
 
     fn reading(i: i64) -> Reading {
         Reading {
@@ -973,6 +970,7 @@ mod tests {
             original_timestamp: None,
             device_time: true,
             stale_after_ms: 3_600_000,
+            metadata: None,
         }
     }
 
