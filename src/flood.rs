@@ -296,6 +296,7 @@ mod tests {
             original_timestamp: None,
             device_time,
             stale_after_ms: 0,
+            metadata: None,
         }
     }
 
