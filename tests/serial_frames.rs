@@ -177,6 +177,8 @@ impl FrameSink for StoreSink {
                 reason: bad.reason(),
                 detail: bad.detail(),
                 raw: bad.raw.into(),
+                topic: None,
+                device: None,
             }],
             ..Append::default()
         };

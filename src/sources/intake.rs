@@ -222,6 +222,8 @@ fn build_append(mapper: &Mapper, source: &str, m: &Message) -> Append {
             reason: r.reason,
             detail: format!("topic {topic}: {}", r.detail),
             raw: raw.clone(),
+            topic: Some(topic.to_string()),
+            device: None,
         })
         .collect();
     Append {

@@ -119,6 +119,11 @@ pub struct NewDeadLetter {
     pub reason: Reason,
     pub detail: String,
     pub raw: Arc<[u8]>,
+    /// The MQTT topic the message came on: `dead-letters replay` maps the message again with it.
+    pub topic: Option<String>,
+    /// Set when only this device's readings of the message were rejected: a replay keeps only
+    /// its readings, so the others of the message (stored the first time) are not doubled.
+    pub device: Option<String>,
 }
 
 /// Everything one source message produced, committed together or not at all.
@@ -563,7 +568,14 @@ impl Writer {
         for (seq, detail, raw) in refused {
             if delete_row(&tx, *seq, delta)?.is_some() {
                 delta.refused += 1;
-                insert_dead_letter(&tx, now, "forwarder", Reason::PublishRefused, detail, raw)?;
+                let refusal = DeadLetterText {
+                    source: "forwarder",
+                    reason: Reason::PublishRefused,
+                    detail,
+                    topic: None,
+                    device: None,
+                };
+                insert_dead_letter(&tx, now, &refusal, raw)?;
                 delta.dead_letters_added += 1;
             }
         }
@@ -686,7 +698,7 @@ impl Writer {
             .filter(|r| r.original_timestamp.is_some())
             .count() as u64;
         for d in &append.dead_letters {
-            insert_dead_letter(tx, now, &d.source, d.reason, &d.detail, &d.raw)?;
+            insert_dead_letter(tx, now, &DeadLetterText::of(d), &d.raw)?;
             delta.dead_letters_added += 1;
             delta.rejected.push(d.reason);
         }
@@ -936,19 +948,38 @@ fn delete_row(
     Ok(row.map(|(kind, len)| delta.removed(kind, len)))
 }
 
+/// A dead-letter's columns besides its time and raw bytes.
+struct DeadLetterText<'a> {
+    source: &'a str,
+    reason: Reason,
+    detail: &'a str,
+    topic: Option<&'a str>,
+    device: Option<&'a str>,
+}
+
+impl<'a> DeadLetterText<'a> {
+    fn of(d: &'a NewDeadLetter) -> Self {
+        Self {
+            source: &d.source,
+            reason: d.reason,
+            detail: &d.detail,
+            topic: d.topic.as_deref(),
+            device: d.device.as_deref(),
+        }
+    }
+}
+
 fn insert_dead_letter(
     tx: &rusqlite::Transaction<'_>,
     now: i64,
-    source: &str,
-    reason: Reason,
-    detail: &str,
+    d: &DeadLetterText<'_>,
     raw: &[u8],
 ) -> rusqlite::Result<()> {
     let raw = &raw[..raw.len().min(db::DEAD_LETTER_RAW_MAX)];
     tx.prepare_cached(
-        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw, topic, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![now, source, reason.label(), detail, raw])?;
+    .execute(params![now, d.source, d.reason.label(), d.detail, raw, d.topic, d.device])?;
     Ok(())
 }
 

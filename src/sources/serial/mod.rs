@@ -387,6 +387,8 @@ impl PortContext {
                     reason: r.reason,
                     detail: format!("port {name}: {}", r.detail),
                     raw: batch.raw.clone(),
+                    topic: None,
+                    device: None,
                 })
                 .collect(),
             message_key: batch.message_key,
