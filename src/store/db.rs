@@ -105,6 +105,7 @@ DELETE FROM recent_readings;
 const SCHEMA_V5: &str = "
 ALTER TABLE dead_letters ADD COLUMN topic TEXT;
 ALTER TABLE dead_letters ADD COLUMN device TEXT;
+CREATE INDEX dead_letters_by_time ON dead_letters (at_ms);
 UPDATE dead_letters SET topic = substr(detail, 7, instr(detail, ': ') - 7)
     WHERE detail LIKE 'topic %' AND instr(detail, ': ') > 7;
 ";

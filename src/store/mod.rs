@@ -52,7 +52,9 @@
 
 pub mod db;
 pub mod liveness;
+mod lock;
 mod recent;
+mod replay;
 mod seq_floor;
 
 use std::ops::RangeInclusive;
@@ -69,6 +71,7 @@ use crate::mapping::Reason;
 use crate::metrics::Metrics;
 use crate::reading::{Reading, KIND_READING, KIND_STATUS};
 pub use db::{DeadLetterRow, OutboxRow};
+pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
 
 /// Device observations remembered for duplicate detection.
 pub const RECENT_READINGS: i64 = 200_000;
@@ -106,6 +109,8 @@ pub enum StoreError {
     NewerSchema { path: PathBuf, found: i64 },
     #[error("no buffer at {path}: has the gateway run with this config?")]
     Missing { path: PathBuf },
+    #[error("buffer {path} is in use by another process: a running gateway or `dead-letters replay` holds {lock}")]
+    Locked { path: PathBuf, lock: PathBuf },
     #[error("the buffer's writer thread has stopped")]
     Closed,
     #[error("commit failed: {0}")]
@@ -198,6 +203,11 @@ enum Command {
     },
     Flush(oneshot::Sender<()>),
     Maintain,
+    Replay {
+        filter: ReplayFilter,
+        mapper: Arc<dyn ReplayMapper>,
+        reply: oneshot::Sender<Result<ReplayReport, StoreError>>,
+    },
 }
 
 /// Cloneable access to the owner thread.
@@ -264,11 +274,35 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
+    /// `dead-letters replay`: maps the kept messages `filter` selects again with `mapper` and
+    /// stores their readings, deleting their dead-letters in the same transaction (see
+    /// [`Writer::replay`]). With `filter.dry_run`, reports what would happen and changes nothing.
+    pub async fn replay(
+        &self,
+        filter: ReplayFilter,
+        mapper: Arc<dyn ReplayMapper>,
+    ) -> Result<ReplayReport, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Replay {
+                filter,
+                mapper,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Highest committed seq; changes whenever new rows commit.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
     }
 }
+
+/// How long [`start`] waits for the buffer's lock ([`lock`]): a `dead-letters replay` run
+/// without a gateway holds it for a moment.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Opens the buffer and starts its owner thread. The thread ends when every handle is dropped.
 pub fn start(
@@ -277,6 +311,18 @@ pub fn start(
     low_battery: f64,
     metrics: Arc<Metrics>,
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
+    start_locked(path, buffer, low_battery, metrics, LOCK_WAIT)
+}
+
+/// As [`start`], waiting at most `lock_wait` for another process to release the buffer.
+pub fn start_locked(
+    path: PathBuf,
+    buffer: Buffer,
+    low_battery: f64,
+    metrics: Arc<Metrics>,
+    lock_wait: Duration,
+) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
+    let lock = lock::acquire(&path, lock_wait)?;
     let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
     // Sequence numbers were handed out: this buffer has held rows, so an empty file lost them.
     let has_held_rows = floor.reserved() > 1;
@@ -325,6 +371,7 @@ pub fn start(
         acked_seqs: 0,
         recent,
         event_salt,
+        _lock: lock,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -376,6 +423,8 @@ struct Writer {
     acked_seqs: u64,
     recent: recent::RecentMessages,
     event_salt: [u8; 16],
+    /// Held as long as the writer lives: no other process writes the buffer meanwhile.
+    _lock: lock::BufferLock,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -449,6 +498,7 @@ impl Writer {
         let mut reads = Vec::new();
         let mut refused = Vec::new();
         let mut flushes = Vec::new();
+        let mut replays = Vec::new();
         let mut maintain = false;
         for c in batch {
             match c {
@@ -460,6 +510,11 @@ impl Writer {
                 Command::Refused { seq, detail, raw } => refused.push((seq, detail, raw)),
                 Command::Flush(reply) => flushes.push(reply),
                 Command::Maintain => maintain = true,
+                Command::Replay {
+                    filter,
+                    mapper,
+                    reply,
+                } => replays.push((filter, mapper, reply)),
                 read @ Command::Fetch { .. } => reads.push(read),
             }
         }
@@ -529,6 +584,11 @@ impl Writer {
                 }
             }
         }
+        // In a transaction of their own, after the group: a replay maps many messages and must
+        // not hold up the commits of live intake queued with it.
+        for (filter, mapper, reply) in replays {
+            let _ = reply.send(self.replay(&filter, &*mapper));
+        }
         for read in reads {
             if let Command::Fetch {
                 after,
@@ -589,13 +649,32 @@ impl Writer {
             .filter(|(_, outcome)| matches!(outcome, AppendOutcome::Stored { .. }))
             .flat_map(|((append, _), _)| &append.readings)
             .collect();
-        let mut changes = liveness::observe(&tx, &stored, now, self.low_battery)?;
+        self.status_and_seq(&tx, &stored, now, maintain, delta)?;
         if maintain {
-            changes.extend(liveness::expire(&tx, now)?);
+            self.expire(&tx, now, delta)?;
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    /// The end of every transaction that stores readings: status events from the readings
+    /// stored (with `maintain`, also from sensors gone silent), and `next_seq` past every row
+    /// numbered.
+    fn status_and_seq(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        stored: &[&Reading],
+        now: i64,
+        maintain: bool,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<()> {
+        let mut changes = liveness::observe(tx, stored, now, self.low_battery)?;
+        if maintain {
+            changes.extend(liveness::expire(tx, now)?);
         }
         for change in &changes {
             insert_row(
-                &tx,
+                tx,
                 KIND_STATUS,
                 &postcard::to_stdvec(change).unwrap_or_default(),
                 now,
@@ -607,11 +686,7 @@ impl Writer {
             tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
                 .execute([delta.next_seq as i64])?;
         }
-        if maintain {
-            self.expire(&tx, now, delta)?;
-        }
-        tx.commit()?;
-        Ok(outcomes)
+        Ok(())
     }
 
     fn append_one(
