@@ -33,11 +33,11 @@ pub enum CliError {
         status: u16,
         body: String,
     },
-    #[error("no gateway answers at http://{addr} ({reason}), and the buffer is locked by another process: is the gateway starting, or another replay running? Try again in a moment ({locked})")]
+    #[error("no gateway answers at http://{addr} ({reason}), and another process holds the buffer's lock {}: is the gateway starting, or another replay running? Try again in a moment", lock.display())]
     Busy {
         addr: std::net::SocketAddr,
         reason: String,
-        locked: StoreError,
+        lock: std::path::PathBuf,
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -424,11 +424,11 @@ fn replay_offline(
         );
         let (handle, thread) = match started {
             Ok(s) => s,
-            Err(locked @ StoreError::Locked { .. }) => {
+            Err(StoreError::Locked { lock, .. }) => {
                 return Err(CliError::Busy {
                     addr: c.http.listen,
                     reason: unreachable,
-                    locked,
+                    lock,
                 })
             }
             Err(e) => return Err(e.into()),

@@ -231,7 +231,10 @@ async fn without_a_running_gateway_the_replay_opens_the_buffer_under_its_lock() 
     let out = replay(&gateway, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("locked") && err.contains("Try again"), "{err}");
+    assert!(
+        err.contains("buffer.db.lock") && err.contains("Try again"),
+        "{err}"
+    );
     drop(lock);
     assert_eq!(gateway.dead_letters().len(), 10);
 

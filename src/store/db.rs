@@ -632,23 +632,19 @@ mod tests {
             vec![]
         };
         assert_eq!(frames, expected, "frames kept (version {version})");
-        let letters: Vec<(i64, String, Vec<u8>, Option<String>, Option<String>)> = conn
-            .prepare("SELECT at_ms, detail, raw, topic, device FROM dead_letters ORDER BY id")
-            .unwrap()
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let mut letters = dead_letters(&conn, 10).unwrap();
+        letters.reverse();
         assert_eq!(letters.len(), 2, "dead-letters kept (version {version})");
-        assert_eq!((letters[0].0, letters[0].2.as_slice()), (500, &b"{}"[..]));
         assert_eq!(
-            letters[0].3.as_deref(),
+            (letters[0].at_ms, letters[0].raw.as_slice()),
+            (500, &b"{}"[..])
+        );
+        assert_eq!(
+            letters[0].topic.as_deref(),
             Some("sahool/sensors/p-9/f"),
             "topic taken from the detail (version {version})"
         );
-        assert_eq!((&letters[1].3, &letters[1].4), (&None, &None));
+        assert_eq!((&letters[1].topic, &letters[1].device), (&None, &None));
         // No index on the message keys any more: the same key may be stored twice.
         conn.execute(
             "INSERT INTO recent_messages (key) VALUES (?1)",
