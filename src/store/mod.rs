@@ -1,6 +1,6 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 4; older files are
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 5; older files are
 //! migrated when opened, see [`db`])
 //! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
 //!   empty for rows stored since version 4: their id derives from the seq ([`db::event_id`]),
@@ -9,9 +9,13 @@
 //!   at publish time.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids.
-//! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
-//!   readings and publishes the server refused for good, with their raw bytes; bounded by
-//!   `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
+//! - `dead_letters(id PK, at_ms, source, reason, detail, raw, topic, device)`: inputs that could
+//!   not become readings and publishes the server refused for good, with their raw bytes;
+//!   bounded by `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
+//!   `topic`: an MQTT message's topic; `device`: only that device's readings of the message were
+//!   rejected. Indexed by `at_ms`: the rows one message left share it (`replay.rs`).
+//! - `{file}.lock` (beside the database): an advisory `flock` held by the one process that
+//!   writes the buffer (the gateway, or `dead-letters replay` when none runs), see `lock.rs`.
 //! - `seq.floor` (a text file beside the database): a reserved high-water mark of `seq`, so a
 //!   fresh database after corruption recovery continues above every seq ever handed out.
 //! - `recent_messages(id PK, key)`: hashes of the last [`recent::RECENT_MESSAGES`] source
@@ -49,6 +53,9 @@
 //!    committed.
 //! 7. Deduplication keys are remembered only for readings actually stored, so a reading refused
 //!    by a bound is not mistaken for a repeat when it is offered again.
+//! 8. A dead-letter leaves `dead_letters` only by the `dead_letter_max` bound, or by a replay
+//!    ([`StoreHandle::replay`]) in the transaction that stores its message's readings; rows of a
+//!    message the current mapping still rejects, or that cannot be replayed, stay unchanged.
 
 pub mod db;
 pub mod liveness;
@@ -276,7 +283,7 @@ impl StoreHandle {
 
     /// `dead-letters replay`: maps the kept messages `filter` selects again with `mapper` and
     /// stores their readings, deleting their dead-letters in the same transaction (see
-    /// [`Writer::replay`]). With `filter.dry_run`, reports what would happen and changes nothing.
+    /// `replay.rs`). With `filter.dry_run`, reports what would happen and changes nothing.
     pub async fn replay(
         &self,
         filter: ReplayFilter,
@@ -300,7 +307,7 @@ impl StoreHandle {
     }
 }
 
-/// How long [`start`] waits for the buffer's lock ([`lock`]): a `dead-letters replay` run
+/// How long [`start`] waits for the buffer's lock (`lock.rs`): a `dead-letters replay` run
 /// without a gateway holds it for a moment.
 pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
