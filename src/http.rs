@@ -148,6 +148,18 @@ async fn replay_route(
             "POST a JSON filter (`sahool-gateway dead-letters replay` does)\n".into(),
         );
     }
+    // A web page can make a browser on this host POST here, but not with this content type
+    // (that needs a CORS preflight, which is never answered).
+    let json = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !json {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the filter as Content-Type: application/json\n".into(),
+        );
+    }
     let body = match Limited::new(req.into_body(), REPLAY_BODY_MAX)
         .collect()
         .await

@@ -107,6 +107,12 @@ async fn a_sensor_added_after_the_fact_gets_its_readings_once_and_filters_and_dr
         "{letters:?}"
     );
 
+    // The endpoint changes the buffer: a GET (what a link or a crawler sends) is refused.
+    assert_eq!(
+        gateway.get("/dead-letters/replay").map(|(code, _)| code),
+        Some(405)
+    );
+
     // Filters that match nothing change nothing.
     let out = replay_ok(&gateway, &["--reason", "out_of_range"]);
     assert!(out.contains("no dead-letters match"), "{out}");
