@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use sahool_gateway::reading::Timestamp;
+use support::pty::{wait_port_open, SerialLink};
 use support::{
     assert_exactly_once, gateway_binary, probe_config, probe_readings, publish_all,
     values_in_order, Gateway, Mosquitto, Nats, StreamMessage,
@@ -255,6 +256,74 @@ async fn without_a_running_gateway_the_replay_opens_the_buffer_under_its_lock() 
     });
     let events = nats.read_readings("SAHOOL_IOT").await;
     assert_exactly_once(&values_in_order(&of_device(&events, "probe-2")), 10);
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// A `lines` talker's line that no sensor was bound to is parsed again with the port's
+/// settings once a sensor is; a line that does not parse stays dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_talkers_line_is_replayed_once_a_sensor_is_bound_to_its_key() {
+    let nats = Nats::with_platform_stream().await;
+    let mut link = SerialLink::plugged("usb-talker");
+    let config = format!(
+        r#"
+[nats]
+servers = ["{nats}"]
+ack_timeout = "2s"
+
+[[serial]]
+name = "talker"
+path = "{path}"
+protocol = "lines"
+line_format = "kv"
+device_id = "tank-1"
+
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "tank-1"
+  sensor_type = "water_level"
+  line = {{ port = "talker", key = "level" }}
+"#,
+        nats = nats.url(),
+        path = link.path.display(),
+    );
+    let mut gateway = Gateway::start(&config);
+    wait_port_open(&gateway, "talker");
+    link.write(b"level=5\n");
+    link.write(b"temp=21.5\n");
+    link.write(b"garbage ###\n");
+    gateway.wait_until("rejected and stored", Duration::from_secs(30), |g| {
+        g.metric("sahool_gateway_readings_rejected_total", "") == 2.0
+            && g.metric("sahool_gateway_readings_forwarded_total", "") == 1.0
+    });
+    gateway.rewrite_config(&format!(
+        "{config}  [[fields.sensors]]\n  device_id = \"tank-1\"\n  sensor_type = \"air_temperature\"\n  line = {{ port = \"talker\", key = \"temp\" }}\n"
+    ));
+    gateway.signal("HUP");
+    gateway.wait_until("reloaded", Duration::from_secs(20), |g| {
+        g.log().contains("config reloaded")
+    });
+
+    let out = replay_ok(&gateway, &["--source", "talker"]);
+    assert_eq!(replayed(&out), 1, "{out}");
+    assert!(out.contains("still rejected 1"), "{out}");
+    assert_eq!(replayed(&replay_ok(&gateway, &[])), 0);
+    let left = gateway.dead_letters();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["reason"], "malformed");
+
+    gateway.wait_until("forwarded", Duration::from_secs(30), |g| {
+        g.metric("sahool_gateway_readings_forwarded_total", "") == 2.0
+    });
+    let events = nats.read_readings("SAHOOL_IOT").await;
+    let temps: Vec<f64> = events
+        .iter()
+        .filter(|e| e.body["payload"]["sensor_type"] == "air_temperature")
+        .filter_map(|e| e.body["payload"]["value"].as_f64())
+        .collect();
+    assert_eq!(temps, vec![21.5]);
+    assert_eq!(events.len(), 2);
     assert_eq!(gateway.terminate(), Some(0));
 }
 
