@@ -404,7 +404,14 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         let task = pipeline.start_listener(l).await?;
         pipeline.listeners.push(task);
     }
-    let http_task = tokio::spawn(http::serve(listener, metrics.clone(), stop_rx.clone()));
+    let replay_plan = crate::replay::shared(&config);
+    let replay = crate::replay::Service::new(&store, replay_plan.clone());
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        replay.clone(),
+        stop_rx.clone(),
+    ));
     let notifier = Arc::new(Notifier::from_env());
     // The store is open and every source task is running.
     notifier.ready();
@@ -439,6 +446,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
                             Ok(()) => tracing::info!(sources = new.mqtt.len(), fields = new.fields.len(), "SIGHUP: config reloaded"),
                             Err(e) => tracing::error!(error = %e, "SIGHUP: config reloaded in part; fix the cause and reload again"),
                         }
+                        // Replays map with the mapping in force, as intake does.
+                        crate::replay::reload(&replay_plan, &new);
                         current = new;
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: new config refused; the running one stays"),
@@ -472,6 +481,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     }
     forwarder.stop().await;
     let _ = http_task.await;
+    replay.close();
     let _ = store.flush().await;
     // The writer thread ends with its last handle.
     drop(pipeline_store);

@@ -26,6 +26,25 @@ pub enum CliError {
     Passwd(#[from] crate::sources::listener::auth::AuthError),
     #[error("no password on standard input")]
     NoPassword,
+    #[error("the gateway at http://{addr}{path} answered {status}: {body}")]
+    Gateway {
+        addr: std::net::SocketAddr,
+        path: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("no gateway answers at http://{addr} ({reason}), and another process holds the buffer's lock {}: is the gateway starting, or another replay running? Try again in a moment", lock.display())]
+    Busy {
+        addr: std::net::SocketAddr,
+        reason: String,
+        lock: std::path::PathBuf,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(
+        "--since {0}: neither an RFC 3339 time (2026-06-01T04:00:00Z) nor a duration (2h, 30m)"
+    )]
+    Since(String),
 }
 
 /// `validate`: prints every problem and returns false, or prints a summary and returns true.
@@ -141,6 +160,8 @@ pub fn dead_letters_list(
             "source": d.source,
             "reason": d.reason,
             "detail": d.detail,
+            "topic": d.topic,
+            "device": d.device,
             "raw": raw,
         });
         writeln!(out, "{v}")?;
@@ -150,16 +171,34 @@ pub fn dead_letters_list(
 
 /// GET on the gateway's loopback HTTP endpoint: (status code, body).
 fn http_get(addr: std::net::SocketAddr, path: &'static str) -> Result<(u16, String), CliError> {
+    let timeout = std::time::Duration::from_secs(5);
+    let s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
+        CliError::Unreachable {
+            addr,
+            path,
+            reason: e.to_string(),
+        }
+    })?;
+    http_exchange(s, addr, "GET", path, "", timeout)
+}
+
+/// One request on a connected stream: (status code, body).
+fn http_exchange(
+    mut s: std::net::TcpStream,
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &'static str,
+    body: &str,
+    timeout: std::time::Duration,
+) -> Result<(u16, String), CliError> {
     use std::io::Read;
     let fail = |reason: String| CliError::Unreachable { addr, path, reason };
-    let timeout = std::time::Duration::from_secs(5);
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| fail(e.to_string()))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .map_err(|e| fail(e.to_string()))?;
     let mut response = String::new();
@@ -304,6 +343,146 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
             }
         }
         Err(e) => writeln!(out, "dead-letters:  (cannot read the buffer: {e})")?,
+    }
+    Ok(())
+}
+
+/// `--since`: an RFC 3339 time, or a duration back from now (`2h`, `30m`); Unix milliseconds.
+pub fn parse_since(text: &str) -> Result<i64, CliError> {
+    if let Some(t) = crate::reading::Timestamp::parse_rfc3339(text) {
+        return Ok(t.unix_millis());
+    }
+    let back = humantime::parse_duration(text.trim()).map_err(|_| CliError::Since(text.into()))?;
+    Ok(db::now_ms().saturating_sub(i64::try_from(back.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// `dead-letters replay`: asks the running gateway to replay (the mapping in force, its store
+/// thread); with no gateway listening, opens the buffer itself under its lock. See
+/// [`crate::replay`].
+pub fn dead_letters_replay(
+    config_path: &Path,
+    filter: store::ReplayFilter,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let c = config::load(config_path)?;
+    let addr = c.http.listen;
+    let path = crate::replay::PATH;
+    let (report, via) =
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+            Ok(s) => {
+                let body = serde_json::to_string(&filter).unwrap_or_default();
+                // A replay of many rows is one transaction: give it time.
+                let timeout = std::time::Duration::from_secs(120);
+                let (status, answer) = http_exchange(s, addr, "POST", path, &body, timeout)?;
+                if status != 200 {
+                    return Err(CliError::Gateway {
+                        addr,
+                        path,
+                        status,
+                        body: answer.trim().to_string(),
+                    });
+                }
+                let report: store::ReplayReport =
+                    serde_json::from_str(&answer).map_err(|e| CliError::Gateway {
+                        addr,
+                        path,
+                        status,
+                        body: format!("not a replay report ({e}): {}", answer.trim()),
+                    })?;
+                (report, format!("by the running gateway (http://{addr})"))
+            }
+            Err(e) => (
+                replay_offline(&c, filter, e.to_string())?,
+                format!("in {} (no gateway running)", c.store_path().display()),
+            ),
+        };
+    print_replay(&report, &via, out)
+}
+
+/// The replay without a gateway: the store started here, holding the buffer's lock. A gateway
+/// that starts meanwhile waits for the lock; one that holds it makes this fail ([`CliError::Busy`]).
+fn replay_offline(
+    c: &config::Config,
+    filter: store::ReplayFilter,
+    unreachable: String,
+) -> Result<store::ReplayReport, CliError> {
+    let path = c.store_path();
+    if !path.exists() {
+        return Err(StoreError::Missing { path }.into());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(async {
+        let started = store::start_locked(
+            path,
+            c.buffer.clone(),
+            c.quality.low_battery,
+            std::sync::Arc::new(crate::metrics::Metrics::new()),
+            std::time::Duration::ZERO,
+        );
+        let (handle, thread) = match started {
+            Ok(s) => s,
+            Err(StoreError::Locked { lock, .. }) => {
+                return Err(CliError::Busy {
+                    addr: c.http.listen,
+                    reason: unreachable,
+                    lock,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let plan = std::sync::Arc::new(crate::replay::Plan::new(c));
+        let report = handle.replay(filter, plan).await;
+        // The writer commits what is pending and releases the lock once its last handle is gone.
+        drop(handle);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        Ok(report?)
+    })
+}
+
+/// One line per reason: replayed (readings stored), still rejected, skipped, with why.
+fn print_replay(
+    report: &store::ReplayReport,
+    via: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let replayed: u64 = report.reasons.values().map(|r| r.replayed).sum();
+    let readings: u64 = report.reasons.values().map(|r| r.readings).sum();
+    if report.dry_run {
+        writeln!(
+            out,
+            "dry run {via}: nothing changed. A replay would replay {replayed} dead-letter(s), storing {readings} reading(s):"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "replayed {replayed} dead-letter(s) {via}: {readings} reading(s) stored"
+        )?;
+    }
+    if report.reasons.is_empty() {
+        writeln!(out, "  no dead-letters match")?;
+    }
+    for (reason, r) in &report.reasons {
+        let skipped: u64 = r.skipped.values().sum();
+        writeln!(
+            out,
+            "  {reason:<20} replayed {} ({} readings), still rejected {}, skipped {skipped}",
+            r.replayed, r.readings, r.still_rejected
+        )?;
+        if let Some(example) = &r.example {
+            writeln!(out, "    still rejected, e.g. {example} (kept)")?;
+        }
+        for (why, n) in &r.skipped {
+            writeln!(out, "    skipped {n}: {why} (kept)")?;
+        }
+    }
+    if report.buffer_full {
+        writeln!(
+            out,
+            "stopped early: the buffer is full or the disk reserve reached; the rest is kept, replay again later"
+        )?;
     }
     Ok(())
 }

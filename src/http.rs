@@ -1,5 +1,6 @@
 //! `/healthz`, `/readyz` and `/metrics` on a loopback socket. Ready means: the store writes,
-//! NATS is connected, and every MQTT listener is bound.
+//! NATS is connected, and every MQTT listener is bound. `POST /dead-letters/replay` runs
+//! `dead-letters replay` for the CLI ([`crate::replay`]), for loopback peers only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +15,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::replay;
+use crate::store::ReplayFilter;
+
+/// Largest replay request body: a filter is a few fields.
+const REPLAY_BODY_MAX: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for HTTP on {addr}: {source} (set [http] listen to a free loopback port)")]
@@ -35,17 +41,25 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    replay: replay::Service,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
                 let metrics = metrics.clone();
+                let replay = replay.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let metrics = metrics.clone();
-                        async move { Ok::<_, Infallible>(route(&req, &metrics)) }
+                        let replay = replay.clone();
+                        async move {
+                            if req.uri().path() == replay::PATH {
+                                return Ok::<_, Infallible>(replay_route(req, peer, &replay).await);
+                            }
+                            Ok(route(&req, &metrics))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -111,6 +125,70 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "not found: try /healthz, /readyz or /metrics\n".into(),
         ),
+    }
+}
+
+/// `POST /dead-letters/replay`: a [`ReplayFilter`] as JSON in, a `ReplayReport` as JSON out.
+/// It changes the buffer, so only loopback peers may ask, whatever `[http] listen` is.
+async fn replay_route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    service: &replay::Service,
+) -> Response<Full<Bytes>> {
+    use http_body_util::{BodyExt, Limited};
+    if !peer.ip().is_loopback() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "dead-letters replay is served to loopback clients only\n".into(),
+        );
+    }
+    if req.method() != hyper::Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST a JSON filter (`sahool-gateway dead-letters replay` does)\n".into(),
+        );
+    }
+    // A web page can make a browser on this host POST here, but not with this content type
+    // (that needs a CORS preflight, which is never answered).
+    let json = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !json {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the filter as Content-Type: application/json\n".into(),
+        );
+    }
+    let body = match Limited::new(req.into_body(), REPLAY_BODY_MAX)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("request body: {e}\n")),
+    };
+    let filter: ReplayFilter = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("not a replay filter: {e}\n"),
+            )
+        }
+    };
+    match service.replay(filter).await {
+        Ok(report) => {
+            let mut r = text(
+                StatusCode::OK,
+                serde_json::to_string(&report).unwrap_or_default(),
+            );
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 

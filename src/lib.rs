@@ -24,7 +24,11 @@
 //! - [`secrets`]: secrets read from files (`${CREDENTIALS_DIRECTORY}`), weak passwords refused.
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
-//! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list`.
+//! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list` and
+//!   `replay`.
+//! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running
+//!   gateway's `POST /dead-letters/replay` or, with none running, the buffer opened under its
+//!   lock; the transaction itself is the store's.
 //! - [`systemd`]: the notify protocol: READY, STATUS, WATCHDOG from the pipeline's progress.
 //! - [`backoff`]: retry delays shared by every reconnecting part.
 //! - [`log_limit`]: rate limits for log lines that repeat while a fault lasts.
@@ -42,6 +46,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod nats;
 pub mod reading;
+pub mod replay;
 pub mod secrets;
 pub mod sources;
 pub mod store;

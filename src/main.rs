@@ -109,6 +109,29 @@ enum DeadLetterCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Map kept messages again with the current config and store their readings, removing
+    /// their dead-letters: MQTT messages and lines of `lines` ports. Asks the running gateway
+    /// (over [http] listen), or opens the buffer itself when none runs. Flood limits do not
+    /// apply; a message still rejected stays dead-lettered.
+    Replay {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Only rows of this reason (e.g. unknown_device, out_of_range, rate_limited).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only rows of this [[mqtt]] source, [[mqtt_listener]] or [[serial]] port.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only rows kept since: an RFC 3339 time, or a duration back from now (2h, 30m).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many rows, oldest first.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Print what a replay would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn init_logging() {
@@ -196,6 +219,30 @@ fn main() -> ExitCode {
         Command::DeadLetters {
             command: DeadLetterCommand::List { config, limit },
         } => cli::dead_letters_list(&config, limit, &mut stdout),
+        Command::DeadLetters {
+            command:
+                DeadLetterCommand::Replay {
+                    config,
+                    reason,
+                    source,
+                    since,
+                    limit,
+                    dry_run,
+                },
+        } => since
+            .as_deref()
+            .map(cli::parse_since)
+            .transpose()
+            .and_then(|since_ms| {
+                let filter = sahool_gateway::store::ReplayFilter {
+                    reason,
+                    source,
+                    since_ms,
+                    limit,
+                    dry_run,
+                };
+                cli::dead_letters_replay(&config, filter, &mut stdout)
+            }),
         Command::Passwd { file, user } => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {

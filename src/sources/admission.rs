@@ -62,12 +62,14 @@ impl Admission {
 
     /// Screens what the mapping made of one message. `rejected` are the input's own
     /// rejections (framing, syntax); `context` starts every dead-letter's detail (`topic T`,
-    /// `port P`); `raw` is kept with every dead-letter of the message.
+    /// `port P`); `raw` (and the MQTT `topic`) is kept with every dead-letter of the message,
+    /// so `dead-letters replay` can map it again.
     pub fn admit(
         &self,
         mapped: Mapped,
         rejected: &[Rejection],
         context: &str,
+        topic: Option<&str>,
         raw: &[u8],
         now: Instant,
     ) -> Admitted {
@@ -85,17 +87,18 @@ impl Admission {
                 tracing::warn!(source = %self.source, device = %first.device, readings = first.count, repeats = held, detail = %first.detail, "flood limit: readings dead-lettered (reason rate_limited; `dead-letters replay --reason rate_limited` brings them back)");
             }
         }
+        // A device's refused readings are replayed without the rest of the message, which
+        // was stored: the dead-letter names the device.
         let rate_limited = screened.rejected.into_iter().map(|r| {
             let readings = if r.count == 1 { "reading" } else { "readings" };
-            Rejection::new(
-                Reason::RateLimited,
-                format!("{} {readings}: {}", r.count, r.detail),
-            )
+            let why = format!("{} {readings}: {}", r.count, r.detail);
+            (Rejection::new(Reason::RateLimited, why), Some(r.device))
         });
-        let rejections: Vec<Rejection> = rejected
+        let rejections: Vec<(Rejection, Option<String>)> = rejected
             .iter()
             .cloned()
             .chain(mapped.rejections)
+            .map(|r| (r, None))
             .chain(rate_limited)
             .collect();
         let dead_letters = if rejections.is_empty() {
@@ -104,11 +107,13 @@ impl Admission {
             let raw: Arc<[u8]> = Arc::from(raw);
             rejections
                 .into_iter()
-                .map(|r| NewDeadLetter {
+                .map(|(r, device)| NewDeadLetter {
                     source: self.source.clone(),
                     reason: r.reason,
                     detail: format!("{context}: {}", r.detail),
                     raw: raw.clone(),
+                    topic: topic.map(str::to_string),
+                    device,
                 })
                 .collect()
         };

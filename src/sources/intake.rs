@@ -232,6 +232,7 @@ impl<T: Send + 'static> Intake<T> {
             mapped,
             &[],
             &format!("topic {topic}"),
+            Some(&topic),
             &m.payload,
             Instant::now(),
         );

@@ -11,7 +11,7 @@ use super::StoreError;
 use crate::config::Synchronous;
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -98,9 +98,21 @@ ALTER TABLE recent_messages_v4 RENAME TO recent_messages;
 DELETE FROM recent_readings;
 ";
 
+/// Schema version 5: what `dead-letters replay` needs. `topic`: the MQTT topic of a message
+/// (NULL for other sources); rows from before take it from their detail, which intake wrote as
+/// `topic {topic}: ...`. `device`: set when only that device's readings of the message were
+/// rejected (rate limits), so a replay keeps only those and does not double the others.
+const SCHEMA_V5: &str = "
+ALTER TABLE dead_letters ADD COLUMN topic TEXT;
+ALTER TABLE dead_letters ADD COLUMN device TEXT;
+CREATE INDEX dead_letters_by_time ON dead_letters (at_ms);
+UPDATE dead_letters SET topic = substr(detail, 7, instr(detail, ': ') - 7)
+    WHERE detail LIKE 'topic %' AND instr(detail, ': ') > 7;
+";
+
 /// The steps from each version to the next: `STEPS[v..]` brings a file at version `v` (0: a
 /// new file) to [`SCHEMA_VERSION`].
-const STEPS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const STEPS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 const TABLES: [&str; 7] = [
     "outbox",
@@ -436,22 +448,33 @@ pub struct DeadLetterRow {
     pub reason: String,
     pub detail: String,
     pub raw: Vec<u8>,
+    /// The MQTT topic of the message (schema 5).
+    pub topic: Option<String>,
+    /// Only this device's readings of the message were rejected (schema 5).
+    pub device: Option<String>,
+}
+
+/// Columns read into a [`DeadLetterRow`] by [`dead_letter_row`].
+pub const DEAD_LETTER_COLUMNS: &str = "id, at_ms, source, reason, detail, raw, topic, device";
+
+pub fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
+    Ok(DeadLetterRow {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        source: r.get(2)?,
+        reason: r.get(3)?,
+        detail: r.get(4)?,
+        raw: r.get(5)?,
+        topic: r.get(6)?,
+        device: r.get(7)?,
+    })
 }
 
 pub fn dead_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<DeadLetterRow>> {
-    let mut stmt = conn.prepare(
-        "SELECT id, at_ms, source, reason, detail, raw FROM dead_letters ORDER BY id DESC LIMIT ?1",
-    )?;
-    let rows = stmt.query_map([limit as i64], |r| {
-        Ok(DeadLetterRow {
-            id: r.get(0)?,
-            at_ms: r.get(1)?,
-            source: r.get(2)?,
-            reason: r.get(3)?,
-            detail: r.get(4)?,
-            raw: r.get(5)?,
-        })
-    })?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY id DESC LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([limit as i64], dead_letter_row)?;
     rows.collect()
 }
 
@@ -510,8 +533,9 @@ mod tests {
         assert_eq!(corrupt_files(dir.path()), 3);
     }
 
-    /// A buffer as `version` (1 to 3) left it: a row waiting and a message remembered; from
-    /// version 2 a reading remembered, from version 3 a firmware frame.
+    /// A buffer as `version` (1 to 4) left it: a row waiting, a message remembered and two
+    /// dead-letters (MQTT and serial); from version 2 a reading remembered, from version 3 a
+    /// firmware frame.
     fn old_file(path: &Path, version: usize) {
         let conn = Connection::open(path).unwrap();
         let steps = STEPS[..version].join("\n");
@@ -529,6 +553,12 @@ mod tests {
         conn.execute(
             "INSERT INTO recent_messages (key) VALUES (?1)",
             [&[5u8; 16][..]],
+        )
+        .unwrap();
+        conn.execute_batch(
+            "INSERT INTO dead_letters (at_ms, source, reason, detail, raw) VALUES
+                (500, 'farm', 'unknown_device', 'topic sahool/sensors/p-9/f: unknown device p-9: add it', x'7b7d'),
+                (600, 'talker', 'malformed', 'port talker: `x` is not key=value', x'78');",
         )
         .unwrap();
         if version >= 2 {
@@ -583,7 +613,12 @@ mod tests {
         let readings: i64 = conn
             .query_row("SELECT count(*) FROM recent_readings", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(readings, 0, "old-style observation keys are dropped");
+        // Keys from before version 4 are old-style and dropped; version 4 keys stay.
+        assert_eq!(
+            readings,
+            i64::from(version >= 4),
+            "observation keys (version {version})"
+        );
         let frames: Vec<(i64, Vec<u8>)> = conn
             .prepare("SELECT node, key FROM recent_frames")
             .unwrap()
@@ -597,6 +632,19 @@ mod tests {
             vec![]
         };
         assert_eq!(frames, expected, "frames kept (version {version})");
+        let mut letters = dead_letters(&conn, 10).unwrap();
+        letters.reverse();
+        assert_eq!(letters.len(), 2, "dead-letters kept (version {version})");
+        assert_eq!(
+            (letters[0].at_ms, letters[0].raw.as_slice()),
+            (500, &b"{}"[..])
+        );
+        assert_eq!(
+            letters[0].topic.as_deref(),
+            Some("sahool/sensors/p-9/f"),
+            "topic taken from the detail (version {version})"
+        );
+        assert_eq!((&letters[1].topic, &letters[1].device), (&None, &None));
         // No index on the message keys any more: the same key may be stored twice.
         conn.execute(
             "INSERT INTO recent_messages (key) VALUES (?1)",

@@ -1,6 +1,6 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 4; older files are
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 5; older files are
 //! migrated when opened, see [`db`])
 //! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
 //!   empty for rows stored since version 4: their id derives from the seq ([`db::event_id`]),
@@ -10,9 +10,13 @@
 //!   [`Reading::to_row`]); the event JSON is rendered at publish time.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids.
-//! - `dead_letters(id PK, at_ms, source, reason, detail, raw)`: inputs that could not become
-//!   readings and publishes the server refused for good, with their raw bytes; bounded by
-//!   `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
+//! - `dead_letters(id PK, at_ms, source, reason, detail, raw, topic, device)`: inputs that could
+//!   not become readings and publishes the server refused for good, with their raw bytes;
+//!   bounded by `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
+//!   `topic`: an MQTT message's topic; `device`: only that device's readings of the message were
+//!   rejected. Indexed by `at_ms`: the rows one message left share it (`replay.rs`).
+//! - `{file}.lock` (beside the database): an advisory `flock` held by the one process that
+//!   writes the buffer (the gateway, or `dead-letters replay` when none runs), see `lock.rs`.
 //! - `seq.floor` (a text file beside the database): a reserved high-water mark of `seq`, so a
 //!   fresh database after corruption recovery continues above every seq ever handed out.
 //! - `recent_messages(id PK, key)`: hashes of the last [`recent::RECENT_MESSAGES`] source
@@ -50,10 +54,15 @@
 //!    committed.
 //! 7. Deduplication keys are remembered only for readings actually stored, so a reading refused
 //!    by a bound is not mistaken for a repeat when it is offered again.
+//! 8. A dead-letter leaves `dead_letters` only by the `dead_letter_max` bound, or by a replay
+//!    ([`StoreHandle::replay`]) in the transaction that stores its message's readings; rows of a
+//!    message the current mapping still rejects, or that cannot be replayed, stay unchanged.
 
 pub mod db;
 pub mod liveness;
+mod lock;
 mod recent;
+mod replay;
 mod seq_floor;
 
 use std::ops::RangeInclusive;
@@ -70,6 +79,7 @@ use crate::mapping::Reason;
 use crate::metrics::Metrics;
 use crate::reading::{Reading, KIND_STATUS};
 pub use db::{DeadLetterRow, OutboxRow};
+pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
 
 /// Device observations remembered for duplicate detection.
 pub const RECENT_READINGS: i64 = 200_000;
@@ -107,6 +117,8 @@ pub enum StoreError {
     NewerSchema { path: PathBuf, found: i64 },
     #[error("no buffer at {path}: has the gateway run with this config?")]
     Missing { path: PathBuf },
+    #[error("buffer {path} is in use by another process: a running gateway or `dead-letters replay` holds {lock}")]
+    Locked { path: PathBuf, lock: PathBuf },
     #[error("the buffer's writer thread has stopped")]
     Closed,
     #[error("commit failed: {0}")]
@@ -120,6 +132,11 @@ pub struct NewDeadLetter {
     pub reason: Reason,
     pub detail: String,
     pub raw: Arc<[u8]>,
+    /// The MQTT topic the message came on: `dead-letters replay` maps the message again with it.
+    pub topic: Option<String>,
+    /// Set when only this device's readings of the message were rejected: a replay keeps only
+    /// its readings, so the others of the message (stored the first time) are not doubled.
+    pub device: Option<String>,
 }
 
 /// Everything one source message produced, committed together or not at all.
@@ -194,6 +211,11 @@ enum Command {
     },
     Flush(oneshot::Sender<()>),
     Maintain,
+    Replay {
+        filter: ReplayFilter,
+        mapper: Arc<dyn ReplayMapper>,
+        reply: oneshot::Sender<Result<ReplayReport, StoreError>>,
+    },
 }
 
 /// Cloneable access to the owner thread.
@@ -260,11 +282,35 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
+    /// `dead-letters replay`: maps the kept messages `filter` selects again with `mapper` and
+    /// stores their readings, deleting their dead-letters in the same transaction (see
+    /// `replay.rs`). With `filter.dry_run`, reports what would happen and changes nothing.
+    pub async fn replay(
+        &self,
+        filter: ReplayFilter,
+        mapper: Arc<dyn ReplayMapper>,
+    ) -> Result<ReplayReport, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Replay {
+                filter,
+                mapper,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Highest committed seq; changes whenever new rows commit.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
     }
 }
+
+/// How long [`start`] waits for the buffer's lock (`lock.rs`): a `dead-letters replay` run
+/// without a gateway holds it for a moment.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Opens the buffer and starts its owner thread. The thread ends when every handle is dropped.
 pub fn start(
@@ -273,6 +319,18 @@ pub fn start(
     low_battery: f64,
     metrics: Arc<Metrics>,
 ) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
+    start_locked(path, buffer, low_battery, metrics, LOCK_WAIT)
+}
+
+/// As [`start`], waiting at most `lock_wait` for another process to release the buffer.
+pub fn start_locked(
+    path: PathBuf,
+    buffer: Buffer,
+    low_battery: f64,
+    metrics: Arc<Metrics>,
+    lock_wait: Duration,
+) -> Result<(StoreHandle, std::thread::JoinHandle<()>), StoreError> {
+    let lock = lock::acquire(&path, lock_wait)?;
     let floor = seq_floor::SeqFloor::load(&path.with_file_name("seq.floor"));
     // Sequence numbers were handed out: this buffer has held rows, so an empty file lost them.
     let has_held_rows = floor.reserved() > 1;
@@ -321,6 +379,7 @@ pub fn start(
         acked_seqs: 0,
         recent,
         event_salt,
+        _lock: lock,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -372,6 +431,8 @@ struct Writer {
     acked_seqs: u64,
     recent: recent::RecentMessages,
     event_salt: [u8; 16],
+    /// Held as long as the writer lives: no other process writes the buffer meanwhile.
+    _lock: lock::BufferLock,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -445,6 +506,7 @@ impl Writer {
         let mut reads = Vec::new();
         let mut refused = Vec::new();
         let mut flushes = Vec::new();
+        let mut replays = Vec::new();
         let mut maintain = false;
         for c in batch {
             match c {
@@ -456,6 +518,11 @@ impl Writer {
                 Command::Refused { seq, detail, raw } => refused.push((seq, detail, raw)),
                 Command::Flush(reply) => flushes.push(reply),
                 Command::Maintain => maintain = true,
+                Command::Replay {
+                    filter,
+                    mapper,
+                    reply,
+                } => replays.push((filter, mapper, reply)),
                 read @ Command::Fetch { .. } => reads.push(read),
             }
         }
@@ -525,6 +592,11 @@ impl Writer {
                 }
             }
         }
+        // In a transaction of their own, after the group: a replay maps many messages and must
+        // not hold up the commits of live intake queued with it.
+        for (filter, mapper, reply) in replays {
+            let _ = reply.send(self.replay(&filter, &*mapper));
+        }
         for read in reads {
             if let Command::Fetch {
                 after,
@@ -564,7 +636,14 @@ impl Writer {
         for (seq, detail, raw) in refused {
             if delete_row(&tx, *seq, delta)?.is_some() {
                 delta.refused += 1;
-                insert_dead_letter(&tx, now, "forwarder", Reason::PublishRefused, detail, raw)?;
+                let refusal = DeadLetterText {
+                    source: "forwarder",
+                    reason: Reason::PublishRefused,
+                    detail,
+                    topic: None,
+                    device: None,
+                };
+                insert_dead_letter(&tx, now, &refusal, raw)?;
                 delta.dead_letters_added += 1;
             }
         }
@@ -578,13 +657,32 @@ impl Writer {
             .filter(|(_, outcome)| matches!(outcome, AppendOutcome::Stored { .. }))
             .flat_map(|((append, _), _)| &append.readings)
             .collect();
-        let mut changes = liveness::observe(&tx, &stored, now, self.low_battery)?;
+        self.status_and_seq(&tx, &stored, now, maintain, delta)?;
         if maintain {
-            changes.extend(liveness::expire(&tx, now)?);
+            self.expire(&tx, now, delta)?;
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    /// The end of every transaction that stores readings: status events from the readings
+    /// stored (with `maintain`, also from sensors gone silent), and `next_seq` past every row
+    /// numbered.
+    fn status_and_seq(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        stored: &[&Reading],
+        now: i64,
+        maintain: bool,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<()> {
+        let mut changes = liveness::observe(tx, stored, now, self.low_battery)?;
+        if maintain {
+            changes.extend(liveness::expire(tx, now)?);
         }
         for change in &changes {
             insert_row(
-                &tx,
+                tx,
                 KIND_STATUS,
                 &postcard::to_stdvec(change).unwrap_or_default(),
                 now,
@@ -596,11 +694,7 @@ impl Writer {
             tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
                 .execute([delta.next_seq as i64])?;
         }
-        if maintain {
-            self.expire(&tx, now, delta)?;
-        }
-        tx.commit()?;
-        Ok(outcomes)
+        Ok(())
     }
 
     fn append_one(
@@ -683,7 +777,7 @@ impl Writer {
             .filter(|r| r.original_timestamp.is_some())
             .count() as u64;
         for d in &append.dead_letters {
-            insert_dead_letter(tx, now, &d.source, d.reason, &d.detail, &d.raw)?;
+            insert_dead_letter(tx, now, &DeadLetterText::of(d), &d.raw)?;
             delta.dead_letters_added += 1;
             delta.rejected.push(d.reason);
         }
@@ -933,19 +1027,38 @@ fn delete_row(
     Ok(row.map(|(kind, len)| delta.removed(kind, len)))
 }
 
+/// A dead-letter's columns besides its time and raw bytes.
+struct DeadLetterText<'a> {
+    source: &'a str,
+    reason: Reason,
+    detail: &'a str,
+    topic: Option<&'a str>,
+    device: Option<&'a str>,
+}
+
+impl<'a> DeadLetterText<'a> {
+    fn of(d: &'a NewDeadLetter) -> Self {
+        Self {
+            source: &d.source,
+            reason: d.reason,
+            detail: &d.detail,
+            topic: d.topic.as_deref(),
+            device: d.device.as_deref(),
+        }
+    }
+}
+
 fn insert_dead_letter(
     tx: &rusqlite::Transaction<'_>,
     now: i64,
-    source: &str,
-    reason: Reason,
-    detail: &str,
+    d: &DeadLetterText<'_>,
     raw: &[u8],
 ) -> rusqlite::Result<()> {
     let raw = &raw[..raw.len().min(db::DEAD_LETTER_RAW_MAX)];
     tx.prepare_cached(
-        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw, topic, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![now, source, reason.label(), detail, raw])?;
+    .execute(params![now, d.source, d.reason.label(), d.detail, raw, d.topic, d.device])?;
     Ok(())
 }
 

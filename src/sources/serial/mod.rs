@@ -375,6 +375,7 @@ impl PortContext {
             mapped,
             &batch.rejected,
             &format!("port {name}"),
+            None,
             &batch.raw,
             Instant::now(),
         );
