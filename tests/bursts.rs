@@ -225,6 +225,11 @@ async fn a_device_uploading_its_day_of_backlog_keeps_every_reading() {
     assert_eq!(rate_limited(&gateway), 0.0);
 }
 
+/// The faulty device's `i`th reading's value: distinct for every `i` below 100,000.
+fn faulty_value(i: usize) -> f64 {
+    (i % 100) as f64 + (i / 100) as f64 / 1000.0
+}
+
 /// A faulty device stamps readings 1 ms apart and sends them at 1 kHz for 10 s, beside three
 /// normal probes reporting every half second. The normal ones lose nothing; of the faulty
 /// one's 10,000, what its window allows is in the stream and every other one is dead-lettered
@@ -246,13 +251,7 @@ async fn a_device_claiming_1khz_is_held_to_its_limit_and_the_others_lose_nothing
         let mut acked = 0;
         for burst in 0..sent / 100 {
             let messages = (burst * 100..(burst + 1) * 100)
-                .map(|i| {
-                    reading(
-                        "faulty",
-                        (i % 100) as f64 + (i / 100) as f64 / 1000.0,
-                        Some(start + i as i64),
-                    )
-                })
+                .map(|i| reading("faulty", faulty_value(i), Some(start + i as i64)))
                 .collect();
             acked += publish_all(port, &format!("faulty-{burst}"), messages).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -322,4 +321,12 @@ async fn a_device_claiming_1khz_is_held_to_its_limit_and_the_others_lose_nothing
             "the reason says why: {d}"
         );
     }
+
+    // The operator decides the burst was real after all: a replay brings back every refused
+    // reading, once, beside the ones already forwarded.
+    let replay = gateway.cli(&["dead-letters", "replay", "--reason", "rate_limited"]);
+    assert!(replay.status.success(), "{replay:?}");
+    let events = wait_in_stream(&nats, &gateway, 3 * normal_sent + sent).await;
+    let faulty_values: Vec<f64> = (0..sent).map(faulty_value).collect();
+    assert_once(&by_device(&events), "faulty", &faulty_values);
 }
