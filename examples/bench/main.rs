@@ -16,19 +16,22 @@
 //! 4. backlog drain: 1,000,000 readings buffered while NATS is down, then NATS started;
 //! 5. latency from MQTT publish to stored in JetStream at a steady 1,000 readings/s;
 //! 6. footprint: peak RSS at 10,000 readings/s and during the drain, binary sizes, buffer
-//!    bytes per reading.
+//!    bytes per reading;
+//! 7. flood isolation: normal devices' latency while one device floods, with the shipped
+//!    flood limits, and how much of the flood was stored.
 //!
 //! The table is printed and written as JSON to `target/bench/results.json`. Figures are
 //! printed, never asserted: a loaded machine gives lower numbers, not a failure.
 //!
 //! Options: `--quick`, `--runs N`, `--out FILE`, `--only PHASE,...` (of `ceilings`,
-//! `throughput`, `latency`, `steady`, `drain`: to look at one part again).
+//! `throughput`, `latency`, `steady`, `drain`, `flood`: to look at one part again).
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
 mod backlog;
 mod ceilings;
+mod flood;
 mod measure;
 mod publisher;
 mod report;
@@ -58,6 +61,8 @@ pub struct Sizes {
     pub store_rows: u64,
     /// Seconds of fsyncs.
     pub fsync_secs: f64,
+    /// Seconds of each half of the flood-isolation measurement.
+    pub flood_secs: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -69,6 +74,7 @@ const FULL: Sizes = Sizes {
     windows: &[256, 1024, 4096],
     store_rows: 200_000,
     fsync_secs: 2.0,
+    flood_secs: 10,
 };
 
 const QUICK: Sizes = Sizes {
@@ -80,6 +86,7 @@ const QUICK: Sizes = Sizes {
     windows: &[1024],
     store_rows: 10_000,
     fsync_secs: 0.3,
+    flood_secs: 2,
 };
 
 /// The steady rates of the latency and footprint measurements.
@@ -217,7 +224,14 @@ async fn bench(options: Options) -> ExitCode {
 }
 
 /// The parts of a run, for `--only`.
-const PHASES: &[&str] = &["ceilings", "throughput", "latency", "steady", "drain"];
+const PHASES: &[&str] = &[
+    "ceilings",
+    "throughput",
+    "latency",
+    "steady",
+    "drain",
+    "flood",
+];
 
 async fn one_run(sizes: &Sizes, only: &[String], report: &mut Report) {
     let wanted = |phase: &str| only.is_empty() || only.iter().any(|o| o == phase);
@@ -327,6 +341,50 @@ async fn one_run(sizes: &Sizes, only: &[String], report: &mut Report) {
     if wanted("drain") {
         drain_phase(sizes, report).await;
     }
+    if wanted("flood") {
+        flood_phase(sizes, report).await;
+    }
+}
+
+/// 7. Flood isolation.
+async fn flood_phase(sizes: &Sizes, report: &mut Report) {
+    let f = flood::isolation(sizes.flood_secs).await;
+    for (half, samples) in [("quiet", &f.quiet_ms), ("flooded", &f.flooded_ms)] {
+        for (name, q) in [("p50", 0.50), ("p99", 0.99)] {
+            report.add(
+                Section::Flood,
+                &format!("flood.{half}.{name}"),
+                &format!("calm probes' latency, {half}: {name}"),
+                "ms",
+                None,
+                measure::quantile(samples, q),
+            );
+        }
+    }
+    report.add(
+        Section::Flood,
+        "flood.calm_lost",
+        "calm readings lost",
+        "readings",
+        Some(Target::AtMost(0.0)),
+        f.calm_lost as f64,
+    );
+    report.add(
+        Section::Flood,
+        "flood.faulty_rate",
+        "  faulty device's rate offered",
+        "readings/s",
+        None,
+        f.faulty_sent as f64 / sizes.flood_secs as f64,
+    );
+    report.add(
+        Section::Flood,
+        "flood.faulty_stored",
+        "  of its readings stored (the rest dead-lettered as rate_limited)",
+        "readings",
+        None,
+        f.faulty_stored as f64,
+    );
 }
 
 /// 1. Ceilings; returns the JetStream one (best window).

@@ -15,6 +15,7 @@ pub enum Section {
     Drain,
     Latency,
     Footprint,
+    Flood,
 }
 
 impl Section {
@@ -26,6 +27,7 @@ impl Section {
             Self::Drain => "4. Backlog drain: readings buffered while NATS is down",
             Self::Latency => "5. Latency: MQTT publish → stored in JetStream, at a steady 1,000 readings/s",
             Self::Footprint => "6. Footprint",
+            Self::Flood => "7. Flood isolation: 3 probes at 10/s each through mosquitto, alone and while a faulty device floods (readings stamped 1 ms apart, as fast as QoS 1 goes); shipped [quality]",
         }
     }
 }
