@@ -145,12 +145,14 @@ impl Pipeline {
     }
 
     /// With nothing in flight, forgets the rows read ahead, so the store's bounds may take them
-    /// while there is no link to publish them (invariant 8).
-    fn forget_read_ahead(&mut self) {
-        if self.fetching.is_some() || !self.queue.is_empty() {
+    /// while there is no link to publish them (invariant 8). True if there were any.
+    fn forget_read_ahead(&mut self) -> bool {
+        let any = self.fetching.is_some() || !self.queue.is_empty();
+        if any {
             let first = self.queue.front().map_or(self.cursor + 1, |r| r.seq);
             self.resume_at(first);
         }
+        any
     }
 
     fn oldest_sent(&self) -> Option<&Instant> {
@@ -279,6 +281,9 @@ impl Forwarder {
                     // Rows acknowledged while settling leave the buffer before it is read
                     // again (the flush commits their deletion).
                     p.resume_at(resume);
+                    // Told even if it was the last word: a read just dropped may have claimed
+                    // rows after it.
+                    reported = None;
                     if self.report(&mut acked, None, &mut reported).await.is_err() {
                         return;
                     }
@@ -289,7 +294,9 @@ impl Forwarder {
                     continue;
                 }
                 if !connected {
-                    p.forget_read_ahead();
+                    if p.forget_read_ahead() {
+                        reported = None;
+                    }
                     if self.session.take().is_some() {
                         self.metrics.nats_connected.set(0);
                     }
