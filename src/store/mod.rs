@@ -1677,4 +1677,30 @@ mod tests {
         close(store, thread).await;
         totals_hold(&path);
     }
+    #[tokio::test]
+    async fn totals_start_for_a_buffer_from_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let readings: Vec<Reading> = (0..5).map(reading).collect();
+        bytes_of(&path, &readings).await;
+        // As a buffer written by a version without the totals.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta WHERE key LIKE 'count_%'", [])
+            .unwrap();
+        drop(conn);
+        let (store, thread) = start(
+            path.clone(),
+            Buffer::default(),
+            20.0,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        append(&store, message(5, false)).await;
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(
+            c.accepted, 6,
+            "the 5 it held count as accepted, then 1 more"
+        );
+    }
 }
