@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::config::{self, ConfigError};
+use crate::store::counts::DropReason;
 use crate::store::{self, db, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,11 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
             "oldest_age_seconds": age_s,
             "next_seq": s.next_seq,
             "dead_letters": s.dead_letters_by_reason.iter().map(|(r, n)| (r.clone(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+            // Lifetime totals: accepted = forwarded + dropped + refused + readings.
+            "accepted": s.counts.accepted,
+            "forwarded": s.counts.forwarded,
+            "dropped": DropReason::ALL.map(|r| (r.label(), s.counts.dropped(r))).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "refused": s.counts.refused,
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -132,6 +138,19 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
         None => writeln!(out, "oldest:        (empty)")?,
     }
     writeln!(out, "next seq:      {}", s.next_seq)?;
+    let c = &s.counts;
+    writeln!(
+        out,
+        "since created: accepted {}, forwarded {}, dropped {}, refused {}, buffered {}",
+        c.accepted,
+        c.forwarded,
+        c.dropped_total(),
+        c.refused,
+        s.readings
+    )?;
+    for r in DropReason::ALL {
+        writeln!(out, "  dropped {:<12} {}", r.label(), c.dropped(r))?;
+    }
     let total: u64 = s.dead_letters_by_reason.iter().map(|(_, n)| n).sum();
     writeln!(out, "dead-letters:  {total}")?;
     for (reason, n) in &s.dead_letters_by_reason {

@@ -27,6 +27,14 @@
 //!    did not get its own PubAck: rows read in one pass are consecutive in the buffer, and a seq
 //!    between two of them without a row can never get one.
 //!
+//! 8. The store's bounds never delete a row the forwarder may still publish: a fetch claims the
+//!    rows it returns, and the forwarder tells the store ([`StoreHandle::holding`]) the lowest
+//!    seq it read that may still be published (in flight, failed and awaiting its resend,
+//!    queued, or in a read under way), always after the acks of the rows below it. Without a
+//!    link, once nothing is in flight, it forgets the rows read ahead and holds none, so the
+//!    bounds can take the oldest rows during an outage. A reading counted as dropped thus never
+//!    reaches the stream.
+//!
 //! Why 4 and 6: a publish sent past one that is lost can be stored before the lost one's
 //! resend (a cluster elects a new stream leader, which takes the later publish), and the stream
 //! would hold them out of order. So the forwarder stops sending as soon as trouble shows,
@@ -115,8 +123,8 @@ struct Pipeline {
     /// The read of the buffer under way, if any, with the newest committed seq when it began.
     fetching: Option<(u64, Fetch)>,
     inflight: FuturesOrdered<InFlight>,
-    /// When each in-flight publish was sent, in the same order.
-    sent: VecDeque<Instant>,
+    /// When each in-flight publish was sent, and its seq, in the same order.
+    sent: VecDeque<(Instant, u64)>,
     /// Highest seq read from the buffer (queued, in flight or done).
     cursor: u64,
     /// Seq of the last row handed to the client (or refused); 0 after resuming.
@@ -134,6 +142,35 @@ impl Pipeline {
         self.fetching = None;
         self.cursor = seq - 1;
         self.last_published = 0;
+    }
+
+    /// With nothing in flight, forgets the rows read ahead, so the store's bounds may take them
+    /// while there is no link to publish them (invariant 8). True if there were any.
+    fn forget_read_ahead(&mut self) -> bool {
+        let any = self.fetching.is_some() || !self.queue.is_empty();
+        if any {
+            let first = self.queue.front().map_or(self.cursor + 1, |r| r.seq);
+            self.resume_at(first);
+        }
+        any
+    }
+
+    fn oldest_sent(&self) -> Option<&Instant> {
+        self.sent.front().map(|(at, _)| at)
+    }
+
+    /// The lowest seq read from the buffer that may still be published (invariant 8): failed
+    /// and awaiting its resend, in flight, queued, or in a read under way.
+    fn holding(&self, fence: &Fence) -> Option<u64> {
+        [
+            fence.resume_at,
+            self.sent.front().map(|(_, seq)| *seq),
+            self.queue.front().map(|r| r.seq),
+            self.fetching.as_ref().map(|_| self.cursor + 1),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -217,6 +254,8 @@ impl Forwarder {
             last_published: 0,
         };
         let mut acked = AckedRuns::default();
+        // The last `holding` told the store (invariant 8).
+        let mut reported: Option<Option<u64>> = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut link_backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(8));
         // The first link at once; each later one after the link backoff.
@@ -241,18 +280,26 @@ impl Forwarder {
                 if let Some(resume) = fence.settle() {
                     // Rows acknowledged while settling leave the buffer before it is read
                     // again (the flush commits their deletion).
-                    if acked.rows > 0 && self.store.acked(acked.take()).await.is_err() {
+                    p.resume_at(resume);
+                    // Told even if it was the last word: a read just dropped may have claimed
+                    // rows after it.
+                    reported = None;
+                    if self.report(&mut acked, None, &mut reported).await.is_err() {
                         return;
                     }
                     if self.store.flush().await.is_err() {
                         return;
                     }
-                    p.resume_at(resume);
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
-                if !connected && self.session.take().is_some() {
-                    self.metrics.nats_connected.set(0);
+                if !connected {
+                    if p.forget_read_ahead() {
+                        reported = None;
+                    }
+                    if self.session.take().is_some() {
+                        self.metrics.nats_connected.set(0);
+                    }
                 }
                 if self.session.is_none() && opening.is_none() {
                     opening = Some(self.open_link(link_backoff.next_delay()));
@@ -273,7 +320,7 @@ impl Forwarder {
                 ));
             }
             while let Some(session) = self.session.as_ref().filter(|s| s.link.connected()) {
-                if p.inflight.len() >= self.window || !fence.may_send(p.sent.front()) {
+                if p.inflight.len() >= self.window || !fence.may_send(p.oldest_sent()) {
                     break;
                 }
                 let Some(row) = p.queue.pop_front() else {
@@ -286,7 +333,7 @@ impl Forwarder {
                 {
                     Ok(ack) => {
                         p.inflight.push_back(ack);
-                        p.sent.push_back(Instant::now());
+                        p.sent.push_back((Instant::now(), row.seq));
                     }
                     Err((event, Failure::Permanent(why))) => {
                         self.refuse(row.seq, &why, event).await
@@ -301,18 +348,27 @@ impl Forwarder {
                 }
             }
             let flush = acked.rows >= ACK_BATCH || (acked.rows > 0 && p.inflight.is_empty());
-            if flush && self.store.acked(acked.take()).await.is_err() {
+            // What it holds is told only with the acks of the rows below it (or with none
+            // waiting), so the store never sees a row as released before it is acknowledged.
+            let holding = p.holding(&fence);
+            let changed = acked.rows == 0 && reported != Some(holding);
+            if (flush || changed)
+                && self
+                    .report(&mut acked, holding, &mut reported)
+                    .await
+                    .is_err()
+            {
                 return;
             }
             let can_send =
-                connected && p.inflight.len() < self.window && fence.may_send(p.sent.front());
+                connected && p.inflight.len() < self.window && fence.may_send(p.oldest_sent());
             let idle = connected && p.fetching.is_none() && p.queue.len() < FETCH_ROWS / 2;
             tokio::select! {
                 Some(first) = p.inflight.next(), if !p.inflight.is_empty() => {
                     // Every result already in takes one turn of the loop.
                     let mut next = Some(first);
                     while let Some((event, after, result)) = next.take() {
-                        let sent_at = p.sent.pop_front();
+                        let sent_at = p.sent.pop_front().map(|(at, _)| at);
                         match result {
                             Ok(ack) => {
                                 if ack.duplicate {
@@ -386,6 +442,26 @@ impl Forwarder {
         self.drain(p.inflight, acked).await;
     }
 
+    /// Reports the acknowledged rows, then that the forwarder may still publish only rows from
+    /// `holding` on (invariant 8), unless it told the store so already.
+    async fn report(
+        &self,
+        acked: &mut AckedRuns,
+        holding: Option<u64>,
+        reported: &mut Option<Option<u64>>,
+    ) -> Result<(), StoreError> {
+        if acked.rows > 0 {
+            self.store.acked(acked.take()).await?;
+        }
+        if *reported != Some(holding) {
+            self.store.holding(holding).await?;
+            *reported = Some(holding);
+        }
+        Ok(())
+    }
+
+    /// Waits briefly for the PubAcks in flight. What the store was last told it holds stays
+    /// claimed: it covers every row in flight.
     async fn drain(&self, mut inflight: FuturesOrdered<InFlight>, mut acked: AckedRuns) {
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);

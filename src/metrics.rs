@@ -84,6 +84,8 @@ pub struct Metrics {
     pub readings_dropped: Family<ReasonLabel, Counter>,
     pub buffer_readings: Gauge,
     pub buffer_bytes: Gauge,
+    /// Thinning sweeps over the buffer begun (`when_full = "thin"`).
+    pub buffer_thin_passes: Counter,
     pub buffer_oldest_age_seconds: Gauge,
     pub dead_letters: Gauge,
     pub nats_connected: Gauge,
@@ -135,6 +137,7 @@ impl Metrics {
             readings_dropped: Family::default(),
             buffer_readings: Gauge::default(),
             buffer_bytes: Gauge::default(),
+            buffer_thin_passes: Counter::default(),
             buffer_oldest_age_seconds: Gauge::default(),
             dead_letters: Gauge::default(),
             nats_connected: Gauge::default(),
@@ -193,6 +196,11 @@ impl Metrics {
             "readings_dropped",
             "Buffered readings dropped, by reason",
             m.readings_dropped.clone(),
+        );
+        r.register(
+            "buffer_thin_passes",
+            "Thinning sweeps over the buffer begun at its bound (when_full = thin); each at most doubles the gaps in a sensor's readings",
+            m.buffer_thin_passes.clone(),
         );
         r.register(
             "buffer_readings",

@@ -21,7 +21,7 @@ mod rig;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use audit::{settle_and_judge, Verdict};
+use audit::{check_accounts, settle_and_judge, Verdict};
 use faults::{Clock, Damage, Disk};
 use rig::{finish, pick, scenario, sleep, Rig};
 use support::steady::Steady;
@@ -71,6 +71,7 @@ fn s1_sigkill_20_times_at_random_moments() {
         let ledger = finish(publisher);
         let mut v = judge("1 SIGKILL x20", &rig, &ledger).await;
         v.row.note += &format!("{kills} kills in {}s", run.as_secs());
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         Verdict::report(&[v], seed);
     });
 }
@@ -108,6 +109,7 @@ fn s2_nats_stopped_then_frozen() {
                 forwarded_frozen - forwarded
             ));
         }
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         Verdict::report(&[v], seed);
     });
 }
@@ -131,6 +133,7 @@ fn s3_mosquitto_restarted_mid_run() {
             "{restarts} restarts; publisher reconnected {}x, re-sent {}",
             ledger.reconnects, ledger.resent
         );
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         Verdict::report(&[v], seed);
     });
 }
@@ -203,6 +206,7 @@ fn s4_buffer_bound_during_an_outage() {
                 v
             };
             v.row.note = format!("outage {}s; {}", outage.as_secs(), v.row.note);
+            check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
             verdicts.push(v);
         }
         Verdict::report(&verdicts, seed);
@@ -270,6 +274,7 @@ fn s5_disk_reserve_reached_then_space_returns() {
             v.problems.push("no backlog to forward while paused".into());
         }
         v.row.note += &format!("{}; {backlog} forwarded while paused", disk.kind());
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         drop(rig);
         drop(disk);
         Verdict::report(&[v], seed);
@@ -283,7 +288,7 @@ fn s6_wall_clock_jumps_back_and_forth_by_hours() {
         let clock = Clock::new(scratch.path());
         let env = clock.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let rig = Rig::start_with("", &env).await;
+        let mut rig = Rig::start_with("", &env).await;
         let real_start = now_ms() - 60_000;
         let publisher = rig.publisher("s6");
         let jumps = pick(6, 12);
@@ -341,6 +346,7 @@ fn s6_wall_clock_jumps_back_and_forth_by_hours() {
             "offsets {}; {stored_off_clock} stored off the real clock",
             offsets.join(" ")
         );
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         Verdict::report(&[v], seed);
     });
 }
@@ -419,6 +425,7 @@ fn s7_buffer_file_damaged_while_stopped() {
             excused.len(),
             v.excused_missing.len()
         );
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, false).await;
         Verdict::report(&[v], seed);
     });
 }
@@ -468,6 +475,7 @@ fn s8_soak_with_nats_flapping() {
             v.problems
                 .push(format!("RSS grew from {rss_start} KiB to {rss_end} KiB"));
         }
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         Verdict::report(&[v], seed);
     });
 }
@@ -515,6 +523,7 @@ fn s9_storm_of_mixed_faults() {
         let ledger = finish(publisher);
         let mut v = judge("9 storm", &rig, &ledger).await;
         v.row.note += &format!("{} faults: {}", faults.len(), faults.join(" "));
+        check_accounts(&mut v, &rig.nats, &mut rig.gateway, true).await;
         Verdict::report(&[v], seed);
     });
 }

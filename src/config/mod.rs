@@ -85,7 +85,12 @@ pub struct Nats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
+    /// Drop the oldest rows: recent data matters most.
     DropOldest,
+    /// Drop every other reading of the oldest part of each sensor's series: a long outage
+    /// keeps its whole time span at a coarser step.
+    Thin,
+    /// Stop accepting; the source keeps the data (MQTT: acks withheld).
     RejectNew,
 }
 
@@ -1265,6 +1270,8 @@ mod tests {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.buffer.max_bytes.0, 256 << 20);
         assert_eq!(c.buffer.when_full, WhenFull::DropOldest);
+        let thin = format!("{MINIMAL}\n[buffer]\nwhen_full = \"thin\"\n");
+        assert_eq!(parse(&thin).unwrap().buffer.when_full, WhenFull::Thin);
         assert_eq!(c.nats.subject.as_str(), "sahool.iot.sensor.reading");
         assert_eq!(c.http.listen.to_string(), "127.0.0.1:9108");
     }

@@ -9,7 +9,8 @@
 //!   device's metadata (the kind-0 body, then the metadata's JSON text; see
 //!   [`Reading::to_row`]); the event JSON is rendered at publish time.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
-//!   `event_salt_1`, the random salt of derived event ids.
+//!   `event_salt_1`, the random salt of derived event ids; `count_*`, lifetime totals of
+//!   readings accepted, forwarded, dropped by reason and refused ([`counts`]).
 //! - `dead_letters(id PK, at_ms, source, reason, detail, raw, topic, device)`: inputs that could
 //!   not become readings and publishes the server refused for good, with their raw bytes;
 //!   bounded by `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
@@ -45,7 +46,14 @@
 //! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`], which takes
 //!    runs of seqs whose every buffered row was acknowledged, so one statement deletes a run);
 //!    a permanent publish refusal (moved to `dead_letters` in the same transaction); or a bound
-//!    (`max_bytes` with `drop_oldest`, `max_age`), counted in `readings_dropped_total{reason}`.
+//!    (`max_bytes` with `drop_oldest` or `thin`, `max_age`), counted in
+//!    `readings_dropped_total{reason}`. Every bound deletes through one path that skips the
+//!    forwarder's claim: the rows it fetched and may still publish (a fetch claims what it
+//!    returns; [`StoreHandle::holding`] releases). So a reading counted as dropped never
+//!    reaches the stream; while the claim holds the oldest rows, a bound takes the rows after
+//!    it, and `max_bytes` may be exceeded by the claimed rows until their PubAcks arrive.
+//!    Each way out adds to its lifetime total in `meta` in the same transaction, so
+//!    `accepted = forwarded + dropped + refused + buffered` (readings) holds at every commit.
 //! 5. With `reject_new`, or while free disk is below `min_free_disk`, appends that carry
 //!    readings are refused whole ([`AppendOutcome::Full`]): nothing of them is stored, so the
 //!    source keeps the input (MQTT: no ack) and offers it again later.
@@ -58,6 +66,7 @@
 //!    ([`StoreHandle::replay`]) in the transaction that stores its message's readings; rows of a
 //!    message the current mapping still rejects, or that cannot be replayed, stay unchanged.
 
+pub mod counts;
 pub mod db;
 pub mod liveness;
 mod lock;
@@ -77,7 +86,8 @@ use crate::config::{Buffer, WhenFull};
 use crate::log_limit::LogLimit;
 use crate::mapping::Reason;
 use crate::metrics::Metrics;
-use crate::reading::{Reading, KIND_STATUS};
+use crate::reading::{Reading, Timestamp, KIND_READING, KIND_STATUS};
+use counts::{Counts, DropReason};
 pub use db::{DeadLetterRow, OutboxRow};
 pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
 
@@ -90,6 +100,17 @@ pub const FRAME_WINDOW: i64 = 1024;
 
 /// Rows of `recent_frames` over all nodes; beyond it the oldest go, whichever node sent them.
 pub const RECENT_FRAMES_MAX: i64 = 256 * FRAME_WINDOW;
+
+/// Rows one thinning round considers at most (the oldest half of the buffer, up to this), so
+/// a round's decoding stays bounded however large `max_bytes` is.
+const THIN_ROUND_ROWS: u64 = 65_536;
+
+/// Rounds of thinning for one append at most before falling back to dropping the oldest.
+const THIN_ROUNDS_MAX: u32 = 16;
+
+/// Readings observed within this time of the newest observation in the buffer are never
+/// thinned.
+const THIN_SPARE_NS: i64 = 3_600 * 1_000_000_000;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
@@ -182,6 +203,8 @@ pub struct Stats {
     pub oldest_stored_ms: Option<i64>,
     pub next_seq: u64,
     pub dead_letters_by_reason: Vec<(String, u64)>,
+    /// Lifetime totals of readings (see [`counts`]).
+    pub counts: Counts,
 }
 
 pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
@@ -193,6 +216,7 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
         oldest_stored_ms: db::oldest_stored_ms(conn)?,
         next_seq: t.next_seq,
         dead_letters_by_reason: db::dead_letters_by_reason(conn)?,
+        counts: counts::load(conn)?,
     })
 }
 
@@ -204,6 +228,7 @@ enum Command {
         reply: oneshot::Sender<Result<Vec<OutboxRow>, StoreError>>,
     },
     Acked(Vec<RangeInclusive<u64>>),
+    Holding(Option<u64>),
     Refused {
         seq: u64,
         detail: String,
@@ -260,6 +285,17 @@ impl StoreHandle {
     pub async fn acked(&self, runs: Vec<RangeInclusive<u64>>) -> Result<(), StoreError> {
         self.tx
             .send(Command::Acked(runs))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// What the forwarder may still publish of the rows it fetched: those with seq `>= from`
+    /// (`None`: none). Everything it fetched below `from` has had its outcome reported
+    /// (`acked`, `refused`) before this call. Bounds never delete a row it may still publish
+    /// (invariant 4); a fetch claims the rows it returns.
+    pub async fn holding(&self, from: Option<u64>) -> Result<(), StoreError> {
+        self.tx
+            .send(Command::Holding(from))
             .await
             .map_err(|_| StoreError::Closed)
     }
@@ -347,6 +383,12 @@ pub fn start_locked(
         source,
     };
     let recent = recent::RecentMessages::load(&opened.conn).map_err(sqlite)?;
+    counts::init(
+        &opened.conn,
+        totals.rows - totals.status_rows.min(totals.rows),
+    )
+    .map_err(sqlite)?;
+    let thin_after = counts::thin_after(&opened.conn).map_err(sqlite)?;
     let event_salt = db::event_salt(&opened.conn).map_err(sqlite)?;
     if totals.next_seq == 1 {
         // A new (or replaced) database continues above everything handed out before.
@@ -380,6 +422,8 @@ pub fn start_locked(
         recent,
         event_salt,
         _lock: lock,
+        claim: None,
+        thin_after,
     };
     writer.publish_gauges();
     writer.check_disk();
@@ -433,6 +477,11 @@ struct Writer {
     event_salt: [u8; 16],
     /// Held as long as the writer lives: no other process writes the buffer meanwhile.
     _lock: lock::BufferLock,
+    /// Seqs the forwarder fetched and may still publish (`lo..=hi`): no bound deletes them, so
+    /// a reading counted as dropped never reaches the stream (invariant 4).
+    claim: Option<(u64, u64)>,
+    /// Where the next thinning round starts (`meta.thin_after`; 0: at the oldest row).
+    thin_after: u64,
 }
 
 /// What a transaction changed, applied to the writer's totals only once it committed.
@@ -445,12 +494,20 @@ struct Delta {
     next_seq: u64,
     dead_letters_added: u64,
     accepted: u64,
-    dropped_full: u64,
-    dropped_age: u64,
+    /// Readings dropped by a bound, indexed like [`DropReason::ALL`].
+    dropped: [u64; 3],
+    /// Thinning rounds that freed something.
+    thin_rounds: u64,
+    /// Of them, the ones that began a new sweep over the buffer.
+    thin_passes: u64,
+    /// Where the next thinning round starts, if a round ran.
+    thin_after: Option<u64>,
     dead_letters_removed: u64,
     refused_full: u64,
     rejected: Vec<Reason>,
     refused: u64,
+    /// Of `refused`, the readings.
+    refused_readings: u64,
     forwarded: u64,
     duplicates: u64,
     timestamps_replaced: u64,
@@ -503,7 +560,6 @@ impl Writer {
     /// Runs a group of commands; `closing` commits whatever is pending.
     fn run_batch(&mut self, batch: Vec<Command>, closing: bool) {
         let mut appends = Vec::new();
-        let mut reads = Vec::new();
         let mut refused = Vec::new();
         let mut flushes = Vec::new();
         let mut replays = Vec::new();
@@ -516,6 +572,12 @@ impl Writer {
                     self.acked.extend(runs);
                 }
                 Command::Refused { seq, detail, raw } => refused.push((seq, detail, raw)),
+                Command::Holding(from) => {
+                    self.claim = from.and_then(|from| {
+                        self.claim
+                            .and_then(|(_, hi)| (from <= hi).then_some((from, hi)))
+                    });
+                }
                 Command::Flush(reply) => flushes.push(reply),
                 Command::Maintain => maintain = true,
                 Command::Replay {
@@ -523,7 +585,31 @@ impl Writer {
                     mapper,
                     reply,
                 } => replays.push((filter, mapper, reply)),
-                read @ Command::Fetch { .. } => reads.push(read),
+                // Served in command order, so a claim and a release the forwarder sent after
+                // it apply in the order it sent them. Rows acknowledged in this batch are not
+                // deleted yet, but the forwarder never fetches below its acknowledged rows
+                // without a flush first.
+                Command::Fetch {
+                    after,
+                    limit,
+                    reply,
+                } => {
+                    let rows = db::fetch_after(&self.conn, after, limit, &self.event_salt);
+                    if let Some((first, last)) = rows
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| Some((r.first()?.seq, r.last()?.seq)))
+                    {
+                        self.claim = Some(match self.claim {
+                            Some((lo, hi)) => (lo.min(first), hi.max(last)),
+                            None => (first, last),
+                        });
+                    }
+                    let _ = reply.send(rows.map_err(|source| StoreError::Sqlite {
+                        path: self.path.clone(),
+                        source,
+                    }));
+                }
             }
         }
         if maintain {
@@ -597,23 +683,6 @@ impl Writer {
         for (filter, mapper, reply) in replays {
             let _ = reply.send(self.replay(&filter, &*mapper));
         }
-        for read in reads {
-            if let Command::Fetch {
-                after,
-                limit,
-                reply,
-            } = read
-            {
-                let rows =
-                    db::fetch_after(&self.conn, after, limit, &self.event_salt).map_err(|source| {
-                        StoreError::Sqlite {
-                            path: self.path.clone(),
-                            source,
-                        }
-                    });
-                let _ = reply.send(rows);
-            }
-        }
         for f in flushes {
             let _ = f.send(());
         }
@@ -634,8 +703,9 @@ impl Writer {
             delete_run(&tx, run, delta)?;
         }
         for (seq, detail, raw) in refused {
-            if delete_row(&tx, *seq, delta)?.is_some() {
+            if let Some(is_reading) = delete_row(&tx, *seq, delta)? {
                 delta.refused += 1;
+                delta.refused_readings += u64::from(is_reading);
                 let refusal = DeadLetterText {
                     source: "forwarder",
                     reason: Reason::PublishRefused,
@@ -661,6 +731,7 @@ impl Writer {
         if maintain {
             self.expire(&tx, now, delta)?;
         }
+        record_totals(&tx, delta)?;
         tx.commit()?;
         Ok(outcomes)
     }
@@ -762,6 +833,7 @@ impl Writer {
                     WhenFull::DropOldest => {
                         self.drop_oldest(tx, in_use + incoming - limit, delta)?;
                     }
+                    WhenFull::Thin => self.thin(tx, in_use + incoming - limit, delta)?,
                 }
             }
         }
@@ -795,7 +867,81 @@ impl Writer {
         })
     }
 
-    /// Deletes the oldest rows until at least `need` bytes are free.
+    /// The one way a bound deletes rows: each of `seqs` still buffered and not claimed by the
+    /// forwarder, counted as dropped for `reason` if a reading. Returns the bytes freed.
+    fn drop_rows(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        seqs: &[u64],
+        reason: DropReason,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<u64> {
+        let before = delta.bytes_removed;
+        for &seq in seqs.iter().filter(|&&seq| !self.claimed(seq)) {
+            if delete_row(tx, seq, delta)? == Some(true) {
+                delta.dropped[reason as usize] += 1;
+            }
+        }
+        Ok(delta.bytes_removed - before)
+    }
+
+    fn claimed(&self, seq: u64) -> bool {
+        self.claim.is_some_and(|(lo, hi)| (lo..=hi).contains(&seq))
+    }
+
+    /// Up to `limit` buffered rows with seq above `after`, oldest first, the forwarder's claim
+    /// left out (it is skipped by range, not row by row).
+    fn unclaimed_after(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        after: u64,
+        limit: usize,
+        with_body: bool,
+    ) -> rusqlite::Result<Vec<ScannedRow>> {
+        let sql = if with_body {
+            "SELECT seq, kind, stored_ms, length(body), body FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        } else {
+            "SELECT seq, kind, stored_ms, length(body), x'' FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        };
+        let mut stmt = tx.prepare_cached(sql)?;
+        let mut scan =
+            |after: u64, below: u64, limit: usize| -> rusqlite::Result<Vec<ScannedRow>> {
+                stmt.query_map(
+                    params![
+                        i64::try_from(after).unwrap_or(i64::MAX),
+                        i64::try_from(below).unwrap_or(i64::MAX),
+                        limit as i64
+                    ],
+                    |r| {
+                        Ok(ScannedRow {
+                            seq: r.get::<_, i64>(0)? as u64,
+                            kind: r.get(1)?,
+                            stored_ms: r.get(2)?,
+                            len: r.get(3)?,
+                            body: r.get(4)?,
+                        })
+                    },
+                )?
+                .collect()
+            };
+        match self.claim {
+            Some((lo, hi)) if after < hi => {
+                let mut rows = if after + 1 < lo {
+                    scan(after, lo, limit)?
+                } else {
+                    Vec::new()
+                };
+                if rows.len() < limit {
+                    rows.extend(scan(hi, u64::MAX, limit - rows.len())?);
+                }
+                Ok(rows)
+            }
+            _ => scan(after, u64::MAX, limit),
+        }
+    }
+
+    /// Drops the oldest rows (the forwarder's claim aside) until at least `need` bytes are
+    /// free, counted as `buffer_full`.
     fn drop_oldest(
         &self,
         tx: &rusqlite::Transaction<'_>,
@@ -803,30 +949,112 @@ impl Writer {
         delta: &mut Delta,
     ) -> rusqlite::Result<()> {
         let mut freed = 0u64;
-        let mut stmt =
-            tx.prepare_cached("SELECT seq, kind, length(body) FROM outbox ORDER BY seq LIMIT 256")?;
-        let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?;
+        let mut after = 0;
         while freed < need {
-            let rows: Vec<(i64, i64, i64)> = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            if rows.is_empty() {
-                break;
-            }
-            let mut last = 0;
-            for (seq, kind, len) in rows {
-                if freed >= need {
-                    break;
-                }
-                freed += len as u64 + db::ROW_OVERHEAD;
-                last = seq;
-                if delta.removed(kind, len) {
-                    delta.dropped_full += 1;
-                }
-            }
-            delete.execute([last])?;
+            let rows = self.unclaimed_after(tx, after, 256, false)?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            let mut planned = freed;
+            let seqs: Vec<u64> = rows
+                .iter()
+                .take_while(|r| {
+                    let take = planned < need;
+                    planned += r.len as u64 + db::ROW_OVERHEAD;
+                    take
+                })
+                .map(|r| r.seq)
+                .collect();
+            freed += self.drop_rows(tx, &seqs, DropReason::BufferFull, delta)?;
         }
         Ok(())
+    }
+
+    /// `when_full = "thin"`: thinning rounds until `need` bytes are free; what they cannot
+    /// free (every reading recent, or series of one reading) goes by [`Self::drop_oldest`].
+    ///
+    /// Rounds sweep the buffer from the oldest row to the newest, each taking up where the last
+    /// one stopped (`meta.thin_after`), and a new sweep begins at the oldest once one reached
+    /// the end. So the whole buffer is thinned once before any part of it twice: a long outage
+    /// keeps its whole span at one coarser step, and every sweep (counted in
+    /// `buffer_thin_passes_total`) at most doubles any gap in a series.
+    fn thin(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        need: u64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<()> {
+        let mut freed = 0;
+        for _ in 0..THIN_ROUNDS_MAX {
+            if freed >= need {
+                return Ok(());
+            }
+            let after = delta.thin_after.unwrap_or(self.thin_after);
+            let (round, next) = self.thin_round(tx, after, delta)?;
+            delta.thin_after = Some(next);
+            if round > 0 {
+                delta.thin_rounds += 1;
+                delta.thin_passes += u64::from(after == 0);
+                freed += round;
+            } else if after == 0 {
+                // A whole new sweep found nothing to thin.
+                break;
+            }
+        }
+        if freed < need {
+            self.drop_oldest(tx, need - freed, delta)?;
+        }
+        Ok(())
+    }
+
+    /// One thinning round over the rows after seq `after`: half the buffer's rows at most (and
+    /// [`THIN_ROUND_ROWS`]). In each series (device, sensor type) every other reading goes,
+    /// starting with the series' second in this round; readings observed within
+    /// [`THIN_SPARE_NS`] of the newest observation, status rows and the forwarder's claim stay.
+    /// A reading goes only if the one before it in its series stays (the first of a series in
+    /// a round always does), and so does the one after it (the next in the alternation, or the
+    /// first of the next round), so no gap in a series more than doubles in a sweep, and each
+    /// series keeps its oldest reading. Returns the bytes freed and where the next round starts
+    /// (0: this one reached the end of the buffer, the next sweep starts over).
+    fn thin_round(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        after: u64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<(u64, u64)> {
+        let rows_now = (self.rows + delta.rows_added).saturating_sub(delta.rows_removed);
+        let budget = (rows_now / 2).clamp(2, THIN_ROUND_ROWS) as usize;
+        let spare_from =
+            newest_observation(tx)?.map_or(i64::MIN, |t| t.0.saturating_sub(THIN_SPARE_NS));
+        // Per series: whether its last reading seen this round goes.
+        let mut last_goes: std::collections::HashMap<(String, u8), bool> = Default::default();
+        let mut doomed = Vec::new();
+        let (mut next, mut seen) = (after, 0);
+        while seen < budget {
+            let want = (budget - seen).min(1024);
+            let rows = self.unclaimed_after(tx, next, want, true)?;
+            next = rows.last().map_or(0, |r| r.seq);
+            seen += rows.len();
+            for row in rows.iter().filter(|r| r.kind == i64::from(KIND_READING)) {
+                // A body this version cannot decode is left alone (the forwarder dead-letters it).
+                let Ok(r) = postcard::from_bytes::<Reading>(&row.body) else {
+                    continue;
+                };
+                // The first reading of a series counts as following a dropped one: it stays.
+                let prev_goes = last_goes
+                    .entry((r.device_id, r.sensor_type as u8))
+                    .or_insert(true);
+                let goes = !*prev_goes && r.observed_at.0 < spare_from;
+                *prev_goes = goes;
+                if goes {
+                    doomed.push(row.seq);
+                }
+            }
+            if rows.len() < want {
+                next = 0;
+                break;
+            }
+        }
+        Ok((self.drop_rows(tx, &doomed, DropReason::Thin, delta)?, next))
     }
 
     /// Age bound, and the bounds of the side tables.
@@ -840,19 +1068,14 @@ impl Writer {
         // Rows are stored in time order, so while the oldest is within the bound there is
         // nothing to scan. (A row stored after the clock went back waits for the rows before it.)
         let oldest = db::oldest_stored_ms(tx)?;
-        let expired: Vec<(i64, i64)> = if oldest.is_none_or(|t| t >= cutoff) {
-            Vec::new()
-        } else {
-            tx.prepare_cached(
-                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 10000) AND stored_ms < ?1 RETURNING kind, length(body)",
-            )?
-            .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?
-        };
-        for (kind, len) in expired {
-            if delta.removed(kind, len) {
-                delta.dropped_age += 1;
-            }
+        if oldest.is_some_and(|t| t < cutoff) {
+            let expired: Vec<u64> = self
+                .unclaimed_after(tx, 0, 10_000, false)?
+                .iter()
+                .filter(|r| r.stored_ms < cutoff)
+                .map(|r| r.seq)
+                .collect();
+            self.drop_rows(tx, &expired, DropReason::MaxAge, delta)?;
         }
         for (table, keep) in [
             ("recent_messages", recent::RECENT_MESSAGES as i64),
@@ -891,19 +1114,35 @@ impl Writer {
         m.timestamps_replaced.inc_by(d.timestamps_replaced);
         m.status_events.inc_by(d.status_changes);
         m.readings_forwarded.inc_by(d.forwarded);
-        if d.dropped_full > 0 {
-            m.dropped("buffer_full").inc_by(d.dropped_full);
-            tracing::warn!(
-                count = d.dropped_full,
-                "buffer full: dropped the oldest readings (when_full = drop_oldest)"
-            );
+        for reason in DropReason::ALL {
+            let count = d.dropped[reason as usize];
+            if count == 0 {
+                continue;
+            }
+            m.dropped(reason.label()).inc_by(count);
+            match reason {
+                DropReason::BufferFull => tracing::warn!(
+                    count,
+                    "buffer full: dropped the oldest readings (when_full = {})",
+                    if self.buffer.when_full == WhenFull::Thin {
+                        "thin, nothing left to thin"
+                    } else {
+                        "drop_oldest"
+                    }
+                ),
+                DropReason::Thin => tracing::warn!(
+                    count,
+                    rounds = d.thin_rounds,
+                    "buffer full: thinned the oldest readings of each sensor (when_full = thin)"
+                ),
+                DropReason::MaxAge => {
+                    tracing::warn!(count, "dropped buffered readings older than max_age")
+                }
+            }
         }
-        if d.dropped_age > 0 {
-            m.dropped("max_age").inc_by(d.dropped_age);
-            tracing::warn!(
-                count = d.dropped_age,
-                "dropped buffered readings older than max_age"
-            );
+        m.buffer_thin_passes.inc_by(d.thin_passes);
+        if let Some(after) = d.thin_after {
+            self.thin_after = after;
         }
         if d.refused > 0 {
             m.rejected(Reason::PublishRefused.label()).inc_by(d.refused);
@@ -950,6 +1189,49 @@ impl Writer {
         self.disk_low = low;
         self.metrics.intake_paused.set(i64::from(low || self.full));
     }
+}
+
+/// A row as the bounds scan it (`body` only when asked for).
+struct ScannedRow {
+    seq: u64,
+    kind: i64,
+    stored_ms: i64,
+    len: i64,
+    body: Vec<u8>,
+}
+
+/// The newest observation among the newest readings buffered: the reference for what counts
+/// as recent when thinning. Not the clock: a gateway may boot without time sync, and a backlog
+/// uploaded late carries device times far behind it. Store order follows observation time
+/// closely enough that the newest rows hold the newest observation.
+fn newest_observation(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Option<Timestamp>> {
+    let mut stmt =
+        tx.prepare_cached("SELECT body FROM outbox WHERE kind = ?1 ORDER BY seq DESC LIMIT 64")?;
+    let bodies = stmt.query_map([KIND_READING], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut newest = None;
+    for body in bodies {
+        if let Ok(r) = postcard::from_bytes::<Reading>(&body?) {
+            newest = newest.max(Some(r.observed_at));
+        }
+    }
+    Ok(newest)
+}
+
+/// The end of every transaction that changes the outbox: the lifetime totals and the thinning
+/// position move with the rows they describe, so they survive `kill -9` exactly.
+fn record_totals(tx: &rusqlite::Transaction<'_>, delta: &Delta) -> rusqlite::Result<()> {
+    if let Some(after) = delta.thin_after {
+        counts::set_thin_after(tx, after)?;
+    }
+    counts::add(
+        tx,
+        &Counts {
+            accepted: delta.accepted,
+            forwarded: delta.forwarded,
+            dropped: delta.dropped,
+            refused: delta.refused_readings,
+        },
+    )
 }
 
 /// Buffers one row with the next seq; its event id derives from the seq.
@@ -1238,5 +1520,304 @@ mod tests {
             i64::from(is_reading(&&rows[3]))
         );
         close(store, thread).await;
+    }
+    const MINUTE_NS: i64 = 60 * 1_000_000_000;
+
+    /// Device `device`'s reading `i`, observed `i * step_min` minutes after a fixed start.
+    fn series_reading(device: &str, sensor_type: SensorType, i: i64, step_min: i64) -> Reading {
+        Reading {
+            device_id: device.into(),
+            sensor_type,
+            value: i as f64,
+            observed_at: Timestamp(1_780_287_300_000_000_000 + i * step_min * MINUTE_NS),
+            ..reading(0)
+        }
+    }
+
+    fn one(r: Reading) -> Append {
+        Append {
+            readings: vec![r],
+            ..Append::default()
+        }
+    }
+
+    fn bounded(max_bytes: u64, when_full: WhenFull) -> Buffer {
+        Buffer {
+            max_bytes: crate::config::ByteSize(max_bytes),
+            when_full,
+            min_free_disk: crate::config::ByteSize(0),
+            ..Buffer::default()
+        }
+    }
+
+    /// Buffered readings of `device`, by value, in seq order.
+    async fn buffered(store: &StoreHandle, device: &str) -> Vec<i64> {
+        let mut seqs = Vec::new();
+        let rows = store.fetch(0, 1_000_000).await.unwrap();
+        // Not a forwarder: nothing of what it read is held.
+        store.holding(None).await.unwrap();
+        assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+        for row in rows.iter().filter(|r| r.kind == KIND_READING) {
+            let r: Reading = postcard::from_bytes(&row.body).unwrap();
+            if r.device_id == device {
+                seqs.push(r.value as i64);
+            }
+        }
+        seqs
+    }
+
+    /// The stored totals, checked against the identity of [`counts`].
+    fn totals_hold(path: &std::path::Path) -> Counts {
+        let conn = db::open_read_only(path).unwrap();
+        let s = stats(&conn).unwrap();
+        let c = s.counts;
+        assert_eq!(
+            c.accepted,
+            c.forwarded + c.dropped_total() + c.refused + s.readings,
+            "{c:?}, {} buffered",
+            s.readings
+        );
+        c
+    }
+
+    /// The bytes a buffer holds after `readings` were appended (the bound for the next step).
+    async fn bytes_of(path: &std::path::Path, readings: &[Reading]) -> u64 {
+        let (store, thread) = start(
+            path.to_path_buf(),
+            Buffer::default(),
+            20.0,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        for r in readings {
+            append(&store, one(r.clone())).await;
+        }
+        close(store, thread).await;
+        let conn = db::open_read_only(path).unwrap();
+        stats(&conn).unwrap().bytes
+    }
+
+    #[tokio::test]
+    async fn a_fetched_row_is_not_dropped_while_its_publish_may_be_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(
+            path.clone(),
+            bounded(2_000, WhenFull::DropOldest),
+            20.0,
+            metrics.clone(),
+        )
+        .unwrap();
+        for i in 0..5 {
+            append(&store, message(i, false)).await;
+        }
+        // The forwarder reads them and hands them to the client: their PubAcks may come.
+        let published = store.fetch(0, 100).await.unwrap();
+        for i in 5..60 {
+            append(&store, message(i, false)).await;
+        }
+        assert!(
+            metrics.dropped("buffer_full").get() > 0,
+            "the bound was hit"
+        );
+        let left: Vec<u64> = store
+            .fetch(0, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        for row in &published {
+            assert!(
+                left.contains(&row.seq),
+                "row {} in flight was dropped",
+                row.seq
+            );
+        }
+        // Their PubAcks: counted forwarded, never also dropped.
+        let (first, last) = (published[0].seq, published[published.len() - 1].seq);
+        store.acked(vec![first..=last]).await.unwrap();
+        store.holding(None).await.unwrap();
+        store.flush().await.unwrap();
+        let readings = published.iter().filter(|r| r.kind == KIND_READING).count();
+        assert_eq!(metrics.readings_forwarded.get(), readings as u64);
+        // Released: the bound takes the oldest again, and the rows after the claim went first.
+        let before = store.fetch(0, 1).await.unwrap()[0].seq;
+        store.holding(None).await.unwrap();
+        for i in 60..80 {
+            append(&store, message(i, false)).await;
+        }
+        assert!(store.fetch(0, 1).await.unwrap()[0].seq > before);
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(c.forwarded, readings as u64);
+        assert_eq!(
+            c.dropped(DropReason::BufferFull),
+            metrics.dropped("buffer_full").get()
+        );
+        assert_eq!(c.accepted, 80);
+    }
+
+    #[tokio::test]
+    async fn a_thinning_round_drops_every_other_old_reading_of_each_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        // Two series at a 10-minute step, interleaved; the last 6 of each within the newest
+        // hour of observations.
+        let n = 40;
+        let all: Vec<Reading> = (0..n)
+            .flat_map(|i| {
+                [
+                    series_reading("a", SensorType::WaterLevel, i, 10),
+                    series_reading("b", SensorType::SoilMoisture, i, 10),
+                ]
+            })
+            .collect();
+        let bound = bytes_of(&path, &all).await;
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(
+            path.clone(),
+            bounded(bound, WhenFull::Thin),
+            20.0,
+            metrics.clone(),
+        )
+        .unwrap();
+        // One more reading past the bound: one round.
+        append(
+            &store,
+            one(series_reading("a", SensorType::WaterLevel, n, 10)),
+        )
+        .await;
+        assert_eq!(metrics.buffer_thin_passes.get(), 1);
+        assert_eq!(metrics.dropped("buffer_full").get(), 0);
+        let mut missing_total = 0;
+        for device in ["a", "b"] {
+            let kept = buffered(&store, device).await;
+            let missing: Vec<i64> = (0..n).filter(|i| !kept.contains(i)).collect();
+            assert!(!missing.is_empty(), "{device}: thinned");
+            assert_eq!(kept[0], 0, "{device}: the first reading stays");
+            assert!(
+                missing.windows(2).all(|w| w[1] > w[0] + 1),
+                "{device}: two consecutive readings dropped in one round: {missing:?}"
+            );
+            // Only the oldest part (the oldest half of the rows, so about the first half of each
+            // series) and nothing of the newest hour.
+            assert!(
+                missing.iter().all(|&i| i < n / 2 + 1),
+                "{device}: {missing:?}"
+            );
+            assert_eq!(
+                missing,
+                (1..=missing.len() as i64)
+                    .map(|k| 2 * k - 1)
+                    .collect::<Vec<_>>()
+            );
+            missing_total += missing.len() as u64;
+        }
+        assert_eq!(metrics.dropped("thin").get(), missing_total);
+        close(store, thread).await;
+        assert_eq!(totals_hold(&path).dropped(DropReason::Thin), missing_total);
+    }
+
+    #[tokio::test]
+    async fn thinning_keeps_the_whole_span_and_gaps_double_at_most_per_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(
+            path.clone(),
+            bounded(6_000, WhenFull::Thin),
+            20.0,
+            metrics.clone(),
+        )
+        .unwrap();
+        let n = 600;
+        for i in 0..n {
+            append(
+                &store,
+                one(series_reading("a", SensorType::WaterLevel, i, 5)),
+            )
+            .await;
+            append(
+                &store,
+                one(series_reading("b", SensorType::SoilMoisture, i, 5)),
+            )
+            .await;
+        }
+        let passes = metrics.buffer_thin_passes.get();
+        assert!(passes >= 2, "{passes} sweeps");
+        for device in ["a", "b"] {
+            let kept = buffered(&store, device).await;
+            assert_eq!(kept[0], 0, "{device}: the span starts at the first reading");
+            assert_eq!(*kept.last().unwrap(), n - 1);
+            let gap = kept.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+            assert!(
+                gap <= 1 << passes,
+                "{device}: gap {gap} steps after {passes} sweeps"
+            );
+            // The newest hour (12 readings at 5 minutes) is whole.
+            assert!(kept.ends_with(&(n - 12..n).collect::<Vec<_>>()), "{device}");
+        }
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(c.dropped(DropReason::Thin), metrics.dropped("thin").get());
+        assert_eq!(c.accepted, 2 * n as u64);
+    }
+
+    #[tokio::test]
+    async fn when_nothing_can_be_thinned_the_oldest_go_as_buffer_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(
+            path.clone(),
+            bounded(3_000, WhenFull::Thin),
+            20.0,
+            metrics.clone(),
+        )
+        .unwrap();
+        // One reading a second: all within the newest hour.
+        for i in 0..100 {
+            append(&store, message(i, false)).await;
+        }
+        let dropped = metrics.dropped("buffer_full").get();
+        assert!(dropped > 0);
+        assert_eq!(metrics.dropped("thin").get(), 0);
+        assert_eq!(metrics.buffer_thin_passes.get(), 0);
+        let kept = buffered(&store, "probe-1").await;
+        assert_eq!(
+            kept,
+            (dropped as i64..100).collect::<Vec<_>>(),
+            "the oldest went"
+        );
+        close(store, thread).await;
+        totals_hold(&path);
+    }
+    #[tokio::test]
+    async fn totals_start_for_a_buffer_from_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let readings: Vec<Reading> = (0..5).map(reading).collect();
+        bytes_of(&path, &readings).await;
+        // As a buffer written by a version without the totals.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta WHERE key LIKE 'count_%'", [])
+            .unwrap();
+        drop(conn);
+        let (store, thread) = start(
+            path.clone(),
+            Buffer::default(),
+            20.0,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        append(&store, message(5, false)).await;
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(
+            c.accepted, 6,
+            "the 5 it held count as accepted, then 1 more"
+        );
     }
 }

@@ -215,6 +215,7 @@ impl Writer {
         let stored: Vec<&Reading> = stored.iter().collect();
         self.status_and_seq(&tx, &stored, now, false, delta)
             .map_err(sqlite(&self.path))?;
+        super::record_totals(&tx, delta).map_err(sqlite(&self.path))?;
         if filter.dry_run {
             // Dropping the transaction rolls it back.
             return Ok(report);

@@ -171,6 +171,62 @@ fn judge(scenario: &str, ledger: &Ledger, excused: &BTreeSet<usize>, seen: Seen)
     }
 }
 
+/// The buffer's lifetime totals (`buffer stats --json`, read once the gateway stopped) against
+/// the stream: `accepted = forwarded + dropped + refused + buffered`, and the readings counted
+/// as forwarded are exactly the distinct readings in the stream (at most them when
+/// `whole_history` is false: a damaged buffer file moved aside took its totals along).
+pub async fn check_accounts(
+    v: &mut Verdict,
+    nats: &Nats,
+    gateway: &mut Gateway,
+    whole_history: bool,
+) {
+    if gateway.terminate() != Some(0) {
+        v.problems
+            .push("the gateway did not exit 0 on SIGTERM before the totals were read".into());
+    }
+    let out = gateway.cli(&["buffer", "stats", "--json"]);
+    let stats: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+        Ok(s) => s,
+        Err(e) => {
+            v.problems
+                .push(format!("buffer stats --json: {e}: {out:?}"));
+            return;
+        }
+    };
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(u64::MAX);
+    let (accepted, forwarded, refused, buffered) = (
+        n(&stats["accepted"]),
+        n(&stats["forwarded"]),
+        n(&stats["refused"]),
+        n(&stats["readings"]),
+    );
+    let dropped: u64 = stats["dropped"]
+        .as_object()
+        .map_or(u64::MAX, |d| d.values().map(n).sum());
+    if accepted != forwarded + dropped + refused + buffered {
+        v.problems.push(format!(
+            "totals do not add up: accepted {accepted} != forwarded {forwarded} + dropped {dropped} + refused {refused} + buffered {buffered}"
+        ));
+    }
+    let mut ids = HashSet::new();
+    nats.visit_stream("SAHOOL_IOT", |m: StreamMessage| {
+        if m.body["event_type"] == "sensor_reading" {
+            ids.insert(m.body["event_id"].as_str().unwrap_or_default().to_string());
+        }
+    })
+    .await;
+    let in_stream = ids.len() as u64;
+    if forwarded > in_stream || (whole_history && forwarded != in_stream) {
+        v.problems.push(format!(
+            "{forwarded} readings counted as forwarded, {in_stream} distinct readings in the stream"
+        ));
+    }
+    v.row.note += &format!(
+        "; totals: {accepted} accepted = {forwarded} fwd + {dropped} dropped + {refused} refused + {buffered} buffered"
+    );
+}
+
 impl Verdict {
     /// Prints the table row(s) of a scenario, then fails on any problem.
     pub fn report(verdicts: &[Verdict], seed: u64) {
