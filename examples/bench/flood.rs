@@ -1,5 +1,5 @@
-//! 7. Flood isolation: what one faulty device costs the others, with the shipped `[quality]`
-//! and `[buffer]` of `config/gateway.example.toml`.
+//! Phase 7, flood isolation: what one faulty device costs the others, with the shipped
+//! `[quality]` and `[buffer]` of `config/gateway.example.toml`.
 //!
 //! Three calm probes report through mosquitto every 100 ms each, first alone, then while a
 //! faulty device publishes as fast as its QoS 1 window allows, stamping its readings 1 ms
@@ -82,6 +82,10 @@ fn client(port: u16, id: &str) -> AsyncClient {
 /// Send times of the calm probes' readings, by (device, value).
 type Sent = Arc<Mutex<HashMap<(String, u64), i128>>>;
 
+/// What the stream got: the calm probes' arrival times by (device, value), and a count of the
+/// faulty device's readings.
+type Arrived = Arc<Mutex<(HashMap<(String, u64), i128>, u64)>>;
+
 /// Publishes one reading per calm probe every [`CALM_PERIOD`] for `seconds`, values from
 /// `first`; returns the next free value.
 async fn calm(client: &AsyncClient, sent: &Sent, first: u64, seconds: u64) -> u64 {
@@ -126,7 +130,7 @@ pub async fn isolation(seconds: u64) -> Isolation {
         })
         .await
         .expect("ordered consumer");
-    let arrived: Arc<Mutex<(HashMap<(String, u64), i128>, u64)>> = Arc::default();
+    let arrived: Arrived = Arc::default();
     let watcher = {
         let arrived = arrived.clone();
         let mut messages = consumer.messages().await.expect("messages");
