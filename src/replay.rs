@@ -198,6 +198,7 @@ id = "field-1"
             raw: raw.to_vec(),
             topic: topic.map(String::from),
             device: None,
+            sensor_type: None,
         }
     }
 

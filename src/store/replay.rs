@@ -323,6 +323,7 @@ mod tests {
             raw: Arc::from(raw.as_bytes()),
             topic: Some("t/1".into()),
             device: device.map(String::from),
+            sensor_type: None,
         }
     }
 
