@@ -181,6 +181,7 @@ pub fn dead_letters_list(
             "detail": d.detail,
             "topic": d.topic,
             "device": d.device,
+            "sensor_type": d.sensor_type,
             "raw": raw,
         });
         writeln!(out, "{v}")?;

@@ -59,14 +59,36 @@ impl Reason {
 pub struct Rejection {
     pub reason: Reason,
     pub detail: String,
+    /// The reading refused, where the mapping knows it; `None`: the whole message. A message
+    /// refused in part had its other readings stored, so a replay must take only this one.
+    pub refused: Option<Refused>,
+}
+
+/// Which reading a rejection refused: a device's, of one type when the type is known.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Refused {
+    pub device: String,
+    /// `None`: every reading of the device in the message.
+    pub sensor_type: Option<SensorType>,
 }
 
 impl Rejection {
+    /// A rejection of the whole message.
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
+            refused: None,
         }
+    }
+
+    /// Names the reading refused (the message's other readings may have been stored).
+    pub fn of(mut self, device: &str, sensor_type: Option<SensorType>) -> Self {
+        self.refused = Some(Refused {
+            device: device.to_string(),
+            sensor_type,
+        });
+        self
     }
 }
 
@@ -376,10 +398,13 @@ impl PortTargets {
         match (&v.device, candidates) {
             (Some(device), _) => match candidates.iter().find(|t| &t.device_id == device) {
                 Some(t) => Ok(t),
-                None if !self.devices.contains(device) => Err(Some(Rejection::new(
-                    Reason::UnknownDevice,
-                    format!("device `{device}` has no sensor on port `{port}`"),
-                ))),
+                None if !self.devices.contains(device) => Err(Some(
+                    Rejection::new(
+                        Reason::UnknownDevice,
+                        format!("device `{device}` has no sensor on port `{port}`"),
+                    )
+                    .of(device, None),
+                )),
                 None => Err(None),
             },
             (None, [t]) => Ok(t),
@@ -521,7 +546,8 @@ impl Mapper {
         let mut out = Mapped::default();
         for v in values {
             let result = match targets.target(port, v) {
-                Ok(target) => serial_reading(target, v, received, &self.time),
+                Ok(target) => serial_reading(target, v, received, &self.time)
+                    .map_err(|r| r.of(&target.device_id, Some(target.sensor_type))),
                 Err(None) if lines => continue,
                 Err(None) => Err(targets.unbound(port, &v.key)),
                 Err(Some(rejection)) => Err(rejection),
@@ -663,7 +689,7 @@ impl Mapper {
             .device
             .ok_or_else(|| Rejection::new(Reason::Malformed, "no device_id in payload or topic"))?;
         let type_name = view.type_name.ok_or_else(|| {
-            Rejection::new(Reason::Malformed, format!("{device}: no sensor type"))
+            Rejection::new(Reason::Malformed, format!("{device}: no sensor type")).of(device, None)
         })?;
         let sensor_type = SensorType::from_name(type_name).ok_or_else(|| {
             let detail = match type_outside_schema(type_name) {
@@ -672,8 +698,22 @@ impl Mapper {
                 ),
                 None => format!("{device}: unknown sensor type `{type_name}`"),
             };
-            Rejection::new(Reason::UnknownSensorType, detail)
+            Rejection::new(Reason::UnknownSensorType, detail).of(device, None)
         })?;
+        self.sahool_reading(source, item, view, received, device, sensor_type)
+            .map_err(|r| r.of(device, Some(sensor_type)))
+    }
+
+    /// [`Self::sahool_item`] once the reading's device and type are known.
+    fn sahool_reading(
+        &self,
+        source: &str,
+        item: &serde_json::Map<String, Value>,
+        view: &Shared<'_>,
+        received: Timestamp,
+        device: &str,
+        sensor_type: SensorType,
+    ) -> Result<Reading, Rejection> {
         let target = self
             .by_sensor
             .get(&(device.to_string(), sensor_type))
@@ -754,7 +794,8 @@ impl Mapper {
                 continue;
             }
             matched = true;
-            out.push(json_reading(binding, target, doc, received, &self.time));
+            let reading = json_reading(binding, target, doc, received, &self.time);
+            out.push(reading.map_err(|r| r.of(&target.device_id, Some(target.sensor_type))));
         }
         if !matched {
             out.rejections.push(Rejection::new(
@@ -1136,6 +1177,79 @@ id = "field-1"
         assert_eq!(out.readings[0].observed_at, at());
         let reasons: Vec<_> = out.rejections.iter().map(|r| r.reason).collect();
         assert_eq!(reasons, vec![Reason::OutOfRange, Reason::Malformed]);
+    }
+
+    /// What `dead-letters replay` needs to take only the refused readings of a message stored
+    /// in part: each refused reading names itself; a whole-message rejection names nothing.
+    #[test]
+    fn partial_rejections_name_the_reading_refused_and_whole_messages_nothing() {
+        let refused = |out: &Mapped| -> Vec<Option<(String, Option<SensorType>)>> {
+            out.rejections
+                .iter()
+                .map(|r| r.refused.clone().map(|i| (i.device, i.sensor_type)))
+                .collect()
+        };
+        let probe = |t| Some(("probe".to_string(), t));
+        let m = mapper(SOIL);
+        let sahool = |payload: &str| m.map_mqtt("farm", "sahool/sensors", payload.as_bytes(), at());
+        let batch = r#"{"device_id":"probe","readings":[{"type":"vwc","value":20},{"type":"vwc","value":-5},{"type":"rain","value":1},{"type":"bogus","value":1},7]}"#;
+        let out = sahool(batch);
+        assert_eq!(out.readings.len(), 1);
+        assert_eq!(
+            refused(&out),
+            vec![
+                probe(Some(SensorType::SoilMoisture)),
+                probe(Some(SensorType::Rainfall)),
+                probe(None),
+                None
+            ]
+        );
+        for whole in ["not json", "42", r#"{"type":"vwc","value":1}"#] {
+            assert_eq!(refused(&sahool(whole)), vec![None], "{whole}");
+        }
+
+        let m = mapper(
+            r#"
+[[mqtt]]
+name = "bridges"
+url = "mqtt://127.0.0.1:1883"
+topics = ["tele/#"]
+format = "json"
+[[fields]]
+id = "field-1"
+  [[fields.sensors]]
+  device_id = "pump"
+  sensor_type = "air_temperature"
+  mqtt = { topic = "tele/pump", value = "/t" }
+  [[fields.sensors]]
+  device_id = "pump"
+  sensor_type = "air_humidity"
+  mqtt = { topic = "tele/pump", value = "/h" }
+"#,
+        );
+        let out = m.map_mqtt("bridges", "tele/pump", br#"{"t":21}"#, at());
+        assert_eq!(out.readings.len(), 1);
+        let humidity = Some(("pump".to_string(), Some(SensorType::AirHumidity)));
+        assert_eq!(refused(&out), vec![humidity]);
+        let out = m.map_mqtt("bridges", "tele/other", br#"{"t":21}"#, at());
+        assert_eq!(refused(&out), vec![None], "an unmapped topic");
+
+        let m = mapper(SERIAL);
+        let text = |t: &str| RawValue::Text(t.into());
+        let line = [
+            line_value(Some("probe-b"), "t", text("21.5")),
+            line_value(Some("probe-b"), "vwc", text("wet")),
+        ];
+        let out = m.map_serial("talk", &line, at());
+        assert_eq!(out.readings.len(), 1);
+        let vwc = Some(("probe-b".to_string(), Some(SensorType::SoilMoisture)));
+        assert_eq!(refused(&out), vec![vwc]);
+        let out = m.map_serial("talk", &[line_value(None, "nothing", text("1"))], at());
+        assert_eq!(
+            refused(&out),
+            vec![None],
+            "a line of which nothing is bound"
+        );
     }
 
     /// Found by fuzzing: a finite value that calibration overflows, and metadata numbers

@@ -11,7 +11,10 @@
 //! The mapping is the one in force: the running gateway swaps its [`Plan`] on SIGHUP with the
 //! mapper. A reading without a device timestamp gets the dead-letter's receive time (`at_ms`),
 //! as live intake would have given it. Flood protection is not applied: the operator asked for
-//! these readings.
+//! these readings. A message stored in part the first time (a device over its rate limit, one
+//! bad item of a batch, one unreadable key of a line) is mapped whole but stored in part: only
+//! the readings its dead-letters name (device, and type when one), so the others, already
+//! stored and without a device time to recognise them by, are not stored twice.
 //!
 //! Reaching the store: the gateway's owner thread is the only writer (store invariant 1), so
 //! the CLI posts the request to the running gateway (`POST /dead-letters/replay` on `[http]
@@ -198,6 +201,7 @@ id = "field-1"
             raw: raw.to_vec(),
             topic: topic.map(String::from),
             device: None,
+            sensor_type: None,
         }
     }
 

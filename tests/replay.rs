@@ -1,7 +1,8 @@
 //! `dead-letters replay` through the real binary, with nats-server and mosquitto: a reading
 //! of a sensor not yet configured is dead-lettered, the operator adds the sensor (SIGHUP) and
 //! replays, and the reading reaches the stream exactly once, however often or concurrently
-//! the replay runs and whatever live traffic flows meanwhile. Also without a running gateway.
+//! the replay runs and whatever live traffic flows meanwhile. Also without a running gateway,
+//! and for a batch stored in part (only its refused reading comes back).
 
 mod support;
 
@@ -337,4 +338,70 @@ fn a_buffer_that_does_not_exist_is_reported_and_exits_1() {
     let out = replay(&gateway, &["--since", "yesterday-ish"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
+}
+
+/// A SAHOOL batch without timestamps stored in part: probe-1's water levels were stored, its
+/// soil moisture (no such sensor yet) dead-lettered. Once the sensor is configured, a replay
+/// stores the soil moisture alone; the water levels, with no device time to recognise them
+/// by, must not reach the stream a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_in_part_replays_only_the_refused_reading() {
+    const N: usize = 5;
+    let nats = Nats::with_platform_stream().await;
+    let broker = Mosquitto::start();
+    let base = probe_config(&nats, &broker, "", "");
+    let mut gateway = Gateway::start(&base);
+    gateway.wait_subscribed(1).await;
+    // Batch i: water levels 3i and 3i+1, soil moisture 3i+2.
+    let batches = (0..N)
+        .map(|i| {
+            let (a, b, c) = (3 * i, 3 * i + 1, 3 * i + 2);
+            (
+                "sahool/sensors/probe-1/field-1".to_string(),
+                format!(
+                    r#"{{"device_id":"probe-1","readings":[{{"type":"water_level","value":{a}}},{{"type":"water_level","value":{b}}},{{"type":"soil_moisture","value":{c}}}]}}"#
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    assert_eq!(publish_all(broker.port, "batches", batches).await, N);
+    gateway.wait_until("stored in part", Duration::from_secs(20), |g| {
+        g.metric(
+            "sahool_gateway_readings_rejected_total",
+            "reason=\"unknown_sensor_type\"",
+        ) == N as f64
+            && g.metric("sahool_gateway_readings_forwarded_total", "") == 2.0 * N as f64
+    });
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), N);
+    assert!(
+        letters
+            .iter()
+            .all(|d| d["device"] == "probe-1" && d["sensor_type"] == "soil_moisture"),
+        "{letters:?}"
+    );
+
+    gateway.rewrite_config(&format!(
+        "{base}  [[fields.sensors]]\n  device_id = \"probe-1\"\n  sensor_type = \"soil_moisture\"\n"
+    ));
+    gateway.signal("HUP");
+    gateway.wait_until("reloaded", Duration::from_secs(20), |g| {
+        g.log().contains("config reloaded")
+    });
+    let out = replay_ok(&gateway, &[]);
+    assert_eq!(replayed(&out), N, "{out}");
+    assert!(out.contains(&format!("({N} readings)")), "{out}");
+    assert_eq!(replayed(&replay_ok(&gateway, &[])), 0);
+    assert!(gateway.dead_letters().is_empty());
+
+    // The replay stored before it answered: once the buffer is empty, all is in the stream.
+    gateway.wait_until("forwarded", Duration::from_secs(30), |g| {
+        g.metric("sahool_gateway_readings_forwarded_total", "") >= 3.0 * N as f64
+            && g.metric("sahool_gateway_buffer_readings", "") == 0.0
+    });
+    let events = nats.read_readings("SAHOOL_IOT").await;
+    assert_exactly_once(&values_in_order(&events), 3 * N);
+    assert_eq!(events.len(), 3 * N);
+    assert_eq!(gateway.terminate(), Some(0));
 }

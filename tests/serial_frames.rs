@@ -180,6 +180,7 @@ impl FrameSink for StoreSink {
                 raw: bad.raw.into(),
                 topic: None,
                 device: None,
+                sensor_type: None,
             }],
             ..Append::default()
         };

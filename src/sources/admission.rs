@@ -87,18 +87,17 @@ impl Admission {
                 tracing::warn!(source = %self.source, device = %first.device, readings = first.count, repeats = held, detail = %first.detail, "flood limit: readings dead-lettered (reason rate_limited; `dead-letters replay --reason rate_limited` brings them back)");
             }
         }
-        // A device's refused readings are replayed without the rest of the message, which
-        // was stored: the dead-letter names the device.
+        // A refused reading that names itself (a device over its rate limit, one bad item of
+        // a batch) is replayed without the rest of the message, which was stored.
         let rate_limited = screened.rejected.into_iter().map(|r| {
             let readings = if r.count == 1 { "reading" } else { "readings" };
             let why = format!("{} {readings}: {}", r.count, r.detail);
-            (Rejection::new(Reason::RateLimited, why), Some(r.device))
+            Rejection::new(Reason::RateLimited, why).of(&r.device, None)
         });
-        let rejections: Vec<(Rejection, Option<String>)> = rejected
+        let rejections: Vec<Rejection> = rejected
             .iter()
             .cloned()
             .chain(mapped.rejections)
-            .map(|r| (r, None))
             .chain(rate_limited)
             .collect();
         let dead_letters = if rejections.is_empty() {
@@ -107,13 +106,19 @@ impl Admission {
             let raw: Arc<[u8]> = Arc::from(raw);
             rejections
                 .into_iter()
-                .map(|(r, device)| NewDeadLetter {
-                    source: self.source.clone(),
-                    reason: r.reason,
-                    detail: format!("{context}: {}", r.detail),
-                    raw: raw.clone(),
-                    topic: topic.map(str::to_string),
-                    device,
+                .map(|r| {
+                    let (device, sensor_type) = r
+                        .refused
+                        .map_or((None, None), |i| (Some(i.device), i.sensor_type));
+                    NewDeadLetter {
+                        source: self.source.clone(),
+                        reason: r.reason,
+                        detail: format!("{context}: {}", r.detail),
+                        raw: raw.clone(),
+                        topic: topic.map(str::to_string),
+                        device,
+                        sensor_type,
+                    }
                 })
                 .collect()
         };

@@ -100,11 +100,13 @@ DELETE FROM recent_readings;
 
 /// Schema version 5: what `dead-letters replay` needs. `topic`: the MQTT topic of a message
 /// (NULL for other sources); rows from before take it from their detail, which intake wrote as
-/// `topic {topic}: ...`. `device`: set when only that device's readings of the message were
-/// rejected (rate limits), so a replay keeps only those and does not double the others.
+/// `topic {topic}: ...`. `device`, and `sensor_type` when one type was: set when only that
+/// device's readings of the message were rejected (rate limits, one bad item of a batch), so a
+/// replay keeps only those and does not double the others.
 const SCHEMA_V5: &str = "
 ALTER TABLE dead_letters ADD COLUMN topic TEXT;
 ALTER TABLE dead_letters ADD COLUMN device TEXT;
+ALTER TABLE dead_letters ADD COLUMN sensor_type TEXT;
 CREATE INDEX dead_letters_by_time ON dead_letters (at_ms);
 UPDATE dead_letters SET topic = substr(detail, 7, instr(detail, ': ') - 7)
     WHERE detail LIKE 'topic %' AND instr(detail, ': ') > 7;
@@ -452,10 +454,13 @@ pub struct DeadLetterRow {
     pub topic: Option<String>,
     /// Only this device's readings of the message were rejected (schema 5).
     pub device: Option<String>,
+    /// With `device`: only its readings of this type (schema 5).
+    pub sensor_type: Option<String>,
 }
 
 /// Columns read into a [`DeadLetterRow`] by [`dead_letter_row`].
-pub const DEAD_LETTER_COLUMNS: &str = "id, at_ms, source, reason, detail, raw, topic, device";
+pub const DEAD_LETTER_COLUMNS: &str =
+    "id, at_ms, source, reason, detail, raw, topic, device, sensor_type";
 
 pub fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
     Ok(DeadLetterRow {
@@ -467,6 +472,7 @@ pub fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow>
         raw: r.get(5)?,
         topic: r.get(6)?,
         device: r.get(7)?,
+        sensor_type: r.get(8)?,
     })
 }
 
@@ -644,7 +650,14 @@ mod tests {
             Some("sahool/sensors/p-9/f"),
             "topic taken from the detail (version {version})"
         );
-        assert_eq!((&letters[1].topic, &letters[1].device), (&None, &None));
+        assert_eq!(
+            (
+                &letters[1].topic,
+                &letters[1].device,
+                &letters[1].sensor_type
+            ),
+            (&None, &None, &None)
+        );
         // No index on the message keys any more: the same key may be stored twice.
         conn.execute(
             "INSERT INTO recent_messages (key) VALUES (?1)",

@@ -11,11 +11,13 @@
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids; `count_*`, lifetime totals of
 //!   readings accepted, forwarded, dropped by reason and refused ([`counts`]).
-//! - `dead_letters(id PK, at_ms, source, reason, detail, raw, topic, device)`: inputs that could
-//!   not become readings and publishes the server refused for good, with their raw bytes;
-//!   bounded by `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes each.
-//!   `topic`: an MQTT message's topic; `device`: only that device's readings of the message were
-//!   rejected. Indexed by `at_ms`: the rows one message left share it (`replay.rs`).
+//! - `dead_letters(id PK, at_ms, source, reason, detail, raw, topic, device, sensor_type)`:
+//!   inputs that could not become readings and publishes the server refused for good, with their
+//!   raw bytes; bounded by `buffer.dead_letter_max` rows and [`db::DEAD_LETTER_RAW_MAX`] bytes
+//!   each. `topic`: an MQTT message's topic; `device` (and `sensor_type`, when one type was):
+//!   only that device's readings of the message were rejected, the others were stored; both
+//!   NULL: the whole message was. Indexed by `at_ms`: the rows one message left share it
+//!   (`replay.rs`).
 //! - `{file}.lock` (beside the database): an advisory `flock` held by the one process that
 //!   writes the buffer (the gateway, or `dead-letters replay` when none runs), see `lock.rs`.
 //! - `seq.floor` (a text file beside the database): a reserved high-water mark of `seq`, so a
@@ -86,7 +88,7 @@ use crate::config::{Buffer, WhenFull};
 use crate::log_limit::LogLimit;
 use crate::mapping::Reason;
 use crate::metrics::Metrics;
-use crate::reading::{Reading, Timestamp, KIND_READING, KIND_STATUS};
+use crate::reading::{Reading, SensorType, Timestamp, KIND_READING, KIND_STATUS};
 use counts::{Counts, DropReason};
 pub use db::{DeadLetterRow, OutboxRow};
 pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
@@ -158,6 +160,8 @@ pub struct NewDeadLetter {
     /// Set when only this device's readings of the message were rejected: a replay keeps only
     /// its readings, so the others of the message (stored the first time) are not doubled.
     pub device: Option<String>,
+    /// With `device`: only its reading of this type was rejected.
+    pub sensor_type: Option<SensorType>,
 }
 
 /// Everything one source message produced, committed together or not at all.
@@ -712,6 +716,7 @@ impl Writer {
                     detail,
                     topic: None,
                     device: None,
+                    sensor_type: None,
                 };
                 insert_dead_letter(&tx, now, &refusal, raw)?;
                 delta.dead_letters_added += 1;
@@ -1316,6 +1321,7 @@ struct DeadLetterText<'a> {
     detail: &'a str,
     topic: Option<&'a str>,
     device: Option<&'a str>,
+    sensor_type: Option<&'static str>,
 }
 
 impl<'a> DeadLetterText<'a> {
@@ -1326,6 +1332,7 @@ impl<'a> DeadLetterText<'a> {
             detail: &d.detail,
             topic: d.topic.as_deref(),
             device: d.device.as_deref(),
+            sensor_type: d.sensor_type.map(SensorType::as_str),
         }
     }
 }
@@ -1338,9 +1345,9 @@ fn insert_dead_letter(
 ) -> rusqlite::Result<()> {
     let raw = &raw[..raw.len().min(db::DEAD_LETTER_RAW_MAX)];
     tx.prepare_cached(
-        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw, topic, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO dead_letters (at_ms, source, reason, detail, raw, topic, device, sensor_type) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute(params![now, d.source, d.reason.label(), d.detail, raw, d.topic, d.device])?;
+    .execute(params![now, d.source, d.reason.label(), d.detail, raw, d.topic, d.device, d.sensor_type])?;
     Ok(())
 }
 

@@ -8,8 +8,12 @@
 //!
 //! Rows are replayed per message: every dead-letter one message left (same source, topic,
 //! receive time and raw bytes) is taken together, also those the filter did not select, so the
-//! message is mapped and stored once. A message is stored only when the current mapping
-//! accepts it whole (of the devices its rows name); otherwise its rows stay as they are.
+//! message is mapped and stored once. Rows that name the reading they refused (a device, and a
+//! type when one was) take only those readings: the message was stored in part the first time,
+//! and its other readings carry no key that would stop a second copy. The group takes the union
+//! of its rows' readings, or the whole message when any row refused it whole. A message is
+//! stored only when the current mapping accepts what the group takes; otherwise its rows stay
+//! as they are.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -150,7 +154,29 @@ impl Writer {
                 }
                 Replayed::Mapped(m) => m,
             };
-            if let Some(first) = mapped.rejections.first() {
+            // What the rows refused; `None`: one of them refused the whole message.
+            let refused: Option<Vec<(&str, Option<&str>)>> = group
+                .iter()
+                .map(|r| Some((r.device.as_deref()?, r.sensor_type.as_deref())))
+                .collect();
+            // A type missing on either side stands for every type of the device.
+            let takes = |device: &str, sensor_type: Option<&str>| {
+                refused.as_ref().is_none_or(|ids| {
+                    ids.iter().any(|(d, t)| {
+                        *d == device && (t.is_none() || sensor_type.is_none() || *t == sensor_type)
+                    })
+                })
+            };
+            // Rejections of readings stored the first time do not hold the others back.
+            let still = mapped.rejections.iter().find(|r| {
+                r.refused.as_ref().is_none_or(|i| {
+                    takes(
+                        &i.device,
+                        i.sensor_type.map(crate::reading::SensorType::as_str),
+                    )
+                })
+            });
+            if let Some(first) = still {
                 let example = format!("{}: {}", first.reason.label(), first.detail);
                 for r in &group {
                     let entry = report.reason(&r.reason);
@@ -159,18 +185,10 @@ impl Writer {
                 }
                 continue;
             }
-            // Rows that name their device take only its readings: the message's other
-            // readings were stored the first time.
-            let devices: Option<HashSet<&str>> =
-                group.iter().map(|r| r.device.as_deref()).collect();
             let readings: Vec<Reading> = mapped
                 .readings
                 .into_iter()
-                .filter(|r| {
-                    devices
-                        .as_ref()
-                        .is_none_or(|d| d.contains(r.device_id.as_str()))
-                })
+                .filter(|r| takes(&r.device_id, Some(r.sensor_type.as_str())))
                 .collect();
             if readings.is_empty() {
                 for r in &group {
@@ -273,8 +291,10 @@ mod tests {
     use crate::reading::{SensorType, Timestamp, KIND_READING};
     use crate::store::{start, NewDeadLetter, StoreHandle};
 
-    /// Raw bytes `device=value,device=value`; `bad` is still rejected; source `bus` is not
-    /// replayable. Readings carry no device time, so only the deleted rows keep them single.
+    /// Raw bytes `device=value,device/type=value` (type `water_level` unless given); `bad` is
+    /// still rejected, and so is a pair whose device ends in `!` (naming its reading); source
+    /// `bus` is not replayable. Readings carry no device time, so only the deleted rows keep
+    /// them single.
     struct Lines;
 
     impl ReplayMapper for Lines {
@@ -289,14 +309,22 @@ mod tests {
                     rejections: vec![Rejection::new(Reason::OutOfRange, "still out of range")],
                 });
             }
-            let readings = text
-                .split(',')
-                .filter_map(|pair| pair.split_once('='))
-                .map(|(device, value)| Reading {
+            let mut out = Mapped::default();
+            for (key, value) in text.split(',').filter_map(|pair| pair.split_once('=')) {
+                let (device, sensor_type) = match key.split_once('/') {
+                    Some((d, t)) => (d, SensorType::from_name(t).unwrap()),
+                    None => (key, SensorType::WaterLevel),
+                };
+                if let Some(device) = device.strip_suffix('!') {
+                    let refused = Rejection::new(Reason::OutOfRange, "still out of range");
+                    out.rejections.push(refused.of(device, Some(sensor_type)));
+                    continue;
+                }
+                out.readings.push(Reading {
                     device_id: device.into(),
                     field_id: "field-1".into(),
                     tenant_id: "tenant-a".into(),
-                    sensor_type: SensorType::WaterLevel,
+                    sensor_type,
                     value: value.parse().unwrap_or(0.0),
                     unit: "cm".into(),
                     observed_at: Timestamp::from_unix_millis(row.at_ms),
@@ -307,12 +335,9 @@ mod tests {
                     device_time: false,
                     stale_after_ms: 3_600_000,
                     metadata: None,
-                })
-                .collect();
-            Replayed::Mapped(Mapped {
-                readings,
-                rejections: vec![],
-            })
+                });
+            }
+            Replayed::Mapped(out)
         }
     }
 
@@ -324,6 +349,7 @@ mod tests {
             raw: Arc::from(raw.as_bytes()),
             topic: Some("t/1".into()),
             device: device.map(String::from),
+            sensor_type: None,
         }
     }
 
@@ -494,6 +520,57 @@ mod tests {
             "the message once"
         );
         assert!(reasons_left(&store, &path).await.is_empty());
+    }
+
+    /// A message stored in part the first time: its rows name the readings refused, and a
+    /// replay takes their union and nothing else, unless a row refused the message whole.
+    #[tokio::test]
+    async fn a_message_stored_in_part_replays_only_the_readings_its_rows_name() {
+        let (_dir, path, metrics) = setup();
+        let (store, _thread) = start(path.clone(), Buffer::default(), 20.0, metrics).unwrap();
+        let of_type = |raw: &str, device: &str, sensor_type| NewDeadLetter {
+            sensor_type,
+            ..letter("farm", Reason::UnknownSensorType, raw, Some(device))
+        };
+        let moisture = Some(SensorType::SoilMoisture);
+        // a and b's water level were stored; b's moisture and all of c's were refused.
+        let partial = "a=1,b/soil_moisture=20,b=3,c=4";
+        reject(
+            &store,
+            vec![
+                of_type(partial, "b", moisture),
+                letter("farm", Reason::RateLimited, partial, Some("c")),
+            ],
+        )
+        .await;
+        // One row refused the message whole: all of it.
+        let whole = "d=5,e/soil_moisture=6";
+        reject(
+            &store,
+            vec![
+                of_type(whole, "e", moisture),
+                letter("farm", Reason::Malformed, whole, None),
+            ],
+        )
+        .await;
+        // f's reading (refused) maps now; g's (stored, now refused) does not hold it back.
+        reject(
+            &store,
+            vec![of_type("f/soil_moisture=7,g!=8", "f", moisture)],
+        )
+        .await;
+        // h's refused reading is still refused: kept.
+        reject(
+            &store,
+            vec![letter("farm", Reason::OutOfRange, "i=9,h!=10", Some("h"))],
+        )
+        .await;
+
+        let report = replay(&store, ReplayFilter::default()).await;
+        assert_eq!(values(&store).await, vec![20.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(report.reasons["unknown_sensor_type"].replayed, 3);
+        assert_eq!(report.reasons["out_of_range"].still_rejected, 1);
+        assert_eq!(reasons_left(&store, &path).await, vec!["farm out_of_range"]);
     }
 
     #[tokio::test]
