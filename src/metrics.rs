@@ -101,6 +101,8 @@ pub struct Metrics {
     pub timestamps_replaced: Counter,
     /// Readings stored only after a wait for their flood budget (the sender was slowed).
     pub readings_paced: Counter,
+    /// Dead-letters the `dead_letter_max` bound removed (their inputs are gone for good).
+    pub dead_letters_evicted: Counter,
     pub status_events: Counter,
     pub modbus_requests: Family<ModbusRequestLabel, Counter>,
     pub sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
@@ -154,6 +156,7 @@ impl Metrics {
             readings_duplicates: Counter::default(),
             timestamps_replaced: Counter::default(),
             readings_paced: Counter::default(),
+            dead_letters_evicted: Counter::default(),
             status_events: Counter::default(),
             modbus_requests: Family::default(),
             sdi12_measurements: Family::default(),
@@ -271,6 +274,11 @@ impl Metrics {
             "readings_duplicates",
             "Readings already stored from the same device observation (device, type, time)",
             m.readings_duplicates.clone(),
+        );
+        r.register(
+            "dead_letters_evicted",
+            "Dead-letters removed by the dead_letter_max bound, oldest first: their inputs cannot be replayed any more",
+            m.dead_letters_evicted.clone(),
         );
         r.register(
             "readings_paced",

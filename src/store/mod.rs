@@ -507,6 +507,8 @@ struct Delta {
     /// Where the next thinning round starts, if a round ran.
     thin_after: Option<u64>,
     dead_letters_removed: u64,
+    /// Of `dead_letters_removed`, those the `dead_letter_max` bound pushed out.
+    dead_letters_evicted: u64,
     refused_full: u64,
     rejected: Vec<Reason>,
     refused: u64,
@@ -1098,6 +1100,7 @@ impl Writer {
             )?
             .execute([i64::from(self.buffer.dead_letter_max)])?;
         delta.dead_letters_removed += cut as u64;
+        delta.dead_letters_evicted += cut as u64;
         Ok(())
     }
 
@@ -1151,6 +1154,14 @@ impl Writer {
         }
         if d.refused > 0 {
             m.rejected(Reason::PublishRefused.label()).inc_by(d.refused);
+        }
+        if d.dead_letters_evicted > 0 {
+            m.dead_letters_evicted.inc_by(d.dead_letters_evicted);
+            tracing::warn!(
+                count = d.dead_letters_evicted,
+                max = self.buffer.dead_letter_max,
+                "dead-letter table full: the oldest dead-letters were removed ([buffer] dead_letter_max)"
+            );
         }
         for r in &d.rejected {
             m.rejected(r.label()).inc();

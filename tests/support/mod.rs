@@ -946,8 +946,9 @@ pub fn assert_exactly_once(values: &[usize], n: usize) {
     assert_eq!(values.len(), n);
 }
 
-/// A section of the shipped `config/gateway.example.toml`, verbatim from its header to the next
-/// one: tests that claim to run with the product's defaults take them from the file users get.
+/// A section of the shipped `config/gateway.example.toml`: its header and every key as the file
+/// sets it (comments left out). Tests that claim to run with the product's defaults take them
+/// from the file users get.
 pub fn shipped_section(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
     let text = std::fs::read_to_string(&path).expect("config/gateway.example.toml");
@@ -956,10 +957,11 @@ pub fn shipped_section(name: &str) -> String {
     let first = lines
         .next()
         .unwrap_or_else(|| panic!("no {header} in the example config"));
-    let body: Vec<&str> = lines
+    let keys: Vec<&str> = lines
         .take_while(|l| !l.trim_start().starts_with('['))
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
         .collect();
-    format!("{first}\n{}\n", body.join("\n"))
+    format!("{first}\n{}\n", keys.join("\n"))
 }
 
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with
