@@ -11,25 +11,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use support::{publish_all, shipped_section, Gateway, Mosquitto, Nats, StreamMessage};
+use support::{publish_all, shipped_farm_config, Gateway, Mosquitto, Nats, StreamMessage};
 
 /// The farm: a broker source, the shipped bounds and flood limits, and `devices` soil probes.
 fn farm_config(nats: &Nats, broker: &Mosquitto, devices: &[String]) -> String {
-    let sensors: String = devices
-        .iter()
-        .map(|d| {
-            format!(
-                "  [[fields.sensors]]\n  device_id = \"{d}\"\n  sensor_type = \"soil_moisture\"\n"
-            )
-        })
-        .collect();
-    format!(
-        "[nats]\nservers = [\"{}\"]\n\n{}\n{}\n[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n\n[[fields]]\nid = \"field-1\"\n{sensors}",
-        nats.url(),
-        shipped_section("buffer").replace("min_free_disk = \"64MiB\"", "min_free_disk = \"1MiB\""),
-        shipped_section("quality"),
-        broker.url(),
-    )
+    let devices: Vec<&str> = devices.iter().map(String::as_str).collect();
+    shipped_farm_config(nats, broker, "soil_moisture", &devices)
 }
 
 fn now_ms() -> i64 {

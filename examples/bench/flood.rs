@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::measure::unix_ns;
 use crate::scenarios::{GATEWAY_STREAM, GATEWAY_SUBJECT};
-use crate::support::{shipped_section, Gateway, Mosquitto, Nats};
+use crate::support::{shipped_farm_config, Gateway, Mosquitto, Nats};
 
 const CALM: [&str; 3] = ["calm-1", "calm-2", "calm-3"];
 const CALM_PERIOD: Duration = Duration::from_millis(100);
@@ -34,22 +34,8 @@ pub struct Isolation {
 }
 
 fn config(nats: &Nats, broker: &Mosquitto) -> String {
-    let sensors: String = CALM
-        .iter()
-        .chain(&["faulty"])
-        .map(|d| {
-            format!(
-                "  [[fields.sensors]]\n  device_id = \"{d}\"\n  sensor_type = \"water_level\"\n"
-            )
-        })
-        .collect();
-    format!(
-        "[nats]\nservers = [\"{}\"]\n\n{}\n{}\n[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n\n[[fields]]\nid = \"field-1\"\n{sensors}",
-        nats.url(),
-        shipped_section("buffer").replace("min_free_disk = \"64MiB\"", "min_free_disk = \"1MiB\""),
-        shipped_section("quality"),
-        broker.url(),
-    )
+    let devices: Vec<&str> = CALM.iter().copied().chain(["faulty"]).collect();
+    shipped_farm_config(nats, broker, "water_level", &devices)
 }
 
 fn message(device: &str, value: u64, at_ms: i128) -> (String, Vec<u8>) {

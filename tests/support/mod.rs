@@ -964,6 +964,32 @@ pub fn shipped_section(name: &str) -> String {
     format!("{first}\n{}\n", keys.join("\n"))
 }
 
+/// A farm as users configure it: the shipped `[buffer]` (with a disk reserve small enough for a
+/// test machine) and `[quality]`, one broker source in SAHOOL's format, and a `sensor_type`
+/// sensor for each of `devices` in `field-1`.
+pub fn shipped_farm_config(
+    nats: &Nats,
+    broker: &Mosquitto,
+    sensor_type: &str,
+    devices: &[&str],
+) -> String {
+    let sensors: String = devices
+        .iter()
+        .map(|d| {
+            format!(
+                "  [[fields.sensors]]\n  device_id = \"{d}\"\n  sensor_type = \"{sensor_type}\"\n"
+            )
+        })
+        .collect();
+    format!(
+        "[nats]\nservers = [\"{}\"]\n\n{}\n{}\n[[mqtt]]\nname = \"farm\"\nurl = \"{}\"\ntopics = [\"sahool/sensors/#\"]\nformat = \"sahool\"\n\n[[fields]]\nid = \"field-1\"\n{sensors}",
+        nats.url(),
+        shipped_section("buffer").replace("min_free_disk = \"64MiB\"", "min_free_disk = \"1MiB\""),
+        shipped_section("quality"),
+        broker.url(),
+    )
+}
+
 /// A gateway config reading `probe-1` water levels (no default range) from the broker, with
 /// `buffer` lines added to `[buffer]` and `extra` lines to `[nats]`.
 pub fn probe_config(nats: &Nats, broker: &Mosquitto, buffer: &str, extra: &str) -> String {
