@@ -17,7 +17,10 @@
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
 //! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
-//! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck.
+//! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck. Its
+//!   `core` decides without I/O (events in, actions out); its `driver` is the async loop that
+//!   carries the actions out through the [`forward::Publisher`] trait, where NATS errors become
+//!   [`forward::Failure`] kinds.
 //! - [`event`]: the event contract: envelope, subject and headers of a buffered reading.
 //! - [`nats`]: NATS links, one connection each (servers, auth, TLS, publish permission refusals).
 //! - [`tls`]: rustls client configs (ring) for NATS and MQTT: CA, client certificate, server name.
