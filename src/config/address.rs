@@ -1,0 +1,60 @@
+//! Host addresses in URLs: `scheme://host:port` split and checked, and what counts as loopback.
+
+use std::net::IpAddr;
+
+/// `scheme://host:port` (or bare `host:port`) → `(host, port)`.
+pub fn parse_host_port(
+    url: &str,
+    schemes: &[&str],
+    default_port: u16,
+) -> Result<(String, u16), String> {
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !schemes.contains(&scheme) {
+                return Err(format!(
+                    "`{url}`: scheme `{scheme}` is not supported here; use {}",
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ));
+            }
+            rest
+        }
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('@') || rest.contains('/') || rest.contains('?') {
+        return Err(format!(
+            "`{url}`: write only scheme://host:port here; credentials and options have their own keys"
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+        (host.to_string(), after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{url}`: `{p}` is not a port"))?,
+        None => default_port,
+    };
+    Ok((host, port))
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
