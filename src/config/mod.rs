@@ -28,12 +28,14 @@ mod quality;
 pub mod serial;
 mod values;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use toml::de::DeTable;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 use lines::LineIndex;
 
@@ -67,16 +69,92 @@ pub struct Config {
     pub mqtt_listener: Vec<MqttListener>,
 }
 
-/// The sections that parsed, for the cross-section checks.
-struct Parts<'a> {
-    nats: Option<&'a Nats>,
-    buffer: &'a Buffer,
-    quality: &'a Quality,
-    mqtt: &'a [MqttSource],
-    fields: &'a [Field],
-    serial: &'a [SerialSource],
-    mqtt_listener: &'a [MqttListener],
-    http: &'a Http,
+/// The sections as they are read, for the checks that span them: a section that failed to
+/// parse is absent (`gateway`, `nats`) or has its defaults, and an entry that failed is left out.
+#[derive(Default)]
+struct Parts {
+    gateway: Option<Gateway>,
+    nats: Option<Nats>,
+    /// Top-level keys seen, so a section that failed to parse is not also called missing.
+    present: HashSet<String>,
+    buffer: Buffer,
+    http: Http,
+    quality: Quality,
+    mqtt: Vec<MqttSource>,
+    fields: Vec<Field>,
+    serial: Vec<SerialSource>,
+    mqtt_listener: Vec<MqttListener>,
+}
+
+impl Parts {
+    /// Reads one top-level key of the file into its section.
+    fn read(
+        &mut self,
+        key: &Spanned<Cow<'_, str>>,
+        value: Spanned<DeValue<'_>>,
+        lines: &LineIndex,
+        problems: &mut Vec<Problem>,
+    ) {
+        self.present.insert(key.get_ref().to_string());
+        match key.get_ref().as_ref() {
+            "gateway" => self.gateway = lines.section(value, "[gateway]", problems),
+            "nats" => self.nats = lines.section(value, "[nats]", problems),
+            "buffer" => {
+                if let Some(b) = lines.section(value, "[buffer]", problems) {
+                    self.buffer = b;
+                }
+            }
+            "http" => {
+                if let Some(h) = lines.section(value, "[http]", problems) {
+                    self.http = h;
+                }
+            }
+            "quality" => {
+                if let Some(q) = lines.section(value, "[quality]", problems) {
+                    self.quality = q;
+                }
+            }
+            "mqtt" => self.mqtt.extend(lines.entries(value, "[[mqtt]]", problems, |m: &mut MqttSource, line| {
+                m.line = line
+            })),
+            "fields" => self.fields.extend(fields::entries(lines, value, problems)),
+            "serial" => self.serial.extend(lines.entries(value, "[[serial]]", problems, |s: &mut SerialSource, line| {
+                s.line = line
+            })),
+            "mqtt_listener" => self.mqtt_listener.extend(lines.entries(value, "[[mqtt_listener]]", problems, |l: &mut MqttListener, line| {
+                l.line = line
+            })),
+            other => problems.push(Problem {
+                line: lines.line(key.span().start),
+                message: format!(
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial or fields"
+                ),
+            }),
+        }
+    }
+
+    /// Problems for the required sections that are not in the file at all.
+    fn missing(&self) -> Vec<Problem> {
+        [
+            (
+                self.gateway.is_some(),
+                "gateway",
+                "missing section [gateway] (id and tenant_id are required)",
+            ),
+            (
+                self.nats.is_some(),
+                "nats",
+                "missing section [nats] (servers is required)",
+            ),
+        ]
+        .into_iter()
+        .filter(|(parsed, key, _)| !parsed && !self.present.contains(*key))
+        .map(|(_, _, message)| Problem {
+            line: 1,
+            message: message.into(),
+        })
+        .collect()
+    }
 }
 
 /// One thing wrong with a config file.
@@ -130,113 +208,27 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         return Err(problems);
     }
 
-    let mut gateway = None;
-    let mut nats = None;
-    let mut present = HashSet::new();
-    let mut buffer = Buffer::default();
-    let mut http = Http::default();
-    let mut quality = Quality::default();
-    let mut mqtt = Vec::new();
-    let mut fields = Vec::new();
-    let mut serial = Vec::new();
-    let mut mqtt_listener = Vec::new();
-
+    let mut parts = Parts::default();
     for (key, value) in root.into_inner() {
-        let key_line = lines.line(key.span().start);
-        present.insert(key.get_ref().to_string());
-        match key.get_ref().as_ref() {
-            "gateway" => gateway = lines.section(value, "[gateway]", &mut problems),
-            "nats" => nats = lines.section(value, "[nats]", &mut problems),
-            "buffer" => {
-                if let Some(b) = lines.section(value, "[buffer]", &mut problems) {
-                    buffer = b;
-                }
-            }
-            "http" => {
-                if let Some(h) = lines.section(value, "[http]", &mut problems) {
-                    http = h;
-                }
-            }
-            "quality" => {
-                if let Some(q) = lines.section(value, "[quality]", &mut problems) {
-                    quality = q;
-                }
-            }
-            "mqtt" => {
-                mqtt.extend(lines.entries(value, "[[mqtt]]", &mut problems, |m: &mut MqttSource, line| {
-                    m.line = line
-                }))
-            }
-            "fields" => fields.extend(fields::entries(&lines, value, &mut problems)),
-            "serial" => {
-                serial.extend(lines.entries(value, "[[serial]]", &mut problems, |s: &mut SerialSource, line| {
-                    s.line = line
-                }))
-            }
-            "mqtt_listener" => {
-                mqtt_listener.extend(lines.entries(value, "[[mqtt_listener]]", &mut problems, |l: &mut MqttListener, line| {
-                    l.line = line
-                }))
-            }
-            other => problems.push(Problem {
-                line: key_line,
-                message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial or fields"
-                ),
-            }),
-        }
+        parts.read(&key, value, &lines, &mut problems);
     }
-
-    let gateway = gateway.or_else(|| {
-        if present.contains("gateway") {
-            return None;
-        }
-        problems.push(Problem {
-            line: 1,
-            message: "missing section [gateway] (id and tenant_id are required)".into(),
-        });
-        None
-    });
-    let nats = nats.or_else(|| {
-        if present.contains("nats") {
-            return None;
-        }
-        problems.push(Problem {
-            line: 1,
-            message: "missing section [nats] (servers is required)".into(),
-        });
-        None
-    });
-    problems.extend(Config::check(
-        &Parts {
-            nats: nats.as_ref(),
-            buffer: &buffer,
-            quality: &quality,
-            mqtt: &mqtt,
-            fields: &fields,
-            serial: &serial,
-            mqtt_listener: &mqtt_listener,
-            http: &http,
-        },
-        &lines,
-    ));
-    match (gateway, nats) {
-        (Some(gateway), Some(nats)) if problems.is_empty() => Ok(Config {
-            gateway,
-            nats,
-            buffer,
-            http,
-            quality,
-            mqtt,
-            fields,
-            serial,
-            mqtt_listener,
-        }),
-        _ => {
-            problems.sort_by_key(|p| p.line);
-            Err(problems)
-        }
-    }
+    problems.extend(parts.missing());
+    problems.extend(Config::check(&parts, &lines));
+    let (Some(gateway), Some(nats), true) = (parts.gateway, parts.nats, problems.is_empty()) else {
+        problems.sort_by_key(|p| p.line);
+        return Err(problems);
+    };
+    Ok(Config {
+        gateway,
+        nats,
+        buffer: parts.buffer,
+        http: parts.http,
+        quality: parts.quality,
+        mqtt: parts.mqtt,
+        fields: parts.fields,
+        serial: parts.serial,
+        mqtt_listener: parts.mqtt_listener,
+    })
 }
 
 impl Config {
@@ -279,10 +271,10 @@ impl Config {
 
     /// Checks that span sections (names, references), after each section's own. Runs on
     /// whatever parsed, so a broken section does not hide the problems of the others.
-    fn check(parts: &Parts<'_>, lines: &LineIndex) -> Vec<Problem> {
+    fn check(parts: &Parts, lines: &LineIndex) -> Vec<Problem> {
         let mut p = Vec::new();
         let mut push = |line: usize, message: String| p.push(Problem { line, message });
-        if let Some(n) = parts.nats {
+        if let Some(n) = &parts.nats {
             n.check(lines.find_line("[nats]"), &mut push);
         }
         parts.buffer.check(lines.find_line("[buffer]"), &mut push);
@@ -290,13 +282,13 @@ impl Config {
 
         // A name is unique among all MQTT inputs, clients and listeners alike.
         let mut names = HashSet::new();
-        for m in parts.mqtt {
+        for m in &parts.mqtt {
             if !names.insert(m.name.as_str()) {
                 push(m.line, format!("[[mqtt]] name `{}` is used twice", m.name));
             }
             m.check(&mut push);
         }
-        for l in parts.mqtt_listener {
+        for l in &parts.mqtt_listener {
             if !names.insert(l.name.as_str()) {
                 push(l.line, format!(
                     "[[mqtt_listener]] name `{}` is already used by another [[mqtt]] or [[mqtt_listener]]",
@@ -305,10 +297,10 @@ impl Config {
             }
             l.check(&mut push);
         }
-        listener::check_addresses(parts.mqtt_listener, parts.http.listen, &mut push);
+        listener::check_addresses(&parts.mqtt_listener, parts.http.listen, &mut push);
 
-        let inputs: Vec<MqttInputRef> = mqtt_inputs(parts.mqtt, parts.mqtt_listener).collect();
-        fields::check(parts.fields, &inputs, &mut push);
+        let inputs: Vec<MqttInputRef> = mqtt_inputs(&parts.mqtt, &parts.mqtt_listener).collect();
+        fields::check(&parts.fields, &inputs, &mut push);
         p.extend(serial::check(parts));
         p
     }

@@ -518,13 +518,13 @@ pub(super) fn fold_calibration(sensor: &mut Sensor, given: [bool; 2]) -> Option<
 }
 
 /// The checks of `[[serial]]` and of serial bindings, over whatever parsed.
-pub(super) fn check(parts: &Parts<'_>) -> Vec<Problem> {
+pub(super) fn check(parts: &Parts) -> Vec<Problem> {
     let mut p = Vec::new();
     let mut push = |line: usize, message: String| p.push(Problem { line, message });
 
     let mqtt_names: HashSet<&str> = parts.mqtt.iter().map(|m| m.name.as_str()).collect();
     let mut names = HashSet::new();
-    for s in parts.serial {
+    for s in &parts.serial {
         if !names.insert(s.name.as_str()) || mqtt_names.contains(s.name.as_str()) {
             push(
                 s.line,
@@ -631,13 +631,13 @@ impl SerialSource {
 
 /// Sensors' serial bindings: one binding a sensor, on an existing port of its protocol, and no
 /// binding twice.
-fn check_bindings(parts: &Parts<'_>, push: &mut impl FnMut(usize, String)) {
+fn check_bindings(parts: &Parts, push: &mut impl FnMut(usize, String)) {
     let ports: HashMap<&str, &SerialSource> =
         parts.serial.iter().map(|s| (s.name.as_str(), s)).collect();
     // Binding identity → line of the first sensor with it.
     let mut bound: HashMap<String, usize> = HashMap::new();
     let mut sdi12_commands = HashMap::new();
-    for f in parts.fields {
+    for f in &parts.fields {
         for s in &f.sensors {
             let who = format!("sensor {} / {}", s.device_id, s.sensor_type.0);
             let Some((binding, port)) = binding_and_port(s, &who, &ports, push) else {
