@@ -58,3 +58,26 @@ pub fn parse_host_port(
 pub fn is_loopback_host(host: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_host_port;
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(
+            parse_host_port("mqtt://127.0.0.1:1884", &["mqtt"], 1883).unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            parse_host_port("mqtt://broker", &["mqtt"], 1883).unwrap(),
+            ("broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_host_port("[::1]:4222", &["nats"], 4222).unwrap(),
+            ("::1".into(), 4222)
+        );
+        assert!(parse_host_port("http://x", &["mqtt"], 1).is_err());
+        assert!(parse_host_port("mqtt://u:p@x", &["mqtt"], 1).is_err());
+    }
+}

@@ -331,8 +331,8 @@ fn mqtt_inputs<'a>(
     clients.chain(listeners)
 }
 
-/// What the config tests of every section share: a minimal valid config, and the problems of
-/// that config with more sections appended.
+/// What the config tests of every section share: a minimal valid config, and the problems of a
+/// config, one a line.
 #[cfg(test)]
 pub(crate) mod test_support {
     pub(crate) const MINIMAL: &str = r#"
@@ -354,11 +354,21 @@ servers = ["nats://127.0.0.1:4222"]
             .collect::<Vec<_>>()
             .join("\n")
     }
+
+    /// Every problem of a config that must not parse, one per line.
+    pub(crate) fn all_problems(text: &str) -> String {
+        super::parse(text)
+            .unwrap_err()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::MINIMAL;
+    use super::test_support::{all_problems, MINIMAL};
     use super::*;
 
     #[test]
@@ -465,102 +475,6 @@ id = "f1"
         assert!(all.contains("already mapped at line"), "{all}");
         assert!(all.contains("`nope`"), "{all}");
         assert!(all.contains("needs"), "{all}");
-    }
-
-    #[test]
-    fn weak_passwords_and_plaintext_brokers_are_refused() {
-        assert!(weak_password("changeme").is_some());
-        assert!(weak_password("Password123").is_some());
-        assert!(weak_password("short").is_some());
-        assert!(weak_password("aaaaaaaaaaaaaaaa").is_some());
-        assert!(weak_password("k3v-9Lq!tr8z-WmX").is_none());
-        let text = format!(
-            "{MINIMAL}\n{}",
-            r##"
-[[mqtt]]
-name = "lan"
-url = "mqtt://192.168.1.20:1883"
-topics = ["#"]
-format = "sahool"
-username = "gw"
-password = "mosquitto"
-"##
-        );
-        let all = parse(&text)
-            .unwrap_err()
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(all.contains("known default"), "{all}");
-        assert!(all.contains("non-loopback broker"), "{all}");
-        assert!(
-            !all.contains("mosquitto\""),
-            "the secret is not echoed: {all}"
-        );
-        let ok = text.replace(
-            "password = \"mosquitto\"",
-            "password_file = \"/etc/x\"\nallow_insecure = true",
-        );
-        assert!(parse(&ok).is_ok());
-    }
-
-    /// Every problem of a config that must not parse, one per line.
-    fn all_problems(text: &str) -> String {
-        parse(text)
-            .unwrap_err()
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    #[test]
-    fn mqtt_tls_is_chosen_by_the_scheme() {
-        let source = |url: &str, extra: &str| {
-            format!("{MINIMAL}\n[[mqtt]]\nname = \"lan\"\nurl = \"{url}\"\ntopics = [\"#\"]\nformat = \"sahool\"\n{extra}\n")
-        };
-        let c = parse(&source(
-            "mqtts://broker.farm.example",
-            "tls_ca_file = \"/etc/ca.pem\"",
-        ))
-        .unwrap();
-        let url = &c.mqtt[0].url;
-        assert_eq!(
-            (url.tls, url.host.as_str(), url.port),
-            (true, "broker.farm.example", 8883)
-        );
-        assert!(c.mqtt[0].tls_files().is_some());
-        let text = all_problems(&source("mqtt://127.0.0.1", "tls_ca_file = \"/etc/ca.pem\""));
-        assert!(text.contains("need an mqtts:// url"), "{text}");
-        let text = all_problems(&source(
-            "mqtts://10.0.0.2",
-            "tls_cert_file = \"/etc/c.pem\"\ntls_server_name = \"not a name\"",
-        ));
-        assert!(
-            text.contains("tls_cert_file and tls_key_file go together"),
-            "{text}"
-        );
-        assert!(text.contains("`not a name` is not a DNS name"), "{text}");
-        assert!(!text.contains("plaintext"), "{text}");
-    }
-
-    #[test]
-    fn host_ports() {
-        assert_eq!(
-            parse_host_port("mqtt://127.0.0.1:1884", &["mqtt"], 1883).unwrap(),
-            ("127.0.0.1".into(), 1884)
-        );
-        assert_eq!(
-            parse_host_port("mqtt://broker", &["mqtt"], 1883).unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert_eq!(
-            parse_host_port("[::1]:4222", &["nats"], 4222).unwrap(),
-            ("::1".into(), 4222)
-        );
-        assert!(parse_host_port("http://x", &["mqtt"], 1).is_err());
-        assert!(parse_host_port("mqtt://u:p@x", &["mqtt"], 1).is_err());
     }
 
     #[test]

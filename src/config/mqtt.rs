@@ -164,3 +164,91 @@ fn default_keep_alive() -> DurationValue {
 fn default_max_payload() -> ByteSize {
     ByteSize(64 << 10)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{all_problems, MINIMAL};
+    use super::super::{parse, weak_password};
+    use super::MqttUrl;
+
+    #[test]
+    fn urls_are_parsed_once_with_their_scheme_port() {
+        let url = MqttUrl::from("mqtts://[::1]".to_string());
+        assert_eq!((url.tls, url.host.as_str(), url.port), (true, "::1", 8883));
+        let url = MqttUrl::from("mqtt://broker:1884/".to_string());
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port),
+            (false, "broker", 1884)
+        );
+        let bad = MqttUrl::from("mqtts://broker:x".to_string());
+        assert!(bad.tls, "TLS is the scheme's even when the rest is wrong");
+        assert!(bad.problem.unwrap().contains("is not a port"));
+        assert_eq!(
+            MqttUrl::from("mqtt://h".to_string()).to_string(),
+            "mqtt://h"
+        );
+    }
+
+    #[test]
+    fn weak_passwords_and_plaintext_brokers_are_refused() {
+        assert!(weak_password("changeme").is_some());
+        assert!(weak_password("Password123").is_some());
+        assert!(weak_password("short").is_some());
+        assert!(weak_password("aaaaaaaaaaaaaaaa").is_some());
+        assert!(weak_password("k3v-9Lq!tr8z-WmX").is_none());
+        let text = format!(
+            "{MINIMAL}\n{}",
+            r##"
+[[mqtt]]
+name = "lan"
+url = "mqtt://192.168.1.20:1883"
+topics = ["#"]
+format = "sahool"
+username = "gw"
+password = "mosquitto"
+"##
+        );
+        let all = all_problems(&text);
+        assert!(all.contains("known default"), "{all}");
+        assert!(all.contains("non-loopback broker"), "{all}");
+        assert!(
+            !all.contains("mosquitto\""),
+            "the secret is not echoed: {all}"
+        );
+        let ok = text.replace(
+            "password = \"mosquitto\"",
+            "password_file = \"/etc/x\"\nallow_insecure = true",
+        );
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn mqtt_tls_is_chosen_by_the_scheme() {
+        let source = |url: &str, extra: &str| {
+            format!("{MINIMAL}\n[[mqtt]]\nname = \"lan\"\nurl = \"{url}\"\ntopics = [\"#\"]\nformat = \"sahool\"\n{extra}\n")
+        };
+        let c = parse(&source(
+            "mqtts://broker.farm.example",
+            "tls_ca_file = \"/etc/ca.pem\"",
+        ))
+        .unwrap();
+        let url = &c.mqtt[0].url;
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port),
+            (true, "broker.farm.example", 8883)
+        );
+        assert!(c.mqtt[0].tls_files().is_some());
+        let text = all_problems(&source("mqtt://127.0.0.1", "tls_ca_file = \"/etc/ca.pem\""));
+        assert!(text.contains("need an mqtts:// url"), "{text}");
+        let text = all_problems(&source(
+            "mqtts://10.0.0.2",
+            "tls_cert_file = \"/etc/c.pem\"\ntls_server_name = \"not a name\"",
+        ));
+        assert!(
+            text.contains("tls_cert_file and tls_key_file go together"),
+            "{text}"
+        );
+        assert!(text.contains("`not a name` is not a DNS name"), "{text}");
+        assert!(!text.contains("plaintext"), "{text}");
+    }
+}
