@@ -1,6 +1,53 @@
-//! Host addresses in URLs: `scheme://host:port` split and checked, and what counts as loopback.
+//! Server addresses: `scheme://host:port` split and checked once, when the config is read, and
+//! what counts as loopback.
 
+use std::fmt;
 use std::net::IpAddr;
+
+/// The schemes of one kind of server, `(name, default port)`: the plain one and the TLS one.
+pub(super) struct Schemes {
+    pub(super) plain: (&'static str, u16),
+    pub(super) tls: (&'static str, u16),
+}
+
+/// A server as the config names it, `scheme://host[:port]` or bare `host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// Given with the TLS scheme (`mqtts://`, `tls://`).
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    text: String,
+    /// Why `text` is not a server address. Kept for its section's check rather than failing the
+    /// section, so the section's other problems are reported too, all at its line.
+    pub(super) problem: Option<String>,
+}
+
+impl ServerUrl {
+    pub(super) fn parse(text: String, schemes: &Schemes) -> Self {
+        let tls = text.starts_with(&format!("{}://", schemes.tls.0));
+        let default_port = if tls { schemes.tls.1 } else { schemes.plain.1 };
+        let names = [schemes.plain.0, schemes.tls.0];
+        let (host, port, problem) = match parse_host_port(&text, &names, default_port) {
+            Ok((host, port)) => (host, port, None),
+            Err(e) => (String::new(), 0, Some(e)),
+        };
+        Self {
+            tls,
+            host,
+            port,
+            text,
+            problem,
+        }
+    }
+}
+
+/// The text as written in the config.
+impl fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
 
 /// `scheme://host:port` (or bare `host:port`) → `(host, port)`.
 pub fn parse_host_port(

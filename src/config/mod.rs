@@ -9,7 +9,7 @@
 //! `gateway.rs`, `nats.rs`, `buffer.rs`, `http.rs`, `quality.rs`, `mqtt.rs` (`[[mqtt]]`
 //! clients), `listener.rs` (`[[mqtt_listener]]`), [`serial`] (`[[serial]]` and serial bindings),
 //! `fields.rs` (`[[fields]]`, sensors, MQTT bindings). Below them: `values.rs` (value types
-//! checked while parsing), `address.rs` (hosts in URLs), `credentials.rs` (secret and TLS file
+//! checked while parsing), `address.rs` (server URLs), `credentials.rs` (secret and TLS file
 //! paths, the password policy) and `lines.rs` (line numbers). This file keeps [`Config`],
 //! [`parse`] and the checks that span sections. Every public type is re-exported here, and
 //! `config` uses nothing of the crate but [`crate::reading`], so any module may depend on it.
@@ -39,7 +39,7 @@ use toml::Spanned;
 
 use lines::LineIndex;
 
-pub use address::{is_loopback_host, parse_host_port};
+pub use address::{is_loopback_host, parse_host_port, ServerUrl};
 pub use buffer::{Buffer, Synchronous, WhenFull};
 pub use credentials::{resolve_path, weak_password, TlsFiles};
 pub use fields::{Field, JsonBinding, Sensor, TimestampFormat};
@@ -47,7 +47,7 @@ pub use gateway::Gateway;
 pub use http::Http;
 pub use lines::section_line;
 pub use listener::{ListenerAuth, MqttListener};
-pub use mqtt::{Format, MqttSource, MqttUrl};
+pub use mqtt::{Format, MqttSource};
 pub use nats::Nats;
 pub use quality::{Quality, TimestampPolicy};
 pub use serial::{Protocol, SerialBinding, SerialSource};

@@ -1,13 +1,12 @@
 //! `[[mqtt]]`: the brokers the gateway subscribes to as a client, and the payload [`Format`] that
-//! every MQTT input (client or listener) declares. The broker URL is parsed once, here.
+//! every MQTT input (client or listener) declares.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use super::address::{is_loopback_host, parse_host_port};
+use super::address::{is_loopback_host, Schemes, ServerUrl};
 use super::credentials::{check_server_name, weak_password, TlsFiles};
 use super::{ByteSize, DurationValue, Gateway, Ident, Secret, TopicFilter};
 
@@ -24,7 +23,8 @@ pub enum Format {
 #[serde(deny_unknown_fields)]
 pub struct MqttSource {
     pub name: Ident,
-    pub url: MqttUrl,
+    #[serde(deserialize_with = "mqtt_url")]
+    pub url: ServerUrl,
     pub topics: Vec<TopicFilter>,
     pub format: Format,
     pub username: Option<String>,
@@ -54,42 +54,14 @@ pub struct MqttSource {
     pub line: usize,
 }
 
-/// `[[mqtt]] url`: `mqtt://host[:port]` or `mqtts://host[:port]` (default ports 1883, 8883).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "String")]
-pub struct MqttUrl {
-    /// TLS is chosen by the `mqtts://` scheme.
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    text: String,
-    /// Why `text` is not a broker URL. Kept for the entry's check rather than failing the entry,
-    /// so the entry's other problems are reported too, all at its line.
-    problem: Option<String>,
-}
+/// `[[mqtt]] url`: `mqtt://host[:port]` or `mqtts://host[:port]`.
+const MQTT: Schemes = Schemes {
+    plain: ("mqtt", 1883),
+    tls: ("mqtts", 8883),
+};
 
-impl From<String> for MqttUrl {
-    fn from(text: String) -> Self {
-        let tls = text.starts_with("mqtts://");
-        let default_port = if tls { 8883 } else { 1883 };
-        let (host, port, problem) = match parse_host_port(&text, &["mqtt", "mqtts"], default_port) {
-            Ok((host, port)) => (host, port, None),
-            Err(e) => (String::new(), 0, Some(e)),
-        };
-        Self {
-            tls,
-            host,
-            port,
-            text,
-            problem,
-        }
-    }
-}
-
-impl fmt::Display for MqttUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
+fn mqtt_url<'de, D: Deserializer<'de>>(d: D) -> Result<ServerUrl, D::Error> {
+    String::deserialize(d).map(|text| ServerUrl::parse(text, &MQTT))
 }
 
 impl MqttSource {
@@ -169,22 +141,22 @@ fn default_max_payload() -> ByteSize {
 mod tests {
     use super::super::test_support::{all_problems, MINIMAL};
     use super::super::{parse, weak_password};
-    use super::MqttUrl;
+    use super::{ServerUrl, MQTT};
 
     #[test]
     fn urls_are_parsed_once_with_their_scheme_port() {
-        let url = MqttUrl::from("mqtts://[::1]".to_string());
+        let url = ServerUrl::parse("mqtts://[::1]".into(), &MQTT);
         assert_eq!((url.tls, url.host.as_str(), url.port), (true, "::1", 8883));
-        let url = MqttUrl::from("mqtt://broker:1884/".to_string());
+        let url = ServerUrl::parse("mqtt://broker:1884/".into(), &MQTT);
         assert_eq!(
             (url.tls, url.host.as_str(), url.port),
             (false, "broker", 1884)
         );
-        let bad = MqttUrl::from("mqtts://broker:x".to_string());
+        let bad = ServerUrl::parse("mqtts://broker:x".into(), &MQTT);
         assert!(bad.tls, "TLS is the scheme's even when the rest is wrong");
         assert!(bad.problem.unwrap().contains("is not a port"));
         assert_eq!(
-            MqttUrl::from("mqtt://h".to_string()).to_string(),
+            ServerUrl::parse("mqtt://h".into(), &MQTT).to_string(),
             "mqtt://h"
         );
     }

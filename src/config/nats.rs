@@ -3,16 +3,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use super::address::{is_loopback_host, parse_host_port};
+use super::address::{is_loopback_host, Schemes, ServerUrl};
 use super::credentials::{check_server_name, weak_password, TlsFiles};
 use super::{DurationValue, Secret, SubjectTemplate};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nats {
-    pub servers: Vec<String>,
+    #[serde(deserialize_with = "nats_urls")]
+    pub servers: Vec<ServerUrl>,
     #[serde(default)]
     pub subject: SubjectTemplate,
     /// Subject of liveness events; `{status}` is `connected`, `disconnected` or `warning`.
@@ -41,10 +42,24 @@ pub struct Nats {
     pub max_in_flight: u16,
 }
 
+/// `[nats] servers`: `nats://host[:port]`, `tls://host[:port]` or `host[:port]`.
+const NATS: Schemes = Schemes {
+    plain: ("nats", 4222),
+    tls: ("tls", 4222),
+};
+
+fn nats_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerUrl>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    Ok(texts
+        .into_iter()
+        .map(|t| ServerUrl::parse(t, &NATS))
+        .collect())
+}
+
 impl Nats {
     /// TLS is required by a `tls://` server or any TLS file.
     pub fn uses_tls(&self) -> bool {
-        self.servers.iter().any(|s| s.starts_with("tls://"))
+        self.servers.iter().any(|s| s.tls)
             || self.tls_ca_file.is_some()
             || self.tls_cert_file.is_some()
     }
@@ -66,15 +81,15 @@ impl Nats {
             problem("servers: list at least one server".into());
         }
         for server in &self.servers {
-            match parse_host_port(server, &["nats", "tls"], 4222) {
-                Ok((host, _)) => {
-                    if !self.uses_tls() && !is_loopback_host(&host) && !self.allow_insecure {
+            match &server.problem {
+                None => {
+                    if !self.uses_tls() && !is_loopback_host(&server.host) && !self.allow_insecure {
                         problem(format!(
                             "servers: `{server}` is plaintext to a non-loopback host; use tls:// with tls_ca_file, or set allow_insecure = true"
                         ));
                     }
                 }
-                Err(e) => problem(format!("servers: {e}")),
+                Some(e) => problem(format!("servers: {e}")),
             }
         }
         if self.max_in_flight == 0 {
