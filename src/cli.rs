@@ -267,7 +267,8 @@ pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> 
     } else {
         "DISCONNECTED"
     };
-    writeln!(out, "NATS:          {link} ({})", c.nats.servers.join(", "))?;
+    let servers: Vec<String> = c.nats.servers.iter().map(ToString::to_string).collect();
+    writeln!(out, "NATS:          {link} ({})", servers.join(", "))?;
     writeln!(
         out,
         "backlog:       {} readings, {} bytes, oldest {}",

@@ -1,7 +1,8 @@
 //! sahool-gateway: farm sensors → SQLite outbox → SAHOOL's NATS JetStream.
 //!
 //! Module map, in the order data flows:
-//! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`.
+//! - [`config`]: the TOML config, parsed and checked in one place for `run` and `validate`; one
+//!   file per section, below every other module but [`reading`].
 //! - [`sources`]: inputs ([`sources::mqtt`], [`sources::listener`]); each acks its sender only
 //!   after the commit, through the shared commit queue [`sources::intake`]. Every input, serial
 //!   ones too, screens what its mapping made by the same rules: [`sources::admission`] (flood

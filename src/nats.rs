@@ -138,7 +138,7 @@ impl Connector {
         let servers = nats
             .servers
             .iter()
-            .map(|s| s.replacen("tls://", "nats://", 1))
+            .map(|s| s.to_string().replacen("tls://", "nats://", 1))
             .filter_map(|s| s.parse().ok())
             .collect();
         Ok(Self {

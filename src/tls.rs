@@ -22,6 +22,9 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use crate::log_limit::LogLimit;
 
+/// Defined with the config sections it is read from; re-exported where it is used.
+pub use crate::config::TlsFiles;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{0}")]
@@ -44,35 +47,6 @@ pub enum TlsError {
     ServerName(String),
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
-}
-
-/// The TLS keys of a `[nats]` or `[[mqtt]]` section.
-#[derive(Debug, Clone, Copy)]
-pub struct TlsFiles<'a> {
-    /// CA certificates (PEM) that signed the server's certificate; the system's when `None`.
-    pub ca: Option<&'a Path>,
-    /// Client certificate chain (PEM), for servers that verify clients (mTLS).
-    pub cert: Option<&'a Path>,
-    pub key: Option<&'a Path>,
-    /// Name the server's certificate must carry, instead of the host of its URL.
-    pub server_name: Option<&'a str>,
-}
-
-impl<'a> TlsFiles<'a> {
-    /// From a config section's `tls_ca_file`, `tls_cert_file`, `tls_key_file`, `tls_server_name`.
-    pub fn new(
-        ca: &'a Option<PathBuf>,
-        cert: &'a Option<PathBuf>,
-        key: &'a Option<PathBuf>,
-        server_name: &'a Option<String>,
-    ) -> Self {
-        Self {
-            ca: ca.as_deref(),
-            cert: cert.as_deref(),
-            key: key.as_deref(),
-            server_name: server_name.as_deref(),
-        }
-    }
 }
 
 /// A client config and the last handshake problem it saw, for `/readyz` and status lines.

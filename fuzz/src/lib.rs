@@ -101,7 +101,7 @@ pub fn config_parse(data: &[u8]) {
             // Whatever parses must be usable by the parts that start from it.
             let _ = Mapper::new(&config);
             for m in &config.mqtt {
-                let _ = m.host_port();
+                assert!(!m.url.host.is_empty() && m.url.port != 0, "{}", m.url);
                 let _ = m.client_id(&config.gateway);
             }
             for field in &config.fields {

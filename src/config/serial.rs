@@ -518,14 +518,13 @@ pub(super) fn fold_calibration(sensor: &mut Sensor, given: [bool; 2]) -> Option<
 }
 
 /// The checks of `[[serial]]` and of serial bindings, over whatever parsed.
-pub(super) fn check(parts: &Parts<'_>) -> Vec<Problem> {
+pub(super) fn check(parts: &Parts) -> Vec<Problem> {
     let mut p = Vec::new();
     let mut push = |line: usize, message: String| p.push(Problem { line, message });
 
     let mqtt_names: HashSet<&str> = parts.mqtt.iter().map(|m| m.name.as_str()).collect();
     let mut names = HashSet::new();
-    for s in parts.serial {
-        let at = |what: &str| format!("[[serial]] `{}`: {what}", s.name);
+    for s in &parts.serial {
         if !names.insert(s.name.as_str()) || mqtt_names.contains(s.name.as_str()) {
             push(
                 s.line,
@@ -535,261 +534,266 @@ pub(super) fn check(parts: &Parts<'_>) -> Vec<Problem> {
                 ),
             );
         }
-        if !s.path.is_absolute() {
-            push(
-                s.line,
-                at(&format!(
-                    "path `{}` must be absolute, e.g. /dev/ttyUSB0 or /dev/serial/by-id/...",
-                    s.path.display()
-                )),
-            );
+        s.check(&mut |what| push(s.line, format!("[[serial]] `{}`: {what}", s.name)));
+    }
+    check_bindings(parts, &mut push);
+    p
+}
+
+impl SerialSource {
+    /// Problems of this port on its own (its name's uniqueness is checked with the others').
+    fn check(&self, problem: &mut impl FnMut(String)) {
+        if !self.path.is_absolute() {
+            problem(format!(
+                "path `{}` must be absolute, e.g. /dev/ttyUSB0 or /dev/serial/by-id/...",
+                self.path.display()
+            ));
         }
-        let lines = s.protocol == Protocol::Lines;
-        let polled = matches!(s.protocol, Protocol::ModbusRtu | Protocol::Sdi12);
-        let only = |key: &str, set: bool, allowed: bool, for_what: &str| {
-            (set && !allowed).then(|| at(&format!("{key} applies to {for_what} ports only")))
-        };
-        for problem in [
-            only(
+        let lines = self.protocol == Protocol::Lines;
+        let polled = matches!(self.protocol, Protocol::ModbusRtu | Protocol::Sdi12);
+        const LINES: &str = "protocol = \"lines\"";
+        for (key, set, allowed, for_what) in [
+            (
                 "poll_interval",
-                s.poll_interval.is_some(),
+                self.poll_interval.is_some(),
                 polled,
                 "modbus-rtu and sdi12",
             ),
-            only(
-                "line_format",
-                s.line_format.is_some(),
-                lines,
-                "protocol = \"lines\"",
-            ),
-            only(
-                "columns",
-                s.columns.is_some(),
-                lines,
-                "protocol = \"lines\"",
-            ),
-            only(
-                "separator",
-                s.separator.is_some(),
-                lines,
-                "protocol = \"lines\"",
-            ),
-            only(
-                "max_line",
-                s.max_line.is_some(),
-                lines,
-                "protocol = \"lines\"",
-            ),
-            only(
-                "device_id",
-                s.device_id.is_some(),
-                lines,
-                "protocol = \"lines\"",
-            ),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            push(s.line, problem);
-        }
-        if s.timeout.0 < Duration::from_millis(10) || s.timeout.0 > Duration::from_secs(60) {
-            push(s.line, at("timeout must be between 10ms and 60s"));
-        }
-        if s.poll_interval
-            .is_some_and(|d| d.0 < Duration::from_millis(100))
-        {
-            push(s.line, at("poll_interval must be at least 100ms"));
-        }
-        if let Some(max) = s.max_line {
-            if !(16..=65536).contains(&max.0) {
-                push(s.line, at("max_line must be between 16 bytes and 64KiB"));
+            ("line_format", self.line_format.is_some(), lines, LINES),
+            ("columns", self.columns.is_some(), lines, LINES),
+            ("separator", self.separator.is_some(), lines, LINES),
+            ("max_line", self.max_line.is_some(), lines, LINES),
+            ("device_id", self.device_id.is_some(), lines, LINES),
+        ] {
+            if set && !allowed {
+                problem(format!("{key} applies to {for_what} ports only"));
             }
         }
-        if let Some(r) = &s.rs485 {
+        if self.timeout.0 < Duration::from_millis(10) || self.timeout.0 > Duration::from_secs(60) {
+            problem("timeout must be between 10ms and 60s".into());
+        }
+        if self
+            .poll_interval
+            .is_some_and(|d| d.0 < Duration::from_millis(100))
+        {
+            problem("poll_interval must be at least 100ms".into());
+        }
+        if let Some(max) = self.max_line {
+            if !(16..=65536).contains(&max.0) {
+                problem("max_line must be between 16 bytes and 64KiB".into());
+            }
+        }
+        if let Some(r) = &self.rs485 {
             for d in [r.delay_before_send, r.delay_after_send]
                 .into_iter()
                 .flatten()
             {
                 if d.0 > Duration::from_millis(100) {
-                    push(s.line, at("rs485 delays are at most 100ms"));
+                    problem("rs485 delays are at most 100ms".into());
                 }
             }
         }
         if lines {
-            match (s.line_format, &s.columns) {
-                (None, _) => push(
-                    s.line,
-                    at("protocol = \"lines\" needs line_format = \"kv\", \"csv\" or \"json\""),
-                ),
-                (Some(LineFormat::Csv), None) => push(
-                    s.line,
-                    at("line_format = \"csv\" needs columns = [\"name\", ...]"),
-                ),
-                (Some(LineFormat::Csv), Some(cols)) => {
-                    let mut seen = HashSet::new();
-                    for c in cols {
-                        if c.trim().is_empty() || c.trim() != c {
-                            push(s.line, at("column names must not be empty or padded"));
-                        } else if !seen.insert(c.as_str()) {
-                            push(s.line, at(&format!("column `{c}` is listed twice")));
-                        }
-                    }
-                    if cols.is_empty() {
-                        push(s.line, at("columns: list at least one column"));
-                    }
-                }
-                (Some(_), Some(_)) => {
-                    push(s.line, at("columns applies to line_format = \"csv\" only"))
-                }
-                (Some(_), None) => {}
-            }
-            if s.line_format == Some(LineFormat::Json) && s.separator.is_some() {
-                push(
-                    s.line,
-                    at("separator does not apply to line_format = \"json\""),
-                );
-            }
+            self.check_line_format(problem);
         }
     }
 
+    /// A `lines` port's form: a line format, and columns exactly where CSV needs them.
+    fn check_line_format(&self, problem: &mut impl FnMut(String)) {
+        match (self.line_format, &self.columns) {
+            (None, _) => problem(
+                "protocol = \"lines\" needs line_format = \"kv\", \"csv\" or \"json\"".into(),
+            ),
+            (Some(LineFormat::Csv), None) => {
+                problem("line_format = \"csv\" needs columns = [\"name\", ...]".into())
+            }
+            (Some(LineFormat::Csv), Some(cols)) => {
+                let mut seen = HashSet::new();
+                for c in cols {
+                    if c.trim().is_empty() || c.trim() != c {
+                        problem("column names must not be empty or padded".into());
+                    } else if !seen.insert(c.as_str()) {
+                        problem(format!("column `{c}` is listed twice"));
+                    }
+                }
+                if cols.is_empty() {
+                    problem("columns: list at least one column".into());
+                }
+            }
+            (Some(_), Some(_)) => problem("columns applies to line_format = \"csv\" only".into()),
+            (Some(_), None) => {}
+        }
+        if self.line_format == Some(LineFormat::Json) && self.separator.is_some() {
+            problem("separator does not apply to line_format = \"json\"".into());
+        }
+    }
+}
+
+/// Sensors' serial bindings: one binding a sensor, on an existing port of its protocol, and no
+/// binding twice.
+fn check_bindings(parts: &Parts, push: &mut impl FnMut(usize, String)) {
     let ports: HashMap<&str, &SerialSource> =
         parts.serial.iter().map(|s| (s.name.as_str(), s)).collect();
     // Binding identity → line of the first sensor with it.
     let mut bound: HashMap<String, usize> = HashMap::new();
-    // (port, SDI-12 address) → the measurement command its sensors use.
-    let mut sdi12_commands: HashMap<(&str, char), Sdi12Command> = HashMap::new();
-    for f in parts.fields {
+    let mut sdi12_commands = HashMap::new();
+    for f in &parts.fields {
         for s in &f.sensors {
-            let bindings = s.serial_bindings();
             let who = format!("sensor {} / {}", s.device_id, s.sensor_type.0);
-            if bindings.len() + usize::from(s.mqtt.is_some()) > 1 {
-                let tables: Vec<&str> = s
-                    .mqtt
-                    .iter()
-                    .map(|_| "mqtt")
-                    .chain(bindings.iter().map(SerialBinding::table))
-                    .collect();
-                push(
-                    s.line,
-                    format!(
-                        "{who} has {} bindings ({}); a sensor is read from one place",
-                        tables.len(),
-                        tables.join(", ")
-                    ),
-                );
-                continue;
-            }
-            let Some(binding) = bindings.into_iter().next() else {
+            let Some((binding, port)) = binding_and_port(s, &who, &ports, push) else {
                 continue;
             };
-            if s.source.is_some() {
-                push(s.line, format!(
-                    "{who}: `source` names an [[mqtt]] source; a sensor with a {} binding is read from its port",
-                    binding.table()
-                ));
-            }
-            let port_name = binding.port().as_str();
-            let Some(port) = ports.get(port_name) else {
-                push(
-                    s.line,
-                    format!("{who}: port `{port_name}` is not a [[serial]] name"),
-                );
-                continue;
-            };
-            if port.protocol != binding.protocol() {
-                push(
-                    s.line,
-                    format!(
-                        "{who}: a {} binding needs a protocol = \"{}\" port, but `{port_name}` is \"{}\"",
-                        binding.table(),
-                        binding.protocol(),
-                        port.protocol
-                    ),
-                );
-                continue;
-            }
+            let mut problem = |what: String| push(s.line, format!("{who}: {what}"));
             let identity = match &binding {
-                SerialBinding::Line(b) => {
-                    if port.line_format == Some(LineFormat::Csv) {
-                        let cols = port.columns.as_deref().unwrap_or_default();
-                        if !cols.iter().any(|c| c == b.key.as_str()) {
-                            push(
-                                s.line,
-                                format!(
-                                    "{who}: key `{}` is not one of port `{port_name}`'s columns",
-                                    b.key.as_str()
-                                ),
-                            );
-                        }
-                    }
-                    format!(
-                        "line key `{}` of device {} on port `{port_name}`",
-                        b.key.as_str(),
-                        s.device_id
-                    )
-                }
-                SerialBinding::Modbus(b) => {
-                    let last = u32::from(b.register) + u32::from(b.value_type.registers()) - 1;
-                    if last > u32::from(u16::MAX) {
-                        push(
-                            s.line,
-                            format!("{who}: a 32-bit value cannot start at register 65535"),
-                        );
-                    }
-                    if b.word_order.is_some() && b.value_type.registers() == 1 {
-                        push(
-                            s.line,
-                            format!("{who}: word_order applies to u32, i32 and f32 only"),
-                        );
-                    }
-                    if let Some(scale) = b.scale {
-                        if !scale.is_finite() || scale == 0.0 {
-                            push(s.line, format!("{who}: scale must be finite and non-zero"));
-                        }
-                    }
-                    if b.poll_interval
-                        .is_some_and(|d| d.0 < Duration::from_millis(100))
-                    {
-                        push(
-                            s.line,
-                            format!("{who}: poll_interval must be at least 100ms"),
-                        );
-                    }
-                    format!(
-                        "Modbus unit {} {:?} register {} on port `{port_name}`",
-                        b.unit.0, b.kind, b.register
-                    )
-                    .to_lowercase()
-                }
-                SerialBinding::Sdi12(b) => {
-                    let command = sdi12_commands
-                        .entry((port.name.as_str(), b.address.0))
-                        .or_insert(b.command);
-                    if *command != b.command {
-                        push(s.line, format!(
-                            "{who}: the sensors of SDI-12 address {} on port `{port_name}` use one measurement command ({:?}), not also {:?}",
-                            b.address.0, command, b.command
-                        ));
-                    }
-                    format!(
-                        "SDI-12 address {} value {} on port `{port_name}`",
-                        b.address.0, b.index.0
-                    )
-                }
+                SerialBinding::Line(b) => b.check(&s.device_id, port, &mut problem),
+                SerialBinding::Modbus(b) => b.check(port, &mut problem),
+                SerialBinding::Sdi12(b) => b.check(port, &mut sdi12_commands, &mut problem),
                 SerialBinding::Frame(b) => format!(
-                    "frame node {} channel {} on port `{port_name}`",
-                    b.node, b.channel
+                    "frame node {} channel {} on port `{}`",
+                    b.node, b.channel, port.name
                 ),
             };
             if let Some(first) = bound.insert(identity.clone(), s.line) {
-                push(
-                    s.line,
-                    format!("{who}: {identity} is already bound at line {first}"),
-                );
+                problem(format!("{identity} is already bound at line {first}"));
             }
         }
     }
-    p
+}
+
+/// The sensor's one serial binding and the port it names, when both are usable; problems when
+/// the sensor has more than one binding or the port is missing or of another protocol.
+fn binding_and_port<'p>(
+    s: &Sensor,
+    who: &str,
+    ports: &HashMap<&str, &'p SerialSource>,
+    push: &mut impl FnMut(usize, String),
+) -> Option<(SerialBinding, &'p SerialSource)> {
+    let bindings = s.serial_bindings();
+    if bindings.len() + usize::from(s.mqtt.is_some()) > 1 {
+        let tables: Vec<&str> = s
+            .mqtt
+            .iter()
+            .map(|_| "mqtt")
+            .chain(bindings.iter().map(SerialBinding::table))
+            .collect();
+        push(
+            s.line,
+            format!(
+                "{who} has {} bindings ({}); a sensor is read from one place",
+                tables.len(),
+                tables.join(", ")
+            ),
+        );
+        return None;
+    }
+    let binding = bindings.into_iter().next()?;
+    if s.source.is_some() {
+        push(s.line, format!(
+            "{who}: `source` names an [[mqtt]] source; a sensor with a {} binding is read from its port",
+            binding.table()
+        ));
+    }
+    let port_name = binding.port().as_str();
+    let Some(port) = ports.get(port_name).copied() else {
+        push(
+            s.line,
+            format!("{who}: port `{port_name}` is not a [[serial]] name"),
+        );
+        return None;
+    };
+    if port.protocol != binding.protocol() {
+        push(
+            s.line,
+            format!(
+                "{who}: a {} binding needs a protocol = \"{}\" port, but `{port_name}` is \"{}\"",
+                binding.table(),
+                binding.protocol(),
+                port.protocol
+            ),
+        );
+        return None;
+    }
+    Some((binding, port))
+}
+
+impl LineBinding {
+    /// Problems of the binding on its `lines` port; returns what it reads, to find it twice.
+    fn check(
+        &self,
+        device: &Ident,
+        port: &SerialSource,
+        problem: &mut impl FnMut(String),
+    ) -> String {
+        let key = self.key.as_str();
+        if port.line_format == Some(LineFormat::Csv) {
+            let cols = port.columns.as_deref().unwrap_or_default();
+            if !cols.iter().any(|c| c == key) {
+                problem(format!(
+                    "key `{key}` is not one of port `{}`'s columns",
+                    port.name
+                ));
+            }
+        }
+        format!(
+            "line key `{key}` of device {device} on port `{}`",
+            port.name
+        )
+    }
+}
+
+impl ModbusBinding {
+    /// Problems of the binding on its Modbus port; returns what it reads, to find it twice.
+    fn check(&self, port: &SerialSource, problem: &mut impl FnMut(String)) -> String {
+        let last = u32::from(self.register) + u32::from(self.value_type.registers()) - 1;
+        if last > u32::from(u16::MAX) {
+            problem("a 32-bit value cannot start at register 65535".into());
+        }
+        if self.word_order.is_some() && self.value_type.registers() == 1 {
+            problem("word_order applies to u32, i32 and f32 only".into());
+        }
+        if let Some(scale) = self.scale {
+            if !scale.is_finite() || scale == 0.0 {
+                problem("scale must be finite and non-zero".into());
+            }
+        }
+        if self
+            .poll_interval
+            .is_some_and(|d| d.0 < Duration::from_millis(100))
+        {
+            problem("poll_interval must be at least 100ms".into());
+        }
+        format!(
+            "Modbus unit {} {:?} register {} on port `{}`",
+            self.unit.0, self.kind, self.register, port.name
+        )
+        .to_lowercase()
+    }
+}
+
+impl Sdi12Binding {
+    /// Problems of the binding on its SDI-12 port; returns what it reads, to find it twice.
+    /// `commands`: the measurement command of each (port, address) seen so far, which the
+    /// sensors of one address share.
+    fn check<'p>(
+        &self,
+        port: &'p SerialSource,
+        commands: &mut HashMap<(&'p str, char), Sdi12Command>,
+        problem: &mut impl FnMut(String),
+    ) -> String {
+        let command = commands
+            .entry((port.name.as_str(), self.address.0))
+            .or_insert(self.command);
+        if *command != self.command {
+            problem(format!(
+                "the sensors of SDI-12 address {} on port `{}` use one measurement command ({:?}), not also {:?}",
+                self.address.0, port.name, command, self.command
+            ));
+        }
+        format!(
+            "SDI-12 address {} value {} on port `{}`",
+            self.address.0, self.index.0, port.name
+        )
+    }
 }
 
 #[cfg(test)]

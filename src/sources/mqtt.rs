@@ -45,9 +45,9 @@ pub struct MqttInput {
 }
 
 impl MqttInput {
-    fn options(&self) -> Result<MqttOptions, String> {
-        let (host, port) = self.source.host_port()?;
-        let mut o = MqttOptions::new(self.source.client_id(&self.gateway), host, port);
+    fn options(&self) -> MqttOptions {
+        let url = &self.source.url;
+        let mut o = MqttOptions::new(self.source.client_id(&self.gateway), &url.host, url.port);
         o.set_clean_start(false)
             // The gateway only subscribes. Without a limit the client keeps a slot for 65,535
             // outgoing publishes: 14 MB of memory for nothing.
@@ -74,19 +74,13 @@ impl MqttInput {
                 rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
             ));
         }
-        Ok(o)
+        o
     }
 
     /// Runs until `shutdown`; then finishes the acks of everything already committed.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let name = self.source.name.to_string();
-        let options = match self.options() {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(source = %name, error = %e, "MQTT source not started");
-                return;
-            }
-        };
+        let options = self.options();
         // Acks never outnumber unacknowledged messages: this capacity is not reached while the
         // broker honours our Receive Maximum; `unsent` catches the rest.
         let (client, eventloop) =
