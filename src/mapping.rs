@@ -32,7 +32,7 @@ pub enum Reason {
     BadTimestamp,
     /// The server refused the publish for good (set by the forwarder, not the mapping).
     PublishRefused,
-    /// Over the device's or source's rate limit (counted only, not dead-lettered).
+    /// Over a device's flood limit (see `flood`): dead-lettered with its raw bytes, replayable.
     RateLimited,
 }
 
