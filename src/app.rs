@@ -410,6 +410,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
         listener,
         metrics.clone(),
         replay.clone(),
+        config.store_path().into(),
         stop_rx.clone(),
     ));
     let notifier = Arc::new(Notifier::from_env());

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::config::{self, ConfigError};
+use crate::status::StatusReport;
 use crate::store::counts::DropReason;
 use crate::store::{self, db, StoreError};
 
@@ -236,136 +237,46 @@ fn http_exchange(
     Ok((code, body))
 }
 
-/// `status`: asks the running gateway and prints a summary a person can read.
-pub fn status(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> {
-    use crate::metrics::{label_values, sample};
+/// `status`: asks the running gateway for its [`StatusReport`] and prints a summary a person
+/// can read (two reports a second apart, for the rates), or with `json` the report as JSON.
+pub fn status(config_path: &Path, json: bool, out: &mut impl Write) -> Result<(), CliError> {
     let c = config::load(config_path)?;
     let addr = c.http.listen;
-    let first = http_get(addr, "/metrics")?.1;
+    let first = fetch_status(addr)?;
+    if json {
+        let text = serde_json::to_string_pretty(&first).unwrap_or_default();
+        writeln!(out, "{text}")?;
+        return Ok(());
+    }
     let interval = std::time::Duration::from_secs(1);
     std::thread::sleep(interval);
-    let (ready_code, ready) = http_get(addr, "/readyz")?;
-    let now = http_get(addr, "/metrics")?.1;
-    let rate = |name: &str, labels: &str| {
-        (sample(&now, name, labels) - sample(&first, name, labels)) / interval.as_secs_f64()
-    };
-    let g = |name: &str| sample(&now, name, "");
-
-    let state = if ready_code == 200 {
-        "ready"
-    } else {
-        "NOT READY"
-    };
-    writeln!(
-        out,
-        "gateway {}: {state} ({})",
-        c.gateway.id,
-        ready.trim().replace('\n', ", ")
-    )?;
-    let link = if g("sahool_gateway_nats_connected") == 1.0 {
-        "connected"
-    } else {
-        "DISCONNECTED"
-    };
+    let now = fetch_status(addr)?;
     let servers: Vec<String> = c.nats.servers.iter().map(ToString::to_string).collect();
-    writeln!(out, "NATS:          {link} ({})", servers.join(", "))?;
-    writeln!(
+    now.write_text(
+        &first,
+        interval,
+        &c.gateway.id.to_string(),
+        &servers.join(", "),
         out,
-        "backlog:       {} readings, {} bytes, oldest {}",
-        g("sahool_gateway_buffer_readings"),
-        g("sahool_gateway_buffer_bytes"),
-        humantime::format_duration(std::time::Duration::from_secs(g(
-            "sahool_gateway_buffer_oldest_age_seconds"
-        ) as u64)),
     )?;
-    writeln!(
-        out,
-        "rates:         {:.1} accepted/s, {:.1} forwarded/s",
-        rate("sahool_gateway_readings_accepted_total", ""),
-        rate("sahool_gateway_readings_forwarded_total", "")
-    )?;
-    writeln!(out, "sources:")?;
-    // (link gauge, its label, message counter, up, down, what the counter counts)
-    let inputs = [
-        (
-            "sahool_gateway_mqtt_connected",
-            "source",
-            "sahool_gateway_mqtt_messages_total",
-            "connected",
-            "DISCONNECTED",
-            "messages",
-        ),
-        (
-            "sahool_gateway_serial_port_up",
-            "port",
-            "sahool_gateway_serial_messages_received_total",
-            "open",
-            "DOWN",
-            "lines/frames/responses; serial",
-        ),
-    ];
-    for (gauge, key, messages, up_text, down_text, what) in inputs {
-        for name in label_values(&now, gauge, key) {
-            let label = format!("{key}=\"{name}\"");
-            let up = sample(&now, gauge, &label) == 1.0;
-            writeln!(
-                out,
-                "  {name:<20} {:<13} {:.1} msg/s ({} {what})",
-                if up { up_text } else { down_text },
-                rate(messages, &label),
-                sample(&now, messages, &label),
-            )?;
-        }
-    }
-    let listeners = label_values(
-        &now,
-        "sahool_gateway_mqtt_listener_connections_open",
-        "listener",
-    );
-    if !listeners.is_empty() {
-        writeln!(out, "listeners:")?;
-    }
-    for listener in listeners {
-        let label = format!("listener=\"{listener}\"");
-        writeln!(
-            out,
-            "  {listener:<20} {:<13} {:.1} msg/s ({} publishes, {} refused)",
-            format!(
-                "{} clients",
-                sample(
-                    &now,
-                    "sahool_gateway_mqtt_listener_connections_open",
-                    &label
-                )
-            ),
-            rate("sahool_gateway_mqtt_listener_publishes_total", &label),
-            sample(&now, "sahool_gateway_mqtt_listener_publishes_total", &label),
-            sample(&now, "sahool_gateway_mqtt_listener_rejects_total", &label),
-        )?;
-    }
-    let dropped = g("sahool_gateway_readings_dropped_total");
-    if dropped > 0.0 {
-        writeln!(
-            out,
-            "dropped:       {dropped} readings since start (see readings_dropped_total)"
-        )?;
-    }
-    match db::open_read_only(&c.store_path()).and_then(|conn| {
-        db::dead_letters_by_reason(&conn).map_err(|source| StoreError::Sqlite {
-            path: c.store_path(),
-            source,
-        })
-    }) {
-        Ok(reasons) => {
-            let total: u64 = reasons.iter().map(|(_, n)| n).sum();
-            writeln!(out, "dead-letters:  {total}")?;
-            for (reason, n) in reasons {
-                writeln!(out, "  {reason:<20} {n}")?;
-            }
-        }
-        Err(e) => writeln!(out, "dead-letters:  (cannot read the buffer: {e})")?,
-    }
     Ok(())
+}
+
+/// `GET /status`, deserialised.
+fn fetch_status(addr: std::net::SocketAddr) -> Result<StatusReport, CliError> {
+    let path = crate::status::PATH;
+    let (status, body) = http_get(addr, path)?;
+    let gateway = |body: String| CliError::Gateway {
+        addr,
+        path,
+        status,
+        body,
+    };
+    if status != 200 {
+        return Err(gateway(body.trim().to_string()));
+    }
+    serde_json::from_str(&body)
+        .map_err(|e| gateway(format!("not a status report ({e}): {}", body.trim())))
 }
 
 /// `--since`: an RFC 3339 time, or a duration back from now (`2h`, `30m`); Unix milliseconds.

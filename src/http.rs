@@ -1,9 +1,11 @@
-//! `/healthz`, `/readyz` and `/metrics` on a loopback socket. Ready means: the store writes,
-//! NATS is connected, and every MQTT listener is bound. `POST /dead-letters/replay` runs
+//! `/healthz`, `/readyz`, `/metrics` and `/status` on a loopback socket. Ready means: the store
+//! writes, NATS is connected, and every MQTT listener is bound. `/status` is the typed
+//! [`StatusReport`] as JSON, for the `status` command. `POST /dead-letters/replay` runs
 //! `dead-letters replay` for the CLI ([`crate::replay`]), for loopback peers only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::replay;
+use crate::status::{self, StatusReport};
 use crate::store::ReplayFilter;
 
 /// Largest replay request body: a filter is a few fields.
@@ -37,11 +40,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { addr, source })
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves until `shutdown` turns true. `store_path` is the buffer file `/status` reads the
+/// dead-letters from.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     replay: replay::Service,
+    store_path: Arc<Path>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -50,13 +55,21 @@ pub async fn serve(
                 let Ok((stream, peer)) = accepted else { continue };
                 let metrics = metrics.clone();
                 let replay = replay.clone();
+                let store_path = store_path.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let metrics = metrics.clone();
                         let replay = replay.clone();
+                        let store_path = store_path.clone();
                         async move {
-                            if req.uri().path() == replay::PATH {
-                                return Ok::<_, Infallible>(replay_route(req, peer, &replay).await);
+                            match req.uri().path() {
+                                replay::PATH => {
+                                    return Ok::<_, Infallible>(
+                                        replay_route(req, peer, &replay).await,
+                                    )
+                                }
+                                status::PATH => return Ok(status_route(&metrics, store_path).await),
+                                _ => {}
                             }
                             Ok(route(&req, &metrics))
                         }
@@ -75,42 +88,14 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
-            let store = metrics.store_healthy();
-            let nats = metrics.nats_is_connected();
-            let listeners = metrics.listeners_bound();
-            let bound = listeners.iter().all(|(_, b)| *b);
-            let status = if store && nats && bound {
+            let report = StatusReport::from_metrics(metrics);
+            let status = if report.ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let link = match (nats, metrics.nats_problem()) {
-                (true, _) => "connected".to_string(),
-                (false, Some(problem)) => format!("disconnected ({problem})"),
-                (false, None) => "disconnected".to_string(),
-            };
-            let mut body = format!(
-                "store: {}\nnats: {}\nstream: {}\n",
-                if store { "ok" } else { "failing" },
-                link,
-                if metrics.stream_found() {
-                    "found"
-                } else {
-                    "not found"
-                },
-            );
-            // A serial port that is down is reported but does not make the gateway unready:
-            // one unplugged sensor must not take the buffer and the other inputs out of service.
-            for (port, state) in metrics.serial_states() {
-                match state {
-                    Ok(()) => body.push_str(&format!("serial {port}: up\n")),
-                    Err(why) => body.push_str(&format!("serial {port}: down ({why})\n")),
-                }
-            }
-            for (name, bound) in listeners {
-                let state = if bound { "listening" } else { "not bound" };
-                body.push_str(&format!("listener {name}: {state}\n"));
-            }
+            let mut body = report.readiness_lines().join("\n");
+            body.push('\n');
             text(status, body)
         }
         "/metrics" => {
@@ -123,7 +108,7 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics or /status\n".into(),
         ),
     }
 }
@@ -150,11 +135,11 @@ async fn replay_route(
     }
     // A web page can make a browser on this host POST here, but not with this content type
     // (that needs a CORS preflight, which is never answered).
-    let json = req
+    let is_json = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !json {
+    if !is_json {
         return text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the filter as Content-Type: application/json\n".into(),
@@ -177,19 +162,38 @@ async fn replay_route(
         }
     };
     match service.replay(filter).await {
-        Ok(report) => {
-            let mut r = text(
-                StatusCode::OK,
-                serde_json::to_string(&report).unwrap_or_default(),
-            );
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
+        Ok(report) => json(
+            StatusCode::OK,
+            serde_json::to_string(&report).unwrap_or_default(),
+        ),
         Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
+}
+
+/// `GET /status`: the [`StatusReport`] as JSON; the dead-letters are read off the runtime.
+async fn status_route(metrics: &Metrics, store_path: Arc<Path>) -> Response<Full<Bytes>> {
+    let mut report = StatusReport::from_metrics(metrics);
+    let report = tokio::task::spawn_blocking(move || {
+        report.read_dead_letters(&store_path);
+        report
+    })
+    .await;
+    match report {
+        Ok(report) => json(
+            StatusCode::OK,
+            serde_json::to_string(&report).unwrap_or_default(),
+        ),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = text(status, body);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

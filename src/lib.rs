@@ -26,7 +26,8 @@
 //! - [`nats`]: NATS links, one connection each (servers, auth, TLS, publish permission refusals).
 //! - [`tls`]: rustls client configs (ring) for NATS and MQTT: CA, client certificate, server name.
 //! - [`secrets`]: secrets read from files (`${CREDENTIALS_DIRECTORY}`), weak passwords refused.
-//! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`, `/status`.
+//! - [`status`]: the typed state report `/status` serves and the `status` command prints.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `buffer stats`, `dead-letters list` and
 //!   `replay`.
@@ -53,6 +54,7 @@ pub mod reading;
 pub mod replay;
 pub mod secrets;
 pub mod sources;
+pub mod status;
 pub mod store;
 pub mod systemd;
 pub mod tls;

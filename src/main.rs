@@ -35,6 +35,9 @@ enum Command {
     Status {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Print the gateway's status report as JSON (one sample, no rates).
+        #[arg(long)]
+        json: bool,
     },
     /// Every mapped sensor: state (online, offline, low battery), readings, last seen.
     Sensors {
@@ -185,7 +188,7 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
         },
-        Command::Status { config } => cli::status(&config, &mut stdout),
+        Command::Status { config, json } => cli::status(&config, json, &mut stdout),
         Command::Sensors { config } => cli::sensors(&config, &mut stdout),
         Command::Mappings {
             command:

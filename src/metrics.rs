@@ -1,7 +1,7 @@
 //! Prometheus metrics, one registry per process. Counters get the `_total` suffix from the
 //! encoder, so `readings_accepted` is exported as `sahool_gateway_readings_accepted_total`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -94,6 +94,8 @@ pub struct Metrics {
     pub store_commits: Counter,
     pub store_commit_seconds: Histogram,
     pub store_corruption_recovered: Counter,
+    /// Every MQTT source started since start, for `/status`.
+    mqtt_sources: Mutex<BTreeSet<String>>,
     pub mqtt_connected: Family<SourceLabel, Gauge>,
     pub mqtt_messages: Family<SourceLabel, Counter>,
     pub mqtt_duplicates: Family<SourceLabel, Counter>,
@@ -125,6 +127,8 @@ pub struct Metrics {
     pub listener_publishes: Family<ListenerLabel, Counter>,
     pub listener_puback_seconds: HistogramFamily<ListenerLabel>,
     pub listener_rejects: Family<ListenerReasonLabel, Counter>,
+    /// `listener_rejects` summed over reasons, for `/status` (not exported).
+    listener_rejects_all: Family<ListenerLabel, Counter>,
     /// Each configured listener: whether its socket is bound (for `/readyz`).
     listeners_bound: Mutex<BTreeMap<String, bool>>,
 }
@@ -150,6 +154,7 @@ impl Metrics {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
             ]),
             store_corruption_recovered: Counter::default(),
+            mqtt_sources: Mutex::new(BTreeSet::new()),
             mqtt_connected: Family::default(),
             mqtt_messages: Family::default(),
             mqtt_duplicates: Family::default(),
@@ -176,6 +181,7 @@ impl Metrics {
             listener_publishes: Family::default(),
             listener_puback_seconds: Family::new_with_constructor(puback_histogram),
             listener_rejects: Family::default(),
+            listener_rejects_all: Family::default(),
             listeners_bound: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -365,13 +371,24 @@ impl Metrics {
         }
     }
 
-    pub fn listener_reject(&self, listener: &str, reason: &str) -> Counter {
+    /// Counts one refusal by a listener.
+    pub fn count_listener_reject(&self, listener: &str, reason: &str) {
         self.listener_rejects
             .get_or_create(&ListenerReasonLabel {
                 listener: listener.into(),
                 reason: reason.into(),
             })
-            .clone()
+            .inc();
+        self.listener_rejects_all
+            .get_or_create(&self.listener(listener))
+            .inc();
+    }
+
+    /// A listener's refusals since start, every reason.
+    pub fn listener_rejects_total(&self, listener: &str) -> u64 {
+        self.listener_rejects_all
+            .get(&self.listener(listener))
+            .map_or(0, |c| c.get())
     }
 
     /// Records whether a configured listener's socket is bound; `None` forgets a removed one.
@@ -412,6 +429,22 @@ impl Metrics {
             .clone()
     }
 
+    /// The label of an MQTT source that starts, remembered for [`Metrics::mqtt_sources`].
+    pub fn mqtt_source(&self, source: &str) -> SourceLabel {
+        if let Ok(mut s) = self.mqtt_sources.lock() {
+            s.insert(source.to_string());
+        }
+        self.source(source)
+    }
+
+    /// Every MQTT source started since start, by name.
+    pub fn mqtt_sources(&self) -> Vec<String> {
+        self.mqtt_sources
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn source(&self, source: &str) -> SourceLabel {
         SourceLabel {
             source: source.into(),
@@ -436,6 +469,15 @@ impl Metrics {
                 outcome,
             })
             .clone()
+    }
+
+    /// Readings dropped for `reason` since start.
+    pub fn dropped_total(&self, reason: &str) -> u64 {
+        self.readings_dropped
+            .get(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .map_or(0, |c| c.get())
     }
 
     pub fn port(&self, port: &str) -> PortLabel {
@@ -546,7 +588,7 @@ impl Default for Metrics {
 }
 
 /// Sum of a metric's samples in Prometheus text whose labels contain `labels` (e.g.
-/// `source="farm"`, or "" for all). Used by `status` and the tests, which read `/metrics`.
+/// `source="farm"`, or "" for all). Used by the tests, which read `/metrics`.
 pub fn sample(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -556,22 +598,4 @@ pub fn sample(text: &str, name: &str, labels: &str) -> f64 {
             (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
         })
         .sum()
-}
-
-/// The label values of a metric, e.g. every `source` of `mqtt_connected`.
-pub fn label_values(text: &str, name: &str, label: &str) -> Vec<String> {
-    let prefix = format!("{name}{{");
-    let key = format!("{label}=\"");
-    let mut out: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            let start = rest.find(&key)? + key.len();
-            let end = rest[start..].find('"')? + start;
-            Some(rest[start..end].to_string())
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }

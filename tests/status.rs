@@ -39,6 +39,27 @@ async fn status_summarises_links_backlog_sources_and_dead_letters() {
         "{text}"
     );
 
+    // --json: the same report, typed.
+    let out = gateway.cli(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: sahool_gateway::status::StatusReport =
+        serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport");
+    assert!(!report.ready && !report.nats_connected, "{report:?}");
+    assert_eq!(report.backlog_readings, 5, "{report:?}");
+    assert_eq!(
+        report.dead_letters_by_reason,
+        [("malformed".to_string(), 1)].into(),
+        "{report:?}"
+    );
+    assert!(
+        report.sources.iter().any(|s| s.name == "farm" && s.up),
+        "{report:?}"
+    );
+
     let mut gateway = gateway;
     gateway.kill9();
     let stopped = gateway.cli(&["status"]);

@@ -86,7 +86,7 @@ impl MqttInput {
         let (client, eventloop) =
             AsyncClient::new(options, usize::from(self.source.receive_maximum) * 2 + 64);
         let mut unsent: VecDeque<Publish> = VecDeque::new();
-        let label = self.metrics.source(&name);
+        let label = self.metrics.mqtt_source(&name);
         let connected = self.metrics.mqtt_connected.get_or_create(&label).clone();
         let messages = self.metrics.mqtt_messages.get_or_create(&label).clone();
         let duplicates = self.metrics.mqtt_duplicates.get_or_create(&label).clone();

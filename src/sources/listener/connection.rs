@@ -121,7 +121,7 @@ impl Context {
     /// Counts a refusal by reason and logs it, rate-limited (a flood of bad clients must not
     /// flood the journal).
     pub fn reject(&self, reason: &str, peer: SocketAddr, detail: &str) {
-        self.metrics.listener_reject(&self.name, reason).inc();
+        self.metrics.count_listener_reject(&self.name, reason);
         if let Some(held) = self.reject_log.admit() {
             tracing::warn!(listener = %self.name, %peer, reason, detail, similar_held_back = held, "MQTT listener refused a client");
         }
