@@ -1,6 +1,7 @@
 //! `run`: wires config, store, forwarder, sources and HTTP together; reloads the config on
 //! SIGHUP; and shuts down in the order that loses nothing: intake first, then the forwarder,
-//! then the store.
+//! then the store. On SIGTERM/SIGINT, and when the store finds its file corrupt
+//! ([`StoreHandle::fatal`]): then `run` returns [`RunError::StoreCorrupt`] (exit 75).
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -44,6 +45,19 @@ pub enum RunError {
     Signal(std::io::Error),
     #[error(transparent)]
     Listener(#[from] ListenerError),
+    #[error("buffer file became corrupt while running ({0}); the next start moves it aside")]
+    StoreCorrupt(String),
+}
+
+impl RunError {
+    /// The process's exit status: 75 (EX_TEMPFAIL) when a restart cures the cause, so the
+    /// service manager restarts the gateway; 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::StoreCorrupt(_) => 75,
+            _ => 1,
+        }
+    }
 }
 
 /// A running task with its own stop signal.
@@ -433,8 +447,15 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     );
 
     let mut current = config;
+    let mut fatal = store.fatal();
+    let mut failure = None;
     loop {
         tokio::select! {
+            cause = corrupted(&mut fatal) => {
+                tracing::error!(cause = %cause, "buffer file became corrupt while running: nothing more is stored; shutting down");
+                failure = Some(RunError::StoreCorrupt(cause));
+                break;
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
@@ -489,7 +510,16 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), RunError> {
     drop(store);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     tracing::info!("stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
+}
+
+/// Resolves with the cause once the store reports its file corrupt (see
+/// [`StoreHandle::fatal`]); never if the writer ends without doing so.
+async fn corrupted(fatal: &mut watch::Receiver<Option<String>>) -> String {
+    match fatal.wait_for(Option::is_some).await {
+        Ok(cause) => (*cause).clone().unwrap_or_default(),
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// The pipeline's progress check, every few seconds: the store thread answers a flush and the

@@ -179,7 +179,7 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "gateway stopped");
                     eprintln!("error: {e}");
-                    ExitCode::from(1)
+                    ExitCode::from(e.exit_code())
                 }
             };
         }

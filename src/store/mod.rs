@@ -61,7 +61,10 @@
 //!    source keeps the input (MQTT: no ack) and offers it again later.
 //! 6. A corrupt file at open is moved aside and replaced ([`db::open`]); an error from SQLite
 //!    at run time fails the affected callers, who retry: nothing is acknowledged that was not
-//!    committed.
+//!    committed. A file found corrupt at run time is never written again: the writer reports
+//!    it on [`StoreHandle::fatal`] and fails every later append, fetch and replay with
+//!    [`StoreError::Corrupt`], and the gateway stops in order so its next start moves the file
+//!    aside.
 //! 7. Deduplication keys are remembered only for readings actually stored, so a reading refused
 //!    by a bound is not mistaken for a repeat when it is offered again.
 //! 8. A dead-letter leaves `dead_letters` only by the `dead_letter_max` bound, or by a replay
@@ -252,6 +255,7 @@ enum Command {
 pub struct StoreHandle {
     tx: mpsc::Sender<Command>,
     committed: watch::Receiver<u64>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl StoreHandle {
@@ -346,6 +350,21 @@ impl StoreHandle {
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
     }
+
+    /// `Some(cause)` once the file was found corrupt while running: from then on nothing is
+    /// stored (invariant 6), so the process should stop in order and restart.
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.fatal.clone()
+    }
+}
+
+/// SQLite's verdict that the file's pages are damaged (as opposed to a full disk, a busy
+/// lock or an I/O error, which a retry may get past).
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 /// How long [`start`] waits for the buffer's lock (`lock.rs`): a `dead-letters replay` run
@@ -400,6 +419,7 @@ pub fn start_locked(
     }
     let (tx, rx) = mpsc::channel(4096);
     let (committed_tx, committed) = watch::channel(totals.next_seq.saturating_sub(1));
+    let (fatal_tx, fatal) = watch::channel(None);
     let data_dir = path
         .parent()
         .map(PathBuf::from)
@@ -418,6 +438,8 @@ pub fn start_locked(
         disk_low: false,
         full: false,
         committed: committed_tx,
+        fatal: fatal_tx,
+        corrupt: None,
         floor,
         failure_log: LogLimit::new(Duration::from_secs(10)),
         low_battery,
@@ -450,7 +472,11 @@ pub fn start_locked(
             }
         }
     });
-    let handle = StoreHandle { tx, committed };
+    let handle = StoreHandle {
+        tx,
+        committed,
+        fatal,
+    };
     Ok((handle, thread))
 }
 
@@ -470,6 +496,10 @@ struct Writer {
     /// Last append refused for `reject_new`; cleared by the next one stored.
     full: bool,
     committed: watch::Sender<u64>,
+    /// Where a corrupt file is reported to the process (see [`StoreHandle::fatal`]).
+    fatal: watch::Sender<Option<String>>,
+    /// Set once SQLite found the file corrupt: no transaction runs after (invariant 6).
+    corrupt: Option<String>,
     floor: seq_floor::SeqFloor,
     failure_log: LogLimit,
     /// Battery percentage below which a sensor is flagged.
@@ -557,6 +587,10 @@ impl Writer {
             }
             self.run_batch(batch, false);
         }
+        if self.corrupt.is_some() {
+            // Left as it is for the next start to move aside and keep for inspection.
+            return;
+        }
         // Every handle is gone: delete what was acknowledged, and fold the WAL into the main
         // file so the next open is quick.
         self.run_batch(Vec::new(), true);
@@ -565,6 +599,10 @@ impl Writer {
 
     /// Runs a group of commands; `closing` commits whatever is pending.
     fn run_batch(&mut self, batch: Vec<Command>, closing: bool) {
+        if self.corrupt.is_some() {
+            self.refuse(batch);
+            return;
+        }
         let mut appends = Vec::new();
         let mut refused = Vec::new();
         let mut flushes = Vec::new();
@@ -601,6 +639,13 @@ impl Writer {
                     reply,
                 } => {
                     let rows = db::fetch_after(&self.conn, after, limit, &self.event_salt);
+                    if let Err(e) = &rows {
+                        if is_corrupt(e) {
+                            self.became_corrupt(e);
+                            let _ = reply.send(Err(self.corrupt_error()));
+                            continue;
+                        }
+                    }
                     if let Some((first, last)) = rows
                         .as_ref()
                         .ok()
@@ -617,6 +662,19 @@ impl Writer {
                     }));
                 }
             }
+        }
+        if self.corrupt.is_some() {
+            // A fetch of this batch found the damage: what was queued with it is not written.
+            for (_, reply) in appends {
+                let _ = reply.send(Err(self.corrupt_error()));
+            }
+            for (_, _, reply) in replays {
+                let _ = reply.send(Err(self.corrupt_error()));
+            }
+            for f in flushes {
+                let _ = f.send(());
+            }
+            return;
         }
         if maintain {
             self.check_disk();
@@ -665,21 +723,16 @@ impl Writer {
                     if let Some(held) = self.failure_log.admit() {
                         tracing::error!(error = %e, file = %self.path.display(), repeats = held, "buffer transaction failed; callers will retry");
                     }
-                    if matches!(
-                        e.sqlite_error_code(),
-                        Some(
-                            rusqlite::ErrorCode::DatabaseCorrupt
-                                | rusqlite::ErrorCode::NotADatabase
-                        )
-                    ) {
-                        // The next start moves the file aside (db::open); nothing uncommitted was
-                        // acknowledged, so exiting loses nothing.
-                        tracing::error!("buffer file became corrupt while running; exiting so the next start recovers it");
-                        std::process::exit(75);
+                    if is_corrupt(&e) {
+                        self.became_corrupt(&e);
                     }
                     let msg = e.to_string();
                     for (_, reply) in appends {
-                        let _ = reply.send(Err(StoreError::Commit(msg.clone())));
+                        let error = match self.corrupt {
+                            Some(_) => self.corrupt_error(),
+                            None => StoreError::Commit(msg.clone()),
+                        };
+                        let _ = reply.send(Err(error));
                     }
                 }
             }
@@ -687,10 +740,64 @@ impl Writer {
         // In a transaction of their own, after the group: a replay maps many messages and must
         // not hold up the commits of live intake queued with it.
         for (filter, mapper, reply) in replays {
-            let _ = reply.send(self.replay(&filter, &*mapper));
+            if self.corrupt.is_some() {
+                let _ = reply.send(Err(self.corrupt_error()));
+                continue;
+            }
+            let result = self.replay(&filter, &*mapper);
+            if let Err(StoreError::Sqlite { source, .. }) = &result {
+                if is_corrupt(source) {
+                    self.became_corrupt(source);
+                }
+            }
+            let _ = reply.send(result);
         }
         for f in flushes {
             let _ = f.send(());
+        }
+    }
+
+    /// Stops all writing and tells the process, once. Nothing uncommitted was acknowledged,
+    /// so the ordered stop that follows loses nothing; the next start moves the file aside.
+    fn became_corrupt(&mut self, e: &rusqlite::Error) {
+        if self.corrupt.is_some() {
+            return;
+        }
+        self.metrics.set_store_healthy(false);
+        let cause = e.to_string();
+        self.corrupt = Some(cause.clone());
+        self.fatal.send_replace(Some(cause));
+    }
+
+    fn corrupt_error(&self) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: self.corrupt.clone().unwrap_or_default(),
+        }
+    }
+
+    /// After corruption: no transaction runs; callers that wait get an error, never a success,
+    /// and a flush returns at once so the ordered stop does not hang.
+    fn refuse(&self, batch: Vec<Command>) {
+        for c in batch {
+            match c {
+                Command::Append(_, reply) => {
+                    let _ = reply.send(Err(self.corrupt_error()));
+                }
+                Command::Fetch { reply, .. } => {
+                    let _ = reply.send(Err(self.corrupt_error()));
+                }
+                Command::Replay { reply, .. } => {
+                    let _ = reply.send(Err(self.corrupt_error()));
+                }
+                Command::Flush(reply) => {
+                    let _ = reply.send(());
+                }
+                Command::Acked(_)
+                | Command::Holding(_)
+                | Command::Refused { .. }
+                | Command::Maintain => {}
+            }
         }
     }
 
@@ -1450,6 +1557,78 @@ mod tests {
             append(&store, message(2, true)).await,
             AppendOutcome::Stored { count: 1, .. }
         ));
+        close(store, thread).await;
+    }
+
+    #[tokio::test]
+    async fn a_file_found_corrupt_while_running_is_reported_and_never_written_again() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) =
+            start(path.clone(), Buffer::default(), 20.0, metrics.clone()).unwrap();
+        for i in 0..300 {
+            append(&store, message(i, false)).await;
+        }
+        let mut fatal = store.fatal();
+        assert!(fatal.borrow().is_none());
+        // A commit and checkpoint by another connection make the writer's page cache stale, so
+        // its next transaction reads the pages from the file, as after a crash of the disk.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('poke', 1);
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        // Every page after the first (header and schema) overwritten with garbage.
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len > 3 * 4096, "the file spans several pages: {len}");
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(4096)).unwrap();
+        file.write_all(&vec![0xA5; len as usize - 4096]).unwrap();
+        file.sync_all().unwrap();
+
+        let first = store
+            .append(message(1000, false))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(first, Err(StoreError::Corrupt { .. })),
+            "{first:?}"
+        );
+        let cause = tokio::time::timeout(Duration::from_secs(5), fatal.wait_for(Option::is_some))
+            .await
+            .expect("corruption reported on the fatal channel")
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert!(cause.contains("malformed"), "{cause}");
+        // Later callers get an error, never an acknowledgement; a flush does not hang.
+        let later = store
+            .append(message(1001, false))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(later, Err(StoreError::Corrupt { .. })),
+            "{later:?}"
+        );
+        assert!(matches!(
+            store.fetch(0, 10).await,
+            Err(StoreError::Corrupt { .. })
+        ));
+        store.flush().await.unwrap();
+        close(store, thread).await;
+
+        // Left unwritten for the next start, which moves it aside.
+        let (store, thread) = start(path, Buffer::default(), 20.0, metrics.clone()).unwrap();
+        assert_eq!(metrics.store_corruption_recovered.get(), 1);
+        assert!(store.fetch(0, 10).await.unwrap().is_empty());
         close(store, thread).await;
     }
 

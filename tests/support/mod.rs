@@ -737,6 +737,23 @@ impl Gateway {
         }
     }
 
+    /// Waits for the gateway to exit by itself; returns the exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("gateway did not exit within {within:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET on the gateway's HTTP port: (status, body).
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.http_port, path)
