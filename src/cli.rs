@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::config::{self, ConfigError};
 use crate::status::StatusReport;
 use crate::store::counts::DropReason;
-use crate::store::{self, db, StoreError};
+use crate::store::{self, db, Inspector, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -20,8 +20,10 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("reading the buffer: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// A query on an opened buffer failed ([`Inspector`]): shows the SQLite error alone, as
+    /// this message always has (the path is in the open step's errors).
+    #[error("reading the buffer: {}", std::error::Error::source(.0).map_or_else(|| .0.to_string(), |e| e.to_string()))]
+    Read(StoreError),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
@@ -97,8 +99,7 @@ pub fn validate(path: &Path, out: &mut impl Write) -> Result<bool, CliError> {
 pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Result<(), CliError> {
     let c = config::load(config_path)?;
     let path = c.store_path();
-    let conn = db::open_read_only(&path)?;
-    let s = store::stats(&conn)?;
+    let s = Inspector::open(&path)?.stats().map_err(CliError::Read)?;
     let age_s = s
         .oldest_stored_ms
         .map(|t| ((db::now_ms() - t) / 1000).max(0));
@@ -167,8 +168,10 @@ pub fn dead_letters_list(
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     let c = config::load(config_path)?;
-    let conn = db::open_read_only(&c.store_path())?;
-    for d in db::dead_letters(&conn, limit)? {
+    let letters = Inspector::open(&c.store_path())?
+        .dead_letters(limit)
+        .map_err(CliError::Read)?;
+    for d in letters {
         let raw = String::from_utf8(d.raw.clone())
             .map(serde_json::Value::String)
             .unwrap_or_else(|_| {
@@ -528,8 +531,8 @@ fn print_mapped(
 /// `sensors`: every mapped sensor with its liveness as the buffer records it.
 pub fn sensors(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> {
     let c = config::load(config_path)?;
-    let known = match db::open_read_only(&c.store_path()) {
-        Ok(conn) => store::liveness::list(&conn)?,
+    let known = match Inspector::open(&c.store_path()) {
+        Ok(inspector) => inspector.sensors().map_err(CliError::Read)?,
         Err(StoreError::Missing { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };

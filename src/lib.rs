@@ -17,7 +17,8 @@
 //!   own observation time, and pacing (not discarding) by arrival.
 //! - [`mapping`]: payloads → [`reading::Reading`]s of configured sensors, or rejections.
 //! - [`reading`]: the reading model, SAHOOL sensor types, units and timestamps.
-//! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery).
+//! - [`store`]: the SQLite outbox (group commit, bounds, dead-letters, corruption recovery);
+//!   other readers (the CLI, `/status`) open it read-only through [`store::Inspector`].
 //! - [`forward`]: outbox → JetStream in `seq` order; rows deleted only after their PubAck. Its
 //!   `core` decides without I/O (events in, actions out); its `driver` is the async loop that
 //!   carries the actions out through the [`forward::Publisher`] trait, where NATS errors become

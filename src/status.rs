@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
 use crate::store::counts::DropReason;
-use crate::store::db;
+use crate::store::Inspector;
 
 /// The path the running gateway serves the report on.
 pub const PATH: &str = "/status";
@@ -132,12 +132,7 @@ impl StatusReport {
 
     /// Adds the dead-letters by reason, read from the buffer file (blocking).
     pub fn read_dead_letters(&mut self, store_path: &Path) {
-        let counts = db::open_read_only(store_path).and_then(|conn| {
-            db::dead_letters_by_reason(&conn).map_err(|source| crate::store::StoreError::Sqlite {
-                path: store_path.to_path_buf(),
-                source,
-            })
-        });
+        let counts = Inspector::open(store_path).and_then(|i| i.dead_letters_by_reason());
         match counts {
             Ok(reasons) => self.dead_letters_by_reason = reasons.into_iter().collect(),
             Err(e) => self.dead_letters_error = Some(e.to_string()),

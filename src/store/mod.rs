@@ -36,6 +36,9 @@
 //!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
 //!   in the same transaction as the readings and status events it follows from.
 //!
+//! Readers besides the writer (the CLI, `/status`) go through [`Inspector`]: the file opened
+//! read-only, typed queries only, so nothing outside this module touches SQLite.
+//!
 //! # Invariants
 //! 1. One thread owns the connection; every write goes through its queue. Writes queued while a
 //!    commit is running are committed together in the next transaction (group commit: one fsync
@@ -73,6 +76,7 @@
 
 pub mod counts;
 pub mod db;
+mod inspect;
 pub mod liveness;
 mod lock;
 mod recent;
@@ -94,6 +98,7 @@ use crate::metrics::Metrics;
 use crate::reading::{Reading, SensorType, Timestamp, KIND_READING, KIND_STATUS};
 use counts::{Counts, DropReason};
 pub use db::{DeadLetterRow, OutboxRow};
+pub use inspect::Inspector;
 pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
 
 /// Device observations remembered for duplicate detection.

@@ -226,7 +226,7 @@ mod tests {
     use crate::mapping::Mapper;
     use crate::metrics::{sample, Metrics};
     use crate::reading::{Reading, SensorType, KIND_READING};
-    use crate::store::{self, db, FrameKey};
+    use crate::store::{self, FrameKey};
 
     const KEY: FrameKey = FrameKey {
         node: 42,
@@ -436,8 +436,9 @@ id = "f"
             "no node time: the receive time"
         );
 
-        let conn = db::open_read_only(&config.store_path()).unwrap();
-        let mut letters: Vec<(String, String, bool)> = db::dead_letters(&conn, 10)
+        let mut letters: Vec<(String, String, bool)> = store::Inspector::open(&config.store_path())
+            .unwrap()
+            .dead_letters(10)
             .unwrap()
             .into_iter()
             .map(|l| (l.reason, l.source, l.raw.len() > 2))
