@@ -110,9 +110,9 @@ impl<T: Send + 'static> Intake<T> {
         let wait_until = wait_until.or_else(|| self.waiting_ahead().then(Instant::now));
         let pending: Pending<T> = match wait_until {
             None => {
-                let rx = self.store.append(append.clone()).await?;
+                let queued = self.store.append(append.clone()).await?;
                 Box::pin(async move {
-                    let result = rx.await.unwrap_or(Err(StoreError::Closed));
+                    let result = committed(Ok(queued)).await;
                     (tag, Settled::Commit(append, result))
                 })
             }
@@ -125,12 +125,9 @@ impl<T: Send + 'static> Intake<T> {
                     if let Some(before) = before {
                         let _ = before.await;
                     }
-                    let rx = store.append(append.clone()).await;
+                    let in_store = store.append(append.clone()).await;
                     let _ = queued.send(());
-                    let result = match rx {
-                        Ok(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
-                        Err(e) => Err(e),
-                    };
+                    let result = committed(in_store).await;
                     (tag, Settled::Commit(append, result))
                 })
             }
@@ -252,11 +249,14 @@ pub(crate) async fn append_once(
     store: &StoreHandle,
     append: Append,
 ) -> Result<AppendOutcome, StoreError> {
-    store
-        .append(append)
-        .await?
-        .await
-        .unwrap_or(Err(StoreError::Closed))
+    committed(store.append(append).await).await
+}
+
+/// The outcome of an append queued at the store (or the error that kept it from the queue).
+async fn committed(
+    queued: Result<oneshot::Receiver<Result<AppendOutcome, StoreError>>, StoreError>,
+) -> Result<AppendOutcome, StoreError> {
+    queued?.await.unwrap_or(Err(StoreError::Closed))
 }
 
 /// Identity of a message for redelivery detection: source, topic and payload.
