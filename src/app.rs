@@ -10,18 +10,20 @@ use std::time::Duration;
 use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
+use crate::common::http;
+use crate::common::metrics::Metrics;
+use crate::common::systemd::{self, Notifier};
 use crate::config::{Config, Gateway, ListenerAuth, MqttListener, MqttSource, Nats, Quality};
-use crate::event::Subjects;
-use crate::forward::Forwarder;
-use crate::mapping::{Mapper, SharedMapper};
-use crate::metrics::Metrics;
+use crate::ingest::mapping::{Mapper, SharedMapper};
 use crate::sources::listener::auth::SharedPasswords;
 use crate::sources::listener::{self, ListenerError, ListenerInput};
 use crate::sources::mqtt::MqttInput;
 use crate::sources::serial::{PortPlan, SerialInput};
+use crate::store;
 use crate::store::StoreHandle;
-use crate::systemd::{self, Notifier};
-use crate::{http, nats, store};
+use crate::uplink::event::Subjects;
+use crate::uplink::forward::Forwarder;
+use crate::uplink::nats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -34,12 +36,12 @@ pub enum RunError {
     #[error("[[mqtt]] `{source_name}`: {error}")]
     MqttSecret {
         source_name: String,
-        error: crate::secrets::SecretError,
+        error: crate::common::secrets::SecretError,
     },
     #[error("[[mqtt]] `{source_name}` TLS: {error}")]
     MqttTls {
         source_name: String,
-        error: crate::tls::TlsError,
+        error: crate::common::tls::TlsError,
     },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
@@ -99,18 +101,20 @@ impl Pipeline {
         let password = match (&source.password, &source.password_file) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(path)) => Some(
-                crate::secrets::read_password("[[mqtt]] password", path).map_err(|error| {
-                    RunError::MqttSecret {
+                crate::common::secrets::read_password("[[mqtt]] password", path).map_err(
+                    |error| RunError::MqttSecret {
                         source_name: source_name.clone(),
                         error,
-                    }
-                })?,
+                    },
+                )?,
             ),
             (None, None) => None,
         };
         let tls = source
             .tls_files()
-            .map(|files| crate::tls::client_config(&files, &format!("MQTT source {source_name}")))
+            .map(|files| {
+                crate::common::tls::client_config(&files, &format!("MQTT source {source_name}"))
+            })
             .transpose()
             .map_err(|error| RunError::MqttTls { source_name, error })?;
         let input = MqttInput {

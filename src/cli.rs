@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::common::status::StatusReport;
 use crate::config::{self, ConfigError};
-use crate::status::StatusReport;
 use crate::store::counts::DropReason;
 use crate::store::{self, db, Inspector, StoreError};
 
@@ -58,7 +58,8 @@ pub fn validate(path: &Path, out: &mut impl Write) -> Result<bool, CliError> {
     match config::load(path) {
         Ok(c) => {
             let text = std::fs::read_to_string(path).unwrap_or_default();
-            let findings = crate::secrets::check_files(&c, config::section_line(&text, "[nats]"));
+            let findings =
+                crate::common::secrets::check_files(&c, config::section_line(&text, "[nats]"));
             let (problems, notes): (Vec<_>, Vec<_>) = findings.into_iter().partition(|f| f.problem);
             if !problems.is_empty() {
                 writeln!(out, "{}: {} problem(s)", path.display(), problems.len())?;
@@ -267,7 +268,7 @@ pub fn status(config_path: &Path, json: bool, out: &mut impl Write) -> Result<()
 
 /// `GET /status`, deserialised.
 fn fetch_status(addr: std::net::SocketAddr) -> Result<StatusReport, CliError> {
-    let path = crate::status::PATH;
+    let path = crate::common::status::PATH;
     let (status, body) = http_get(addr, path)?;
     let gateway = |body: String| CliError::Gateway {
         addr,
@@ -354,7 +355,7 @@ fn replay_offline(
             path,
             c.buffer.clone(),
             c.quality.low_battery,
-            std::sync::Arc::new(crate::metrics::Metrics::new()),
+            std::sync::Arc::new(crate::common::metrics::Metrics::new()),
             std::time::Duration::ZERO,
         );
         let (handle, thread) = match started {
@@ -452,7 +453,7 @@ pub fn mappings_test(
             }
         }
     };
-    let mapper = crate::mapping::Mapper::new(&c);
+    let mapper = crate::ingest::mapping::Mapper::new(&c);
     let mapped = mapper.map_mqtt(&source, topic, payload, crate::reading::Timestamp::now());
     print_mapped(&source, &mapped, out)
 }
@@ -490,7 +491,7 @@ pub fn mappings_test_serial_line(
         )?;
         return Ok(false);
     };
-    let mapper = crate::mapping::Mapper::new(&c);
+    let mapper = crate::ingest::mapping::Mapper::new(&c);
     let mapped = lines::map_line(&mapper, port, &spec, line, crate::reading::Timestamp::now());
     if mapped.readings.is_empty() && mapped.rejections.is_empty() {
         writeln!(out, "skipped: a blank line or the CSV header")?;
@@ -502,7 +503,7 @@ pub fn mappings_test_serial_line(
 /// One JSON object per reading, then one `rejected:` line per rejection.
 fn print_mapped(
     source: &str,
-    mapped: &crate::mapping::Mapped,
+    mapped: &crate::ingest::mapping::Mapped,
     out: &mut impl Write,
 ) -> Result<bool, CliError> {
     for r in &mapped.readings {

@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use crate::config::{Config, Protocol};
-use crate::mapping::{Mapper, Reason};
+use crate::ingest::mapping::{Mapper, Reason};
 use crate::reading::Timestamp;
 use crate::sources::serial::lines::{self, LineSpec};
 use crate::store::{
@@ -212,7 +212,7 @@ id = "field-1"
         }
     }
 
-    fn mapped(r: Replayed) -> crate::mapping::Mapped {
+    fn mapped(r: Replayed) -> crate::ingest::mapping::Mapped {
         match r {
             Replayed::Mapped(m) => m,
             Replayed::Skip(why) => panic!("skipped: {why}"),

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use sahool_gateway::common::metrics::Metrics;
 use sahool_gateway::config::{Buffer, ByteSize, Synchronous};
-use sahool_gateway::metrics::Metrics;
 use sahool_gateway::reading::{Reading, SensorType, Timestamp, KIND_READING};
 use sahool_gateway::store::{self, Append, AppendOutcome, StoreHandle};
 

@@ -7,10 +7,10 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use sahool_gateway::config::{self, SubjectTemplate};
-use sahool_gateway::event::{render, Subjects};
-use sahool_gateway::mapping::{Mapped, Mapper, Reason};
+use sahool_gateway::ingest::mapping::{Mapped, Mapper, Reason};
 use sahool_gateway::reading::{normalize_unit, Reading, SensorType, Timestamp};
 use sahool_gateway::store::OutboxRow;
+use sahool_gateway::uplink::event::{render, Subjects};
 
 fn normalizer() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sahool-normalizer.json");

@@ -83,8 +83,8 @@ fn buffered(g: &Gateway) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_server_name_override() {
     let pki = Pki::new("platform");
-    let checked_name = sahool_gateway::tls::client_config(
-        &sahool_gateway::tls::TlsFiles {
+    let checked_name = sahool_gateway::common::tls::client_config(
+        &sahool_gateway::common::tls::TlsFiles {
             ca: Some(&pki.ca_file()),
             cert: None,
             key: None,

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use sahool_gateway::metrics::{sample, Metrics};
+use sahool_gateway::common::metrics::{sample, Metrics};
 use sahool_gateway::sources::serial::modbus::{
     self, CycleReport, Fault, Plan, Point, Poller, PortLost, RegisterKind, Timing, ValueType,
     WordOrder,

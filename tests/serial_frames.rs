@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sahool_gateway::common::metrics::Metrics;
 use sahool_gateway::config::{Buffer, ByteSize, WhenFull};
-use sahool_gateway::metrics::Metrics;
 use sahool_gateway::reading::{Reading, SensorType, Timestamp, KIND_READING};
 use sahool_gateway::sources::serial::frames::{self, BadFrame, FrameSink, ReadingFrame};
 use sahool_gateway::store::{

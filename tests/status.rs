@@ -46,7 +46,7 @@ async fn status_summarises_links_backlog_sources_and_dead_letters() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: sahool_gateway::status::StatusReport =
+    let report: sahool_gateway::common::status::StatusReport =
         serde_json::from_slice(&out.stdout).expect("status --json is a StatusReport");
     assert!(!report.ready && !report.nats_connected, "{report:?}");
     assert_eq!(report.backlog_readings, 5, "{report:?}");

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sahool_gateway::common::metrics::Metrics;
 use sahool_gateway::config::Config;
-use sahool_gateway::mapping::Mapper;
-use sahool_gateway::metrics::Metrics;
+use sahool_gateway::ingest::intake::message_key;
+use sahool_gateway::ingest::mapping::Mapper;
 use sahool_gateway::reading::Timestamp;
-use sahool_gateway::sources::intake::message_key;
 use sahool_gateway::store::{self, Append, AppendOutcome};
 
 use crate::measure::{self, ns_of, secs, unix_ns, wait_stream, CpuMeter, PeakRss};

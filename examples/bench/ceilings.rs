@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use sahool_gateway::event::{self, Subjects};
-use sahool_gateway::mapping::Mapper;
+use sahool_gateway::ingest::mapping::Mapper;
 use sahool_gateway::reading::Timestamp;
 use sahool_gateway::store::OutboxRow;
+use sahool_gateway::uplink::event::{self, Subjects};
 
 use crate::backlog::{bench_config, write_readings};
 use crate::publisher::payload;

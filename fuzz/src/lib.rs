@@ -13,14 +13,14 @@
 use std::sync::LazyLock;
 
 use sahool_gateway::config::{self, Config};
-use sahool_gateway::event::{self, Subjects};
-use sahool_gateway::mapping::{Mapped, Mapper, SerialKey, SerialValue};
+use sahool_gateway::ingest::mapping::{Mapped, Mapper, SerialKey, SerialValue};
 use sahool_gateway::reading::{Reading, Timestamp};
 use sahool_gateway::sources::serial::lines::{self, Framed, LineBuffer, LineSpec};
 use sahool_gateway::sources::serial::modbus::{self, frame::crc16, port::Bus, RegisterKind};
 use sahool_gateway::sources::serial::sdi12::{self, Expect, Response};
 use sahool_gateway::sources::serial::PortPlan;
 use sahool_gateway::store::OutboxRow;
+use sahool_gateway::uplink::event::{self, Subjects};
 use serde_json::Value;
 
 /// The fixtures' sensors and more (see the file's comment).

@@ -29,7 +29,7 @@ pub struct Quality {
     #[serde(default)]
     pub timestamp_policy: TimestampPolicy,
     /// Per device: readings per second of the device's own observation time (readings it
-    /// timestamps), and the pace of readings without a device time; see [`crate::flood`].
+    /// timestamps), and the pace of readings without a device time; see [`crate::ingest::flood`].
     #[serde(default = "default_device_rate")]
     pub device_rate: f64,
     /// Per device: readings that may claim one window of `device_burst / device_rate` seconds

@@ -1,8 +1,7 @@
-//! Inputs: each source turns what it receives into readings through the mapping and commits
-//! them to the store before acknowledging anything to its sender.
+//! Inputs: each source receives bytes (an MQTT broker session, the built-in MQTT listener, a
+//! serial port) and hands them to [`crate::ingest`], which maps, screens and commits them before
+//! anything is acknowledged to the sender.
 
-pub mod admission;
-pub mod intake;
 pub mod listener;
 pub mod mqtt;
 pub mod serial;

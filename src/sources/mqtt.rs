@@ -6,7 +6,7 @@
 //! store could not take stays unacknowledged while the intake retries it: the broker keeps it,
 //! and stops sending once `receive_maximum` messages are unacknowledged.
 //!
-//! `mqtts://` brokers are reached over TLS with the shared rustls config from [`crate::tls`]
+//! `mqtts://` brokers are reached over TLS with the shared rustls config from [`crate::common::tls`]
 //! (ring provider, the source's CA, client certificate and server name).
 
 use std::collections::VecDeque;
@@ -18,11 +18,11 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
-use super::intake::{self, Intake, Message, Outcome};
-use crate::backoff::Backoff;
+use crate::common::backoff::Backoff;
+use crate::common::metrics::Metrics;
 use crate::config::{Gateway, MqttSource, Quality, Secret};
-use crate::mapping::SharedMapper;
-use crate::metrics::Metrics;
+use crate::ingest::intake::{self, Intake, Message, Outcome};
+use crate::ingest::mapping::SharedMapper;
 use crate::reading::Timestamp;
 use crate::store::StoreHandle;
 
@@ -38,7 +38,7 @@ pub struct MqttInput {
     pub gateway: Gateway,
     pub password: Option<Secret>,
     /// Set for `mqtts://` brokers.
-    pub tls: Option<crate::tls::ClientTls>,
+    pub tls: Option<crate::common::tls::ClientTls>,
     pub mapper: SharedMapper,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,

@@ -91,10 +91,10 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::Metrics;
 use crate::config::{Buffer, WhenFull};
-use crate::log_limit::LogLimit;
-use crate::mapping::Reason;
-use crate::metrics::Metrics;
+use crate::ingest::mapping::Reason;
 use crate::reading::{Reading, SensorType, Timestamp, KIND_READING, KIND_STATUS};
 use counts::{Counts, DropReason};
 pub use db::{DeadLetterRow, OutboxRow};

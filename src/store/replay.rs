@@ -21,7 +21,7 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use super::{db, Append, AppendOutcome, DeadLetterRow, Delta, StoreError, Writer};
-use crate::mapping::Mapped;
+use crate::ingest::mapping::Mapped;
 use crate::reading::Reading;
 
 /// Which dead-letters a replay takes (all when every field is empty), oldest first.
@@ -285,9 +285,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::common::metrics::Metrics;
     use crate::config::Buffer;
-    use crate::mapping::{Reason, Rejection};
-    use crate::metrics::Metrics;
+    use crate::ingest::mapping::{Reason, Rejection};
     use crate::reading::{SensorType, Timestamp, KIND_READING};
     use crate::store::{start, NewDeadLetter, StoreHandle};
 

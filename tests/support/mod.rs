@@ -819,7 +819,7 @@ impl Drop for Gateway {
 }
 
 pub fn metric_value(body: &str, name: &str, labels: &str) -> f64 {
-    sahool_gateway::metrics::sample(body, name, labels)
+    sahool_gateway::common::metrics::sample(body, name, labels)
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

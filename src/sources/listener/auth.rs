@@ -56,7 +56,7 @@ impl Passwords {
     pub fn load(path: &Path) -> Result<Self, AuthError> {
         let path = &crate::config::resolve_path(path)
             .map_err(|e| AuthError::Path(path.to_path_buf(), e))?;
-        crate::secrets::warn_if_readable_by_others(path);
+        crate::common::secrets::warn_if_readable_by_others(path);
         let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
             path: path.clone(),
             source,

@@ -31,12 +31,12 @@ use super::auth::Authenticator;
 use super::session::{
     Close, Connect, Grant, Inbound, Outbound, Publish, Qos, Refusal, Session, Version, Violation,
 };
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::Metrics;
 use crate::config::TopicFilter;
-use crate::log_limit::LogLimit;
-use crate::mapping::SharedMapper;
-use crate::metrics::Metrics;
+use crate::ingest::intake::{Intake, Message, Outcome, SharedFloodGuard};
+use crate::ingest::mapping::SharedMapper;
 use crate::reading::Timestamp;
-use crate::sources::intake::{Intake, Message, Outcome, SharedFloodGuard};
 use crate::store::StoreHandle;
 
 /// A client must finish its TLS handshake and CONNECT within this.

@@ -30,12 +30,12 @@ use tokio_rustls::TlsAcceptor;
 use self::auth::{AuthError, Authenticator, Passwords, SharedPasswords};
 use self::connection::{Admission, Auth, Context, CONNECT_TIMEOUT};
 use self::tls::TlsError;
-use crate::backoff::Backoff;
+use crate::common::backoff::Backoff;
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::Metrics;
 use crate::config::{ListenerAuth, MqttListener, Quality};
-use crate::log_limit::LogLimit;
-use crate::mapping::SharedMapper;
-use crate::metrics::Metrics;
-use crate::sources::intake;
+use crate::ingest::intake;
+use crate::ingest::mapping::SharedMapper;
 use crate::store::StoreHandle;
 
 /// Clients over the connection limit answered with "server busy" at once; more are just closed.

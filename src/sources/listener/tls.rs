@@ -34,7 +34,7 @@ pub fn acceptor(listener: &MqttListener) -> Result<Option<TlsAcceptor>, TlsError
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates("tls_cert_file", cert_file)?;
     let key_path = resolve("tls_key_file", key_file)?;
-    crate::secrets::warn_if_readable_by_others(&key_path);
+    crate::common::secrets::warn_if_readable_by_others(&key_path);
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::File {
         what: "tls_key_file",
         path: key_path.clone(),

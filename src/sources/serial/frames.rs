@@ -46,9 +46,9 @@ use sahool_wire::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::flood::TokenBucket;
-use crate::log_limit::LogLimit;
-use crate::mapping::Reason;
+use crate::common::log_limit::LogLimit;
+use crate::ingest::flood::TokenBucket;
+use crate::ingest::mapping::Reason;
 #[cfg(doc)]
 use crate::store::FRAME_WINDOW;
 use crate::store::{AppendOutcome, FrameKey};

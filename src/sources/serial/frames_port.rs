@@ -31,9 +31,9 @@ use tokio::sync::Notify;
 
 use super::frames::{self, BadFrame, FrameSink, FramesError, ReadingFrame};
 use super::{stop_requested, Batch, PortContext, PortFault};
-use crate::mapping::{RawValue, Rejection, SerialKey, SerialValue};
 #[cfg(doc)]
-use crate::metrics::Metrics;
+use crate::common::metrics::Metrics;
+use crate::ingest::mapping::{RawValue, Rejection, SerialKey, SerialValue};
 use crate::reading::Timestamp;
 #[cfg(doc)]
 use crate::store::FrameKey;
@@ -223,8 +223,8 @@ mod tests {
 
     use super::super::{PortPlan, SerialInput};
     use super::*;
-    use crate::mapping::Mapper;
-    use crate::metrics::{sample, Metrics};
+    use crate::common::metrics::{sample, Metrics};
+    use crate::ingest::mapping::Mapper;
     use crate::reading::{Reading, SensorType, KIND_READING};
     use crate::store::{self, FrameKey};
 

@@ -30,7 +30,7 @@ use tokio_serial::SerialStream;
 use super::{stop_requested, Batch, PortContext, PortFault};
 use crate::config::serial::LineFormat;
 use crate::config::SerialSource;
-use crate::mapping::{
+use crate::ingest::mapping::{
     parse_device_time, Mapped, Mapper, RawValue, Reason, Rejection, SerialKey, SerialValue,
 };
 use crate::reading::Timestamp;

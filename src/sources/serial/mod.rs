@@ -9,7 +9,7 @@
 //!   (`serial_port_up`, `serial_errors_total{reason}`, `/readyz`, the log) and opened again with
 //!   backoff. Nothing else waits on it: other ports and MQTT sources carry on.
 //! - Engines commit through [`PortContext::commit`], which maps values through the mapping in
-//!   force, screens them by the ingest rules every input shares ([`super::admission`]) and
+//!   force, screens them by the ingest rules every input shares ([`crate::ingest::admission`]) and
 //!   appends readings and dead-letters in one commit. A port whose readings must wait for their
 //!   flood budget is not read meanwhile: the wire paces the device. Serial devices cannot be
 //!   asked to resend, so a full buffer (`reject_new`, disk reserve) holds the values and retries
@@ -39,17 +39,17 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio_serial::{SerialPort, SerialStream};
 
-use crate::backoff::Backoff;
+use crate::common::backoff::Backoff;
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::Metrics;
 use crate::config::serial::Parity;
 use crate::config::{Config, Protocol, Quality, SerialBinding, SerialSource};
-use crate::log_limit::LogLimit;
-use crate::mapping::{self, Mapped, Rejection, SerialValue, SharedMapper};
-use crate::metrics::Metrics;
+use crate::ingest::mapping::{self, Mapped, Rejection, SerialValue, SharedMapper};
 use crate::reading::{SensorType, Timestamp};
 use crate::store::{Append, AppendOutcome, FrameKey, StoreError, StoreHandle};
 
-use super::admission::{self, Admission};
-use super::intake::append_once;
+use crate::ingest::admission::{self, Admission};
+use crate::ingest::intake::append_once;
 
 /// First and longest wait between attempts to open a port.
 const REOPEN_FIRST: Duration = Duration::from_millis(250);

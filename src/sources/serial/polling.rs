@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Batch, PortContext, PortFault};
-use crate::log_limit::LogLimit;
-use crate::mapping::{RawValue, Reason, Rejection, SerialValue};
+use crate::common::log_limit::LogLimit;
+use crate::ingest::mapping::{RawValue, Reason, Rejection, SerialValue};
 
 /// Least time between two log lines of one station's repeating fault.
 pub const LOG_EVERY: Duration = Duration::from_secs(600);
@@ -178,7 +178,7 @@ pub fn values_text(values: &[SerialValue]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::serial::RegisterKind;
-    use crate::mapping::SerialKey;
+    use crate::ingest::mapping::SerialKey;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

@@ -25,7 +25,7 @@ use super::{
     ValueType, WordOrder,
 };
 use crate::config::serial::{self as config, SerialBinding};
-use crate::mapping::{Reason, SerialKey, SerialValue};
+use crate::ingest::mapping::{Reason, SerialKey, SerialValue};
 use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
 use crate::sources::serial::{hold, idle, stop_requested, PortContext, PortFault, PortSensor};
 

@@ -23,7 +23,7 @@ use tokio_serial::SerialStream;
 
 use super::{Address, MeasureCommand, ParseError, Sdi12Fault, Session};
 use crate::config::serial::{Sdi12Command, SerialBinding};
-use crate::mapping::{Reason, SerialKey, SerialValue};
+use crate::ingest::mapping::{Reason, SerialKey, SerialValue};
 use crate::reading::Timestamp;
 use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
 use crate::sources::serial::{hold, idle, stop_requested, PortContext, PortFault, PortSensor};
@@ -296,8 +296,8 @@ mod tests {
         assert_eq!(
             values.iter().map(|v| v.value.clone()).collect::<Vec<_>>(),
             vec![
-                crate::mapping::RawValue::Number(-1.25),
-                crate::mapping::RawValue::Number(21.5)
+                crate::ingest::mapping::RawValue::Number(-1.25),
+                crate::ingest::mapping::RawValue::Number(21.5)
             ]
         );
         assert!(missing.is_empty());

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::Metrics;
+use crate::common::secrets::{self, SecretError};
+use crate::common::tls::{self, TlsError};
 use crate::config::{Nats, Secret};
-use crate::log_limit::LogLimit;
-use crate::metrics::Metrics;
-use crate::secrets::{self, SecretError};
-use crate::tls::{self, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {

@@ -18,11 +18,11 @@ use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use super::core::{Action, Core, Failure, Refusal, Transient};
-use crate::event::{self, Event, Subjects};
-use crate::log_limit::LogLimit;
-use crate::metrics::{Metrics, ReasonLabel};
-use crate::nats::{Connector, Link, NatsError, PublishDenials};
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::{Metrics, ReasonLabel};
 use crate::store::{OutboxRow, StoreError, StoreHandle};
+use crate::uplink::event::{self, Event, Subjects};
+use crate::uplink::nats::{Connector, Link, NatsError, PublishDenials};
 
 /// A PubAck (`true` if JetStream already had the event), or why none came.
 pub type AckOutcome = Result<bool, Failure>;

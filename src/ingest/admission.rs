@@ -1,5 +1,5 @@
 //! The ingest rules every input shares between its mapping and the store: flood protection
-//! ([`crate::flood`]), and every rejection turned into a dead-letter with the raw bytes it came
+//! ([`crate::ingest::flood`]), and every rejection turned into a dead-letter with the raw bytes it came
 //! from. MQTT messages ([`super::intake`]) and serial batches ([`super::serial`]) both come
 //! through here, so a reading is judged the same whichever way it arrived.
 //!
@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 
+use crate::common::log_limit::LogLimit;
+use crate::common::metrics::Metrics;
 use crate::config::Quality;
-use crate::flood::{FloodGuard, Limits};
-use crate::log_limit::LogLimit;
-use crate::mapping::{Mapped, Reason, Rejection};
-use crate::metrics::Metrics;
+use crate::ingest::flood::{FloodGuard, Limits};
+use crate::ingest::mapping::{Mapped, Reason, Rejection};
 use crate::reading::Reading;
 use crate::store::NewDeadLetter;
 

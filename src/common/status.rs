@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Metrics;
+use crate::common::metrics::Metrics;
 use crate::store::counts::DropReason;
 use crate::store::Inspector;
 

@@ -1,4 +1,4 @@
-//! The forwarder's invariants (see [`crate::forward`]) checked on the core alone: a simulated
+//! The forwarder's invariants (see [`crate::uplink::forward`]) checked on the core alone: a simulated
 //! buffer, link and clock carry out its actions, and every action is checked as it comes out.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

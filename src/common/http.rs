@@ -16,9 +16,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::common::metrics::Metrics;
+use crate::common::status::{self, StatusReport};
 use crate::replay;
-use crate::status::{self, StatusReport};
 use crate::store::ReplayFilter;
 
 /// Largest replay request body: a filter is a few fields.

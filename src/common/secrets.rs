@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::tls;
 use crate::config::{resolve_path, weak_password, Config, Secret};
-use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -130,7 +130,7 @@ pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
     match nats_paths.clone().find_map(unresolvable) {
         Some(why) => found.push(Finding::note(nats_line, why)),
         None => {
-            if let Err(e) = crate::nats::Identity::load(n) {
+            if let Err(e) = crate::uplink::nats::Identity::load(n) {
                 found.push(Finding::problem(nats_line, e.to_string()));
             }
         }

@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::log_limit::LogLimit;
+use crate::common::log_limit::LogLimit;
 
 /// Defined with the config sections it is read from; re-exported where it is used.
 pub use crate::config::TlsFiles;
@@ -168,7 +168,7 @@ fn load_identity(
 ) -> Result<CertifiedKey, TlsError> {
     let chain = load_certs("tls_cert_file", cert)?;
     let key_path = resolve(key)?;
-    crate::secrets::warn_if_readable_by_others(&key_path);
+    crate::common::secrets::warn_if_readable_by_others(&key_path);
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .map_err(|e| pem_error("tls_key_file", &key_path, e))?;
     CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::Content {

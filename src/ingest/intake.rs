@@ -22,9 +22,9 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::oneshot;
 
-use crate::backoff::Backoff;
-use crate::mapping::{self, SharedMapper};
-use crate::metrics::Metrics;
+use crate::common::backoff::Backoff;
+use crate::common::metrics::Metrics;
+use crate::ingest::mapping::{self, SharedMapper};
 use crate::reading::Timestamp;
 use crate::store::{Append, AppendOutcome, StoreError, StoreHandle};
 

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
-use crate::backoff::Backoff;
+use crate::common::backoff::Backoff;
 use crate::store::OutboxRow;
 
 /// Rows read from the buffer at once. Constant, so SQLite keeps one plan for the read.

@@ -1,0 +1,12 @@
+//! The cross-cutting parts every stage of the data path uses: TLS and secrets, retry delays,
+//! rate-limited logs, metrics, the typed status report, the loopback HTTP server and the systemd
+//! notify protocol.
+
+pub mod backoff;
+pub mod http;
+pub mod log_limit;
+pub mod metrics;
+pub mod secrets;
+pub mod status;
+pub mod systemd;
+pub mod tls;
