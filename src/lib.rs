@@ -1,3 +1,4 @@
+#![warn(unreachable_pub)]
 //! sahool-gateway: farm sensors → SQLite outbox → SAHOOL's NATS JetStream.
 //!
 //! Module map, in the order data flows (`sources/ → ingest/ → store/ → uplink/`):
@@ -36,7 +37,7 @@ pub mod common;
 pub mod config;
 pub mod ingest;
 pub mod reading;
-pub mod replay;
+pub(crate) mod replay;
 pub mod sources;
 pub mod store;
 pub mod uplink;

@@ -34,10 +34,10 @@ use crate::store::{
 };
 
 /// The path of the gateway's replay endpoint.
-pub const PATH: &str = "/dead-letters/replay";
+pub(crate) const PATH: &str = "/dead-letters/replay";
 
 /// What the config says about replaying each source's dead-letters.
-pub struct Plan {
+pub(crate) struct Plan {
     mapper: Mapper,
     /// `[[mqtt]]` sources and `[[mqtt_listener]]`s.
     mqtt: HashSet<String>,
@@ -47,7 +47,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         let mqtt = config
             .mqtt
             .iter()
@@ -111,27 +111,27 @@ impl ReplayMapper for Plan {
 }
 
 /// The plan in force in a running gateway, swapped on SIGHUP.
-pub type SharedPlan = Arc<RwLock<Arc<Plan>>>;
+pub(crate) type SharedPlan = Arc<RwLock<Arc<Plan>>>;
 
-pub fn shared(config: &Config) -> SharedPlan {
+pub(crate) fn shared(config: &Config) -> SharedPlan {
     Arc::new(RwLock::new(Arc::new(Plan::new(config))))
 }
 
 /// Puts the plan of a reloaded config in force.
-pub fn reload(plan: &SharedPlan, config: &Config) {
+pub(crate) fn reload(plan: &SharedPlan, config: &Config) {
     *plan.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Plan::new(config));
 }
 
 /// The gateway's side of the endpoint. [`Service::close`] lets go of the store, so an HTTP
 /// connection left open cannot keep the store from closing at shutdown.
 #[derive(Clone)]
-pub struct Service {
+pub(crate) struct Service {
     handle: Arc<RwLock<Option<StoreHandle>>>,
     plan: SharedPlan,
 }
 
 impl Service {
-    pub fn new(store: &StoreHandle, plan: SharedPlan) -> Self {
+    pub(crate) fn new(store: &StoreHandle, plan: SharedPlan) -> Self {
         Self {
             handle: Arc::new(RwLock::new(Some(store.clone()))),
             plan,
@@ -139,11 +139,11 @@ impl Service {
     }
 
     /// Lets go of the store: called when the gateway stops, before the store closes.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         *self.handle.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    pub async fn replay(&self, filter: ReplayFilter) -> Result<ReplayReport, StoreError> {
+    pub(crate) async fn replay(&self, filter: ReplayFilter) -> Result<ReplayReport, StoreError> {
         let store = self
             .handle
             .read()

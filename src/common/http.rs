@@ -31,7 +31,7 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "HTTP metrics listen on a non-loopback address; anyone on that network can read them");
     }
@@ -42,7 +42,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 
 /// Serves until `shutdown` turns true. `store_path` is the buffer file `/status` reads the
 /// dead-letters from.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     replay: replay::Service,

@@ -5,13 +5,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Lets one line through per interval and counts the ones held back in between.
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     every: Duration,
     state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl LogLimit {
-    pub const fn new(every: Duration) -> Self {
+    pub(crate) const fn new(every: Duration) -> Self {
         Self {
             every,
             state: Mutex::new((None, 0)),
@@ -19,7 +19,7 @@ impl LogLimit {
     }
 
     /// `Some(n)`: log now, `n` lines were held back since the last one. `None`: hold this one.
-    pub fn admit(&self) -> Option<u64> {
+    pub(crate) fn admit(&self) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (last, held) = &mut *state;
         match last {

@@ -2,11 +2,11 @@
 //! rate-limited logs, metrics, the typed status report, the loopback HTTP server and the systemd
 //! notify protocol.
 
-pub mod backoff;
-pub mod http;
-pub mod log_limit;
+pub(crate) mod backoff;
+pub(crate) mod http;
+pub(crate) mod log_limit;
 pub mod metrics;
-pub mod secrets;
+pub(crate) mod secrets;
 pub mod status;
-pub mod systemd;
+pub(crate) mod systemd;
 pub mod tls;

@@ -37,7 +37,7 @@ pub enum SecretError {
 }
 
 /// Reads a secret from a file, trimming the trailing newline editors add.
-pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
+pub(crate) fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
     let path = resolve_path(path).map_err(SecretError::Path)?;
     warn_if_readable_by_others(&path);
     let text = std::fs::read_to_string(&path).map_err(|source| SecretError::Read {
@@ -53,7 +53,7 @@ pub fn read(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
 }
 
 /// Reads a password from a file and refuses a weak one, as the config does for inline ones.
-pub fn read_password(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
+pub(crate) fn read_password(what: &'static str, path: &Path) -> Result<Secret, SecretError> {
     let secret = read(what, path)?;
     match weak_password(secret.expose()) {
         Some(why) => Err(SecretError::Weak {
@@ -66,7 +66,7 @@ pub fn read_password(what: &'static str, path: &Path) -> Result<Secret, SecretEr
 }
 
 /// The error for a secret file whose content is not what its key expects (never quoting it).
-pub fn malformed(what: &'static str, path: &Path, expected: &'static str) -> SecretError {
+pub(crate) fn malformed(what: &'static str, path: &Path, expected: &'static str) -> SecretError {
     SecretError::Malformed {
         what,
         path: resolve_path(path).unwrap_or_else(|_| path.to_path_buf()),
@@ -75,7 +75,7 @@ pub fn malformed(what: &'static str, path: &Path, expected: &'static str) -> Sec
 }
 
 /// A secret file that others may read is worth a warning naming it (never its content).
-pub fn warn_if_readable_by_others(path: &Path) {
+pub(crate) fn warn_if_readable_by_others(path: &Path) {
     if readable_by_others(path) {
         tracing::warn!(file = %path.display(), "secret file is readable by every user; chmod o-r it");
     }
@@ -88,7 +88,7 @@ fn readable_by_others(path: &Path) -> bool {
 
 /// What `validate` finds in the files a config names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub(crate) struct Finding {
     /// The line of the section that names the file.
     pub line: usize,
     pub message: String,
@@ -117,7 +117,7 @@ impl Finding {
 /// Reads every secret and TLS file the config names, as `run` will; `nats_line` is the line of
 /// the `[nats]` header. Paths under `${CREDENTIALS_DIRECTORY}` are noted as unchecked when that
 /// variable is not set (systemd sets it only for the service).
-pub fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
+pub(crate) fn check_files(config: &Config, nats_line: usize) -> Vec<Finding> {
     let mut found = Vec::new();
     let n = &config.nats;
     let nats_files = [

@@ -5,13 +5,13 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 /// A connection to the service manager's notify socket, if there is one.
-pub struct Notifier {
+pub(crate) struct Notifier {
     socket: Option<(UnixDatagram, String)>,
 }
 
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET`; a leading `@` names an abstract socket.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let socket = std::env::var("NOTIFY_SOCKET").ok().and_then(|path| {
             let sock = UnixDatagram::unbound().ok()?;
             Some((sock, path))
@@ -33,24 +33,24 @@ impl Notifier {
         }
     }
 
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         self.send("READY=1");
     }
 
-    pub fn status(&self, text: &str) {
+    pub(crate) fn status(&self, text: &str) {
         // One line: systemd shows STATUS= in `systemctl status`.
         self.send(&format!("STATUS={}", text.replace('\n', " ")));
     }
 
-    pub fn reloading(&self) {
+    pub(crate) fn reloading(&self) {
         self.send("RELOADING=1");
     }
 
-    pub fn watchdog(&self) {
+    pub(crate) fn watchdog(&self) {
         self.send("WATCHDOG=1");
     }
 
-    pub fn stopping(&self) {
+    pub(crate) fn stopping(&self) {
         self.send("STOPPING=1");
     }
 }
@@ -68,7 +68,7 @@ fn send_abstract(_: &UnixDatagram, _: &str, _: &str) -> std::io::Result<()> {
 }
 
 /// The watchdog interval systemd expects pings within (`WatchdogSec=`), if it is for us.
-pub fn watchdog_timeout() -> Option<Duration> {
+pub(crate) fn watchdog_timeout() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok()? != std::process::id() {

@@ -303,7 +303,7 @@ impl TryFrom<String> for UtcOffsetValue {
 #[serde(try_from = "String")]
 pub struct SubjectTemplate(String);
 
-pub const SUBJECT_PLACEHOLDERS: [&str; 6] = [
+pub(super) const SUBJECT_PLACEHOLDERS: [&str; 6] = [
     "tenant_id",
     "field_id",
     "gateway_id",

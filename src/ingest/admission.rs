@@ -35,14 +35,14 @@ pub fn flood_guard(q: &Quality) -> SharedFloodGuard {
 /// What one message becomes: readings to store (no earlier than `wait_until`) and
 /// dead-letters, committed together.
 #[derive(Debug, Default)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     pub readings: Vec<Reading>,
     pub dead_letters: Vec<NewDeadLetter>,
     pub wait_until: Option<Instant>,
 }
 
 /// One source's ingest rules.
-pub struct Admission {
+pub(crate) struct Admission {
     source: String,
     flood: SharedFloodGuard,
     /// `readings_paced_total`: readings that waited for their flood budget.
@@ -51,7 +51,7 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(source: &str, flood: SharedFloodGuard, metrics: &Metrics) -> Self {
+    pub(crate) fn new(source: &str, flood: SharedFloodGuard, metrics: &Metrics) -> Self {
         Self {
             source: source.to_string(),
             flood,
@@ -64,7 +64,7 @@ impl Admission {
     /// rejections (framing, syntax); `context` starts every dead-letter's detail (`topic T`,
     /// `port P`); `raw` (and the MQTT `topic`) is kept with every dead-letter of the message,
     /// so `dead-letters replay` can map it again.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         mapped: Mapped,
         rejected: &[Rejection],

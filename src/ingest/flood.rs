@@ -60,7 +60,7 @@ impl Limits {
 
 /// A token bucket that can run into debt: a reservation it cannot pay now says when it can.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -68,7 +68,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+    pub(crate) fn new(rate: f64, burst: f64, now: Instant) -> Self {
         Self {
             rate,
             burst,
@@ -78,7 +78,7 @@ impl TokenBucket {
     }
 
     /// Takes one token if there is one now.
-    pub fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         self.reserve(1.0, now, Some(Duration::ZERO)).is_some()
     }
 

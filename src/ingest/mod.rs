@@ -2,7 +2,7 @@
 //! payloads to readings, flood protection, the screening that dead-letters rejections with their
 //! raw bytes, and the commit queue that acknowledges a sender only after the store committed.
 
-pub mod admission;
-pub mod flood;
+pub(crate) mod admission;
+pub(crate) mod flood;
 pub mod intake;
 pub mod mapping;

@@ -3,5 +3,5 @@
 //! anything is acknowledged to the sender.
 
 pub mod listener;
-pub mod mqtt;
+pub(crate) mod mqtt;
 pub mod serial;

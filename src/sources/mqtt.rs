@@ -32,7 +32,7 @@ const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 /// Packet ids the client may have outstanding: only its SUBSCRIBEs use any.
 const OUTGOING_IN_FLIGHT: u16 = 16;
 
-pub struct MqttInput {
+pub(crate) struct MqttInput {
     pub source: MqttSource,
     pub quality: Quality,
     pub gateway: Gateway,
@@ -78,7 +78,7 @@ impl MqttInput {
     }
 
     /// Runs until `shutdown`; then finishes the acks of everything already committed.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let name = self.source.name.to_string();
         let options = self.options();
         // Acks never outnumber unacknowledged messages: this capacity is not reached while the

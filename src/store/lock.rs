@@ -14,18 +14,18 @@ use super::StoreError;
 
 /// Held while the store runs; unlocks when dropped.
 #[derive(Debug)]
-pub struct BufferLock {
+pub(super) struct BufferLock {
     _file: File,
 }
 
-pub fn path_of(db_path: &Path) -> PathBuf {
+pub(super) fn path_of(db_path: &Path) -> PathBuf {
     let mut p = db_path.as_os_str().to_owned();
     p.push(".lock");
     PathBuf::from(p)
 }
 
 /// Takes the lock, waiting up to `wait` while another process holds it.
-pub fn acquire(db_path: &Path, wait: Duration) -> Result<BufferLock, StoreError> {
+pub(super) fn acquire(db_path: &Path, wait: Duration) -> Result<BufferLock, StoreError> {
     let path = path_of(db_path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {

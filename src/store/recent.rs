@@ -13,23 +13,23 @@ use rusqlite::Connection;
 
 /// Messages remembered: the most a broker can have unacknowledged towards one MQTT session
 /// (`receive_maximum` is a 16-bit number), which is what a reconnect redelivers.
-pub const RECENT_MESSAGES: usize = 65_536;
+pub(super) const RECENT_MESSAGES: usize = 65_536;
 
 /// The part of a message key kept in memory.
-pub fn fingerprint(key: &[u8; 16]) -> u64 {
+pub(super) fn fingerprint(key: &[u8; 16]) -> u64 {
     let mut head = [0u8; 8];
     head.copy_from_slice(&key[..8]);
     u64::from_le_bytes(head)
 }
 
-pub struct RecentMessages {
+pub(super) struct RecentMessages {
     /// Oldest first.
     fingerprints: VecDeque<u64>,
 }
 
 impl RecentMessages {
     /// The newest [`RECENT_MESSAGES`] keys in the table.
-    pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
+    pub(super) fn load(conn: &Connection) -> rusqlite::Result<Self> {
         let mut stmt = conn.prepare("SELECT key FROM recent_messages ORDER BY id DESC LIMIT ?1")?;
         let newest_first = stmt
             .query_map([RECENT_MESSAGES as i64], |r| r.get::<_, Vec<u8>>(0))?
@@ -45,12 +45,12 @@ impl RecentMessages {
         })
     }
 
-    pub fn contains(&self, fingerprint: u64) -> bool {
+    pub(super) fn contains(&self, fingerprint: u64) -> bool {
         self.fingerprints.contains(&fingerprint)
     }
 
     /// Keys just committed, in commit order; the oldest beyond the bound are forgotten.
-    pub fn extend(&mut self, committed: &[u64]) {
+    pub(super) fn extend(&mut self, committed: &[u64]) {
         self.fingerprints.extend(committed);
         let excess = self.fingerprints.len().saturating_sub(RECENT_MESSAGES);
         self.fingerprints.drain(..excess);

@@ -8,16 +8,16 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub const BLOCK: u64 = 1_000_000;
+pub(super) const BLOCK: u64 = 1_000_000;
 
-pub struct SeqFloor {
+pub(super) struct SeqFloor {
     path: PathBuf,
     reserved: u64,
 }
 
 impl SeqFloor {
     /// Reads the mark; a missing or unreadable file counts as nothing reserved.
-    pub fn load(path: &Path) -> Self {
+    pub(super) fn load(path: &Path) -> Self {
         let reserved = std::fs::read_to_string(path)
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -29,12 +29,12 @@ impl SeqFloor {
     }
 
     /// Every seq below this may have been handed out before.
-    pub fn reserved(&self) -> u64 {
+    pub(super) fn reserved(&self) -> u64 {
         self.reserved
     }
 
     /// Makes sure seqs below `upto` are covered by the mark on disk.
-    pub fn ensure(&mut self, upto: u64) -> std::io::Result<()> {
+    pub(super) fn ensure(&mut self, upto: u64) -> std::io::Result<()> {
         if upto < self.reserved {
             return Ok(());
         }

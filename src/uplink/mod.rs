@@ -2,5 +2,5 @@
 //! deleted only after their PubAck, over NATS links this module opens and watches.
 
 pub mod event;
-pub mod forward;
-pub mod nats;
+pub(crate) mod forward;
+pub(crate) mod nats;

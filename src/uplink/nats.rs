@@ -30,7 +30,7 @@ pub enum NatsError {
 }
 
 /// Subjects the server refused to let this connection publish to, with when it said so.
-pub struct PublishDenials {
+pub(crate) struct PublishDenials {
     last: Mutex<HashMap<String, Instant>>,
     changed: watch::Sender<u64>,
 }
@@ -61,7 +61,7 @@ impl PublishDenials {
     /// True if the server refused a publish to `subject` at or after `since`. Permissions hold
     /// for the whole connection, so a refusal reported after a publish was sent means that
     /// publish was refused too (the server stores nothing it refuses).
-    pub fn denied_since(&self, subject: &str, since: Instant) -> bool {
+    pub(crate) fn denied_since(&self, subject: &str, since: Instant) -> bool {
         self.last
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -70,7 +70,7 @@ impl PublishDenials {
     }
 
     /// Wakes on every new refusal.
-    pub fn watch(&self) -> watch::Receiver<u64> {
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 }
@@ -92,7 +92,7 @@ fn denied_subject(error: &str) -> Option<&str> {
 /// authenticates (see [`Identity::auth`]), the client gives up, its queue is dropped, and the
 /// forwarder opens a new link with its own backoff once everything in flight has an outcome.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     inner: Arc<ConnectorInner>,
 }
 
@@ -108,7 +108,7 @@ struct ConnectorInner {
 }
 
 /// One connection to NATS and the publish refusals its server reported.
-pub struct Link {
+pub(crate) struct Link {
     pub client: async_nats::Client,
     pub denials: Arc<PublishDenials>,
     /// Set when the link is dropped: its client may no longer reconnect, and its late events
@@ -117,7 +117,7 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn connected(&self) -> bool {
+    pub(crate) fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 }
@@ -130,7 +130,7 @@ impl Drop for Link {
 
 impl Connector {
     /// Reads and checks every secret and TLS file `[nats]` names; connects nothing yet.
-    pub fn new(nats: &Nats, name: &str, metrics: Arc<Metrics>) -> Result<Self, NatsError> {
+    pub(crate) fn new(nats: &Nats, name: &str, metrics: Arc<Metrics>) -> Result<Self, NatsError> {
         let tls = nats
             .tls_files()
             .map(|files| tls::client_config(&files, "NATS"))
@@ -155,7 +155,7 @@ impl Connector {
     }
 
     /// Connects to one of the servers (each tried once) and returns the link.
-    pub async fn open(&self) -> Result<Link, NatsError> {
+    pub(crate) async fn open(&self) -> Result<Link, NatsError> {
         let inner = &self.inner;
         let denials = Arc::new(PublishDenials::new());
         let retired = Arc::new(AtomicBool::new(false));
@@ -266,7 +266,7 @@ const RECONNECT_REFUSED: &str = "this link is not resumed: the gateway opens a n
 
 /// The `[nats]` identity, read and checked once; each connection signs its own server nonce.
 #[derive(Clone)]
-pub enum Identity {
+pub(crate) enum Identity {
     Anonymous,
     UserPassword {
         user: String,
@@ -285,7 +285,7 @@ impl Identity {
     /// Reads every secret file `[nats]` names: a weak password, an NKey seed or `.creds` file
     /// that does not parse is refused here, naming the file, instead of failing each
     /// connection attempt.
-    pub fn load(nats: &Nats) -> Result<Self, SecretError> {
+    pub(crate) fn load(nats: &Nats) -> Result<Self, SecretError> {
         if let Some(user) = &nats.user {
             let password = match (&nats.password, &nats.password_file) {
                 (Some(p), _) => p.clone(),

@@ -128,10 +128,10 @@ fn dummy_hash() -> &'static str {
 }
 
 /// The password file in force; a reload swaps the inner `Arc`.
-pub type SharedPasswords = Arc<RwLock<Arc<Passwords>>>;
+pub(crate) type SharedPasswords = Arc<RwLock<Arc<Passwords>>>;
 
 /// Checks CONNECT credentials against the password file, a few at a time.
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     passwords: SharedPasswords,
     permits: Semaphore,
 }
@@ -140,14 +140,14 @@ pub struct Authenticator {
 const CONCURRENT_CHECKS: usize = 2;
 
 impl Authenticator {
-    pub fn new(passwords: SharedPasswords) -> Self {
+    pub(crate) fn new(passwords: SharedPasswords) -> Self {
         Self {
             passwords,
             permits: Semaphore::new(CONCURRENT_CHECKS),
         }
     }
 
-    pub async fn check(&self, user: &str, password: &str) -> bool {
+    pub(crate) async fn check(&self, user: &str, password: &str) -> bool {
         let Ok(_permit) = self.permits.acquire().await else {
             return false;
         };
@@ -175,7 +175,7 @@ fn check_user(user: &str) -> Result<(), AuthError> {
 }
 
 /// An argon2id PHC hash of `password` with a fresh random salt and the crate's default cost.
-pub fn hash(password: &str) -> Result<String, AuthError> {
+pub(crate) fn hash(password: &str) -> Result<String, AuthError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -185,7 +185,7 @@ pub fn hash(password: &str) -> Result<String, AuthError> {
 
 /// `passwd`: sets `user`'s password in the file at `path` (created if missing, mode 0600),
 /// keeping every other line. The file is replaced atomically.
-pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), AuthError> {
+pub(crate) fn set_password(path: &Path, user: &str, password: &str) -> Result<(), AuthError> {
     check_user(user)?;
     if let Some(why) = crate::config::weak_password(password) {
         return Err(AuthError::Weak(why));

@@ -40,7 +40,7 @@ use crate::reading::Timestamp;
 use crate::store::StoreHandle;
 
 /// A client must finish its TLS handshake and CONNECT within this.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unsent reply bytes above which the connection stops reading (the client is not reading).
 const OUT_HIGH_WATER: usize = 64 << 10;
 /// Bytes asked of the socket per read.
@@ -49,7 +49,7 @@ const READ_CHUNK: usize = 8 << 10;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How clients of a listener authenticate.
-pub enum Auth {
+pub(crate) enum Auth {
     Password(Authenticator),
     /// The TLS handshake verified a client certificate: nothing more to check.
     Certificate,
@@ -57,7 +57,7 @@ pub enum Auth {
 }
 
 /// What every connection of one listener shares.
-pub struct Context {
+pub(crate) struct Context {
     pub name: String,
     pub topics: Vec<TopicFilter>,
     pub auth: Auth,
@@ -78,7 +78,7 @@ pub struct Context {
 
 impl Context {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         topics: Vec<TopicFilter>,
         auth: Auth,
@@ -120,7 +120,7 @@ impl Context {
 
     /// Counts a refusal by reason and logs it, rate-limited (a flood of bad clients must not
     /// flood the journal).
-    pub fn reject(&self, reason: &str, peer: SocketAddr, detail: &str) {
+    pub(crate) fn reject(&self, reason: &str, peer: SocketAddr, detail: &str) {
         self.metrics.count_listener_reject(&self.name, reason);
         if let Some(held) = self.reject_log.admit() {
             tracing::warn!(listener = %self.name, %peer, reason, detail, similar_held_back = held, "MQTT listener refused a client");
@@ -135,7 +135,7 @@ impl Context {
 /// Connections by client id, so a new CONNECT with the same id takes the old one over (as
 /// MQTT requires; it also clears half-open connections a device left behind).
 #[derive(Default)]
-pub struct Clients {
+pub(crate) struct Clients {
     next: AtomicU64,
     by_id: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
 }
@@ -184,7 +184,7 @@ impl Drop for Registration {
 
 /// Whether a connection is served, or only told the listener is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     Open,
     /// Over `max_connections`: the CONNECT is answered "server busy".
     Busy,
@@ -200,7 +200,7 @@ struct Ack {
 }
 
 /// Serves one client until it leaves, breaks a rule, or `shutdown`.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     cx: Arc<Context>,

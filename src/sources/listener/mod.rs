@@ -13,10 +13,10 @@
 //! Shutdown: the port closes first, then every connection acknowledges what it committed,
 //! tells MQTT 5 clients the server is shutting down, and closes.
 
-pub mod auth;
-pub mod connection;
+pub(crate) mod auth;
+pub(crate) mod connection;
 pub mod session;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};

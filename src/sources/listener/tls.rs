@@ -26,7 +26,7 @@ pub enum TlsError {
 }
 
 /// The acceptor for a listener with `tls_cert_file`; `None` for a plaintext one.
-pub fn acceptor(listener: &MqttListener) -> Result<Option<TlsAcceptor>, TlsError> {
+pub(crate) fn acceptor(listener: &MqttListener) -> Result<Option<TlsAcceptor>, TlsError> {
     let (Some(cert_file), Some(key_file)) = (&listener.tls_cert_file, &listener.tls_key_file)
     else {
         return Ok(None);

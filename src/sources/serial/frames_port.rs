@@ -42,7 +42,7 @@ use crate::store::{AppendOutcome, StoreError};
 /// Serves firmware nodes on the open port until it is lost, the gateway stops, or the buffer
 /// closes. Stopping in the middle of a commit is safe: the ack was not sent, so the node
 /// resends, and the store recognises the resend if the commit went through.
-pub async fn run<T>(io: T, ctx: &mut PortContext) -> Result<(), PortFault>
+pub(crate) async fn run<T>(io: T, ctx: &mut PortContext) -> Result<(), PortFault>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -66,7 +66,7 @@ where
 
 /// What one reading frame commits: its values for the mapping, its bytes for dead-letters,
 /// and its key for resend detection.
-pub fn batch_of(frame: &ReadingFrame<'_>) -> Batch {
+pub(crate) fn batch_of(frame: &ReadingFrame<'_>) -> Batch {
     let at = frame
         .node_time_ms
         .map(|ms| Timestamp::from_unix_millis(i64::try_from(ms).unwrap_or(i64::MAX)));

@@ -22,10 +22,10 @@
 //! and gets its arm in [`run_protocol`].
 
 pub mod frames;
-pub mod frames_port;
+pub(crate) mod frames_port;
 pub mod lines;
 pub mod modbus;
-pub mod polling;
+pub(crate) mod polling;
 mod quiet;
 mod rs485;
 pub mod sdi12;

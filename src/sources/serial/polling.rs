@@ -21,23 +21,23 @@ use crate::common::log_limit::LogLimit;
 use crate::ingest::mapping::{RawValue, Reason, Rejection, SerialValue};
 
 /// Least time between two log lines of one station's repeating fault.
-pub const LOG_EVERY: Duration = Duration::from_secs(600);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(600);
 /// Least time between two dead-letters of one station's repeating fault.
-pub const DEAD_LETTER_EVERY: Duration = Duration::from_secs(600);
+pub(crate) const DEAD_LETTER_EVERY: Duration = Duration::from_secs(600);
 
 /// Shortest period a group may have (the config allows 100 ms and more).
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
 /// When each poll group of a port is due next.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     /// Per group: next tick and period.
     groups: Vec<(Instant, Duration)>,
 }
 
 impl Schedule {
     /// Every group due at `start`: the first poll happens right away.
-    pub fn new(periods: impl IntoIterator<Item = Duration>, start: Instant) -> Self {
+    pub(crate) fn new(periods: impl IntoIterator<Item = Duration>, start: Instant) -> Self {
         Self {
             groups: periods
                 .into_iter()
@@ -47,7 +47,7 @@ impl Schedule {
     }
 
     /// The group due first and when; on a tie, the group listed first.
-    pub fn next(&self) -> Option<(usize, Instant)> {
+    pub(crate) fn next(&self) -> Option<(usize, Instant)> {
         self.groups
             .iter()
             .enumerate()
@@ -57,7 +57,7 @@ impl Schedule {
 
     /// Group `group` was polled (and its values committed) by `now`: its next tick is the
     /// first tick of its own period after `now`.
-    pub fn polled(&mut self, group: usize, now: Instant) {
+    pub(crate) fn polled(&mut self, group: usize, now: Instant) {
         let Some((due, period)) = self.groups.get_mut(group) else {
             return;
         };
@@ -72,7 +72,7 @@ impl Schedule {
 
 /// A fault of one station in one poll, as an engine reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StationFault {
+pub(crate) struct StationFault {
     /// Who failed: `Modbus unit 3`, `SDI-12 address 0`.
     pub station: String,
     /// The fault's reason as the metrics name it (`timeout`, `crc`, …).
@@ -95,21 +95,21 @@ struct Limits {
 /// The faults of the stations (Modbus slaves, SDI-12 sensors) on one port, by station and
 /// reason, for rate-limited log lines and dead-letters.
 #[derive(Default)]
-pub struct StationFaults {
+pub(crate) struct StationFaults {
     limits: HashMap<(String, &'static str), Limits>,
     /// Stations whose last poll failed, with the faults since their last success.
     failing: HashMap<String, u64>,
 }
 
 impl StationFaults {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Logs a fault (rate-limited) and says whether to keep it as a dead-letter now: `Some(n)`
     /// with the number of like faults not kept since the last one, `None` when it is only
     /// counted.
-    pub fn fault(&mut self, port: &str, f: &StationFault) -> Option<u64> {
+    pub(crate) fn fault(&mut self, port: &str, f: &StationFault) -> Option<u64> {
         *self.failing.entry(f.station.clone()).or_insert(0) += 1;
         let limits = self
             .limits
@@ -126,7 +126,7 @@ impl StationFaults {
 
     /// Commits one poll: its values as one batch, then each fault this keeps as a dead-letter,
     /// with its bytes and how many like it were not kept since.
-    pub async fn commit_poll(
+    pub(crate) async fn commit_poll(
         &mut self,
         ctx: &mut PortContext,
         values: Vec<SerialValue>,
@@ -152,7 +152,7 @@ impl StationFaults {
     }
 
     /// `station` answered: says so once if it had been failing.
-    pub fn answered(&mut self, port: &str, station: &str) {
+    pub(crate) fn answered(&mut self, port: &str, station: &str) {
         if let Some(faults) = self.failing.remove(station) {
             tracing::info!(port, station, faults, "answers again");
         }
@@ -162,7 +162,7 @@ impl StationFaults {
 /// The values of a poll as text (`Modbus unit 1 holding register 0 = 250`, one per line): the
 /// raw bytes kept with a dead-letter of the mapping (a value out of range), since a polled
 /// value has no line or frame of its own.
-pub fn values_text(values: &[SerialValue]) -> Vec<u8> {
+pub(crate) fn values_text(values: &[SerialValue]) -> Vec<u8> {
     values
         .iter()
         .map(|v| match &v.value {

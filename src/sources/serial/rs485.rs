@@ -23,7 +23,7 @@ const SER_RS485_RX_DURING_TX: u32 = 1 << 4;
 const SER_RS485_TERMINATE_BUS: u32 = 1 << 5;
 
 /// Switches the open port into RS-485 mode with the configured RTS levels and delays.
-pub fn enable(port: &impl AsRawFd, config: &Rs485) -> std::io::Result<()> {
+pub(super) fn enable(port: &impl AsRawFd, config: &Rs485) -> std::io::Result<()> {
     let ms = |d: Option<crate::config::DurationValue>| {
         d.map_or(0, |d| u32::try_from(d.0.as_millis()).unwrap_or(u32::MAX))
     };

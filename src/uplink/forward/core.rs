@@ -15,16 +15,16 @@ use crate::common::backoff::Backoff;
 use crate::store::OutboxRow;
 
 /// Rows read from the buffer at once. Constant, so SQLite keeps one plan for the read.
-pub const FETCH_ROWS: usize = 512;
+pub(super) const FETCH_ROWS: usize = 512;
 /// Acknowledged rows reported to the store at once while more PubAcks are outstanding.
-pub const ACK_BATCH: usize = 256;
+pub(super) const ACK_BATCH: usize = 256;
 /// How often the driver looks again while it cannot send (no link, or a paused window).
-pub const RECHECK: Duration = Duration::from_millis(250);
+pub(super) const RECHECK: Duration = Duration::from_millis(250);
 
 /// Why a publish got no PubAck, as the driver's edge classified it. Decisions read only the
 /// kind; `detail` is for logs and dead-letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Try again from this row after a backoff.
     Transient { kind: Transient, detail: String },
     /// Never going to succeed: dead-letter the row (invariant 5).
@@ -33,7 +33,7 @@ pub enum Failure {
 
 /// Failures that may pass; the kind names the `nats_publish_errors` reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transient {
+pub(crate) enum Transient {
     TimedOut,
     BrokenPipe,
     MaxAckPending,
@@ -42,7 +42,7 @@ pub enum Transient {
 
 /// Refusals the server will repeat forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Over the server's `max_payload`, or the stream's maximum message size.
     PayloadTooLarge,
     /// No stream captures the subject. Unconfirmed until JetStream's own lookup says so: a
@@ -57,7 +57,7 @@ pub enum Refusal {
 impl Failure {
     /// Whether it trips the fence the moment it happens (invariant 4): every failure of the
     /// publish itself does; a permission refusal is the server's answer, not trouble.
-    pub fn trips(&self) -> bool {
+    pub(crate) fn trips(&self) -> bool {
         !matches!(
             self,
             Failure::Permanent {
@@ -70,7 +70,7 @@ impl Failure {
 
 /// What the driver does next.
 #[derive(Debug)]
-pub enum Action {
+pub(super) enum Action {
     /// Tell the store these rows were acknowledged (if any), then, if `Some`, that the
     /// forwarder may still publish only rows from this seq on (invariant 8).
     Report {
@@ -132,7 +132,7 @@ struct InFlight {
 
 /// The forwarder's state between turns.
 #[derive(Debug)]
-pub struct Core {
+pub(super) struct Core {
     window: usize,
     /// Rows read from the buffer and not yet handed to the client, in seq order.
     queue: VecDeque<OutboxRow>,
@@ -164,7 +164,7 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(window: usize, ack_timeout: Duration) -> Self {
+    pub(super) fn new(window: usize, ack_timeout: Duration) -> Self {
         Self {
             window: window.max(1),
             queue: VecDeque::new(),
@@ -190,17 +190,17 @@ impl Core {
 
     /// The newest committed seq, read by the driver at the start of each turn (a commit after
     /// that wakes the turn's wait).
-    pub fn committed(&mut self, newest: u64) {
+    pub(super) fn committed(&mut self, newest: u64) {
         self.newest = newest;
     }
 
     /// A publish in flight failed before its turn in seq order: stop sending now.
-    pub fn in_flight_failed(&mut self) {
+    pub(super) fn in_flight_failed(&mut self) {
         self.fence.tripped = true;
     }
 
     /// The next action. `connected`: the link is up and its client connected, now.
-    pub fn next(&mut self, now: Instant, connected: bool) -> Action {
+    pub(super) fn next(&mut self, now: Instant, connected: bool) -> Action {
         loop {
             if let Some(action) = self.pending.pop_front() {
                 return action;
@@ -344,13 +344,13 @@ impl Core {
     }
 
     /// The row from the last [`Action::Publish`] was handed to the client at `at`.
-    pub fn sent(&mut self, at: Instant) {
+    pub(super) fn sent(&mut self, at: Instant) {
         let (seq, after) = self.handing.take().expect("a publish was handed out");
         self.sent.push_back(InFlight { seq, after, at });
     }
 
     /// The row from the last [`Action::Publish`] could not be handed to the client.
-    pub fn send_failed(&mut self, failure: Failure) -> Option<Action> {
+    pub(super) fn send_failed(&mut self, failure: Failure) -> Option<Action> {
         let (seq, _) = self.handing.take().expect("a publish was handed out");
         match failure {
             Failure::Permanent { detail, .. } => Some(Action::DeadLetter {
@@ -367,7 +367,7 @@ impl Core {
     }
 
     /// The outcome of the oldest publish in flight (`seq`): a PubAck, or why none came.
-    pub fn outcome(
+    pub(super) fn outcome(
         &mut self,
         seq: u64,
         result: Result<(), Failure>,
@@ -402,7 +402,7 @@ impl Core {
     }
 
     /// The read under way returned these rows.
-    pub fn rows_fetched(&mut self, rows: Vec<OutboxRow>) {
+    pub(super) fn rows_fetched(&mut self, rows: Vec<OutboxRow>) {
         let newest_then = self.fetching.take().unwrap_or(0);
         // A short read returned every row committed when it began.
         let complete = rows.len() < FETCH_ROWS;
@@ -416,30 +416,30 @@ impl Core {
     }
 
     /// The read under way failed: how long to wait before going on.
-    pub fn fetch_failed(&mut self) -> Duration {
+    pub(super) fn fetch_failed(&mut self) -> Duration {
         self.fetching = None;
         self.backoff.next_delay()
     }
 
-    pub fn cursor(&self) -> u64 {
+    pub(super) fn cursor(&self) -> u64 {
         self.cursor
     }
 
-    pub fn link_opened(&mut self) {
+    pub(super) fn link_opened(&mut self) {
         self.link = LinkState::Up;
     }
 
-    pub fn link_failed(&mut self) {
+    pub(super) fn link_failed(&mut self) {
         self.link = LinkState::Down;
     }
 
     /// The stream check's answer: true once it need not be asked again.
-    pub fn stream_checked(&mut self, done: bool) {
+    pub(super) fn stream_checked(&mut self, done: bool) {
         self.stream_checked = self.connected && done;
     }
 
     /// On shutdown: the acknowledged runs not yet reported.
-    pub fn take_acked(&mut self) -> Vec<RangeInclusive<u64>> {
+    pub(super) fn take_acked(&mut self) -> Vec<RangeInclusive<u64>> {
         self.acked.take()
     }
 

@@ -25,11 +25,11 @@ use crate::uplink::event::{self, Event, Subjects};
 use crate::uplink::nats::{Connector, Link, NatsError, PublishDenials};
 
 /// A PubAck (`true` if JetStream already had the event), or why none came.
-pub type AckOutcome = Result<bool, Failure>;
-pub type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
+pub(crate) type AckOutcome = Result<bool, Failure>;
+pub(crate) type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
 
 /// What the forwarder needs of a JetStream connection.
-pub trait Publisher {
+pub(crate) trait Publisher {
     /// Whether the client is connected now.
     fn connected(&self) -> bool;
     /// Hands `event` to the client with `Nats-Msg-Id = event_id` (invariant 3); resolves once
@@ -40,7 +40,7 @@ pub trait Publisher {
 }
 
 /// JetStream's answer to "which stream captures this subject?".
-pub enum StreamLookup {
+pub(crate) enum StreamLookup {
     Found(String),
     Missing,
     /// No answer (yet): the error, for logs.
@@ -52,7 +52,7 @@ type InFlight = Pin<Box<dyn Future<Output = (Event, AckOutcome)> + Send>>;
 type Fetch = Pin<Box<dyn Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
 type Opening = Pin<Box<dyn Future<Output = Result<Link, NatsError>> + Send>>;
 
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     pub store: StoreHandle,
     connector: Connector,
     /// The current link, while it is up or its publishes are settling.
@@ -83,7 +83,7 @@ enum Turn {
 }
 
 impl Forwarder {
-    pub fn new(
+    pub(crate) fn new(
         store: StoreHandle,
         connector: Connector,
         gateway_id: String,
@@ -112,7 +112,7 @@ impl Forwarder {
     }
 
     /// Runs until `shutdown` turns true, then waits briefly for outstanding PubAcks.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut committed = self.store.committed();
         let mut core = Core::new(self.window, self.ack_timeout);
         let mut pending = Pending::default();

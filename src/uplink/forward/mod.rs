@@ -47,5 +47,4 @@
 mod core;
 mod driver;
 
-pub use self::core::{Failure, Refusal, Transient};
-pub use self::driver::{AckFuture, AckOutcome, Forwarder, Publisher, StreamLookup};
+pub(crate) use self::driver::Forwarder;
