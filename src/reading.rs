@@ -72,7 +72,7 @@ impl SensorType {
         }
     }
 
-    pub fn from_u8(n: u8) -> Option<Self> {
+    pub(crate) fn from_u8(n: u8) -> Option<Self> {
         Self::ALL.get(usize::from(n)).copied()
     }
 
@@ -201,7 +201,7 @@ const TYPES_OUTSIDE_SCHEMA: &[(&str, &[&str])] =
     &[("water_quality", &["water_quality", "wq", "tds"])];
 
 /// The SAHOOL type a name outside the schema's enum stands for (`tds` → `water_quality`).
-pub fn type_outside_schema(name: &str) -> Option<&'static str> {
+pub(crate) fn type_outside_schema(name: &str) -> Option<&'static str> {
     let lower = name.trim().to_ascii_lowercase();
     TYPES_OUTSIDE_SCHEMA
         .iter()
@@ -250,7 +250,7 @@ impl Timestamp {
         Self::from_datetime(OffsetDateTime::now_utc())
     }
 
-    pub fn from_datetime(dt: OffsetDateTime) -> Self {
+    pub(crate) fn from_datetime(dt: OffsetDateTime) -> Self {
         // i64 nanoseconds span 1677..2262; parsing rejects anything outside.
         Self(i64::try_from(dt.unix_timestamp_nanos()).unwrap_or(i64::MAX))
     }
@@ -310,7 +310,7 @@ impl Timestamp {
     }
 
     /// Parses a local time without offset (`2026-06-01T07:15:00`, Tasmota) at a fixed UTC offset.
-    pub fn parse_local(text: &str, offset: time::UtcOffset) -> Option<Self> {
+    pub(crate) fn parse_local(text: &str, offset: time::UtcOffset) -> Option<Self> {
         let format = time::macros::format_description!(
             version = 2,
             "[year]-[month]-[day][first [T] [ ]][hour]:[minute]:[second][optional [.[subsecond]]]"
@@ -320,7 +320,7 @@ impl Timestamp {
     }
 
     /// Epoch seconds, or milliseconds when the number is too large to be seconds.
-    pub fn from_epoch_number(n: f64) -> Option<Self> {
+    pub(crate) fn from_epoch_number(n: f64) -> Option<Self> {
         if !n.is_finite() || !(0.0..9.2e15).contains(&n) {
             return None;
         }
@@ -423,10 +423,10 @@ pub struct Reading {
 /// Kinds of buffered rows (the outbox's `kind` column). Every kind but [`KIND_STATUS`] is a
 /// reading.
 pub const KIND_READING: u8 = 0;
-pub const KIND_STATUS: u8 = 1;
+pub(crate) const KIND_STATUS: u8 = 1;
 /// A reading with device metadata: the [`KIND_READING`] body followed by the metadata's JSON
 /// object text.
-pub const KIND_READING_META: u8 = 2;
+pub(crate) const KIND_READING_META: u8 = 2;
 
 /// Why a buffered reading's body does not decode.
 #[derive(Debug, thiserror::Error)]
@@ -489,7 +489,7 @@ pub struct StatusChange {
     pub tenant_id: String,
     pub sensor_type: SensorType,
     pub status: SensorStatus,
-    pub last_seen: Timestamp,
+    pub(crate) last_seen: Timestamp,
     pub battery: Option<f64>,
     pub rssi: Option<i64>,
 }

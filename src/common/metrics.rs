@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     pub reason: String,
 }
 
@@ -25,7 +25,7 @@ pub struct SourceLabel {
 
 /// One Modbus request's slave and outcome (`ok` or a fault reason).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModbusRequestLabel {
+pub(crate) struct ModbusRequestLabel {
     pub port: String,
     pub unit: u8,
     pub outcome: &'static str,
@@ -33,7 +33,7 @@ pub struct ModbusRequestLabel {
 
 /// One SDI-12 measurement's sensor and outcome (`ok` or a fault reason).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Sdi12MeasurementLabel {
+pub(crate) struct Sdi12MeasurementLabel {
     pub port: String,
     pub address: String,
     pub outcome: &'static str,
@@ -41,7 +41,7 @@ pub struct Sdi12MeasurementLabel {
 
 /// One firmware frame's port and what became of it (see [`Metrics::serial_frame`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FrameOutcomeLabel {
+pub(crate) struct FrameOutcomeLabel {
     pub port: String,
     pub outcome: &'static str,
 }
@@ -52,7 +52,7 @@ pub struct PortLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PortReasonLabel {
+pub(crate) struct PortReasonLabel {
     pub port: String,
     pub reason: String,
 }
@@ -63,7 +63,7 @@ pub struct ListenerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerReasonLabel {
+pub(crate) struct ListenerReasonLabel {
     pub listener: String,
     pub reason: String,
 }
@@ -78,42 +78,42 @@ fn puback_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
-    pub readings_accepted: Counter,
-    pub readings_forwarded: Counter,
-    pub readings_rejected: Family<ReasonLabel, Counter>,
-    pub readings_dropped: Family<ReasonLabel, Counter>,
-    pub buffer_readings: Gauge,
-    pub buffer_bytes: Gauge,
+    pub(crate) readings_accepted: Counter,
+    pub(crate) readings_forwarded: Counter,
+    pub(crate) readings_rejected: Family<ReasonLabel, Counter>,
+    pub(crate) readings_dropped: Family<ReasonLabel, Counter>,
+    pub(crate) buffer_readings: Gauge,
+    pub(crate) buffer_bytes: Gauge,
     /// Thinning sweeps over the buffer begun (`when_full = "thin"`).
-    pub buffer_thin_passes: Counter,
-    pub buffer_oldest_age_seconds: Gauge,
+    pub(crate) buffer_thin_passes: Counter,
+    pub(crate) buffer_oldest_age_seconds: Gauge,
     pub dead_letters: Gauge,
     pub nats_connected: Gauge,
-    pub nats_publish_errors: Family<ReasonLabel, Counter>,
-    pub intake_paused: Gauge,
-    pub store_commits: Counter,
-    pub store_commit_seconds: Histogram,
-    pub store_corruption_recovered: Counter,
+    pub(crate) nats_publish_errors: Family<ReasonLabel, Counter>,
+    pub(crate) intake_paused: Gauge,
+    pub(crate) store_commits: Counter,
+    pub(crate) store_commit_seconds: Histogram,
+    pub(crate) store_corruption_recovered: Counter,
     /// Every MQTT source started since start, for `/status`.
     mqtt_sources: Mutex<BTreeSet<String>>,
-    pub mqtt_connected: Family<SourceLabel, Gauge>,
-    pub mqtt_messages: Family<SourceLabel, Counter>,
-    pub mqtt_duplicates: Family<SourceLabel, Counter>,
-    pub readings_duplicates: Counter,
-    pub timestamps_replaced: Counter,
+    pub(crate) mqtt_connected: Family<SourceLabel, Gauge>,
+    pub(crate) mqtt_messages: Family<SourceLabel, Counter>,
+    pub(crate) mqtt_duplicates: Family<SourceLabel, Counter>,
+    pub(crate) readings_duplicates: Counter,
+    pub(crate) timestamps_replaced: Counter,
     /// Readings stored only after a wait for their flood budget (the sender was slowed).
-    pub readings_paced: Counter,
+    pub(crate) readings_paced: Counter,
     /// Dead-letters the `dead_letter_max` bound removed (their inputs are gone for good).
-    pub dead_letters_evicted: Counter,
+    pub(crate) dead_letters_evicted: Counter,
     pub status_events: Counter,
-    pub modbus_requests: Family<ModbusRequestLabel, Counter>,
-    pub sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
-    pub serial_port_up: Family<PortLabel, Gauge>,
-    pub serial_reconnects: Family<PortLabel, Counter>,
-    pub serial_bytes: Family<PortLabel, Counter>,
-    pub serial_messages: Family<PortLabel, Counter>,
-    pub serial_errors: Family<PortReasonLabel, Counter>,
-    pub serial_frames: Family<FrameOutcomeLabel, Counter>,
+    pub(crate) modbus_requests: Family<ModbusRequestLabel, Counter>,
+    pub(crate) sdi12_measurements: Family<Sdi12MeasurementLabel, Counter>,
+    pub(crate) serial_port_up: Family<PortLabel, Gauge>,
+    pub(crate) serial_reconnects: Family<PortLabel, Counter>,
+    pub(crate) serial_bytes: Family<PortLabel, Counter>,
+    pub(crate) serial_messages: Family<PortLabel, Counter>,
+    pub(crate) serial_errors: Family<PortReasonLabel, Counter>,
+    pub(crate) serial_frames: Family<FrameOutcomeLabel, Counter>,
     /// Each running serial port's state for `/readyz`: `Ok(())` up, `Err(why)` not.
     serial_states: Mutex<BTreeMap<String, Result<(), String>>>,
     store_healthy: AtomicBool,
@@ -122,11 +122,11 @@ pub struct Metrics {
     forwarder_beat: Mutex<Instant>,
     /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
     nats_problem: Mutex<Option<String>>,
-    pub listener_connections_open: Family<ListenerLabel, Gauge>,
-    pub listener_connections: Family<ListenerLabel, Counter>,
-    pub listener_publishes: Family<ListenerLabel, Counter>,
-    pub listener_puback_seconds: HistogramFamily<ListenerLabel>,
-    pub listener_rejects: Family<ListenerReasonLabel, Counter>,
+    pub(crate) listener_connections_open: Family<ListenerLabel, Gauge>,
+    pub(crate) listener_connections: Family<ListenerLabel, Counter>,
+    pub(crate) listener_publishes: Family<ListenerLabel, Counter>,
+    pub(crate) listener_puback_seconds: HistogramFamily<ListenerLabel>,
+    pub(crate) listener_rejects: Family<ListenerReasonLabel, Counter>,
     /// `listener_rejects` summed over reasons, for `/status` (not exported).
     listener_rejects_all: Family<ListenerLabel, Counter>,
     /// Each configured listener: whether its socket is bound (for `/readyz`).
@@ -372,7 +372,7 @@ impl Metrics {
     }
 
     /// Counts one refusal by a listener.
-    pub fn count_listener_reject(&self, listener: &str, reason: &str) {
+    pub(crate) fn count_listener_reject(&self, listener: &str, reason: &str) {
         self.listener_rejects
             .get_or_create(&ListenerReasonLabel {
                 listener: listener.into(),
@@ -385,14 +385,14 @@ impl Metrics {
     }
 
     /// A listener's refusals since start, every reason.
-    pub fn listener_rejects_total(&self, listener: &str) -> u64 {
+    pub(crate) fn listener_rejects_total(&self, listener: &str) -> u64 {
         self.listener_rejects_all
             .get(&self.listener(listener))
             .map_or(0, |c| c.get())
     }
 
     /// Records whether a configured listener's socket is bound; `None` forgets a removed one.
-    pub fn set_listener_bound(&self, listener: &str, bound: Option<bool>) {
+    pub(crate) fn set_listener_bound(&self, listener: &str, bound: Option<bool>) {
         if let Ok(mut m) = self.listeners_bound.lock() {
             match bound {
                 Some(b) => {
@@ -406,7 +406,7 @@ impl Metrics {
     }
 
     /// Every configured listener and whether it is bound.
-    pub fn listeners_bound(&self) -> Vec<(String, bool)> {
+    pub(crate) fn listeners_bound(&self) -> Vec<(String, bool)> {
         self.listeners_bound
             .lock()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
@@ -430,7 +430,7 @@ impl Metrics {
     }
 
     /// The label of an MQTT source that starts, remembered for [`Metrics::mqtt_sources`].
-    pub fn mqtt_source(&self, source: &str) -> SourceLabel {
+    pub(crate) fn mqtt_source(&self, source: &str) -> SourceLabel {
         if let Ok(mut s) = self.mqtt_sources.lock() {
             s.insert(source.to_string());
         }
@@ -438,7 +438,7 @@ impl Metrics {
     }
 
     /// Every MQTT source started since start, by name.
-    pub fn mqtt_sources(&self) -> Vec<String> {
+    pub(crate) fn mqtt_sources(&self) -> Vec<String> {
         self.mqtt_sources
             .lock()
             .map(|s| s.iter().cloned().collect())
@@ -472,7 +472,7 @@ impl Metrics {
     }
 
     /// Readings dropped for `reason` since start.
-    pub fn dropped_total(&self, reason: &str) -> u64 {
+    pub(crate) fn dropped_total(&self, reason: &str) -> u64 {
         self.readings_dropped
             .get(&ReasonLabel {
                 reason: reason.into(),
@@ -484,7 +484,7 @@ impl Metrics {
         PortLabel { port: port.into() }
     }
 
-    pub fn serial_error(&self, port: &str, reason: &str) -> Counter {
+    pub(crate) fn serial_error(&self, port: &str, reason: &str) -> Counter {
         self.serial_errors
             .get_or_create(&PortReasonLabel {
                 port: port.into(),
@@ -495,7 +495,7 @@ impl Metrics {
 
     /// `serial_frames_total{port, outcome}`: `stored` and `duplicate` (acked), `refused`
     /// (buffer full) and `failed` (commit failed), not acked and resent by the node, and `bad`.
-    pub fn serial_frame(&self, port: &str, outcome: &'static str) -> Counter {
+    pub(crate) fn serial_frame(&self, port: &str, outcome: &'static str) -> Counter {
         self.serial_frames
             .get_or_create(&FrameOutcomeLabel {
                 port: port.into(),
@@ -505,7 +505,7 @@ impl Metrics {
     }
 
     /// Records a serial port as up (`Ok`) or not (`Err(why)`), for `/readyz` and the gauge.
-    pub fn set_serial_state(&self, port: &str, state: Result<(), String>) {
+    pub(crate) fn set_serial_state(&self, port: &str, state: Result<(), String>) {
         self.serial_port_up
             .get_or_create(&self.port(port))
             .set(i64::from(state.is_ok()));
@@ -515,7 +515,7 @@ impl Metrics {
     }
 
     /// A serial port that no longer runs (stopped, or removed by a reload).
-    pub fn forget_serial_port(&self, port: &str) {
+    pub(crate) fn forget_serial_port(&self, port: &str) {
         self.serial_port_up.remove(&self.port(port));
         if let Ok(mut states) = self.serial_states.lock() {
             states.remove(port);
@@ -523,52 +523,52 @@ impl Metrics {
     }
 
     /// Every running serial port's state, by name.
-    pub fn serial_states(&self) -> Vec<(String, Result<(), String>)> {
+    pub(crate) fn serial_states(&self) -> Vec<(String, Result<(), String>)> {
         self.serial_states.lock().map_or_else(
             |_| Vec::new(),
             |s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         )
     }
 
-    pub fn set_store_healthy(&self, ok: bool) {
+    pub(crate) fn set_store_healthy(&self, ok: bool) {
         self.store_healthy.store(ok, Ordering::Relaxed);
     }
 
-    pub fn store_healthy(&self) -> bool {
+    pub(crate) fn store_healthy(&self) -> bool {
         self.store_healthy.load(Ordering::Relaxed)
     }
 
-    pub fn set_stream_found(&self, ok: bool) {
+    pub(crate) fn set_stream_found(&self, ok: bool) {
         self.stream_found.store(ok, Ordering::Relaxed);
     }
 
-    pub fn stream_found(&self) -> bool {
+    pub(crate) fn stream_found(&self) -> bool {
         self.stream_found.load(Ordering::Relaxed)
     }
 
-    pub fn beat_forwarder(&self) {
+    pub(crate) fn beat_forwarder(&self) {
         if let Ok(mut t) = self.forwarder_beat.lock() {
             *t = Instant::now();
         }
     }
 
-    pub fn forwarder_idle_for(&self) -> Duration {
+    pub(crate) fn forwarder_idle_for(&self) -> Duration {
         self.forwarder_beat
             .lock()
             .map_or(Duration::MAX, |t| t.elapsed())
     }
 
-    pub fn nats_is_connected(&self) -> bool {
+    pub(crate) fn nats_is_connected(&self) -> bool {
         self.nats_connected.get() == 1
     }
 
-    pub fn set_nats_problem(&self, problem: Option<String>) {
+    pub(crate) fn set_nats_problem(&self, problem: Option<String>) {
         if let Ok(mut p) = self.nats_problem.lock() {
             *p = problem;
         }
     }
 
-    pub fn nats_problem(&self) -> Option<String> {
+    pub(crate) fn nats_problem(&self) -> Option<String> {
         self.nats_problem.lock().ok().and_then(|p| p.clone())
     }
 

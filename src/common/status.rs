@@ -12,30 +12,30 @@ use crate::store::counts::DropReason;
 use crate::store::Inspector;
 
 /// The path the running gateway serves the report on.
-pub const PATH: &str = "/status";
+pub(crate) const PATH: &str = "/status";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// What `/readyz` answers 200 for: store writes, NATS connected, every listener bound.
     pub ready: bool,
-    pub store_healthy: bool,
+    pub(crate) store_healthy: bool,
     pub nats_connected: bool,
     /// Why the NATS link last failed, while it is down.
-    pub nats_problem: Option<String>,
-    pub stream_found: bool,
+    pub(crate) nats_problem: Option<String>,
+    pub(crate) stream_found: bool,
     pub backlog_readings: i64,
-    pub backlog_bytes: i64,
-    pub oldest_age_seconds: i64,
-    pub readings_accepted_total: u64,
-    pub readings_forwarded_total: u64,
+    pub(crate) backlog_bytes: i64,
+    pub(crate) oldest_age_seconds: i64,
+    pub(crate) readings_accepted_total: u64,
+    pub(crate) readings_forwarded_total: u64,
     /// Buffered readings dropped by a bound since start, every reason.
-    pub readings_dropped_total: u64,
+    pub(crate) readings_dropped_total: u64,
     /// MQTT sources, then serial ports, each by name.
     pub sources: Vec<SourceStatus>,
     pub listeners: Vec<ListenerStatus>,
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     /// Set when the dead-letter table could not be read.
-    pub dead_letters_error: Option<String>,
+    pub(crate) dead_letters_error: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,21 +54,21 @@ pub struct SourceStatus {
     /// Why a serial port is down.
     pub problem: Option<String>,
     /// MQTT messages, or serial lines/frames/responses, received since start.
-    pub messages_total: u64,
+    pub(crate) messages_total: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListenerStatus {
     pub name: String,
     pub bound: bool,
-    pub clients_open: i64,
-    pub publishes_total: u64,
-    pub rejects_total: u64,
+    pub(crate) clients_open: i64,
+    pub(crate) publishes_total: u64,
+    pub(crate) rejects_total: u64,
 }
 
 impl StatusReport {
     /// Everything but the dead-letters, from what the gateway holds in memory.
-    pub fn from_metrics(m: &Metrics) -> Self {
+    pub(crate) fn from_metrics(m: &Metrics) -> Self {
         let mqtt = m.mqtt_sources().into_iter().map(|name| {
             let label = m.source(&name);
             SourceStatus {
@@ -131,7 +131,7 @@ impl StatusReport {
     }
 
     /// Adds the dead-letters by reason, read from the buffer file (blocking).
-    pub fn read_dead_letters(&mut self, store_path: &Path) {
+    pub(crate) fn read_dead_letters(&mut self, store_path: &Path) {
         let counts = Inspector::open(store_path).and_then(|i| i.dead_letters_by_reason());
         match counts {
             Ok(reasons) => self.dead_letters_by_reason = reasons.into_iter().collect(),
@@ -142,7 +142,7 @@ impl StatusReport {
     /// `/readyz`'s body: one line per part (store, NATS, stream, serial ports, listeners).
     /// A serial port that is down is reported but does not make the gateway unready: one
     /// unplugged sensor must not take the buffer and the other inputs out of service.
-    pub fn readiness_lines(&self) -> Vec<String> {
+    pub(crate) fn readiness_lines(&self) -> Vec<String> {
         let link = match (self.nats_connected, &self.nats_problem) {
             (true, _) => "connected".to_string(),
             (false, Some(problem)) => format!("disconnected ({problem})"),
@@ -177,7 +177,7 @@ impl StatusReport {
     }
 
     /// The `status` command's text. `earlier`, taken `interval` before, gives the rates.
-    pub fn write_text(
+    pub(crate) fn write_text(
         &self,
         earlier: &StatusReport,
         interval: std::time::Duration,

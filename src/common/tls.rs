@@ -58,7 +58,7 @@ pub struct ClientTls {
 
 impl ClientTls {
     /// The last handshake problem seen since `clear_problem`.
-    pub fn last_problem(&self) -> Option<String> {
+    pub(crate) fn last_problem(&self) -> Option<String> {
         self.problem
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -66,7 +66,7 @@ impl ClientTls {
     }
 
     /// Forgets the last problem, once a connection is up.
-    pub fn clear_problem(&self) {
+    pub(crate) fn clear_problem(&self) {
         *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

@@ -50,7 +50,7 @@ impl fmt::Display for ServerUrl {
 }
 
 /// `scheme://host:port` (or bare `host:port`) → `(host, port)`.
-pub fn parse_host_port(
+pub(crate) fn parse_host_port(
     url: &str,
     schemes: &[&str],
     default_port: u16,
@@ -102,7 +102,7 @@ pub fn parse_host_port(
     Ok((host, port))
 }
 
-pub fn is_loopback_host(host: &str) -> bool {
+pub(crate) fn is_loopback_host(host: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 

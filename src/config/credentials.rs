@@ -42,7 +42,7 @@ pub(super) fn check_server_name(name: Option<&str>) -> Option<String> {
 }
 
 /// Expands `${CREDENTIALS_DIRECTORY}` (set by systemd's `LoadCredential=`) in a file path.
-pub fn resolve_path(path: &Path) -> Result<PathBuf, String> {
+pub(crate) fn resolve_path(path: &Path) -> Result<PathBuf, String> {
     const VAR: &str = "${CREDENTIALS_DIRECTORY}";
     let text = path.to_string_lossy();
     if !text.contains(VAR) {
@@ -58,7 +58,7 @@ pub fn resolve_path(path: &Path) -> Result<PathBuf, String> {
 }
 
 /// Passwords that are defaults somewhere or trivially guessed; `Some(why)` if `password` is one.
-pub fn weak_password(password: &str) -> Option<&'static str> {
+pub(crate) fn weak_password(password: &str) -> Option<&'static str> {
     const KNOWN: [&str; 20] = [
         "password",
         "passw0rd",

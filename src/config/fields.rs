@@ -46,7 +46,7 @@ pub struct Sensor {
     pub mqtt: Option<JsonBinding>,
     /// Binding to a `lines` serial port (TOML key `line`).
     #[serde(rename = "line")]
-    pub line_binding: Option<serial::LineBinding>,
+    pub(crate) line_binding: Option<serial::LineBinding>,
     /// Binding to a `modbus-rtu` serial port.
     pub modbus: Option<serial::ModbusBinding>,
     /// Binding to an `sdi12` serial port.
@@ -78,7 +78,7 @@ pub struct JsonBinding {
     pub value: JsonPointer,
     pub timestamp: Option<JsonPointer>,
     #[serde(default)]
-    pub timestamp_format: TimestampFormat,
+    pub(crate) timestamp_format: TimestampFormat,
     pub utc_offset: Option<UtcOffsetValue>,
     pub rssi: Option<JsonPointer>,
     pub battery: Option<JsonPointer>,

@@ -8,7 +8,7 @@ use toml::Spanned;
 use super::Problem;
 
 /// The line of a section header such as `[nats]` in config text, or 1 when it is absent.
-pub fn section_line(text: &str, header: &str) -> usize {
+pub(crate) fn section_line(text: &str, header: &str) -> usize {
     LineIndex::new(text).find_line(header)
 }
 

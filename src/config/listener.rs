@@ -39,22 +39,22 @@ pub struct MqttListener {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     /// When set, every client must present a certificate signed by this CA.
-    pub tls_client_ca_file: Option<PathBuf>,
+    pub(crate) tls_client_ca_file: Option<PathBuf>,
     /// Connections open at once; more are refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
     /// Largest packet accepted; a larger one closes the connection.
     #[serde(default = "default_max_packet_size")]
-    pub max_packet_size: ByteSize,
+    pub(crate) max_packet_size: ByteSize,
     /// PUBLISHes per connection awaiting their commit (MQTT 5 Receive Maximum).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u16,
     /// Keep-alive bounds: MQTT 5 clients asking for less or more are told to use the bound;
     /// any client silent for 1.5 × its keep-alive (at most `keep_alive_max`) is dropped.
     #[serde(default = "default_keep_alive_min")]
-    pub keep_alive_min: DurationValue,
+    pub(crate) keep_alive_min: DurationValue,
     #[serde(default = "default_keep_alive_max")]
-    pub keep_alive_max: DurationValue,
+    pub(crate) keep_alive_max: DurationValue,
     /// How often sensors publishing here report, unless the sensor says otherwise.
     pub expected_interval: Option<DurationValue>,
     #[serde(skip)]

@@ -39,22 +39,21 @@ use toml::Spanned;
 
 use lines::LineIndex;
 
-pub use address::{is_loopback_host, parse_host_port, ServerUrl};
+pub use address::ServerUrl;
 pub use buffer::{Buffer, Synchronous, WhenFull};
-pub use credentials::{resolve_path, weak_password, TlsFiles};
+pub use credentials::TlsFiles;
+pub(crate) use credentials::{resolve_path, weak_password};
 pub use fields::{Field, JsonBinding, Sensor, TimestampFormat};
 pub use gateway::Gateway;
 pub use http::Http;
-pub use lines::section_line;
+pub(crate) use lines::section_line;
 pub use listener::{ListenerAuth, MqttListener};
 pub use mqtt::{Format, MqttSource};
 pub use nats::Nats;
 pub use quality::{Quality, TimestampPolicy};
 pub use serial::{Protocol, SerialBinding, SerialSource};
-pub use values::{
-    ByteSize, DurationValue, Ident, JsonPointer, Secret, SensorTypeName, SubjectTemplate,
-    TopicFilter, UtcOffsetValue,
-};
+pub use values::{ByteSize, Ident, JsonPointer, Secret, SubjectTemplate, TopicFilter};
+pub(crate) use values::{DurationValue, SensorTypeName, UtcOffsetValue};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -233,7 +232,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
 
 impl Config {
     /// Tenant of a field: its own, or the gateway's default.
-    pub fn tenant_of<'a>(&'a self, field: &'a Field) -> &'a Ident {
+    pub(crate) fn tenant_of<'a>(&'a self, field: &'a Field) -> &'a Ident {
         field.tenant_id.as_ref().unwrap_or(&self.gateway.tenant_id)
     }
 

@@ -27,7 +27,7 @@ pub struct MqttSource {
     pub url: ServerUrl,
     pub topics: Vec<TopicFilter>,
     pub format: Format,
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub tls_ca_file: Option<PathBuf>,
@@ -39,7 +39,7 @@ pub struct MqttSource {
     pub client_id: Option<String>,
     /// MQTT 5 Receive Maximum: QoS 1 messages the broker may have in flight to us.
     #[serde(default = "default_receive_maximum")]
-    pub receive_maximum: u16,
+    pub(crate) receive_maximum: u16,
     #[serde(default = "default_keep_alive")]
     pub keep_alive: DurationValue,
     /// Larger payloads are dead-lettered (and refused by the client above 2× this).
@@ -72,7 +72,7 @@ impl MqttSource {
     }
 
     /// The TLS settings, when the broker is reached over TLS.
-    pub fn tls_files(&self) -> Option<TlsFiles<'_>> {
+    pub(crate) fn tls_files(&self) -> Option<TlsFiles<'_>> {
         self.url.tls.then_some(TlsFiles::new(
             &self.tls_ca_file,
             &self.tls_cert_file,

@@ -58,14 +58,14 @@ fn nats_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerUrl>, D::Error
 
 impl Nats {
     /// TLS is required by a `tls://` server or any TLS file.
-    pub fn uses_tls(&self) -> bool {
+    pub(crate) fn uses_tls(&self) -> bool {
         self.servers.iter().any(|s| s.tls)
             || self.tls_ca_file.is_some()
             || self.tls_cert_file.is_some()
     }
 
     /// The TLS settings, when the servers are reached over TLS.
-    pub fn tls_files(&self) -> Option<TlsFiles<'_>> {
+    pub(crate) fn tls_files(&self) -> Option<TlsFiles<'_>> {
         self.uses_tls().then_some(TlsFiles::new(
             &self.tls_ca_file,
             &self.tls_cert_file,

@@ -15,7 +15,7 @@ pub struct Quality {
     pub expected_interval: DurationValue,
     /// A sensor silent for this many expected intervals is reported disconnected.
     #[serde(default = "default_stale_factor")]
-    pub stale_factor: f64,
+    pub(crate) stale_factor: f64,
     /// Battery percentage below which a sensor is flagged (once per crossing).
     #[serde(default = "default_low_battery")]
     pub low_battery: f64,
@@ -24,10 +24,10 @@ pub struct Quality {
     pub max_future: DurationValue,
     /// Observation times further back than this are implausible.
     #[serde(default = "default_max_past")]
-    pub max_past: DurationValue,
+    pub(crate) max_past: DurationValue,
     /// What happens to an implausible observation time.
     #[serde(default)]
-    pub timestamp_policy: TimestampPolicy,
+    pub(crate) timestamp_policy: TimestampPolicy,
     /// Per device: readings per second of the device's own observation time (readings it
     /// timestamps), and the pace of readings without a device time; see [`crate::ingest::flood`].
     #[serde(default = "default_device_rate")]

@@ -25,9 +25,9 @@ pub struct SerialSource {
     pub protocol: Protocol,
     /// Line settings; defaults per protocol, see [`SerialSource::settings`].
     pub baud: Option<Baud>,
-    pub data_bits: Option<DataBits>,
-    pub parity: Option<Parity>,
-    pub stop_bits: Option<StopBits>,
+    pub(crate) data_bits: Option<DataBits>,
+    pub(crate) parity: Option<Parity>,
+    pub(crate) stop_bits: Option<StopBits>,
     /// How long to wait for a response (modbus-rtu, sdi12) or the rest of a frame.
     #[serde(default = "default_timeout")]
     pub timeout: DurationValue,
@@ -41,7 +41,7 @@ pub struct SerialSource {
     /// `lines` with `line_format = "csv"`: the column names, in order.
     pub columns: Option<Vec<String>>,
     /// `lines`: pair separator (kv) or delimiter (csv).
-    pub separator: Option<Separator>,
+    pub(crate) separator: Option<Separator>,
     /// `lines`: longest line accepted, terminator excluded.
     pub max_line: Option<ByteSize>,
     /// `lines`: the device of lines that name none.
@@ -56,9 +56,9 @@ pub struct SerialSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LineSettings {
     pub baud: u32,
-    pub data_bits: u8,
-    pub parity: Parity,
-    pub stop_bits: u8,
+    pub(crate) data_bits: u8,
+    pub(crate) parity: Parity,
+    pub(crate) stop_bits: u8,
 }
 
 impl SerialSource {
@@ -88,7 +88,7 @@ impl SerialSource {
     }
 
     /// How often this port's sensors report when neither they nor the port say.
-    pub fn report_interval(&self) -> Option<Duration> {
+    pub(crate) fn report_interval(&self) -> Option<Duration> {
         self.expected_interval.map(|d| d.0).or_else(|| {
             matches!(self.protocol, Protocol::ModbusRtu | Protocol::Sdi12)
                 .then(|| self.poll_interval())
@@ -96,8 +96,8 @@ impl SerialSource {
     }
 }
 
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_LINE: usize = 1024;
+pub(crate) const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_MAX_LINE: usize = 1024;
 
 fn default_timeout() -> DurationValue {
     DurationValue(Duration::from_secs(1))
@@ -159,7 +159,7 @@ impl TryFrom<i64> for Baud {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "i64")]
-pub struct DataBits(pub u8);
+pub(crate) struct DataBits(pub u8);
 
 impl TryFrom<i64> for DataBits {
     type Error = String;
@@ -174,7 +174,7 @@ impl TryFrom<i64> for DataBits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "i64")]
-pub struct StopBits(pub u8);
+pub(crate) struct StopBits(pub u8);
 
 impl TryFrom<i64> for StopBits {
     type Error = String;
@@ -188,7 +188,7 @@ impl TryFrom<i64> for StopBits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Parity {
+pub(crate) enum Parity {
     None,
     Even,
     Odd,
@@ -208,7 +208,7 @@ pub enum LineFormat {
 /// A one-character separator. `" "` means any run of whitespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
-pub struct Separator(pub char);
+pub(crate) struct Separator(pub char);
 
 impl TryFrom<String> for Separator {
     type Error = String;
@@ -232,17 +232,17 @@ pub struct Rs485 {
     pub rts_on_send: bool,
     /// RTS level after sending.
     #[serde(default)]
-    pub rts_after_send: bool,
+    pub(crate) rts_after_send: bool,
     /// Receive while sending (full-duplex transceivers, or to read back one's own frames).
     #[serde(default)]
-    pub rx_during_tx: bool,
+    pub(crate) rx_during_tx: bool,
     /// Switch on the bus termination resistor where the board wires one to a GPIO.
     #[serde(default)]
-    pub terminate_bus: bool,
+    pub(crate) terminate_bus: bool,
     /// RTS set this long before the first bit is sent (at most 100ms, millisecond steps).
-    pub delay_before_send: Option<DurationValue>,
+    pub(crate) delay_before_send: Option<DurationValue>,
     /// RTS held this long after the last bit (at most 100ms, millisecond steps).
-    pub delay_after_send: Option<DurationValue>,
+    pub(crate) delay_after_send: Option<DurationValue>,
 }
 
 fn yes() -> bool {
@@ -483,7 +483,7 @@ impl SerialBinding {
 
 impl Sensor {
     /// Every serial binding the sensor has (a valid config has at most one).
-    pub fn serial_bindings(&self) -> Vec<SerialBinding> {
+    pub(crate) fn serial_bindings(&self) -> Vec<SerialBinding> {
         let mut out = Vec::new();
         out.extend(self.line_binding.clone().map(SerialBinding::Line));
         out.extend(self.modbus.clone().map(SerialBinding::Modbus));

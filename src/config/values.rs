@@ -97,7 +97,7 @@ impl Secret {
     pub fn new(s: String) -> Self {
         Self(s)
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }

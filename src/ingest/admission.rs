@@ -22,7 +22,7 @@ use crate::store::NewDeadLetter;
 /// The flood guard of one source, shared by every connection that feeds it.
 pub type SharedFloodGuard = Arc<Mutex<FloodGuard>>;
 
-pub fn flood_guard(q: &Quality) -> SharedFloodGuard {
+pub(crate) fn flood_guard(q: &Quality) -> SharedFloodGuard {
     let limits = Limits {
         device_rate: q.device_rate,
         device_burst: q.device_burst,

@@ -132,7 +132,7 @@ impl Device {
 
 /// Readings of one device the guard rejected from one message.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     pub device: String,
     pub count: usize,
     /// Why, in words an operator can act on.
@@ -141,8 +141,8 @@ pub struct Rejected {
 
 /// The guard's answer for the readings of one message.
 #[derive(Debug, Default)]
-pub struct Screened {
-    pub admitted: Vec<Reading>,
+pub(crate) struct Screened {
+    pub(crate) admitted: Vec<Reading>,
     pub rejected: Vec<Rejected>,
     /// Store the admitted readings no earlier than this (and hold the sender until then).
     pub wait_until: Option<Instant>,
@@ -168,7 +168,7 @@ impl FloodGuard {
     }
 
     /// Judges the readings one message produced.
-    pub fn screen(&mut self, readings: Vec<Reading>, now: Instant) -> Screened {
+    pub(crate) fn screen(&mut self, readings: Vec<Reading>, now: Instant) -> Screened {
         let mut out = Screened::default();
         if readings.is_empty() {
             return out;

@@ -28,8 +28,9 @@ use crate::ingest::mapping::{self, SharedMapper};
 use crate::reading::Timestamp;
 use crate::store::{Append, AppendOutcome, StoreError, StoreHandle};
 
+pub(crate) use super::admission::flood_guard;
 use super::admission::Admission;
-pub use super::admission::{flood_guard, SharedFloodGuard};
+pub use super::admission::SharedFloodGuard;
 
 /// One MQTT message as an input received it.
 #[derive(Debug, Clone)]
@@ -37,7 +38,7 @@ pub struct Message {
     pub topic: Bytes,
     pub payload: Bytes,
     /// The sender marked it as a possible resend (MQTT DUP).
-    pub dup: bool,
+    pub(crate) dup: bool,
     pub received: Timestamp,
 }
 
@@ -64,7 +65,7 @@ type Pending<T> = Pin<Box<dyn Future<Output = (T, Settled)> + Send>>;
 
 /// Messages of one input awaiting their commit, in arrival order. `T` is what the input needs
 /// to acknowledge a message (the packet, or its id).
-pub struct Intake<T> {
+pub(crate) struct Intake<T> {
     source: String,
     mapper: SharedMapper,
     store: StoreHandle,
@@ -81,7 +82,7 @@ pub struct Intake<T> {
 }
 
 impl<T: Send + 'static> Intake<T> {
-    pub fn new(
+    pub(crate) fn new(
         source: &str,
         mapper: SharedMapper,
         store: StoreHandle,
@@ -104,7 +105,7 @@ impl<T: Send + 'static> Intake<T> {
     /// Maps and screens `message` and queues its commit: at once, or after the wait its flood
     /// budget asks for. Awaiting the store's queue is the back-pressure when the writer falls
     /// behind.
-    pub async fn offer(&mut self, tag: T, message: Message) -> Result<(), StoreError> {
+    pub(crate) async fn offer(&mut self, tag: T, message: Message) -> Result<(), StoreError> {
         let (append, wait_until) = self.prepare(&message);
         // Behind a message still waiting, even one that need not wait queues after it.
         let wait_until = wait_until.or_else(|| self.waiting_ahead().then(Instant::now));
@@ -138,14 +139,14 @@ impl<T: Send + 'static> Intake<T> {
 
     /// Queues a message that needs no commit (its answer is already decided), so that answer
     /// keeps its place among the acknowledgements.
-    pub fn pass(&mut self, tag: T) {
+    pub(crate) fn pass(&mut self, tag: T) {
         self.pending
             .push_back(Box::pin(std::future::ready((tag, Settled::Passed))));
     }
 
     /// The next message in arrival order once it is settled. Refusals are retried here, so
     /// this may take a while; it is cancel-safe. `None` when nothing is pending.
-    pub async fn next(&mut self) -> Option<(T, Outcome)> {
+    pub(crate) async fn next(&mut self) -> Option<(T, Outcome)> {
         loop {
             let (tag, settled) = self.pending.next().await?;
             let (append, result) = match settled {
@@ -201,22 +202,22 @@ impl<T: Send + 'static> Intake<T> {
     }
 
     /// Messages offered and not yet handed back by [`Intake::next`].
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pending.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
     /// True while the store refuses the message at the head of the queue.
-    pub fn refusing(&self) -> bool {
+    pub(crate) fn refusing(&self) -> bool {
         self.refused_last
     }
 
     /// From now on, a refused message is handed back unstored instead of retried, so a stopping
     /// input is not held up by a full buffer. Its sender keeps it (no acknowledgement).
-    pub fn give_up(&mut self) {
+    pub(crate) fn give_up(&mut self) {
         self.give_up = true;
     }
 

@@ -255,7 +255,7 @@ impl Target {
 }
 
 /// The mapping in force; a reload swaps the inner `Arc`, sources take a snapshot per message.
-pub type SharedMapper = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Mapper>>>;
+pub(crate) type SharedMapper = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Mapper>>>;
 
 /// The mapping in force now.
 pub fn current(shared: &SharedMapper) -> std::sync::Arc<Mapper> {
@@ -1031,7 +1031,7 @@ fn serial_reading(
 
 /// A device's own observation time in any form `timestamp_format = "auto"` reads: RFC 3339,
 /// or epoch seconds or milliseconds as a number or a string.
-pub fn parse_device_time(v: &Value) -> Option<Timestamp> {
+pub(crate) fn parse_device_time(v: &Value) -> Option<Timestamp> {
     parse_timestamp(v, TimestampFormat::Auto, None)
 }
 

@@ -59,7 +59,7 @@ impl Counts {
         self.dropped[reason as usize]
     }
 
-    pub fn dropped_total(&self) -> u64 {
+    pub(crate) fn dropped_total(&self) -> u64 {
         self.dropped.iter().sum()
     }
 
@@ -118,7 +118,7 @@ pub fn init(conn: &Connection, buffered_readings: u64) -> rusqlite::Result<()> {
 }
 
 /// Where the next thinning round starts (`when_full = "thin"`); 0 at the oldest row.
-pub fn thin_after(conn: &Connection) -> rusqlite::Result<u64> {
+pub(crate) fn thin_after(conn: &Connection) -> rusqlite::Result<u64> {
     let v: Option<i64> = conn
         .query_row("SELECT value FROM meta WHERE key = 'thin_after'", [], |r| {
             r.get(0)
@@ -127,7 +127,7 @@ pub fn thin_after(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
 }
 
-pub fn set_thin_after(tx: &rusqlite::Transaction<'_>, after: u64) -> rusqlite::Result<()> {
+pub(crate) fn set_thin_after(tx: &rusqlite::Transaction<'_>, after: u64) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO meta (key, value) VALUES ('thin_after', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )?

@@ -15,10 +15,10 @@ pub const SCHEMA_VERSION: i64 = 5;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
-pub const ROW_OVERHEAD: u64 = 40;
+pub(crate) const ROW_OVERHEAD: u64 = 40;
 
 /// Dead-letter payloads are cut to this many bytes.
-pub const DEAD_LETTER_RAW_MAX: usize = 64 << 10;
+pub(crate) const DEAD_LETTER_RAW_MAX: usize = 64 << 10;
 
 const SCHEMA: &str = "
 CREATE TABLE outbox (
@@ -135,7 +135,7 @@ pub fn now_ms() -> i64 {
 /// What opening found: a healthy file, or a corrupt one that was moved aside.
 pub struct Opened {
     pub conn: Connection,
-    pub moved_aside: Option<PathBuf>,
+    pub(crate) moved_aside: Option<PathBuf>,
 }
 
 /// Opens (or creates) the buffer. A file that is not a database, fails `quick_check`, or lacks
@@ -348,7 +348,7 @@ pub fn event_id(salt: &[u8; 16], seq: u64) -> [u8; 16] {
 }
 
 /// The salt of [`event_id`], made when the schema was created or migrated to version 4.
-pub fn event_salt(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
+pub(crate) fn event_salt(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
     let mut salt = [0u8; 16];
     for (i, half) in salt.chunks_exact_mut(8).enumerate() {
         let value: i64 = conn.query_row(
@@ -364,9 +364,9 @@ pub fn event_salt(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
 /// Totals read once at open; afterwards the owner thread keeps them current.
 pub struct Totals {
     pub rows: u64,
-    pub status_rows: u64,
+    pub(crate) status_rows: u64,
     pub bytes: u64,
-    pub next_seq: u64,
+    pub(crate) next_seq: u64,
     pub dead_letters: u64,
 }
 
@@ -410,7 +410,7 @@ pub struct OutboxRow {
 
 /// Committed rows with `seq > after`, oldest first, with their event ids (`salt`: see
 /// [`event_id`]).
-pub fn fetch_after(
+pub(crate) fn fetch_after(
     conn: &Connection,
     after: u64,
     limit: usize,
@@ -435,7 +435,7 @@ pub fn fetch_after(
 }
 
 /// Oldest buffered row's store time.
-pub fn oldest_stored_ms(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+pub(crate) fn oldest_stored_ms(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached("SELECT stored_ms FROM outbox ORDER BY seq LIMIT 1")?
         .query_row([], |r| r.get(0))
         .optional()
@@ -459,10 +459,10 @@ pub struct DeadLetterRow {
 }
 
 /// Columns read into a [`DeadLetterRow`] by [`dead_letter_row`].
-pub const DEAD_LETTER_COLUMNS: &str =
+pub(crate) const DEAD_LETTER_COLUMNS: &str =
     "id, at_ms, source, reason, detail, raw, topic, device, sensor_type";
 
-pub fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
+pub(crate) fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetterRow> {
     Ok(DeadLetterRow {
         id: r.get(0)?,
         at_ms: r.get(1)?,

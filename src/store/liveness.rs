@@ -102,7 +102,7 @@ pub fn observe(
 }
 
 /// Marks sensors silent past their stale timeout as offline; returns the changes.
-pub fn expire(tx: &Transaction<'_>, now_ms: i64) -> rusqlite::Result<Vec<StatusChange>> {
+pub(crate) fn expire(tx: &Transaction<'_>, now_ms: i64) -> rusqlite::Result<Vec<StatusChange>> {
     let stale: Vec<StatusChange> = tx
         .prepare_cached(
             "UPDATE sensors SET online = 0
@@ -133,7 +133,7 @@ pub struct SensorRow {
     pub device_id: String,
     pub sensor_type: SensorType,
     pub field_id: String,
-    pub last_seen_ms: i64,
+    pub(crate) last_seen_ms: i64,
     pub online: bool,
     pub low_battery: bool,
     pub battery: Option<f64>,

@@ -102,14 +102,14 @@ pub use inspect::Inspector;
 pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
 
 /// Device observations remembered for duplicate detection.
-pub const RECENT_READINGS: i64 = 200_000;
+pub(crate) const RECENT_READINGS: i64 = 200_000;
 
 /// Frames remembered per firmware node for resend detection. A node that keeps fewer frames
 /// than this in flight (sent, not yet acked) never gets a resend stored twice.
 pub const FRAME_WINDOW: i64 = 1024;
 
 /// Rows of `recent_frames` over all nodes; beyond it the oldest go, whichever node sent them.
-pub const RECENT_FRAMES_MAX: i64 = 256 * FRAME_WINDOW;
+pub(crate) const RECENT_FRAMES_MAX: i64 = 256 * FRAME_WINDOW;
 
 /// Rows one thinning round considers at most (the oldest half of the buffer, up to this), so
 /// a round's decoding stays bounded however large `max_bytes` is.
@@ -212,8 +212,8 @@ pub struct Stats {
     pub readings: u64,
     pub status_events: u64,
     pub bytes: u64,
-    pub oldest_stored_ms: Option<i64>,
-    pub next_seq: u64,
+    pub(crate) oldest_stored_ms: Option<i64>,
+    pub(crate) next_seq: u64,
     pub dead_letters_by_reason: Vec<(String, u64)>,
     /// Lifetime totals of readings (see [`counts`]).
     pub counts: Counts,
@@ -358,7 +358,7 @@ impl StoreHandle {
 
     /// `Some(cause)` once the file was found corrupt while running: from then on nothing is
     /// stored (invariant 6), so the process should stop in order and restart.
-    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+    pub(crate) fn fatal(&self) -> watch::Receiver<Option<String>> {
         self.fatal.clone()
     }
 }
@@ -374,7 +374,7 @@ fn is_corrupt(e: &rusqlite::Error) -> bool {
 
 /// How long [`start`] waits for the buffer's lock (`lock.rs`): a `dead-letters replay` run
 /// without a gateway holds it for a moment.
-pub const LOCK_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Opens the buffer and starts its owner thread. The thread ends when every handle is dropped.
 pub fn start(
@@ -387,7 +387,7 @@ pub fn start(
 }
 
 /// As [`start`], waiting at most `lock_wait` for another process to release the buffer.
-pub fn start_locked(
+pub(crate) fn start_locked(
     path: PathBuf,
     buffer: Buffer,
     low_battery: f64,

@@ -70,11 +70,11 @@ pub struct ReasonReport {
     /// Readings stored from those messages (repeats of stored observations not counted).
     pub readings: u64,
     /// Rows whose message the current mapping still rejects; kept unchanged.
-    pub still_rejected: u64,
+    pub(crate) still_rejected: u64,
     /// One of the current rejections, to show what is still wrong.
     pub example: Option<String>,
     /// Rows not replayable, by why; kept.
-    pub skipped: BTreeMap<String, u64>,
+    pub(crate) skipped: BTreeMap<String, u64>,
 }
 
 impl ReplayReport {

@@ -13,7 +13,7 @@ use crate::reading::{
 };
 use crate::store::OutboxRow;
 
-pub const SERVICE: &str = "sahool-gateway";
+pub(crate) const SERVICE: &str = "sahool-gateway";
 pub const SCHEMA_VERSION: &str = "1";
 
 #[derive(Debug, thiserror::Error)]

@@ -110,7 +110,7 @@ struct ConnectorInner {
 /// One connection to NATS and the publish refusals its server reported.
 pub(crate) struct Link {
     pub client: async_nats::Client,
-    pub denials: Arc<PublishDenials>,
+    pub(crate) denials: Arc<PublishDenials>,
     /// Set when the link is dropped: its client may no longer reconnect, and its late events
     /// no longer speak for the gateway's NATS state.
     retired: Arc<AtomicBool>,

@@ -46,14 +46,14 @@ pub enum AuthError {
 
 /// The users of one password file.
 #[derive(Debug, Default)]
-pub struct Passwords {
+pub(crate) struct Passwords {
     /// user → PHC hash string.
     users: HashMap<String, String>,
 }
 
 impl Passwords {
     /// Reads and checks the file: every line a user with a parseable argon2 hash.
-    pub fn load(path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, AuthError> {
         let path = &crate::config::resolve_path(path)
             .map_err(|e| AuthError::Path(path.to_path_buf(), e))?;
         crate::common::secrets::warn_if_readable_by_others(path);
@@ -97,16 +97,17 @@ impl Passwords {
         Ok(Self { users })
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.users.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
 
     /// True if `password` is `user`'s. Slow (argon2): call from the blocking pool.
-    pub fn verify(&self, user: &str, password: &str) -> bool {
+    pub(crate) fn verify(&self, user: &str, password: &str) -> bool {
         let (hash, known) = match self.users.get(user) {
             Some(h) => (h.as_str(), true),
             None => (dummy_hash(), false),

@@ -62,7 +62,7 @@ pub(crate) struct Context {
     pub topics: Vec<TopicFilter>,
     pub auth: Auth,
     pub max_in_flight: u16,
-    pub max_packet_size: u32,
+    pub(crate) max_packet_size: u32,
     /// Keep-alive bounds in seconds.
     pub keep_alive: (u16, u16),
     pub mapper: SharedMapper,

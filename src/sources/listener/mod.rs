@@ -52,7 +52,9 @@ pub enum ListenerError {
 }
 
 /// The password file of a listener with `auth = "password"`, shared with reloads.
-pub fn load_passwords(config: &MqttListener) -> Result<Option<SharedPasswords>, ListenerError> {
+pub(crate) fn load_passwords(
+    config: &MqttListener,
+) -> Result<Option<SharedPasswords>, ListenerError> {
     match (&config.auth, &config.password_file) {
         (ListenerAuth::Password, Some(path)) => {
             let passwords = read_passwords(config, path)?;
@@ -63,7 +65,7 @@ pub fn load_passwords(config: &MqttListener) -> Result<Option<SharedPasswords>, 
 }
 
 /// Reads the password file again into `shared` (after a SIGHUP); the old one stays on error.
-pub fn reload_passwords(
+pub(crate) fn reload_passwords(
     config: &MqttListener,
     shared: &SharedPasswords,
 ) -> Result<(), ListenerError> {
@@ -89,7 +91,7 @@ fn read_passwords(
 }
 
 /// A listener ready to run: TLS loaded, socket bound if it could be.
-pub struct ListenerInput {
+pub(crate) struct ListenerInput {
     listen: SocketAddr,
     max_connections: usize,
     cx: Arc<Context>,
@@ -100,7 +102,7 @@ pub struct ListenerInput {
 impl ListenerInput {
     /// Loads the TLS files (an error here is the config's to fix) and tries to bind, so the
     /// socket is normally listening before the gateway reports ready.
-    pub async fn new(
+    pub(crate) async fn new(
         config: &MqttListener,
         quality: &Quality,
         passwords: Option<SharedPasswords>,
@@ -146,7 +148,7 @@ impl ListenerInput {
     }
 
     /// Accepts connections until `shutdown`, then lets them settle.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let name = self.cx.name.clone();
         let metrics = self.cx.metrics.clone();
         metrics.set_listener_bound(&name, Some(self.socket.is_some()));

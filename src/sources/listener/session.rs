@@ -29,8 +29,10 @@ pub enum Version {
     V5,
 }
 
+/// The MQTT specification's names for the three levels.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Qos {
+pub(crate) enum Qos {
     AtMostOnce,
     AtLeastOnce,
     ExactlyOnce,
@@ -40,13 +42,13 @@ pub enum Qos {
 #[derive(Clone)]
 pub struct Connect {
     pub client_id: String,
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     pub password: Option<String>,
     /// Seconds; 0 means the client sends no PINGREQs.
     pub keep_alive: u16,
-    pub clean_start: bool,
+    pub(crate) clean_start: bool,
     /// MQTT 5 enhanced authentication, which this endpoint does not offer.
-    pub auth_method: Option<String>,
+    pub(crate) auth_method: Option<String>,
 }
 
 impl fmt::Debug for Connect {
@@ -65,10 +67,10 @@ impl fmt::Debug for Connect {
 pub struct Publish {
     pub topic: Bytes,
     pub payload: Bytes,
-    pub qos: Qos,
+    pub(crate) qos: Qos,
     /// 0 for QoS 0.
     pub pkid: u16,
-    pub dup: bool,
+    pub(crate) dup: bool,
 }
 
 /// What a client sent.
@@ -92,11 +94,10 @@ pub enum Inbound {
 
 /// Why a CONNECT is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     UnsupportedVersion,
     BadClientId,
     BadCredentials,
-    NotAuthorized,
     ServerBusy,
     BadAuthMethod,
 }
@@ -135,19 +136,19 @@ impl Violation {
 
 /// What the CONNACK of an accepted connection announces (MQTT 5; 3.1.1 has no properties).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub session_present: bool,
-    pub receive_maximum: u16,
-    pub max_packet_size: u32,
+    pub(crate) receive_maximum: u16,
+    pub(crate) max_packet_size: u32,
     /// Set when the client's keep-alive was outside the bounds.
-    pub server_keep_alive: Option<u16>,
+    pub(crate) server_keep_alive: Option<u16>,
     /// Set when the client sent an empty client id.
-    pub assigned_client_id: Option<String>,
+    pub(crate) assigned_client_id: Option<String>,
 }
 
 /// A reply to the client.
 #[derive(Debug, Clone)]
-pub enum Outbound<'a> {
+pub(crate) enum Outbound<'a> {
     ConnAck(Result<&'a Grant, Refusal>),
     /// `accepted: false` only for MQTT 5: the topic is not one the listener accepts.
     PubAck {
@@ -398,12 +399,12 @@ impl Session {
     }
 
     /// True if a QoS 2 PUBLISH with this id was received and PUBREC'd, and not yet released.
-    pub fn awaiting_release(&self, pkid: u16) -> bool {
+    pub(crate) fn awaiting_release(&self, pkid: u16) -> bool {
         self.awaiting_release.contains(&pkid)
     }
 
     /// Writes a reply. `Err` only if the codec cannot encode it (the connection then ends).
-    pub fn encode(&mut self, out: Outbound<'_>, buf: &mut BytesMut) -> Result<(), String> {
+    pub(crate) fn encode(&mut self, out: Outbound<'_>, buf: &mut BytesMut) -> Result<(), String> {
         if let Outbound::PubRec {
             pkid,
             accepted: true,
@@ -458,7 +459,7 @@ fn encode_v4(out: Outbound<'_>, buf: &mut BytesMut) -> Result<usize, rumqttc::mq
                         Refusal::UnsupportedVersion => Code::RefusedProtocolVersion,
                         Refusal::BadClientId => Code::BadClientId,
                         Refusal::BadCredentials => Code::BadUserNamePassword,
-                        Refusal::NotAuthorized | Refusal::BadAuthMethod => Code::NotAuthorized,
+                        Refusal::BadAuthMethod => Code::NotAuthorized,
                         Refusal::ServerBusy => Code::ServiceUnavailable,
                     },
                     false,
@@ -512,7 +513,6 @@ fn encode_v5(out: Outbound<'_>, buf: &mut BytesMut) -> Result<usize, Error5> {
                 Refusal::UnsupportedVersion => v5::ConnectReturnCode::UnsupportedProtocolVersion,
                 Refusal::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 Refusal::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
-                Refusal::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
                 Refusal::ServerBusy => v5::ConnectReturnCode::ServerBusy,
                 Refusal::BadAuthMethod => v5::ConnectReturnCode::BadAuthenticationMethod,
             },

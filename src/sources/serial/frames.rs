@@ -55,8 +55,8 @@ use crate::store::{AppendOutcome, FrameKey};
 
 /// Bad frames kept as dead letters per second on one port, after a burst of
 /// [`BAD_FRAMES_BURST`]: a noisy line must not turn into a stream of writes.
-pub const BAD_FRAMES_PER_SECOND: f64 = 1.0;
-pub const BAD_FRAMES_BURST: f64 = 20.0;
+pub(crate) const BAD_FRAMES_PER_SECOND: f64 = 1.0;
+pub(crate) const BAD_FRAMES_BURST: f64 = 20.0;
 
 /// Where the frames of one port go: the port's mapping and the store.
 pub trait FrameSink: Send {
@@ -86,7 +86,7 @@ pub struct ReadingFrame<'a> {
     /// Battery percent, as the node reported it.
     pub battery: Option<u8>,
     /// The node's measurement time, Unix milliseconds, if it has a clock.
-    pub node_time_ms: Option<u64>,
+    pub(crate) node_time_ms: Option<u64>,
     /// The frame as received (COBS-encoded, without the delimiter), for dead letters.
     pub raw: &'a [u8],
     /// Its identity for resend detection; goes into the store's `Append::frame_key`.

@@ -45,7 +45,7 @@ pub struct LineSpec {
     /// CSV column names.
     pub columns: Vec<String>,
     /// `None`: kv pairs split at commas and whitespace, CSV at commas. `' '`: any whitespace.
-    pub separator: Option<char>,
+    pub(crate) separator: Option<char>,
     pub max_line: usize,
     /// Device of lines that name none.
     pub device_id: Option<String>,
@@ -91,7 +91,7 @@ impl LineBuffer {
     }
 
     /// Drops what is held and what comes up to the next line end.
-    pub fn skip_to_next_line(&mut self) {
+    pub(crate) fn skip_to_next_line(&mut self) {
         self.buf.clear();
         self.skipping = true;
     }
@@ -151,7 +151,7 @@ pub struct ParsedLine {
 
 impl ParsedLine {
     /// The line's values for the mapping; the port's `device_id` stands in for a missing device.
-    pub fn serial_values(self, spec: &LineSpec) -> Vec<SerialValue> {
+    pub(crate) fn serial_values(self, spec: &LineSpec) -> Vec<SerialValue> {
         let device = self.device.or_else(|| spec.device_id.clone());
         self.values
             .into_iter()

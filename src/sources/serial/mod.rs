@@ -103,7 +103,7 @@ impl PortPlan {
     /// True when a port running with `self` can go on under `new`. Polled protocols read their
     /// sensor list at start, so a change of their bindings restarts them; other ports take
     /// binding changes from the shared mapping without closing the device.
-    pub fn unchanged(&self, new: &PortPlan) -> bool {
+    pub(crate) fn unchanged(&self, new: &PortPlan) -> bool {
         let same_port = SerialSource {
             line: 0,
             ..self.port.clone()
@@ -219,7 +219,7 @@ pub fn open(port: &SerialSource) -> Result<(SerialStream, PathBuf), OpenError> {
 }
 
 /// Resolves once `stop` turns true or its sender is gone.
-pub async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
@@ -312,17 +312,13 @@ impl PortContext {
     }
 
     /// A receiver of the stop signal, to `select!` on with [`stop_requested`].
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<bool> {
         self.stop.clone()
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        *self.stop.borrow()
     }
 
     /// Maps `batch` through the mapping in force and appends it once: readings, plus
     /// dead-letters for what was rejected. `Full` (or an error) means nothing was stored.
-    pub async fn try_commit(&mut self, batch: &Batch) -> Result<AppendOutcome, StoreError> {
+    pub(crate) async fn try_commit(&mut self, batch: &Batch) -> Result<AppendOutcome, StoreError> {
         let Some(append) = self.prepare(batch).await else {
             return Err(StoreError::Closed);
         };

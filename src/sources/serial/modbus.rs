@@ -23,17 +23,17 @@ pub mod plan;
 pub mod poller;
 pub mod port;
 
-pub use decode::{decode_value, DecodeError};
+pub use decode::DecodeError;
 pub use frame::{parse_response, FrameError};
-pub use plan::{plan, Plan, PointError, ReadRequest, Slot, MAX_GAP, MAX_REGISTERS};
-pub use poller::{frame_gap, CycleReport, Poller, PortLost, RequestOutcome, Timing};
+pub use plan::{plan, Plan, PointError, ReadRequest, Slot};
+pub use poller::{CycleReport, Poller, PortLost, RequestOutcome, Timing};
 pub use port::run;
 
 /// The caller's handle for one configured point (e.g. its index in the port's sensor list).
-pub type PointId = usize;
+pub(crate) type PointId = usize;
 
 /// Highest unit id a slave may have; 0 is broadcast and gets no answers.
-pub const MAX_UNIT: u8 = 247;
+pub(crate) const MAX_UNIT: u8 = 247;
 
 /// Which register table a point lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -138,7 +138,7 @@ impl Fault {
 }
 
 /// The standard name of a Modbus exception code, for messages.
-pub fn exception_name(code: u8) -> &'static str {
+pub(crate) fn exception_name(code: u8) -> &'static str {
     match code {
         0x01 => "illegal function",
         0x02 => "illegal data address",

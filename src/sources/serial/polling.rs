@@ -81,7 +81,7 @@ pub(crate) struct StationFault {
     pub detail: String,
     /// The dead-letter reason when the station sent something wrong; `None` for silence,
     /// which is only counted and logged.
-    pub dead_letter: Option<Reason>,
+    pub(crate) dead_letter: Option<Reason>,
     /// Bytes to keep with the dead-letter (what arrived, or the values as text).
     pub raw: Vec<u8>,
 }

@@ -21,11 +21,10 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use parse::{
-    crc_chars, format_value, parse_address, parse_data, parse_measurement, parse_response,
-    Addressed, Data, Expect, Measurement, ParseError, Response,
+    crc_chars, parse_response, Addressed, Data, Expect, Measurement, ParseError, Response,
 };
 pub use port::run;
-pub use session::{Sdi12Fault, Session, MAX_LINE};
+pub use session::{Sdi12Fault, Session};
 
 /// A sensor address: `0`-`9`, `a`-`z` or `A`-`Z`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -72,7 +71,7 @@ pub enum MeasureCommand {
 pub struct CommandError(pub String);
 
 impl MeasureCommand {
-    pub fn with_crc(self) -> bool {
+    pub(crate) fn with_crc(self) -> bool {
         matches!(self, Self::MC | Self::CC)
     }
 

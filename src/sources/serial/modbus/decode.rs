@@ -18,7 +18,7 @@ pub enum DecodeError {
 }
 
 /// The value in `words` (the point's registers, lowest address first).
-pub fn decode_value(
+pub(crate) fn decode_value(
     value_type: ValueType,
     word_order: WordOrder,
     words: &[u16],

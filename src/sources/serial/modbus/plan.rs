@@ -10,9 +10,9 @@
 use super::{Point, PointId, RegisterKind, ValueType, WordOrder, MAX_UNIT};
 
 /// Unused registers a request may span between two points.
-pub const MAX_GAP: u16 = 8;
+pub(crate) const MAX_GAP: u16 = 8;
 /// Registers one read may return (Modbus limit for functions 0x03 and 0x04).
-pub const MAX_REGISTERS: u16 = 125;
+pub(crate) const MAX_REGISTERS: u16 = 125;
 
 /// One read of `count` registers from `start` on one slave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub struct ReadRequest {
     pub kind: RegisterKind,
     pub start: u16,
     pub count: u16,
-    pub slots: Vec<Slot>,
+    pub(crate) slots: Vec<Slot>,
 }
 
 /// Where a point's value sits in its request's registers.

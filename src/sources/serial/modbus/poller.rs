@@ -66,14 +66,14 @@ impl Timing {
     /// The wait for the answer to a read of `count` registers: the timeout plus the wire time
     /// of the 8-byte request and the answer (5 bytes of frame and 2 per register). At 9600
     /// baud a 125-register answer alone takes 290 ms.
-    pub fn request_timeout(&self, count: u16) -> Duration {
+    pub(crate) fn request_timeout(&self, count: u16) -> Duration {
         self.timeout + self.char_time * (13 + 2 * u32::from(count))
     }
 }
 
 /// The RTU inter-frame gap: 3.5 characters of 11 bits, fixed at 1.75 ms above 19200 baud
 /// (Modbus over serial line V1.02, §2.5.1.1).
-pub fn frame_gap(baud: u32) -> Duration {
+pub(crate) fn frame_gap(baud: u32) -> Duration {
     if baud == 0 || baud > 19_200 {
         return Duration::from_micros(1750);
     }
@@ -153,7 +153,7 @@ where
     }
 
     /// Bytes read from the port so far (answers, late answers and noise alike).
-    pub fn bytes_received(&self) -> u64 {
+    pub(crate) fn bytes_received(&self) -> u64 {
         self.line.received()
     }
 

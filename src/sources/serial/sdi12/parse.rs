@@ -129,7 +129,7 @@ pub fn parse_response(expect: Expect, line: &[u8]) -> Result<Response, ParseErro
 }
 
 /// `a`: the answer to `?!` and `a!`, and the service request.
-pub fn parse_address(line: &[u8]) -> Result<Address, ParseError> {
+pub(crate) fn parse_address(line: &[u8]) -> Result<Address, ParseError> {
     let (address, rest, line) = split_address(line)?;
     if !rest.is_empty() {
         return Err(malformed("address", line));
@@ -138,7 +138,7 @@ pub fn parse_address(line: &[u8]) -> Result<Address, ParseError> {
 }
 
 /// `atttn`, or `atttnn` when `concurrent`.
-pub fn parse_measurement(line: &[u8], concurrent: bool) -> Result<Measurement, ParseError> {
+pub(crate) fn parse_measurement(line: &[u8], concurrent: bool) -> Result<Measurement, ParseError> {
     let (address, rest, line) = split_address(line)?;
     let count_digits = if concurrent { 2 } else { 1 };
     if rest.len() != 3 + count_digits || !rest.iter().all(u8::is_ascii_digit) {
@@ -158,7 +158,7 @@ pub fn parse_measurement(line: &[u8], concurrent: bool) -> Result<Measurement, P
 }
 
 /// `a<values>`, followed by the three CRC characters when `crc`.
-pub fn parse_data(line: &[u8], crc: bool) -> Result<Data, ParseError> {
+pub(crate) fn parse_data(line: &[u8], crc: bool) -> Result<Data, ParseError> {
     let (address, rest, line) = split_address(line)?;
     let values = if crc {
         let crc_error = || ParseError::Crc(String::from_utf8_lossy(line).into_owned());
@@ -215,21 +215,21 @@ fn parse_values(mut text: &[u8]) -> Option<Vec<f64>> {
     Some(values)
 }
 
-/// `value` in SDI-12 form with `decimals` decimals (e.g. `+3.14`), or `None` if that takes
-/// more than 7 digits or the value is not finite.
-pub fn format_value(value: f64, decimals: usize) -> Option<String> {
-    if !value.is_finite() {
-        return None;
-    }
-    let text = format!("{value:+.decimals$}");
-    let digits = text.bytes().filter(u8::is_ascii_digit).count();
-    (digits <= MAX_DIGITS).then_some(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `value` in SDI-12 form with `decimals` decimals (e.g. `+3.14`), or `None` if that takes
+    /// more than 7 digits or the value is not finite.
+    fn format_value(value: f64, decimals: usize) -> Option<String> {
+        if !value.is_finite() {
+            return None;
+        }
+        let text = format!("{value:+.decimals$}");
+        let digits = text.bytes().filter(u8::is_ascii_digit).count();
+        (digits <= MAX_DIGITS).then_some(text)
+    }
 
     fn addr(c: char) -> Address {
         Address::new(c).unwrap()

@@ -41,7 +41,7 @@ impl From<Sdi12Command> for MeasureCommand {
 
 /// One sensor address on the bus and the values bound to it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Station {
+pub(crate) struct Station {
     pub address: Address,
     pub command: MeasureCommand,
     /// (1-based index, key) of each bound value.
@@ -55,7 +55,7 @@ impl Station {
 }
 
 /// The SDI-12 addresses of a port's sensors, in the order they first appear in the config.
-pub fn stations(sensors: &[PortSensor]) -> Result<Vec<Station>, super::AddressError> {
+pub(crate) fn stations(sensors: &[PortSensor]) -> Result<Vec<Station>, super::AddressError> {
     let mut stations: Vec<Station> = Vec::new();
     for sensor in sensors {
         let SerialBinding::Sdi12(b) = &sensor.binding else {

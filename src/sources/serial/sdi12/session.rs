@@ -18,7 +18,7 @@ use crate::sources::serial::quiet;
 
 /// Longest response line kept: a `D` response holds at most 75 value characters, plus the
 /// address, a CRC and an echoed command.
-pub const MAX_LINE: usize = 96;
+pub(crate) const MAX_LINE: usize = 96;
 
 /// Data commands tried before giving up on the announced count (`aD0!` … `aD9!`).
 const DATA_COMMANDS: u8 = 10;
@@ -93,7 +93,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Session<T> {
     }
 
     /// Bytes read from the port so far.
-    pub fn bytes_received(&self) -> u64 {
+    pub(crate) fn bytes_received(&self) -> u64 {
         self.received
     }
 
