@@ -185,184 +185,208 @@ impl Metrics {
             listeners_bound: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
-        let r = &mut registry;
-        r.register(
+        m.register_pipeline(&mut registry);
+        m.register_nats(&mut registry);
+        m.register_mqtt(&mut registry);
+        m.register_serial(&mut registry);
+        m.register_listener(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// Readings through the pipeline: intake, buffer, store and dead-letters.
+    fn register_pipeline(&self, registry: &mut Registry) {
+        registry.register(
             "readings_accepted",
             "Readings committed to the buffer",
-            m.readings_accepted.clone(),
+            self.readings_accepted.clone(),
         );
-        r.register(
+        registry.register(
             "readings_forwarded",
             "Readings acknowledged by JetStream and removed from the buffer",
-            m.readings_forwarded.clone(),
+            self.readings_forwarded.clone(),
         );
-        r.register(
+        registry.register(
             "readings_rejected",
             "Inputs rejected, by reason (kept in dead-letters)",
-            m.readings_rejected.clone(),
+            self.readings_rejected.clone(),
         );
-        r.register(
+        registry.register(
             "readings_dropped",
             "Buffered readings dropped, by reason",
-            m.readings_dropped.clone(),
+            self.readings_dropped.clone(),
         );
-        r.register(
+        registry.register(
             "buffer_thin_passes",
             "Thinning sweeps over the buffer begun at its bound (when_full = thin); each at most doubles the gaps in a sensor's readings",
-            m.buffer_thin_passes.clone(),
+            self.buffer_thin_passes.clone(),
         );
-        r.register(
+        registry.register(
             "buffer_readings",
             "Readings waiting in the buffer",
-            m.buffer_readings.clone(),
+            self.buffer_readings.clone(),
         );
-        r.register(
+        registry.register(
             "buffer_bytes",
             "Bytes of readings waiting in the buffer",
-            m.buffer_bytes.clone(),
+            self.buffer_bytes.clone(),
         );
-        r.register(
+        registry.register(
             "buffer_oldest_age_seconds",
             "Age of the oldest buffered reading",
-            m.buffer_oldest_age_seconds.clone(),
+            self.buffer_oldest_age_seconds.clone(),
         );
-        r.register(
+        registry.register(
             "dead_letters",
             "Rows in the dead-letter table",
-            m.dead_letters.clone(),
+            self.dead_letters.clone(),
         );
-        r.register(
-            "nats_connected",
-            "1 while connected to a NATS server",
-            m.nats_connected.clone(),
-        );
-        r.register(
-            "nats_publish_errors",
-            "Failed JetStream publishes, by reason",
-            m.nats_publish_errors.clone(),
-        );
-        r.register(
+        registry.register(
             "intake_paused",
             "1 while intake is paused (buffer full with reject_new, or disk reserve reached)",
-            m.intake_paused.clone(),
+            self.intake_paused.clone(),
         );
-        r.register(
+        registry.register(
             "store_commits",
             "SQLite transactions committed",
-            m.store_commits.clone(),
+            self.store_commits.clone(),
         );
-        r.register(
+        registry.register(
             "store_commit_seconds",
             "Time to commit one group of writes, fsync included",
-            m.store_commit_seconds.clone(),
+            self.store_commit_seconds.clone(),
         );
-        r.register(
+        registry.register(
             "store_corruption_recovered",
             "Times a corrupt buffer file was moved aside and a fresh one started",
-            m.store_corruption_recovered.clone(),
+            self.store_corruption_recovered.clone(),
         );
-        r.register(
-            "mqtt_connected",
-            "1 while connected to the MQTT broker",
-            m.mqtt_connected.clone(),
-        );
-        r.register(
-            "mqtt_messages",
-            "MQTT messages received",
-            m.mqtt_messages.clone(),
-        );
-        r.register(
-            "mqtt_duplicates",
-            "MQTT redeliveries of messages already committed",
-            m.mqtt_duplicates.clone(),
-        );
-        r.register(
+        registry.register(
             "readings_duplicates",
             "Readings already stored from the same device observation (device, type, time)",
-            m.readings_duplicates.clone(),
+            self.readings_duplicates.clone(),
         );
-        r.register(
+        registry.register(
             "dead_letters_evicted",
             "Dead-letters removed by the dead_letter_max bound, oldest first: their inputs cannot be replayed any more",
-            m.dead_letters_evicted.clone(),
+            self.dead_letters_evicted.clone(),
         );
-        r.register(
+        registry.register(
             "readings_paced",
             "Readings that waited for their device's or source's flood budget before being stored (their sender was slowed down, nothing dropped)",
-            m.readings_paced.clone(),
+            self.readings_paced.clone(),
         );
-        r.register("timestamps_replaced", "Implausible observation times replaced by the receive time (kept as metadata.original_timestamp)", m.timestamps_replaced.clone());
-        r.register(
+        registry.register("timestamps_replaced", "Implausible observation times replaced by the receive time (kept as metadata.original_timestamp)", self.timestamps_replaced.clone());
+        registry.register(
             "status_events",
             "Sensor connected / disconnected / low-battery events buffered",
-            m.status_events.clone(),
+            self.status_events.clone(),
         );
-        r.register(
+    }
+
+    /// The NATS link.
+    fn register_nats(&self, registry: &mut Registry) {
+        registry.register(
+            "nats_connected",
+            "1 while connected to a NATS server",
+            self.nats_connected.clone(),
+        );
+        registry.register(
+            "nats_publish_errors",
+            "Failed JetStream publishes, by reason",
+            self.nats_publish_errors.clone(),
+        );
+    }
+
+    /// MQTT broker sessions.
+    fn register_mqtt(&self, registry: &mut Registry) {
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the MQTT broker",
+            self.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_messages",
+            "MQTT messages received",
+            self.mqtt_messages.clone(),
+        );
+        registry.register(
+            "mqtt_duplicates",
+            "MQTT redeliveries of messages already committed",
+            self.mqtt_duplicates.clone(),
+        );
+    }
+
+    /// Serial ports and their protocol engines.
+    fn register_serial(&self, registry: &mut Registry) {
+        registry.register(
             "modbus_requests",
             "Modbus RTU requests, by port, slave and outcome (ok, timeout, crc, exception, unexpected)",
-            m.modbus_requests.clone(),
+            self.modbus_requests.clone(),
         );
-        r.register(
+        registry.register(
             "sdi12_measurements",
             "SDI-12 measurements, by port, sensor address and outcome",
-            m.sdi12_measurements.clone(),
+            self.sdi12_measurements.clone(),
         );
-        r.register(
+        registry.register(
             "serial_port_up",
             "1 while the serial port is open",
-            m.serial_port_up.clone(),
+            self.serial_port_up.clone(),
         );
-        r.register(
+        registry.register(
             "serial_reconnects",
             "Serial ports opened again after they were lost",
-            m.serial_reconnects.clone(),
+            self.serial_reconnects.clone(),
         );
-        r.register(
+        registry.register(
             "serial_bytes_received",
             "Bytes read from the serial port",
-            m.serial_bytes.clone(),
+            self.serial_bytes.clone(),
         );
-        r.register(
+        registry.register(
             "serial_messages_received",
             "Lines, frames or responses received on the serial port",
-            m.serial_messages.clone(),
+            self.serial_messages.clone(),
         );
-        r.register(
+        registry.register(
             "serial_errors",
             "Serial port faults and protocol errors, by reason",
-            m.serial_errors.clone(),
+            self.serial_errors.clone(),
         );
-        r.register(
+        registry.register(
             "serial_frames",
             "Firmware frames on frames ports, by outcome: stored and duplicate (acked), refused (buffer full) and failed (commit failed) not acked but resent by the node, bad (did not decode, never acked)",
-            m.serial_frames.clone(),
+            self.serial_frames.clone(),
         );
-        r.register(
+    }
+
+    /// The built-in MQTT listeners.
+    fn register_listener(&self, registry: &mut Registry) {
+        registry.register(
             "mqtt_listener_connections_open",
             "Connections open on each MQTT listener",
-            m.listener_connections_open.clone(),
+            self.listener_connections_open.clone(),
         );
-        r.register(
+        registry.register(
             "mqtt_listener_connections",
             "Connections accepted by each MQTT listener (CONNACK sent)",
-            m.listener_connections.clone(),
+            self.listener_connections.clone(),
         );
-        r.register(
+        registry.register(
             "mqtt_listener_publishes",
             "PUBLISH packets received by each MQTT listener",
-            m.listener_publishes.clone(),
+            self.listener_publishes.clone(),
         );
-        r.register(
+        registry.register(
             "mqtt_listener_puback_seconds",
             "From a PUBLISH arriving to its PUBACK (the commit included)",
-            m.listener_puback_seconds.clone(),
+            self.listener_puback_seconds.clone(),
         );
-        r.register(
+        registry.register(
             "mqtt_listener_rejects",
             "Connections and packets an MQTT listener refused, by reason (auth, oversize, subscribe, protocol, too_many_connections, topic, tls)",
-            m.listener_rejects.clone(),
+            self.listener_rejects.clone(),
         );
-        Self { registry, ..m }
     }
 
     pub fn listener(&self, listener: &str) -> ListenerLabel {

@@ -185,40 +185,59 @@ impl StatusReport {
         nats_servers: &str,
         out: &mut impl std::io::Write,
     ) -> std::io::Result<()> {
-        let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / interval.as_secs_f64();
+        let rate = Rate(interval.as_secs_f64());
+        self.write_pipeline(earlier, rate, gateway_id, nats_servers, out)?;
+        self.write_sources(earlier, rate, out)?;
+        self.write_listeners(earlier, rate, out)?;
+        self.write_losses(out)
+    }
+
+    /// Readiness, the NATS link, the backlog and the pipeline's rates.
+    fn write_pipeline(
+        &self,
+        earlier: &StatusReport,
+        rate: Rate,
+        gateway_id: &str,
+        nats_servers: &str,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
         let state = if self.ready { "ready" } else { "NOT READY" };
-        writeln!(
-            out,
-            "gateway {gateway_id}: {state} ({})",
-            self.readiness_lines().join(", ")
-        )?;
+        let readiness = self.readiness_lines().join(", ");
+        writeln!(out, "gateway {gateway_id}: {state} ({readiness})")?;
         let link = if self.nats_connected {
             "connected"
         } else {
             "DISCONNECTED"
         };
         writeln!(out, "NATS:          {link} ({nats_servers})")?;
+        let oldest = std::time::Duration::from_secs(self.oldest_age_seconds.max(0) as u64);
         writeln!(
             out,
             "backlog:       {} readings, {} bytes, oldest {}",
             self.backlog_readings,
             self.backlog_bytes,
-            humantime::format_duration(std::time::Duration::from_secs(
-                self.oldest_age_seconds.max(0) as u64
-            )),
+            humantime::format_duration(oldest),
         )?;
         writeln!(
             out,
             "rates:         {:.1} accepted/s, {:.1} forwarded/s",
-            rate(
+            rate.of(
                 self.readings_accepted_total,
                 earlier.readings_accepted_total
             ),
-            rate(
+            rate.of(
                 self.readings_forwarded_total,
                 earlier.readings_forwarded_total
             ),
-        )?;
+        )
+    }
+
+    fn write_sources(
+        &self,
+        earlier: &StatusReport,
+        rate: Rate,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
         writeln!(out, "sources:")?;
         for s in &self.sources {
             let then = earlier
@@ -236,10 +255,19 @@ impl StatusReport {
                 out,
                 "  {:<20} {state:<13} {:.1} msg/s ({} {what})",
                 s.name,
-                rate(s.messages_total, then),
+                rate.of(s.messages_total, then),
                 s.messages_total,
             )?;
         }
+        Ok(())
+    }
+
+    fn write_listeners(
+        &self,
+        earlier: &StatusReport,
+        rate: Rate,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
         if !self.listeners.is_empty() {
             writeln!(out, "listeners:")?;
         }
@@ -254,11 +282,16 @@ impl StatusReport {
                 "  {:<20} {:<13} {:.1} msg/s ({} publishes, {} refused)",
                 l.name,
                 format!("{} clients", l.clients_open),
-                rate(l.publishes_total, then),
+                rate.of(l.publishes_total, then),
                 l.publishes_total,
                 l.rejects_total,
             )?;
         }
+        Ok(())
+    }
+
+    /// Readings dropped by a bound and inputs kept as dead-letters.
+    fn write_losses(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         if self.readings_dropped_total > 0 {
             writeln!(
                 out,
@@ -273,10 +306,20 @@ impl StatusReport {
                 for (reason, n) in &self.dead_letters_by_reason {
                     writeln!(out, "  {reason:<20} {n}")?;
                 }
+                Ok(())
             }
-            Some(e) => writeln!(out, "dead-letters:  (cannot read the buffer: {e})")?,
+            Some(e) => writeln!(out, "dead-letters:  (cannot read the buffer: {e})"),
         }
-        Ok(())
+    }
+}
+
+/// Per-second rates between two reports taken this many seconds apart.
+#[derive(Clone, Copy)]
+struct Rate(f64);
+
+impl Rate {
+    fn of(self, now: u64, then: u64) -> f64 {
+        now.saturating_sub(then) as f64 / self.0
     }
 }
 

@@ -128,12 +128,7 @@ impl MqttInput {
                             break;
                         }
                     }
-                    Some(Incoming::Connected) => {
-                        let filters: Vec<Filter> = self.source.topics.iter().map(|t| Filter::new(t.as_str(), QoS::AtLeastOnce)).collect();
-                        if let Err(e) = client.try_subscribe_many(filters) {
-                            tracing::error!(source = %name, error = %e, "cannot subscribe");
-                        }
-                    }
+                    Some(Incoming::Connected) => self.subscribe(&client),
                     None => break,
                 },
                 Some((p, outcome)) = intake.next(), if !intake.is_empty() => {
@@ -157,25 +152,46 @@ impl MqttInput {
                 }
             }
         }
-        // The poller writes the last acks, then the DISCONNECT, and ends.
-        let _ = client.try_disconnect();
-        let finish = async {
-            tokio::pin!(poller);
-            loop {
-                tokio::select! {
-                    _ = &mut poller => break,
-                    // Unacknowledged messages still arriving are left to the broker.
-                    _ = events.recv() => {}
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(2), finish)
-            .await
-            .is_err()
-        {
-            tracing::warn!(source = %name, "MQTT client did not disconnect in time");
-        }
+        disconnect(&client, poller, events, &name).await;
         connected.set(0);
+    }
+
+    fn subscribe(&self, client: &AsyncClient) {
+        let filters: Vec<Filter> = self
+            .source
+            .topics
+            .iter()
+            .map(|t| Filter::new(t.as_str(), QoS::AtLeastOnce))
+            .collect();
+        if let Err(e) = client.try_subscribe_many(filters) {
+            tracing::error!(source = %self.source.name, error = %e, "cannot subscribe");
+        }
+    }
+}
+
+/// The poller writes the last acks, then the DISCONNECT, and ends; given two seconds.
+async fn disconnect(
+    client: &AsyncClient,
+    poller: tokio::task::JoinHandle<()>,
+    mut events: mpsc::Receiver<Incoming>,
+    name: &str,
+) {
+    let _ = client.try_disconnect();
+    let finish = async {
+        tokio::pin!(poller);
+        loop {
+            tokio::select! {
+                _ = &mut poller => break,
+                // Unacknowledged messages still arriving are left to the broker.
+                _ = events.recv() => {}
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), finish)
+        .await
+        .is_err()
+    {
+        tracing::warn!(source = %name, "MQTT client did not disconnect in time");
     }
 }
 

@@ -245,6 +245,13 @@ enum Ending {
     Closed(Violation),
 }
 
+fn closed(close: Close, detail: &str) -> Ending {
+    Ending::Closed(Violation {
+        close,
+        detail: detail.into(),
+    })
+}
+
 impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
     /// CONNECT in, CONNACK out. Returns the client's CONNECT (client id assigned if empty) and
     /// the keep-alive in force, or `None` if the client was refused or left.
@@ -382,19 +389,10 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                     deadline = Instant::now() + idle_limit;
                 }
             }
-            // Everything already read is handled before reading more.
-            while ending.is_none() && parked.is_none() && self.out.len() < OUT_HIGH_WATER {
-                match self.session.decode(&mut self.buf) {
-                    Ok(Some(packet)) => {
-                        deadline = Instant::now() + idle_limit;
-                        ending = self.handle(packet, &mut intake, &mut parked).await;
-                    }
-                    Ok(None) => break,
-                    Err(v) => {
-                        self.cx.reject(reject_reason(&v), self.peer, &v.detail);
-                        ending = Some(Ending::Closed(v));
-                    }
-                }
+            if ending.is_none() {
+                ending = self
+                    .handle_buffered(&mut intake, &mut parked, &mut deadline, idle_limit)
+                    .await;
             }
             if let Some(end) = &ending {
                 // Settle what was taken, then go: what the store refuses now stays with the
@@ -414,10 +412,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 biased;
                 _ = shutdown.changed(), if ending.is_none() => {
                     // Already committed publishes are acknowledged; the rest the client resends.
-                    ending = Some(Ending::Closed(Violation {
-                        close: Close::ShuttingDown,
-                        detail: "the gateway is shutting down".into(),
-                    }));
+                    ending = Some(closed(Close::ShuttingDown, "the gateway is shutting down"));
                 }
                 taken = async {
                     match taken_over.as_mut() {
@@ -428,10 +423,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                     // A oneshot answers once; only a sent signal means a takeover.
                     taken_over = None;
                     if taken.is_ok() {
-                        ending = Some(Ending::Closed(Violation {
-                            close: Close::TakenOver,
-                            detail: "another connection took over this client id".into(),
-                        }));
+                        ending = Some(closed(Close::TakenOver, "another connection took over this client id"));
                     }
                 }
                 Some((ack, outcome)) = intake.next(), if !intake.is_empty() => {
@@ -461,6 +453,33 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             _ => None,
         };
         self.finish(last.as_ref()).await;
+    }
+
+    /// Handles everything already read before more is read, until a packet parks, the output
+    /// backs up, or the connection is to end (`Some`).
+    async fn handle_buffered(
+        &mut self,
+        intake: &mut Intake<Ack>,
+        parked: &mut Option<(Publish, Instant)>,
+        deadline: &mut Instant,
+        idle_limit: Duration,
+    ) -> Option<Ending> {
+        while parked.is_none() && self.out.len() < OUT_HIGH_WATER {
+            match self.session.decode(&mut self.buf) {
+                Ok(Some(packet)) => {
+                    *deadline = Instant::now() + idle_limit;
+                    if let Some(end) = self.handle(packet, intake, parked).await {
+                        return Some(end);
+                    }
+                }
+                Ok(None) => break,
+                Err(v) => {
+                    self.cx.reject(reject_reason(&v), self.peer, &v.detail);
+                    return Some(Ending::Closed(v));
+                }
+            }
+        }
+        None
     }
 
     /// Handles one packet; `Some` when the connection is to end.
