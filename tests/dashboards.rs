@@ -466,10 +466,6 @@ fn exported(body: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn metric(gateway: &Gateway, name: &str, labels: &str) -> f64 {
-    gateway.metric(name, labels)
-}
-
 const WITHIN: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,14 +533,14 @@ id = "field-2"
         link.write(format!("level={level}\n").as_bytes());
     }
     gateway.wait_until("13 readings forwarded, 1 rejected", WITHIN, |g| {
-        metric(g, "sahool_gateway_readings_forwarded_total", "") >= 13.0
-            && metric(g, "sahool_gateway_dead_letters", "") >= 1.0
+        g.metric("sahool_gateway_readings_forwarded_total", "") >= 13.0
+            && g.metric("sahool_gateway_dead_letters", "") >= 1.0
     });
 
     // The serial device unplugged and plugged in again: a `lost` error, the port down then up.
     link.unplug();
     gateway.wait_until("the port noticed lost", WITHIN, |g| {
-        metric(g, "sahool_gateway_serial_port_up", "port=\"talker\"") == 0.0
+        g.metric("sahool_gateway_serial_port_up", "port=\"talker\"") == 0.0
     });
     // Prometheus sees the port down before it comes back.
     std::thread::sleep(Duration::from_secs(2));
@@ -565,16 +561,15 @@ id = "field-2"
         390
     );
     gateway.wait_until("readings dropped at the bound", WITHIN, |g| {
-        metric(
-            g,
+        g.metric(
             "sahool_gateway_readings_dropped_total",
             "reason=\"buffer_full\"",
         ) > 0.0
     });
     nats.resume();
     gateway.wait_until("the backlog drained", WITHIN, |g| {
-        metric(g, "sahool_gateway_nats_connected", "") == 1.0
-            && metric(g, "sahool_gateway_buffer_readings", "") == 0.0
+        g.metric("sahool_gateway_nats_connected", "") == 1.0
+            && g.metric("sahool_gateway_buffer_readings", "") == 0.0
     });
 
     // Every metric the dashboards and alerts name is exported, except the ones listed as not
