@@ -23,6 +23,8 @@
 //!   `core` decides without I/O (events in, actions out); its `driver` is the async loop that
 //!   carries the actions out through the [`forward::Publisher`] trait, where NATS errors become
 //!   [`forward::Failure`] kinds.
+//! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
+//!   and the sans-IO core that decides each write, read-back, result and off deadline.
 //! - [`event`]: the event contract: envelope, subject and headers of a buffered reading.
 //! - [`nats`]: NATS links, one connection each (servers, auth, TLS, publish permission refusals).
 //! - [`tls`]: rustls client configs (ring) for NATS and MQTT: CA, client certificate, server name.
@@ -43,6 +45,7 @@ pub mod app;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod downlink;
 pub mod event;
 pub mod flood;
 pub mod forward;
