@@ -50,5 +50,10 @@
 //! reading crosses its limit; both are safety rules the platform may want.
 
 pub mod command;
+pub mod core;
 
 pub use self::command::{Command, CommandError, Request};
+pub use self::core::{
+    Action, ActuatorSpec, Cause, CommandResult, Core, Ctx, Deadline, Limit, Readings, Reason,
+    Restored, Status, Value,
+};
