@@ -537,6 +537,15 @@ id = "f-tank"
         problems(&format!("{PLACES}\n[[fields]]\nid = \"f-1\"\n{actuators}"))
     }
 
+    /// The problems of `actuators`, as [`actuator_problems`], each of `needles` among them.
+    fn refused(actuators: &str, needles: &[&str]) -> String {
+        let all = actuator_problems(actuators);
+        for needle in needles {
+            assert!(all.contains(needle), "{needle}:\n{all}");
+        }
+        all
+    }
+
     const ISSUE_EXAMPLE: &str = r#"
   [[fields.actuators]]
   id = "valve-3"
@@ -623,7 +632,7 @@ id = "f-2"
 
     #[test]
     fn a_switch_is_a_coil_without_range() {
-        let all = actuator_problems(
+        refused(
             r#"
   [[fields.actuators]]
   id = "s1"
@@ -635,19 +644,17 @@ id = "f-2"
   kind = "switch"
   modbus = { port = "rs485-1", unit = 1, coil = 3, scale = 2.0 }
 "#,
+            &[
+                "actuator `s1`: range applies to kind = \"setpoint\" only",
+                "actuator `s1`: a switch is a coil: set coil = N",
+                "actuator `s2`: type, scale and offset apply to setpoint registers",
+            ],
         );
-        for needle in [
-            "actuator `s1`: range applies to kind = \"setpoint\" only",
-            "actuator `s1`: a switch is a coil: set coil = N",
-            "actuator `s2`: type, scale and offset apply to setpoint registers",
-        ] {
-            assert!(all.contains(needle), "{needle}:\n{all}");
-        }
     }
 
     #[test]
     fn a_setpoint_is_a_register_with_a_range_it_can_hold() {
-        let all = actuator_problems(
+        refused(
             r#"
   [[fields.actuators]]
   id = "p1"
@@ -666,22 +673,20 @@ id = "f-2"
   range = [0.0, 100.0]
   modbus = { port = "rs485-1", unit = 1, register = 2, scale = 0.001 }
 "#,
-        );
-        for needle in [
+            &[
             "actuator `p1`: kind = \"setpoint\" needs range = [lo, hi]",
             "actuator `p2`: range must be [lo, hi] with lo < hi",
             "actuator `p2`: max_on applies to kind = \"switch\" only",
             "actuator `p2`: min_off applies to kind = \"switch\" only",
             "actuator `p2`: a setpoint is a holding register",
             "actuator `p3`: range [0, 100] is raw 0 to 100000 after scale and offset, beyond what a u16 register holds (0 to 65535)",
-        ] {
-            assert!(all.contains(needle), "{needle}:\n{all}");
-        }
+            ],
+        );
     }
 
     #[test]
     fn bindings_name_a_modbus_port_or_an_mqtt_client() {
-        let all = actuator_problems(
+        refused(
             r#"
   [[fields.actuators]]
   id = "a"
@@ -712,22 +717,20 @@ id = "f-2"
   kind = "switch"
   modbus = { port = "rs485-1", unit = 1, coil = 0 }
 "#,
-        );
-        for needle in [
+            &[
             "actuator `a`: modbus port `talk` is protocol = \"lines\"; an actuator needs a protocol = \"modbus-rtu\" port",
             "actuator `b`: modbus port `nope` is not a [[serial]] name",
             "actuator `c`: mqtt source `lan` is not an [[mqtt]] name (actuators are driven through an [[mqtt]] client",
             "actuator `d`: needs a binding",
             "actuator `e`: has both a modbus and an mqtt binding",
             "actuator `g`: modbus unit 1 coil 0 on port `rs485-1` is already driven by the actuator at line 62",
-        ] {
-            assert!(all.contains(needle), "{needle}:\n{all}");
-        }
+            ],
+        );
     }
 
     #[test]
     fn mqtt_bindings_are_sahool_or_explicit() {
-        let all = actuator_problems(
+        let all = refused(
             r#"
   [[fields.actuators]]
   id = "a"
@@ -751,23 +754,21 @@ id = "f-2"
   kind = "switch"
   mqtt = { source = "farm-broker", command_topic = "relay/1/set", payload_on = "ON", payload_off = "OFF", state_topic = "relay/1", state_pointer = "/state" }
 "#,
-        );
-        for needle in [
+            &[
             "actuator `a`: mqtt: format = \"sahool\" fixes the topics and payloads; remove command_topic",
             "actuator `b`: mqtt: command_topic `relay/+/set` must be a topic name, without wildcards",
             "actuator `b`: mqtt: a switch needs payload_on and payload_off",
             "actuator `c`: mqtt: payload_on / payload_off apply to switches",
             "actuator `c`: mqtt: state_pointer needs state_topic",
             "actuator `d`: mqtt: set format = \"sahool\", or command_topic",
-        ] {
-            assert!(all.contains(needle), "{needle}:\n{all}");
-        }
+            ],
+        );
         assert!(!all.contains("actuator `ok`"), "{all}");
     }
 
     #[test]
     fn interlocks_name_other_switches_and_configured_sensors() {
-        let all = actuator_problems(
+        let all = refused(
             r#"
   [[fields.actuators]]
   id = "pump"
@@ -792,17 +793,15 @@ id = "f-2"
   requires_on = ["x"]
   mqtt = { source = "farm-broker", format = "sahool" }
 "#,
-        );
-        for needle in [
+            &[
             "actuator `pump`: requires_on names the actuator itself",
             "actuator `pump`: requires_on: `ghost` is not a declared actuator",
             "actuator `pump`: requires_on: `dose` is a setpoint",
             "actuator `pump`: block_when: sensor `tank-9/water_level` is not a configured [[fields.sensors]]",
             "actuator `dose`: block_when needs one limit: below = X or above = X",
             "actuator `x`: requires_on forms a cycle (x → y → x)",
-        ] {
-            assert!(all.contains(needle), "{needle}:\n{all}");
-        }
+            ],
+        );
         assert_eq!(all.matches("forms a cycle").count(), 1, "{all}");
         let all = actuator_problems(
             "  [[fields.actuators]]\n  id = \"z\"\n  kind = \"switch\"\n  block_when = { sensor = \"tank-5\", below = 1.0 }\n",

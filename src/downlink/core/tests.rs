@@ -136,34 +136,27 @@ impl Rig {
         }
     }
 
-    fn send(&mut self, c: Command) {
+    /// Gives the core an event with the rig's time, clock and readings; takes its actions.
+    fn event(&mut self, event: impl FnOnce(&mut Core, &Ctx<'_>) -> Vec<Action>) {
         let ctx = Ctx {
             now: self.now,
             clock_synced: self.synced,
             readings: &self.readings,
         };
-        let actions = self.core.received(c, &ctx);
+        let actions = event(&mut self.core, &ctx);
         self.take(actions);
+    }
+
+    fn send(&mut self, c: Command) {
+        self.event(|core, ctx| core.received(c, ctx));
     }
 
     fn tick(&mut self) {
-        let ctx = Ctx {
-            now: self.now,
-            clock_synced: self.synced,
-            readings: &self.readings,
-        };
-        let actions = self.core.tick(&ctx);
-        self.take(actions);
+        self.event(|core, ctx| core.tick(ctx));
     }
 
     fn reload(&mut self, specs: Vec<ActuatorSpec>) {
-        let ctx = Ctx {
-            now: self.now,
-            clock_synced: self.synced,
-            readings: &self.readings,
-        };
-        let actions = self.core.reload(specs, &ctx);
-        self.take(actions);
+        self.event(|core, ctx| core.reload(specs, ctx));
     }
 
     /// Carries out the oldest pending write or read-back; `fail`: as a bus error. False when
@@ -172,19 +165,12 @@ impl Rig {
         let Some(action) = self.pending.pop_front() else {
             return false;
         };
-        let ctx = Ctx {
-            now: self.now,
-            clock_synced: self.synced,
-            readings: &self.readings,
+        let bus = if fail {
+            Err("timeout".to_string())
+        } else {
+            Ok(())
         };
-        let bus = |fail: bool| {
-            if fail {
-                Err("timeout".to_string())
-            } else {
-                Ok(())
-            }
-        };
-        let actions = match action {
+        match action {
             Action::Write {
                 actuator_id,
                 value,
@@ -197,16 +183,15 @@ impl Rig {
                     self.writes
                         .push((self.now, actuator_id.clone(), value, cause));
                 }
-                self.core.written(&actuator_id, bus(fail), &ctx)
+                self.event(|core, ctx| core.written(&actuator_id, bus, ctx));
             }
             Action::ReadBack { actuator_id } => {
                 let held = self.device.get(&actuator_id).copied();
-                let read = bus(fail).map(|()| held.unwrap_or(Value::Switch(false)));
-                self.core.read_back(&actuator_id, read, &ctx)
+                let read = bus.map(|()| held.unwrap_or(Value::Switch(false)));
+                self.event(|core, ctx| core.read_back(&actuator_id, read, ctx));
             }
             other => unreachable!("not pending: {other:?}"),
-        };
-        self.take(actions);
+        }
         true
     }
 
