@@ -494,13 +494,13 @@ fn find_cycle<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::{ActuatorKind, SensorRef};
     use crate::config::parse;
     use crate::config::test_support::{problems, MINIMAL};
 
     /// A Modbus bus, a lines port, an MQTT client and listener, and the tank's level sensor.
-    const PLACES: &str = r#"
+    pub(crate) const PLACES: &str = r#"
 [[serial]]
 name = "rs485-1"
 path = "/dev/ttyUSB0"

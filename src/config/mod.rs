@@ -9,9 +9,9 @@
 //! `gateway.rs`, `nats.rs`, `buffer.rs`, `http.rs`, `quality.rs`, `mqtt.rs` (`[[mqtt]]`
 //! clients), `listener.rs` (`[[mqtt_listener]]`), [`serial`] (`[[serial]]` and serial bindings),
 //! `fields.rs` (`[[fields]]`, sensors, MQTT bindings), `actuators.rs` (`[[fields.actuators]]`),
-//! `commands.rs` (`[commands]`, the downlink's stream and consumer). Below them: `values.rs` (value types
-//! checked while parsing), `address.rs` (server URLs), `credentials.rs` (secret and TLS file
-//! paths, the password policy) and `lines.rs` (line numbers). This file keeps [`Config`],
+//! `commands.rs` (`[commands]`, the downlink's stream and consumer). Below them: `values.rs`
+//! (value types checked while parsing), `address.rs` (server URLs), `credentials.rs` (secret and
+//! TLS file paths, the password policy) and `lines.rs` (line numbers). This file keeps [`Config`],
 //! [`parse`] and the checks that span sections. Every public type is re-exported here, and
 //! `config` uses nothing of the crate but [`crate::reading`], so any module may depend on it.
 
@@ -354,6 +354,9 @@ fn mqtt_inputs<'a>(
 /// config, one a line.
 #[cfg(test)]
 pub(crate) mod test_support {
+    /// Ports, MQTT inputs and a sensor for actuators to name (see `actuators.rs`).
+    pub(crate) use super::actuators::tests::PLACES as ACTUATOR_PLACES;
+
     pub(crate) const MINIMAL: &str = r#"
 [gateway]
 id = "gw-1"

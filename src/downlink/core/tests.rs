@@ -693,3 +693,56 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn specs_come_from_the_config() {
+    let actuators = r#"
+[commands]
+enabled = true
+require_clock_sync = false
+[[fields]]
+id = "f-1"
+  [[fields.actuators]]
+  id = "pump-1"
+  kind = "switch"
+  max_on = "2h"
+  block_when = { sensor = "tank-5/water_level", below = 10.0 }
+  modbus = { port = "rs485-1", unit = 7, coil = 0 }
+  [[fields.actuators]]
+  id = "dosing-1"
+  kind = "setpoint"
+  range = [0.0, 100.0]
+  modbus = { port = "rs485-1", unit = 7, register = 10, scale = 0.1 }
+  [[fields.actuators]]
+  id = "relay"
+  kind = "switch"
+  mqtt = { source = "farm-broker", command_topic = "relay/set", payload_on = "1", payload_off = "0" }
+"#;
+    use crate::config::test_support::{ACTUATOR_PLACES, MINIMAL};
+    let text = format!("{MINIMAL}{ACTUATOR_PLACES}{actuators}");
+    let config = crate::config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"));
+    let specs = Core::specs(&config);
+    let pump = &specs[0];
+    assert_eq!(
+        (pump.field_id.as_str(), pump.max_on),
+        ("f-1", Some(Duration::from_secs(7200)))
+    );
+    assert_eq!(
+        pump.block_when,
+        Some(("tank-5/water_level".into(), Limit::Below(10.0)))
+    );
+    assert!((specs[1].tolerance - 0.05).abs() < 1e-12 && specs[1].readback);
+    assert_eq!(specs[1].range, Some((0.0, 100.0)));
+    assert!(!specs[2].readback, "no state_topic: nothing to read back");
+    let mut core = Core::new(specs, config.commands.require_clock_sync);
+    let ctx = Ctx {
+        now: t(0),
+        clock_synced: false,
+        readings: &HashMap::from([("tank-5/water_level".to_string(), 50.0)]),
+    };
+    let actions = core.received(cmd(1, "pump-1", on(), 0, 60), &ctx);
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Write { .. })),
+        "require_clock_sync = false: {actions:?}"
+    );
+}
