@@ -7,7 +7,7 @@
 //! read-back ([`Core::read_back`]); it calls [`Core::tick`] about once a second so retries and
 //! off deadlines happen on time, whatever else is going on.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -352,7 +352,8 @@ impl Seen {
 /// The downlink's state: every actuator's, and the command ids seen lately.
 #[derive(Debug)]
 pub struct Core {
-    actuators: HashMap<String, Actuator>,
+    /// By id; ordered, so a tick or reload acts on actuators in the same order every time.
+    actuators: BTreeMap<String, Actuator>,
     require_clock_sync: bool,
     seen: Seen,
 }
