@@ -24,6 +24,8 @@
 //!   [`common::backoff`], [`common::log_limit`], [`common::metrics`], [`common::status`] (the
 //!   typed state report), [`common::http`] (`/healthz`, `/readyz`, `/metrics`, `/status`) and
 //!   [`common::systemd`] (READY, STATUS, WATCHDOG).
+//! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
+//!   and the sans-IO core that decides each write, read-back, result and off deadline.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
 //!   `dead-letters list` and `replay`.
@@ -35,6 +37,7 @@ pub mod app;
 pub mod cli;
 pub mod common;
 pub mod config;
+pub mod downlink;
 pub mod ingest;
 pub mod reading;
 pub(crate) mod replay;

@@ -115,9 +115,10 @@ fn buffer_stats_before_first_run_says_what_is_wrong() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has the gateway run"));
 }
 
-/// The example config's commented serial ports and serial sensors (each a run of comment lines
-/// from `# [[serial]]` or `# [[fields.sensors]]` on, with `# # ` for their own comments)
-/// validate once uncommented, so an operator can start from them.
+/// The example config's commented serial ports, serial sensors, `[commands]` and actuators
+/// (each a run of comment lines from `# [[serial]]`, `# [[fields.sensors]]`, `# [commands]` or
+/// `# [[fields.actuators]]` on, with `# # ` for their own comments) validate once uncommented,
+/// so an operator can start from them.
 #[test]
 fn the_example_serial_sections_validate_uncommented() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.example.toml");
@@ -127,7 +128,14 @@ fn the_example_serial_sections_validate_uncommented() {
     for line in text.lines() {
         let body = line.trim_start();
         let indent = &line[..line.len() - body.len()];
-        if body == "# [[serial]]" || body == "# [[fields.sensors]]" {
+        if [
+            "# [[serial]]",
+            "# [[fields.sensors]]",
+            "# [commands]",
+            "# [[fields.actuators]]",
+        ]
+        .contains(&body)
+        {
             in_example = true;
         }
         in_example &= body.starts_with('#');
@@ -165,6 +173,14 @@ fn the_example_serial_sections_validate_uncommented() {
         .filter(|s| s.serial_binding().is_some())
         .count();
     assert_eq!(bound, 7, "{uncommented}");
+    assert!(config.commands.enabled, "{uncommented}");
+    let actuators: Vec<&str> = config
+        .fields
+        .iter()
+        .flat_map(|f| &f.actuators)
+        .map(|a| a.id.as_str())
+        .collect();
+    assert_eq!(actuators, ["pump-1", "valve-3", "dosing-1"]);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("uncommented.toml");

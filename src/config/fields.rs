@@ -1,6 +1,6 @@
 //! `[[fields]]` and their `[[fields.sensors]]`: which device's reading of which type belongs to
 //! which field, calibrated how, and bound to which input (an MQTT JSON binding here, serial
-//! bindings in [`super::serial`]).
+//! bindings in [`super::serial`]). A field's `[[fields.actuators]]` are in `actuators.rs`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::lines::LineIndex;
 use super::{
-    serial, DurationValue, Format, Ident, JsonPointer, MqttInputRef, Problem, SensorTypeName,
-    TopicFilter, UtcOffsetValue,
+    actuators, serial, Actuator, DurationValue, Format, Ident, JsonPointer, MqttInputRef, Problem,
+    SensorTypeName, TopicFilter, UtcOffsetValue,
 };
 use crate::reading::SensorType;
 
@@ -23,6 +23,9 @@ pub struct Field {
     pub name: Option<String>,
     #[serde(default)]
     pub sensors: Vec<Sensor>,
+    /// What platform commands may drive in this field (DESIGN §8).
+    #[serde(default)]
+    pub actuators: Vec<Actuator>,
     #[serde(skip)]
     pub line: usize,
 }
@@ -99,8 +102,12 @@ pub(super) fn entries(
     let mut fields = Vec::new();
     for (line, item) in lines.array(value, "[[fields]]", problems) {
         let sensors = sensor_keys(lines, &item);
+        let actuator_lines = actuators::entry_lines(lines, &item);
         if let Some(mut f) = lines.section::<Field>(item, "[[fields]]", problems) {
             f.line = line;
+            for (actuator, line) in f.actuators.iter_mut().zip(actuator_lines) {
+                actuator.line = line;
+            }
             for (sensor, (line, given)) in f.sensors.iter_mut().zip(sensors) {
                 sensor.line = line;
                 problems.extend(serial::fold_calibration(sensor, given));

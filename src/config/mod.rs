@@ -8,14 +8,17 @@
 //! One file per section, each with its types, defaults and a `check` of the section on its own:
 //! `gateway.rs`, `nats.rs`, `buffer.rs`, `http.rs`, `quality.rs`, `mqtt.rs` (`[[mqtt]]`
 //! clients), `listener.rs` (`[[mqtt_listener]]`), [`serial`] (`[[serial]]` and serial bindings),
-//! `fields.rs` (`[[fields]]`, sensors, MQTT bindings). Below them: `values.rs` (value types
-//! checked while parsing), `address.rs` (server URLs), `credentials.rs` (secret and TLS file
-//! paths, the password policy) and `lines.rs` (line numbers). This file keeps [`Config`],
+//! `fields.rs` (`[[fields]]`, sensors, MQTT bindings), `actuators.rs` (`[[fields.actuators]]`),
+//! `commands.rs` (`[commands]`, the downlink's stream and consumer). Below them: `values.rs`
+//! (value types checked while parsing), `address.rs` (server URLs), `credentials.rs` (secret and
+//! TLS file paths, the password policy) and `lines.rs` (line numbers). This file keeps [`Config`],
 //! [`parse`] and the checks that span sections. Every public type is re-exported here, and
 //! `config` uses nothing of the crate but [`crate::reading`], so any module may depend on it.
 
+mod actuators;
 mod address;
 mod buffer;
+mod commands;
 mod credentials;
 mod fields;
 mod gateway;
@@ -39,8 +42,12 @@ use toml::Spanned;
 
 use lines::LineIndex;
 
+pub use actuators::{
+    Actuator, ActuatorFormat, ActuatorKind, BlockWhen, ModbusActuator, MqttActuator, SensorRef,
+};
 pub use address::ServerUrl;
 pub use buffer::{Buffer, Synchronous, WhenFull};
+pub use commands::{Commands, ConsumerTemplate};
 pub use credentials::TlsFiles;
 pub(crate) use credentials::{resolve_path, weak_password};
 pub use fields::{Field, JsonBinding, Sensor, TimestampFormat};
@@ -66,6 +73,7 @@ pub struct Config {
     pub fields: Vec<Field>,
     pub serial: Vec<SerialSource>,
     pub mqtt_listener: Vec<MqttListener>,
+    pub commands: Commands,
 }
 
 /// The sections as they are read, for the checks that span them: a section that failed to
@@ -83,6 +91,7 @@ struct Parts {
     fields: Vec<Field>,
     serial: Vec<SerialSource>,
     mqtt_listener: Vec<MqttListener>,
+    commands: Commands,
 }
 
 impl Parts {
@@ -113,6 +122,11 @@ impl Parts {
                     self.quality = q;
                 }
             }
+            "commands" => {
+                if let Some(c) = lines.section(value, "[commands]", problems) {
+                    self.commands = c;
+                }
+            }
             "mqtt" => self.mqtt.extend(lines.entries(value, "[[mqtt]]", problems, |m: &mut MqttSource, line| {
                 m.line = line
             })),
@@ -126,7 +140,7 @@ impl Parts {
             other => problems.push(Problem {
                 line: lines.line(key.span().start),
                 message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial or fields"
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial, fields or commands"
                 ),
             }),
         }
@@ -227,6 +241,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         fields: parts.fields,
         serial: parts.serial,
         mqtt_listener: parts.mqtt_listener,
+        commands: parts.commands,
     })
 }
 
@@ -300,6 +315,10 @@ impl Config {
 
         let inputs: Vec<MqttInputRef> = mqtt_inputs(&parts.mqtt, &parts.mqtt_listener).collect();
         fields::check(&parts.fields, &inputs, &mut push);
+        let declared = parts.fields.iter().map(|f| f.actuators.len()).sum();
+        let commands_line = lines.find_line("[commands]");
+        parts.commands.check(commands_line, declared, &mut push);
+        actuators::check(parts, &mut push);
         p.extend(serial::check(parts));
         p
     }
@@ -334,6 +353,9 @@ fn mqtt_inputs<'a>(
 /// config, one a line.
 #[cfg(test)]
 pub(crate) mod test_support {
+    /// Ports, MQTT inputs and a sensor for actuators to name (see `actuators.rs`).
+    pub(crate) use super::actuators::tests::PLACES as ACTUATOR_PLACES;
+
     pub(crate) const MINIMAL: &str = r#"
 [gateway]
 id = "gw-1"
