@@ -43,6 +43,15 @@ impl Commands {
         self.consumer.0.replace(GATEWAY_ID, gateway.id.as_str())
     }
 
+    /// The subject the platform publishes this gateway's commands to; the consumer filters it.
+    pub fn filter_subject(&self, gateway: &Gateway) -> String {
+        format!(
+            "sahool.commands.iot.actuator.{}.{}",
+            gateway.tenant_id.as_str(),
+            gateway.id.as_str()
+        )
+    }
+
     /// Problems of the section against the rest of the config. `actuators`: how many
     /// `[[fields.actuators]]` are declared.
     pub(super) fn check(

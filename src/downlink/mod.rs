@@ -50,6 +50,7 @@
 //! reading crosses its limit; both are safety rules the platform may want.
 
 pub mod command;
+pub(crate) mod consumer;
 pub mod core;
 
 pub use self::command::{Command, CommandError, Request};
