@@ -26,8 +26,8 @@
 //!   messages committed, so a redelivery of a message already stored (an MQTT ack lost to a
 //!   crash) is acknowledged again but not stored twice. Append-only; looked up in memory.
 //! - `recent_readings(id PK, key UNIQUE)`: (device timestamp, hash of device and type) of the
-//!   last [`dedupe::RECENT_READINGS`] readings stored, so the same observation delivered twice is stored
-//!   once. The key starts with the time, so new keys land at one end of the index.
+//!   last [`dedupe::RECENT_READINGS`] readings stored, so the same observation delivered twice is
+//!   stored once. The key starts with the time, so new keys land at one end of the index.
 //! - `recent_frames(id PK, node, key UNIQUE)`: frames of firmware nodes committed, the last
 //!   [`FRAME_WINDOW`] per node (`node` = the node's [`FrameKey::node`]), so a resend after a lost
 //!   ack is acknowledged again but not stored twice, however long the node waited and whatever
@@ -36,16 +36,20 @@
 //!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
 //!   in the same transaction as the readings and status events it follows from.
 //!
-//! Readers besides the writer (the CLI, `/status`) go through [`Inspector`]: the file opened
-//! read-only, typed queries only, so nothing outside this module touches SQLite.
+//! Every statement is in [`db`] (one file per table), called through typed functions; the
+//! rest of the store holds no SQL text. Readers besides the writer (the CLI, `/status`) go
+//! through [`Inspector`] (`inspect.rs`): the file opened read-only, typed queries only, so
+//! nothing outside this module touches SQLite.
 //!
 //! # Invariants
 //! 1. One thread owns the connection; every write goes through its queue. Writes queued while a
 //!    commit is running are committed together in the next transaction (group commit: one fsync
-//!    for all of them). A caller learns its outcome only after that commit returned.
+//!    for all of them). A caller learns its outcome only after that commit returned
+//!    (`writer.rs`; what the transaction writes: `transaction.rs`).
 //! 2. `seq` is strictly increasing and never reused: `next_seq` is written in the same
 //!    transaction as the rows it numbers, so it survives restarts and deleting every row; and
-//!    `seq.floor` covers it before the commit, so it survives losing the file too.
+//!    `seq.floor` covers it before the commit, so it survives losing the file too
+//!    (`Writer::reserve_seqs` in `writer.rs`, `seq_floor.rs`).
 //! 3. `event_id` is fixed when the row is committed (by its seq and the buffer's salt, or
 //!    stored) and never changes.
 //! 4. A row leaves `outbox` only by: a PubAck for its seq ([`StoreHandle::acked`], which takes
@@ -59,22 +63,26 @@
 //!    it, and `max_bytes` may be exceeded by the claimed rows until their PubAcks arrive.
 //!    Each way out adds to its lifetime total in `meta` in the same transaction, so
 //!    `accepted = forwarded + dropped + refused + buffered` (readings) holds at every commit.
+//!    Bounds and the claim: `bounds.rs`; the totals: [`counts`], recorded by `transaction.rs`.
 //! 5. With `reject_new`, or while free disk is below `min_free_disk`, appends that carry
 //!    readings are refused whole ([`AppendOutcome::Full`]): nothing of them is stored, so the
-//!    source keeps the input (MQTT: no ack) and offers it again later.
+//!    source keeps the input (MQTT: no ack) and offers it again later (`bounds.rs`,
+//!    `disk.rs`).
 //! 6. A corrupt file at open is moved aside and replaced ([`db::open`]); an error from SQLite
 //!    at run time fails the affected callers, who retry: nothing is acknowledged that was not
 //!    committed. A file found corrupt at run time is never written again: the writer reports
 //!    it on [`StoreHandle::fatal`] and fails every later append, fetch and replay with
 //!    [`StoreError::Corrupt`], and the gateway stops in order so its next start moves the file
-//!    aside.
+//!    aside (`corruption.rs`).
 //! 7. Deduplication keys are remembered only for readings actually stored, so a reading refused
-//!    by a bound is not mistaken for a repeat when it is offered again.
+//!    by a bound is not mistaken for a repeat when it is offered again (`dedupe.rs`).
 //! 8. A dead-letter leaves `dead_letters` only by the `dead_letter_max` bound, or by a replay
 //!    ([`StoreHandle::replay`]) in the transaction that stores its message's readings; rows of a
-//!    message the current mapping still rejects, or that cannot be replayed, stay unchanged.
+//!    message the current mapping still rejects, or that cannot be replayed, stay unchanged
+//!    (`replay.rs`).
 
-// The module map. The handle above is all that callers see; behind it:
+// The module map. Callers see the handle below ([`start`], [`StoreHandle`], [`Append`],
+// [`AppendOutcome`], [`StoreError`]) and [`Inspector`]; behind them:
 pub mod counts; // lifetime totals of readings, the identity they keep
 pub mod db; // every SQL statement: open, schema, migrations, and the typed functions per table
 mod inspect; // `Inspector`: the file read-only, for the CLI and `/status`
@@ -228,6 +236,21 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
+    /// Queues a command; awaiting the send is the back-pressure when the writer falls behind.
+    async fn send(&self, command: Command) -> Result<(), StoreError> {
+        self.tx.send(command).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Queues a command that answers, and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(command(reply)).await?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
     /// Queues an append; the returned receiver resolves after the commit. Awaiting the send is
     /// the back-pressure when the writer falls behind.
     pub async fn append(
@@ -235,35 +258,25 @@ impl StoreHandle {
         append: Append,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Append(append, reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.send(Command::Append(append, reply)).await?;
         Ok(rx)
     }
 
     /// Committed rows with `seq > after`, oldest first.
     pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Fetch {
-                after,
-                limit,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.ask(|reply| Command::Fetch {
+            after,
+            limit,
+            reply,
+        })
+        .await?
     }
 
     /// Rows JetStream acknowledged, as runs of seqs: every row still buffered in a run had its
     /// own PubAck (seqs in a run without a row are gone for good). Deleted in the next
     /// transaction.
     pub async fn acked(&self, runs: Vec<RangeInclusive<u64>>) -> Result<(), StoreError> {
-        self.tx
-            .send(Command::Acked(runs))
-            .await
-            .map_err(|_| StoreError::Closed)
+        self.send(Command::Acked(runs)).await
     }
 
     /// What the forwarder may still publish of the rows it fetched: those with seq `>= from`
@@ -271,28 +284,18 @@ impl StoreHandle {
     /// (`acked`, `refused`) before this call. Bounds never delete a row it may still publish
     /// (invariant 4); a fetch claims the rows it returns.
     pub async fn holding(&self, from: Option<u64>) -> Result<(), StoreError> {
-        self.tx
-            .send(Command::Holding(from))
-            .await
-            .map_err(|_| StoreError::Closed)
+        self.send(Command::Holding(from)).await
     }
 
     /// A row the server will never accept: moved to dead-letters with the rendered event.
     pub async fn refused(&self, seq: u64, detail: String, raw: Vec<u8>) -> Result<(), StoreError> {
-        self.tx
-            .send(Command::Refused(Refusal { seq, detail, raw }))
+        self.send(Command::Refused(Refusal { seq, detail, raw }))
             .await
-            .map_err(|_| StoreError::Closed)
     }
 
     /// Resolves after everything queued before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Flush(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
+        self.ask(Command::Flush).await
     }
 
     /// `dead-letters replay`: maps the kept messages `filter` selects again with `mapper` and
@@ -303,16 +306,12 @@ impl StoreHandle {
         filter: ReplayFilter,
         mapper: Arc<dyn ReplayMapper>,
     ) -> Result<ReplayReport, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Replay {
-                filter,
-                mapper,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.ask(|reply| Command::Replay {
+            filter,
+            mapper,
+            reply,
+        })
+        .await?
     }
 
     /// Highest committed seq; changes whenever new rows commit.

@@ -555,6 +555,38 @@ mod tests {
         );
         assert_eq!(rows[0].body, vec![1, 2]);
         assert_eq!(totals(&conn).unwrap().next_seq, 8);
+        remembered_keys_kept(&conn, version);
+        dead_letters_kept(&conn, version);
+        // No index on the message keys any more: the same key may be stored twice.
+        conn.execute(
+            "INSERT INTO recent_messages (key) VALUES (?1)",
+            [&[5u8; 16][..]],
+        )
+        .unwrap();
+
+        // A row stored now gets its id from the salt, the same at every read.
+        conn.execute(
+            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (8, x'', 1000, 0, x'03')",
+            [],
+        )
+        .unwrap();
+        let new_id = fetch_after(&conn, 7, 10, &salt).unwrap()[0].event_id;
+        assert_eq!(new_id, event_id(&salt, 8));
+        drop(conn);
+
+        // Opening again finds the current version and changes nothing, the salt included.
+        let again = open(&path, Synchronous::Full, true).unwrap();
+        assert!(again.moved_aside.is_none());
+        assert_eq!(event_salt(&again.conn).unwrap(), salt);
+        let rows = fetch_after(&again.conn, 0, 10, &salt).unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+            vec![[9u8; 16], new_id]
+        );
+    }
+
+    /// The message, observation and frame keys an older version remembered.
+    fn remembered_keys_kept(conn: &Connection, version: usize) {
         let kept: Vec<u8> = conn
             .query_row("SELECT key FROM recent_messages", [], |r| r.get(0))
             .unwrap();
@@ -581,7 +613,11 @@ mod tests {
             vec![]
         };
         assert_eq!(frames, expected, "frames kept (version {version})");
-        let mut letters = dead_letters(&conn, 10).unwrap();
+    }
+
+    /// Dead-letters of an older version, with the topic taken from their detail.
+    fn dead_letters_kept(conn: &Connection, version: usize) {
+        let mut letters = dead_letters(conn, 10).unwrap();
         letters.reverse();
         assert_eq!(letters.len(), 2, "dead-letters kept (version {version})");
         assert_eq!(
@@ -600,32 +636,6 @@ mod tests {
                 &letters[1].sensor_type
             ),
             (&None, &None, &None)
-        );
-        // No index on the message keys any more: the same key may be stored twice.
-        conn.execute(
-            "INSERT INTO recent_messages (key) VALUES (?1)",
-            [&[5u8; 16][..]],
-        )
-        .unwrap();
-
-        // A row stored now gets its id from the salt, the same at every read.
-        conn.execute(
-            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (8, x'', 1000, 0, x'03')",
-            [],
-        )
-        .unwrap();
-        let new_id = fetch_after(&conn, 7, 10, &salt).unwrap()[0].event_id;
-        assert_eq!(new_id, event_id(&salt, 8));
-        drop(conn);
-
-        // Opening again finds the current version and changes nothing, the salt included.
-        let again = open(&path, Synchronous::Full, true).unwrap();
-        assert!(again.moved_aside.is_none());
-        assert_eq!(event_salt(&again.conn).unwrap(), salt);
-        let rows = fetch_after(&again.conn, 0, 10, &salt).unwrap();
-        assert_eq!(
-            rows.iter().map(|r| r.event_id).collect::<Vec<_>>(),
-            vec![[9u8; 16], new_id]
         );
     }
 
