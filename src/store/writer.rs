@@ -266,7 +266,7 @@ impl Writer {
         // Every handle is gone: delete what was acknowledged, and fold the WAL into the main
         // file so the next open is quick.
         self.run_batch(Vec::new(), true);
-        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        let _ = db::checkpoint(&self.conn);
     }
 
     /// Runs a group of commands; `closing` commits whatever is pending.
@@ -298,6 +298,7 @@ impl Writer {
                     self.acked_seqs += runs.iter().map(|r| r.end() - r.start() + 1).sum::<u64>();
                     self.acked.extend(runs);
                 }
+                // A corrupt file is not written again: nothing to delete from it.
                 Command::Acked(_) => {}
                 Command::Refused(refusal) => group.refused.push(refusal),
                 Command::Holding(from) => self.hold(from),
