@@ -43,20 +43,39 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-
-    use crate::common::metrics::Metrics;
-    use crate::config::Buffer;
-    use crate::store::start;
-    use crate::store::testkit::*;
     use std::time::Duration;
 
     use rusqlite::Connection;
 
-    use crate::store::StoreError;
+    use crate::common::metrics::Metrics;
+    use crate::config::Buffer;
+    use crate::store::testkit::*;
+    use crate::store::{start, StoreError};
+
+    /// Overwrites every page after the first (header and schema) with garbage, where the
+    /// running writer will read it.
+    fn damage_behind_the_writers_back(path: &std::path::Path) {
+        use std::io::{Seek, SeekFrom, Write};
+        // A commit and checkpoint by another connection make the writer's page cache stale, so
+        // its next transaction reads the pages from the file, as after a crash of the disk.
+        Connection::open(path)
+            .unwrap()
+            .execute_batch(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('poke', 1);
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        // Every page after the first (header and schema) overwritten with garbage.
+        let len = std::fs::metadata(path).unwrap().len();
+        assert!(len > 3 * 4096, "the file spans several pages: {len}");
+        let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.seek(SeekFrom::Start(4096)).unwrap();
+        file.write_all(&vec![0xA5; len as usize - 4096]).unwrap();
+        file.sync_all().unwrap();
+    }
 
     #[tokio::test]
     async fn a_file_found_corrupt_while_running_is_reported_and_never_written_again() {
-        use std::io::{Seek, SeekFrom, Write};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buffer.db");
         let metrics = Arc::new(Metrics::new());
@@ -67,22 +86,7 @@ mod tests {
         }
         let mut fatal = store.fatal();
         assert!(fatal.borrow().is_none());
-        // A commit and checkpoint by another connection make the writer's page cache stale, so
-        // its next transaction reads the pages from the file, as after a crash of the disk.
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('poke', 1);
-                 PRAGMA wal_checkpoint(TRUNCATE);",
-            )
-            .unwrap();
-        // Every page after the first (header and schema) overwritten with garbage.
-        let len = std::fs::metadata(&path).unwrap().len();
-        assert!(len > 3 * 4096, "the file spans several pages: {len}");
-        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        file.seek(SeekFrom::Start(4096)).unwrap();
-        file.write_all(&vec![0xA5; len as usize - 4096]).unwrap();
-        file.sync_all().unwrap();
+        damage_behind_the_writers_back(&path);
 
         let first = store
             .append(message(1000, false))

@@ -139,8 +139,7 @@ mod tests {
 
     use super::*;
     use crate::common::metrics::Metrics;
-    use crate::config::Buffer;
-    use crate::config::WhenFull;
+    use crate::config::{Buffer, WhenFull};
     use crate::reading::Timestamp;
     use crate::store::testkit::*;
     use crate::store::{start, AppendOutcome};

@@ -222,14 +222,13 @@ pub(super) fn delete_row(
 mod tests {
     use std::sync::Arc;
 
-    use crate::common::metrics::Metrics;
-    use crate::config::Buffer;
-    use crate::store::start;
-    use crate::store::testkit::*;
     use rusqlite::Connection;
 
+    use crate::common::metrics::Metrics;
+    use crate::config::Buffer;
     use crate::reading::{Reading, KIND_READING};
-    use crate::store::OutboxRow;
+    use crate::store::testkit::*;
+    use crate::store::{start, OutboxRow};
 
     #[tokio::test]
     async fn acknowledged_runs_delete_exactly_their_rows() {
