@@ -6,6 +6,8 @@
 //! Lookups go to this in-memory copy of the newest [`RECENT_MESSAGES`] keys instead, loaded at
 //! open. Only 64 bits of each 128-bit key are kept here: among 65,536 entries a false match has
 //! a chance of about 4·10⁻¹⁵ per lookup, and lookups happen only for messages flagged as resent.
+//! The table's statements are in [`super::db::recent`]; the checks that use this copy in
+//! `dedupe.rs`.
 
 use std::collections::VecDeque;
 
