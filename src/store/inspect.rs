@@ -1,7 +1,6 @@
 //! [`Inspector`]: the buffer opened read-only, for the CLI and `/status` while the gateway
 //! may be running. It never writes and takes no lock; each method is one read of the file as
-//! it is now, returning the store's typed rows (the SQL stays in [`super::db`] and
-//! [`super::liveness`]).
+//! it is now, returning the store's typed rows (the SQL stays in [`super::db`]).
 
 use std::path::{Path, PathBuf};
 
@@ -47,7 +46,7 @@ impl Inspector {
 
     /// Every sensor's liveness as the buffer records it, by field, device and type.
     pub fn sensors(&self) -> Result<Vec<SensorRow>, StoreError> {
-        super::liveness::list(&self.conn).map_err(|e| self.sqlite(e))
+        db::sensors::list(&self.conn).map_err(|e| self.sqlite(e))
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> StoreError {

@@ -2,54 +2,81 @@
 //! reports for the first time or after being stale becomes `Online`, one silent past its stale
 //! timeout `Offline` (also when it died while the gateway was down), and a battery falling below
 //! the threshold is flagged once per crossing. Each change is returned for the caller to buffer
-//! as a status event in the same transaction.
+//! as a status event in the same transaction. The statements are in [`super::db::sensors`].
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::Transaction;
 
+use super::db::sensors::{self, Seen};
 use crate::reading::{Reading, SensorStatus, SensorType, StatusChange, Timestamp};
 
 /// Records that the sensors of `readings` (in store order) reported at `now_ms`; returns the
 /// status changes, in order: every low-battery crossing counts, even within one transaction.
-pub fn observe(
+pub(crate) fn observe(
     tx: &Transaction<'_>,
     readings: &[&Reading],
     now_ms: i64,
     low_battery: f64,
 ) -> rusqlite::Result<Vec<StatusChange>> {
-    struct State<'a> {
-        online: bool,
-        low: bool,
-        last: &'a Reading,
-        count: i64,
-    }
-    let mut get = tx.prepare_cached(
-        "SELECT online, low_battery FROM sensors WHERE device_id = ?1 AND sensor_type = ?2",
-    )?;
-    let mut states: HashMap<(&str, SensorType), State<'_>> = HashMap::new();
-    let mut order = Vec::new();
+    let mut sensors = Observed::default();
     let mut changes = Vec::new();
     for r in readings {
+        let state = sensors.of(tx, r)?;
+        changes.extend(state.step(r, now_ms, low_battery));
+    }
+    for key in &sensors.order {
+        if let Some(s) = sensors.states.get(key) {
+            sensors::record(tx, &s.seen, now_ms)?;
+        }
+    }
+    Ok(changes)
+}
+
+/// Marks sensors silent past their stale timeout as offline; returns the changes.
+pub(crate) fn expire(tx: &Transaction<'_>, now_ms: i64) -> rusqlite::Result<Vec<StatusChange>> {
+    sensors::expire(tx, now_ms)
+}
+
+/// The sensors one transaction saw, in the order it first saw them.
+#[derive(Default)]
+struct Observed<'a> {
+    states: HashMap<(&'a str, SensorType), State<'a>>,
+    order: Vec<(&'a str, SensorType)>,
+}
+
+/// A sensor's liveness as the transaction goes along.
+struct State<'a> {
+    online: bool,
+    seen: Seen<'a>,
+}
+
+impl<'a> Observed<'a> {
+    /// The state of `r`'s sensor: as stored when first seen in this transaction.
+    fn of(&mut self, tx: &Transaction<'_>, r: &'a Reading) -> rusqlite::Result<&mut State<'a>> {
         let key = (r.device_id.as_str(), r.sensor_type);
-        let state = match states.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let (online, low) = get
-                    .query_row(params![r.device_id, r.sensor_type as i64], |row| {
-                        Ok((row.get(0)?, row.get(1)?))
-                    })
-                    .optional()?
-                    .unwrap_or((false, false));
-                order.push(key);
+        Ok(match self.states.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let (online, low_battery) =
+                    sensors::state(tx, &r.device_id, r.sensor_type)?.unwrap_or((false, false));
+                self.order.push(key);
                 e.insert(State {
                     online,
-                    low,
-                    last: r,
-                    count: 0,
+                    seen: Seen {
+                        last: r,
+                        low_battery,
+                        count: 0,
+                    },
                 })
             }
-        };
+        })
+    }
+}
+
+impl<'a> State<'a> {
+    /// Takes in one reading of the sensor; returns the changes it makes.
+    fn step(&mut self, r: &'a Reading, now_ms: i64, low_battery: f64) -> Vec<StatusChange> {
         let change = |status| StatusChange {
             device_id: r.device_id.clone(),
             field_id: r.field_id.clone(),
@@ -60,71 +87,22 @@ pub fn observe(
             battery: r.battery,
             rssi: r.rssi,
         };
-        if !state.online {
+        let mut changes = Vec::new();
+        if !self.online {
             changes.push(change(SensorStatus::Online));
-            state.online = true;
+            self.online = true;
         }
         if let Some(b) = r.battery {
             let low = b < low_battery;
-            if low && !state.low {
+            if low && !self.seen.low_battery {
                 changes.push(change(SensorStatus::LowBattery));
             }
-            state.low = low;
+            self.seen.low_battery = low;
         }
-        state.last = r;
-        state.count += 1;
+        self.seen.last = r;
+        self.seen.count += 1;
+        changes
     }
-    let mut put = tx.prepare_cached(
-        "INSERT INTO sensors (device_id, sensor_type, field_id, tenant_id, last_seen_ms, stale_after_ms, online, low_battery, battery, rssi, readings)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?10)
-         ON CONFLICT (device_id, sensor_type) DO UPDATE SET
-           field_id = ?3, tenant_id = ?4, last_seen_ms = ?5, stale_after_ms = ?6, online = 1,
-           low_battery = ?7, battery = coalesce(?8, battery), rssi = coalesce(?9, rssi),
-           readings = readings + ?10",
-    )?;
-    for key in order {
-        let Some(s) = states.get(&key) else { continue };
-        let r = s.last;
-        put.execute(params![
-            r.device_id,
-            r.sensor_type as i64,
-            r.field_id,
-            r.tenant_id,
-            now_ms,
-            i64::try_from(r.stale_after_ms).unwrap_or(i64::MAX),
-            s.low,
-            r.battery,
-            r.rssi,
-            s.count,
-        ])?;
-    }
-    Ok(changes)
-}
-
-/// Marks sensors silent past their stale timeout as offline; returns the changes.
-pub(crate) fn expire(tx: &Transaction<'_>, now_ms: i64) -> rusqlite::Result<Vec<StatusChange>> {
-    let stale: Vec<StatusChange> = tx
-        .prepare_cached(
-            "UPDATE sensors SET online = 0
-             WHERE online = 1 AND stale_after_ms > 0 AND last_seen_ms + stale_after_ms < ?1
-             RETURNING device_id, sensor_type, field_id, tenant_id, last_seen_ms, battery, rssi",
-        )?
-        .query_map([now_ms], |row| {
-            let sensor_type: i64 = row.get(1)?;
-            Ok(StatusChange {
-                device_id: row.get(0)?,
-                sensor_type: SensorType::from_u8(u8::try_from(sensor_type).unwrap_or(u8::MAX))
-                    .unwrap_or(SensorType::SoilMoisture),
-                field_id: row.get(2)?,
-                tenant_id: row.get(3)?,
-                status: SensorStatus::Offline,
-                last_seen: Timestamp::from_unix_millis(row.get(4)?),
-                battery: row.get(5)?,
-                rssi: row.get(6)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    Ok(stale)
 }
 
 /// One row of the `sensors` table, for the `sensors` command.
@@ -138,26 +116,4 @@ pub struct SensorRow {
     pub low_battery: bool,
     pub battery: Option<f64>,
     pub readings: u64,
-}
-
-pub fn list(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<SensorRow>> {
-    let mut stmt = conn.prepare(
-        "SELECT device_id, sensor_type, field_id, last_seen_ms, online, low_battery, battery, readings
-         FROM sensors ORDER BY field_id, device_id, sensor_type",
-    )?;
-    let rows = stmt.query_map([], |row| {
-        let t: i64 = row.get(1)?;
-        Ok(SensorRow {
-            device_id: row.get(0)?,
-            sensor_type: SensorType::from_u8(u8::try_from(t).unwrap_or(u8::MAX))
-                .unwrap_or(SensorType::SoilMoisture),
-            field_id: row.get(2)?,
-            last_seen_ms: row.get(3)?,
-            online: row.get(4)?,
-            low_battery: row.get(5)?,
-            battery: row.get(6)?,
-            readings: row.get::<_, i64>(7)? as u64,
-        })
-    })?;
-    rows.collect()
 }

@@ -6,6 +6,8 @@
 //! Lookups go to this in-memory copy of the newest [`RECENT_MESSAGES`] keys instead, loaded at
 //! open. Only 64 bits of each 128-bit key are kept here: among 65,536 entries a false match has
 //! a chance of about 4·10⁻¹⁵ per lookup, and lookups happen only for messages flagged as resent.
+//! The table's statements are in [`super::db::recent`]; the checks that use this copy in
+//! `dedupe.rs`.
 
 use std::collections::VecDeque;
 
@@ -30,19 +32,14 @@ pub(super) struct RecentMessages {
 impl RecentMessages {
     /// The newest [`RECENT_MESSAGES`] keys in the table.
     pub(super) fn load(conn: &Connection) -> rusqlite::Result<Self> {
-        let mut stmt = conn.prepare("SELECT key FROM recent_messages ORDER BY id DESC LIMIT ?1")?;
-        let newest_first = stmt
-            .query_map([RECENT_MESSAGES as i64], |r| r.get::<_, Vec<u8>>(0))?
-            .filter_map(|key| match key {
-                Ok(bytes) => <[u8; 16]>::try_from(bytes.as_slice())
-                    .ok()
-                    .map(|k| Ok(fingerprint(&k))),
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<rusqlite::Result<Vec<u64>>>()?;
-        Ok(Self {
-            fingerprints: newest_first.into_iter().rev().collect(),
-        })
+        let newest_first = super::db::recent::message_keys(conn, RECENT_MESSAGES)?;
+        let fingerprints = newest_first
+            .iter()
+            .rev()
+            .filter_map(|bytes| <[u8; 16]>::try_from(bytes.as_slice()).ok())
+            .map(|key| fingerprint(&key))
+            .collect();
+        Ok(Self { fingerprints })
     }
 
     pub(super) fn contains(&self, fingerprint: u64) -> bool {

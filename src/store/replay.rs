@@ -17,12 +17,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use rusqlite::params;
+use rusqlite::Transaction;
 use serde::{Deserialize, Serialize};
 
-use super::{db, Append, AppendOutcome, DeadLetterRow, Delta, StoreError, Writer};
+use super::delta::Delta;
+use super::transaction::record_totals;
+use super::writer::Writer;
+use super::{db, Append, AppendOutcome, DeadLetterRow, StoreError};
 use crate::ingest::mapping::Mapped;
-use crate::reading::Reading;
+use crate::reading::{Reading, SensorType};
 
 /// Which dead-letters a replay takes (all when every field is empty), oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -81,6 +84,26 @@ impl ReplayReport {
     fn reason(&mut self, label: &str) -> &mut ReasonReport {
         self.reasons.entry(label.to_string()).or_default()
     }
+
+    /// Rows of a message that cannot be replayed, counted by why.
+    fn skipped(&mut self, group: &[DeadLetterRow], why: &str) {
+        for r in group {
+            *self
+                .reason(&r.reason)
+                .skipped
+                .entry(why.to_string())
+                .or_default() += 1;
+        }
+    }
+
+    /// Rows of a message the current mapping still rejects, with one rejection to show.
+    fn still_rejected(&mut self, group: &[DeadLetterRow], example: &str) {
+        for r in group {
+            let entry = self.reason(&r.reason);
+            entry.still_rejected += 1;
+            entry.example.get_or_insert_with(|| example.to_string());
+        }
+    }
 }
 
 impl Writer {
@@ -91,10 +114,7 @@ impl Writer {
         filter: &ReplayFilter,
         mapper: &dyn ReplayMapper,
     ) -> Result<ReplayReport, StoreError> {
-        let mut delta = Delta {
-            next_seq: self.next_seq,
-            ..Delta::default()
-        };
+        let mut delta = Delta::numbering_from(self.next_seq);
         let report = self.replay_in(filter, mapper, &mut delta);
         match report {
             Ok(report) => {
@@ -113,127 +133,52 @@ impl Writer {
         }
     }
 
+    /// The replay's transaction: each selected message once, then the status events and
+    /// totals; committed unless dry.
     fn replay_in(
         &mut self,
         filter: &ReplayFilter,
         mapper: &dyn ReplayMapper,
         delta: &mut Delta,
     ) -> Result<ReplayReport, StoreError> {
-        let sqlite = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Sqlite { path, source }
+        let sqlite = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
         };
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(sqlite(&self.path))?;
+        let tx = self.conn.unchecked_transaction().map_err(sqlite)?;
         let now = db::now_ms();
         let mut report = ReplayReport {
             dry_run: filter.dry_run,
             ..ReplayReport::default()
         };
         let mut stored: Vec<Reading> = Vec::new();
-        let selected = selected_rows(&tx, filter).map_err(sqlite(&self.path))?;
+        let selected = db::dead_letter::selected(&tx, filter).map_err(sqlite)?;
         let mut done: HashSet<i64> = HashSet::new();
         for row in &selected {
             if done.contains(&row.id) {
                 continue;
             }
-            let group = message_rows(&tx, row).map_err(sqlite(&self.path))?;
+            let group = db::dead_letter::of_message(&tx, row).map_err(sqlite)?;
             done.extend(group.iter().map(|r| r.id));
-            let mapped = match mapper.map(row) {
-                Replayed::Skip(why) => {
-                    for r in &group {
-                        *report
-                            .reason(&r.reason)
-                            .skipped
-                            .entry(why.clone())
-                            .or_default() += 1;
-                    }
-                    continue;
-                }
-                Replayed::Mapped(m) => m,
+            let message = Message {
+                row,
+                group: &group,
+                now,
             };
-            // What the rows refused; `None`: one of them refused the whole message.
-            let refused: Option<Vec<(&str, Option<&str>)>> = group
-                .iter()
-                .map(|r| Some((r.device.as_deref()?, r.sensor_type.as_deref())))
-                .collect();
-            // A type missing on either side stands for every type of the device.
-            let takes = |device: &str, sensor_type: Option<&str>| {
-                refused.as_ref().is_none_or(|ids| {
-                    ids.iter().any(|(d, t)| {
-                        *d == device && (t.is_none() || sensor_type.is_none() || *t == sensor_type)
-                    })
-                })
-            };
-            // Rejections of readings stored the first time do not hold the others back.
-            let still = mapped.rejections.iter().find(|r| {
-                r.refused.as_ref().is_none_or(|i| {
-                    takes(
-                        &i.device,
-                        i.sensor_type.map(crate::reading::SensorType::as_str),
-                    )
-                })
-            });
-            if let Some(first) = still {
-                let example = format!("{}: {}", first.reason.label(), first.detail);
-                for r in &group {
-                    let entry = report.reason(&r.reason);
-                    entry.still_rejected += 1;
-                    entry.example.get_or_insert_with(|| example.clone());
-                }
-                continue;
-            }
-            let readings: Vec<Reading> = mapped
-                .readings
-                .into_iter()
-                .filter(|r| takes(&r.device_id, Some(r.sensor_type.as_str())))
-                .collect();
-            if readings.is_empty() {
-                for r in &group {
-                    *report
-                        .reason(&r.reason)
-                        .skipped
-                        .entry("the message holds no reading to store".into())
-                        .or_default() += 1;
-                }
-                continue;
-            }
-            let mut append = Append {
-                readings,
-                ..Append::default()
-            };
-            let outcome = self
-                .append_one(&tx, &mut append, now, delta)
-                .map_err(sqlite(&self.path))?;
-            let count = match outcome {
-                AppendOutcome::Stored { count, .. } => count,
-                AppendOutcome::Full => {
+            match self.replay_message(&tx, &message, mapper, &mut report, delta) {
+                Ok(Some(readings)) => stored.extend(readings),
+                Ok(None) => {}
+                Err(Stop::BufferFull) => {
                     report.buffer_full = true;
                     break;
                 }
-                // No message or frame key: never a duplicate message.
-                AppendOutcome::Duplicate => 0,
-            };
-            let mut delete = tx
-                .prepare_cached("DELETE FROM dead_letters WHERE id = ?1")
-                .map_err(sqlite(&self.path))?;
-            for r in &group {
-                delete.execute([r.id]).map_err(sqlite(&self.path))?;
+                Err(Stop::Sqlite(e)) => return Err(sqlite(e)),
             }
-            delta.dead_letters_removed += group.len() as u64;
-            let entry = report.reason(&row.reason);
-            entry.readings += count;
-            for r in &group {
-                report.reason(&r.reason).replayed += 1;
-            }
-            stored.extend(append.readings);
         }
         let stored: Vec<&Reading> = stored.iter().collect();
         self.status_and_seq(&tx, &stored, now, false, delta)
-            .map_err(sqlite(&self.path))?;
-        super::record_totals(&tx, delta).map_err(sqlite(&self.path))?;
+            .map_err(sqlite)?;
+        record_totals(&tx, delta).map_err(sqlite)?;
         if filter.dry_run {
             // Dropping the transaction rolls it back.
             return Ok(report);
@@ -242,42 +187,116 @@ impl Writer {
         self.floor
             .ensure(delta.next_seq)
             .map_err(|e| StoreError::Commit(format!("seq.floor: {e}")))?;
-        tx.commit().map_err(sqlite(&self.path))?;
+        tx.commit().map_err(sqlite)?;
         Ok(report)
+    }
+
+    /// One kept message: mapped again and, if the current mapping accepts what its rows take,
+    /// its readings stored and its rows deleted. Returns the readings stored (`None`: the
+    /// message stays as it is, counted in `report`).
+    fn replay_message(
+        &self,
+        tx: &Transaction<'_>,
+        message: &Message<'_>,
+        mapper: &dyn ReplayMapper,
+        report: &mut ReplayReport,
+        delta: &mut Delta,
+    ) -> Result<Option<Vec<Reading>>, Stop> {
+        let group = message.group;
+        let mapped = match mapper.map(message.row) {
+            Replayed::Skip(why) => {
+                report.skipped(group, &why);
+                return Ok(None);
+            }
+            Replayed::Mapped(m) => m,
+        };
+        let takes = Takes::of(group);
+        if let Some(example) = takes.still_rejected(&mapped) {
+            report.still_rejected(group, &example);
+            return Ok(None);
+        }
+        let readings: Vec<Reading> = mapped
+            .readings
+            .into_iter()
+            .filter(|r| takes.reading(&r.device_id, Some(r.sensor_type.as_str())))
+            .collect();
+        if readings.is_empty() {
+            report.skipped(group, "the message holds no reading to store");
+            return Ok(None);
+        }
+        let mut append = Append {
+            readings,
+            ..Append::default()
+        };
+        let count = match self.append_one(tx, &mut append, message.now, delta)? {
+            AppendOutcome::Stored { count, .. } => count,
+            AppendOutcome::Full => return Err(Stop::BufferFull),
+            // No message or frame key: never a duplicate message.
+            AppendOutcome::Duplicate => 0,
+        };
+        db::dead_letter::delete(tx, group)?;
+        delta.dead_letters_removed += group.len() as u64;
+        report.reason(&message.row.reason).readings += count;
+        for r in group {
+            report.reason(&r.reason).replayed += 1;
+        }
+        Ok(Some(append.readings))
     }
 }
 
-fn selected_rows(
-    tx: &rusqlite::Transaction<'_>,
-    f: &ReplayFilter,
-) -> rusqlite::Result<Vec<DeadLetterRow>> {
-    let limit = f.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-    let mut stmt = tx.prepare(&format!(
-        "SELECT {} FROM dead_letters WHERE (?1 IS NULL OR reason = ?1) AND (?2 IS NULL OR source = ?2) AND (?3 IS NULL OR at_ms >= ?3) ORDER BY id LIMIT ?4",
-        db::DEAD_LETTER_COLUMNS
-    ))?;
-    let rows = stmt.query_map(
-        params![f.reason, f.source, f.since_ms, limit],
-        db::dead_letter_row,
-    )?;
-    rows.collect()
+/// A kept message: the row that selected it and every row it left, at `now`.
+struct Message<'a> {
+    row: &'a DeadLetterRow,
+    group: &'a [DeadLetterRow],
+    now: i64,
 }
 
-/// Every dead-letter the message of `row` left, `row` among them: one commit wrote them all,
-/// at one time, with the same source, topic and raw bytes.
-fn message_rows(
-    tx: &rusqlite::Transaction<'_>,
-    row: &DeadLetterRow,
-) -> rusqlite::Result<Vec<DeadLetterRow>> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {} FROM dead_letters WHERE at_ms = ?1 AND source = ?2 AND topic IS ?3 AND raw = ?4 ORDER BY id",
-        db::DEAD_LETTER_COLUMNS
-    ))?;
-    let rows = stmt.query_map(
-        params![row.at_ms, row.source, row.topic, row.raw],
-        db::dead_letter_row,
-    )?;
-    rows.collect()
+/// Why a replay ends before its last message.
+enum Stop {
+    /// The buffer refused readings: the rows not reached are kept.
+    BufferFull,
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Stop {
+    fn from(e: rusqlite::Error) -> Self {
+        Stop::Sqlite(e)
+    }
+}
+
+/// What a message's rows refused, so what a replay of it takes: `None`, the whole message
+/// (one of the rows refused it whole); else the readings of these (device, type) pairs.
+struct Takes<'a>(Option<Vec<(&'a str, Option<&'a str>)>>);
+
+impl<'a> Takes<'a> {
+    fn of(group: &'a [DeadLetterRow]) -> Self {
+        Self(
+            group
+                .iter()
+                .map(|r| Some((r.device.as_deref()?, r.sensor_type.as_deref())))
+                .collect(),
+        )
+    }
+
+    /// A type missing on either side stands for every type of the device.
+    fn reading(&self, device: &str, sensor_type: Option<&str>) -> bool {
+        self.0.as_ref().is_none_or(|ids| {
+            ids.iter().any(|(d, t)| {
+                *d == device && (t.is_none() || sensor_type.is_none() || *t == sensor_type)
+            })
+        })
+    }
+
+    /// The first rejection of what the replay takes, as an example for the report.
+    /// Rejections of readings stored the first time do not hold the others back.
+    fn still_rejected(&self, mapped: &Mapped) -> Option<String> {
+        let first = mapped.rejections.iter().find(|r| {
+            r.refused
+                .as_ref()
+                .is_none_or(|i| self.reading(&i.device, i.sensor_type.map(SensorType::as_str)))
+        })?;
+        Some(format!("{}: {}", first.reason.label(), first.detail))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,305 @@
+//! What one transaction of the writer does: delete acknowledged runs, move refused rows to
+//! dead-letters, store each append (after the dedupe checks and the bounds), buffer the status
+//! events the readings cause, and record `next_seq` and the lifetime totals with the rows they
+//! describe (invariants 2 and 4).
+
+use std::ops::RangeInclusive;
+
+use rusqlite::Transaction;
+
+use super::bounds::Room;
+use super::counts::Counts;
+use super::db::{self, DeadLetterText};
+use super::delta::Delta;
+use super::writer::{AppendReply, Refusal, Writer};
+use super::{dedupe, liveness, Append, AppendOutcome, NewDeadLetter};
+use crate::ingest::mapping::Reason;
+use crate::reading::{Reading, KIND_STATUS};
+
+impl Writer {
+    /// One transaction for the whole group; returns each append's outcome, in order.
+    pub(super) fn write(
+        &self,
+        appends: &mut [(Append, AppendReply)],
+        acked: &[RangeInclusive<u64>],
+        refused: &[Refusal],
+        maintain: bool,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<Vec<AppendOutcome>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let now = db::now_ms();
+        for run in acked {
+            delete_run(&tx, run, delta)?;
+        }
+        for refusal in refused {
+            dead_letter_refusal(&tx, refusal, now, delta)?;
+        }
+        let mut outcomes = Vec::with_capacity(appends.len());
+        for (append, _) in appends.iter_mut() {
+            outcomes.push(self.append_one(&tx, append, now, delta)?);
+        }
+        let stored: Vec<&Reading> = appends
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, AppendOutcome::Stored { .. }))
+            .flat_map(|((append, _), _)| &append.readings)
+            .collect();
+        self.status_and_seq(&tx, &stored, now, maintain, delta)?;
+        if maintain {
+            self.expire(&tx, now, delta)?;
+        }
+        record_totals(&tx, delta)?;
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    /// The end of every transaction that stores readings: status events from the readings
+    /// stored (with `maintain`, also from sensors gone silent), and `next_seq` past every row
+    /// numbered.
+    pub(super) fn status_and_seq(
+        &self,
+        tx: &Transaction<'_>,
+        stored: &[&Reading],
+        now: i64,
+        maintain: bool,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<()> {
+        let mut changes = liveness::observe(tx, stored, now, self.low_battery)?;
+        if maintain {
+            changes.extend(liveness::expire(tx, now)?);
+        }
+        for change in &changes {
+            let body = postcard::to_stdvec(change).unwrap_or_default();
+            insert_row(tx, KIND_STATUS, &body, now, delta)?;
+        }
+        delta.status_changes += changes.len() as u64;
+        if delta.next_seq != self.next_seq {
+            db::outbox::set_next_seq(tx, delta.next_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Stores one source message whole, or nothing of it: a repeat is [`AppendOutcome::Duplicate`],
+    /// one the bounds or the disk reserve refuse [`AppendOutcome::Full`] (invariants 5 and 7).
+    pub(super) fn append_one(
+        &self,
+        tx: &Transaction<'_>,
+        append: &mut Append,
+        now: i64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<AppendOutcome> {
+        if self.is_repeat(tx, append, delta)? {
+            return Ok(AppendOutcome::Duplicate);
+        }
+        let seen = dedupe::drop_seen_observations(tx, append)?;
+        let bodies: Vec<(u8, Vec<u8>)> = append.readings.iter().map(Reading::to_row).collect();
+        match self.make_room(tx, &bodies, delta)? {
+            Room::Made => {}
+            refusal => {
+                seen.forget(tx)?;
+                delta.refused_full += u64::from(refusal == Room::Full);
+                return Ok(AppendOutcome::Full);
+            }
+        }
+        delta.duplicates += seen.duplicates;
+        let first_seq = delta.next_seq;
+        for (kind, body) in &bodies {
+            insert_row(tx, *kind, body, now, delta)?;
+        }
+        delta.accepted += bodies.len() as u64;
+        delta.timestamps_replaced += append
+            .readings
+            .iter()
+            .filter(|r| r.original_timestamp.is_some())
+            .count() as u64;
+        insert_dead_letters(tx, &append.dead_letters, now, delta)?;
+        dedupe::remember_keys(tx, append, delta)?;
+        Ok(AppendOutcome::Stored {
+            first_seq,
+            count: bodies.len() as u64,
+        })
+    }
+}
+
+/// The end of every transaction that changes the outbox: the lifetime totals and the thinning
+/// position move with the rows they describe, so they survive `kill -9` exactly.
+pub(super) fn record_totals(tx: &Transaction<'_>, delta: &Delta) -> rusqlite::Result<()> {
+    if let Some(after) = delta.thin_after {
+        db::meta::set_thin_after(tx, after)?;
+    }
+    db::meta::add_counts(
+        tx,
+        &Counts {
+            accepted: delta.accepted,
+            forwarded: delta.forwarded,
+            dropped: delta.dropped,
+            refused: delta.refused_readings,
+        },
+    )
+}
+
+/// Buffers one row with the next seq; its event id derives from the seq.
+fn insert_row(
+    tx: &Transaction<'_>,
+    kind: u8,
+    body: &[u8],
+    now: i64,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    db::outbox::insert(tx, delta.next_seq, now, kind, body)?;
+    delta.next_seq += 1;
+    delta.added(kind, body.len());
+    Ok(())
+}
+
+/// The rejected inputs a source message left, kept with it.
+fn insert_dead_letters(
+    tx: &Transaction<'_>,
+    letters: &[NewDeadLetter],
+    now: i64,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    for d in letters {
+        db::dead_letter::insert(tx, now, &DeadLetterText::from(d), &d.raw)?;
+        delta.dead_letters_added += 1;
+        delta.rejected.push(d.reason);
+    }
+    Ok(())
+}
+
+/// A row the server refused for good leaves the outbox for `dead_letters`, unless a bound
+/// took it meanwhile.
+fn dead_letter_refusal(
+    tx: &Transaction<'_>,
+    refusal: &Refusal,
+    now: i64,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    let Some(is_reading) = delete_row(tx, refusal.seq, delta)? else {
+        return Ok(());
+    };
+    delta.refused += 1;
+    delta.refused_readings += u64::from(is_reading);
+    let text = DeadLetterText {
+        source: "forwarder",
+        reason: Reason::PublishRefused,
+        detail: &refusal.detail,
+        topic: None,
+        device: None,
+        sensor_type: None,
+    };
+    db::dead_letter::insert(tx, now, &text, &refusal.raw)?;
+    delta.dead_letters_added += 1;
+    Ok(())
+}
+
+/// Deletes the buffered rows of an acknowledged run of seqs, counting them out of the totals
+/// and the readings among them as forwarded.
+fn delete_run(
+    tx: &Transaction<'_>,
+    run: &RangeInclusive<u64>,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    db::outbox::delete_run(tx, run, |kind, len| {
+        if delta.removed(kind, len) {
+            delta.forwarded += 1;
+        }
+    })
+}
+
+/// Deletes one buffered row, counting it out of the totals: `Some(is_reading)`, or `None` if
+/// it was already gone (dropped by a bound meanwhile).
+pub(super) fn delete_row(
+    tx: &Transaction<'_>,
+    seq: u64,
+    delta: &mut Delta,
+) -> rusqlite::Result<Option<bool>> {
+    let row = db::outbox::delete(tx, seq)?;
+    Ok(row.map(|(kind, len)| delta.removed(kind, len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rusqlite::Connection;
+
+    use crate::common::metrics::Metrics;
+    use crate::config::Buffer;
+    use crate::reading::{Reading, KIND_READING};
+    use crate::store::testkit::*;
+    use crate::store::{start, OutboxRow};
+
+    #[tokio::test]
+    async fn acknowledged_runs_delete_exactly_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (store, thread) = start(
+            dir.path().join("buffer.db"),
+            Buffer::default(),
+            20.0,
+            metrics.clone(),
+        )
+        .unwrap();
+        for i in 1..=6 {
+            append(&store, message(i, false)).await;
+        }
+        // Seqs: 1 and 2 readings, then the sensor's `connected` event, then readings 3..=6.
+        let rows = store.fetch(0, 100).await.unwrap();
+        let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs.len(), 7);
+        let first = seqs[0];
+        // Acknowledged: all but the fourth row; the run past the last row covers nothing.
+        store
+            .acked(vec![first..=first + 2, first + 4..=first + 10])
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let left: Vec<u64> = store
+            .fetch(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(left, vec![first + 3]);
+        let is_reading = |r: &&OutboxRow| r.kind == KIND_READING;
+        let deleted = rows.iter().filter(|r| r.seq != first + 3);
+        assert_eq!(
+            metrics.readings_forwarded.get(),
+            deleted.filter(is_reading).count() as u64
+        );
+        assert_eq!(
+            metrics.buffer_readings.get(),
+            i64::from(is_reading(&&rows[3]))
+        );
+        close(store, thread).await;
+    }
+
+    #[tokio::test]
+    async fn totals_start_for_a_buffer_from_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let readings: Vec<Reading> = (0..5).map(reading).collect();
+        bytes_of(&path, &readings).await;
+        // As a buffer written by a version without the totals.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta WHERE key LIKE 'count_%'", [])
+            .unwrap();
+        drop(conn);
+        let (store, thread) = start(
+            path.clone(),
+            Buffer::default(),
+            20.0,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        append(&store, message(5, false)).await;
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(
+            c.accepted, 6,
+            "the 5 it held count as accepted, then 1 more"
+        );
+    }
+}
