@@ -223,6 +223,9 @@ struct Job {
     backoff: Backoff,
     /// The off deadline this write set (an `on`), to keep once applied.
     deadline: Option<Timestamp>,
+    /// Taken up again after a restart: whether the write went out before it is unknown, so the
+    /// device is read first and written only if it is not yet in the state asked for.
+    resumed: bool,
 }
 
 #[derive(Debug)]
@@ -312,6 +315,7 @@ impl Job {
             step: Step::Writing,
             backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),
             deadline,
+            resumed: false,
         }
     }
 }
@@ -427,6 +431,48 @@ impl Core {
         out
     }
 
+    /// At start, after [`Core::restore`]: a command whose `accepted` was committed before the
+    /// gateway stopped, so its write may or may not have reached the device. The device is
+    /// read first: in the state asked for, the command is `applied` without a second write;
+    /// otherwise it is written (unless it expired meanwhile). An actuator that cannot be read
+    /// back is written again: commands are absolute, so that is harmless.
+    pub fn resumed(&mut self, command: Command, ctx: &Ctx<'_>) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.seen.insert(&command.command_id);
+        let known = |a: &&mut Actuator| !a.removed && a.spec.field_id == command.field_id;
+        let Some(a) = self.actuators.get_mut(&command.actuator_id).filter(known) else {
+            let refusal = (Status::Rejected, Some(Reason::UnknownActuator));
+            out.push(refused(&command, refusal, ctx.now));
+            return out;
+        };
+        if a.job.is_some() || !a.spec.readback {
+            // Judged again like a new command; `accepted` was already sent, not sent twice.
+            let at = a.queue.partition_point(|q| q.issued_at <= command.issued_at);
+            let id = command.actuator_id.clone();
+            a.queue.insert(at, command);
+            self.advance(&id, ctx, &mut out);
+            return out;
+        }
+        let value = requested(command.request);
+        let deadline = a
+            .deadline
+            .as_ref()
+            .filter(|d| d.command_id == command.command_id)
+            .map(|d| d.at);
+        a.newest_written = a.newest_written.max(Some(command.issued_at));
+        if command.request != Request::Off {
+            a.run_since.get_or_insert(ctx.now);
+        }
+        let mut job = Job::new(JobCause::Command(command), value, deadline);
+        job.step = Step::Reading;
+        job.resumed = true;
+        a.job = Some(job);
+        out.push(Action::ReadBack {
+            actuator_id: a.spec.id.clone(),
+        });
+        out
+    }
+
     /// How the last [`Action::Write`] for this actuator went (`Err`: the bus error).
     pub fn written(
         &mut self,
@@ -469,8 +515,10 @@ impl Core {
             Some(job) => (job.value, a.spec.tolerance),
             None => return out,
         };
+        let resumed = a.job.as_ref().is_some_and(|j| j.resumed);
         match outcome {
             Ok(read) if same(wanted, read, tolerance) => finish(a, Some(read), ctx.now, &mut out),
+            Ok(read) if resumed => write_resumed(a, read, ctx.now, &mut out),
             Ok(read) => mismatch(a, read, ctx.now, &mut out),
             Err(detail) => bus_error(a, &detail, ctx.now, &mut out),
         }
@@ -708,6 +756,28 @@ fn finish(a: &mut Actuator, readback: Option<Value>, now: Timestamp, out: &mut V
         readback,
         at: now,
     }));
+}
+
+/// A resumed command's device is not yet in the state asked for: its write did not go out
+/// before the restart, so it goes out now, unless the command expired meanwhile.
+fn write_resumed(a: &mut Actuator, read: Value, now: Timestamp, out: &mut Vec<Action>) {
+    a.confirmed = Some(read);
+    let Some(job) = a.job.as_mut() else { return };
+    job.resumed = false;
+    if let JobCause::Command(c) = &job.cause {
+        if c.expires_at <= now {
+            let c = c.clone();
+            a.job = None;
+            out.push(Action::Publish(result(&c, Status::Expired, None, now)));
+            return;
+        }
+    }
+    job.step = Step::Writing;
+    out.push(Action::Write {
+        actuator_id: a.spec.id.clone(),
+        value: job.value,
+        cause: job.cause.public(),
+    });
 }
 
 /// The device reads back other than written. A command fails with what was read; an off

@@ -746,3 +746,46 @@ id = "f-1"
         "require_clock_sync = false: {actions:?}"
     );
 }
+
+/// A restart between `accepted` and the result: the core is new, the command comes back from
+/// the inbox as resumed.
+fn restarted_with(device: Option<Value>, c: Command) -> Rig {
+    let mut rig = Rig::new(vec![switch("pump")]);
+    if let Some(v) = device {
+        rig.device.insert("pump".into(), v);
+    }
+    rig.now = t(5);
+    rig.event(|core, ctx| core.resumed(c, ctx));
+    rig.settle();
+    rig
+}
+
+#[test]
+fn a_resumed_command_whose_write_went_out_is_applied_without_a_second_write() {
+    let rig = restarted_with(Some(Value::Switch(true)), cmd(1, "pump", on(), 0, 60));
+    assert_eq!(rig.statuses(1), vec![Applied]);
+    assert_eq!(rig.writes_to("pump"), 0);
+}
+
+#[test]
+fn a_resumed_command_whose_write_did_not_go_out_is_written_once() {
+    let rig = restarted_with(Some(Value::Switch(false)), cmd(1, "pump", on(), 0, 60));
+    assert_eq!(rig.statuses(1), vec![Applied]);
+    assert_eq!(rig.writes_to("pump"), 1);
+}
+
+#[test]
+fn a_resumed_command_that_expired_meanwhile_is_not_written() {
+    let rig = restarted_with(Some(Value::Switch(false)), cmd(1, "pump", on(), 0, 3));
+    assert_eq!(rig.statuses(1), vec![Expired]);
+    assert_eq!(rig.writes_to("pump"), 0);
+}
+
+#[test]
+fn a_resumed_command_is_not_taken_twice_when_redelivered() {
+    let mut rig = restarted_with(Some(Value::Switch(true)), cmd(1, "pump", on(), 0, 60));
+    rig.send(cmd(1, "pump", on(), 0, 60));
+    rig.settle();
+    assert_eq!(rig.statuses(1), vec![Applied]);
+    assert_eq!(rig.writes_to("pump"), 0);
+}
