@@ -271,14 +271,8 @@ impl Pipeline {
     /// started anew. Buffered readings stay where they are.
     async fn reload(&mut self, new: &Config, current: &Config) -> Result<(), RunError> {
         for (what, changed) in [
-            (
-                "[gateway]",
-                format!("{:?}", new.gateway) != format!("{:?}", current.gateway),
-            ),
-            (
-                "[buffer]",
-                format!("{:?}", new.buffer) != format!("{:?}", current.buffer),
-            ),
+            ("[gateway]", new.gateway != current.gateway),
+            ("[buffer]", new.buffer != current.buffer),
             ("[http]", new.http.listen != current.http.listen),
         ] {
             if changed {
