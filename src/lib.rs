@@ -24,7 +24,9 @@
 //!   [`common::backoff`], [`common::log_limit`], [`common::metrics`], [`common::status`] (the
 //!   typed state report), [`common::http`] (`/healthz`, `/readyz`, `/metrics`, `/status`) and
 //!   [`common::systemd`] (READY, STATUS, WATCHDOG).
-//! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
+//! - [`app`]: `run(config, http listener, shutdown, reloads)`, wiring the above, reconciling
+//!   keyed source tasks on reload and shutting down in an order that loses nothing; the binary
+//!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
 //!   `dead-letters list` and `replay`.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running

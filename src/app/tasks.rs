@@ -1,0 +1,220 @@
+//! Tasks a reload may replace, one per key (a source's, port's or listener's name), each
+//! with the config it started with. [`Tasks::reconcile`] brings the set to what a config
+//! wants; change detection compares the config values themselves.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::future::Future;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A spawned task with its own stop signal.
+pub(crate) struct Task {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+impl Task {
+    /// Spawns `run` with the receiver its stop signal arrives on.
+    pub(crate) fn spawn<F>(run: impl FnOnce(watch::Receiver<bool>) -> F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stop_rx) = watch::channel(false);
+        Self {
+            stop,
+            handle: tokio::spawn(run(stop_rx)),
+        }
+    }
+
+    /// Signals the stop and waits until the task has finished what it owes (acks of committed
+    /// readings, outstanding PubAcks).
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.handle.await;
+    }
+}
+
+/// What a reconcile left alone and what it could not start.
+pub(crate) struct Reconciled<K, E> {
+    /// Keys whose task runs on untouched, in key order.
+    pub(crate) kept: Vec<K>,
+    /// Why wanted tasks did not start; the next reconcile tries them again.
+    pub(crate) failed: Vec<E>,
+}
+
+/// Running tasks by key, stopped and started in key order.
+pub(crate) struct Tasks<K, C> {
+    /// What the tasks are, for logs ("MQTT source", "serial port").
+    kind: &'static str,
+    running: BTreeMap<K, (C, Task)>,
+}
+
+impl<K: Ord + Clone + Display, C: PartialEq> Tasks<K, C> {
+    pub(crate) fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            running: BTreeMap::new(),
+        }
+    }
+
+    /// Brings the running tasks to `desired`: stops those whose key is gone or whose config
+    /// differs, then starts the wanted ones not running. Every stop comes before any start, so
+    /// a changed task never runs twice at once (a listener's port, a serial device).
+    pub(crate) async fn reconcile<E>(
+        &mut self,
+        desired: impl IntoIterator<Item = (K, C)>,
+        mut start: impl AsyncFnMut(&C) -> Result<Task, E>,
+    ) -> Reconciled<K, E> {
+        let mut wanted: BTreeMap<K, C> = desired.into_iter().collect();
+        let mut kept = Vec::new();
+        for (key, (config, task)) in std::mem::take(&mut self.running) {
+            if wanted.get(&key) == Some(&config) {
+                wanted.remove(&key);
+                kept.push(key.clone());
+                self.running.insert(key, (config, task));
+            } else {
+                tracing::info!(kind = self.kind, name = %key, "stopping (removed or changed)");
+                task.stop().await;
+            }
+        }
+        let mut failed = Vec::new();
+        for (key, config) in wanted {
+            tracing::info!(kind = self.kind, name = %key, "starting");
+            match start(&config).await {
+                Ok(task) => {
+                    self.running.insert(key, (config, task));
+                }
+                Err(e) => failed.push(e),
+            }
+        }
+        Reconciled { kept, failed }
+    }
+
+    /// Stops every task, in key order.
+    pub(crate) async fn stop_all(&mut self) {
+        for (_, (_, task)) in std::mem::take(&mut self.running) {
+            task.stop().await;
+        }
+    }
+
+    pub(crate) fn contains(&self, key: &K) -> bool {
+        self.running.contains_key(key)
+    }
+
+    pub(crate) fn config(&self, key: &K) -> Option<&C> {
+        self.running.get(key).map(|(config, _)| config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::{Arc, Mutex};
+
+    /// Spawns tasks that record their start (with config) and their stop in `log`.
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Recorder {
+        fn start(&self, config: &u32) -> Result<Task, String> {
+            if *config == 0 {
+                return Err("config 0 cannot start".into());
+            }
+            let log = self.log.clone();
+            let config = *config;
+            log.lock().unwrap().push(format!("start {config}"));
+            Ok(Task::spawn(move |mut stop| async move {
+                let _ = stop.wait_for(|s| *s).await;
+                log.lock().unwrap().push(format!("stop {config}"));
+            }))
+        }
+
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    fn recorder() -> Recorder {
+        Recorder {
+            log: Arc::default(),
+        }
+    }
+
+    async fn reconcile(
+        tasks: &mut Tasks<&'static str, u32>,
+        rec: &Recorder,
+        desired: &[(&'static str, u32)],
+    ) -> Reconciled<&'static str, String> {
+        tasks
+            .reconcile(desired.iter().copied(), async |c: &u32| rec.start(c))
+            .await
+    }
+
+    #[tokio::test]
+    async fn adds_starts_and_an_unchanged_key_keeps_running() {
+        let rec = recorder();
+        let mut tasks = Tasks::new("test");
+        reconcile(&mut tasks, &rec, &[("a", 1)]).await;
+        assert_eq!(rec.take(), ["start 1"]);
+
+        let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
+        assert_eq!(rec.take(), ["start 2"], "a is not touched");
+        assert_eq!(done.kept, ["a"]);
+        assert!(tasks.contains(&"a") && tasks.contains(&"b"));
+    }
+
+    #[tokio::test]
+    async fn a_changed_config_stops_the_old_task_before_the_new_one_starts() {
+        let rec = recorder();
+        let mut tasks = Tasks::new("test");
+        reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
+        rec.take();
+
+        let done = reconcile(&mut tasks, &rec, &[("a", 10), ("b", 2)]).await;
+        assert_eq!(rec.take(), ["stop 1", "start 10"]);
+        assert_eq!(done.kept, ["b"]);
+        assert_eq!(tasks.config(&"a"), Some(&10));
+    }
+
+    #[tokio::test]
+    async fn a_removed_key_is_stopped_and_the_rest_keep_running() {
+        let rec = recorder();
+        let mut tasks = Tasks::new("test");
+        reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2), ("c", 3)]).await;
+        rec.take();
+
+        let done = reconcile(&mut tasks, &rec, &[("b", 2)]).await;
+        assert_eq!(rec.take(), ["stop 1", "stop 3"], "in key order");
+        assert_eq!(done.kept, ["b"]);
+        assert!(!tasks.contains(&"a") && !tasks.contains(&"c"));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_cannot_start_is_reported_and_tried_again_next_time() {
+        let rec = recorder();
+        let mut tasks = Tasks::new("test");
+        let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 0)]).await;
+        assert_eq!(done.failed, ["config 0 cannot start"]);
+        assert!(tasks.contains(&"a") && !tasks.contains(&"b"));
+        rec.take();
+
+        let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
+        assert!(done.failed.is_empty());
+        assert_eq!(rec.take(), ["start 2"]);
+    }
+
+    #[tokio::test]
+    async fn stop_all_stops_every_task_in_key_order() {
+        let rec = recorder();
+        let mut tasks = Tasks::new("test");
+        reconcile(&mut tasks, &rec, &[("b", 2), ("a", 1)]).await;
+        rec.take();
+        tasks.stop_all().await;
+        assert_eq!(rec.take(), ["stop 1", "stop 2"]);
+        assert!(!tasks.contains(&"a"));
+    }
+}
