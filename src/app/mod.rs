@@ -231,8 +231,10 @@ fn log_running(config: &Config) {
 /// Resolves with the cause once the store reports its file corrupt (see
 /// [`StoreHandle::fatal`]); never if the writer ends without doing so.
 async fn corrupted(fatal: &mut watch::Receiver<Option<String>>) -> String {
-    match fatal.wait_for(Option::is_some).await {
-        Ok(cause) => (*cause).clone().unwrap_or_default(),
+    // The borrow of the cause ends before any further await, so `run` stays `Send`.
+    let cause = (fatal.wait_for(Option::is_some).await).map(|cause| (*cause).clone());
+    match cause {
+        Ok(cause) => cause.unwrap_or_default(),
         Err(_) => std::future::pending().await,
     }
 }

@@ -1,7 +1,7 @@
 //! The parts a reload may change: MQTT sources, serial ports, MQTT listeners (each a keyed
 //! [`Tasks`] set) and the forwarder's NATS link, with what they all start from.
 
-use std::collections::BTreeMap;
+use std::future::ready;
 use std::sync::{Arc, RwLock};
 
 use super::tasks::{Task, Tasks};
@@ -42,9 +42,8 @@ pub(super) struct Pipeline {
     wiring: Wiring,
     sources: Tasks<Ident, MqttSource>,
     serial: Tasks<Ident, Port>,
-    listeners: Tasks<Ident, MqttListener>,
-    /// The password files of running listeners with `auth = "password"`, read again on reload.
-    passwords: BTreeMap<Ident, SharedPasswords>,
+    /// Each with its password file (`auth = "password"`), which a reload reads again.
+    listeners: Tasks<Ident, MqttListener, Option<SharedPasswords>>,
     forwarder: (Nats, Task),
 }
 
@@ -99,7 +98,6 @@ impl Pipeline {
             sources: Tasks::new("MQTT source"),
             serial: Tasks::new("serial port"),
             listeners: Tasks::new("MQTT listener"),
-            passwords: BTreeMap::new(),
             forwarder,
         };
         match pipeline.reconcile(config).await.into_iter().next() {
@@ -146,25 +144,19 @@ impl Pipeline {
         let wiring = &self.wiring;
         let serial = self
             .serial
-            .reconcile(ports(config), async |port: &Port| {
-                Ok::<_, RunError>(wiring.start_serial(&port.0))
+            .reconcile(ports(config), |port| {
+                ready(Ok::<_, RunError>(wiring.start_serial(&port.0)))
             })
             .await;
         let sources = self
             .sources
-            .reconcile(sources(config), async |source: &MqttSource| {
-                wiring.start_source(source)
-            })
+            .reconcile(sources(config), |source| ready(wiring.start_source(source)))
             .await;
-        let passwords = &mut self.passwords;
         let listeners = self
             .listeners
-            .reconcile(listeners(config), async |config: &MqttListener| {
-                let (task, shared) = wiring.start_listener(config).await?;
-                if let Some(shared) = shared {
-                    passwords.insert(config.name.clone(), shared);
-                }
-                Ok(task)
+            .reconcile(listeners(config), |config| {
+                let config = config.clone();
+                async move { wiring.start_listener(&config).await }
             })
             .await;
         let mut failed: Vec<RunError> = [serial.failed, sources.failed, listeners.failed]
@@ -177,13 +169,10 @@ impl Pipeline {
 
     /// Listeners that kept running read their password files again; the previous one stays in
     /// force where that fails.
-    fn reload_passwords(&mut self, kept: &[Ident]) -> Vec<RunError> {
-        let listeners = &self.listeners;
-        self.passwords.retain(|name, _| listeners.contains(name));
+    fn reload_passwords(&self, kept: &[Ident]) -> Vec<RunError> {
         let mut failed = Vec::new();
         for name in kept {
-            let (Some(config), Some(shared)) = (listeners.config(name), self.passwords.get(name))
-            else {
+            let Some((config, Some(shared))) = self.listeners.get(name) else {
                 continue;
             };
             if let Err(e) = listener::reload_passwords(config, shared) {
@@ -256,7 +245,7 @@ impl Wiring {
     async fn start_listener(
         &self,
         config: &MqttListener,
-    ) -> Result<(Task, Option<SharedPasswords>), RunError> {
+    ) -> Result<Task<Option<SharedPasswords>>, RunError> {
         let passwords = listener::load_passwords(config)?;
         let input = ListenerInput::new(
             config,
@@ -267,7 +256,7 @@ impl Wiring {
             self.metrics.clone(),
         )
         .await?;
-        Ok((Task::spawn(|stop| input.run(stop)), passwords))
+        Ok(Task::spawn(|stop| input.run(stop)).with(passwords))
     }
 
     fn start_forwarder(&self, config: &Nats) -> Result<Task, RunError> {

@@ -9,10 +9,12 @@ use std::future::Future;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// A spawned task with its own stop signal.
-pub(crate) struct Task {
+/// A spawned task with its own stop signal, and what its starter keeps beside it.
+pub(crate) struct Task<X = ()> {
     stop: watch::Sender<bool>,
     handle: JoinHandle<()>,
+    /// E.g. a listener's password file, which a reload reads again.
+    pub(crate) extra: X,
 }
 
 impl Task {
@@ -25,9 +27,21 @@ impl Task {
         Self {
             stop,
             handle: tokio::spawn(run(stop_rx)),
+            extra: (),
         }
     }
 
+    /// The task with `extra` kept beside it.
+    pub(crate) fn with<X>(self, extra: X) -> Task<X> {
+        Task {
+            stop: self.stop,
+            handle: self.handle,
+            extra,
+        }
+    }
+}
+
+impl<X> Task<X> {
     /// Signals the stop and waits until the task has finished what it owes (acks of committed
     /// readings, outstanding PubAcks).
     pub(crate) async fn stop(self) {
@@ -45,13 +59,13 @@ pub(crate) struct Reconciled<K, E> {
 }
 
 /// Running tasks by key, stopped and started in key order.
-pub(crate) struct Tasks<K, C> {
+pub(crate) struct Tasks<K, C, X = ()> {
     /// What the tasks are, for logs ("MQTT source", "serial port").
     kind: &'static str,
-    running: BTreeMap<K, (C, Task)>,
+    running: BTreeMap<K, (C, Task<X>)>,
 }
 
-impl<K: Ord + Clone + Display, C: PartialEq> Tasks<K, C> {
+impl<K: Ord + Clone + Display, C: PartialEq, X> Tasks<K, C, X> {
     pub(crate) fn new(kind: &'static str) -> Self {
         Self {
             kind,
@@ -62,11 +76,16 @@ impl<K: Ord + Clone + Display, C: PartialEq> Tasks<K, C> {
     /// Brings the running tasks to `desired`: stops those whose key is gone or whose config
     /// differs, then starts the wanted ones not running. Every stop comes before any start, so
     /// a changed task never runs twice at once (a listener's port, a serial device).
-    pub(crate) async fn reconcile<E>(
+    /// (`start` returns a future that does not borrow the config, which keeps the futures of
+    /// callers `Send`; an async closure's would not be.)
+    pub(crate) async fn reconcile<E, F>(
         &mut self,
         desired: impl IntoIterator<Item = (K, C)>,
-        mut start: impl AsyncFnMut(&C) -> Result<Task, E>,
-    ) -> Reconciled<K, E> {
+        mut start: impl FnMut(&C) -> F,
+    ) -> Reconciled<K, E>
+    where
+        F: Future<Output = Result<Task<X>, E>>,
+    {
         let mut wanted: BTreeMap<K, C> = desired.into_iter().collect();
         let mut kept = Vec::new();
         for (key, (config, task)) in std::mem::take(&mut self.running) {
@@ -99,12 +118,11 @@ impl<K: Ord + Clone + Display, C: PartialEq> Tasks<K, C> {
         }
     }
 
-    pub(crate) fn contains(&self, key: &K) -> bool {
-        self.running.contains_key(key)
-    }
-
-    pub(crate) fn config(&self, key: &K) -> Option<&C> {
-        self.running.get(key).map(|(config, _)| config)
+    /// The config a task runs with, and what is kept beside it.
+    pub(crate) fn get(&self, key: &K) -> Option<(&C, &X)> {
+        self.running
+            .get(key)
+            .map(|(config, task)| (config, &task.extra))
     }
 }
 
@@ -150,7 +168,9 @@ mod tests {
         desired: &[(&'static str, u32)],
     ) -> Reconciled<&'static str, String> {
         tasks
-            .reconcile(desired.iter().copied(), async |c: &u32| rec.start(c))
+            .reconcile(desired.iter().copied(), |c| {
+                std::future::ready(rec.start(c))
+            })
             .await
     }
 
@@ -164,7 +184,7 @@ mod tests {
         let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
         assert_eq!(rec.take(), ["start 2"], "a is not touched");
         assert_eq!(done.kept, ["a"]);
-        assert!(tasks.contains(&"a") && tasks.contains(&"b"));
+        assert!(tasks.get(&"a").is_some() && tasks.get(&"b").is_some());
     }
 
     #[tokio::test]
@@ -177,7 +197,7 @@ mod tests {
         let done = reconcile(&mut tasks, &rec, &[("a", 10), ("b", 2)]).await;
         assert_eq!(rec.take(), ["stop 1", "start 10"]);
         assert_eq!(done.kept, ["b"]);
-        assert_eq!(tasks.config(&"a"), Some(&10));
+        assert_eq!(tasks.get(&"a").map(|(c, _)| c), Some(&10));
     }
 
     #[tokio::test]
@@ -190,7 +210,7 @@ mod tests {
         let done = reconcile(&mut tasks, &rec, &[("b", 2)]).await;
         assert_eq!(rec.take(), ["stop 1", "stop 3"], "in key order");
         assert_eq!(done.kept, ["b"]);
-        assert!(!tasks.contains(&"a") && !tasks.contains(&"c"));
+        assert!(!tasks.get(&"a").is_some() && !tasks.get(&"c").is_some());
     }
 
     #[tokio::test]
@@ -199,7 +219,7 @@ mod tests {
         let mut tasks = Tasks::new("test");
         let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 0)]).await;
         assert_eq!(done.failed, ["config 0 cannot start"]);
-        assert!(tasks.contains(&"a") && !tasks.contains(&"b"));
+        assert!(tasks.get(&"a").is_some() && !tasks.get(&"b").is_some());
         rec.take();
 
         let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
@@ -215,6 +235,6 @@ mod tests {
         rec.take();
         tasks.stop_all().await;
         assert_eq!(rec.take(), ["stop 1", "stop 2"]);
-        assert!(!tasks.contains(&"a"));
+        assert!(!tasks.get(&"a").is_some());
     }
 }
