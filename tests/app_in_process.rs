@@ -102,6 +102,38 @@ impl App {
     }
 }
 
+/// NATS, a broker, and an app in `_dir` reading probe readings through the `[[mqtt]]` source
+/// `farm` (the config without `[gateway]` and `[http]` is `base`).
+struct Farm {
+    nats: Nats,
+    broker: Mosquitto,
+    _dir: tempfile::TempDir,
+    base: String,
+    app: App,
+}
+
+impl Farm {
+    /// Starts them all and waits until `farm` is connected.
+    async fn start() -> Self {
+        let nats = Nats::with_platform_stream().await;
+        let broker = Mosquitto::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = probe_config(&nats, &broker, "", "");
+        let app = App::start(dir.path(), &base).await;
+        app.wait_until("farm connected", |a| {
+            a.metric("sahool_gateway_mqtt_connected", "") == 1.0
+        })
+        .await;
+        Self {
+            nats,
+            broker,
+            _dir: dir,
+            base,
+            app,
+        }
+    }
+}
+
 /// Where an app keeps its config file and buffer.
 struct AppDir {
     config_path: PathBuf,
@@ -161,6 +193,29 @@ fn readings_under(prefix: &str, range: std::ops::Range<usize>) -> Vec<(String, V
         .collect()
 }
 
+/// Reloads with `base` and a source named `second` for topics under `prefix`, and checks
+/// that it carries readings `range` through (the earlier ones forwarded already).
+async fn second_source_carries(
+    app: &App,
+    broker: &Mosquitto,
+    base: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) {
+    app.reload(&format!("{base}{}", mqtt_source(broker, "second", prefix)))
+        .await;
+    app.wait_until("second connected", |a| {
+        a.metric("sahool_gateway_mqtt_connected", "") == 2.0
+    })
+    .await;
+    // Connected comes just before the subscription.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (len, end) = (range.len(), range.end);
+    let acked = publish_all(broker.port, "p", readings_under(prefix, range)).await;
+    assert_eq!(acked, len);
+    app.wait_forwarded(end).await;
+}
+
 /// How often mosquitto saw a client with this id connect.
 fn connects(broker: &Mosquitto, client_id: &str) -> usize {
     broker
@@ -172,61 +227,34 @@ fn connects(broker: &Mosquitto, client_id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_add_change_and_remove_an_mqtt_source_and_leave_the_others_running() {
-    let nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let base = probe_config(&nats, &broker, "", "");
-    let app = App::start(dir.path(), &base).await;
-    let connected = |a: &App, n: f64| a.metric("sahool_gateway_mqtt_connected", "") == n;
-    app.wait_until("farm connected", |a| connected(a, 1.0))
-        .await;
+    let f = Farm::start().await;
 
-    // Added: a second connection, for topics under sahool/other.
-    app.reload(&format!(
-        "{base}{}",
-        mqtt_source(&broker, "second", "sahool/other")
-    ))
-    .await;
-    app.wait_until("second connected", |a| connected(a, 2.0))
-        .await;
-    let p = publish_all(broker.port, "p", readings_under("sahool/other", 0..3)).await;
-    assert_eq!(p, 3);
-    app.wait_forwarded(3).await;
-
-    // Changed: the second source takes sahool/more instead.
-    app.reload(&format!(
-        "{base}{}",
-        mqtt_source(&broker, "second", "sahool/more")
-    ))
-    .await;
-    app.wait_until("second connected again", |a| connected(a, 2.0))
-        .await;
-    let p = publish_all(broker.port, "p", readings_under("sahool/more", 3..6)).await;
-    assert_eq!(p, 3);
-    app.wait_forwarded(6).await;
+    // Added: a second connection, for topics under sahool/other; then changed to sahool/more.
+    second_source_carries(&f.app, &f.broker, &f.base, "sahool/other", 0..3).await;
+    second_source_carries(&f.app, &f.broker, &f.base, "sahool/more", 3..6).await;
 
     // Removed: what comes under sahool/more is no longer read; farm still is.
-    app.reload(&base).await;
-    let p = publish_all(broker.port, "p", readings_under("sahool/more", 100..103)).await;
+    f.app.reload(&f.base).await;
+    let p = publish_all(f.broker.port, "p", readings_under("sahool/more", 100..103)).await;
     assert_eq!(p, 3);
-    let p = publish_all(broker.port, "p", probe_readings(6..9)).await;
+    let p = publish_all(f.broker.port, "p", probe_readings(6..9)).await;
     assert_eq!(p, 3);
-    app.wait_forwarded(9).await;
+    f.app.wait_forwarded(9).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        app.metric("sahool_gateway_readings_forwarded_total", ""),
+        f.app.metric("sahool_gateway_readings_forwarded_total", ""),
         9.0
     );
 
     assert_eq!(
-        connects(&broker, "sahool-gw-gw-test-farm"),
+        connects(&f.broker, "sahool-gw-gw-test-farm"),
         1,
         "farm never restarted:\n{}",
-        broker.log()
+        f.broker.log()
     );
-    assert_eq!(connects(&broker, "sahool-gw-gw-test-second"), 2);
-    app.shut_down().await.expect("a clean stop");
-    assert_exactly_once(&values_in_order(&nats.read_readings(STREAM).await), 9);
+    assert_eq!(connects(&f.broker, "sahool-gw-gw-test-second"), 2);
+    f.app.shut_down().await.expect("a clean stop");
+    assert_exactly_once(&values_in_order(&f.nats.read_readings(STREAM).await), 9);
 }
 
 /// Ports `a`, `b` and `c` as `present` names them (`b` in `b_form`), each with a kv or csv
@@ -332,56 +360,50 @@ fn listening(port: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_add_change_and_remove_a_listener() {
-    let nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let base = probe_config(&nats, &broker, "", "");
+    let f = Farm::start().await;
     let (first, second) = (free_port(), free_port());
-    let app = App::start(dir.path(), &base).await;
-    app.wait_until("farm connected", |a| {
-        a.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    })
-    .await;
     assert!(!listening(first));
 
-    app.reload(&format!("{base}{}", listener(first))).await;
+    f.app
+        .reload(&format!("{}{}", f.base, listener(first)))
+        .await;
     assert_eq!(publish_all(first, "dev", probe_readings(0..5)).await, 5);
-    app.wait_forwarded(5).await;
+    f.app.wait_forwarded(5).await;
 
-    app.reload(&format!("{base}{}", listener(second))).await;
+    f.app
+        .reload(&format!("{}{}", f.base, listener(second)))
+        .await;
     assert!(!listening(first), "the old address is closed");
     assert_eq!(publish_all(second, "dev", probe_readings(5..10)).await, 5);
-    app.wait_forwarded(10).await;
+    f.app.wait_forwarded(10).await;
 
-    app.reload(&base).await;
+    f.app.reload(&f.base).await;
     assert!(!listening(second), "a removed listener is closed");
     assert_eq!(
-        publish_all(broker.port, "p", probe_readings(10..12)).await,
+        publish_all(f.broker.port, "p", probe_readings(10..12)).await,
         2
     );
-    app.wait_forwarded(12).await;
+    f.app.wait_forwarded(12).await;
 
     assert_eq!(
-        connects(&broker, "sahool-gw-gw-test-farm"),
+        connects(&f.broker, "sahool-gw-gw-test-farm"),
         1,
         "the MQTT source was not touched"
     );
-    app.shut_down().await.expect("a clean stop");
-    assert_exactly_once(&values_in_order(&nats.read_readings(STREAM).await), 12);
+    f.app.shut_down().await.expect("a clean stop");
+    assert_exactly_once(&values_in_order(&f.nats.read_readings(STREAM).await), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_stream_forwards_or_keeps_every_committed_reading_and_acks_no_other() {
     let n = 5000;
-    let mut nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = probe_config(&nats, &broker, "", "");
-    let app = App::start(dir.path(), &config).await;
-    app.wait_until("farm connected", |a| {
-        a.metric("sahool_gateway_mqtt_connected", "") == 1.0
-    })
-    .await;
+    let Farm {
+        mut nats,
+        broker,
+        _dir: dir,
+        base: config,
+        app,
+    } = Farm::start().await;
     let port = broker.port;
     let publisher = tokio::spawn(async move { publish_all(port, "p", probe_readings(0..n)).await });
     let accepted = |at_least: f64| {

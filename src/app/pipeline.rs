@@ -47,29 +47,28 @@ pub(super) struct Pipeline {
     forwarder: (Nats, Task),
 }
 
-/// The config's `[[mqtt]]` sources by name. Settings compare equal wherever in the file they
-/// stand, so a source moved in the file keeps running.
-fn sources(config: &Config) -> impl Iterator<Item = (Ident, MqttSource)> + '_ {
-    let unplaced = |m: &MqttSource| MqttSource {
-        line: 0,
-        ..m.clone()
-    };
-    config
-        .mqtt
+/// Entries by name. Settings compare equal wherever in the file they stand (`unplaced` clears
+/// the line), so an entry moved in the file keeps running.
+fn by_name<'a, T: Clone>(
+    entries: &'a [T],
+    name: fn(&T) -> &Ident,
+    unplaced: fn(T) -> T,
+) -> impl Iterator<Item = (Ident, T)> + 'a {
+    entries
         .iter()
-        .map(move |m| (m.name.clone(), unplaced(m)))
+        .map(move |e| (name(e).clone(), unplaced(e.clone())))
 }
 
-/// The config's `[[mqtt_listener]]`s by name, as [`sources`].
+fn sources(config: &Config) -> impl Iterator<Item = (Ident, MqttSource)> + '_ {
+    by_name(&config.mqtt, |m| &m.name, |m| MqttSource { line: 0, ..m })
+}
+
 fn listeners(config: &Config) -> impl Iterator<Item = (Ident, MqttListener)> + '_ {
-    let unplaced = |l: &MqttListener| MqttListener {
-        line: 0,
-        ..l.clone()
-    };
-    config
-        .mqtt_listener
-        .iter()
-        .map(move |l| (l.name.clone(), unplaced(l)))
+    by_name(
+        &config.mqtt_listener,
+        |l| &l.name,
+        |l| MqttListener { line: 0, ..l },
+    )
 }
 
 fn ports(config: &Config) -> impl Iterator<Item = (Ident, Port)> {

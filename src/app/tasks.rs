@@ -132,19 +132,38 @@ mod tests {
 
     use std::sync::{Arc, Mutex};
 
-    /// Spawns tasks that record their start (with config) and their stop in `log`.
-    struct Recorder {
+    type Desired = [(&'static str, u32)];
+
+    /// Tasks whose starts (with their config) and stops are logged; config 0 cannot start.
+    struct Harness {
         log: Arc<Mutex<Vec<String>>>,
+        tasks: Tasks<&'static str, u32>,
     }
 
-    impl Recorder {
-        fn start(&self, config: &u32) -> Result<Task, String> {
-            if *config == 0 {
+    impl Harness {
+        /// Tasks running as `desired` wants, their starts taken off the log.
+        async fn running(desired: &Desired) -> Self {
+            let mut h = Harness {
+                log: Arc::default(),
+                tasks: Tasks::new("test"),
+            };
+            h.reconcile(desired).await;
+            h.take();
+            h
+        }
+
+        async fn reconcile(&mut self, desired: &Desired) -> Reconciled<&'static str, String> {
+            let log = &self.log;
+            let start = |config: &u32| std::future::ready(Self::start(log, *config));
+            self.tasks.reconcile(desired.iter().copied(), start).await
+        }
+
+        fn start(log: &Arc<Mutex<Vec<String>>>, config: u32) -> Result<Task, String> {
+            if config == 0 {
                 return Err("config 0 cannot start".into());
             }
-            let log = self.log.clone();
-            let config = *config;
             log.lock().unwrap().push(format!("start {config}"));
+            let log = log.clone();
             Ok(Task::spawn(move |mut stop| async move {
                 let _ = stop.wait_for(|s| *s).await;
                 log.lock().unwrap().push(format!("stop {config}"));
@@ -154,91 +173,57 @@ mod tests {
         fn take(&self) -> Vec<String> {
             std::mem::take(&mut *self.log.lock().unwrap())
         }
-    }
 
-    fn recorder() -> Recorder {
-        Recorder {
-            log: Arc::default(),
+        fn keys(&self) -> Vec<&'static str> {
+            self.tasks.running.keys().copied().collect()
         }
-    }
-
-    fn running(tasks: &Tasks<&'static str, u32>) -> Vec<&'static str> {
-        tasks.running.keys().copied().collect()
-    }
-
-    async fn reconcile(
-        tasks: &mut Tasks<&'static str, u32>,
-        rec: &Recorder,
-        desired: &[(&'static str, u32)],
-    ) -> Reconciled<&'static str, String> {
-        tasks
-            .reconcile(desired.iter().copied(), |c| {
-                std::future::ready(rec.start(c))
-            })
-            .await
     }
 
     #[tokio::test]
     async fn adds_starts_and_an_unchanged_key_keeps_running() {
-        let rec = recorder();
-        let mut tasks = Tasks::new("test");
-        reconcile(&mut tasks, &rec, &[("a", 1)]).await;
-        assert_eq!(rec.take(), ["start 1"]);
-
-        let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
-        assert_eq!(rec.take(), ["start 2"], "a is not touched");
+        let mut h = Harness::running(&[("a", 1)]).await;
+        let done = h.reconcile(&[("a", 1), ("b", 2)]).await;
+        assert_eq!(h.take(), ["start 2"], "a is not touched");
         assert_eq!(done.kept, ["a"]);
-        assert_eq!(running(&tasks), ["a", "b"]);
+        assert_eq!(h.keys(), ["a", "b"]);
     }
 
     #[tokio::test]
     async fn a_changed_config_stops_the_old_task_before_the_new_one_starts() {
-        let rec = recorder();
-        let mut tasks = Tasks::new("test");
-        reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
-        rec.take();
-
-        let done = reconcile(&mut tasks, &rec, &[("a", 10), ("b", 2)]).await;
-        assert_eq!(rec.take(), ["stop 1", "start 10"]);
+        let mut h = Harness::running(&[("a", 1), ("b", 2)]).await;
+        let done = h.reconcile(&[("a", 10), ("b", 2)]).await;
+        assert_eq!(h.take(), ["stop 1", "start 10"]);
         assert_eq!(done.kept, ["b"]);
-        assert_eq!(tasks.get(&"a").map(|(c, _)| c), Some(&10));
+        assert_eq!(h.tasks.get(&"a").map(|(c, _)| c), Some(&10));
     }
 
     #[tokio::test]
     async fn a_removed_key_is_stopped_and_the_rest_keep_running() {
-        let rec = recorder();
-        let mut tasks = Tasks::new("test");
-        reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2), ("c", 3)]).await;
-        rec.take();
-
-        let done = reconcile(&mut tasks, &rec, &[("b", 2)]).await;
-        assert_eq!(rec.take(), ["stop 1", "stop 3"], "in key order");
+        let mut h = Harness::running(&[("a", 1), ("b", 2), ("c", 3)]).await;
+        let done = h.reconcile(&[("b", 2)]).await;
+        assert_eq!(h.take(), ["stop 1", "stop 3"], "in key order");
         assert_eq!(done.kept, ["b"]);
-        assert_eq!(running(&tasks), ["b"]);
+        assert_eq!(h.keys(), ["b"]);
     }
 
     #[tokio::test]
     async fn a_task_that_cannot_start_is_reported_and_tried_again_next_time() {
-        let rec = recorder();
-        let mut tasks = Tasks::new("test");
-        let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 0)]).await;
+        let mut h = Harness::running(&[]).await;
+        let done = h.reconcile(&[("a", 1), ("b", 0)]).await;
         assert_eq!(done.failed, ["config 0 cannot start"]);
-        assert_eq!(running(&tasks), ["a"]);
-        rec.take();
+        assert_eq!(h.keys(), ["a"]);
+        h.take();
 
-        let done = reconcile(&mut tasks, &rec, &[("a", 1), ("b", 2)]).await;
+        let done = h.reconcile(&[("a", 1), ("b", 2)]).await;
         assert!(done.failed.is_empty());
-        assert_eq!(rec.take(), ["start 2"]);
+        assert_eq!(h.take(), ["start 2"]);
     }
 
     #[tokio::test]
     async fn stop_all_stops_every_task_in_key_order() {
-        let rec = recorder();
-        let mut tasks = Tasks::new("test");
-        reconcile(&mut tasks, &rec, &[("b", 2), ("a", 1)]).await;
-        rec.take();
-        tasks.stop_all().await;
-        assert_eq!(rec.take(), ["stop 1", "stop 2"]);
-        assert!(running(&tasks).is_empty());
+        let mut h = Harness::running(&[("b", 2), ("a", 1)]).await;
+        h.tasks.stop_all().await;
+        assert_eq!(h.take(), ["stop 1", "stop 2"]);
+        assert!(h.keys().is_empty());
     }
 }
