@@ -229,7 +229,7 @@ fn log_running(config: &Config) {
 }
 
 /// Resolves with the cause once the store reports its file corrupt (see
-/// [`StoreHandle::fatal`]); never if the writer ends without doing so.
+/// [`store::StoreHandle::fatal`]); never if the writer ends without doing so.
 async fn corrupted(fatal: &mut watch::Receiver<Option<String>>) -> String {
     // The borrow of the cause ends before any further await, so `run` stays `Send`.
     let cause = (fatal.wait_for(Option::is_some).await).map(|cause| (*cause).clone());

@@ -1,7 +1,7 @@
 //! `/healthz`, `/readyz`, `/metrics` and `/status` on a loopback socket. Ready means: the store
 //! writes, NATS is connected, and every MQTT listener is bound. `/status` is the typed
 //! [`StatusReport`] as JSON, for the `status` command. `POST /dead-letters/replay` runs
-//! `dead-letters replay` for the CLI ([`crate::replay`]), for loopback peers only.
+//! `dead-letters replay` for the CLI (`crate::replay`), for loopback peers only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
