@@ -1,7 +1,8 @@
 //! The app started in-process, as `main` starts it but with the parts a test controls:
 //! `app::run` with an HTTP listener on port 0, a oneshot as shutdown and a channel of configs as
 //! reloads, against real nats-server and mosquitto. Reloads that add, change and remove an MQTT
-//! source, a serial port and an MQTT listener, each leaving the unchanged ones running; and the
+//! source, a serial port and an MQTT listener, each leaving the unchanged ones running; a source
+//! that cannot start, which leaves the rest running and starts on the next reload; and the
 //! shutdown order: every committed reading is forwarded or kept, and nothing the gateway
 //! acknowledged to its sender was left uncommitted. Signals and exit codes are the binary's
 //! and stay tested through it (reload.rs, guarantees.rs, systemd_notify.rs).
@@ -102,12 +103,12 @@ impl App {
     }
 }
 
-/// NATS, a broker, and an app in `_dir` reading probe readings through the `[[mqtt]]` source
+/// NATS, a broker, and an app in `dir` reading probe readings through the `[[mqtt]]` source
 /// `farm` (the config without `[gateway]` and `[http]` is `base`).
 struct Farm {
     nats: Nats,
     broker: Mosquitto,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     base: String,
     app: App,
 }
@@ -127,7 +128,7 @@ impl Farm {
         Self {
             nats,
             broker,
-            _dir: dir,
+            dir,
             base,
             app,
         }
@@ -255,6 +256,34 @@ async fn reloads_add_change_and_remove_an_mqtt_source_and_leave_the_others_runni
     assert_eq!(connects(&f.broker, "sahool-gw-gw-test-second"), 2);
     f.app.shut_down().await.expect("a clean stop");
     assert_exactly_once(&values_in_order(&f.nats.read_readings(STREAM).await), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_cannot_start_leaves_the_rest_running_and_starts_on_the_next_reload() {
+    let f = Farm::start().await;
+    let secret = f.dir.path().join("mqtt.password");
+    let with_second = format!(
+        "{}{}username = \"gw\"\npassword_file = \"{}\"\n",
+        f.base,
+        mqtt_source(&f.broker, "second", "sahool/other"),
+        secret.display()
+    );
+    // The password file does not exist yet: second cannot start, farm goes on.
+    f.app.reload(&with_second).await;
+    let acked = publish_all(f.broker.port, "p", probe_readings(0..5)).await;
+    assert_eq!(acked, 5);
+    f.app.wait_forwarded(5).await;
+    assert_eq!(f.app.metric("sahool_gateway_mqtt_connected", ""), 1.0);
+
+    // Once the file is there, the same config starts it.
+    std::fs::write(&secret, "a-long-random-broker-password-1\n").expect("write password");
+    f.app.reload(&with_second).await;
+    f.app
+        .wait_until("second connected", |a| {
+            a.metric("sahool_gateway_mqtt_connected", "") == 2.0
+        })
+        .await;
+    f.app.shut_down().await.expect("a clean stop");
 }
 
 /// Ports `a`, `b` and `c` as `present` names them (`b` in `b_form`), each with a kv or csv
@@ -400,7 +429,7 @@ async fn shutdown_mid_stream_forwards_or_keeps_every_committed_reading_and_acks_
     let Farm {
         mut nats,
         broker,
-        _dir: dir,
+        dir,
         base: config,
         app,
     } = Farm::start().await;
