@@ -1,10 +1,10 @@
 //! The app started in-process, as `main` starts it but with the parts a test controls:
 //! `app::run` with an HTTP listener on port 0, a oneshot as shutdown and a channel of configs as
-//! reloads, against real nats-server and mosquitto. Reloads that add, change and remove an MQTT
-//! source, a serial port and an MQTT listener, each leaving the unchanged ones running; a source
-//! that cannot start, which leaves the rest running and starts on the next reload; and the
-//! shutdown order: every committed reading is forwarded or kept, and nothing the gateway
-//! acknowledged to its sender was left uncommitted. Signals and exit codes are the binary's
+//! reloads, against real nats-server and mosquitto. A reload of the mapping and `[nats]` keeps
+//! the buffer; reloads that add, change and remove an MQTT source, a serial port and an MQTT
+//! listener leave the unchanged ones running; a source that cannot start leaves the rest
+//! running and starts on the next reload; and the shutdown order: every committed reading is
+//! forwarded or kept, and nothing the gateway acknowledged to its sender was left uncommitted. Signals and exit codes are the binary's
 //! and stay tested through it (reload.rs, guarantees.rs, systemd_notify.rs).
 
 mod support;
@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 
 use support::pty::SerialLink;
 use support::{
-    assert_exactly_once, free_port, http_get, metric_value, probe_config, probe_readings,
-    publish_all, values_in_order, Mosquitto, Nats,
+    assert_exactly_once, free_port, http_get, metric_value, probe_config, probe_reading,
+    probe_readings, publish_all, values_in_order, Mosquitto, Nats,
 };
 
 const STREAM: &str = "SAHOOL_IOT";
@@ -256,6 +256,52 @@ async fn reloads_add_change_and_remove_an_mqtt_source_and_leave_the_others_runni
     assert_eq!(connects(&f.broker, "sahool-gw-gw-test-second"), 2);
     f.app.shut_down().await.expect("a clean stop");
     assert_exactly_once(&values_in_order(&f.nats.read_readings(STREAM).await), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_mapping_and_nats_keeps_the_buffer_and_sends_each_reading_once() {
+    let mut f = Farm::start().await;
+    let probe_2 = |value: usize| {
+        let (topic, payload) = probe_reading(value);
+        let swap = |t: &str| t.replace("probe-1", "probe-2");
+        (
+            swap(&topic),
+            swap(&String::from_utf8_lossy(&payload)).into_bytes(),
+        )
+    };
+    f.nats.stop();
+    assert_eq!(
+        publish_all(f.broker.port, "p", probe_readings(0..50)).await,
+        50
+    );
+    f.app
+        .wait_until("buffered", |a| {
+            a.metric("sahool_gateway_buffer_readings", "") == 50.0
+        })
+        .await;
+
+    // probe-2 mapped, and a new [nats] setting: the forwarder reconnects, the buffer stays.
+    let new = f
+        .base
+        .replace("ack_timeout = \"2s\"", "ack_timeout = \"3s\"")
+        + "  [[fields.sensors]]\n  device_id = \"probe-2\"\n  sensor_type = \"water_level\"\n";
+    f.app.reload(&new).await;
+    assert_eq!(f.app.metric("sahool_gateway_buffer_readings", ""), 50.0);
+    assert_eq!(
+        publish_all(f.broker.port, "p", vec![probe_2(1000)]).await,
+        1
+    );
+    f.nats.resume();
+    f.app.wait_forwarded(51).await;
+
+    f.app.shut_down().await.expect("a clean stop");
+    let got = readings(&f.nats).await;
+    assert_eq!(values_of(&got, "probe-2"), [1000.0]);
+    let probe_1: Vec<usize> = values_of(&got, "probe-1")
+        .iter()
+        .map(|v| *v as usize)
+        .collect();
+    assert_eq!(probe_1, (0..50).collect::<Vec<_>>(), "once each, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
