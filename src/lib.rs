@@ -26,7 +26,9 @@
 //!   [`common::systemd`] (READY, STATUS, WATCHDOG).
 //! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
 //!   and the sans-IO core that decides each write, read-back, result and off deadline.
-//! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
+//! - [`app`]: `run(config, http listener, shutdown, reloads)`, wiring the above, reconciling
+//!   keyed source tasks on reload and shutting down in an order that loses nothing; the binary
+//!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
 //!   `dead-letters list` and `replay`.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running

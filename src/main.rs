@@ -1,9 +1,13 @@
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{self, Signal, SignalKind};
+use tokio::sync::mpsc;
 
+use sahool_gateway::common::http;
+use sahool_gateway::common::systemd::Notifier;
 use sahool_gateway::{app, cli, config};
 
 const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
@@ -152,44 +156,12 @@ fn init_logging() {
 fn main() -> ExitCode {
     let args = Cli::parse();
     let mut stdout = std::io::stdout().lock();
-    let result = match args.command {
+    match args.command {
         Command::Run { config } => {
-            init_logging();
-            let config_path = config;
-            let config = match config::load(&config_path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            return match runtime.block_on(app::run(&config_path, config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "gateway stopped");
-                    eprintln!("error: {e}");
-                    ExitCode::from(e.exit_code())
-                }
-            };
+            drop(stdout);
+            run(config)
         }
-        Command::Validate { config } => match cli::validate(&config, &mut stdout) {
-            Ok(true) => return ExitCode::SUCCESS,
-            Ok(false) => return ExitCode::from(1),
-            Err(e) => Err(e),
-        },
-        Command::Status { config, json } => cli::status(&config, json, &mut stdout),
-        Command::Sensors { config } => cli::sensors(&config, &mut stdout),
+        Command::Validate { config } => verdict(cli::validate(&config, &mut stdout)),
         Command::Mappings {
             command:
                 MappingsCommand::Test {
@@ -200,7 +172,7 @@ fn main() -> ExitCode {
                     serial_line,
                     port,
                 },
-        } => match match (serial_line, port) {
+        } => verdict(match (serial_line, port) {
             (Some(line), Some(port)) => {
                 cli::mappings_test_serial_line(&config, &port, line.as_bytes(), &mut stdout)
             }
@@ -211,54 +183,132 @@ fn main() -> ExitCode {
                 payload.as_deref().unwrap_or_default().as_bytes(),
                 &mut stdout,
             ),
-        } {
-            Ok(true) => return ExitCode::SUCCESS,
-            Ok(false) => return ExitCode::from(1),
-            Err(e) => Err(e),
-        },
+        }),
+        Command::Status { config, json } => done(cli::status(&config, json, &mut stdout)),
+        Command::Sensors { config } => done(cli::sensors(&config, &mut stdout)),
         Command::Buffer {
             command: BufferCommand::Stats { config, json },
-        } => cli::buffer_stats(&config, json, &mut stdout),
-        Command::DeadLetters {
-            command: DeadLetterCommand::List { config, limit },
-        } => cli::dead_letters_list(&config, limit, &mut stdout),
-        Command::DeadLetters {
-            command:
-                DeadLetterCommand::Replay {
-                    config,
-                    reason,
-                    source,
-                    since,
-                    limit,
-                    dry_run,
-                },
-        } => since
-            .as_deref()
-            .map(cli::parse_since)
-            .transpose()
-            .and_then(|since_ms| {
-                let filter = sahool_gateway::store::ReplayFilter {
-                    reason,
-                    source,
-                    since_ms,
-                    limit,
-                    dry_run,
-                };
-                cli::dead_letters_replay(&config, filter, &mut stdout)
-            }),
+        } => done(cli::buffer_stats(&config, json, &mut stdout)),
+        Command::DeadLetters { command } => done(dead_letters(command, &mut stdout)),
         Command::Passwd { file, user } => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
                 eprint!("password for {user} (shown as typed): ");
             }
-            cli::passwd(&file, &user, &mut stdin.lock(), &mut stdout)
+            done(cli::passwd(&file, &user, &mut stdin.lock(), &mut stdout))
         }
-    };
+    }
+}
+
+fn dead_letters(command: DeadLetterCommand, out: &mut impl Write) -> Result<(), cli::CliError> {
+    match command {
+        DeadLetterCommand::List { config, limit } => cli::dead_letters_list(&config, limit, out),
+        DeadLetterCommand::Replay {
+            config,
+            reason,
+            source,
+            since,
+            limit,
+            dry_run,
+        } => {
+            let since_ms = since.as_deref().map(cli::parse_since).transpose()?;
+            let filter = sahool_gateway::store::ReplayFilter {
+                reason,
+                source,
+                since_ms,
+                limit,
+                dry_run,
+            };
+            cli::dead_letters_replay(&config, filter, out)
+        }
+    }
+}
+
+/// Exit status of a command that answers yes (0) or no (1).
+fn verdict(result: Result<bool, cli::CliError>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => done(Err(e)),
+    }
+}
+
+fn done(result: Result<(), cli::CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `run`: the gateway until SIGTERM or SIGINT; exit 75 when a restart cures the cause.
+fn run(config_path: PathBuf) -> ExitCode {
+    init_logging();
+    let config = match config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(config_path, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway stopped");
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Binds HTTP, turns signals into the app's shutdown and reloads, and runs the app.
+async fn serve(config_path: PathBuf, config: config::Config) -> Result<(), app::RunError> {
+    let listener = http::bind(config.http.listen).await?;
+    let signal = |kind| unix::signal(kind).map_err(app::RunError::Signal);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let sighup = signal(SignalKind::hangup())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    let (reloads, reloaded) = mpsc::channel(1);
+    tokio::spawn(read_on_sighup(sighup, config_path, reloads));
+    app::run(config, listener, shutdown, reloaded).await
+}
+
+/// On each SIGHUP, reads and checks the config file as `validate` does and hands a good one to
+/// the app (which reports READY once it is applied); a bad one is refused and the running
+/// config stays.
+async fn read_on_sighup(mut sighup: Signal, path: PathBuf, reloads: mpsc::Sender<config::Config>) {
+    let notifier = Notifier::from_env();
+    while sighup.recv().await.is_some() {
+        notifier.reloading();
+        match config::load(&path) {
+            Ok(new) => {
+                if reloads.send(new).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: new config refused; the running one stays");
+                notifier.ready();
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The systemd notify protocol spoken by the real binary to a socket this test owns: READY once
 //! the store and sources are up, STATUS lines, WATCHDOG pings while the pipeline makes progress,
-//! none while it is wedged, STOPPING on SIGTERM.
+//! none while it is wedged, RELOADING and READY around a SIGHUP, STOPPING on SIGTERM.
 
 mod support;
 
@@ -76,6 +76,21 @@ async fn ready_status_watchdog_and_stopping() {
 
     let recovered = collect(&sock, Duration::from_secs(8));
     assert!(pings(&recovered) >= 2, "pings resume: {recovered:?}");
+
+    // A reload, good or refused, is RELOADING then READY again.
+    let config = std::fs::read_to_string(&gateway.config_path).expect("read config");
+    for (what, text) in [
+        ("a good config", config.as_str()),
+        ("a broken one", "not toml"),
+    ] {
+        gateway.write_raw_config(text);
+        gateway.signal("HUP");
+        let states: Vec<String> = collect(&sock, Duration::from_secs(2))
+            .into_iter()
+            .filter(|m| m == "RELOADING=1" || m == "READY=1")
+            .collect();
+        assert_eq!(states, ["RELOADING=1", "READY=1"], "reloading {what}");
+    }
 
     assert_eq!(gateway.terminate(), Some(0));
     let rest = collect(&sock, Duration::from_millis(200));

@@ -1,7 +1,7 @@
 //! `/healthz`, `/readyz`, `/metrics` and `/status` on a loopback socket. Ready means: the store
 //! writes, NATS is connected, and every MQTT listener is bound. `/status` is the typed
 //! [`StatusReport`] as JSON, for the `status` command. `POST /dead-letters/replay` runs
-//! `dead-letters replay` for the CLI ([`crate::replay`]), for loopback peers only.
+//! `dead-letters replay` for the CLI (`crate::replay`), for loopback peers only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,7 +31,9 @@ pub struct BindError {
     source: std::io::Error,
 }
 
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+/// Binds `[http] listen`. The binary binds before [`crate::app::run`], which takes the listener,
+/// so that a test can hand it one on port 0.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "HTTP metrics listen on a non-loopback address; anyone on that network can read them");
     }

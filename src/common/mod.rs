@@ -3,10 +3,10 @@
 //! notify protocol.
 
 pub(crate) mod backoff;
-pub(crate) mod http;
+pub mod http;
 pub(crate) mod log_limit;
 pub mod metrics;
 pub(crate) mod secrets;
 pub mod status;
-pub(crate) mod systemd;
+pub mod systemd;
 pub mod tls;

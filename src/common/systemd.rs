@@ -5,13 +5,13 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 /// A connection to the service manager's notify socket, if there is one.
-pub(crate) struct Notifier {
+pub struct Notifier {
     socket: Option<(UnixDatagram, String)>,
 }
 
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET`; a leading `@` names an abstract socket.
-    pub(crate) fn from_env() -> Self {
+    pub fn from_env() -> Self {
         let socket = std::env::var("NOTIFY_SOCKET").ok().and_then(|path| {
             let sock = UnixDatagram::unbound().ok()?;
             Some((sock, path))
@@ -33,7 +33,7 @@ impl Notifier {
         }
     }
 
-    pub(crate) fn ready(&self) {
+    pub fn ready(&self) {
         self.send("READY=1");
     }
 
@@ -42,7 +42,7 @@ impl Notifier {
         self.send(&format!("STATUS={}", text.replace('\n', " ")));
     }
 
-    pub(crate) fn reloading(&self) {
+    pub fn reloading(&self) {
         self.send("RELOADING=1");
     }
 

@@ -27,7 +27,7 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Buffer {
     #[serde(default = "default_max_bytes")]

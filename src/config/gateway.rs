@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::Ident;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gateway {
     /// In every event's `source.gateway_id`; also the root of MQTT client ids.
