@@ -23,8 +23,8 @@ pub mod plan;
 pub mod poller;
 pub mod port;
 
-pub use decode::DecodeError;
-pub use frame::{parse_response, FrameError};
+pub use decode::{DecodeError, EncodeError};
+pub use frame::{parse_coils, parse_response, parse_write_echo, Echo, FrameError};
 pub use plan::{plan, Plan, PointError, ReadRequest, Slot};
 pub use poller::{CycleReport, Poller, PortLost, RequestOutcome, Timing};
 pub use port::run;
