@@ -143,6 +143,7 @@ impl Pipeline {
             mapper: self.mapper.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            bus: Default::default(),
         };
         let (stop, stop_rx) = watch::channel(false);
         Task {

@@ -215,13 +215,26 @@ mod tests {
         use ValueType::*;
         use WordOrder::*;
         assert_eq!(encode_value(U16, Big, 65535.0), Ok(vec![0xFFFF]));
-        assert_eq!(encode_value(U16, Big, 12.4), Ok(vec![12]), "nearest integer");
+        assert_eq!(
+            encode_value(U16, Big, 12.4),
+            Ok(vec![12]),
+            "nearest integer"
+        );
         assert_eq!(encode_value(I16, Big, -1.0), Ok(vec![0xFFFF]));
         assert_eq!(encode_value(U32, Little, 65538.0), Ok(vec![2, 1]));
         assert_eq!(encode_value(F32, Big, 21.5), Ok(vec![0x41AC, 0]));
-        for (t, raw) in [(U16, -1.0), (U16, 65535.6), (I16, 32768.0), (I32, 3e9), (F32, 1e39)] {
+        for (t, raw) in [
+            (U16, -1.0),
+            (U16, 65535.6),
+            (I16, 32768.0),
+            (I32, 3e9),
+            (F32, 1e39),
+        ] {
             assert!(
-                matches!(encode_value(t, Big, raw), Err(EncodeError::OutOfRange { .. })),
+                matches!(
+                    encode_value(t, Big, raw),
+                    Err(EncodeError::OutOfRange { .. })
+                ),
                 "{t:?} {raw}"
             );
         }

@@ -202,7 +202,9 @@ mod tests {
     fn reads_coils_bit_by_bit() {
         // Coils 0..10: on, off, on, then off but for the 10th (bit 1 of the second byte).
         let good = with_crc(&[5, 0x01, 2, 0b0000_0101, 0b0000_0010]);
-        let expected = vec![true, false, true, false, false, false, false, false, false, true];
+        let expected = vec![
+            true, false, true, false, false, false, false, false, false, true,
+        ];
         assert_eq!(parse_coils(5, 10, &good), Ok(expected));
         assert_eq!(
             parse_coils(5, 1, &with_crc(&[5, 0x01, 1, 0xFF])),

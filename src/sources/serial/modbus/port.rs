@@ -17,17 +17,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_serial::SerialStream;
 
 use super::{
-    plan, CycleReport, Fault, Plan, Point, PointError, Poller, PortLost, RegisterKind, Timing,
-    ValueType, WordOrder,
+    plan, BusError, BusRequest, CycleReport, Fault, Plan, Point, PointError, Poller, PortLost,
+    RegisterKind, Timing, ValueType, WordOrder,
 };
 use crate::config::serial::{self as config, SerialBinding};
 use crate::ingest::mapping::{Reason, SerialKey, SerialValue};
 use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
-use crate::sources::serial::{hold, idle, stop_requested, PortContext, PortFault, PortSensor};
+use crate::sources::serial::{idle, stop_requested, PortContext, PortFault, PortSensor};
 
 impl From<config::RegisterKind> for RegisterKind {
     fn from(kind: config::RegisterKind) -> Self {
@@ -185,7 +186,9 @@ impl Bus {
     }
 }
 
-/// Polls the port's sensors until the port is lost or the gateway stops.
+/// Polls the port's sensors, and serves bus requests (actuator writes and read-backs) in
+/// between, until the port is lost or the gateway stops. The port takes requests (is in
+/// [`PortContext::bus`]) while this runs.
 pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     let bus = match Bus::of(&ctx.sensors, ctx.port.poll_interval()) {
         Ok(bus) => bus,
@@ -195,27 +198,42 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
         }
     };
     if bus.groups.is_empty() {
-        tracing::warn!(port = %ctx.name(), "no sensor is bound to this Modbus port; nothing to poll");
-        return hold(io, ctx).await;
+        tracing::info!(port = %ctx.name(), "no sensor is bound to this Modbus port; it serves actuator requests only");
     }
+    let (_registration, mut requests) = ctx.bus.register(ctx.name());
     let timing = Timing::new(ctx.port.timeout.0, ctx.port.settings().baud);
     let mut poller = Poller::new(io, timing);
     let mut schedule = Schedule::new(bus.groups.iter().map(|g| g.every), Instant::now());
     let mut faults = StationFaults::new();
     let mut stop = ctx.stop_signal();
     let mut counted_bytes = 0;
-    while let Some((group, due)) = schedule.next() {
+    loop {
+        let next = schedule.next();
+        // Only waits race here; a request on the bus is never cancelled but by a stop.
+        let step = tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
+            group = due(next) => Ok(group),
+            Some(request) = requests.recv() => Err(request),
+        };
+        let group = match step {
+            Ok(group) => group,
+            Err(request) => {
+                let served = tokio::select! {
+                    served = serve(&mut poller, ctx, request) => served,
+                    _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
+                };
+                count_bytes(&poller, ctx, &mut counted_bytes);
+                served?;
+                continue;
+            }
+        };
         let plan = &bus.groups[group].plan;
         let polled = tokio::select! {
-            polled = async {
-                tokio::time::sleep_until(due).await;
-                poller.poll(plan).await
-            } => polled,
+            polled = poll(&mut poller, plan, &mut requests, ctx) => polled,
             _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
         };
-        let bytes = poller.bytes_received();
-        ctx.bytes.inc_by(bytes - counted_bytes);
-        counted_bytes = bytes;
+        count_bytes(&poller, ctx, &mut counted_bytes);
         match polled {
             Ok(report) => commit(ctx, &bus, plan, &report, &mut faults).await?,
             Err(PortLost { error, partial }) => {
@@ -225,7 +243,94 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
         }
         schedule.polled(group, Instant::now());
     }
-    Ok(())
+}
+
+/// Adds the bytes read since the last count to `serial_bytes_received_total`.
+fn count_bytes(poller: &Poller<SerialStream>, ctx: &PortContext, counted: &mut u64) {
+    let bytes = poller.bytes_received();
+    ctx.bytes.inc_by(bytes - *counted);
+    *counted = bytes;
+}
+
+/// The group `next` names, once it is due; never, when nothing is polled.
+async fn due(next: Option<(usize, Instant)>) -> usize {
+    match next {
+        Some((group, at)) => {
+            tokio::time::sleep_until(at).await;
+            group
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One poll of `plan`, serving at most one waiting bus request before each poll request: a
+/// request waits for the poll request in progress, not the whole cycle, and a poll is held
+/// up by one request at a time, not by a queue of them.
+async fn poll(
+    poller: &mut Poller<SerialStream>,
+    plan: &Plan,
+    requests: &mut mpsc::Receiver<BusRequest>,
+    ctx: &PortContext,
+) -> Result<CycleReport, PortLost> {
+    let mut report = CycleReport::default();
+    for request in &plan.requests {
+        let mut served = Ok(());
+        if let Ok(waiting) = requests.try_recv() {
+            served = serve(poller, ctx, waiting).await;
+        }
+        if let Err(error) = match served {
+            Ok(()) => poller.poll_request(request, &mut report).await,
+            Err(error) => Err(error),
+        } {
+            return Err(PortLost {
+                error,
+                partial: report,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Carries out one bus request and answers it; `Err` only when the port is gone. A request
+/// whose caller stopped waiting is dropped unsent: the caller counts it as failed, and a
+/// write it does not know of must not land.
+async fn serve(
+    poller: &mut Poller<SerialStream>,
+    ctx: &PortContext,
+    request: BusRequest,
+) -> std::io::Result<()> {
+    let BusRequest { kind, reply } = request;
+    if reply.is_closed() {
+        tracing::debug!(port = %ctx.name(), request = ?kind, "the caller stopped waiting; not sent");
+        return Ok(());
+    }
+    let result = poller.serve(&kind).await;
+    let (answer, outcome) = match &result {
+        Ok(Ok(answer)) => (Ok(answer.clone()), "ok"),
+        Ok(Err(fault)) => (
+            Err(BusError::from_fault(ctx.name(), &kind, fault)),
+            fault.reason(),
+        ),
+        Err(e) => {
+            let lost = BusError::PortLost {
+                port: ctx.name().to_string(),
+                what: kind.describe(),
+                detail: e.to_string(),
+            };
+            (Err(lost), "lost")
+        }
+    };
+    if outcome != "lost" {
+        ctx.metrics
+            .modbus_request(ctx.name(), kind.unit(), outcome)
+            .inc();
+    }
+    match &answer {
+        Ok(_) => tracing::debug!(port = %ctx.name(), request = ?kind, "bus request served"),
+        Err(e) => tracing::warn!(port = %ctx.name(), error = %e, "bus request failed"),
+    }
+    let _ = reply.send(answer);
+    result.map(drop)
 }
 
 /// Counts one poll's requests and commits its values, then the faults kept as dead-letters.
