@@ -433,68 +433,8 @@ async fn sdi12_closed_port_is_reported_as_lost() {
     assert!(fault.is_port_lost(), "{fault}");
 }
 
-const WRITES_CONFIG: &str = r#"
-[nats]
-servers = ["nats://127.0.0.1:4222"]
-
-[[serial]]
-name = "rs485-1"
-path = "PTY"
-protocol = "modbus-rtu"
-poll_interval = "250ms"
-timeout = "300ms"
-
-[[fields]]
-id = "f-1"
-  [[fields.sensors]]
-  device_id = "probe-1"
-  sensor_type = "soil_moisture"
-  modbus = { port = "rs485-1", unit = 1, register = 0 }
-
-  [[fields.actuators]]
-  id = "pump-1"
-  kind = "switch"
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  coil = 0
-
-  [[fields.actuators]]
-  id = "dosing-1"
-  kind = "setpoint"
-  range = [0.0, 100.0]
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  register = 10
-  scale = 0.1
-
-  [[fields.actuators]]
-  id = "flow-1"
-  kind = "setpoint"
-  range = [0.0, 1000.0]
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  register = 20
-  type = "f32"
-
-  [[fields.actuators]]
-  id = "welded-1"
-  kind = "switch"
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 9
-  coil = 0
-
-  [[fields.actuators]]
-  id = "ghost-1"
-  kind = "switch"
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 12
-  coil = 0
-"#;
+/// The port, its sensor and its actuators.
+const WRITES_CONFIG: &str = include_str!("fixtures/modbus/actuators.toml");
 
 /// A `modbus-rtu` port task on a pseudo-terminal, as the gateway runs it, with `WRITES_CONFIG`.
 struct PortUnderTest {
@@ -510,7 +450,7 @@ fn start_port(pty_path: &std::path::Path) -> PortUnderTest {
     let text = format!(
         "[gateway]\nid = \"gw-1\"\ntenant_id = \"t\"\ndata_dir = \"{}\"\n{}",
         dir.path().display(),
-        WRITES_CONFIG.replace("PTY", &pty_path.display().to_string())
+        WRITES_CONFIG.replace("/dev/ttyUSB0", &pty_path.display().to_string())
     );
     let config = config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"));
     let metrics = Arc::new(Metrics::new());

@@ -185,49 +185,12 @@ fn unexpected(port: &str, kind: &BusRequestKind) -> BusError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::test_support::MINIMAL;
 
-    const ACTUATORS: &str = r#"
-[[serial]]
-name = "rs485-1"
-path = "/dev/ttyUSB0"
-protocol = "modbus-rtu"
-
-[[fields]]
-id = "f-1"
-  [[fields.actuators]]
-  id = "pump-1"
-  kind = "switch"
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  coil = 3
-
-  [[fields.actuators]]
-  id = "dosing-1"
-  kind = "setpoint"
-  range = [0.0, 100.0]
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  register = 10
-  scale = 0.1
-
-  [[fields.actuators]]
-  id = "pressure-1"
-  kind = "setpoint"
-  range = [-50.0, 50.0]
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 8
-  register = 0
-  type = "i32"
-  scale = 0.001
-  offset = 1.0
-"#;
+    /// Shared with `tests/serial_engines.rs`.
+    const ACTUATORS: &str = include_str!("../../tests/fixtures/modbus/actuators.toml");
 
     fn actuators(bus: BusRequests) -> ModbusActuators {
-        let text = format!("{MINIMAL}{ACTUATORS}");
+        let text = format!("[gateway]\nid = \"gw-1\"\ntenant_id = \"t\"\n{ACTUATORS}");
         let config = crate::config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"));
         ModbusActuators::new(&config, bus)
     }
@@ -260,7 +223,7 @@ id = "f-1"
         let expected = [
             Write::Coil {
                 unit: 7,
-                coil: 3,
+                coil: 0,
                 on: true,
             },
             Write::Registers {
@@ -319,7 +282,7 @@ id = "f-1"
         assert!((pressure + 1.5).abs() < 1e-9, "{pressure}");
         assert_eq!(
             seen.recv().await,
-            Some(BusRequestKind::Read(Read::Coil { unit: 7, coil: 3 }))
+            Some(BusRequestKind::Read(Read::Coil { unit: 7, coil: 0 }))
         );
         assert_eq!(
             seen.recv().await,

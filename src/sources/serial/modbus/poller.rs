@@ -471,6 +471,50 @@ mod tests {
     }
 
     #[test]
+    fn a_write_is_confirmed_only_by_its_own_echo() {
+        let coil = Op::WriteCoil {
+            unit: 7,
+            coil: 3,
+            on: true,
+        };
+        assert!(matches!(
+            coil.accept(Response::WriteSingleCoil(3, true)),
+            Ok(Answer::Written)
+        ));
+        for other in [
+            Response::WriteSingleCoil(3, false),
+            Response::WriteSingleCoil(4, true),
+            Response::ReadCoils(vec![true]),
+        ] {
+            assert!(matches!(coil.accept(other), Err(Fault::Unexpected)));
+        }
+        let float = Op::WriteRegisters {
+            unit: 7,
+            start: 20,
+            words: vec![0x41AC, 0],
+        };
+        assert!(matches!(
+            float.request(),
+            Request::WriteMultipleRegisters(20, _)
+        ));
+        assert!(matches!(
+            float.accept(Response::WriteMultipleRegisters(20, 2)),
+            Ok(Answer::Written)
+        ));
+        assert!(matches!(
+            float.accept(Response::WriteMultipleRegisters(20, 1)),
+            Err(Fault::Unexpected)
+        ));
+        let wrong_echo = [7, 0x10, 0x00, 0x14, 0x00, 0x01];
+        let mut frame = wrong_echo.to_vec();
+        frame.extend_from_slice(&super::super::frame::crc16(&wrong_echo));
+        assert!(matches!(
+            float.check_frame(&frame),
+            Err(FrameError::Echo { .. })
+        ));
+    }
+
+    #[test]
     fn gap_follows_the_baud_rate() {
         assert_eq!(frame_gap(9600), Duration::from_micros(4010));
         assert_eq!(frame_gap(1200), Duration::from_micros(32_083));

@@ -10,6 +10,10 @@
 //!   bytes that arrived, both rate-limited per slave and reason ([`StationFaults`]). A
 //!   `timeout` is logged (rate-limited) and counted only.
 //! - A lost port ends the engine after the values read before the loss are committed.
+//! - Bus requests (actuator writes and read-backs, [`super::bus`]) are taken while the engine
+//!   runs: between polls, and one before each poll request, so a request waits for the
+//!   request in progress, never a whole cycle, and a poll is held up by at most one request
+//!   per request of its own. A port with no sensors serves requests only.
 //!
 //! The sensor list is read at start: a change of the port's bindings restarts the port
 //! ([`PortPlan::unchanged`](crate::sources::serial::PortPlan::unchanged)).
