@@ -499,6 +499,7 @@ async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
                 .holding(10, &[0])
                 .holding(20, &[0, 0]),
             Slave::new(9).coil(0, false).stuck(),
+            Slave::new(10).coil(0, false).behaving(Behaviour::BadCrc),
         ],
     );
     let port = start_port(&path);
@@ -573,6 +574,19 @@ async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
     let err = a.write("ghost-1", Value::Switch(true)).await.unwrap_err();
     assert!(matches!(err, BusError::Timeout { unit: 12, .. }), "{err}");
     assert!(err.to_string().contains("port `rs485-1`"), "{err}");
+
+    // A refusal and a corrupt answer, each with what to check.
+    let err = a
+        .write("misaddressed-1", Value::Switch(true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BusError::Exception { code: 0x02, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("illegal data address"), "{err}");
+    let err = a.write("noisy-1", Value::Switch(true)).await.unwrap_err();
+    assert!(matches!(err, BusError::Crc { unit: 10, .. }), "{err}");
 
     // Polling still goes on after all of it.
     let before = sim.seen().iter().filter(|s| s.unit == 1).count();
