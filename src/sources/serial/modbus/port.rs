@@ -278,14 +278,13 @@ async fn poll(
 ) -> Result<CycleReport, PortLost> {
     let mut report = CycleReport::default();
     for request in &plan.requests {
-        let mut served = Ok(());
-        if let Ok(waiting) = requests.try_recv() {
-            served = serve(poller, ctx, waiting).await;
-        }
-        if let Err(error) = match served {
-            Ok(()) => poller.poll_request(request, &mut report).await,
-            Err(error) => Err(error),
-        } {
+        let step = async {
+            if let Ok(waiting) = requests.try_recv() {
+                serve(poller, ctx, waiting).await?;
+            }
+            poller.poll_request(request, &mut report).await
+        };
+        if let Err(error) = step.await {
             return Err(PortLost {
                 error,
                 partial: report,
