@@ -445,10 +445,11 @@ struct PortUnderTest {
     _dir: tempfile::TempDir,
 }
 
-fn start_port(pty_path: &std::path::Path) -> PortUnderTest {
+/// The port task of `WRITES_CONFIG` on `pty_path`, with `extra` tables appended.
+fn start_port(pty_path: &std::path::Path, extra: &str) -> PortUnderTest {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
-        "[gateway]\nid = \"gw-1\"\ntenant_id = \"t\"\ndata_dir = \"{}\"\n{}",
+        "[gateway]\nid = \"gw-1\"\ntenant_id = \"t\"\ndata_dir = \"{}\"\n{}\n{extra}",
         dir.path().display(),
         WRITES_CONFIG.replace("/dev/ttyUSB0", &pty_path.display().to_string())
     );
@@ -480,6 +481,20 @@ fn start_port(pty_path: &std::path::Path) -> PortUnderTest {
     }
 }
 
+impl PortUnderTest {
+    /// Waits until the port task takes requests.
+    async fn running(&self) {
+        let started = Instant::now();
+        while !self.bus.is_running("rs485-1") {
+            assert!(
+                started.elapsed() < BOUND,
+                "the port task never took requests"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// A write, then its read-back, as the downlink does it.
 async fn write_and_read(a: &ModbusActuators, id: &str, value: Value) -> Result<Value, BusError> {
     a.write(id, value).await?;
@@ -502,15 +517,8 @@ async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
             Slave::new(10).coil(0, false).behaving(Behaviour::BadCrc),
         ],
     );
-    let port = start_port(&path);
-    let started = Instant::now();
-    while !port.bus.is_running("rs485-1") {
-        assert!(
-            started.elapsed() < BOUND,
-            "the port task never took requests"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let port = start_port(&path, "");
+    port.running().await;
 
     // 50 writes, each read back, while the sensor is polled every 250 ms.
     let window = Instant::now();
@@ -614,4 +622,48 @@ async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
         }
     );
     assert_eq!(sim.coil_writes(7, 0), 25, "nothing more was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_writes_go_through_while_the_buffer_holds_the_readings() {
+    // No room in the buffer, ever: the port holds its first poll's values and retries, and
+    // does not read the sensors meanwhile. A pump's `off` must not wait for room.
+    let pty = Pty::open();
+    let path = pty.slave_path().to_path_buf();
+    let sim = SimBus::spawn(
+        pty.into_async(),
+        vec![
+            Slave::new(1).holding(0, &[42]), // 42 %: a plausible reading, so it waits for room
+            Slave::new(7).coil(0, true),
+        ],
+    );
+    let port = start_port(&path, "[buffer]\nmin_free_disk = \"100000000GiB\"\n");
+    port.running().await;
+    let polled = |sim: &SimBus| sim.seen().iter().filter(|s| s.unit == 1).count();
+    let started = Instant::now();
+    while polled(&sim) == 0 {
+        assert!(started.elapsed() < BOUND, "the sensor was never polled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        polled(&sim),
+        1,
+        "the values wait for room; the sensor is not read again"
+    );
+
+    let asked = Instant::now();
+    let got = write_and_read(&port.actuators, "pump-1", Value::Switch(false)).await;
+    assert_eq!(got, Ok(Value::Switch(false)));
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(sim.coil_writes(7, 0), 1);
+    port.stop.send(true).unwrap();
+    tokio::time::timeout(BOUND, port.task)
+        .await
+        .unwrap()
+        .unwrap();
 }

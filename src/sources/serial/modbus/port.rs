@@ -13,12 +13,16 @@
 //! - Bus requests (actuator writes and read-backs, [`super::bus`]) are taken while the engine
 //!   runs: between polls, and one before each poll request, so a request waits for the
 //!   request in progress, never a whole cycle, and a poll is held up by at most one request
-//!   per request of its own. A port with no sensors serves requests only.
+//!   per request of its own. While a poll's values wait for room in the buffer, requests are
+//!   still served (a pump's `off` must not wait for disk space). A port with no sensors
+//!   serves requests only.
 //!
 //! The sensor list is read at start: a change of the port's bindings restarts the port
 //! ([`PortPlan::unchanged`](crate::sources::serial::PortPlan::unchanged)).
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -29,6 +33,7 @@ use super::{
     plan, BusError, BusRequest, CycleReport, Fault, Plan, Point, PointError, Poller, PortLost,
     RegisterKind, Timing, ValueType, WordOrder,
 };
+use crate::common::metrics::Metrics;
 use crate::config::serial::{self as config, SerialBinding};
 use crate::ingest::mapping::{Reason, SerialKey, SerialValue};
 use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
@@ -204,42 +209,49 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
     if bus.groups.is_empty() {
         tracing::info!(port = %ctx.name(), "no sensor is bound to this Modbus port; it serves actuator requests only");
     }
-    let (_registration, mut requests) = ctx.bus.register(ctx.name());
+    let (_registration, requests) = ctx.bus.register(ctx.name());
     let timing = Timing::new(ctx.port.timeout.0, ctx.port.settings().baud);
-    let mut poller = Poller::new(io, timing);
+    let mut master = Master {
+        poller: Poller::new(io, timing),
+        requests,
+        port: ctx.name().to_string(),
+        metrics: ctx.metrics.clone(),
+    };
     let mut schedule = Schedule::new(bus.groups.iter().map(|g| g.every), Instant::now());
     let mut faults = StationFaults::new();
     let mut stop = ctx.stop_signal();
     let mut counted_bytes = 0;
     loop {
+        count_bytes(&master.poller, ctx, &mut counted_bytes);
         let next = schedule.next();
         // Only waits race here; a request on the bus is never cancelled but by a stop.
         let step = tokio::select! {
             biased;
             _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
             group = due(next) => Ok(group),
-            Some(request) = requests.recv() => Err(request),
+            Some(request) = master.requests.recv() => Err(request),
         };
         let group = match step {
             Ok(group) => group,
             Err(request) => {
-                let served = tokio::select! {
-                    served = serve(&mut poller, ctx, request) => served,
+                tokio::select! {
+                    served = master.serve(request) => served?,
                     _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
                 };
-                count_bytes(&poller, ctx, &mut counted_bytes);
-                served?;
                 continue;
             }
         };
         let plan = &bus.groups[group].plan;
         let polled = tokio::select! {
-            polled = poll(&mut poller, plan, &mut requests, ctx) => polled,
+            polled = master.poll(plan) => polled,
             _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
         };
-        count_bytes(&poller, ctx, &mut counted_bytes);
+        count_bytes(&master.poller, ctx, &mut counted_bytes);
         match polled {
-            Ok(report) => commit(ctx, &bus, plan, &report, &mut faults).await?,
+            Ok(report) => {
+                let committing = commit(ctx, &bus, plan, &report, &mut faults);
+                master.serving(committing).await?;
+            }
             Err(PortLost { error, partial }) => {
                 commit(ctx, &bus, plan, &partial, &mut faults).await?;
                 return Err(PortFault::Io(error));
@@ -267,73 +279,90 @@ async fn due(next: Option<(usize, Instant)>) -> usize {
     }
 }
 
-/// One poll of `plan`, serving at most one waiting bus request before each poll request: a
-/// request waits for the poll request in progress, not the whole cycle, and a poll is held
-/// up by one request at a time, not by a queue of them.
-async fn poll(
-    poller: &mut Poller<SerialStream>,
-    plan: &Plan,
-    requests: &mut mpsc::Receiver<BusRequest>,
-    ctx: &PortContext,
-) -> Result<CycleReport, PortLost> {
-    let mut report = CycleReport::default();
-    for request in &plan.requests {
-        let step = async {
-            if let Ok(waiting) = requests.try_recv() {
-                serve(poller, ctx, waiting).await?;
-            }
-            poller.poll_request(request, &mut report).await
-        };
-        if let Err(error) = step.await {
-            return Err(PortLost {
-                error,
-                partial: report,
-            });
-        }
-    }
-    Ok(report)
+/// The master end of the bus: the poller, and the requests others wait on.
+struct Master {
+    poller: Poller<SerialStream>,
+    requests: mpsc::Receiver<BusRequest>,
+    port: String,
+    metrics: Arc<Metrics>,
 }
 
-/// Carries out one bus request and answers it; `Err` only when the port is gone. A request
-/// whose caller stopped waiting is dropped unsent: the caller counts it as failed, and a
-/// write it does not know of must not land.
-async fn serve(
-    poller: &mut Poller<SerialStream>,
-    ctx: &PortContext,
-    request: BusRequest,
-) -> std::io::Result<()> {
-    let BusRequest { kind, reply } = request;
-    if reply.is_closed() {
-        tracing::debug!(port = %ctx.name(), request = ?kind, "the caller stopped waiting; not sent");
-        return Ok(());
+impl Master {
+    /// One poll of `plan`, serving at most one waiting bus request before each poll request:
+    /// a request waits for the poll request in progress, not the whole cycle, and a poll is
+    /// held up by one request at a time, not by a queue of them.
+    async fn poll(&mut self, plan: &Plan) -> Result<CycleReport, PortLost> {
+        let mut report = CycleReport::default();
+        for request in &plan.requests {
+            let step = async {
+                if let Ok(waiting) = self.requests.try_recv() {
+                    self.serve(waiting).await?;
+                }
+                self.poller.poll_request(request, &mut report).await
+            };
+            if let Err(error) = step.await {
+                return Err(PortLost {
+                    error,
+                    partial: report,
+                });
+            }
+        }
+        Ok(report)
     }
-    let result = poller.serve(&kind).await;
-    let (answer, outcome) = match &result {
-        Ok(Ok(answer)) => (Ok(answer.clone()), "ok"),
-        Ok(Err(fault)) => (
-            Err(BusError::from_fault(ctx.name(), &kind, fault)),
-            fault.reason(),
-        ),
-        Err(e) => {
-            let lost = BusError::PortLost {
-                port: ctx.name().to_string(),
+
+    /// Runs `work` (a commit, which waits while the buffer is full) to its end, serving bus
+    /// requests meanwhile: a full buffer must not hold up a pump's `off`. A port lost while
+    /// serving is reported once `work` is done.
+    async fn serving(
+        &mut self,
+        work: impl Future<Output = Result<(), PortFault>>,
+    ) -> Result<(), PortFault> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                Some(request) = self.requests.recv() => {
+                    if let Err(lost) = self.serve(request).await {
+                        work.await?;
+                        return Err(PortFault::Io(lost));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out one bus request and answers it; `Err` only when the port is gone. A
+    /// request whose caller stopped waiting is dropped unsent: the caller counts it as failed,
+    /// and a write it does not know of must not land.
+    async fn serve(&mut self, request: BusRequest) -> std::io::Result<()> {
+        let BusRequest { kind, reply } = request;
+        let port = self.port.as_str();
+        if reply.is_closed() {
+            tracing::debug!(port, request = ?kind, "the caller stopped waiting; not sent");
+            return Ok(());
+        }
+        let result = self.poller.serve(&kind).await;
+        let answer = match &result {
+            Ok(Ok(answer)) => Ok(answer.clone()),
+            Ok(Err(fault)) => Err(BusError::from_fault(port, &kind, fault)),
+            Err(e) => Err(BusError::PortLost {
+                port: port.to_string(),
                 what: kind.describe(),
                 detail: e.to_string(),
-            };
-            (Err(lost), "lost")
+            }),
+        };
+        if let Ok(outcome) = &result {
+            let label = outcome.as_ref().map_or_else(Fault::reason, |_| "ok");
+            self.metrics.modbus_request(port, kind.unit(), label).inc();
         }
-    };
-    if outcome != "lost" {
-        ctx.metrics
-            .modbus_request(ctx.name(), kind.unit(), outcome)
-            .inc();
+        match &answer {
+            Ok(_) => tracing::debug!(port, request = ?kind, "bus request served"),
+            Err(e) => tracing::warn!(port, error = %e, "bus request failed"),
+        }
+        let _ = reply.send(answer);
+        result.map(drop)
     }
-    match &answer {
-        Ok(_) => tracing::debug!(port = %ctx.name(), request = ?kind, "bus request served"),
-        Err(e) => tracing::warn!(port = %ctx.name(), error = %e, "bus request failed"),
-    }
-    let _ = reply.send(answer);
-    result.map(drop)
 }
 
 /// Counts one poll's requests and commits its values, then the faults kept as dead-letters.
