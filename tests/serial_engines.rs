@@ -445,8 +445,12 @@ struct PortUnderTest {
     _dir: tempfile::TempDir,
 }
 
-/// The port task of `WRITES_CONFIG` on `pty_path`, with `extra` tables appended.
-fn start_port(pty_path: &std::path::Path, extra: &str) -> PortUnderTest {
+/// The port task of `WRITES_CONFIG`, with `extra` tables appended, on a pseudo-terminal
+/// whose far end is a bus of `slaves`.
+fn start_port(slaves: Vec<Slave>, extra: &str) -> (PortUnderTest, SimBus) {
+    let pty = Pty::open();
+    let pty_path = pty.slave_path().to_path_buf();
+    let sim = SimBus::spawn(pty.into_async(), slaves);
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[gateway]\nid = \"gw-1\"\ntenant_id = \"t\"\ndata_dir = \"{}\"\n{}\n{extra}",
@@ -472,13 +476,14 @@ fn start_port(pty_path: &std::path::Path, extra: &str) -> PortUnderTest {
         bus: bus.clone(),
     };
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    PortUnderTest {
+    let port = PortUnderTest {
         actuators: ModbusActuators::new(&config, bus.clone()),
         bus,
         stop,
         task: tokio::spawn(input.run(stop_rx)),
         _dir: dir,
-    }
+    };
+    (port, sim)
 }
 
 impl PortUnderTest {
@@ -503,10 +508,7 @@ async fn write_and_read(a: &ModbusActuators, id: &str, value: Value) -> Result<V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
-    let pty = Pty::open();
-    let path = pty.slave_path().to_path_buf();
-    let sim = SimBus::spawn(
-        pty.into_async(),
+    let (port, sim) = start_port(
         vec![
             Slave::new(1).holding(0, &[421]),
             Slave::new(7)
@@ -516,8 +518,8 @@ async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
             Slave::new(9).coil(0, false).stuck(),
             Slave::new(10).coil(0, false).behaving(Behaviour::BadCrc),
         ],
+        "",
     );
-    let port = start_port(&path, "");
     port.running().await;
 
     // 50 writes, each read back, while the sensor is polled every 250 ms.
@@ -628,16 +630,13 @@ async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
 async fn modbus_writes_go_through_while_the_buffer_holds_the_readings() {
     // No room in the buffer, ever: the port holds its first poll's values and retries, and
     // does not read the sensors meanwhile. A pump's `off` must not wait for room.
-    let pty = Pty::open();
-    let path = pty.slave_path().to_path_buf();
-    let sim = SimBus::spawn(
-        pty.into_async(),
+    let (port, sim) = start_port(
         vec![
             Slave::new(1).holding(0, &[42]), // 42 %: a plausible reading, so it waits for room
             Slave::new(7).coil(0, true),
         ],
+        "[buffer]\nmin_free_disk = \"100000000GiB\"\n",
     );
-    let port = start_port(&path, "[buffer]\nmin_free_disk = \"100000000GiB\"\n");
     port.running().await;
     let polled = |sim: &SimBus| sim.seen().iter().filter(|s| s.unit == 1).count();
     let started = Instant::now();

@@ -16,8 +16,8 @@ use super::{exception_name, Fault};
 const QUEUE: usize = 16;
 
 /// How long a caller waits for a port to take and answer a request. Far longer than one
-/// request (the poll loop serves requests between its own), but bounded: a port that holds
-/// its readings while the buffer is full does not serve, and the caller must learn that.
+/// request (the port serves requests between its own, and while its values wait for room in
+/// the buffer), but bounded: a port task that is stuck must not hold the caller for ever.
 pub const CALL_BOUND: Duration = Duration::from_secs(30);
 
 /// A write to one slave.
@@ -97,7 +97,7 @@ pub struct BusRequest {
 pub enum BusError {
     #[error("serial port `{port}` is not running: not a configured modbus-rtu port, or not open (missing, or lost and being reopened; see /readyz)")]
     NotRunning { port: String },
-    #[error("serial port `{port}` did not take the request within {}s: its poll loop is held up (a full buffer?)", CALL_BOUND.as_secs())]
+    #[error("serial port `{port}` did not answer the request within {}s: its task is held up (see the log and /readyz)", CALL_BOUND.as_secs())]
     Busy { port: String },
     #[error("Modbus unit {unit} on port `{port}` did not answer {what} within the response timeout: check its power, wiring and unit id")]
     Timeout {
