@@ -2,18 +2,27 @@
 //! the far end: values decoded per type and word order, faults classified and counted per slave
 //! and reason without disturbing the good devices, late answers never taken for the next
 //! request's, SDI-12 measurements with service requests, concurrent waits and CRCs, and a lost
-//! port reported so the caller can reopen it.
+//! port reported so the caller can reopen it. Actuator writes go through a running port task,
+//! between its polls, each once, and are read back.
 
 mod support;
 
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use sahool_gateway::common::metrics::{sample, Metrics};
+use sahool_gateway::config;
+use sahool_gateway::downlink::modbus::ModbusActuators;
+use sahool_gateway::downlink::Value;
+use sahool_gateway::ingest::mapping::Mapper;
 use sahool_gateway::sources::serial::modbus::{
-    self, CycleReport, Fault, Plan, Point, Poller, PortLost, RegisterKind, Timing, ValueType,
-    WordOrder,
+    self, BusError, BusRequests, CycleReport, Fault, Plan, Point, Poller, PortLost, RegisterKind,
+    Timing, ValueType, WordOrder,
 };
 use sahool_gateway::sources::serial::sdi12::{Address, MeasureCommand, Sdi12Fault, Session};
+use sahool_gateway::sources::serial::{PortPlan, SerialInput};
+use sahool_gateway::store;
+use support::pty::Pty;
 use support::sim_modbus::{words32, Behaviour, SimBus, Slave};
 use support::sim_sdi12::{self, Sensor, SimSdi12};
 use tokio_serial::SerialStream;
@@ -422,4 +431,238 @@ async fn sdi12_closed_port_is_reported_as_lost() {
         .await
         .expect_err("the port is gone");
     assert!(fault.is_port_lost(), "{fault}");
+}
+
+/// The port, its sensor and its actuators.
+const WRITES_CONFIG: &str = include_str!("fixtures/modbus/actuators.toml");
+
+/// A `modbus-rtu` port task on a pseudo-terminal, as the gateway runs it, with `WRITES_CONFIG`.
+struct PortUnderTest {
+    actuators: ModbusActuators,
+    bus: BusRequests,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// The port task of `WRITES_CONFIG`, with `extra` tables appended, on a pseudo-terminal
+/// whose far end is a bus of `slaves`.
+fn start_port(slaves: Vec<Slave>, extra: &str) -> (PortUnderTest, SimBus) {
+    let pty = Pty::open();
+    let pty_path = pty.slave_path().to_path_buf();
+    let sim = SimBus::spawn(pty.into_async(), slaves);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw-1\"\ntenant_id = \"t\"\ndata_dir = \"{}\"\n{}\n{extra}",
+        dir.path().display(),
+        WRITES_CONFIG.replace("/dev/ttyUSB0", &pty_path.display().to_string())
+    );
+    let config = config::parse(&text).unwrap_or_else(|p| panic!("{p:?}"));
+    let metrics = Arc::new(Metrics::new());
+    let (store, _store_thread) = store::start(
+        config.store_path(),
+        config.buffer.clone(),
+        config.quality.low_battery,
+        metrics.clone(),
+    )
+    .unwrap();
+    let bus = BusRequests::default();
+    let input = SerialInput {
+        plan: PortPlan::all(&config).remove(0),
+        quality: config.quality.clone(),
+        mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),
+        store,
+        metrics,
+        bus: bus.clone(),
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let port = PortUnderTest {
+        actuators: ModbusActuators::new(&config, bus.clone()),
+        bus,
+        stop,
+        task: tokio::spawn(input.run(stop_rx)),
+        _dir: dir,
+    };
+    (port, sim)
+}
+
+impl PortUnderTest {
+    /// Waits until the port task takes requests.
+    async fn running(&self) {
+        let started = Instant::now();
+        while !self.bus.is_running("rs485-1") {
+            assert!(
+                started.elapsed() < BOUND,
+                "the port task never took requests"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A write, then its read-back, as the downlink does it.
+async fn write_and_read(a: &ModbusActuators, id: &str, value: Value) -> Result<Value, BusError> {
+    a.write(id, value).await?;
+    a.read(id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_writes_share_the_bus_with_polling_and_are_read_back() {
+    let (port, sim) = start_port(
+        vec![
+            Slave::new(1).holding(0, &[421]),
+            Slave::new(7)
+                .coil(0, false)
+                .holding(10, &[0])
+                .holding(20, &[0, 0]),
+            Slave::new(9).coil(0, false).stuck(),
+            Slave::new(10).coil(0, false).behaving(Behaviour::BadCrc),
+        ],
+        "",
+    );
+    port.running().await;
+
+    // 50 writes, each read back, while the sensor is polled every 250 ms.
+    let window = Instant::now();
+    let a = &port.actuators;
+    for i in 0..25u16 {
+        let on = i % 2 == 0;
+        let got = write_and_read(a, "pump-1", Value::Switch(on)).await;
+        assert_eq!(got, Ok(Value::Switch(on)), "write {i}");
+        let setpoint = f64::from(i) * 1.5;
+        let Ok(Value::Number(read)) = write_and_read(a, "dosing-1", Value::Number(setpoint)).await
+        else {
+            panic!("setpoint write {i} read back");
+        };
+        assert!((read - setpoint).abs() <= 0.05, "{read} for {setpoint}");
+        // Spread the writes over a few poll intervals.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let window_end = Instant::now();
+    assert_eq!(
+        sim.coil_writes(7, 0),
+        25,
+        "each coil write lands exactly once"
+    );
+    assert_eq!(sim.register_writes(7, 10), 25, "each register write once");
+    assert_eq!(
+        sim.coil_state(7, 0),
+        Some(true),
+        "the last write (on, 24th) holds"
+    );
+
+    // Polls kept their interval: as many as the window holds, and no poll held up by a queue
+    // of writes (a write waits for the request in progress; a poll for at most one write).
+    // A poll that ends after its next tick skips that tick (the schedule's rule), which a slow
+    // buffer commit on a loaded machine can cause once; writes must not make it a habit.
+    let polls: Vec<Instant> = sim
+        .seen()
+        .iter()
+        .filter(|s| s.unit == 1 && s.function == 3 && (window..=window_end).contains(&s.at))
+        .map(|s| s.at)
+        .collect();
+    let elapsed = window_end - window;
+    let gaps: Vec<Duration> = polls.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        polls.len() as f64 >= elapsed.as_secs_f64() / 0.25 - 2.0,
+        "{} polls in {elapsed:?}, gaps {gaps:?}",
+        polls.len()
+    );
+    let skipped = gaps
+        .iter()
+        .filter(|g| **g >= Duration::from_millis(400))
+        .count();
+    assert!(
+        skipped <= 1 && gaps.iter().all(|g| *g < Duration::from_millis(600)),
+        "polls were held up: gaps {gaps:?}"
+    );
+
+    // A 32-bit float setpoint goes out as one multiple-register write.
+    let got = write_and_read(a, "flow-1", Value::Number(12.5)).await;
+    assert_eq!(got, Ok(Value::Number(12.5)));
+    assert_eq!(sim.register_writes(7, 20), 1);
+
+    // A stuck relay acknowledges the write; the read-back tells the truth.
+    let got = write_and_read(a, "welded-1", Value::Switch(true)).await;
+    assert_eq!(got, Ok(Value::Switch(false)));
+    assert_eq!(sim.coil_writes(9, 0), 1);
+
+    // A slave that is not there: a timeout that names the unit and port.
+    let err = a.write("ghost-1", Value::Switch(true)).await.unwrap_err();
+    assert!(matches!(err, BusError::Timeout { unit: 12, .. }), "{err}");
+    assert!(err.to_string().contains("port `rs485-1`"), "{err}");
+
+    // A refusal and a corrupt answer, each with what to check.
+    let err = a
+        .write("misaddressed-1", Value::Switch(true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BusError::Exception { code: 0x02, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("illegal data address"), "{err}");
+    let err = a.write("noisy-1", Value::Switch(true)).await.unwrap_err();
+    assert!(matches!(err, BusError::Crc { unit: 10, .. }), "{err}");
+
+    // Polling still goes on after all of it.
+    let before = sim.seen().iter().filter(|s| s.unit == 1).count();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(sim.seen().iter().filter(|s| s.unit == 1).count() >= before + 2);
+
+    // A port that is not running: stopped here, so it left the registry.
+    port.stop.send(true).unwrap();
+    tokio::time::timeout(BOUND, port.task)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = a.write("pump-1", Value::Switch(true)).await.unwrap_err();
+    assert_eq!(
+        err,
+        BusError::NotRunning {
+            port: "rs485-1".into()
+        }
+    );
+    assert_eq!(sim.coil_writes(7, 0), 25, "nothing more was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_writes_go_through_while_the_buffer_holds_the_readings() {
+    // No room in the buffer, ever: the port holds its first poll's values and retries, and
+    // does not read the sensors meanwhile. A pump's `off` must not wait for room.
+    let (port, sim) = start_port(
+        vec![
+            Slave::new(1).holding(0, &[42]), // 42 %: a plausible reading, so it waits for room
+            Slave::new(7).coil(0, true),
+        ],
+        "[buffer]\nmin_free_disk = \"100000000GiB\"\n",
+    );
+    port.running().await;
+    let polled = |sim: &SimBus| sim.seen().iter().filter(|s| s.unit == 1).count();
+    let started = Instant::now();
+    while polled(&sim) == 0 {
+        assert!(started.elapsed() < BOUND, "the sensor was never polled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        polled(&sim),
+        1,
+        "the values wait for room; the sensor is not read again"
+    );
+
+    let asked = Instant::now();
+    let got = write_and_read(&port.actuators, "pump-1", Value::Switch(false)).await;
+    assert_eq!(got, Ok(Value::Switch(false)));
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(sim.coil_writes(7, 0), 1);
+    port.stop.send(true).unwrap();
+    tokio::time::timeout(BOUND, port.task)
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -131,7 +131,9 @@ pub fn config_parse(data: &[u8]) {
 /// The frame is parsed as the answer to reading `count` registers (any byte, so 0 and counts
 /// over 125 too) of the kind `flags & 1` from `unit`; with `flags & 0x80` its last two bytes are
 /// replaced by the right CRC first, so the fuzzer explores frame bodies rather than checksums.
-/// An accepted frame must be exactly the canonical answer to that read. Then the frame's bytes,
+/// An accepted frame must be exactly the canonical answer to that read. The same frame is
+/// parsed as the answer to reading `count` coils and to a write of address `count`, value
+/// `flags` (accepted only as that exact echo). Then the frame's bytes,
 /// taken as registers, are decoded by each request of the fuzz bus's poll plan and mapped.
 pub fn modbus_response(data: &[u8]) {
     let [unit, flags, count, frame @ ..] = data else {
@@ -160,6 +162,24 @@ pub fn modbus_response(data: &[u8]) {
         assert_eq!(
             canonical, frame,
             "accepted a frame that is not the canonical answer"
+        );
+    }
+
+    // The same bytes as the answer to a coil read and to a write (an actuator's).
+    if let Ok(coils) = modbus::parse_coils(*unit, u16::from(*count), &frame) {
+        assert_eq!(coils.len(), usize::from(*count), "coil count");
+    }
+    let echo = modbus::Echo {
+        function: frame.get(1).copied().unwrap_or(0x05) & 0x7F,
+        address: u16::from(*count),
+        value: u16::from(*flags),
+    };
+    if modbus::parse_write_echo(*unit, echo, &frame).is_ok() {
+        assert_eq!(frame.len(), 8, "a write's answer is 8 bytes");
+        assert_eq!(
+            frame[2..6],
+            [0, *count, 0, *flags],
+            "only the request's echo"
         );
     }
 

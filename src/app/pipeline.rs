@@ -13,6 +13,7 @@ use crate::ingest::mapping::{Mapper, SharedMapper};
 use crate::sources::listener::auth::SharedPasswords;
 use crate::sources::listener::{self, ListenerInput};
 use crate::sources::mqtt::MqttInput;
+use crate::sources::serial::modbus::BusRequests;
 use crate::sources::serial::{PortPlan, SerialInput};
 use crate::store::StoreHandle;
 use crate::uplink::event::Subjects;
@@ -26,6 +27,8 @@ struct Wiring {
     store: StoreHandle,
     metrics: Arc<Metrics>,
     mapper: SharedMapper,
+    /// The Modbus ports' request queues, shared by the ports and the downlink's writes.
+    bus: BusRequests,
 }
 
 /// A serial port's plan, equal to another when a port running with one can go on under the
@@ -90,6 +93,7 @@ impl Pipeline {
             store,
             metrics,
             mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(config)))),
+            bus: BusRequests::default(),
         };
         let forwarder = (config.nats.clone(), wiring.start_forwarder(&config.nats)?);
         let mut pipeline = Pipeline {
@@ -236,6 +240,7 @@ impl Wiring {
             mapper: self.mapper.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            bus: self.bus.clone(),
         };
         Task::spawn(|stop| input.run(stop))
     }

@@ -4,8 +4,9 @@
 //! This is the foundation: [`command`] parses and checks a command message into a typed
 //! [`Command`]; [`core`] decides, without I/O, what happens to it: events in (a command, a
 //! write's outcome, a read-back, a clock tick, a reload), actions out (write, read back,
-//! publish a result, store or clear an off deadline). The NATS consumer, the SQLite inbox and
-//! the Modbus/MQTT writes are the driver's, still to come; the core assumes only that the
+//! publish a result, store or clear an off deadline); [`modbus`] carries out a write or a
+//! read-back of a Modbus-bound actuator on its port's bus. The NATS consumer, the SQLite inbox
+//! and the MQTT writes are the driver's, still to come; the core assumes only that the
 //! driver carries out its actions in order and reports each write and read-back.
 //!
 //! # Invariants of the core
@@ -54,6 +55,7 @@ pub mod command;
 #[allow(dead_code)]
 pub(crate) mod consumer;
 pub mod core;
+pub mod modbus;
 
 pub use self::command::{Command, CommandError, Request};
 pub use self::core::{

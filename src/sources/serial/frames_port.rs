@@ -377,6 +377,7 @@ id = "f"
             mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(&config)))),
             store: store.clone(),
             metrics: metrics.clone(),
+            bus: Default::default(),
         };
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut ctx = PortContext::new(&input, stop_rx);

@@ -48,6 +48,7 @@ use crate::ingest::mapping::{self, Mapped, Rejection, SerialValue, SharedMapper}
 use crate::reading::{SensorType, Timestamp};
 use crate::store::{Append, AppendOutcome, FrameKey, StoreError, StoreHandle};
 
+use self::modbus::BusRequests;
 use crate::ingest::admission::{self, Admission};
 use crate::ingest::intake::append_once;
 
@@ -276,6 +277,9 @@ pub struct PortContext {
     pub bytes: Counter,
     /// `serial_messages_received_total{port}`: lines, frames or responses.
     pub messages: Counter,
+    /// Where others' requests to a `modbus-rtu` port come from (actuator writes): its engine
+    /// registers the port here while it runs.
+    pub bus: BusRequests,
     admission: Admission,
     stop: watch::Receiver<bool>,
     full_log: LogLimit,
@@ -295,6 +299,7 @@ impl PortContext {
             metrics: input.metrics.clone(),
             bytes: input.metrics.serial_bytes.get_or_create(&label).clone(),
             messages: input.metrics.serial_messages.get_or_create(&label).clone(),
+            bus: input.bus.clone(),
             admission: Admission::new(name, admission::flood_guard(q), &input.metrics),
             stop,
             full_log: LogLimit::new(Duration::from_secs(10)),
@@ -442,6 +447,9 @@ pub struct SerialInput {
     pub mapper: SharedMapper,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
+    /// The registry the port enters while it runs (a `modbus-rtu` port), shared with whoever
+    /// drives actuators on it.
+    pub bus: BusRequests,
 }
 
 impl SerialInput {

@@ -9,13 +9,17 @@
 //! - [`poller`]: async. Runs a plan over any byte transport through tokio-modbus, one request
 //!   at a time, each bounded by the response timeout, and reports a value or a [`Fault`] per
 //!   point. A lost port ends the cycle with [`PortLost`] so the caller can reopen it.
+//! - [`bus`]: writes and reads from outside the poll loop (actuators): the [`BusRequests`]
+//!   registry of running ports and the typed [`BusError`].
 //! - [`port`]: the engine on a gateway port ([`run`]): the port's sensors as poll groups, the
-//!   schedule, and each poll's values and faults committed, counted and logged.
+//!   schedule, and each poll's values and faults committed, counted and logged; bus requests
+//!   served between poll requests.
 //!
-//! Invariants: requests on one bus never overlap in time; every point of a plan gets exactly
+//! Invariants: requests on one bus (polls, writes, read-backs) never overlap in time; every point of a plan gets exactly
 //! one result per cycle; a value is never taken from a frame that failed its CRC or answered
 //! another request; scale and offset are not applied here (the mapping does that).
 
+pub mod bus;
 pub mod decode;
 pub mod frame;
 mod line;
@@ -23,8 +27,9 @@ pub mod plan;
 pub mod poller;
 pub mod port;
 
-pub use decode::DecodeError;
-pub use frame::{parse_response, FrameError};
+pub use bus::{BusError, BusReply, BusRequest, BusRequestKind, BusRequests, Read, Write};
+pub use decode::{DecodeError, EncodeError};
+pub use frame::{parse_coils, parse_response, parse_write_echo, Echo, FrameError};
 pub use plan::{plan, Plan, PointError, ReadRequest, Slot};
 pub use poller::{CycleReport, Poller, PortLost, RequestOutcome, Timing};
 pub use port::run;

@@ -1,4 +1,4 @@
-//! Registers → raw values. Bytes within a register are big-endian (Modbus); the order of the
+//! Registers → raw values, and back for writes. Bytes within a register are big-endian (Modbus); the order of the
 //! two registers of a 32-bit value is the point's [`WordOrder`]. Pure functions, so fuzzers
 //! and property tests can drive them directly.
 
@@ -50,6 +50,66 @@ pub(crate) fn decode_value(
             }
             f64::from(v)
         }
+    })
+}
+
+/// Why a raw value cannot be written to a register of its type.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{raw} is not a number a register can hold")]
+    NotFinite { raw: f64 },
+    #[error("{raw} does not fit a {value_type:?} register ({min} to {max})")]
+    OutOfRange {
+        raw: f64,
+        value_type: ValueType,
+        min: f64,
+        max: f64,
+    },
+}
+
+/// The register image of `raw` (the inverse of [`decode_value`]): integer types take the
+/// nearest integer, `f32` the nearest float; a value the type cannot hold is refused, never
+/// wrapped or saturated.
+pub(crate) fn encode_value(
+    value_type: ValueType,
+    word_order: WordOrder,
+    raw: f64,
+) -> Result<Vec<u16>, EncodeError> {
+    if !raw.is_finite() {
+        return Err(EncodeError::NotFinite { raw });
+    }
+    let (min, max) = match value_type {
+        ValueType::U16 => (0.0, f64::from(u16::MAX)),
+        ValueType::I16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
+        ValueType::U32 => (0.0, f64::from(u32::MAX)),
+        ValueType::I32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
+        ValueType::F32 => (f64::from(f32::MIN), f64::from(f32::MAX)),
+    };
+    let rounded = if value_type == ValueType::F32 {
+        raw
+    } else {
+        raw.round()
+    };
+    if !(min..=max).contains(&rounded) {
+        return Err(EncodeError::OutOfRange {
+            raw,
+            value_type,
+            min,
+            max,
+        });
+    }
+    // In range, so each cast is exact (integers) or the nearest float (f32).
+    let bits = match value_type {
+        ValueType::U16 => return Ok(vec![rounded as u16]),
+        ValueType::I16 => return Ok(vec![rounded as i16 as u16]),
+        ValueType::U32 => rounded as u32,
+        ValueType::I32 => rounded as i32 as u32,
+        ValueType::F32 => (rounded as f32).to_bits(),
+    };
+    let (high, low) = ((bits >> 16) as u16, bits as u16);
+    Ok(match word_order {
+        WordOrder::Big => vec![high, low],
+        WordOrder::Little => vec![low, high],
     })
 }
 
@@ -150,6 +210,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn encoding_refuses_what_the_type_cannot_hold() {
+        use ValueType::*;
+        use WordOrder::*;
+        assert_eq!(encode_value(U16, Big, 65535.0), Ok(vec![0xFFFF]));
+        assert_eq!(
+            encode_value(U16, Big, 12.4),
+            Ok(vec![12]),
+            "nearest integer"
+        );
+        assert_eq!(encode_value(I16, Big, -1.0), Ok(vec![0xFFFF]));
+        assert_eq!(encode_value(U32, Little, 65538.0), Ok(vec![2, 1]));
+        assert_eq!(encode_value(F32, Big, 21.5), Ok(vec![0x41AC, 0]));
+        for (t, raw) in [
+            (U16, -1.0),
+            (U16, 65535.6),
+            (I16, 32768.0),
+            (I32, 3e9),
+            (F32, 1e39),
+        ] {
+            assert!(
+                matches!(
+                    encode_value(t, Big, raw),
+                    Err(EncodeError::OutOfRange { .. })
+                ),
+                "{t:?} {raw}"
+            );
+        }
+        assert!(matches!(
+            encode_value(U16, Big, f64::NAN),
+            Err(EncodeError::NotFinite { .. })
+        ));
+        assert_eq!(
+            encode_value(U16, Big, 70000.0).unwrap_err().to_string(),
+            "70000 does not fit a U16 register (0 to 65535)"
+        );
+    }
+
     proptest! {
         #[test]
         fn u16_and_i16_round_trip(v in any::<u16>()) {
@@ -177,6 +275,31 @@ mod tests {
                 prop_assert_eq!(decoded, Ok(f64::from(v)));
             } else {
                 prop_assert_eq!(decoded, Err(DecodeError::NotFinite));
+            }
+        }
+
+        #[test]
+        fn encoding_round_trips_through_the_decoder(
+            raw in -5e9f64..5e9,
+            type_index in 0usize..5,
+            little in any::<bool>(),
+        ) {
+            let value_type = [ValueType::U16, ValueType::I16, ValueType::U32, ValueType::I32, ValueType::F32][type_index];
+            let order = if little { WordOrder::Little } else { WordOrder::Big };
+            match encode_value(value_type, order, raw) {
+                Ok(words) => {
+                    prop_assert_eq!(words.len(), usize::from(value_type.width()));
+                    let back = decode_value(value_type, order, &words).unwrap();
+                    let expected = match value_type {
+                        ValueType::F32 => f64::from(raw as f32),
+                        _ => raw.round(),
+                    };
+                    prop_assert_eq!(back, expected);
+                }
+                Err(EncodeError::OutOfRange { min, max, .. }) => {
+                    prop_assert!(raw.round() < min || raw.round() > max);
+                }
+                Err(e) => prop_assert!(false, "{e}"),
             }
         }
 

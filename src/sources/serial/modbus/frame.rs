@@ -1,5 +1,6 @@
-//! The RTU response frame of a register read, checked byte by byte:
-//! `unit, function, byte count, data…, CRC-16/MODBUS (low byte first)`, or the exception form
+//! RTU response frames, checked byte by byte: a register or coil read's
+//! `unit, function, byte count, data…, CRC-16/MODBUS (low byte first)`, a write's echo
+//! `unit, function, address, value or quantity, CRC`, or the exception form
 //! `unit, function | 0x80, code, CRC`. tokio-modbus does the decoding on the bus; this parser
 //! tells the poller what the bytes of a failed request were (a partial answer, a corrupt one,
 //! or noise), and gives fuzzers a pure entry point.
@@ -29,6 +30,12 @@ pub enum FrameError {
     ByteCount { expected: usize, got: usize },
     #[error("Modbus exception {0:#04x}")]
     Exception(u8),
+    /// A write's answer with another address or value than the request's.
+    #[error("the answer echoes address {} value {:#06x} where address {} value {:#06x} was written", got.0, got.1, expected.0, expected.1)]
+    Echo {
+        expected: (u16, u16),
+        got: (u16, u16),
+    },
 }
 
 /// The registers in `frame`, the whole response to reading `count` registers of `kind` from
@@ -39,7 +46,76 @@ pub fn parse_response(
     count: u16,
     frame: &[u8],
 ) -> Result<Vec<u16>, FrameError> {
-    let function = kind.function_code();
+    let data = counted_data(unit, kind.function_code(), frame)?;
+    check_byte_count(data, usize::from(count) * 2)?;
+    Ok(data
+        .chunks_exact(2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .collect())
+}
+
+/// The coils in `frame`, the whole response to reading `count` coils (function 0x01) from
+/// `unit`: one bit each, lowest address in the lowest bit of the first byte.
+pub fn parse_coils(unit: u8, count: u16, frame: &[u8]) -> Result<Vec<bool>, FrameError> {
+    let data = counted_data(unit, 0x01, frame)?;
+    check_byte_count(data, usize::from(count).div_ceil(8))?;
+    Ok((0..usize::from(count))
+        .map(|i| data[i / 8] & (1 << (i % 8)) != 0)
+        .collect())
+}
+
+/// What a write asked for, as its answer must echo it: function 0x05 (a coil: `value` is
+/// 0xFF00 for on, 0x0000 for off), 0x06 (one register: the value written) or 0x10 (several
+/// registers: `value` is how many).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Echo {
+    pub function: u8,
+    pub address: u16,
+    pub value: u16,
+}
+
+/// Checks `frame` as the answer of `unit` to the write `echo` describes: all three functions
+/// answer with the request's address and value, so anything else did not confirm this write.
+pub fn parse_write_echo(unit: u8, echo: Echo, frame: &[u8]) -> Result<(), FrameError> {
+    let body = checked_body(unit, echo.function, frame, |_| Some(6))?;
+    let word = |i: usize| u16::from_be_bytes([body[i], body[i + 1]]);
+    let got = (word(2), word(4));
+    if got != (echo.address, echo.value) {
+        return Err(FrameError::Echo {
+            expected: (echo.address, echo.value),
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// The data of a response whose third byte counts the data bytes (functions 0x01 to 0x04).
+fn counted_data(unit: u8, function: u8, frame: &[u8]) -> Result<&[u8], FrameError> {
+    let body = checked_body(unit, function, frame, |f| {
+        f.get(2).map(|&n| 3 + usize::from(n))
+    })?;
+    Ok(&body[3..])
+}
+
+fn check_byte_count(data: &[u8], expected: usize) -> Result<(), FrameError> {
+    if data.len() != expected {
+        return Err(FrameError::ByteCount {
+            expected,
+            got: data.len(),
+        });
+    }
+    Ok(())
+}
+
+/// The frame without its CRC, once unit, function, length and CRC check out; an exception
+/// answer is `Err(Exception)`. `body_len` gives the length of a normal answer's body from the
+/// bytes so far (`None`: too few to tell).
+fn checked_body(
+    unit: u8,
+    function: u8,
+    frame: &[u8],
+    body_len: impl Fn(&[u8]) -> Option<usize>,
+) -> Result<&[u8], FrameError> {
     let (Some(&from), Some(&answered)) = (frame.first(), frame.get(1)) else {
         return Err(FrameError::Incomplete);
     };
@@ -49,10 +125,7 @@ pub fn parse_response(
     let body_len = if answered == function | 0x80 {
         3
     } else if answered == function {
-        match frame.get(2) {
-            Some(&byte_count) => 3 + usize::from(byte_count),
-            None => return Err(FrameError::Incomplete),
-        }
+        body_len(frame).ok_or(FrameError::Incomplete)?
     } else {
         return Err(FrameError::OtherFunction(answered));
     };
@@ -67,18 +140,7 @@ pub fn parse_response(
     if answered & 0x80 != 0 {
         return Err(FrameError::Exception(body[2]));
     }
-    let data = &body[3..];
-    let expected = usize::from(count) * 2;
-    if data.len() != expected {
-        return Err(FrameError::ByteCount {
-            expected,
-            got: data.len(),
-        });
-    }
-    Ok(data
-        .chunks_exact(2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]))
-        .collect())
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -136,6 +198,80 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reads_coils_bit_by_bit() {
+        // Coils 0..10: on, off, on, then off but for the 10th (bit 1 of the second byte).
+        let good = with_crc(&[5, 0x01, 2, 0b0000_0101, 0b0000_0010]);
+        let expected = vec![
+            true, false, true, false, false, false, false, false, false, true,
+        ];
+        assert_eq!(parse_coils(5, 10, &good), Ok(expected));
+        assert_eq!(
+            parse_coils(5, 1, &with_crc(&[5, 0x01, 1, 0xFF])),
+            Ok(vec![true]),
+            "padding bits beyond the count are ignored"
+        );
+        assert!(matches!(
+            parse_coils(5, 20, &good),
+            Err(FrameError::ByteCount {
+                expected: 3,
+                got: 2
+            })
+        ));
+        assert_eq!(
+            parse_coils(5, 1, &with_crc(&[5, 0x81, 0x02])),
+            Err(FrameError::Exception(2))
+        );
+        assert_eq!(
+            parse_coils(5, 1, &with_crc(&[5, 0x03, 1, 0xFF])),
+            Err(FrameError::OtherFunction(3))
+        );
+        assert_eq!(parse_coils(5, 1, &good[..3]), Err(FrameError::Incomplete));
+    }
+
+    #[test]
+    fn write_answers_must_echo_the_request() {
+        let coil_on = Echo {
+            function: 0x05,
+            address: 3,
+            value: 0xFF00,
+        };
+        let echo = with_crc(&[7, 0x05, 0x00, 0x03, 0xFF, 0x00]);
+        assert_eq!(parse_write_echo(7, coil_on, &echo), Ok(()));
+        let off = with_crc(&[7, 0x05, 0x00, 0x03, 0x00, 0x00]);
+        let refused = parse_write_echo(7, coil_on, &off).unwrap_err();
+        assert_eq!(
+            refused,
+            FrameError::Echo {
+                expected: (3, 0xFF00),
+                got: (3, 0)
+            }
+        );
+        assert!(refused.to_string().contains("where address 3 value 0xff00"));
+        let mut corrupt = echo.clone();
+        corrupt[5] ^= 0x01;
+        assert_eq!(parse_write_echo(7, coil_on, &corrupt), Err(FrameError::Crc));
+        let many = Echo {
+            function: 0x10,
+            address: 10,
+            value: 2,
+        };
+        let answer = with_crc(&[7, 0x10, 0x00, 0x0A, 0x00, 0x02]);
+        assert_eq!(parse_write_echo(7, many, &answer), Ok(()));
+        assert_eq!(
+            parse_write_echo(7, many, &with_crc(&[7, 0x90, 0x04])),
+            Err(FrameError::Exception(4))
+        );
+        assert_eq!(
+            parse_write_echo(7, many, &answer[..7]),
+            Err(FrameError::Incomplete)
+        );
+        assert_eq!(
+            parse_write_echo(8, many, &answer),
+            Err(FrameError::OtherUnit(7))
+        );
+    }
+
     proptest! {
         #[test]
         fn any_registers_round_trip(
@@ -163,7 +299,11 @@ mod tests {
             bytes in proptest::collection::vec(any::<u8>(), 0..300),
             count in 0u16..130
         ) {
-            let _ = parse_response(bytes.first().copied().unwrap_or(1), RegisterKind::Holding, count, &bytes);
+            let unit = bytes.first().copied().unwrap_or(1);
+            let _ = parse_response(unit, RegisterKind::Holding, count, &bytes);
+            let _ = parse_coils(unit, count, &bytes);
+            let echo = Echo { function: bytes.get(1).copied().unwrap_or(5), address: count, value: 0 };
+            let _ = parse_write_echo(unit, echo, &bytes);
         }
     }
 }

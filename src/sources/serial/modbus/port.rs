@@ -10,24 +10,34 @@
 //!   bytes that arrived, both rate-limited per slave and reason ([`StationFaults`]). A
 //!   `timeout` is logged (rate-limited) and counted only.
 //! - A lost port ends the engine after the values read before the loss are committed.
+//! - Bus requests (actuator writes and read-backs, [`super::bus`]) are taken while the engine
+//!   runs: between polls, and one before each poll request, so a request waits for the
+//!   request in progress, never a whole cycle, and a poll is held up by at most one request
+//!   per request of its own. While a poll's values wait for room in the buffer, requests are
+//!   still served (a pump's `off` must not wait for disk space). A port with no sensors
+//!   serves requests only.
 //!
 //! The sensor list is read at start: a change of the port's bindings restarts the port
 //! ([`PortPlan::unchanged`](crate::sources::serial::PortPlan::unchanged)).
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_serial::SerialStream;
 
 use super::{
-    plan, CycleReport, Fault, Plan, Point, PointError, Poller, PortLost, RegisterKind, Timing,
-    ValueType, WordOrder,
+    plan, BusError, BusRequest, CycleReport, Fault, Plan, Point, PointError, Poller, PortLost,
+    RegisterKind, Timing, ValueType, WordOrder,
 };
+use crate::common::metrics::Metrics;
 use crate::config::serial::{self as config, SerialBinding};
 use crate::ingest::mapping::{Reason, SerialKey, SerialValue};
 use crate::sources::serial::polling::{Schedule, StationFault, StationFaults};
-use crate::sources::serial::{hold, idle, stop_requested, PortContext, PortFault, PortSensor};
+use crate::sources::serial::{idle, stop_requested, PortContext, PortFault, PortSensor};
 
 impl From<config::RegisterKind> for RegisterKind {
     fn from(kind: config::RegisterKind) -> Self {
@@ -185,7 +195,9 @@ impl Bus {
     }
 }
 
-/// Polls the port's sensors until the port is lost or the gateway stops.
+/// Polls the port's sensors, and serves bus requests (actuator writes and read-backs) in
+/// between, until the port is lost or the gateway stops. The port takes requests (is in
+/// [`PortContext::bus`]) while this runs.
 pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFault> {
     let bus = match Bus::of(&ctx.sensors, ctx.port.poll_interval()) {
         Ok(bus) => bus,
@@ -195,29 +207,51 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
         }
     };
     if bus.groups.is_empty() {
-        tracing::warn!(port = %ctx.name(), "no sensor is bound to this Modbus port; nothing to poll");
-        return hold(io, ctx).await;
+        tracing::info!(port = %ctx.name(), "no sensor is bound to this Modbus port; it serves actuator requests only");
     }
+    let (_registration, requests) = ctx.bus.register(ctx.name());
     let timing = Timing::new(ctx.port.timeout.0, ctx.port.settings().baud);
-    let mut poller = Poller::new(io, timing);
+    let mut master = Master {
+        poller: Poller::new(io, timing),
+        requests,
+        port: ctx.name().to_string(),
+        metrics: ctx.metrics.clone(),
+    };
     let mut schedule = Schedule::new(bus.groups.iter().map(|g| g.every), Instant::now());
     let mut faults = StationFaults::new();
     let mut stop = ctx.stop_signal();
     let mut counted_bytes = 0;
-    while let Some((group, due)) = schedule.next() {
+    loop {
+        count_bytes(&master.poller, ctx, &mut counted_bytes);
+        let next = schedule.next();
+        // Only waits race here; a request on the bus is never cancelled but by a stop.
+        let step = tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
+            group = due(next) => Ok(group),
+            Some(request) = master.requests.recv() => Err(request),
+        };
+        let group = match step {
+            Ok(group) => group,
+            Err(request) => {
+                tokio::select! {
+                    served = master.serve(request) => served?,
+                    _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
+                };
+                continue;
+            }
+        };
         let plan = &bus.groups[group].plan;
         let polled = tokio::select! {
-            polled = async {
-                tokio::time::sleep_until(due).await;
-                poller.poll(plan).await
-            } => polled,
+            polled = master.poll(plan) => polled,
             _ = stop_requested(&mut stop) => return Err(PortFault::Stopping),
         };
-        let bytes = poller.bytes_received();
-        ctx.bytes.inc_by(bytes - counted_bytes);
-        counted_bytes = bytes;
+        count_bytes(&master.poller, ctx, &mut counted_bytes);
         match polled {
-            Ok(report) => commit(ctx, &bus, plan, &report, &mut faults).await?,
+            Ok(report) => {
+                let committing = commit(ctx, &bus, plan, &report, &mut faults);
+                master.serving(committing).await?;
+            }
             Err(PortLost { error, partial }) => {
                 commit(ctx, &bus, plan, &partial, &mut faults).await?;
                 return Err(PortFault::Io(error));
@@ -225,7 +259,110 @@ pub async fn run(io: SerialStream, ctx: &mut PortContext) -> Result<(), PortFaul
         }
         schedule.polled(group, Instant::now());
     }
-    Ok(())
+}
+
+/// Adds the bytes read since the last count to `serial_bytes_received_total`.
+fn count_bytes(poller: &Poller<SerialStream>, ctx: &PortContext, counted: &mut u64) {
+    let bytes = poller.bytes_received();
+    ctx.bytes.inc_by(bytes - *counted);
+    *counted = bytes;
+}
+
+/// The group `next` names, once it is due; never, when nothing is polled.
+async fn due(next: Option<(usize, Instant)>) -> usize {
+    match next {
+        Some((group, at)) => {
+            tokio::time::sleep_until(at).await;
+            group
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The master end of the bus: the poller, and the requests others wait on.
+struct Master {
+    poller: Poller<SerialStream>,
+    requests: mpsc::Receiver<BusRequest>,
+    port: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Master {
+    /// One poll of `plan`, serving at most one waiting bus request before each poll request:
+    /// a request waits for the poll request in progress, not the whole cycle, and a poll is
+    /// held up by one request at a time, not by a queue of them.
+    async fn poll(&mut self, plan: &Plan) -> Result<CycleReport, PortLost> {
+        let mut report = CycleReport::default();
+        for request in &plan.requests {
+            let step = async {
+                if let Ok(waiting) = self.requests.try_recv() {
+                    self.serve(waiting).await?;
+                }
+                self.poller.poll_request(request, &mut report).await
+            };
+            if let Err(error) = step.await {
+                return Err(PortLost {
+                    error,
+                    partial: report,
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs `work` (a commit, which waits while the buffer is full) to its end, serving bus
+    /// requests meanwhile: a full buffer must not hold up a pump's `off`. A port lost while
+    /// serving is reported once `work` is done.
+    async fn serving(
+        &mut self,
+        work: impl Future<Output = Result<(), PortFault>>,
+    ) -> Result<(), PortFault> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                Some(request) = self.requests.recv() => {
+                    if let Err(lost) = self.serve(request).await {
+                        work.await?;
+                        return Err(PortFault::Io(lost));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out one bus request and answers it; `Err` only when the port is gone. A
+    /// request whose caller stopped waiting is dropped unsent: the caller counts it as failed,
+    /// and a write it does not know of must not land.
+    async fn serve(&mut self, request: BusRequest) -> std::io::Result<()> {
+        let BusRequest { kind, reply } = request;
+        let port = self.port.as_str();
+        if reply.is_closed() {
+            tracing::debug!(port, request = ?kind, "the caller stopped waiting; not sent");
+            return Ok(());
+        }
+        let result = self.poller.serve(&kind).await;
+        let answer = match &result {
+            Ok(Ok(answer)) => Ok(answer.clone()),
+            Ok(Err(fault)) => Err(BusError::from_fault(port, &kind, fault)),
+            Err(e) => Err(BusError::PortLost {
+                port: port.to_string(),
+                what: kind.describe(),
+                detail: e.to_string(),
+            }),
+        };
+        if let Ok(outcome) = &result {
+            let label = outcome.as_ref().map_or_else(Fault::reason, |_| "ok");
+            self.metrics.modbus_request(port, kind.unit(), label).inc();
+        }
+        match &answer {
+            Ok(_) => tracing::debug!(port, request = ?kind, "bus request served"),
+            Err(e) => tracing::warn!(port, error = %e, "bus request failed"),
+        }
+        let _ = reply.send(answer);
+        result.map(drop)
+    }
 }
 
 /// Counts one poll's requests and commits its values, then the faults kept as dead-letters.
