@@ -43,6 +43,15 @@ impl Commands {
         self.consumer.0.replace(GATEWAY_ID, gateway.id.as_str())
     }
 
+    /// The subject the gateway's durable consumer filters on (DESIGN §8).
+    pub fn filter_subject(&self, gateway: &Gateway) -> String {
+        format!(
+            "sahool.commands.iot.actuator.{}.{}",
+            gateway.tenant_id.as_str(),
+            gateway.id.as_str()
+        )
+    }
+
     /// Problems of the section against the rest of the config. `actuators`: how many
     /// `[[fields.actuators]]` are declared.
     pub(super) fn check(
@@ -114,6 +123,10 @@ mod tests {
         assert!(!c.commands.enabled);
         assert_eq!(c.commands.stream.as_str(), "SAHOOL_COMMANDS");
         assert_eq!(c.commands.consumer_name(&c.gateway), "gw-gw-1");
+        assert_eq!(
+            c.commands.filter_subject(&c.gateway),
+            "sahool.commands.iot.actuator.tenant-a.gw-1"
+        );
         assert!(c.commands.create_consumer && c.commands.require_clock_sync);
     }
 

@@ -84,7 +84,7 @@ mod replay;
 mod seq_floor;
 
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1300,8 +1300,8 @@ impl Writer {
 
     /// Free space on the data directory's filesystem against `min_free_disk`.
     fn check_disk(&mut self) {
-        let low = match rustix::fs::statvfs(&self.data_dir) {
-            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) < self.buffer.min_free_disk.0,
+        let low = match free_disk(&self.data_dir) {
+            Ok(free) => free < self.buffer.min_free_disk.0,
             Err(e) => {
                 tracing::warn!(error = %e, dir = %self.data_dir.display(), "cannot read free disk space");
                 false
@@ -1332,6 +1332,12 @@ struct ScannedRow {
 /// as recent when thinning. Not the clock: a gateway may boot without time sync, and a backlog
 /// uploaded late carries device times far behind it. Store order follows observation time
 /// closely enough that the newest rows hold the newest observation.
+/// Bytes free to unprivileged users on the filesystem of `dir`, as `min_free_disk` counts them.
+pub(crate) fn free_disk(dir: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 fn newest_observation(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Option<Timestamp>> {
     let mut stmt =
         tx.prepare_cached("SELECT body FROM outbox WHERE kind = ?1 ORDER BY seq DESC LIMIT 64")?;
