@@ -29,6 +29,8 @@
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
 //!   `dead-letters list` and `replay`.
+//! - [`doctor`]: `doctor`, every check an operator makes by hand (config, NATS and its streams,
+//!   the commands consumer, MQTT brokers, serial ports, disk, clock), one line each with its fix.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running
 //!   gateway's `POST /dead-letters/replay` or, with none running, the buffer opened under its
 //!   lock; the transaction itself is the store's.
@@ -37,6 +39,7 @@ pub mod app;
 pub mod cli;
 pub mod common;
 pub mod config;
+pub mod doctor;
 pub mod downlink;
 pub mod ingest;
 pub mod reading;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use sahool_gateway::{app, cli, config};
+use sahool_gateway::{app, cli, config, doctor};
 
 const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
 
@@ -28,6 +28,12 @@ enum Command {
     },
     /// Check a config file; print every problem and exit 1, or exit 0.
     Validate {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Check what an operator checks by hand: config, NATS, streams, commands consumer, MQTT
+    /// brokers, serial ports, disk, clock. One line each with its fix; exit 1 if any fails.
+    Doctor {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -187,6 +193,14 @@ fn main() -> ExitCode {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),
+        },
+        Command::Doctor { config } => match doctor::run(&config, &mut stdout) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
         },
         Command::Status { config, json } => cli::status(&config, json, &mut stdout),
         Command::Sensors { config } => cli::sensors(&config, &mut stdout),
