@@ -221,8 +221,12 @@ async fn a_subject_no_stream_captures_fails_and_names_the_edit() {
         &["— fix: add it to the stream's subjects: nats stream edit SAHOOL_IOT --subjects \"sahool.iot.sensor.>,sahool.iot.gateway.status,sahool.iot.actuator.result,sahool.iot.gateway.config\""],
     );
     report.line("ok    stream: SAHOOL_IOT captures ");
-    // create_consumer = true (the default): a missing consumer is the gateway's to create.
-    report.line("ok    commands: stream SAHOOL_COMMANDS captures sahool.commands.iot.actuator.tenant-a.gw-test; durable consumer gw-gw-test does not exist yet: the gateway creates it at start");
+    // create_consumer = true (the default): a missing consumer is the gateway's to create,
+    // and the probe that says this user may creates nothing.
+    report.line("ok    commands: stream SAHOOL_COMMANDS captures sahool.commands.iot.actuator.tenant-a.gw-test; durable consumer gw-gw-test does not exist yet: the gateway creates it at start (create_consumer = true, and this user may)");
+    let js = jetstream::new(farm.nats.client().await);
+    let stream = js.get_stream("SAHOOL_COMMANDS").await.expect("stream");
+    assert_eq!(stream.cached_info().state.consumer_count, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,6 +308,41 @@ fn broker_denying_subscriptions(user: &str, password: &str) -> (Mosquitto, u16, 
         dynsec.display()
     ));
     (broker, port, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_consumer_this_user_may_not_create_fails() {
+    let admin = "Vb5nM8qR2tY6wE9uK3xZ";
+    let password = "Gw7hJ3kL9pQ2sD5fA8zC";
+    let nats = Nats::start_with(&format!(
+        r#"authorization {{
+  users: [
+    {{ user: admin, password: "{admin}" }}
+    {{ user: gw, password: "{password}", permissions: {{
+        publish: {{ allow: ["sahool.iot.>", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.INFO.>"] }}
+        subscribe: {{ allow: ["_INBOX.>"] }} }} }}
+  ]
+}}"#
+    ))
+    .with_client_options(std::sync::Arc::new(move || {
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), admin.into())
+    }));
+    let farm = Farm::bare(nats, Mosquitto::start());
+    farm.nats
+        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
+        .await;
+    farm.commands_stream(false).await;
+    let report = doctor(&farm.config(&format!("user = \"gw\"\npassword = \"{password}\""), "", ""));
+    report.line("ok    nats: connected to nats://127.0.0.1:");
+    report.line("ok    stream: SAHOOL_IOT captures ");
+    report.fails_with(
+        "FAIL  commands: stream SAHOOL_COMMANDS captures sahool.commands.iot.actuator.tenant-a.gw-test; durable consumer gw-gw-test does not exist yet, and this user may not create it (create_consumer = true)",
+        &["— fix: have the platform create it: nats consumer add SAHOOL_COMMANDS gw-gw-test"],
+    );
+    // The probe created nothing.
+    let js = jetstream::new(farm.nats.client().await);
+    let stream = js.get_stream("SAHOOL_COMMANDS").await.expect("stream");
+    assert_eq!(stream.cached_info().state.consumer_count, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, PullConsumer};
+use async_nats::jetstream::consumer::{self, pull, PullConsumer};
 use async_nats::jetstream::context::GetStreamByNameErrorKind;
+use async_nats::jetstream::response::Response;
 use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, stream, Context, ErrorCode};
 
@@ -40,7 +41,7 @@ pub(super) async fn checks(config: &Config) -> Vec<Check> {
         Err(_) => out.push(timed_out("stream")),
     }
     if config.commands.enabled {
-        out.push(bounded("commands", commands(&js, config)).await);
+        out.push(bounded("commands", commands(&js, &link, config)).await);
     }
     out
 }
@@ -134,7 +135,7 @@ fn window(
 
 /// `[commands]`: the commands stream captures this gateway's filter subject, and its durable
 /// consumer exists on it (or the gateway may create it).
-async fn commands(js: &Context, config: &Config) -> Check {
+async fn commands(js: &Context, link: &Link, config: &Config) -> Check {
     let c = &config.commands;
     let stream = c.stream.as_str();
     let filter = c.filter_subject(&config.gateway);
@@ -171,7 +172,53 @@ async fn commands(js: &Context, config: &Config) -> Check {
     let consumer = js
         .get_consumer_from_stream::<pull::Config, _, _>(&name, stream)
         .await;
+    let missing = matches!(&consumer, Err(e) if matches!(e.kind(),
+        ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND));
+    if missing && c.create_consumer {
+        return creatable(js, link, config, &name, &filter).await;
+    }
     consumer_check(consumer, config, &name, &filter)
+}
+
+/// Whether this user may create the missing consumer, asked without creating it: the request
+/// goes where the gateway's will (`$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter}`), with
+/// another filter in its body, which the server refuses (error 10131) once the subject's
+/// permission let it through. `update` makes a server that would not check the filter refuse
+/// it as well, the consumer not existing.
+async fn creatable(js: &Context, link: &Link, config: &Config, name: &str, filter: &str) -> Check {
+    let stream = config.commands.stream.as_str();
+    let api = format!("CONSUMER.CREATE.{stream}.{name}.{filter}");
+    let body = serde_json::json!({
+        "stream_name": stream,
+        "action": "update",
+        "config": {"durable_name": name, "filter_subject": format!("{filter}.doctor-probe"), "ack_policy": "explicit"},
+    });
+    let sent = Instant::now();
+    let answer: Result<Response<consumer::Info>, _> = js.request(api.clone(), &body).await;
+    let found =
+        format!("stream {stream} captures {filter}; durable consumer {name} does not exist yet");
+    let creates = format!(
+        "{found}: the gateway creates it at start (create_consumer = true, and this user may)"
+    );
+    match answer {
+        // JetStream answered, so the subject is allowed; the request itself was refused.
+        Ok(Response::Err { .. }) => Check::ok("commands", creates),
+        Ok(Response::Ok(_)) => {
+            // Only a server that checks neither the filter nor `update` gets here.
+            let _ = js.delete_consumer_from_stream(name, stream).await;
+            Check::ok("commands", creates)
+        }
+        Err(_) if link.denials.denied_since(&format!("$JS.API.{api}"), sent) => Check::fail(
+            "commands",
+            format!("{found}, and this user may not create it (create_consumer = true)"),
+            format!("have the platform create it: nats consumer add {stream} {name} --pull --filter {filter} --ack explicit, or allow this user to publish to $JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
+        ),
+        Err(e) => Check::warn(
+            "commands",
+            format!("{found}; whether this user may create it is unknown: {e}"),
+            format!("see that this user may publish to $JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
+        ),
+    }
 }
 
 /// What the consumer lookup found.
@@ -208,12 +255,9 @@ fn consumer_check(
             }
         }
         Err(e) => match e.kind() {
+            // With create_consumer = true, `creatable` answers instead.
             ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND => {
-                if config.commands.create_consumer {
-                    Check::ok("commands", format!("stream {stream} captures {filter}; durable consumer {name} does not exist yet: the gateway creates it at start (create_consumer = true)"))
-                } else {
-                    Check::fail("commands", format!("durable consumer {name} does not exist on stream {stream}, and create_consumer = false"), add)
-                }
+                Check::fail("commands", format!("durable consumer {name} does not exist on stream {stream}, and create_consumer = false"), add)
             }
             ConsumerErrorKind::InvalidConsumerType => Check::fail(
                 "commands",
