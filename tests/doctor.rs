@@ -345,6 +345,50 @@ async fn a_missing_consumer_this_user_may_not_create_fails() {
     assert_eq!(stream.cached_info().state.consumer_count, 0);
 }
 
+/// The shipped least-privilege permissions let the gateway ask which stream captures a subject,
+/// but not read the stream: the window is unknown, a warning, not a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_least_privilege_user_sees_its_stream_but_not_its_window() {
+    let admin = "Vb5nM8qR2tY6wE9uK3xZ";
+    let password = "Gw7hJ3kL9pQ2sD5fA8zC";
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/nats-server.least-privilege.conf");
+    let nats = Nats::start_with(&format!(
+        r#"{}
+authorization {{
+  users: [
+    {{ user: admin, password: "{admin}" }}
+    {{ user: gw, password: "{password}", permissions: $SAHOOL_GATEWAY }}
+  ]
+}}"#,
+        std::fs::read_to_string(&shipped).expect("the shipped permissions")
+    ))
+    .with_client_options(std::sync::Arc::new(move || {
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), admin.into())
+    }));
+    let farm = Farm::bare(nats, Mosquitto::start());
+    farm.nats
+        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
+        .await;
+    let config = farm
+        .config(&format!("user = \"gw\"\npassword = \"{password}\""), "", "")
+        .replace("[commands]\nenabled = true", "[commands]\nenabled = false");
+    let report = doctor(&config);
+    report.line("ok    nats: connected to nats://127.0.0.1:");
+    let window = report.line("WARN  stream: SAHOOL_IOT captures ");
+    assert!(
+        window.contains("its duplicate window is unknown: this user may not read it — fix: allow this user $JS.API.STREAM.INFO.SAHOOL_IOT"),
+        "{window}"
+    );
+    assert!(!report.text().contains("commands:"), "{}", report.text());
+    let failed: Vec<&String> = report
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("FAIL"))
+        .collect();
+    assert!(failed.iter().all(|l| l.contains(" clock: ")), "{failed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_acl_that_denies_the_topic_fails_the_subscription() {
     let password = "Pz7wQ2nV8kXc4Rm6Ty3J";

@@ -36,7 +36,7 @@ pub(super) async fn checks(config: &Config) -> Vec<Check> {
         .timeout(REQUEST_TIMEOUT)
         .build(link.client.clone());
     let mut out = vec![connected(&config.nats, &link)];
-    match tokio::time::timeout(CHECK_TIMEOUT, streams(&js, config)).await {
+    match tokio::time::timeout(CHECK_TIMEOUT, streams(&js, &link, config)).await {
         Ok(checks) => out.extend(checks),
         Err(_) => out.push(timed_out("stream")),
     }
@@ -47,7 +47,7 @@ pub(super) async fn checks(config: &Config) -> Vec<Check> {
 }
 
 /// Which stream captures each subject the gateway publishes, and each stream's window.
-async fn streams(js: &Context, config: &Config) -> Vec<Check> {
+async fn streams(js: &Context, link: &Link, config: &Config) -> Vec<Check> {
     let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut missing = Vec::new();
     let mut out = Vec::new();
@@ -64,21 +64,55 @@ async fn streams(js: &Context, config: &Config) -> Vec<Check> {
     }
     let mut first: Option<stream::Config> = None;
     for (name, subjects) in &found {
-        match js.get_stream(name).await {
-            Ok(s) => {
+        let api = format!("$JS.API.STREAM.INFO.{name}");
+        let info = unless_denied(link, &api, js.get_stream(name)).await;
+        match info.ok_or_else(|| "this user may not read it".to_string()) {
+            Ok(Ok(s)) => {
                 let info = &s.cached_info().config;
                 out.push(window(name, info, subjects, config.nats.ack_timeout.0));
                 first.get_or_insert_with(|| info.clone());
             }
-            Err(e) => out.push(Check::warn(
-                "stream",
-                format!("{name} captures {}; its duplicate window is unknown: {e}", subjects.join(", ")),
-                format!("allow this user $JS.API.STREAM.INFO.{name}, or see it with `nats stream info {name}`"),
-            )),
+            Ok(Err(e)) => out.push(unknown_window(name, subjects, &e.to_string())),
+            Err(e) => out.push(unknown_window(name, subjects, &e)),
         }
     }
     out.extend(missing.iter().map(|s| uncaptured(s, first.as_ref())));
     out
+}
+
+fn unknown_window(name: &str, subjects: &[String], why: &str) -> Check {
+    Check::warn(
+        "stream",
+        format!(
+            "{name} captures {}; its duplicate window is unknown: {why}",
+            subjects.join(", ")
+        ),
+        format!(
+            "allow this user $JS.API.STREAM.INFO.{name}, or see it with `nats stream info {name}`"
+        ),
+    )
+}
+
+/// `request`'s outcome, or `None` as soon as the server reports that this user may not
+/// publish to `api` (a denied request gets no reply, only a report on the connection).
+async fn unless_denied<T>(
+    link: &Link,
+    api: &str,
+    request: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let sent = Instant::now();
+    let mut reports = link.denials.watch();
+    tokio::pin!(request);
+    loop {
+        tokio::select! {
+            out = &mut request => return (!link.denials.denied_since(api, sent)).then_some(out),
+            Ok(()) = reports.changed() => {
+                if link.denials.denied_since(api, sent) {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// A subject no stream captures, and how to add it to the stream that has the others.
@@ -169,9 +203,15 @@ async fn commands(js: &Context, link: &Link, config: &Config) -> Check {
         }
     }
     let name = c.consumer_name(&config.gateway);
-    let consumer = js
-        .get_consumer_from_stream::<pull::Config, _, _>(&name, stream)
-        .await;
+    let api = format!("$JS.API.CONSUMER.INFO.{stream}.{name}");
+    let lookup = js.get_consumer_from_stream::<pull::Config, _, _>(&name, stream);
+    let Some(consumer) = unless_denied(link, &api, lookup).await else {
+        return Check::fail(
+            "commands",
+            format!("this user may not read consumer {name} on {stream}, so doctor cannot see it"),
+            format!("allow this user to publish to {api}"),
+        );
+    };
     let missing = matches!(&consumer, Err(e) if matches!(e.kind(),
         ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND));
     if missing && c.create_consumer {
@@ -193,8 +233,8 @@ async fn creatable(js: &Context, link: &Link, config: &Config, name: &str, filte
         "action": "update",
         "config": {"durable_name": name, "filter_subject": format!("{filter}.doctor-probe"), "ack_policy": "explicit"},
     });
-    let sent = Instant::now();
-    let answer: Result<Response<consumer::Info>, _> = js.request(api.clone(), &body).await;
+    let request = js.request::<_, _, Response<consumer::Info>>(api.clone(), &body);
+    let answer = unless_denied(link, &format!("$JS.API.{api}"), request).await;
     let found =
         format!("stream {stream} captures {filter}; durable consumer {name} does not exist yet");
     let creates = format!(
@@ -202,18 +242,18 @@ async fn creatable(js: &Context, link: &Link, config: &Config, name: &str, filte
     );
     match answer {
         // JetStream answered, so the subject is allowed; the request itself was refused.
-        Ok(Response::Err { .. }) => Check::ok("commands", creates),
-        Ok(Response::Ok(_)) => {
+        Some(Ok(Response::Err { .. })) => Check::ok("commands", creates),
+        Some(Ok(Response::Ok(_))) => {
             // Only a server that checks neither the filter nor `update` gets here.
             let _ = js.delete_consumer_from_stream(name, stream).await;
             Check::ok("commands", creates)
         }
-        Err(_) if link.denials.denied_since(&format!("$JS.API.{api}"), sent) => Check::fail(
+        None => Check::fail(
             "commands",
             format!("{found}, and this user may not create it (create_consumer = true)"),
             format!("have the platform create it: nats consumer add {stream} {name} --pull --filter {filter} --ack explicit, or allow this user to publish to $JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
         ),
-        Err(e) => Check::warn(
+        Some(Err(e)) => Check::warn(
             "commands",
             format!("{found}; whether this user may create it is unknown: {e}"),
             format!("see that this user may publish to $JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
