@@ -31,11 +31,14 @@ impl Farm {
     /// The platform as designed: `SAHOOL_IOT` on `sahool.iot.>` (2 min window), and
     /// `SAHOOL_COMMANDS` with this gateway's durable consumer.
     async fn good() -> Self {
+        Self::with_streams(&["sahool.iot.>"], true).await
+    }
+
+    /// `SAHOOL_IOT` on `iot_subjects`, and `SAHOOL_COMMANDS`, with or without the consumer.
+    async fn with_streams(iot_subjects: &[&str], consumer: bool) -> Self {
         let farm = Self::bare(Nats::start(), Mosquitto::start());
-        farm.nats
-            .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
-            .await;
-        farm.commands_stream(true).await;
+        farm.nats.create_stream("SAHOOL_IOT", iot_subjects).await;
+        farm.commands_stream(consumer).await;
         farm
     }
 
@@ -78,6 +81,31 @@ impl Farm {
             self.port.slave_path().display()
         )
     }
+}
+
+const ADMIN_PASSWORD: &str = "Vb5nM8qR2tY6wE9uK3xZ";
+const GATEWAY_PASSWORD: &str = "Gw7hJ3kL9pQ2sD5fA8zC";
+
+/// A farm whose nats-server has two users, with `SAHOOL_IOT`: `admin`, the test's own, and
+/// `gw` with `permissions` (a nats-server permissions value; `preamble` may define it).
+async fn farm_with_gateway_user(preamble: &str, permissions: &str) -> Farm {
+    let nats = Nats::start_with(&format!(
+        "{preamble}\nauthorization {{\n  users: [\n    {{ user: admin, password: \"{ADMIN_PASSWORD}\" }}\n    \
+         {{ user: gw, password: \"{GATEWAY_PASSWORD}\", permissions: {permissions} }}\n  ]\n}}\n"
+    ))
+    .with_client_options(std::sync::Arc::new(|| {
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), ADMIN_PASSWORD.into())
+    }));
+    let farm = Farm::bare(nats, Mosquitto::start());
+    farm.nats
+        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
+        .await;
+    farm
+}
+
+/// `[nats]` lines for the user `gw`.
+fn as_gw() -> String {
+    format!("user = \"gw\"\npassword = \"{GATEWAY_PASSWORD}\"")
 }
 
 /// What doctor printed and its exit code.
@@ -203,18 +231,12 @@ async fn a_wrong_nats_password_fails_the_connection_and_skips_the_streams() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subject_no_stream_captures_fails_and_names_the_edit() {
-    let farm = Farm::bare(Nats::start(), Mosquitto::start());
-    farm.nats
-        .create_stream(
-            "SAHOOL_IOT",
-            &[
-                "sahool.iot.sensor.>",
-                "sahool.iot.gateway.status",
-                "sahool.iot.actuator.result",
-            ],
-        )
-        .await;
-    farm.commands_stream(false).await;
+    let iot = [
+        "sahool.iot.sensor.>",
+        "sahool.iot.gateway.status",
+        "sahool.iot.actuator.result",
+    ];
+    let farm = Farm::with_streams(&iot, false).await;
     let report = doctor(&farm.config("", "", ""));
     report.fails_with(
         "FAIL  stream: no stream captures sahool.iot.gateway.config",
@@ -257,11 +279,7 @@ async fn a_duplicate_window_shorter_than_a_resend_fails() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_commands_consumer_fails_when_the_gateway_may_not_create_it() {
-    let farm = Farm::bare(Nats::start(), Mosquitto::start());
-    farm.nats
-        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
-        .await;
-    farm.commands_stream(false).await;
+    let farm = Farm::with_streams(&["sahool.iot.>"], false).await;
     let report = doctor(&farm.config("", "", "create_consumer = false"));
     report.fails_with(
         "FAIL  commands: durable consumer gw-gw-test does not exist on stream SAHOOL_COMMANDS, and create_consumer = false",
@@ -312,27 +330,15 @@ fn broker_denying_subscriptions(user: &str, password: &str) -> (Mosquitto, u16, 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_consumer_this_user_may_not_create_fails() {
-    let admin = "Vb5nM8qR2tY6wE9uK3xZ";
-    let password = "Gw7hJ3kL9pQ2sD5fA8zC";
-    let nats = Nats::start_with(&format!(
-        r#"authorization {{
-  users: [
-    {{ user: admin, password: "{admin}" }}
-    {{ user: gw, password: "{password}", permissions: {{
-        publish: {{ allow: ["sahool.iot.>", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.INFO.>"] }}
-        subscribe: {{ allow: ["_INBOX.>"] }} }} }}
-  ]
-}}"#
-    ))
-    .with_client_options(std::sync::Arc::new(move || {
-        async_nats::ConnectOptions::with_user_and_password("admin".into(), admin.into())
-    }));
-    let farm = Farm::bare(nats, Mosquitto::start());
-    farm.nats
-        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
-        .await;
+    let farm = farm_with_gateway_user(
+        "",
+        r#"{
+        publish: { allow: ["sahool.iot.>", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.INFO.>"] }
+        subscribe: { allow: ["_INBOX.>"] } }"#,
+    )
+    .await;
     farm.commands_stream(false).await;
-    let report = doctor(&farm.config(&format!("user = \"gw\"\npassword = \"{password}\""), "", ""));
+    let report = doctor(&farm.config(&as_gw(), "", ""));
     report.line("ok    nats: connected to nats://127.0.0.1:");
     report.line("ok    stream: SAHOOL_IOT captures ");
     report.fails_with(
@@ -349,29 +355,12 @@ async fn a_missing_consumer_this_user_may_not_create_fails() {
 /// but not read the stream: the window is unknown, a warning, not a failure.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_least_privilege_user_sees_its_stream_but_not_its_window() {
-    let admin = "Vb5nM8qR2tY6wE9uK3xZ";
-    let password = "Gw7hJ3kL9pQ2sD5fA8zC";
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("config/nats-server.least-privilege.conf");
-    let nats = Nats::start_with(&format!(
-        r#"{}
-authorization {{
-  users: [
-    {{ user: admin, password: "{admin}" }}
-    {{ user: gw, password: "{password}", permissions: $SAHOOL_GATEWAY }}
-  ]
-}}"#,
-        std::fs::read_to_string(&shipped).expect("the shipped permissions")
-    ))
-    .with_client_options(std::sync::Arc::new(move || {
-        async_nats::ConnectOptions::with_user_and_password("admin".into(), admin.into())
-    }));
-    let farm = Farm::bare(nats, Mosquitto::start());
-    farm.nats
-        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
-        .await;
+    let shipped = std::fs::read_to_string(&shipped).expect("the shipped permissions");
+    let farm = farm_with_gateway_user(&shipped, "$SAHOOL_GATEWAY").await;
     let config = farm
-        .config(&format!("user = \"gw\"\npassword = \"{password}\""), "", "")
+        .config(&as_gw(), "", "")
         .replace("[commands]\nenabled = true", "[commands]\nenabled = false");
     let report = doctor(&config);
     report.line("ok    nats: connected to nats://127.0.0.1:");

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::Check;
+use super::{Check, Verdict};
 use crate::common::clock::{self, ClockSync};
 use crate::config::{Config, SerialSource};
 use crate::sources::serial::{self, OpenError};
@@ -57,7 +57,8 @@ pub(super) async fn disk(config: &Config) -> Check {
             format!("{} free at {shown}, below the reserve min_free_disk = {}: the gateway stops taking readings", size(free), size(reserve)),
             "free space on that filesystem, or lower [buffer] min_free_disk",
         ),
-        Ok(Ok(free)) if free < reserve.saturating_add(max_bytes) => Check::warn(
+        Ok(Ok(free)) if free < reserve.saturating_add(max_bytes) => Check::with_fix(
+            Verdict::Warn,
             "disk",
             format!("{} free at {shown}: above the reserve ({}), but a full buffer (max_bytes = {}) would not fit", size(free), size(reserve), size(max_bytes)),
             "free space, or lower [buffer] max_bytes",
@@ -102,6 +103,7 @@ pub(super) fn clock(config: &Config) -> Check {
             format!("not synchronised: the kernel says no time service disciplines the clock{commands}"),
             "run a time service that sets the kernel clock (chrony, systemd-timesyncd or ntpd) and let it reach a time server (`chronyc tracking` shows how it does)",
         ),
-        ClockSync::Unknown(why) => Check::warn("clock", format!("state unknown: {why}"), "check the clock by hand"),
+        ClockSync::Unknown(why) => Check::with_fix(
+            Verdict::Warn,"clock", format!("state unknown: {why}"), "check the clock by hand"),
     }
 }

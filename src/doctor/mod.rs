@@ -64,15 +64,17 @@ impl Check {
         found: impl Into<String>,
         fix: impl Into<String>,
     ) -> Self {
-        Self::new(Verdict::Fail, name, found, Some(fix.into()))
+        Self::with_fix(Verdict::Fail, name, found, fix)
     }
 
-    pub(crate) fn warn(
+    /// Failed, or with [`Verdict::Warn`] passed with something to look at; `fix` says what to do.
+    pub(crate) fn with_fix(
+        verdict: Verdict,
         name: impl Into<String>,
         found: impl Into<String>,
         fix: impl Into<String>,
     ) -> Self {
-        Self::new(Verdict::Warn, name, found, Some(fix.into()))
+        Self::new(verdict, name, found, Some(fix.into()))
     }
 
     pub(crate) fn skip(name: impl Into<String>, why: impl Into<String>) -> Self {

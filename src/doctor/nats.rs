@@ -12,7 +12,7 @@ use async_nats::jetstream::response::Response;
 use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, stream, Context, ErrorCode};
 
-use super::{bounded, published_subjects, timed_out, Check, CHECK_TIMEOUT};
+use super::{bounded, published_subjects, timed_out, Check, Verdict, CHECK_TIMEOUT};
 use crate::common::metrics::Metrics;
 use crate::config::{Config, Nats};
 use crate::uplink::forward::RETRY_BACKOFF_MAX;
@@ -81,7 +81,8 @@ async fn streams(js: &Context, link: &Link, config: &Config) -> Vec<Check> {
 }
 
 fn unknown_window(name: &str, subjects: &[String], why: &str) -> Check {
-    Check::warn(
+    Check::with_fix(
+        Verdict::Warn,
         "stream",
         format!(
             "{name} captures {}; its duplicate window is unknown: {why}",
@@ -157,7 +158,8 @@ fn window(
             fix,
         )
     } else if w < PLATFORM_DUPLICATE_WINDOW {
-        Check::warn(
+        Check::with_fix(
+            Verdict::Warn,
             "stream",
             format!("{captures}; its duplicate window {shown} catches resends on a live link, but not after an outage longer than that (consumers then drop doubles by event_id)"),
             fix,
@@ -253,7 +255,8 @@ async fn creatable(js: &Context, link: &Link, config: &Config, name: &str, filte
             format!("{found}, and this user may not create it (create_consumer = true)"),
             format!("have the platform create it: nats consumer add {stream} {name} --pull --filter {filter} --ack explicit, or allow this user to publish to $JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
         ),
-        Some(Err(e)) => Check::warn(
+        Some(Err(e)) => Check::with_fix(
+            Verdict::Warn,
             "commands",
             format!("{found}; whether this user may create it is unknown: {e}"),
             format!("see that this user may publish to $JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
