@@ -26,11 +26,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The connection, then what needs it.
 pub(super) async fn checks(config: &Config) -> Vec<Check> {
-    let not_reached = || Check::skip("stream", "NATS not reached");
+    let failed = |check| {
+        let mut out = vec![check, Check::skip("stream", "NATS not reached")];
+        if config.commands.enabled {
+            out.push(Check::skip("commands", "NATS not reached"));
+        }
+        out
+    };
     let link = match tokio::time::timeout(CHECK_TIMEOUT, connect(config)).await {
         Ok(Ok(link)) => link,
-        Ok(Err(check)) => return vec![check, not_reached()],
-        Err(_) => return vec![timed_out("nats"), not_reached()],
+        Ok(Err(check)) => return failed(check),
+        Err(_) => return failed(timed_out("nats")),
     };
     let js = jetstream::context::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
@@ -52,14 +58,16 @@ async fn streams(js: &Context, link: &Link, config: &Config) -> Vec<Check> {
     let mut missing = Vec::new();
     let mut out = Vec::new();
     for subject in published_subjects(config) {
-        match js.stream_by_subject(subject.clone()).await {
-            Ok(stream) => found.entry(stream).or_default().push(subject),
-            Err(e) if e.kind() == GetStreamByNameErrorKind::NotFound => missing.push(subject),
-            Err(e) => out.push(Check::fail(
-                "stream",
-                format!("cannot ask JetStream which stream captures {subject}: {e}"),
-                "allow this user to publish to $JS.API.STREAM.NAMES (config/nats-server.least-privilege.conf)",
-            )),
+        let lookup = js.stream_by_subject(subject.clone());
+        match unless_denied(link, STREAM_NAMES, lookup).await {
+            Some(Ok(stream)) => found.entry(stream).or_default().push(subject),
+            Some(Err(e)) if e.kind() == GetStreamByNameErrorKind::NotFound => missing.push(subject),
+            Some(Err(e)) => out.push(names_refused("stream", &subject, &e.to_string())),
+            None => {
+                // Denied for one subject, denied for all.
+                out.push(names_refused("stream", &subject, "this user may not ask"));
+                return out;
+            }
         }
     }
     let mut first: Option<stream::Config> = None;
@@ -114,6 +122,17 @@ async fn unless_denied<T>(
             }
         }
     }
+}
+
+/// The API subject that says which stream captures a subject.
+const STREAM_NAMES: &str = "$JS.API.STREAM.NAMES";
+
+fn names_refused(check: &str, subject: &str, why: &str) -> Check {
+    Check::fail(
+        check,
+        format!("cannot ask JetStream which stream captures {subject}: {why}"),
+        format!("allow this user to publish to {STREAM_NAMES} (config/nats-server.least-privilege.conf)"),
+    )
 }
 
 /// A subject no stream captures, and how to add it to the stream that has the others.
@@ -178,7 +197,11 @@ async fn commands(js: &Context, link: &Link, config: &Config) -> Check {
     let add_stream = format!(
         "have the platform create it: nats stream add {stream} --subjects \"sahool.commands.>\""
     );
-    match js.stream_by_subject(filter.clone()).await {
+    let lookup = js.stream_by_subject(filter.clone());
+    let Some(captured) = unless_denied(link, STREAM_NAMES, lookup).await else {
+        return names_refused("commands", &filter, "this user may not ask");
+    };
+    match captured {
         Ok(s) if s == stream => {}
         Ok(other) => {
             return Check::fail(
@@ -196,13 +219,7 @@ async fn commands(js: &Context, link: &Link, config: &Config) -> Check {
                 add_stream,
             )
         }
-        Err(e) => {
-            return Check::fail(
-                "commands",
-                format!("cannot ask JetStream which stream captures {filter}: {e}"),
-                "allow this user to publish to $JS.API.STREAM.NAMES",
-            )
-        }
+        Err(e) => return names_refused("commands", &filter, &e.to_string()),
     }
     let name = c.consumer_name(&config.gateway);
     let api = format!("$JS.API.CONSUMER.INFO.{stream}.{name}");
