@@ -8,6 +8,9 @@
 
 mod support;
 
+#[path = "support/pki.rs"]
+mod pki;
+
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -228,6 +231,98 @@ async fn a_wrong_nats_password_fails_the_connection_and_skips_the_streams() {
     // The other checks still run.
     report.line("ok    mqtt farm: ");
     report.line("ok    serial talker: ");
+}
+
+/// With a CA that did not sign the server's certificate, the line starting `start` fails and
+/// says why.
+fn another_ca_fails(config_with_ca: impl Fn(&std::path::Path) -> String, start: &str) {
+    let other = pki::Pki::new("other");
+    doctor(&config_with_ca(&other.ca_file())).fails_with(
+        start,
+        &[
+            "failed: server certificate rejected for 127.0.0.1: invalid peer certificate: UnknownIssuer",
+            "— fix: check tls_ca_file",
+        ],
+    );
+}
+
+/// NATS over TLS: connected with the configured CA, refused with another CA and the cause said.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_over_tls_passes_with_its_ca_and_fails_with_another() {
+    let pki = pki::Pki::new("platform");
+    let server = pki.server("nats");
+    let client_tls = sahool_gateway::common::tls::client_config(
+        &sahool_gateway::common::tls::TlsFiles {
+            ca: Some(&pki.ca_file()),
+            cert: None,
+            key: None,
+            server_name: None,
+        },
+        "test client",
+    )
+    .expect("test TLS config");
+    let nats = Nats::start_with(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n}}\n",
+        server.cert.display(),
+        server.key.display()
+    ))
+    .with_client_options(std::sync::Arc::new(move || {
+        async_nats::ConnectOptions::new()
+            .tls_client_config(client_tls.config.as_ref().clone())
+            .require_tls(true)
+    }));
+    let farm = Farm::bare(nats, Mosquitto::start());
+    farm.nats
+        .create_stream("SAHOOL_IOT", &["sahool.iot.>"])
+        .await;
+    farm.commands_stream(true).await;
+    let with_ca = |ca: &std::path::Path| {
+        farm.config(&format!("tls_ca_file = \"{}\"", ca.display()), "", "")
+            .replace(
+                &farm.nats.url(),
+                &format!("tls://127.0.0.1:{}", farm.nats.port),
+            )
+    };
+    let report = doctor(&with_ca(&pki.ca_file()));
+    let connected = report.line("ok    nats: connected to tls://127.0.0.1:");
+    assert!(
+        connected.ends_with("without credentials, TLS"),
+        "{connected}"
+    );
+    report.line("ok    stream: SAHOOL_IOT captures ");
+    report.line("ok    commands: ");
+    another_ca_fails(with_ca, "FAIL  nats: TLS with tls://127.0.0.1:");
+}
+
+/// An MQTT broker over TLS: connected with the configured CA, refused with another.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_mqtt_broker_over_tls_passes_with_its_ca_and_fails_with_another() {
+    let pki = pki::Pki::new("farm");
+    let server = pki.server("broker");
+    let port = support::free_port();
+    let broker = Mosquitto::start_with(&format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\ncertfile {}\nkeyfile {}\n",
+        server.cert.display(),
+        server.key.display()
+    ));
+    let farm = Farm::bare(Nats::with_platform_stream().await, broker);
+    farm.commands_stream(true).await;
+    let with_ca = |ca: &std::path::Path| {
+        farm.config("", "", "").replace(
+            &format!("url = \"{}\"", farm.broker.url()),
+            &format!(
+                "url = \"mqtts://127.0.0.1:{port}\"\ntls_ca_file = \"{}\"",
+                ca.display()
+            ),
+        )
+    };
+    let report = doctor(&with_ca(&pki.ca_file()));
+    let connected = report.line("ok    mqtt farm: connected to mqtts://127.0.0.1:");
+    assert!(
+        connected.contains("anonymously, TLS; subscribed to sahool/sensors/#"),
+        "{connected}"
+    );
+    another_ca_fails(with_ca, "FAIL  mqtt farm: TLS with mqtts://127.0.0.1:");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,8 +15,8 @@ use crate::sources::mqtt::broker_options;
 
 pub(super) async fn check(config: &Config, source: &MqttSource) -> Check {
     let name = format!("mqtt {}", source.name);
-    let (client, mut events) = match connect(config, source) {
-        Ok(pair) => pair,
+    let (client, mut events, tls) = match connect(config, source) {
+        Ok(parts) => parts,
         Err(e) => {
             return Check::fail(
                 name,
@@ -27,7 +27,7 @@ pub(super) async fn check(config: &Config, source: &MqttSource) -> Check {
     };
     let check = match wait_connected(&mut events).await {
         Ok(()) => subscribe(&client, &mut events, source).await,
-        Err(e) => refused(source, &e),
+        Err(e) => refused(source, &e, tls.and_then(|t| t.last_problem())),
     };
     let _ = client.try_disconnect();
     // Lets the DISCONNECT out; the check's own time bounds it.
@@ -40,7 +40,9 @@ pub(super) async fn check(config: &Config, source: &MqttSource) -> Check {
 }
 
 /// The client with the source's password and TLS read as the gateway reads them.
-fn connect(config: &Config, source: &MqttSource) -> Result<(AsyncClient, EventLoop), String> {
+type Client = (AsyncClient, EventLoop, Option<tls::ClientTls>);
+
+fn connect(config: &Config, source: &MqttSource) -> Result<Client, String> {
     let password = match (&source.password, &source.password_file) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(path)) => {
@@ -59,7 +61,8 @@ fn connect(config: &Config, source: &MqttSource) -> Result<(AsyncClient, EventLo
     options
         .set_clean_start(true)
         .set_session_expiry_interval(None);
-    Ok(AsyncClient::new(options, 16))
+    let (client, events) = AsyncClient::new(options, 16);
+    Ok((client, events, tls))
 }
 
 async fn wait_connected(events: &mut EventLoop) -> Result<(), ConnectionError> {
@@ -137,25 +140,33 @@ fn acl_fix(source: &MqttSource) -> String {
 }
 
 /// Why the connection failed, with what to do about it.
-fn refused(source: &MqttSource, e: &ConnectionError) -> Check {
+/// `tls_problem`: what the handshake saw, which the client may report as a mere I/O error.
+fn refused(source: &MqttSource, e: &ConnectionError, tls_problem: Option<String>) -> Check {
     let at = &source.url;
+    if let Some(problem) = tls_problem {
+        return tls_failed(at, &problem);
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => Check::fail(
             "",
             format!("{at} refuses the connection {}: {code:?}", who(source)),
             "check username and password (or password_file) against the broker's users, and that the broker lets this client in",
         ),
-        ConnectionError::Tls(tls) => Check::fail(
-            "",
-            format!("TLS with {at} failed: {tls}"),
-            "check tls_ca_file (the CA that signed the broker's certificate), tls_server_name, and the client certificate if the broker requires one",
-        ),
+        ConnectionError::Tls(tls) => tls_failed(at, &tls.to_string()),
         other => Check::fail(
             "",
             format!("cannot reach {at}: {other}"),
             "see that the broker runs and its port is reachable from here (firewall, address, port)",
         ),
     }
+}
+
+fn tls_failed(at: &crate::config::ServerUrl, problem: &str) -> Check {
+    Check::fail(
+        "",
+        format!("TLS with {at} failed: {problem}"),
+        "check tls_ca_file (the CA that signed the broker's certificate), tls_server_name, and the client certificate if the broker requires one",
+    )
 }
 
 fn who(source: &MqttSource) -> String {

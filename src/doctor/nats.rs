@@ -356,13 +356,15 @@ fn refused(nats: &Nats, connector: &Connector, e: &NatsError) -> Check {
         return Check::fail("nats", e.to_string(), "correct [nats], then run `validate`");
     };
     let at = servers(nats);
+    // The client reports a rejected certificate as an I/O error; the handshake knows better.
+    let tls_problem = connector.tls_problem();
     let (found, fix) = match connect.kind() {
         K::AuthorizationViolation | K::Authentication => (
             format!("{at} refuses {}: {e}", identity(nats)),
             "check [nats] user and password (or token, nkey_seed_file, creds_file) against the server's users".to_string(),
         ),
-        K::Tls => (
-            format!("TLS with {at} failed: {}", connector.tls_problem().unwrap_or_else(|| e.to_string())),
+        kind if kind == K::Tls || tls_problem.is_some() => (
+            format!("TLS with {at} failed: {}", tls_problem.unwrap_or_else(|| e.to_string())),
             "check tls_ca_file (the CA that signed the server's certificate), tls_server_name, and the client certificate if the server verifies it".to_string(),
         ),
         _ => (
