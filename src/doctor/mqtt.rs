@@ -26,16 +26,19 @@ pub(super) async fn check(config: &Config, source: &MqttSource) -> Check {
         }
     };
     let check = match wait_connected(&mut events).await {
-        Ok(()) => subscribe(&client, &mut events, source).await,
+        Ok(()) => {
+            let check = subscribe(&client, &mut events, source).await;
+            let _ = client.try_disconnect();
+            // Lets the DISCONNECT out; the check's own time bounds it.
+            while let Ok(event) = events.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+            check
+        }
         Err(e) => refused(source, &e, tls.and_then(|t| t.last_problem())),
     };
-    let _ = client.try_disconnect();
-    // Lets the DISCONNECT out; the check's own time bounds it.
-    while let Ok(event) = events.poll().await {
-        if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-            break;
-        }
-    }
     Check { name, ..check }
 }
 
