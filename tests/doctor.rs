@@ -348,6 +348,25 @@ async fn a_subject_no_stream_captures_fails_and_names_the_edit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_any_stream_every_subject_fails_and_the_stream_to_add_is_named() {
+    let farm = Farm::bare(Nats::start(), Mosquitto::start());
+    let report = doctor(
+        &farm
+            .config("", "", "")
+            .replace("[commands]\nenabled = true", ""),
+    );
+    report.fails_with(
+        "FAIL  stream: no stream captures sahool.iot.sensor.reading",
+        &["— fix: have the platform create its stream: nats stream add SAHOOL_IOT --subjects \"sahool.iot.>\" --dupe-window 2m"],
+    );
+    let missing = report
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("FAIL  stream: no stream captures"));
+    assert_eq!(missing.count(), 6, "{}", report.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_duplicate_window_shorter_than_a_resend_fails() {
     // nats-server refuses a stream without a duplicate window (and gives one of 2 min to a
     // stream that names none): 100 ms, the least it takes, is as good as none for a gateway

@@ -84,7 +84,8 @@ async fn streams(js: &Context, link: &Link, config: &Config) -> Vec<Check> {
             Err(e) => out.push(unknown_window(name, subjects, &e)),
         }
     }
-    out.extend(missing.iter().map(|s| uncaptured(s, first.as_ref())));
+    let other = found.keys().next().map(String::as_str);
+    out.extend(missing.iter().map(|s| uncaptured(s, first.as_ref(), other)));
     out
 }
 
@@ -135,18 +136,27 @@ fn names_refused(check: &str, subject: &str, why: &str) -> Check {
     )
 }
 
-/// A subject no stream captures, and how to add it to the stream that has the others.
-fn uncaptured(subject: &str, stream: Option<&stream::Config>) -> Check {
+/// A subject no stream captures, and how to add it to the stream that has the others: `stream`
+/// when its config could be read, else the one named `other`.
+fn uncaptured(subject: &str, stream: Option<&stream::Config>, other: Option<&str>) -> Check {
     let found = format!("no stream captures {subject}");
-    let fix = match stream {
-        Some(s) => format!(
+    let fix = match (stream, other) {
+        (Some(s), _) => format!(
             "add it to the stream's subjects: nats stream edit {} --subjects \"{},{subject}\"",
             s.name,
             s.subjects.join(",")
         ),
-        None => format!(
-            "have the platform create its stream: nats stream add SAHOOL_IOT --subjects \"sahool.iot.>,{subject}\" --dupe-window 2m"
+        (None, Some(name)) => format!(
+            "add it to the subjects of stream {name} (`nats stream info {name}` lists them; `nats stream edit {name} --subjects` takes them all)"
         ),
+        (None, None) => {
+            let subjects = if subject.starts_with("sahool.iot.") {
+                "sahool.iot.>".to_string()
+            } else {
+                format!("sahool.iot.>,{subject}")
+            };
+            format!("have the platform create its stream: nats stream add SAHOOL_IOT --subjects \"{subjects}\" --dupe-window 2m")
+        }
     };
     Check::fail("stream", found, fix)
 }
