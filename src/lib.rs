@@ -31,6 +31,8 @@
 //!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
 //!   `dead-letters list` and `replay`.
+//! - [`doctor`]: `doctor`, every check an operator makes by hand (config, NATS and its streams,
+//!   the commands consumer, MQTT brokers, serial ports, disk, clock), one line each with its fix.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running
 //!   gateway's `POST /dead-letters/replay` or, with none running, the buffer opened under its
 //!   lock; the transaction itself is the store's.
@@ -39,6 +41,7 @@ pub mod app;
 pub mod cli;
 pub mod common;
 pub mod config;
+pub mod doctor;
 pub mod downlink;
 pub mod ingest;
 pub mod reading;

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use sahool_gateway::common::http;
 use sahool_gateway::common::systemd::Notifier;
-use sahool_gateway::{app, cli, config};
+use sahool_gateway::{app, cli, config, doctor};
 
 const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
 
@@ -32,6 +32,12 @@ enum Command {
     },
     /// Check a config file; print every problem and exit 1, or exit 0.
     Validate {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Check what an operator checks by hand: config, NATS, streams, commands consumer, MQTT
+    /// brokers, serial ports, disk, clock. One line each with its fix; exit 1 if any fails.
+    Doctor {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -162,6 +168,14 @@ fn main() -> ExitCode {
             run(config)
         }
         Command::Validate { config } => verdict(cli::validate(&config, &mut stdout)),
+        Command::Doctor { config } => match doctor::run(&config, &mut stdout) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Mappings {
             command:
                 MappingsCommand::Test {

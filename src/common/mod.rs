@@ -3,6 +3,7 @@
 //! notify protocol.
 
 pub(crate) mod backoff;
+pub(crate) mod clock;
 pub mod http;
 pub(crate) mod log_limit;
 pub mod metrics;

@@ -123,6 +123,10 @@ mod tests {
         assert!(!c.commands.enabled);
         assert_eq!(c.commands.stream.as_str(), "SAHOOL_COMMANDS");
         assert_eq!(c.commands.consumer_name(&c.gateway), "gw-gw-1");
+        assert_eq!(
+            c.commands.filter_subject(&c.gateway),
+            "sahool.commands.iot.actuator.tenant-a.gw-1"
+        );
         assert!(c.commands.create_consumer && c.commands.require_clock_sync);
     }
 

@@ -447,7 +447,9 @@ impl Core {
         };
         if a.job.is_some() || !a.spec.readback {
             // Judged again like a new command; `accepted` was already sent, not sent twice.
-            let at = a.queue.partition_point(|q| q.issued_at <= command.issued_at);
+            let at = a
+                .queue
+                .partition_point(|q| q.issued_at <= command.issued_at);
             let id = command.actuator_id.clone();
             a.queue.insert(at, command);
             self.advance(&id, ctx, &mut out);

@@ -46,34 +46,19 @@ pub(crate) struct MqttInput {
 
 impl MqttInput {
     fn options(&self) -> MqttOptions {
-        let url = &self.source.url;
-        let mut o = MqttOptions::new(self.source.client_id(&self.gateway), &url.host, url.port);
+        let mut o = broker_options(
+            &self.source,
+            self.source.client_id(&self.gateway),
+            self.password.as_ref(),
+            self.tls.as_ref(),
+        );
         o.set_clean_start(false)
             // The gateway only subscribes. Without a limit the client keeps a slot for 65,535
             // outgoing publishes: 14 MB of memory for nothing.
             .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
             .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
             .set_manual_acks(true)
-            .set_receive_maximum(Some(self.source.receive_maximum))
-            .set_keep_alive(self.source.keep_alive.0)
-            .set_max_packet_size(Some(
-                u32::try_from(self.source.max_payload.0.saturating_mul(2) + 1024)
-                    .unwrap_or(u32::MAX),
-            ))
-            .set_connection_timeout(5);
-        if let Some(user) = &self.source.username {
-            let password = self
-                .password
-                .as_ref()
-                .map(Secret::expose)
-                .unwrap_or_default();
-            o.set_credentials(user.clone(), password);
-        }
-        if let Some(tls) = &self.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
-            ));
-        }
+            .set_receive_maximum(Some(self.source.receive_maximum));
         o
     }
 
@@ -203,6 +188,35 @@ fn send_acks(client: &AsyncClient, unsent: &mut VecDeque<Publish>) {
         }
         unsent.pop_front();
     }
+}
+
+/// How `source` reaches its broker as `client_id`: address, keep-alive, packet size, credentials
+/// and TLS. The session settings are the caller's (`doctor` connects with a clean one).
+pub(crate) fn broker_options(
+    source: &MqttSource,
+    client_id: String,
+    password: Option<&Secret>,
+    tls: Option<&crate::common::tls::ClientTls>,
+) -> MqttOptions {
+    let url = &source.url;
+    let mut o = MqttOptions::new(client_id, &url.host, url.port);
+    o.set_keep_alive(source.keep_alive.0)
+        .set_max_packet_size(Some(
+            u32::try_from(source.max_payload.0.saturating_mul(2) + 1024).unwrap_or(u32::MAX),
+        ))
+        .set_connection_timeout(5);
+    if let Some(user) = &source.username {
+        o.set_credentials(
+            user.clone(),
+            password.map(Secret::expose).unwrap_or_default(),
+        );
+    }
+    if let Some(tls) = tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+        ));
+    }
+    o
 }
 
 /// What the poller hands to the source task.

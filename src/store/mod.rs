@@ -98,6 +98,7 @@ mod corruption; // stop writing once the file is found corrupt, and say so
 mod dedupe; // repeated messages, frames and observations
 mod delta; // what a transaction changed, applied once it committed
 mod disk; // the free-disk reserve
+pub(crate) use disk::free_disk;
 mod gauges; // counters, gauges and warnings of each commit
 mod transaction; // what one transaction writes
 mod writer; // the thread: open, queue, group commit

@@ -214,7 +214,7 @@ impl Connector {
     }
 
     /// The client names only the kind of a TLS failure ("tls error"); the handshake knows why.
-    fn tls_problem(&self) -> Option<String> {
+    pub(crate) fn tls_problem(&self) -> Option<String> {
         self.inner.tls.as_ref().and_then(|t| t.last_problem())
     }
 

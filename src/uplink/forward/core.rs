@@ -20,6 +20,9 @@ pub(super) const FETCH_ROWS: usize = 512;
 pub(super) const ACK_BATCH: usize = 256;
 /// How often the driver looks again while it cannot send (no link, or a paused window).
 pub(super) const RECHECK: Duration = Duration::from_millis(250);
+/// The longest wait before a publish that got no PubAck is sent again on a live link: with
+/// `ack_timeout`, what a stream's duplicate window must cover at the least.
+pub(crate) const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Why a publish got no PubAck, as the driver's edge classified it. Decisions read only the
 /// kind; `detail` is for logs and dead-letters.
@@ -176,7 +179,7 @@ impl Core {
             acked: AckedRuns::default(),
             reported: None,
             fence: Fence::new(ack_timeout),
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            backoff: Backoff::new(Duration::from_millis(100), RETRY_BACKOFF_MAX),
             link_backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(8)),
             link: LinkState::Down,
             first_link: true,

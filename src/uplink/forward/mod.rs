@@ -45,6 +45,7 @@
 //! keeping the publishes past a lost one few and sent within a fraction of a leader election.
 
 mod core;
+pub(crate) use self::core::RETRY_BACKOFF_MAX;
 mod driver;
 
 pub(crate) use self::driver::Forwarder;
