@@ -117,6 +117,25 @@ pub enum Status {
     SwitchedOff,
 }
 
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::Superseded => "superseded",
+            Self::SwitchedOff => "switched_off",
+        }
+    }
+
+    /// Whether the command is done with after this step (all but `accepted`).
+    pub fn is_final(self) -> bool {
+        self != Self::Accepted
+    }
+}
+
 /// `payload.reason` of a failed or rejected result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -397,6 +416,16 @@ impl Core {
         a.off_since = restored.off_since;
         a.run_since = restored.deadline.as_ref().map(|d| d.run_since);
         a.deadline = restored.deadline;
+    }
+
+    /// What the store keeps of an actuator, as it stands now ([`Core::restore`] takes it back).
+    pub fn persisted(&self, actuator_id: &str) -> Option<Restored> {
+        let a = self.actuators.get(actuator_id)?;
+        Some(Restored {
+            newest_written: a.newest_written,
+            deadline: a.deadline.clone(),
+            off_since: a.off_since,
+        })
     }
 
     /// The state last confirmed on the device, if known.

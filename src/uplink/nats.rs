@@ -102,6 +102,9 @@ struct ConnectorInner {
     identity: Identity,
     tls: Option<tls::ClientTls>,
     metrics: Arc<Metrics>,
+    /// Whether this link's state is the gateway's NATS state (`nats_connected`, `/readyz`):
+    /// the forwarder's link is; the commands link reports through its own status.
+    reports_state: bool,
     /// Failed connection attempts are reported as events; one line per minute is enough.
     event_log: LogLimit,
     denial_log: LogLimit,
@@ -131,6 +134,25 @@ impl Drop for Link {
 impl Connector {
     /// Reads and checks every secret and TLS file `[nats]` names; connects nothing yet.
     pub(crate) fn new(nats: &Nats, name: &str, metrics: Arc<Metrics>) -> Result<Self, NatsError> {
+        Self::build(nats, name, metrics, true)
+    }
+
+    /// A connector for a second link (the commands consumer's) that leaves the gateway's NATS
+    /// state to the forwarder's link.
+    pub(crate) fn secondary(
+        nats: &Nats,
+        name: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, NatsError> {
+        Self::build(nats, name, metrics, false)
+    }
+
+    fn build(
+        nats: &Nats,
+        name: &str,
+        metrics: Arc<Metrics>,
+        reports_state: bool,
+    ) -> Result<Self, NatsError> {
         let tls = nats
             .tls_files()
             .map(|files| tls::client_config(&files, "NATS"))
@@ -148,6 +170,7 @@ impl Connector {
                 identity: Identity::load(nats)?,
                 tls,
                 metrics,
+                reports_state,
                 event_log: LogLimit::new(Duration::from_secs(60)),
                 denial_log: LogLimit::new(Duration::from_secs(10)),
             }),
@@ -200,8 +223,10 @@ impl Connector {
         let client = match options.connect(inner.servers.clone()).await {
             Ok(client) => client,
             Err(e) => {
-                let why = self.tls_problem().unwrap_or_else(|| e.to_string());
-                inner.metrics.set_nats_problem(Some(why));
+                if inner.reports_state {
+                    let why = self.tls_problem().unwrap_or_else(|| e.to_string());
+                    inner.metrics.set_nats_problem(Some(why));
+                }
                 return Err(e.into());
             }
         };
@@ -221,6 +246,11 @@ impl Connector {
     fn on_event(&self, event: async_nats::Event, denials: &PublishDenials, retired: &AtomicBool) {
         let inner = &self.inner;
         if retired.load(Ordering::Relaxed) {
+            return;
+        }
+        if !inner.reports_state {
+            // Denials and errors of a secondary link are its owner's to report.
+            tracing::debug!(link = %inner.name, event = %event, "NATS client event");
             return;
         }
         match event {
