@@ -117,6 +117,35 @@ pub enum Status {
     SwitchedOff,
 }
 
+impl Status {
+    pub const ALL: [Status; 7] = [
+        Self::Accepted,
+        Self::Applied,
+        Self::Failed,
+        Self::Rejected,
+        Self::Expired,
+        Self::Superseded,
+        Self::SwitchedOff,
+    ];
+
+    /// As in the result's payload (and the inbox's `status` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::Superseded => "superseded",
+            Self::SwitchedOff => "switched_off",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
 /// `payload.reason` of a failed or rejected result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +160,21 @@ pub enum Reason {
     ClockUnsynced,
     ReadbackMismatch,
     BusError,
+}
+
+impl Reason {
+    /// As in the result's payload (and the inbox's `reason` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownActuator => "unknown_actuator",
+            Self::OutOfRange => "out_of_range",
+            Self::Interlock => "interlock",
+            Self::RateLimited => "rate_limited",
+            Self::ClockUnsynced => "clock_unsynced",
+            Self::ReadbackMismatch => "readback_mismatch",
+            Self::BusError => "bus_error",
+        }
+    }
 }
 
 /// One step of a command, as `sahool.iot.actuator.result` reports it. The driver builds the

@@ -11,6 +11,7 @@ use super::counts::DropReason;
 use super::db::{self, ScannedRow};
 use super::dedupe;
 use super::delta::Delta;
+use super::inbox::{INBOX_MAX_AGE_MS, INBOX_MAX_ROWS};
 use super::transaction::delete_row;
 use super::writer::Writer;
 use crate::config::WhenFull;
@@ -268,6 +269,7 @@ impl Writer {
             self.drop_rows(tx, &expired, DropReason::MaxAge, delta)?;
         }
         dedupe::trim_keys(tx)?;
+        db::commands::trim(tx, now - INBOX_MAX_AGE_MS, INBOX_MAX_ROWS)?;
         let cut = db::dead_letter::trim(tx, self.buffer.dead_letter_max)? as u64;
         delta.dead_letters_removed += cut;
         delta.dead_letters_evicted += cut;

@@ -67,7 +67,7 @@ impl Writer {
     pub(super) fn publish_gauges(&self) {
         let m = &self.metrics;
         m.buffer_readings
-            .set(self.rows.saturating_sub(self.status_rows) as i64);
+            .set(self.rows.saturating_sub(self.event_rows) as i64);
         m.buffer_bytes.set(self.bytes as i64);
         m.dead_letters.set(self.dead_letters as i64);
         m.intake_paused.set(i64::from(self.disk_low || self.full));
