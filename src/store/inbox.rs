@@ -158,7 +158,24 @@ pub(crate) struct ResultBody {
     pub(crate) tenant_id: String,
     pub(crate) correlation_id: String,
     /// The [`CommandResult`] as JSON, as the payload of the event.
-    pub(crate) payload: serde_json::Value,
+    pub(crate) payload: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ResultBody {
+    /// The row body of `result` in the envelope of a command.
+    pub(crate) fn encode(tenant_id: String, correlation_id: String, r: &CommandResult) -> Vec<u8> {
+        // A struct of strings and numbers always serializes, as an object.
+        let payload = match serde_json::to_value(r) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let body = Self {
+            tenant_id,
+            correlation_id,
+            payload,
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
 }
 
 /// A result's event id: a hash of the buffer's salt with the command id and status (with no
@@ -272,13 +289,7 @@ impl Writer {
             Some(k) => (k.tenant_id.clone(), k.correlation_id.clone()),
             None => (row.tenant_id.clone(), row.correlation_id.clone()),
         };
-        let body = ResultBody {
-            tenant_id,
-            correlation_id,
-            // A struct of strings and numbers always serializes.
-            payload: serde_json::to_value(r).unwrap_or_default(),
-        };
-        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let body = ResultBody::encode(tenant_id, correlation_id, r);
         db::outbox::insert_with_id(tx, delta.next_seq, &event_id, now, KIND_RESULT, &body)?;
         delta.next_seq += 1;
         delta.added(KIND_RESULT, body.len());
