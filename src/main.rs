@@ -59,6 +59,16 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Each actuator: last confirmed state, last command and status, off deadline.
+    Actuators {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Platform commands in the gateway's inbox.
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
     /// Set a user's password in an [[mqtt_listener]] password file. The password is read from
     /// standard input; only its argon2 hash is written.
     Passwd {
@@ -100,6 +110,17 @@ enum BufferCommand {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// Newest first, one JSON object per line.
+    List {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -246,6 +267,10 @@ fn main() -> ExitCode {
                 };
                 cli::dead_letters_replay(&config, filter, &mut stdout)
             }),
+        Command::Actuators { config } => cli::actuators(&config, &mut stdout),
+        Command::Commands {
+            command: CommandsCommand::List { config, limit },
+        } => cli::commands_list(&config, limit, &mut stdout),
         Command::Passwd { file, user } => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
