@@ -168,28 +168,42 @@ pub fn dead_letters_list(
     limit: usize,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
+    json_lines(
+        config_path,
+        |i| i.dead_letters(limit),
+        out,
+        |d| {
+            let raw = String::from_utf8(d.raw.clone())
+                .map(serde_json::Value::String)
+                .unwrap_or_else(|_| {
+                    serde_json::Value::String(d.raw.iter().map(|b| format!("{b:02x}")).collect())
+                });
+            serde_json::json!({
+                "id": d.id,
+                "at": crate::reading::Timestamp::from_unix_millis(d.at_ms).to_rfc3339(),
+                "source": d.source,
+                "reason": d.reason,
+                "detail": d.detail,
+                "topic": d.topic,
+                "device": d.device,
+                "sensor_type": d.sensor_type,
+                "raw": raw,
+            })
+        },
+    )
+}
+
+/// Rows the buffer gives `read`, one JSON object (`json`) a line.
+fn json_lines<T>(
+    config_path: &Path,
+    read: impl FnOnce(&Inspector) -> Result<Vec<T>, StoreError>,
+    out: &mut impl Write,
+    json: impl Fn(T) -> serde_json::Value,
+) -> Result<(), CliError> {
     let c = config::load(config_path)?;
-    let letters = Inspector::open(&c.store_path())?
-        .dead_letters(limit)
-        .map_err(CliError::Read)?;
-    for d in letters {
-        let raw = String::from_utf8(d.raw.clone())
-            .map(serde_json::Value::String)
-            .unwrap_or_else(|_| {
-                serde_json::Value::String(d.raw.iter().map(|b| format!("{b:02x}")).collect())
-            });
-        let v = serde_json::json!({
-            "id": d.id,
-            "at": crate::reading::Timestamp::from_unix_millis(d.at_ms).to_rfc3339(),
-            "source": d.source,
-            "reason": d.reason,
-            "detail": d.detail,
-            "topic": d.topic,
-            "device": d.device,
-            "sensor_type": d.sensor_type,
-            "raw": raw,
-        });
-        writeln!(out, "{v}")?;
+    let rows = read(&Inspector::open(&c.store_path())?).map_err(CliError::Read)?;
+    for row in rows {
+        writeln!(out, "{}", json(row))?;
     }
     Ok(())
 }
@@ -677,26 +691,25 @@ pub fn commands_list(
     limit: usize,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let c = config::load(config_path)?;
-    let commands = Inspector::open(&c.store_path())?
-        .commands(limit)
-        .map_err(CliError::Read)?;
-    for k in commands {
-        let v = serde_json::json!({
-            "command_id": k.command_id,
-            "actuator_id": k.actuator_id,
-            "field_id": k.field_id,
-            "action": k.action,
-            "value": k.value,
-            "state": k.state.as_str(),
-            "status": k.status,
-            "reason": k.reason,
-            "issued_at": rfc3339(k.issued_ms),
-            "expires_at": rfc3339(k.expires_ms),
-            "received_at": rfc3339(k.received_ms),
-            "updated_at": rfc3339(k.updated_ms),
-        });
-        writeln!(out, "{v}")?;
-    }
-    Ok(())
+    json_lines(
+        config_path,
+        |i| i.commands(limit),
+        out,
+        |k| {
+            serde_json::json!({
+                "command_id": k.command_id,
+                "actuator_id": k.actuator_id,
+                "field_id": k.field_id,
+                "action": k.action,
+                "value": k.value,
+                "state": k.state.as_str(),
+                "status": k.status,
+                "reason": k.reason,
+                "issued_at": rfc3339(k.issued_ms),
+                "expires_at": rfc3339(k.expires_ms),
+                "received_at": rfc3339(k.received_ms),
+                "updated_at": rfc3339(k.updated_ms),
+            })
+        },
+    )
 }

@@ -196,40 +196,16 @@ fn the_example_serial_sections_validate_uncommented() {
 
 /// A gateway with a pump and a dosing setpoint on a Modbus bus, its buffer under `dir`.
 const ACTUATORS_CONFIG: &str = r#"
-[gateway]
-id = "gw-1"
-tenant_id = "tenant-a"
-data_dir = "DATA"
-
-[nats]
-servers = ["nats://127.0.0.1:4222"]
-
-[[serial]]
-name = "rs485-1"
-path = "/dev/ttyUSB0"
-protocol = "modbus-rtu"
+gateway = { id = "gw-1", tenant_id = "tenant-a", data_dir = "DATA" }
+nats = { servers = ["nats://127.0.0.1:4222"] }
+serial = [{ name = "rs485-1", path = "/dev/ttyUSB0", protocol = "modbus-rtu" }]
 
 [[fields]]
 id = "f-1"
-  [[fields.actuators]]
-  id = "pump-1"
-  kind = "switch"
-  max_on = "2h"
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  coil = 0
-
-  [[fields.actuators]]
-  id = "dosing-1"
-  kind = "setpoint"
-  range = [0.0, 100.0]
-  [fields.actuators.modbus]
-  port = "rs485-1"
-  unit = 7
-  register = 10
-  type = "u16"
-  scale = 0.1
+actuators = [
+  { id = "pump-1", kind = "switch", max_on = "2h", modbus = { port = "rs485-1", unit = 7, coil = 0 } },
+  { id = "dosing-1", kind = "setpoint", range = [0.0, 100.0], modbus = { port = "rs485-1", unit = 7, register = 10, type = "u16", scale = 0.1 } },
+]
 "#;
 
 mod downlink_cli {
