@@ -127,12 +127,14 @@ impl Writer {
         reason: DropReason,
         delta: &mut Delta,
     ) -> rusqlite::Result<u64> {
-        let before = delta.bytes_removed;
+        let (before, results) = (delta.bytes_removed, delta.results_removed);
         for &seq in seqs.iter().filter(|&&seq| !self.claimed(seq)) {
             if delete_row(tx, seq, delta)? == Some(true) {
                 delta.dropped[reason as usize] += 1;
             }
         }
+        // Not readings, so outside the totals; but the platform never sees them: say so.
+        delta.results_dropped += delta.results_removed - results;
         Ok(delta.bytes_removed - before)
     }
 

@@ -5,7 +5,7 @@
 use super::db;
 use super::writer::Writer;
 use crate::ingest::mapping::Reason;
-use crate::reading::is_reading_kind;
+use crate::reading::{is_reading_kind, KIND_RESULT};
 
 #[derive(Default)]
 pub(super) struct Delta {
@@ -40,8 +40,9 @@ pub(super) struct Delta {
     /// Rows added and removed that are not readings (status events, command results).
     pub(super) event_rows_added: u64,
     pub(super) event_rows_removed: u64,
-    /// Command results committed to the outbox.
-    pub(super) results_added: u64,
+    /// Command results deleted (acknowledged or dropped), and of them those a bound dropped.
+    pub(super) results_removed: u64,
+    pub(super) results_dropped: u64,
     /// Fingerprints of the source messages stored, in order.
     pub(super) messages: Vec<u64>,
 }
@@ -68,6 +69,9 @@ impl Delta {
         self.rows_removed += 1;
         self.bytes_removed += len as u64 + db::ROW_OVERHEAD;
         let reading = is_reading_kind(kind);
+        if kind == i64::from(KIND_RESULT) {
+            self.results_removed += 1;
+        }
         if !reading {
             self.event_rows_removed += 1;
         }

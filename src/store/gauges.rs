@@ -25,6 +25,12 @@ impl Writer {
             }
         }
         m.buffer_thin_passes.inc_by(d.thin_passes);
+        if d.results_dropped > 0 {
+            tracing::warn!(
+                count = d.results_dropped,
+                "buffer bound dropped command results: the platform will not see them (`commands list` still shows each command's status)"
+            );
+        }
         if d.refused > 0 {
             m.rejected(Reason::PublishRefused.label()).inc_by(d.refused);
         }

@@ -293,7 +293,6 @@ impl Writer {
         db::outbox::insert_with_id(tx, delta.next_seq, &event_id, now, KIND_RESULT, &body)?;
         delta.next_seq += 1;
         delta.added(KIND_RESULT, body.len());
-        delta.results_added += 1;
         if known.is_some() {
             let state = match r.status {
                 Status::Accepted => InboxState::Writing,
@@ -579,6 +578,68 @@ mod tests {
             vec![("pump-1".into(), running()), ("valve-3".into(), off)]
         );
         close(store, thread).await;
+    }
+
+    /// A result's outbox seq, if it is still buffered.
+    async fn result_seq(store: &StoreHandle) -> Option<u64> {
+        let rows = store.fetch(0, 100_000).await.unwrap();
+        store.holding(None).await.unwrap();
+        rows.iter().find(|r| r.kind == KIND_RESULT).map(|r| r.seq)
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_takes_results_like_status_rows_outside_the_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let metrics = Arc::new(Metrics::new());
+        let bound = bounded(3_000, crate::config::WhenFull::DropOldest);
+        let (store, thread) = start(path.clone(), bound, 20.0, metrics.clone()).unwrap();
+        store.command_received(received(ID)).await.unwrap();
+        store
+            .command_result(result(ID, Status::Accepted), None)
+            .await
+            .unwrap();
+        assert!(result_seq(&store).await.is_some());
+        for i in 0..60 {
+            append(&store, message_reading(i)).await;
+        }
+        assert_eq!(result_seq(&store).await, None, "the oldest row went");
+        assert!(metrics.dropped("buffer_full").get() > 0);
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(c.accepted, 60, "the result is not a reading");
+    }
+
+    #[tokio::test]
+    async fn thinning_never_takes_a_result() {
+        use crate::reading::SensorType;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let series = |i| one(series_reading("a", SensorType::WaterLevel, i, 10));
+        // Readings at a 10-minute step, a result among the oldest of them.
+        let (store, thread) = open_store(&path);
+        for i in 0..40 {
+            append(&store, series(i)).await;
+            if i == 3 {
+                store.command_received(received(ID)).await.unwrap();
+                store
+                    .command_result(result(ID, Status::Accepted), None)
+                    .await
+                    .unwrap();
+            }
+        }
+        let seq = result_seq(&store).await;
+        close(store, thread).await;
+        let bytes = Inspector::open(&path).unwrap().stats().unwrap().bytes;
+        let metrics = Arc::new(Metrics::new());
+        let bound = bounded(bytes, crate::config::WhenFull::Thin);
+        let (store, thread) = start(path.clone(), bound, 20.0, metrics.clone()).unwrap();
+        append(&store, series(40)).await;
+        assert!(metrics.dropped("thin").get() > 0, "a thinning round ran");
+        assert_eq!(metrics.dropped("buffer_full").get(), 0);
+        assert_eq!(result_seq(&store).await, seq, "the result stays");
+        close(store, thread).await;
+        totals_hold(&path);
     }
 
     #[test]
