@@ -109,6 +109,7 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
             "file": path.display().to_string(),
             "readings": s.readings,
             "status_events": s.status_events,
+            "command_results": s.command_results,
             "bytes": s.bytes,
             "max_bytes": c.buffer.max_bytes.0,
             "oldest_age_seconds": age_s,
@@ -126,6 +127,7 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
     writeln!(out, "buffer:        {}", path.display())?;
     writeln!(out, "readings:      {}", s.readings)?;
     writeln!(out, "status events: {}", s.status_events)?;
+    writeln!(out, "cmd results:   {}", s.command_results)?;
     let pct = s.bytes as f64 * 100.0 / c.buffer.max_bytes.0.max(1) as f64;
     writeln!(
         out,

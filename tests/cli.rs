@@ -377,6 +377,14 @@ async fn actuators_and_commands_list_show_the_inbox() {
             &"out_of_range".into()
         )
     );
+    // Three results buffered (accepted, applied, rejected), none of them a reading.
+    let out = gateway(&["buffer", "stats", "--config", config, "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    assert_eq!(
+        (&stats["command_results"], &stats["readings"]),
+        (&3.into(), &0.into())
+    );
+    assert_eq!(stats["accepted"], 0);
     let received = downlink_cli::T0 + 3_000;
     assert_eq!(
         rows[0]["received_at"],
