@@ -28,7 +28,7 @@
 //!   and the sans-IO core that decides each write, read-back, result and off deadline.
 //! - [`app`]: `run`, wiring the above and shutting down in an order that loses nothing.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
-//!   `dead-letters list` and `replay`.
+//!   `dead-letters list` and `replay`, `sensors`, `actuators` and `commands list`.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running
 //!   gateway's `POST /dead-letters/replay` or, with none running, the buffer opened under its
 //!   lock; the transaction itself is the store's.

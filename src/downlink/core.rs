@@ -177,8 +177,8 @@ impl Reason {
     }
 }
 
-/// One step of a command, as `sahool.iot.actuator.result` reports it. The driver builds the
-/// envelope from the command's inbox row (tenant, correlation id).
+/// One step of a command, as `sahool.iot.actuator.result` reports it. The store puts it in
+/// the envelope of the command's inbox row (tenant, correlation id): `StoreHandle::command_result`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandResult {
     /// Empty for a `switched_off` with no command behind it.

@@ -4,8 +4,9 @@
 //! This is the foundation: [`command`] parses and checks a command message into a typed
 //! [`Command`]; [`core`] decides, without I/O, what happens to it: events in (a command, a
 //! write's outcome, a read-back, a clock tick, a reload), actions out (write, read back,
-//! publish a result, store or clear an off deadline). The NATS consumer, the SQLite inbox and
-//! the Modbus/MQTT writes are the driver's, still to come; the core assumes only that the
+//! publish a result, store or clear an off deadline). The SQLite inbox, results and actuator
+//! state are the store's ([`crate::store::inbox`]); the NATS consumer and the Modbus/MQTT
+//! writes are the driver's, still to come; the core assumes only that the
 //! driver carries out its actions in order and reports each write and read-back.
 //!
 //! # Invariants of the core
