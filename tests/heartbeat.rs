@@ -7,17 +7,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::{Gateway, Nats, StreamMessage};
-
-fn validator() -> jsonschema::Validator {
-    let schema: serde_json::Value =
-        serde_json::from_str(include_str!("../contracts/gateway_status.v1.json"))
-            .expect("schema JSON");
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&schema)
-        .expect("schema compiles")
-}
+use support::{contract_validator, Gateway, Nats, StreamMessage};
 
 /// The heartbeats in the platform's stream, in stream order.
 async fn heartbeats(nats: &Nats) -> Vec<StreamMessage> {
@@ -54,7 +44,7 @@ async fn heartbeats_arrive_valid_and_an_outages_arrive_after_it_once_in_order() 
     );
     let gateway = Gateway::start(&config);
     let live = wait_heartbeats(&nats, 2, Duration::from_secs(30)).await;
-    let validator = validator();
+    let validator = contract_validator("gateway_status.v1.json");
     for h in &live {
         assert!(validator.is_valid(&h.body), "{}", h.body);
         assert_eq!(h.subject, "sahool.iot.gateway.status");

@@ -637,12 +637,33 @@ mod tests {
         assert_eq!(c.accepted, 60, "the result is not a reading");
     }
 
+    /// Reading `i` of a series at a 10-minute step.
+    fn series(i: i64) -> crate::store::Append {
+        one(series_reading(
+            "a",
+            crate::reading::SensorType::WaterLevel,
+            i,
+            10,
+        ))
+    }
+
+    /// The store at `path` opened again bounded to `bytes` with `thin`, and the next reading
+    /// of [`series`] (40) appended: one thinning.
+    async fn thin_at(
+        path: &std::path::Path,
+        bytes: u64,
+    ) -> (StoreHandle, std::thread::JoinHandle<()>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let bound = bounded(bytes, crate::config::WhenFull::Thin);
+        let (store, thread) = start(path.to_path_buf(), bound, 20.0, metrics.clone()).unwrap();
+        append(&store, series(40)).await;
+        (store, thread, metrics)
+    }
+
     #[tokio::test]
     async fn thinning_never_takes_a_result() {
-        use crate::reading::SensorType;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buffer.db");
-        let series = |i| one(series_reading("a", SensorType::WaterLevel, i, 10));
         // Readings at a 10-minute step, a result among the oldest of them.
         let (store, thread) = open_store(&path);
         for i in 0..40 {
@@ -658,10 +679,7 @@ mod tests {
         let seq = result_seq(&store).await;
         close(store, thread).await;
         let bytes = Inspector::open(&path).unwrap().stats().unwrap().bytes;
-        let metrics = Arc::new(Metrics::new());
-        let bound = bounded(bytes, crate::config::WhenFull::Thin);
-        let (store, thread) = start(path.clone(), bound, 20.0, metrics.clone()).unwrap();
-        append(&store, series(40)).await;
+        let (store, thread, metrics) = thin_at(&path, bytes).await;
         assert!(metrics.dropped("thin").get() > 0, "a thinning round ran");
         assert_eq!(metrics.dropped("buffer_full").get(), 0);
         assert_eq!(result_seq(&store).await, seq, "the result stays");
@@ -679,10 +697,8 @@ mod tests {
 
     #[tokio::test]
     async fn heartbeats_stay_out_of_the_readings_and_thinning_halves_old_ones() {
-        use crate::reading::SensorType;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buffer.db");
-        let series = |i| one(series_reading("a", SensorType::WaterLevel, i, 10));
         let (store, thread) = open_store(&path);
         for i in 0..40 {
             append(&store, series(i)).await;
@@ -700,10 +716,7 @@ mod tests {
                 [],
             )
             .unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let bound = bounded(s.bytes, crate::config::WhenFull::Thin);
-        let (store, thread) = start(path.clone(), bound, 20.0, metrics.clone()).unwrap();
-        append(&store, series(40)).await;
+        let (store, thread, metrics) = thin_at(&path, s.bytes).await;
         let left = heartbeat_seqs(&store).await;
         assert!(left.len() < all.len() && left[0] == all[0], "{left:?}");
         // Every other one at most: no two neighbours both went.

@@ -364,7 +364,7 @@ pub fn headers(event: &Event) -> HeaderMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -498,16 +498,19 @@ mod tests {
         assert!(body(&e)["payload"].get("metadata").is_none());
     }
 
-    /// The result schema, checking formats (uuid, date-time) too.
-    fn result_validator() -> jsonschema::Validator {
-        let schema: serde_json::Value = serde_json::from_str(include_str!(
-            "../../contracts/actuator_command_result.v1.json"
-        ))
-        .expect("schema JSON");
+    /// A contract's schema (its JSON text), checking formats (uuid, date-time) too.
+    pub(crate) fn contract_validator(schema: &str) -> jsonschema::Validator {
+        let schema: serde_json::Value = serde_json::from_str(schema).expect("schema JSON");
         jsonschema::options()
             .should_validate_formats(true)
             .build(&schema)
             .expect("schema compiles")
+    }
+
+    fn result_validator() -> jsonschema::Validator {
+        contract_validator(include_str!(
+            "../../contracts/actuator_command_result.v1.json"
+        ))
     }
 
     fn result_row(result: &crate::downlink::CommandResult, correlation_id: &str) -> OutboxRow {
