@@ -110,6 +110,7 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
             "readings": s.readings,
             "status_events": s.status_events,
             "command_results": s.command_results,
+            "heartbeats": s.heartbeats,
             "bytes": s.bytes,
             "max_bytes": c.buffer.max_bytes.0,
             "oldest_age_seconds": age_s,
@@ -128,6 +129,7 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
     writeln!(out, "readings:      {}", s.readings)?;
     writeln!(out, "status events: {}", s.status_events)?;
     writeln!(out, "cmd results:   {}", s.command_results)?;
+    writeln!(out, "heartbeats:    {}", s.heartbeats)?;
     let pct = s.bytes as f64 * 100.0 / c.buffer.max_bytes.0.max(1) as f64;
     writeln!(
         out,

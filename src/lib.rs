@@ -26,6 +26,8 @@
 //!   [`common::systemd`] (READY, STATUS, WATCHDOG).
 //! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
 //!   and the sans-IO core that decides each write, read-back, result and off deadline.
+//! - [`fleet`]: what the platform sees of the gateway (DESIGN §9): the heartbeat, through the
+//!   outbox like a reading.
 //! - [`app`]: `run(config, http listener, shutdown, reloads)`, wiring the above, reconciling
 //!   keyed source tasks on reload and shutting down in an order that loses nothing; the binary
 //!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
@@ -43,6 +45,7 @@ pub mod common;
 pub mod config;
 pub mod doctor;
 pub mod downlink;
+pub(crate) mod fleet;
 pub mod ingest;
 pub mod reading;
 pub(crate) mod replay;

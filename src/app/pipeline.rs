@@ -1,8 +1,9 @@
 //! The parts a reload may change: MQTT sources, serial ports, MQTT listeners (each a keyed
-//! [`Tasks`] set) and the forwarder's NATS link, with what they all start from.
+//! [`Tasks`] set), the forwarder's NATS link and the heartbeat, with what they all start from.
 
 use std::future::ready;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use super::downlink::Downlink;
 use super::tasks::{Task, Tasks};
@@ -10,6 +11,7 @@ use super::RunError;
 use crate::common::metrics::Metrics;
 use crate::common::{secrets, tls};
 use crate::config::{Config, Gateway, Ident, MqttListener, MqttSource, Nats, Quality};
+use crate::fleet::heartbeat::{self, Heartbeat};
 use crate::ingest::mapping::{Mapper, SharedMapper};
 use crate::sources::listener::auth::SharedPasswords;
 use crate::sources::listener::{self, ListenerInput};
@@ -30,6 +32,8 @@ struct Wiring {
     mapper: SharedMapper,
     /// The Modbus ports' request queues, shared by the ports and the downlink's writes.
     bus: BusRequests,
+    /// When the gateway started: the heartbeat's uptime.
+    started: Instant,
 }
 
 /// A serial port's plan, equal to another when a port running with one can go on under the
@@ -49,6 +53,7 @@ pub(super) struct Pipeline {
     /// Each with its password file (`auth = "password"`), which a reload reads again.
     listeners: Tasks<Ident, MqttListener, Option<SharedPasswords>>,
     forwarder: (Nats, Task),
+    heartbeat: (heartbeat::Plan, Task),
     /// With `[commands]` enabled: the commands consumer and the actuator driver.
     downlink: Option<Downlink>,
 }
@@ -97,14 +102,18 @@ impl Pipeline {
             metrics,
             mapper: Arc::new(RwLock::new(Arc::new(Mapper::new(config)))),
             bus: BusRequests::default(),
+            started: Instant::now(),
         };
         let forwarder = (config.nats.clone(), wiring.start_forwarder(&config.nats)?);
+        let plan = heartbeat::Plan::of(config);
+        let heartbeat = (plan.clone(), wiring.start_heartbeat(plan));
         let mut pipeline = Pipeline {
             wiring,
             sources: Tasks::new("MQTT source"),
             serial: Tasks::new("serial port"),
             listeners: Tasks::new("MQTT listener"),
             forwarder,
+            heartbeat,
             downlink: None,
         };
         let w = &pipeline.wiring;
@@ -146,6 +155,12 @@ impl Pipeline {
                 }
                 Err(e) => failed.push(e),
             }
+        }
+        let plan = heartbeat::Plan::of(new);
+        if self.heartbeat.0 != plan {
+            // A new interval or config revision: the next heartbeat an interval from now.
+            let next = (plan.clone(), self.wiring.start_heartbeat(plan));
+            std::mem::replace(&mut self.heartbeat, next).1.stop().await;
         }
         let w = &self.wiring;
         if let Err(e) =
@@ -207,10 +222,11 @@ impl Pipeline {
         self.listeners.stop_all().await;
     }
 
-    /// Intake stops first and finishes acking what is committed; then the forwarder collects
-    /// outstanding PubAcks.
+    /// Intake stops first and finishes acking what is committed; then the heartbeat and the
+    /// downlink; then the forwarder collects outstanding PubAcks.
     pub(super) async fn stop(mut self) {
         self.stop_sources().await;
+        self.heartbeat.1.stop().await;
         // Before the forwarder: the results the driver commits while it stops are forwarded.
         if let Some(downlink) = self.downlink.take() {
             downlink.stop().await;
@@ -279,6 +295,16 @@ impl Wiring {
         )
         .await?;
         Ok(Task::spawn(|stop| input.run(stop)).with(passwords))
+    }
+
+    fn start_heartbeat(&self, plan: heartbeat::Plan) -> Task {
+        let task = Heartbeat {
+            plan,
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            started: self.started,
+        };
+        Task::spawn(|stop| task.run(stop))
     }
 
     fn start_forwarder(&self, config: &Nats) -> Result<Task, RunError> {

@@ -9,7 +9,8 @@
 //! `gateway.rs`, `nats.rs`, `buffer.rs`, `http.rs`, `quality.rs`, `mqtt.rs` (`[[mqtt]]`
 //! clients), `listener.rs` (`[[mqtt_listener]]`), [`serial`] (`[[serial]]` and serial bindings),
 //! `fields.rs` (`[[fields]]`, sensors, MQTT bindings), `actuators.rs` (`[[fields.actuators]]`),
-//! `commands.rs` (`[commands]`, the downlink's stream and consumer). Below them: `values.rs`
+//! `commands.rs` (`[commands]`, the downlink's stream and consumer), `fleet.rs` (`[fleet]`, the
+//! heartbeat). Below them: `values.rs`
 //! (value types checked while parsing), `address.rs` (server URLs), `credentials.rs` (secret and
 //! TLS file paths, the password policy) and `lines.rs` (line numbers). This file keeps [`Config`],
 //! [`parse`] and the checks that span sections. Every public type is re-exported here, and
@@ -21,6 +22,7 @@ mod buffer;
 mod commands;
 mod credentials;
 mod fields;
+mod fleet;
 mod gateway;
 mod http;
 mod lines;
@@ -51,6 +53,7 @@ pub use commands::{Commands, ConsumerTemplate};
 pub use credentials::TlsFiles;
 pub(crate) use credentials::{resolve_path, weak_password};
 pub use fields::{Field, JsonBinding, Sensor, TimestampFormat};
+pub use fleet::Fleet;
 pub use gateway::Gateway;
 pub use http::Http;
 pub(crate) use lines::section_line;
@@ -74,6 +77,10 @@ pub struct Config {
     pub serial: Vec<SerialSource>,
     pub mqtt_listener: Vec<MqttListener>,
     pub commands: Commands,
+    pub fleet: Fleet,
+    /// The xxh3-128 hash of the file text this config was parsed from, in hex: the config
+    /// revision the heartbeat reports until remote config gives revisions of its own.
+    pub text_hash: String,
 }
 
 /// The sections as they are read, for the checks that span them: a section that failed to
@@ -92,6 +99,7 @@ struct Parts {
     serial: Vec<SerialSource>,
     mqtt_listener: Vec<MqttListener>,
     commands: Commands,
+    fleet: Fleet,
 }
 
 impl Parts {
@@ -127,6 +135,11 @@ impl Parts {
                     self.commands = c;
                 }
             }
+            "fleet" => {
+                if let Some(f) = lines.section(value, "[fleet]", problems) {
+                    self.fleet = f;
+                }
+            }
             "mqtt" => self.mqtt.extend(lines.entries(value, "[[mqtt]]", problems, |m: &mut MqttSource, line| {
                 m.line = line
             })),
@@ -140,7 +153,7 @@ impl Parts {
             other => problems.push(Problem {
                 line: lines.line(key.span().start),
                 message: format!(
-                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial, fields or commands"
+                    "unknown section `{other}`; expected gateway, nats, buffer, http, quality, mqtt, mqtt_listener, serial, fields, commands or fleet"
                 ),
             }),
         }
@@ -242,6 +255,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         serial: parts.serial,
         mqtt_listener: parts.mqtt_listener,
         commands: parts.commands,
+        fleet: parts.fleet,
+        text_hash: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes())),
     })
 }
 
@@ -293,6 +308,7 @@ impl Config {
         }
         parts.buffer.check(lines.find_line("[buffer]"), &mut push);
         parts.quality.check(lines.find_line("[quality]"), &mut push);
+        parts.fleet.check(lines.find_line("[fleet]"), &mut push);
 
         // A name is unique among all MQTT inputs, clients and listeners alike.
         let mut names = HashSet::new();

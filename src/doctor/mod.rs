@@ -240,11 +240,12 @@ pub(crate) fn published_subjects(config: &Config) -> Vec<String> {
     list
 }
 
-/// The gateway's own events: heartbeat, remote config outcomes, actuator results.
+/// The gateway's own events: heartbeat, remote config outcomes, actuator results. The
+/// renderer's constants where it publishes them already, so the two cannot drift apart.
 const GATEWAY_SUBJECTS: [&str; 3] = [
-    "sahool.iot.gateway.status",
+    crate::uplink::event::GATEWAY_STATUS_SUBJECT,
     "sahool.iot.gateway.config",
-    "sahool.iot.actuator.result",
+    crate::uplink::event::RESULT_SUBJECT,
 ];
 
 #[cfg(test)]

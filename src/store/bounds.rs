@@ -15,7 +15,7 @@ use super::inbox::{INBOX_MAX_AGE_MS, INBOX_MAX_ROWS};
 use super::transaction::delete_row;
 use super::writer::Writer;
 use crate::config::WhenFull;
-use crate::reading::{Reading, Timestamp, KIND_READING};
+use crate::reading::{Reading, Timestamp, KIND_HEARTBEAT, KIND_READING};
 
 /// Rows one thinning round considers at most (the oldest half of the buffer, up to this), so
 /// a round's decoding stays bounded however large `max_bytes` is.
@@ -202,7 +202,8 @@ impl Writer {
     /// One thinning round over the rows after seq `after`: half the buffer's rows at most (and
     /// [`THIN_ROUND_ROWS`]). In each series (device, sensor type) every other reading goes,
     /// starting with the series' second in this round; readings observed within
-    /// [`THIN_SPARE_NS`] of the newest observation, status rows and the forwarder's claim stay.
+    /// [`THIN_SPARE_NS`] of the newest observation, status rows and the forwarder's claim stay;
+    /// heartbeats are a series too ([`thin_series`]).
     /// A reading goes only if the one before it in its series stays (the first of a series in
     /// a round always does), and so does the one after it (the next in the alternation, or the
     /// first of the next round), so no gap in a series more than doubles in a sweep, and each
@@ -218,6 +219,7 @@ impl Writer {
         let budget = (rows_now / 2).clamp(2, THIN_ROUND_ROWS) as usize;
         let spare_from =
             newest_observation(tx)?.map_or(i64::MIN, |t| t.0.saturating_sub(THIN_SPARE_NS));
+        let spare_stored_from = db::now_ms().saturating_sub(THIN_SPARE_NS / 1_000_000);
         // Per series: whether its last reading seen this round goes.
         let mut last_goes: HashMap<(String, u8), bool> = HashMap::new();
         let mut doomed = Vec::new();
@@ -227,16 +229,13 @@ impl Writer {
             let rows = self.unclaimed_after(tx, next, want, true)?;
             next = rows.last().map_or(0, |r| r.seq);
             seen += rows.len();
-            for row in rows.iter().filter(|r| r.kind == i64::from(KIND_READING)) {
-                // A body this version cannot decode is left alone (the forwarder dead-letters it).
-                let Ok(r) = postcard::from_bytes::<Reading>(&row.body) else {
+            for row in &rows {
+                let Some((series, recent)) = thin_series(row, spare_from, spare_stored_from) else {
                     continue;
                 };
                 // The first reading of a series counts as following a dropped one: it stays.
-                let prev_goes = last_goes
-                    .entry((r.device_id, r.sensor_type as u8))
-                    .or_insert(true);
-                let goes = !*prev_goes && r.observed_at.0 < spare_from;
+                let prev_goes = last_goes.entry(series).or_insert(true);
+                let goes = !*prev_goes && !recent;
                 *prev_goes = goes;
                 if goes {
                     doomed.push(row.seq);
@@ -276,6 +275,30 @@ impl Writer {
         delta.dead_letters_removed += cut;
         delta.dead_letters_evicted += cut;
         Ok(())
+    }
+}
+
+/// The series a row is thinned in, and whether it is too recent to go; `None`: never thinned
+/// (status rows, command results, readings with device metadata, bodies this version cannot
+/// decode, which the forwarder dead-letters).
+///
+/// Heartbeats are one series of their own, recent by their store time (they carry no device
+/// time): a sweep halves them as it halves each sensor's readings, so an outage keeps the
+/// gateway's own history over its whole span at the same coarser step as the data it explains,
+/// and the newest hour of heartbeats stays whole.
+fn thin_series(
+    row: &ScannedRow,
+    spare_from: i64,
+    spare_stored_from: i64,
+) -> Option<((String, u8), bool)> {
+    match u8::try_from(row.kind) {
+        Ok(KIND_READING) => {
+            let r = postcard::from_bytes::<Reading>(&row.body).ok()?;
+            let recent = r.observed_at.0 >= spare_from;
+            Some(((r.device_id, r.sensor_type as u8), recent))
+        }
+        Ok(KIND_HEARTBEAT) => Some(((String::new(), u8::MAX), row.stored_ms >= spare_stored_from)),
+        _ => None,
     }
 }
 

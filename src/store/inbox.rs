@@ -11,11 +11,13 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::bounds::Room;
 use super::delta::Delta;
+use super::transaction::insert_row;
 use super::writer::Writer;
 use super::{db, StoreError};
 use crate::downlink::{Command, CommandResult, Reason, Request, Restored, Status, Value};
-use crate::reading::{Timestamp, KIND_RESULT};
+use crate::reading::{Timestamp, KIND_HEARTBEAT, KIND_RESULT};
 
 /// Done rows older than this leave the inbox.
 pub(crate) const INBOX_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
@@ -152,7 +154,8 @@ pub struct ActuatorRow {
     pub last_at_ms: Option<i64>,
 }
 
-/// The body of a [`KIND_RESULT`] row: what `uplink::event` needs besides the row itself.
+/// The body of a [`KIND_RESULT`] row: what `uplink::event` needs besides the row itself. A
+/// [`KIND_HEARTBEAT`] row's too, with an empty correlation id (the event id stands in).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ResultBody {
     pub(crate) tenant_id: String,
@@ -208,11 +211,14 @@ fn confirmed_by(r: &CommandResult) -> Option<Option<Value>> {
     }
 }
 
-/// A downlink write queued for the group's transaction.
+/// A downlink write queued for the group's transaction; or a heartbeat, an event row written
+/// the same way.
 pub(super) enum InboxOp {
     Received(InboxCommand),
     Result(ResultRow, Option<(String, Restored)>),
     State(String, Restored),
+    /// A [`KIND_HEARTBEAT`] row's body (a [`ResultBody`] without correlation id).
+    Heartbeat(Vec<u8>),
 }
 
 /// What an [`InboxOp`] did, sent once its transaction committed.
@@ -221,6 +227,8 @@ pub(super) enum InboxDone {
     /// Whether the result became a new outbox row (false: committed before).
     Result(bool),
     State,
+    /// Whether the heartbeat was stored (false: the bounds or the disk reserve refused it).
+    Heartbeat(bool),
 }
 
 pub(super) type InboxReply = oneshot::Sender<Result<InboxDone, StoreError>>;
@@ -258,7 +266,26 @@ impl Writer {
                 db::actuators::save_state(tx, id, restored, now)?;
                 Ok(InboxDone::State)
             }
+            InboxOp::Heartbeat(body) => self.store_heartbeat(tx, body, now, delta),
         }
+    }
+
+    /// A heartbeat takes room like a reading: a full buffer drops or thins old rows for it,
+    /// `reject_new` and the disk reserve refuse it (the next one reports why). Its event id
+    /// derives from its seq, like a reading's.
+    fn store_heartbeat(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        body: &[u8],
+        now: i64,
+        delta: &mut Delta,
+    ) -> rusqlite::Result<InboxDone> {
+        let rows = [(KIND_HEARTBEAT, body.to_vec())];
+        if self.make_room(tx, &rows, delta)? != Room::Made {
+            return Ok(InboxDone::Heartbeat(false));
+        }
+        insert_row(tx, KIND_HEARTBEAT, body, now, delta)?;
+        Ok(InboxDone::Heartbeat(true))
     }
 
     /// The result's outbox row, its inbox row's state and its actuator's last result; nothing
@@ -610,12 +637,33 @@ mod tests {
         assert_eq!(c.accepted, 60, "the result is not a reading");
     }
 
+    /// Reading `i` of a series at a 10-minute step.
+    fn series(i: i64) -> crate::store::Append {
+        one(series_reading(
+            "a",
+            crate::reading::SensorType::WaterLevel,
+            i,
+            10,
+        ))
+    }
+
+    /// The store at `path` opened again bounded to `bytes` with `thin`, and the next reading
+    /// of [`series`] (40) appended: one thinning.
+    async fn thin_at(
+        path: &std::path::Path,
+        bytes: u64,
+    ) -> (StoreHandle, std::thread::JoinHandle<()>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let bound = bounded(bytes, crate::config::WhenFull::Thin);
+        let (store, thread) = start(path.to_path_buf(), bound, 20.0, metrics.clone()).unwrap();
+        append(&store, series(40)).await;
+        (store, thread, metrics)
+    }
+
     #[tokio::test]
     async fn thinning_never_takes_a_result() {
-        use crate::reading::SensorType;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("buffer.db");
-        let series = |i| one(series_reading("a", SensorType::WaterLevel, i, 10));
         // Readings at a 10-minute step, a result among the oldest of them.
         let (store, thread) = open_store(&path);
         for i in 0..40 {
@@ -631,15 +679,56 @@ mod tests {
         let seq = result_seq(&store).await;
         close(store, thread).await;
         let bytes = Inspector::open(&path).unwrap().stats().unwrap().bytes;
-        let metrics = Arc::new(Metrics::new());
-        let bound = bounded(bytes, crate::config::WhenFull::Thin);
-        let (store, thread) = start(path.clone(), bound, 20.0, metrics.clone()).unwrap();
-        append(&store, series(40)).await;
+        let (store, thread, metrics) = thin_at(&path, bytes).await;
         assert!(metrics.dropped("thin").get() > 0, "a thinning round ran");
         assert_eq!(metrics.dropped("buffer_full").get(), 0);
         assert_eq!(result_seq(&store).await, seq, "the result stays");
         close(store, thread).await;
         totals_hold(&path);
+    }
+
+    /// The seqs of the heartbeats buffered.
+    async fn heartbeat_seqs(store: &StoreHandle) -> Vec<u64> {
+        let rows = store.fetch(0, 100_000).await.unwrap();
+        store.holding(None).await.unwrap();
+        let heartbeats = rows.iter().filter(|r| r.kind == KIND_HEARTBEAT);
+        heartbeats.map(|r| r.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn heartbeats_stay_out_of_the_readings_and_thinning_halves_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let (store, thread) = open_store(&path);
+        for i in 0..40 {
+            append(&store, series(i)).await;
+            assert!(store.heartbeat(b"{}".to_vec()).await.unwrap());
+        }
+        let all = heartbeat_seqs(&store).await;
+        close(store, thread).await;
+        let s = Inspector::open(&path).unwrap().stats().unwrap();
+        assert_eq!((s.readings, s.heartbeats, all.len()), (40, 40, 40));
+        // A day old by their store time, as after an outage.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE outbox SET stored_ms = stored_ms - 86400000 WHERE kind = 4",
+                [],
+            )
+            .unwrap();
+        let (store, thread, metrics) = thin_at(&path, s.bytes).await;
+        let left = heartbeat_seqs(&store).await;
+        assert!(left.len() < all.len() && left[0] == all[0], "{left:?}");
+        // Every other one at most: no two neighbours both went.
+        let kept = |seq| left.contains(seq);
+        assert!(
+            all.windows(2).all(|w| kept(&w[0]) || kept(&w[1])),
+            "{left:?}"
+        );
+        assert_eq!(metrics.dropped("buffer_full").get(), 0);
+        close(store, thread).await;
+        let c = totals_hold(&path);
+        assert_eq!(c.accepted, 41, "heartbeats are not readings");
     }
 
     #[test]

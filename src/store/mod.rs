@@ -8,8 +8,9 @@
 //!   a liveness change (`body` = [`crate::reading::StatusChange`]), 2 a reading with its
 //!   device's metadata (the kind-0 body, then the metadata's JSON text; see
 //!   [`Reading::to_row`]), 3 a command result (`body` = [`inbox::ResultBody`] as JSON; its
-//!   `event_id` stored, stable per command id and status); the event JSON is rendered at
-//!   publish time. Kinds 1 and 3 are not readings: outside the readings' totals.
+//!   `event_id` stored, stable per command id and status), 4 a heartbeat (`body` = the same
+//!   JSON shape, the gateway's state; its id derived from the seq); the event JSON is rendered
+//!   at publish time. Kinds 1, 3 and 4 are not readings: outside the readings' totals.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids; `count_*`, lifetime totals of
 //!   readings accepted, forwarded, dropped by reason and refused ([`counts`]).
@@ -245,6 +246,8 @@ pub struct Stats {
     pub status_events: u64,
     /// Command results waiting (not readings either).
     pub command_results: u64,
+    /// Heartbeats waiting (not readings either).
+    pub heartbeats: u64,
     pub bytes: u64,
     pub(crate) oldest_stored_ms: Option<i64>,
     pub(crate) next_seq: u64,
@@ -259,6 +262,7 @@ pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
         readings: t.readings(),
         status_events: t.status_rows,
         command_results: t.result_rows,
+        heartbeats: t.heartbeat_rows,
         bytes: t.bytes,
         oldest_stored_ms: db::oldest_stored_ms(conn)?,
         next_seq: t.next_seq,
@@ -376,6 +380,15 @@ impl StoreHandle {
         self.inbox(InboxOp::State(actuator_id, state))
             .await
             .map(drop)
+    }
+
+    /// Buffers a heartbeat (`body`: see [`crate::fleet`]); false when the bounds or the disk
+    /// reserve refused it.
+    pub(crate) async fn heartbeat(&self, body: Vec<u8>) -> Result<bool, StoreError> {
+        match self.inbox(InboxOp::Heartbeat(body)).await? {
+            InboxDone::Heartbeat(stored) => Ok(stored),
+            _ => Err(StoreError::Closed),
+        }
     }
 
     /// Commands not done yet, in received order, with their raw messages: for the core at start.

@@ -147,7 +147,7 @@ pub(super) fn record_totals(tx: &Transaction<'_>, delta: &Delta) -> rusqlite::Re
 }
 
 /// Buffers one row with the next seq; its event id derives from the seq.
-fn insert_row(
+pub(super) fn insert_row(
     tx: &Transaction<'_>,
     kind: u8,
     body: &[u8],

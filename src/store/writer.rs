@@ -74,7 +74,7 @@ pub(super) struct Writer {
     pub(super) buffer: Buffer,
     pub(super) metrics: Arc<Metrics>,
     pub(super) rows: u64,
-    /// Of `rows`, the status events and command results (the rest are readings).
+    /// Of `rows`, the status events, command results and heartbeats (the rest are readings).
     pub(super) event_rows: u64,
     pub(super) bytes: u64,
     pub(super) next_seq: u64,
@@ -237,7 +237,7 @@ impl Writer {
             buffer,
             metrics,
             rows: totals.rows,
-            event_rows: totals.status_rows + totals.result_rows,
+            event_rows: totals.event_rows(),
             bytes: totals.bytes,
             next_seq: totals.next_seq,
             dead_letters: totals.dead_letters,

@@ -1,7 +1,8 @@
 //! The event contract (`contracts/sensor_reading_event.v1.json`): a buffered row rendered as
 //! SAHOOL's IoT envelope around a `sensor_reading` payload, its subject and its headers; and
-//! likewise liveness changes (`device_status`) and command results
-//! (`contracts/actuator_command_result.v1.json`).
+//! likewise liveness changes (`device_status`), command results
+//! (`contracts/actuator_command_result.v1.json`) and heartbeats
+//! (`contracts/gateway_status.v1.json`).
 
 use async_nats::header::{HeaderMap, HeaderName};
 use async_nats::Subject;
@@ -10,8 +11,8 @@ use serde::Serialize;
 
 use crate::config::SubjectTemplate;
 use crate::reading::{
-    BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING,
-    KIND_READING_META, KIND_RESULT, KIND_STATUS,
+    BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_HEARTBEAT,
+    KIND_READING, KIND_READING_META, KIND_RESULT, KIND_STATUS,
 };
 use crate::store::inbox::ResultBody;
 use crate::store::OutboxRow;
@@ -20,6 +21,8 @@ pub(crate) const SERVICE: &str = "sahool-gateway";
 pub const SCHEMA_VERSION: &str = "1";
 /// Where command results go (DESIGN §8), whatever the reading subjects are.
 pub const RESULT_SUBJECT: &str = "sahool.iot.actuator.result";
+/// Where heartbeats go (DESIGN §9).
+pub const GATEWAY_STATUS_SUBJECT: &str = "sahool.iot.gateway.status";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -27,7 +30,7 @@ pub enum EventError {
     Decode { seq: u64, source: BodyError },
     #[error("buffered row {seq} has unknown kind {kind}")]
     Kind { seq: u64, kind: u8 },
-    #[error("buffered command result {seq} cannot be decoded ({source})")]
+    #[error("buffered command result or heartbeat {seq} cannot be decoded ({source})")]
     Result { seq: u64, source: serde_json::Error },
 }
 
@@ -304,20 +307,27 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
             let payload = |p: &mut JsonObject<'_>| status_payload(p, &c);
             Ok(routing.event("device_status", payload, subject))
         }
-        KIND_RESULT => result_event(row, gateway_id),
+        KIND_RESULT => json_event(row, gateway_id, "actuator_command_result", RESULT_SUBJECT),
+        KIND_HEARTBEAT => json_event(row, gateway_id, "gateway_status", GATEWAY_STATUS_SUBJECT),
         kind => Err(EventError::Kind { seq: row.seq, kind }),
     }
 }
 
-/// A command result: the payload as the core made it, in the command's envelope (its tenant
-/// and correlation id); aggregate_id is the field.
-fn result_event(row: &OutboxRow, gateway_id: &str) -> Result<Event, EventError> {
+/// A row whose body is a [`ResultBody`]: a command result (the payload as the core made it, in
+/// the command's envelope: its tenant and correlation id) or a heartbeat (the gateway's tenant,
+/// no correlation id). aggregate_id is the field the payload names, else the gateway.
+fn json_event(
+    row: &OutboxRow,
+    gateway_id: &str,
+    event_type: &'static str,
+    subject: &str,
+) -> Result<Event, EventError> {
     let b: ResultBody = serde_json::from_slice(&row.body).map_err(|source| EventError::Result {
         seq: row.seq,
         source,
     })?;
     let field_id = b.payload.get("field_id").and_then(|f| f.as_str());
-    let field_id = field_id.unwrap_or_default();
+    let field_id = field_id.unwrap_or(gateway_id);
     let routing = Routing {
         row,
         gateway_id,
@@ -333,11 +343,7 @@ fn result_event(row: &OutboxRow, gateway_id: &str) -> Result<Event, EventError> 
         .unwrap_or_default()
         .to_string();
     let payload = |p: &mut JsonObject<'_>| p.raw_members(&members);
-    Ok(routing.event(
-        "actuator_command_result",
-        payload,
-        RESULT_SUBJECT.to_string(),
-    ))
+    Ok(routing.event(event_type, payload, subject.to_string()))
 }
 
 const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
@@ -358,7 +364,7 @@ pub fn headers(event: &Event) -> HeaderMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -492,16 +498,19 @@ mod tests {
         assert!(body(&e)["payload"].get("metadata").is_none());
     }
 
-    /// The result schema, checking formats (uuid, date-time) too.
-    fn result_validator() -> jsonschema::Validator {
-        let schema: serde_json::Value = serde_json::from_str(include_str!(
-            "../../contracts/actuator_command_result.v1.json"
-        ))
-        .expect("schema JSON");
+    /// A contract's schema (its JSON text), checking formats (uuid, date-time) too.
+    pub(crate) fn contract_validator(schema: &str) -> jsonschema::Validator {
+        let schema: serde_json::Value = serde_json::from_str(schema).expect("schema JSON");
         jsonschema::options()
             .should_validate_formats(true)
             .build(&schema)
             .expect("schema compiles")
+    }
+
+    fn result_validator() -> jsonschema::Validator {
+        contract_validator(include_str!(
+            "../../contracts/actuator_command_result.v1.json"
+        ))
     }
 
     fn result_row(result: &crate::downlink::CommandResult, correlation_id: &str) -> OutboxRow {

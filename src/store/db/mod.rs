@@ -26,7 +26,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use super::StoreError;
 use crate::config::Synchronous;
-use crate::reading::{KIND_RESULT, KIND_STATUS};
+use crate::reading::{KIND_HEARTBEAT, KIND_RESULT, KIND_STATUS};
 
 pub(crate) use dead_letter::DeadLetterText;
 pub use dead_letter::{dead_letters, dead_letters_by_reason, DeadLetterRow};
@@ -464,17 +464,21 @@ pub struct Totals {
     pub rows: u64,
     pub(crate) status_rows: u64,
     pub(crate) result_rows: u64,
+    pub(crate) heartbeat_rows: u64,
     pub bytes: u64,
     pub(crate) next_seq: u64,
     pub dead_letters: u64,
 }
 
 impl Totals {
-    /// Rows that are readings: neither status events nor command results.
+    /// Rows that are readings: neither status events, command results nor heartbeats.
     pub(crate) fn readings(&self) -> u64 {
-        self.rows
-            .saturating_sub(self.status_rows)
-            .saturating_sub(self.result_rows)
+        self.rows.saturating_sub(self.event_rows())
+    }
+
+    /// Rows that are not readings.
+    pub(crate) fn event_rows(&self) -> u64 {
+        self.status_rows + self.result_rows + self.heartbeat_rows
     }
 }
 
@@ -491,16 +495,18 @@ pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
     let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))?;
     let dead_letters: i64 =
         conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
-    let (status_rows, result_rows): (i64, i64) = conn.query_row(
-        "SELECT count(*) FILTER (WHERE kind = ?1), count(*) FILTER (WHERE kind = ?2) FROM outbox",
-        [KIND_STATUS, KIND_RESULT],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+    let (status_rows, result_rows, heartbeat_rows): (i64, i64, i64) = conn.query_row(
+        "SELECT count(*) FILTER (WHERE kind = ?1), count(*) FILTER (WHERE kind = ?2), \
+         count(*) FILTER (WHERE kind = ?3) FROM outbox",
+        [KIND_STATUS, KIND_RESULT, KIND_HEARTBEAT],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     let rows = u64::try_from(rows).unwrap_or(0);
     Ok(Totals {
         rows,
         status_rows: u64::try_from(status_rows).unwrap_or(0),
         result_rows: u64::try_from(result_rows).unwrap_or(0),
+        heartbeat_rows: u64::try_from(heartbeat_rows).unwrap_or(0),
         bytes: u64::try_from(body).unwrap_or(0) + rows * ROW_OVERHEAD,
         // The meta row is the authority; max(seq)+1 guards against a meta row older than rows.
         next_seq: u64::try_from(next_seq.max(max_seq.unwrap_or(0) + 1)).unwrap_or(1),
