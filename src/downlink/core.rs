@@ -906,6 +906,15 @@ fn retry_if_due(a: &mut Actuator, now: Timestamp, out: &mut Vec<Action>) {
             return fail_on_bus(a, now, out);
         }
     }
+    // A resumed command is still to be read first: its write may have gone out before the
+    // restart, and writing now could be the second write (the bus is often not up yet then).
+    if job.resumed {
+        job.step = Step::Reading;
+        out.push(Action::ReadBack {
+            actuator_id: a.spec.id.clone(),
+        });
+        return;
+    }
     job.step = Step::Writing;
     out.push(Action::Write {
         actuator_id: a.spec.id.clone(),

@@ -789,3 +789,22 @@ fn a_resumed_command_is_not_taken_twice_when_redelivered() {
     assert_eq!(rig.statuses(1), vec![Applied]);
     assert_eq!(rig.writes_to("pump"), 0);
 }
+
+#[test]
+fn a_resumed_command_whose_first_read_fails_reads_again_before_any_write() {
+    // The bus is not up yet at start: the first read fails, the retry reads again.
+    let mut rig = Rig::new(vec![switch("pump")]);
+    rig.device.insert("pump".into(), Value::Switch(true));
+    rig.now = t(5);
+    rig.event(|core, ctx| core.resumed(cmd(1, "pump", on(), 0, 60), ctx));
+    assert!(rig.step(true), "the first read-back is handed out");
+    rig.now = t(7);
+    rig.tick();
+    rig.settle();
+    assert_eq!(rig.statuses(1), vec![Applied]);
+    assert_eq!(
+        rig.writes_to("pump"),
+        0,
+        "the write went out before the restart"
+    );
+}
