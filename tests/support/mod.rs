@@ -1106,14 +1106,21 @@ pub fn event_validator() -> jsonschema::Validator {
 
 /// SAHOOL's device status schema (`contracts/sahool/device_status.v1.json`).
 pub fn status_validator() -> jsonschema::Validator {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts/sahool/device_status.v1.json");
+    contract_validator("sahool/device_status.v1.json")
+}
+
+/// A schema of `contracts/` without references (path relative to `contracts/`), formats checked.
+pub fn contract_validator(name: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contracts")
+        .join(name);
     let schema: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("contract file"))
             .expect("contract JSON");
     jsonschema::options()
         .should_validate_formats(true)
         .build(&schema)
-        .expect("status schema compiles")
+        .unwrap_or_else(|e| panic!("{name} compiles: {e}"))
 }
 
 /// A fixture file from `tests/fixtures`.
