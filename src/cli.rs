@@ -109,6 +109,7 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
             "file": path.display().to_string(),
             "readings": s.readings,
             "status_events": s.status_events,
+            "command_results": s.command_results,
             "bytes": s.bytes,
             "max_bytes": c.buffer.max_bytes.0,
             "oldest_age_seconds": age_s,
@@ -126,6 +127,7 @@ pub fn buffer_stats(config_path: &Path, json: bool, out: &mut impl Write) -> Res
     writeln!(out, "buffer:        {}", path.display())?;
     writeln!(out, "readings:      {}", s.readings)?;
     writeln!(out, "status events: {}", s.status_events)?;
+    writeln!(out, "cmd results:   {}", s.command_results)?;
     let pct = s.bytes as f64 * 100.0 / c.buffer.max_bytes.0.max(1) as f64;
     writeln!(
         out,
@@ -168,28 +170,42 @@ pub fn dead_letters_list(
     limit: usize,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
+    json_lines(
+        config_path,
+        |i| i.dead_letters(limit),
+        out,
+        |d| {
+            let raw = String::from_utf8(d.raw.clone())
+                .map(serde_json::Value::String)
+                .unwrap_or_else(|_| {
+                    serde_json::Value::String(d.raw.iter().map(|b| format!("{b:02x}")).collect())
+                });
+            serde_json::json!({
+                "id": d.id,
+                "at": crate::reading::Timestamp::from_unix_millis(d.at_ms).to_rfc3339(),
+                "source": d.source,
+                "reason": d.reason,
+                "detail": d.detail,
+                "topic": d.topic,
+                "device": d.device,
+                "sensor_type": d.sensor_type,
+                "raw": raw,
+            })
+        },
+    )
+}
+
+/// Rows the buffer gives `read`, one JSON object (`json`) a line.
+fn json_lines<T>(
+    config_path: &Path,
+    read: impl FnOnce(&Inspector) -> Result<Vec<T>, StoreError>,
+    out: &mut impl Write,
+    json: impl Fn(T) -> serde_json::Value,
+) -> Result<(), CliError> {
     let c = config::load(config_path)?;
-    let letters = Inspector::open(&c.store_path())?
-        .dead_letters(limit)
-        .map_err(CliError::Read)?;
-    for d in letters {
-        let raw = String::from_utf8(d.raw.clone())
-            .map(serde_json::Value::String)
-            .unwrap_or_else(|_| {
-                serde_json::Value::String(d.raw.iter().map(|b| format!("{b:02x}")).collect())
-            });
-        let v = serde_json::json!({
-            "id": d.id,
-            "at": crate::reading::Timestamp::from_unix_millis(d.at_ms).to_rfc3339(),
-            "source": d.source,
-            "reason": d.reason,
-            "detail": d.detail,
-            "topic": d.topic,
-            "device": d.device,
-            "sensor_type": d.sensor_type,
-            "raw": raw,
-        });
-        writeln!(out, "{v}")?;
+    let rows = read(&Inspector::open(&c.store_path())?).map_err(CliError::Read)?;
+    for row in rows {
+        writeln!(out, "{}", json(row))?;
     }
     Ok(())
 }
@@ -604,4 +620,98 @@ pub fn passwd(
     crate::sources::listener::auth::set_password(file, user, password)?;
     writeln!(out, "{}: password of {user} set", file.display())?;
     Ok(())
+}
+
+/// A value as the CLI shows it: `on`, `off`, a number, or `unknown`.
+fn shown(v: Option<crate::downlink::Value>) -> String {
+    match v {
+        Some(crate::downlink::Value::Switch(true)) => "on".into(),
+        Some(crate::downlink::Value::Switch(false)) => "off".into(),
+        Some(crate::downlink::Value::Number(n)) => n.to_string(),
+        None => "unknown".into(),
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    crate::reading::Timestamp::from_unix_millis(ms).to_rfc3339()
+}
+
+/// `actuators`: each configured actuator (and any the buffer knows that the config no longer
+/// has) with its last confirmed state, last command and status, and off deadline.
+pub fn actuators(config_path: &Path, out: &mut impl Write) -> Result<(), CliError> {
+    let c = config::load(config_path)?;
+    let known = match Inspector::open(&c.store_path()) {
+        Ok(inspector) => inspector.actuators().map_err(CliError::Read)?,
+        Err(StoreError::Missing { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let configured = c.fields.iter().flat_map(|f| {
+        f.actuators
+            .iter()
+            .map(move |a| (f.id.as_str(), a.id.as_str()))
+    });
+    let removed = known
+        .iter()
+        .filter(|k| {
+            !c.fields
+                .iter()
+                .any(|f| f.actuators.iter().any(|a| a.id.as_str() == k.actuator_id))
+        })
+        .map(|k| ("(not in config)", k.actuator_id.as_str()));
+    writeln!(
+        out,
+        "{:<18} {:<16} {:<8} {:<40} {:<26} off deadline",
+        "field", "actuator", "state", "last command", "last status"
+    )?;
+    for (field, id) in configured.chain(removed) {
+        let row = known.iter().find(|k| k.actuator_id == id);
+        let last =
+            |f: fn(&store::ActuatorRow) -> Option<&str>| row.and_then(f).unwrap_or("-").to_string();
+        let status = match row.and_then(|r| r.last_reason.as_deref()) {
+            Some(reason) => format!("{} ({reason})", last(|r| r.last_status.as_deref())),
+            None => last(|r| r.last_status.as_deref()),
+        };
+        let command = match last(|r| r.last_command_id.as_deref()).as_str() {
+            "" => "(none: off by the gateway)".to_string(),
+            id => id.to_string(),
+        };
+        let deadline = row
+            .and_then(|r| r.restored.deadline.as_ref())
+            .map_or("-".to_string(), |d| d.at.to_rfc3339());
+        writeln!(
+            out,
+            "{field:<18} {id:<16} {:<8} {command:<40} {status:<26} {deadline}",
+            shown(row.and_then(|r| r.confirmed)),
+        )?;
+    }
+    Ok(())
+}
+
+/// `commands list`: the newest commands received, newest first, one JSON object per line.
+pub fn commands_list(
+    config_path: &Path,
+    limit: usize,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    json_lines(
+        config_path,
+        |i| i.commands(limit),
+        out,
+        |k| {
+            serde_json::json!({
+                "command_id": k.command_id,
+                "actuator_id": k.actuator_id,
+                "field_id": k.field_id,
+                "action": k.action,
+                "value": k.value,
+                "state": k.state.as_str(),
+                "status": k.status,
+                "reason": k.reason,
+                "issued_at": rfc3339(k.issued_ms),
+                "expires_at": rfc3339(k.expires_ms),
+                "received_at": rfc3339(k.received_ms),
+                "updated_at": rfc3339(k.updated_ms),
+            })
+        },
+    )
 }

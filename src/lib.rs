@@ -30,7 +30,7 @@
 //!   keyed source tasks on reload and shutting down in an order that loses nothing; the binary
 //!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
-//!   `dead-letters list` and `replay`.
+//!   `dead-letters list` and `replay`, `sensors`, `actuators` and `commands list`.
 //! - [`doctor`]: `doctor`, every check an operator makes by hand (config, NATS and its streams,
 //!   the commands consumer, MQTT brokers, serial ports, disk, clock), one line each with its fix.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running

@@ -69,6 +69,16 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Each actuator: last confirmed state, last command and status, off deadline.
+    Actuators {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Platform commands in the gateway's inbox.
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
     /// Set a user's password in an [[mqtt_listener]] password file. The password is read from
     /// standard input; only its argon2 hash is written.
     Passwd {
@@ -110,6 +120,17 @@ enum BufferCommand {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// Newest first, one JSON object per line.
+    List {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -204,6 +225,10 @@ fn main() -> ExitCode {
             command: BufferCommand::Stats { config, json },
         } => done(cli::buffer_stats(&config, json, &mut stdout)),
         Command::DeadLetters { command } => done(dead_letters(command, &mut stdout)),
+        Command::Actuators { config } => done(cli::actuators(&config, &mut stdout)),
+        Command::Commands {
+            command: CommandsCommand::List { config, limit },
+        } => done(cli::commands_list(&config, limit, &mut stdout)),
         Command::Passwd { file, user } => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {

@@ -420,13 +420,22 @@ pub struct Reading {
     pub metadata: Option<String>,
 }
 
-/// Kinds of buffered rows (the outbox's `kind` column). Every kind but [`KIND_STATUS`] is a
-/// reading.
+/// Kinds of buffered rows (the outbox's `kind` column). [`KIND_READING`] and
+/// [`KIND_READING_META`] are readings; [`KIND_STATUS`] and [`KIND_RESULT`] are events about
+/// them and about commands, outside the readings' totals (see [`is_reading_kind`]).
 pub const KIND_READING: u8 = 0;
 pub(crate) const KIND_STATUS: u8 = 1;
 /// A reading with device metadata: the [`KIND_READING`] body followed by the metadata's JSON
 /// object text.
 pub(crate) const KIND_READING_META: u8 = 2;
+/// A command's result (`body`: the store's `ResultBody` as JSON), with a stored event id.
+pub(crate) const KIND_RESULT: u8 = 3;
+
+/// Whether rows of this kind are readings, counted in `accepted = forwarded + dropped +
+/// refused + buffered`. An unknown kind counts as one, as every kind but status did before.
+pub(crate) fn is_reading_kind(kind: i64) -> bool {
+    kind != i64::from(KIND_STATUS) && kind != i64::from(KIND_RESULT)
+}
 
 /// Why a buffered reading's body does not decode.
 #[derive(Debug, thiserror::Error)]

@@ -638,7 +638,8 @@ async fn a_buffer_from_before_frames_gains_the_window_when_opened() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("buffer.db");
     // A schema-2 file: what the gateway wrote before firmware frames (and the event salt of
-    // schema 4, the dead-letter topic, device and sensor type of schema 5) existed.
+    // schema 4, the dead-letter topic, device and sensor type of schema 5, the downlink's
+    // tables of schema 6) existed.
     open_store(dir.path(), Buffer::default()).close(vec![]);
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
@@ -646,7 +647,9 @@ async fn a_buffer_from_before_frames_gains_the_window_when_opened() {
             "DROP TABLE recent_frames; DELETE FROM meta WHERE key LIKE 'event_salt_%';
              DROP INDEX dead_letters_by_time; ALTER TABLE dead_letters DROP COLUMN topic;
              ALTER TABLE dead_letters DROP COLUMN device;
-             ALTER TABLE dead_letters DROP COLUMN sensor_type; PRAGMA user_version = 2;",
+             ALTER TABLE dead_letters DROP COLUMN sensor_type;
+             DROP TABLE commands; DROP TABLE actuators; DROP INDEX outbox_results;
+             PRAGMA user_version = 2;",
         )
         .unwrap();
     }

@@ -9,6 +9,7 @@
 //! - `tasks.rs`: keyed tasks and the one reconcile that stops and starts them.
 //! - `supervise.rs`: the systemd watchdog's progress check.
 
+mod downlink;
 mod pipeline;
 mod supervise;
 mod tasks;

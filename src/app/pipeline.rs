@@ -4,6 +4,7 @@
 use std::future::ready;
 use std::sync::{Arc, RwLock};
 
+use super::downlink::Downlink;
 use super::tasks::{Task, Tasks};
 use super::RunError;
 use crate::common::metrics::Metrics;
@@ -48,6 +49,8 @@ pub(super) struct Pipeline {
     /// Each with its password file (`auth = "password"`), which a reload reads again.
     listeners: Tasks<Ident, MqttListener, Option<SharedPasswords>>,
     forwarder: (Nats, Task),
+    /// With `[commands]` enabled: the commands consumer and the actuator driver.
+    downlink: Option<Downlink>,
 }
 
 /// Entries by name. Settings compare equal wherever in the file they stand (`unplaced` clears
@@ -102,8 +105,13 @@ impl Pipeline {
             serial: Tasks::new("serial port"),
             listeners: Tasks::new("MQTT listener"),
             forwarder,
+            downlink: None,
         };
-        match pipeline.reconcile(config).await.into_iter().next() {
+        let w = &pipeline.wiring;
+        let downlink = Downlink::start(config, &w.store, &w.metrics, &w.bus);
+        let started = downlink.map(|d| pipeline.downlink = d);
+        let failed = pipeline.reconcile(config).await.into_iter();
+        match started.err().into_iter().chain(failed).next() {
             Some(e) => {
                 pipeline.stop().await;
                 Err(e)
@@ -138,6 +146,12 @@ impl Pipeline {
                 }
                 Err(e) => failed.push(e),
             }
+        }
+        let w = &self.wiring;
+        if let Err(e) =
+            Downlink::reload(&mut self.downlink, new, &w.store, &w.metrics, &w.bus).await
+        {
+            failed.push(e);
         }
         failed.pop().map_or(Ok(()), Err)
     }
@@ -197,6 +211,10 @@ impl Pipeline {
     /// outstanding PubAcks.
     pub(super) async fn stop(mut self) {
         self.stop_sources().await;
+        // Before the forwarder: the results the driver commits while it stops are forwarded.
+        if let Some(downlink) = self.downlink.take() {
+            downlink.stop().await;
+        }
         self.forwarder.1.stop().await;
     }
 }

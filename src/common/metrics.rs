@@ -68,6 +68,17 @@ pub(crate) struct ListenerReasonLabel {
     pub reason: String,
 }
 
+/// A command result's status (`accepted`, `applied`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CommandStatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ActuatorLabel {
+    pub actuator: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn puback_histogram() -> Histogram {
@@ -122,6 +133,8 @@ pub struct Metrics {
     forwarder_beat: Mutex<Instant>,
     /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
     nats_problem: Mutex<Option<String>>,
+    /// The commands consumer's state with `[commands]` enabled, for `/readyz` and `status`.
+    commands_consumer: Mutex<Option<Result<(), String>>>,
     pub(crate) listener_connections_open: Family<ListenerLabel, Gauge>,
     pub(crate) listener_connections: Family<ListenerLabel, Counter>,
     pub(crate) listener_publishes: Family<ListenerLabel, Counter>,
@@ -131,6 +144,10 @@ pub struct Metrics {
     listener_rejects_all: Family<ListenerLabel, Counter>,
     /// Each configured listener: whether its socket is bound (for `/readyz`).
     listeners_bound: Mutex<BTreeMap<String, bool>>,
+    /// Command results committed, by status (DESIGN §8).
+    commands: Family<CommandStatusLabel, Counter>,
+    /// 1 while a switch is confirmed on, 0 while confirmed off; absent while unknown.
+    actuator_on: Family<ActuatorLabel, Gauge>,
 }
 
 impl Metrics {
@@ -176,6 +193,7 @@ impl Metrics {
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
             nats_problem: Mutex::new(None),
+            commands_consumer: Mutex::new(None),
             listener_connections_open: Family::default(),
             listener_connections: Family::default(),
             listener_publishes: Family::default(),
@@ -183,6 +201,8 @@ impl Metrics {
             listener_rejects: Family::default(),
             listener_rejects_all: Family::default(),
             listeners_bound: Mutex::new(BTreeMap::new()),
+            commands: Family::default(),
+            actuator_on: Family::default(),
             registry: Registry::default(),
         };
         m.register_pipeline(&mut registry);
@@ -190,6 +210,7 @@ impl Metrics {
         m.register_mqtt(&mut registry);
         m.register_serial(&mut registry);
         m.register_listener(&mut registry);
+        m.register_downlink(&mut registry);
         Self { registry, ..m }
     }
 
@@ -387,6 +408,44 @@ impl Metrics {
             "Connections and packets an MQTT listener refused, by reason (auth, oversize, subscribe, protocol, too_many_connections, topic, tls)",
             self.listener_rejects.clone(),
         );
+    }
+
+    /// Platform commands to actuators.
+    fn register_downlink(&self, registry: &mut Registry) {
+        registry.register(
+            "commands",
+            "Command results committed to the outbox, by status (accepted, applied, failed, rejected, expired, superseded, switched_off)",
+            self.commands.clone(),
+        );
+        registry.register(
+            "actuator_on",
+            "1 while a switch actuator is confirmed on, 0 while confirmed off (absent while unknown)",
+            self.actuator_on.clone(),
+        );
+    }
+
+    /// Counts a command result once it is committed.
+    pub fn count_command(&self, status: crate::downlink::Status) {
+        self.commands
+            .get_or_create(&CommandStatusLabel {
+                status: status.as_str(),
+            })
+            .inc();
+    }
+
+    /// A switch's confirmed state: `Some(on)`, or `None` when unknown or removed by a reload.
+    pub fn set_actuator_on(&self, actuator: &str, on: Option<bool>) {
+        let label = ActuatorLabel {
+            actuator: actuator.into(),
+        };
+        match on {
+            Some(on) => {
+                self.actuator_on.get_or_create(&label).set(i64::from(on));
+            }
+            None => {
+                self.actuator_on.remove(&label);
+            }
+        }
     }
 
     pub fn listener(&self, listener: &str) -> ListenerLabel {
@@ -597,6 +656,20 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
+    pub(crate) fn set_commands_consumer(&self, state: Option<Result<(), String>>) {
+        *self
+            .commands_consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub(crate) fn commands_consumer(&self) -> Option<Result<(), String>> {
+        self.commands_consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
@@ -622,4 +695,24 @@ pub fn sample(text: &str, name: &str, labels: &str) -> f64 {
             (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downlink_metrics_are_exported() {
+        let m = Metrics::new();
+        m.count_command(crate::downlink::Status::Applied);
+        m.count_command(crate::downlink::Status::Applied);
+        m.set_actuator_on("pump-1", Some(true));
+        m.set_actuator_on("valve-3", Some(false));
+        let text = m.encode();
+        let commands = "sahool_gateway_commands_total";
+        assert_eq!(sample(&text, commands, r#"status="applied""#), 2.0);
+        assert_eq!(sample(&text, "sahool_gateway_actuator_on", "pump-1"), 1.0);
+        m.set_actuator_on("pump-1", None);
+        assert!(!m.encode().contains("pump-1"), "an unknown state is absent");
+    }
 }

@@ -33,6 +33,10 @@ pub struct StatusReport {
     /// MQTT sources, then serial ports, each by name.
     pub sources: Vec<SourceStatus>,
     pub listeners: Vec<ListenerStatus>,
+    /// The commands consumer with `[commands]` enabled: `Ok` while bound, else why not.
+    /// Reported, not required for readiness: the uplink serves on without it.
+    #[serde(default)]
+    pub(crate) commands: Option<Result<(), String>>,
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     /// Set when the dead-letter table could not be read.
     pub(crate) dead_letters_error: Option<String>,
@@ -125,6 +129,7 @@ impl StatusReport {
                 .sum(),
             sources: mqtt.chain(serial).collect(),
             listeners,
+            commands: m.commands_consumer(),
             dead_letters_by_reason: BTreeMap::new(),
             dead_letters_error: None,
         }
@@ -172,6 +177,11 @@ impl StatusReport {
         for l in &self.listeners {
             let state = if l.bound { "listening" } else { "not bound" };
             lines.push(format!("listener {}: {state}", l.name));
+        }
+        match &self.commands {
+            Some(Ok(())) => lines.push("commands: consumer bound".into()),
+            Some(Err(why)) => lines.push(format!("commands: no consumer ({why})")),
+            None => {}
         }
         lines
     }

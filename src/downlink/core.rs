@@ -118,6 +118,17 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 7] = [
+        Self::Accepted,
+        Self::Applied,
+        Self::Failed,
+        Self::Rejected,
+        Self::Expired,
+        Self::Superseded,
+        Self::SwitchedOff,
+    ];
+
+    /// As in the result's payload (and the inbox's `status` column).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
@@ -133,6 +144,10 @@ impl Status {
     /// Whether the command is done with after this step (all but `accepted`).
     pub fn is_final(self) -> bool {
         self != Self::Accepted
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }
 
@@ -152,8 +167,23 @@ pub enum Reason {
     BusError,
 }
 
-/// One step of a command, as `sahool.iot.actuator.result` reports it. The driver builds the
-/// envelope from the command's inbox row (tenant, correlation id).
+impl Reason {
+    /// As in the result's payload (and the inbox's `reason` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownActuator => "unknown_actuator",
+            Self::OutOfRange => "out_of_range",
+            Self::Interlock => "interlock",
+            Self::RateLimited => "rate_limited",
+            Self::ClockUnsynced => "clock_unsynced",
+            Self::ReadbackMismatch => "readback_mismatch",
+            Self::BusError => "bus_error",
+        }
+    }
+}
+
+/// One step of a command, as `sahool.iot.actuator.result` reports it. The store puts it in
+/// the envelope of the command's inbox row (tenant, correlation id): `StoreHandle::command_result`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandResult {
     /// Empty for a `switched_off` with no command behind it.

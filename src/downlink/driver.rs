@@ -22,10 +22,11 @@ use tokio::sync::{mpsc, watch};
 
 use super::core::{Action, ActuatorSpec, CommandResult, Core, Ctx, Readings, Status, Value};
 use super::Command;
+use crate::common::clock::{self, ClockSync};
 use crate::common::metrics::Metrics;
 use crate::config::Config;
 use crate::reading::{SensorType, Timestamp};
-use crate::store::{Latest, OpenState, ResultRow, StoreError, StoreHandle};
+use crate::store::{InboxState, Latest, ResultRow, StoreError, StoreHandle};
 
 /// How often deadlines and retries are looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -46,6 +47,19 @@ pub(crate) enum Input {
     Reload(Arc<Config>, Arc<dyn Devices>),
 }
 
+/// Why a driver stopped on its own, with what it ran under, to start again from.
+pub(crate) struct Stopped {
+    pub(crate) error: StoreError,
+    pub(crate) config: Arc<Config>,
+    pub(crate) devices: Arc<dyn Devices>,
+}
+
+/// Whether `on` and `set` may go out: the kernel says the clock is synchronised (a state that
+/// cannot be read counts as not).
+pub(crate) fn clock_synced() -> bool {
+    matches!(clock::read(), ClockSync::Synchronised { .. })
+}
+
 /// A device operation that finished.
 enum Done {
     Written(String, Result<(), String>),
@@ -53,6 +67,7 @@ enum Done {
 }
 
 pub(crate) struct Driver {
+    config: Arc<Config>,
     core: Core,
     store: StoreHandle,
     devices: Arc<dyn Devices>,
@@ -84,14 +99,15 @@ impl Readings for Live<'_> {
 
 impl Driver {
     pub(crate) fn new(
-        config: &Config,
+        config: Arc<Config>,
         store: StoreHandle,
         devices: Arc<dyn Devices>,
         metrics: Arc<Metrics>,
         clock_synced: fn() -> bool,
     ) -> Self {
         let mut driver = Self {
-            core: Core::new(Core::specs(config), config.commands.require_clock_sync),
+            core: Core::new(Core::specs(&config), config.commands.require_clock_sync),
+            config: config.clone(),
             latest: store.latest(),
             store,
             devices,
@@ -102,7 +118,7 @@ impl Driver {
             sensors: HashMap::new(),
             busy: FuturesUnordered::new(),
         };
-        driver.configure(config);
+        driver.configure(&config);
         driver
     }
 
@@ -118,17 +134,41 @@ impl Driver {
             .filter_map(|s| s.block_when.as_ref().map(|(sensor, _)| sensor.clone()))
             .filter_map(|sensor| {
                 let (device, kind) = sensor.rsplit_once('/')?;
-                Some((sensor.clone(), (device.to_string(), SensorType::from_name(kind)?)))
+                Some((
+                    sensor.clone(),
+                    (device.to_string(), SensorType::from_name(kind)?),
+                ))
             })
             .collect();
         self.latest.watch(self.sensors.values().cloned());
     }
 
-    /// Runs until `shutdown`, or until the store fails (then `Err`: start again later).
+    /// Runs until `shutdown`, or until the store fails: then the error, with the config and
+    /// devices in force, to start again from what the store holds.
     pub(crate) async fn run(
         mut self,
-        mut inputs: mpsc::Receiver<Input>,
+        inputs: &mut mpsc::Receiver<Input>,
         mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Stopped> {
+        if let Err(e) = self.serve(inputs, &mut shutdown).await {
+            return Err(Stopped {
+                error: e,
+                config: self.config,
+                devices: self.devices,
+            });
+        }
+        let (config, devices) = (self.config.clone(), self.devices.clone());
+        self.drain().await.map_err(|error| Stopped {
+            error,
+            config,
+            devices,
+        })
+    }
+
+    async fn serve(
+        &mut self,
+        inputs: &mut mpsc::Receiver<Input>,
+        shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), StoreError> {
         self.resume().await?;
         let mut tick = tokio::time::interval(TICK);
@@ -136,14 +176,13 @@ impl Driver {
         loop {
             let actions = tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return Ok(()),
                 Some(done) = self.busy.next(), if !self.busy.is_empty() => self.finished(done),
                 Some(input) = inputs.recv() => self.input(input),
                 _ = tick.tick() => self.event(|core, ctx| core.tick(ctx)),
             };
             self.perform(actions).await?;
         }
-        self.drain().await
     }
 
     /// Restores what the store kept, then takes up the commands still open: those accepted
@@ -152,8 +191,9 @@ impl Driver {
         for (id, restored) in self.store.actuator_states().await? {
             self.core.restore(&id, restored);
         }
+        let gateway_id = self.config.gateway.id.to_string();
         for open in self.store.commands_open().await? {
-            let command = match Command::parse(&open.raw, &open.gateway_id) {
+            let command = match Command::parse(&open.raw, &gateway_id) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(command_id = %open.command_id, error = %e, "an open command in the inbox no longer parses; left as it is");
@@ -162,8 +202,9 @@ impl Driver {
             };
             self.remember(&command);
             let actions = match open.state {
-                OpenState::Writing => self.event(|core, ctx| core.resumed(command, ctx)),
-                OpenState::Queued => self.event(|core, ctx| core.received(command, ctx)),
+                InboxState::Writing => self.event(|core, ctx| core.resumed(command, ctx)),
+                InboxState::Queued => self.event(|core, ctx| core.received(command, ctx)),
+                InboxState::Done => continue,
             };
             self.perform(actions).await?;
         }
@@ -180,6 +221,7 @@ impl Driver {
                 self.devices = devices;
                 self.configure(&config);
                 let specs: Vec<ActuatorSpec> = Core::specs(&config);
+                self.config = config;
                 self.event(|core, ctx| core.reload(specs, ctx))
             }
         }
@@ -219,10 +261,13 @@ impl Driver {
     async fn perform(&mut self, actions: Vec<Action>) -> Result<(), StoreError> {
         for action in actions {
             match action {
-                Action::Write { actuator_id, value, .. } => {
+                Action::Write {
+                    actuator_id, value, ..
+                } => {
                     let write = self.devices.write(&actuator_id, value);
-                    self.busy
-                        .push(Box::pin(async move { Done::Written(actuator_id, write.await) }));
+                    self.busy.push(Box::pin(
+                        async move { Done::Written(actuator_id, write.await) },
+                    ));
                 }
                 Action::ReadBack { actuator_id } => {
                     let read = self.devices.read(&actuator_id);
@@ -230,7 +275,8 @@ impl Driver {
                         .push(Box::pin(async move { Done::Read(actuator_id, read.await) }));
                 }
                 Action::Publish(result) => self.publish(result).await?,
-                Action::StoreDeadline { actuator_id, .. } | Action::ClearDeadline { actuator_id } => {
+                Action::StoreDeadline { actuator_id, .. }
+                | Action::ClearDeadline { actuator_id } => {
                     if let Some(state) = self.core.persisted(&actuator_id) {
                         self.store.actuator_state(actuator_id, state).await?;
                     }
@@ -260,8 +306,8 @@ impl Driver {
             result,
         };
         self.store.command_result(row, state).await?;
-        self.metrics.count_command(status.as_str());
-        if let Some(on) = on {
+        self.metrics.count_command(status);
+        if on.is_some() {
             self.metrics.set_actuator_on(&actuator, on);
         }
         if status.is_final() {
@@ -300,7 +346,14 @@ impl Driver {
             let actions: Vec<Action> = self
                 .finished(done)
                 .into_iter()
-                .filter(|a| matches!(a, Action::Publish(_) | Action::StoreDeadline { .. } | Action::ClearDeadline { .. }))
+                .filter(|a| {
+                    matches!(
+                        a,
+                        Action::Publish(_)
+                            | Action::StoreDeadline { .. }
+                            | Action::ClearDeadline { .. }
+                    )
+                })
                 .collect();
             self.perform(actions).await?;
         }

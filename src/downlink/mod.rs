@@ -5,8 +5,10 @@
 //! [`Command`]; [`core`] decides, without I/O, what happens to it: events in (a command, a
 //! write's outcome, a read-back, a clock tick, a reload), actions out (write, read back,
 //! publish a result, store or clear an off deadline); [`modbus`] carries out a write or a
-//! read-back of a Modbus-bound actuator on its port's bus. The NATS consumer, the SQLite inbox
-//! and the MQTT writes are the driver's, still to come; the core assumes only that the
+//! read-back of a Modbus-bound actuator on its port's bus. The SQLite inbox, results and
+//! actuator state are the store's ([`crate::store::inbox`]); the NATS consumer is
+//! [`consumer`] and [`receive`], the loop that carries the core's actions out [`driver`]; the
+//! core assumes only that the
 //! driver carries out its actions in order and reports each write and read-back.
 //!
 //! # Invariants of the core
@@ -51,11 +53,11 @@
 //! reading crosses its limit; both are safety rules the platform may want.
 
 pub mod command;
-// Wired into the gateway by the downlink driver (issue 16), which is under way.
-#[allow(dead_code)]
 pub(crate) mod consumer;
 pub mod core;
+pub(crate) mod driver;
 pub mod modbus;
+pub(crate) mod receive;
 
 pub use self::command::{Command, CommandError, Request};
 pub use self::core::{

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use futures_util::future::BoxFuture;
+
 use super::Value;
 use crate::config::{self, Config};
 use crate::sources::serial::modbus::bus::{BusError, BusReply, BusRequestKind, BusRequests};
@@ -72,6 +74,17 @@ impl ModbusActuators {
             .filter_map(|a| Some((a.id.to_string(), Binding::of(a.modbus.as_ref()?)?)))
             .collect();
         Self { bus, bindings }
+    }
+
+    /// After a reload: the new config's bindings, plus those of actuators it removed, which
+    /// the core still switches off before it forgets them.
+    pub(crate) fn keeping_removed(mut self, old: &Self) -> Self {
+        for (id, binding) in &old.bindings {
+            self.bindings
+                .entry(id.clone())
+                .or_insert_with(|| binding.clone());
+        }
+        self
     }
 
     /// True when `actuator_id` is driven here.
@@ -179,6 +192,18 @@ fn unexpected(port: &str, kind: &BusRequestKind) -> BusError {
         port: port.to_string(),
         unit: kind.unit(),
         what: kind.describe(),
+    }
+}
+
+impl super::driver::Devices for ModbusActuators {
+    fn write(&self, actuator_id: &str, value: Value) -> BoxFuture<'static, Result<(), String>> {
+        let (this, id) = (self.clone(), actuator_id.to_string());
+        Box::pin(async move { this.write(&id, value).await.map_err(|e| e.to_string()) })
+    }
+
+    fn read(&self, actuator_id: &str) -> BoxFuture<'static, Result<Value, String>> {
+        let (this, id) = (self.clone(), actuator_id.to_string());
+        Box::pin(async move { this.read(&id).await.map_err(|e| e.to_string()) })
     }
 }
 

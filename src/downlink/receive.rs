@@ -11,7 +11,7 @@
 //! 3. Losing NATS (or the consumer) never stops the driver: deadlines are enforced and queued
 //!    commands applied while this loop reconnects with backoff.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -22,13 +22,11 @@ use super::consumer::{self, Source};
 use super::driver::Input;
 use super::Command;
 use crate::common::backoff::Backoff;
+use crate::common::metrics::Metrics;
 use crate::ingest::mapping::Reason;
 use crate::reading::Timestamp;
 use crate::store::{Append, InboxCommand, NewDeadLetter, Received, StoreHandle};
 use crate::uplink::nats::Connector;
-
-/// The consumer's state for `/readyz` and `status`: `Ok` while bound and reading.
-pub(crate) type ConsumerState = Arc<Mutex<Result<(), String>>>;
 
 pub(crate) struct Receiver {
     pub(crate) connector: Connector,
@@ -36,7 +34,8 @@ pub(crate) struct Receiver {
     pub(crate) gateway_id: String,
     pub(crate) store: StoreHandle,
     pub(crate) driver: mpsc::Sender<Input>,
-    pub(crate) state: ConsumerState,
+    /// Where `/readyz` and `status` read the consumer's state.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Why the loop left a link; the next link starts after a backoff.
@@ -155,6 +154,6 @@ impl Receiver {
     }
 
     fn set_state(&self, state: Result<(), String>) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        self.metrics.set_commands_consumer(Some(state));
     }
 }

@@ -11,6 +11,7 @@ use super::counts::DropReason;
 use super::db::{self, ScannedRow};
 use super::dedupe;
 use super::delta::Delta;
+use super::inbox::{INBOX_MAX_AGE_MS, INBOX_MAX_ROWS};
 use super::transaction::delete_row;
 use super::writer::Writer;
 use crate::config::WhenFull;
@@ -126,12 +127,14 @@ impl Writer {
         reason: DropReason,
         delta: &mut Delta,
     ) -> rusqlite::Result<u64> {
-        let before = delta.bytes_removed;
+        let (before, results) = (delta.bytes_removed, delta.results_removed);
         for &seq in seqs.iter().filter(|&&seq| !self.claimed(seq)) {
             if delete_row(tx, seq, delta)? == Some(true) {
                 delta.dropped[reason as usize] += 1;
             }
         }
+        // Not readings, so outside the totals; but the platform never sees them: say so.
+        delta.results_dropped += delta.results_removed - results;
         Ok(delta.bytes_removed - before)
     }
 
@@ -268,6 +271,7 @@ impl Writer {
             self.drop_rows(tx, &expired, DropReason::MaxAge, delta)?;
         }
         dedupe::trim_keys(tx)?;
+        db::commands::trim(tx, now - INBOX_MAX_AGE_MS, INBOX_MAX_ROWS)?;
         let cut = db::dead_letter::trim(tx, self.buffer.dead_letter_max)? as u64;
         delta.dead_letters_removed += cut;
         delta.dead_letters_evicted += cut;

@@ -34,6 +34,9 @@ impl Writer {
         for (_, _, reply) in group.replays {
             let _ = reply.send(Err(self.corrupt_error()));
         }
+        for (_, reply) in group.inbox {
+            let _ = reply.send(Err(self.corrupt_error()));
+        }
         for reply in group.flushes {
             let _ = reply.send(());
         }

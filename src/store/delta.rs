@@ -5,7 +5,7 @@
 use super::db;
 use super::writer::Writer;
 use crate::ingest::mapping::Reason;
-use crate::reading::KIND_STATUS;
+use crate::reading::{is_reading_kind, KIND_RESULT};
 
 #[derive(Default)]
 pub(super) struct Delta {
@@ -37,8 +37,12 @@ pub(super) struct Delta {
     pub(super) duplicates: u64,
     pub(super) timestamps_replaced: u64,
     pub(super) status_changes: u64,
-    pub(super) status_rows_added: u64,
-    pub(super) status_rows_removed: u64,
+    /// Rows added and removed that are not readings (status events, command results).
+    pub(super) event_rows_added: u64,
+    pub(super) event_rows_removed: u64,
+    /// Command results deleted (acknowledged or dropped), and of them those a bound dropped.
+    pub(super) results_removed: u64,
+    pub(super) results_dropped: u64,
     /// Fingerprints of the source messages stored, in order.
     pub(super) messages: Vec<u64>,
 }
@@ -55,8 +59,8 @@ impl Delta {
     pub(super) fn added(&mut self, kind: u8, len: usize) {
         self.rows_added += 1;
         self.bytes_added += len as u64 + db::ROW_OVERHEAD;
-        if kind == KIND_STATUS {
-            self.status_rows_added += 1;
+        if !is_reading_kind(i64::from(kind)) {
+            self.event_rows_added += 1;
         }
     }
 
@@ -64,11 +68,14 @@ impl Delta {
     pub(super) fn removed(&mut self, kind: i64, len: i64) -> bool {
         self.rows_removed += 1;
         self.bytes_removed += len as u64 + db::ROW_OVERHEAD;
-        let status = kind == i64::from(KIND_STATUS);
-        if status {
-            self.status_rows_removed += 1;
+        let reading = is_reading_kind(kind);
+        if kind == i64::from(KIND_RESULT) {
+            self.results_removed += 1;
         }
-        !status
+        if !reading {
+            self.event_rows_removed += 1;
+        }
+        reading
     }
 }
 
@@ -77,8 +84,8 @@ impl Writer {
     /// position, the remembered messages, the metrics, and the new high-water seq.
     pub(super) fn apply(&mut self, d: &Delta) {
         self.rows = (self.rows + d.rows_added).saturating_sub(d.rows_removed);
-        self.status_rows =
-            (self.status_rows + d.status_rows_added).saturating_sub(d.status_rows_removed);
+        self.event_rows =
+            (self.event_rows + d.event_rows_added).saturating_sub(d.event_rows_removed);
         self.bytes = (self.bytes + d.bytes_added).saturating_sub(d.bytes_removed);
         self.dead_letters =
             (self.dead_letters + d.dead_letters_added).saturating_sub(d.dead_letters_removed);

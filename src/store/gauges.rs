@@ -25,6 +25,12 @@ impl Writer {
             }
         }
         m.buffer_thin_passes.inc_by(d.thin_passes);
+        if d.results_dropped > 0 {
+            tracing::warn!(
+                count = d.results_dropped,
+                "buffer bound dropped command results: the platform will not see them (`commands list` still shows each command's status)"
+            );
+        }
         if d.refused > 0 {
             m.rejected(Reason::PublishRefused.label()).inc_by(d.refused);
         }
@@ -67,7 +73,7 @@ impl Writer {
     pub(super) fn publish_gauges(&self) {
         let m = &self.metrics;
         m.buffer_readings
-            .set(self.rows.saturating_sub(self.status_rows) as i64);
+            .set(self.rows.saturating_sub(self.event_rows) as i64);
         m.buffer_bytes.set(self.bytes as i64);
         m.dead_letters.set(self.dead_letters as i64);
         m.intake_paused.set(i64::from(self.disk_low || self.full));

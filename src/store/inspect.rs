@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 
 use super::liveness::SensorRow;
-use super::{db, DeadLetterRow, Stats, StoreError};
+use super::{db, ActuatorRow, CommandRow, DeadLetterRow, Stats, StoreError};
 
 /// A read-only view of an existing buffer file.
 pub struct Inspector {
@@ -49,6 +49,16 @@ impl Inspector {
         db::sensors::list(&self.conn).map_err(|e| self.sqlite(e))
     }
 
+    /// Every actuator the buffer has a state or result for, by id.
+    pub fn actuators(&self) -> Result<Vec<ActuatorRow>, StoreError> {
+        db::actuators::list(&self.conn).map_err(|e| self.sqlite(e))
+    }
+
+    /// The newest `limit` commands received, newest first.
+    pub fn commands(&self, limit: usize) -> Result<Vec<CommandRow>, StoreError> {
+        db::commands::newest(&self.conn, limit).map_err(|e| self.sqlite(e))
+    }
+
     fn sqlite(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.clone(),
@@ -84,5 +94,7 @@ mod tests {
         assert!(i.dead_letters(10).unwrap().is_empty());
         assert!(i.dead_letters_by_reason().unwrap().is_empty());
         assert!(i.sensors().unwrap().is_empty());
+        assert!(i.actuators().unwrap().is_empty());
+        assert!(i.commands(10).unwrap().is_empty());
     }
 }

@@ -64,7 +64,12 @@ impl Latest {
     }
 
     /// The sensor's value, if one was observed and is still fresh at `now`.
-    pub(crate) fn fresh(&self, device_id: &str, sensor_type: SensorType, now: Timestamp) -> Option<f64> {
+    pub(crate) fn fresh(
+        &self,
+        device_id: &str,
+        sensor_type: SensorType,
+        now: Timestamp,
+    ) -> Option<f64> {
         let watched = self.watched.read().unwrap_or_else(|e| e.into_inner());
         watched
             .iter()

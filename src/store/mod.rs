@@ -1,13 +1,15 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 5; older files are
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 6; older files are
 //! migrated when opened, see [`db`])
 //! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
 //!   empty for rows stored since version 4: their id derives from the seq ([`db::event_id`]),
 //!   16 bytes saved per row. `kind` 0 is a reading (`body` = [`Reading`] as postcard bytes), 1
 //!   a liveness change (`body` = [`crate::reading::StatusChange`]), 2 a reading with its
 //!   device's metadata (the kind-0 body, then the metadata's JSON text; see
-//!   [`Reading::to_row`]); the event JSON is rendered at publish time.
+//!   [`Reading::to_row`]), 3 a command result (`body` = [`inbox::ResultBody`] as JSON; its
+//!   `event_id` stored, stable per command id and status); the event JSON is rendered at
+//!   publish time. Kinds 1 and 3 are not readings: outside the readings' totals.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids; `count_*`, lifetime totals of
 //!   readings accepted, forwarded, dropped by reason and refused ([`counts`]).
@@ -35,6 +37,14 @@
 //! - `sensors(device_id, sensor_type PK, field_id, tenant_id, last_seen_ms, stale_after_ms,
 //!   online, low_battery, battery, rssi, readings)`: liveness per sensor ([`liveness`]), written
 //!   in the same transaction as the readings and status events it follows from.
+//! - `commands(command_id PK, actuator_id, field_id, tenant_id, correlation_id, action, value,
+//!   issued_ms, expires_ms, received_ms, raw, state, status, reason, updated_ms)`: the
+//!   downlink's inbox (`inbox.rs`); `state` is `queued`, `writing` (accepted: a write may have
+//!   reached the device) or `done` (a final result committed).
+//! - `actuators(actuator_id PK, newest_written_ms, off_since_ms, deadline_ms,
+//!   deadline_command_id, run_since_ms, confirmed, last_command_id, last_status, last_reason,
+//!   last_at_ms, updated_ms)`: what the downlink core restores at start, and the last confirmed
+//!   value (`on`, `off` or a number) and result for the CLI.
 //!
 //! Every statement is in [`db`] (one file per table), called through typed functions; the
 //! rest of the store holds no SQL text. Readers besides the writer (the CLI, `/status`) go
@@ -80,12 +90,32 @@
 //!    ([`StoreHandle::replay`]) in the transaction that stores its message's readings; rows of a
 //!    message the current mapping still rejects, or that cannot be replayed, stay unchanged
 //!    (`replay.rs`).
+//! 9. A command is in `commands` once its [`StoreHandle::command_received`] returned (the
+//!    caller acks JetStream only then); a command id found there again writes nothing
+//!    ([`Received::Known`]), so a redelivery is never handed to the core twice. Rows leave
+//!    only by the inbox bound, and only when `done` (older than 30 days, or the oldest beyond
+//!    10,000 rows): an open command is never forgotten.
+//! 10. A result commits in one transaction with its inbox row's new state and its actuator's
+//!     state ([`StoreHandle::command_result`]); a failed commit leaves none of them. Its outbox
+//!     row's event id derives from the command id and status (for a result without a command:
+//!     the actuator and time), so the same result has the same id whenever it is committed; one
+//!     already recorded (still buffered, or the inbox row's last status) adds no second row.
+//! 11. Result rows are events, not readings: not counted as accepted, forwarded, dropped or
+//!     refused, so the identity of invariant 4 holds unchanged. Bounds treat them as status
+//!     rows: `thin` never takes them (it takes readings of a series only); `drop_oldest` and
+//!     `max_age` take them with the rows around them, since a full buffer must shrink and they
+//!     are a few small rows among many. A result lost so is still in `commands` (its status)
+//!     and `actuators`, for `commands list` and `actuators`. Like status rows, they are stored
+//!     without `make_room` and despite `reject_new` or the disk reserve: they are not input a
+//!     source could offer again.
 
 // The module map. Callers see the handle below ([`start`], [`StoreHandle`], [`Append`],
 // [`AppendOutcome`], [`StoreError`]) and [`Inspector`]; behind them:
 pub mod counts; // lifetime totals of readings, the identity they keep
 pub mod db; // every SQL statement: open, schema, migrations, and the typed functions per table
+pub mod inbox; // the downlink's inbox, command results and actuator state (types; writer ops)
 mod inspect; // `Inspector`: the file read-only, for the CLI and `/status`
+mod latest; // the latest values of the sensors interlocks watch (memory only)
 pub mod liveness; // sensors online, offline, low on battery
 mod lock; // the advisory lock beside the file
 mod recent; // the recent message keys, in memory
@@ -116,12 +146,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::common::metrics::Metrics;
 use crate::config::Buffer;
+use crate::downlink::Restored;
 use crate::ingest::mapping::Reason;
 use crate::reading::{Reading, SensorType};
 use counts::Counts;
 pub use db::{DeadLetterRow, OutboxRow};
 pub use dedupe::FRAME_WINDOW;
+pub use inbox::{
+    ActuatorRow, CommandRow, InboxCommand, InboxState, OpenCommand, Received, ResultRow,
+};
+use inbox::{InboxDone, InboxOp};
 pub use inspect::Inspector;
+pub(crate) use latest::Latest;
 pub use replay::{ReasonReport, ReplayFilter, ReplayMapper, ReplayReport, Replayed};
 pub(crate) use writer::start_locked;
 use writer::{Command, Refusal};
@@ -207,6 +243,8 @@ pub struct Stats {
     /// Readings waiting (status events not counted).
     pub readings: u64,
     pub status_events: u64,
+    /// Command results waiting (not readings either).
+    pub command_results: u64,
     pub bytes: u64,
     pub(crate) oldest_stored_ms: Option<i64>,
     pub(crate) next_seq: u64,
@@ -218,8 +256,9 @@ pub struct Stats {
 pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
     let t = db::totals(conn)?;
     Ok(Stats {
-        readings: t.rows - t.status_rows.min(t.rows),
+        readings: t.readings(),
         status_events: t.status_rows,
+        command_results: t.result_rows,
         bytes: t.bytes,
         oldest_stored_ms: db::oldest_stored_ms(conn)?,
         next_seq: t.next_seq,
@@ -234,6 +273,8 @@ pub struct StoreHandle {
     tx: mpsc::Sender<Command>,
     committed: watch::Receiver<u64>,
     fatal: watch::Receiver<Option<String>>,
+    /// The values interlocks watch, taken from appends as they are queued.
+    latest: Arc<Latest>,
 }
 
 impl StoreHandle {
@@ -258,6 +299,7 @@ impl StoreHandle {
         &self,
         append: Append,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome, StoreError>>, StoreError> {
+        self.latest.observe(&append.readings);
         let (reply, rx) = oneshot::channel();
         self.send(Command::Append(append, reply)).await?;
         Ok(rx)
@@ -294,6 +336,58 @@ impl StoreHandle {
             .await
     }
 
+    /// A downlink write, committed with the group; its outcome once the commit returned.
+    async fn inbox(&self, op: InboxOp) -> Result<InboxDone, StoreError> {
+        self.ask(|reply| Command::Inbox(op, reply)).await?
+    }
+
+    /// Stores a command received from JetStream as `queued`, or finds its id known (a
+    /// redelivery or republish: nothing written). Ack the message only after this returned
+    /// `Ok`, and hand it to the core only if [`Received::New`].
+    pub async fn command_received(&self, command: InboxCommand) -> Result<Received, StoreError> {
+        match self.inbox(InboxOp::Received(command)).await? {
+            InboxDone::Received(r) => Ok(r),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// Commits a result in one transaction with what follows from it: its outbox row (event
+    /// id stable per command id and status), its inbox row's state (`accepted`: writing; any
+    /// other: done) and, with `actuator`, that actuator's persisted state. False: the same
+    /// result was committed before; no second row (the actuator state is saved either way).
+    pub async fn command_result(
+        &self,
+        result: ResultRow,
+        actuator: Option<(String, Restored)>,
+    ) -> Result<bool, StoreError> {
+        match self.inbox(InboxOp::Result(result, actuator)).await? {
+            InboxDone::Result(new) => Ok(new),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    /// Saves an actuator's persisted state (an off deadline before its write: invariant 6 of
+    /// [`crate::downlink`]).
+    pub async fn actuator_state(
+        &self,
+        actuator_id: String,
+        state: Restored,
+    ) -> Result<(), StoreError> {
+        self.inbox(InboxOp::State(actuator_id, state))
+            .await
+            .map(drop)
+    }
+
+    /// Commands not done yet, in received order, with their raw messages: for the core at start.
+    pub async fn commands_open(&self) -> Result<Vec<OpenCommand>, StoreError> {
+        self.ask(Command::CommandsOpen).await?
+    }
+
+    /// Every actuator's persisted state, by id: for [`crate::downlink::Core::restore`].
+    pub async fn actuator_states(&self) -> Result<Vec<(String, Restored)>, StoreError> {
+        self.ask(Command::ActuatorStates).await?
+    }
+
     /// Resolves after everything queued before it is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.ask(Command::Flush).await
@@ -324,6 +418,11 @@ impl StoreHandle {
     /// stored (invariant 6), so the process should stop in order and restart.
     pub(crate) fn fatal(&self) -> watch::Receiver<Option<String>> {
         self.fatal.clone()
+    }
+
+    /// The latest values of the sensors interlocks watch ([`Latest::watch`] says which).
+    pub(crate) fn latest(&self) -> Arc<Latest> {
+        self.latest.clone()
     }
 }
 

@@ -11,27 +11,31 @@ use super::bounds::Room;
 use super::counts::Counts;
 use super::db::{self, DeadLetterText};
 use super::delta::Delta;
-use super::writer::{AppendReply, Refusal, Writer};
+use super::inbox::{InboxDone, InboxOp, InboxReply};
+use super::writer::{AppendReply, Group, Refusal, Writer};
 use super::{dedupe, liveness, Append, AppendOutcome, NewDeadLetter};
 use crate::ingest::mapping::Reason;
 use crate::reading::{Reading, KIND_STATUS};
 
 impl Writer {
     /// One transaction for the whole group; returns each append's outcome, in order.
+    /// `group` gives the refusals, the downlink writes (`inbox`, taken out of it) and whether
+    /// maintenance is due; returns the appends' outcomes, then the downlink writes'.
     pub(super) fn write(
         &self,
         appends: &mut [(Append, AppendReply)],
         acked: &[RangeInclusive<u64>],
-        refused: &[Refusal],
-        maintain: bool,
+        group: &Group,
+        inbox: &[(InboxOp, InboxReply)],
         delta: &mut Delta,
-    ) -> rusqlite::Result<Vec<AppendOutcome>> {
+    ) -> rusqlite::Result<(Vec<AppendOutcome>, Vec<InboxDone>)> {
         let tx = self.conn.unchecked_transaction()?;
         let now = db::now_ms();
+        let maintain = group.maintain;
         for run in acked {
             delete_run(&tx, run, delta)?;
         }
-        for refusal in refused {
+        for refusal in &group.refused {
             dead_letter_refusal(&tx, refusal, now, delta)?;
         }
         let mut outcomes = Vec::with_capacity(appends.len());
@@ -44,13 +48,17 @@ impl Writer {
             .filter(|(_, outcome)| matches!(outcome, AppendOutcome::Stored { .. }))
             .flat_map(|((append, _), _)| &append.readings)
             .collect();
+        let done = inbox
+            .iter()
+            .map(|(op, _)| self.inbox_op(&tx, op, now, delta))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         self.status_and_seq(&tx, &stored, now, maintain, delta)?;
         if maintain {
             self.expire(&tx, now, delta)?;
         }
         record_totals(&tx, delta)?;
         tx.commit()?;
-        Ok(outcomes)
+        Ok((outcomes, done))
     }
 
     /// The end of every transaction that stores readings: status events from the readings

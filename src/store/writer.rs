@@ -12,6 +12,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::delta::Delta;
+use super::inbox::{InboxOp, InboxReply, OpenCommand};
 use super::{
     db, lock, recent, seq_floor, Append, AppendOutcome, OutboxRow, ReplayFilter, ReplayMapper,
     ReplayReport, StoreError, StoreHandle,
@@ -19,6 +20,7 @@ use super::{
 use crate::common::log_limit::LogLimit;
 use crate::common::metrics::Metrics;
 use crate::config::Buffer;
+use crate::downlink::Restored;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
@@ -49,7 +51,14 @@ pub(super) enum Command {
         mapper: Arc<dyn ReplayMapper>,
         reply: ReplayReply,
     },
+    /// A downlink write, committed with the group (`inbox.rs`).
+    Inbox(InboxOp, InboxReply),
+    CommandsOpen(Reply<Vec<OpenCommand>>),
+    ActuatorStates(Reply<Vec<(String, Restored)>>),
 }
+
+/// Where a read's answer goes.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A row the server will never accept, to move to dead-letters with its rendered event.
 pub(super) struct Refusal {
@@ -65,8 +74,8 @@ pub(super) struct Writer {
     pub(super) buffer: Buffer,
     pub(super) metrics: Arc<Metrics>,
     pub(super) rows: u64,
-    /// Of `rows`, the status events (the rest are readings).
-    pub(super) status_rows: u64,
+    /// Of `rows`, the status events and command results (the rest are readings).
+    pub(super) event_rows: u64,
     pub(super) bytes: u64,
     pub(super) next_seq: u64,
     pub(super) dead_letters: u64,
@@ -86,7 +95,7 @@ pub(super) struct Writer {
     acked: Vec<RangeInclusive<u64>>,
     acked_seqs: u64,
     pub(super) recent: recent::RecentMessages,
-    event_salt: [u8; 16],
+    pub(super) event_salt: [u8; 16],
     /// Held as long as the writer lives: no other process writes the buffer meanwhile.
     _lock: lock::BufferLock,
     /// Seqs the forwarder fetched and may still publish (`lo..=hi`): no bound deletes them, so
@@ -136,6 +145,7 @@ pub(crate) fn start_locked(
         tx,
         committed,
         fatal,
+        latest: Default::default(),
     };
     Ok((handle, thread))
 }
@@ -161,7 +171,7 @@ fn open_buffer(
     let conn = opened.conn;
     let mut totals = db::totals(&conn).map_err(sqlite)?;
     let recent = recent::RecentMessages::load(&conn).map_err(sqlite)?;
-    let buffered_readings = totals.rows - totals.status_rows.min(totals.rows);
+    let buffered_readings = totals.readings();
     db::meta::init_counts(&conn, buffered_readings).map_err(sqlite)?;
     let thin_after = db::meta::thin_after(&conn).map_err(sqlite)?;
     let event_salt = db::event_salt(&conn).map_err(sqlite)?;
@@ -199,10 +209,11 @@ fn tick_maintenance(ticker: mpsc::WeakSender<Command>) {
 #[derive(Default)]
 pub(super) struct Group {
     pub(super) appends: Vec<(Append, AppendReply)>,
-    refused: Vec<Refusal>,
+    pub(super) refused: Vec<Refusal>,
     pub(super) flushes: Vec<oneshot::Sender<()>>,
     pub(super) replays: Vec<(ReplayFilter, Arc<dyn ReplayMapper>, ReplayReply)>,
-    maintain: bool,
+    pub(super) maintain: bool,
+    pub(super) inbox: Vec<(InboxOp, InboxReply)>,
 }
 
 impl Writer {
@@ -226,7 +237,7 @@ impl Writer {
             buffer,
             metrics,
             rows: totals.rows,
-            status_rows: totals.status_rows,
+            event_rows: totals.status_rows + totals.result_rows,
             bytes: totals.bytes,
             next_seq: totals.next_seq,
             dead_letters: totals.dead_letters,
@@ -280,7 +291,7 @@ impl Writer {
         if group.maintain {
             self.check_disk();
         }
-        self.reserve_seqs(&mut group.appends);
+        self.reserve_seqs(&mut group);
         self.commit_group(&mut group, closing);
         self.run_replays(std::mem::take(&mut group.replays));
         for f in group.flushes {
@@ -320,9 +331,33 @@ impl Writer {
                 } => {
                     let _ = reply.send(self.fetch(after, limit));
                 }
+                Command::Inbox(op, reply) => group.inbox.push((op, reply)),
+                Command::CommandsOpen(reply) => {
+                    let _ = reply.send(self.read(db::commands::open));
+                }
+                Command::ActuatorStates(reply) => {
+                    let _ = reply.send(self.read(db::actuators::states));
+                }
             }
         }
         group
+    }
+
+    /// A read of the downlink's tables on the writer's connection (it sees every commit).
+    fn read<T>(&mut self, query: fn(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        if self.corrupt.is_some() {
+            return Err(self.corrupt_error());
+        }
+        query(&self.conn).map_err(|e| {
+            if db::is_corrupt(&e) {
+                self.became_corrupt(&e);
+                return self.corrupt_error();
+            }
+            StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            }
+        })
     }
 
     /// Rows for the forwarder, claimed until it releases them ([`StoreHandle::holding`]).
@@ -349,15 +384,26 @@ impl Writer {
     }
 
     /// Invariant 2: `seq.floor` covers every seq the group may hand out before it commits. If
-    /// it cannot be written, the group's appends fail and their callers retry.
-    fn reserve_seqs(&mut self, appends: &mut Vec<(Append, AppendReply)>) {
-        // Each reading may bring up to two status events (connected, low battery).
-        let most_new: usize = appends.iter().map(|(a, _)| a.readings.len() * 3).sum();
+    /// it cannot be written, the group's appends and downlink writes fail and their callers
+    /// retry.
+    fn reserve_seqs(&mut self, group: &mut Group) {
+        // Each reading may bring up to two status events (connected, low battery); each
+        // downlink write at most one result.
+        let most_new: usize = group
+            .appends
+            .iter()
+            .map(|(a, _)| a.readings.len() * 3)
+            .sum::<usize>()
+            + group.inbox.len();
         if let Err(e) = self.floor.ensure(self.next_seq + most_new as u64) {
             tracing::error!(error = %e, dir = %self.data_dir.display(), "cannot write seq.floor; not committing");
             self.metrics.set_store_healthy(false);
-            for (_, reply) in appends.drain(..) {
-                let _ = reply.send(Err(StoreError::Commit(format!("seq.floor: {e}"))));
+            let error = || StoreError::Commit(format!("seq.floor: {e}"));
+            for (_, reply) in group.appends.drain(..) {
+                let _ = reply.send(Err(error()));
+            }
+            for (_, reply) in group.inbox.drain(..) {
+                let _ = reply.send(Err(error()));
             }
         }
     }
@@ -365,7 +411,10 @@ impl Writer {
     /// The group's transaction, if it has anything to write: acknowledged runs ride along with
     /// other writes, or go alone once enough are waiting or someone waits for them.
     fn commit_group(&mut self, group: &mut Group, closing: bool) {
-        let other_writes = !group.appends.is_empty() || !group.refused.is_empty() || group.maintain;
+        let other_writes = !group.appends.is_empty()
+            || !group.refused.is_empty()
+            || !group.inbox.is_empty()
+            || group.maintain;
         let delete = !self.acked.is_empty()
             && (other_writes
                 || closing
@@ -377,15 +426,10 @@ impl Writer {
         let started = Instant::now();
         let mut delta = Delta::numbering_from(self.next_seq);
         let mut appends = std::mem::take(&mut group.appends);
+        let inbox = std::mem::take(&mut group.inbox);
         let acked: &[RangeInclusive<u64>] = if delete { &self.acked } else { &[] };
-        match self.write(
-            &mut appends,
-            acked,
-            &group.refused,
-            group.maintain,
-            &mut delta,
-        ) {
-            Ok(outcomes) => {
+        match self.write(&mut appends, acked, group, &inbox, &mut delta) {
+            Ok((outcomes, done)) => {
                 if delete {
                     self.acked.clear();
                     self.acked_seqs = 0;
@@ -399,13 +443,21 @@ impl Writer {
                 for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
+                for ((_, reply), done) in inbox.into_iter().zip(done) {
+                    let _ = reply.send(Ok(done));
+                }
             }
-            Err(e) => self.group_failed(&e, appends),
+            Err(e) => self.group_failed(&e, appends, inbox),
         }
     }
 
     /// Nothing of the group was written: each append learns why (invariant 6: never a success).
-    fn group_failed(&mut self, e: &rusqlite::Error, appends: Vec<(Append, AppendReply)>) {
+    fn group_failed(
+        &mut self,
+        e: &rusqlite::Error,
+        appends: Vec<(Append, AppendReply)>,
+        inbox: Vec<(InboxOp, InboxReply)>,
+    ) {
         self.metrics.set_store_healthy(false);
         if let Some(held) = self.failure_log.admit() {
             tracing::error!(error = %e, file = %self.path.display(), repeats = held, "buffer transaction failed; callers will retry");
@@ -414,12 +466,15 @@ impl Writer {
             self.became_corrupt(e);
         }
         let msg = e.to_string();
+        let error = || match self.corrupt {
+            Some(_) => self.corrupt_error(),
+            None => StoreError::Commit(msg.clone()),
+        };
         for (_, reply) in appends {
-            let error = match self.corrupt {
-                Some(_) => self.corrupt_error(),
-                None => StoreError::Commit(msg.clone()),
-            };
-            let _ = reply.send(Err(error));
+            let _ = reply.send(Err(error()));
+        }
+        for (_, reply) in inbox {
+            let _ = reply.send(Err(error()));
         }
     }
 

@@ -1,5 +1,7 @@
 //! The event contract (`contracts/sensor_reading_event.v1.json`): a buffered row rendered as
-//! SAHOOL's IoT envelope around a `sensor_reading` payload, its subject and its headers.
+//! SAHOOL's IoT envelope around a `sensor_reading` payload, its subject and its headers; and
+//! likewise liveness changes (`device_status`) and command results
+//! (`contracts/actuator_command_result.v1.json`).
 
 use async_nats::header::{HeaderMap, HeaderName};
 use async_nats::Subject;
@@ -9,12 +11,15 @@ use serde::Serialize;
 use crate::config::SubjectTemplate;
 use crate::reading::{
     BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_READING,
-    KIND_READING_META, KIND_STATUS,
+    KIND_READING_META, KIND_RESULT, KIND_STATUS,
 };
+use crate::store::inbox::ResultBody;
 use crate::store::OutboxRow;
 
 pub(crate) const SERVICE: &str = "sahool-gateway";
 pub const SCHEMA_VERSION: &str = "1";
+/// Where command results go (DESIGN §8), whatever the reading subjects are.
+pub const RESULT_SUBJECT: &str = "sahool.iot.actuator.result";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -22,6 +27,8 @@ pub enum EventError {
     Decode { seq: u64, source: BodyError },
     #[error("buffered row {seq} has unknown kind {kind}")]
     Kind { seq: u64, kind: u8 },
+    #[error("buffered command result {seq} cannot be decoded ({source})")]
+    Result { seq: u64, source: serde_json::Error },
 }
 
 /// A row ready to publish. Subject and body are shared buffers: a publish and a later retry
@@ -31,6 +38,8 @@ pub struct Event {
     pub seq: u64,
     pub event_id: String,
     pub tenant_id: String,
+    /// The event's own id, or for a command result the command's correlation id.
+    pub correlation_id: String,
     pub subject: Subject,
     pub body: Bytes,
 }
@@ -119,18 +128,36 @@ struct Routing<'a> {
     gateway_id: &'a str,
     tenant_id: &'a str,
     field_id: &'a str,
-    device_id: &'a str,
-    sensor_type: SensorType,
+    /// The command's, for a result; otherwise (`None`, or empty) the event id stands in.
+    correlation_id: Option<&'a str>,
 }
 
 impl Routing<'_> {
+    /// A sensor event's subject from its template.
+    fn subject(
+        &self,
+        template: &SubjectTemplate,
+        device_id: &str,
+        sensor_type: SensorType,
+        status: &str,
+    ) -> String {
+        template.render(|name| match name {
+            "tenant_id" => self.tenant_id.to_string(),
+            "field_id" => self.field_id.to_string(),
+            "gateway_id" => self.gateway_id.to_string(),
+            "device_id" => device_id.to_string(),
+            "sensor_type" => sensor_type.as_str().to_string(),
+            "status" => status.to_string(),
+            _ => String::new(),
+        })
+    }
+
     /// SAHOOL's envelope around the payload `write_payload` writes.
     fn event(
         self,
         event_type: &'static str,
         write_payload: impl FnOnce(&mut JsonObject<'_>),
-        subject: &SubjectTemplate,
-        status: &str,
+        subject: String,
     ) -> Event {
         let mut id = uuid::Uuid::encode_buffer();
         let event_id = uuid::Uuid::from_bytes(self.row.event_id)
@@ -143,7 +170,9 @@ impl Routing<'_> {
         envelope.number("version", 1);
         envelope.str("aggregate_id", self.field_id);
         envelope.str("tenant_id", self.tenant_id);
-        envelope.plain_str("correlation_id", event_id);
+        let correlation_id = self.correlation_id.filter(|c| !c.is_empty());
+        let correlation_id = correlation_id.unwrap_or(event_id);
+        envelope.str("correlation_id", correlation_id);
         let stored = Timestamp::from_unix_millis(self.row.stored_ms).rfc3339();
         envelope.plain_str("timestamp", stored.as_str());
         let mut source = envelope.object("source");
@@ -156,18 +185,10 @@ impl Routing<'_> {
         write_payload(&mut payload);
         payload.end();
         envelope.end();
-        let subject = subject.render(|name| match name {
-            "tenant_id" => self.tenant_id.to_string(),
-            "field_id" => self.field_id.to_string(),
-            "gateway_id" => self.gateway_id.to_string(),
-            "device_id" => self.device_id.to_string(),
-            "sensor_type" => self.sensor_type.as_str().to_string(),
-            "status" => status.to_string(),
-            _ => String::new(),
-        });
         Event {
             seq: self.row.seq,
             tenant_id: self.tenant_id.to_string(),
+            correlation_id: correlation_id.to_string(),
             event_id: event_id.to_string(),
             subject: Subject::from(subject),
             body: Bytes::from(body),
@@ -252,11 +273,12 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
                 gateway_id,
                 tenant_id: &r.tenant_id,
                 field_id: &r.field_id,
-                device_id: &r.device_id,
-                sensor_type: r.sensor_type,
+                correlation_id: None,
             };
+            let subject =
+                routing.subject(&subjects.reading, &r.device_id, r.sensor_type, "reading");
             let payload = |p: &mut JsonObject<'_>| reading_payload(p, &r);
-            Ok(routing.event("sensor_reading", payload, &subjects.reading, "reading"))
+            Ok(routing.event("sensor_reading", payload, subject))
         }
         KIND_STATUS => {
             let c: StatusChange =
@@ -271,14 +293,51 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
                 gateway_id,
                 tenant_id: &c.tenant_id,
                 field_id: &c.field_id,
-                device_id: &c.device_id,
-                sensor_type: c.sensor_type,
+                correlation_id: None,
             };
+            let subject = routing.subject(
+                &subjects.status,
+                &c.device_id,
+                c.sensor_type,
+                subject_status,
+            );
             let payload = |p: &mut JsonObject<'_>| status_payload(p, &c);
-            Ok(routing.event("device_status", payload, &subjects.status, subject_status))
+            Ok(routing.event("device_status", payload, subject))
         }
+        KIND_RESULT => result_event(row, gateway_id),
         kind => Err(EventError::Kind { seq: row.seq, kind }),
     }
+}
+
+/// A command result: the payload as the core made it, in the command's envelope (its tenant
+/// and correlation id); aggregate_id is the field.
+fn result_event(row: &OutboxRow, gateway_id: &str) -> Result<Event, EventError> {
+    let b: ResultBody = serde_json::from_slice(&row.body).map_err(|source| EventError::Result {
+        seq: row.seq,
+        source,
+    })?;
+    let field_id = b.payload.get("field_id").and_then(|f| f.as_str());
+    let field_id = field_id.unwrap_or_default();
+    let routing = Routing {
+        row,
+        gateway_id,
+        tenant_id: &b.tenant_id,
+        field_id,
+        correlation_id: Some(&b.correlation_id),
+    };
+    // Written whole by serde_json, so the keys are escaped too (they come from the file).
+    let members = serde_json::to_string(&b.payload).unwrap_or_default();
+    let members = members
+        .strip_prefix('{')
+        .and_then(|m| m.strip_suffix('}'))
+        .unwrap_or_default()
+        .to_string();
+    let payload = |p: &mut JsonObject<'_>| p.raw_members(&members);
+    Ok(routing.event(
+        "actuator_command_result",
+        payload,
+        RESULT_SUBJECT.to_string(),
+    ))
 }
 
 const NATS_MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
@@ -293,7 +352,7 @@ pub fn headers(event: &Event) -> HeaderMap {
     h.insert(NATS_MSG_ID, event.event_id.as_str());
     h.insert(X_EVENT_ID, event.event_id.as_str());
     h.insert(X_TENANT_ID, event.tenant_id.as_str());
-    h.insert(X_CORRELATION_ID, event.event_id.as_str());
+    h.insert(X_CORRELATION_ID, event.correlation_id.as_str());
     h.insert(X_SCHEMA_VERSION, SCHEMA_VERSION);
     h
 }
@@ -431,6 +490,89 @@ mod tests {
         )
         .unwrap();
         assert!(body(&e)["payload"].get("metadata").is_none());
+    }
+
+    /// The result schema, checking formats (uuid, date-time) too.
+    fn result_validator() -> jsonschema::Validator {
+        let schema: serde_json::Value = serde_json::from_str(include_str!(
+            "../../contracts/actuator_command_result.v1.json"
+        ))
+        .expect("schema JSON");
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .expect("schema compiles")
+    }
+
+    fn result_row(result: &crate::downlink::CommandResult, correlation_id: &str) -> OutboxRow {
+        let body = ResultBody::encode("tenant-a".into(), correlation_id.into(), result);
+        row(KIND_RESULT, body)
+    }
+
+    #[test]
+    fn renders_command_results_that_fit_their_schema() {
+        use crate::downlink::{CommandResult, Reason, Status, Value};
+        let mut r = CommandResult {
+            command_id: "9b2d7e5a-3c1f-4e8b-a6d2-0f4e5c6b7a81".into(),
+            actuator_id: "pump-1".into(),
+            field_id: "field-1".into(),
+            status: Status::Failed,
+            reason: Some(Reason::ReadbackMismatch),
+            requested: Some(Value::Number(42.5)),
+            readback: Some(Value::Number(40.0)),
+            at: Timestamp::parse_rfc3339("2026-06-01T04:15:00.5Z").unwrap(),
+        };
+        let validator = result_validator();
+        let e = render(&result_row(&r, "corr-1"), "gw-1", &subjects()).unwrap();
+        let v = body(&e);
+        assert!(validator.is_valid(&v), "{v}");
+        assert_eq!(e.subject.as_str(), RESULT_SUBJECT);
+        let id = "abababab-abab-abab-abab-abababababab";
+        assert_eq!(
+            (&v["event_id"], &v["event_type"], &v["aggregate_id"]),
+            (
+                &id.into(),
+                &"actuator_command_result".into(),
+                &"field-1".into()
+            )
+        );
+        assert_eq!(
+            (&v["tenant_id"], &v["correlation_id"]),
+            (&"tenant-a".into(), &"corr-1".into())
+        );
+        assert_eq!(v["source"]["seq"], 9);
+        assert_eq!(
+            v["payload"],
+            serde_json::json!({
+                "command_id": "9b2d7e5a-3c1f-4e8b-a6d2-0f4e5c6b7a81",
+                "actuator_id": "pump-1",
+                "field_id": "field-1",
+                "status": "failed",
+                "reason": "readback_mismatch",
+                "requested": 42.5,
+                "readback": 40.0,
+                "at": "2026-06-01T04:15:00.500Z"
+            })
+        );
+        let h = headers(&e);
+        assert_eq!(h.get("Nats-Msg-Id").map(|v| v.as_str()), Some(id));
+        assert_eq!(
+            h.get("X-Correlation-ID").map(|v| v.as_str()),
+            Some("corr-1")
+        );
+        // A removal's switched_off: no command, no correlation id of its own.
+        (r.command_id, r.status, r.reason) = (String::new(), Status::SwitchedOff, None);
+        (r.requested, r.readback) = (Some(Value::Switch(false)), None);
+        let e = render(&result_row(&r, ""), "gw-1", &subjects()).unwrap();
+        let v = body(&e);
+        assert!(validator.is_valid(&v), "{v}");
+        assert_eq!(
+            (&v["correlation_id"], &v["payload"]["requested"]),
+            (&id.into(), &false.into())
+        );
+        // A body that is not a result is an error, not an empty event.
+        let err = render(&row(KIND_RESULT, b"[1]".to_vec()), "gw-1", &subjects()).unwrap_err();
+        assert!(matches!(err, EventError::Result { seq: 9, .. }), "{err}");
     }
 
     #[test]

@@ -5,10 +5,13 @@
 //! - [`dead_letter`]: the `dead_letters` table;
 //! - [`meta`]: the lifetime totals, the thinning position, the event-id salt;
 //! - [`sensors`]: liveness per sensor;
-//! - [`recent`]: the deduplication tables.
+//! - [`recent`]: the deduplication tables;
+//! - [`commands`]: the downlink's inbox; [`actuators`]: each actuator's persisted state.
 //!
 //! Everything here is synchronous and runs on the caller's connection.
 
+pub(crate) mod actuators;
+pub(crate) mod commands;
 pub(crate) mod dead_letter;
 pub(crate) mod meta;
 pub(crate) mod outbox;
@@ -23,6 +26,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use super::StoreError;
 use crate::config::Synchronous;
+use crate::reading::{KIND_RESULT, KIND_STATUS};
 
 pub(crate) use dead_letter::DeadLetterText;
 pub use dead_letter::{dead_letters, dead_letters_by_reason, DeadLetterRow};
@@ -31,7 +35,7 @@ pub use outbox::OutboxRow;
 pub(crate) use outbox::{fetch_after, oldest_stored_ms, ScannedRow};
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -132,11 +136,57 @@ UPDATE dead_letters SET topic = substr(detail, 7, instr(detail, ': ') - 7)
     WHERE detail LIKE 'topic %' AND instr(detail, ': ') > 7;
 ";
 
+/// Schema version 6: the downlink (DESIGN §8). `commands`: the inbox, one row per command
+/// id ever received (until the bound takes done rows), with the message's raw bytes so a
+/// restart can hand open commands to the core again; `state` is `queued`, `writing` or `done`,
+/// `status` and `reason` the last result committed. `actuators`: what must survive a restart
+/// per actuator (the core's `Restored`), and what the CLI shows (the last confirmed value as
+/// text: `on`, `off` or a number; the last result). The partial index finds a buffered result
+/// by its stored event id, so the same result is never buffered twice.
+const SCHEMA_V6: &str = "
+CREATE TABLE commands (
+    command_id     TEXT    PRIMARY KEY,
+    actuator_id    TEXT    NOT NULL,
+    field_id       TEXT    NOT NULL,
+    tenant_id      TEXT    NOT NULL,
+    correlation_id TEXT    NOT NULL,
+    action         TEXT    NOT NULL,
+    value          REAL,
+    issued_ms      INTEGER NOT NULL,
+    expires_ms     INTEGER NOT NULL,
+    received_ms    INTEGER NOT NULL,
+    raw            BLOB    NOT NULL,
+    state          TEXT    NOT NULL,
+    status         TEXT,
+    reason         TEXT,
+    updated_ms     INTEGER NOT NULL
+);
+CREATE INDEX commands_by_state ON commands (state, updated_ms);
+CREATE INDEX commands_by_received ON commands (received_ms);
+CREATE TABLE actuators (
+    actuator_id         TEXT PRIMARY KEY,
+    newest_written_ms   INTEGER,
+    off_since_ms        INTEGER,
+    deadline_ms         INTEGER,
+    deadline_command_id TEXT,
+    run_since_ms        INTEGER,
+    confirmed           TEXT,
+    last_command_id     TEXT,
+    last_status         TEXT,
+    last_reason         TEXT,
+    last_at_ms          INTEGER,
+    updated_ms          INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX outbox_results ON outbox (event_id) WHERE kind = 3;
+";
+
 /// The steps from each version to the next: `STEPS[v..]` brings a file at version `v` (0: a
 /// new file) to [`SCHEMA_VERSION`].
-const STEPS: [&str; SCHEMA_VERSION as usize] = [SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+const STEPS: [&str; SCHEMA_VERSION as usize] = [
+    SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+];
 
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 9] = [
     "outbox",
     "meta",
     "dead_letters",
@@ -144,6 +194,8 @@ const TABLES: [&str; 7] = [
     "sensors",
     "recent_readings",
     "recent_frames",
+    "commands",
+    "actuators",
 ];
 
 /// SQLite's verdict that the file's pages are damaged (as opposed to a full disk, a busy
@@ -396,7 +448,12 @@ pub fn event_id(salt: &[u8; 16], seq: u64) -> [u8; 16] {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(salt);
     h.update(&seq.to_le_bytes());
-    let mut id = h.digest128().to_le_bytes();
+    as_uuid_v4(h.digest128())
+}
+
+/// A 128-bit hash laid out as a version 4 (random) UUID: what event ids look like.
+pub(crate) fn as_uuid_v4(hash: u128) -> [u8; 16] {
+    let mut id = hash.to_le_bytes();
     id[6] = (id[6] & 0x0f) | 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
     id
@@ -406,9 +463,19 @@ pub fn event_id(salt: &[u8; 16], seq: u64) -> [u8; 16] {
 pub struct Totals {
     pub rows: u64,
     pub(crate) status_rows: u64,
+    pub(crate) result_rows: u64,
     pub bytes: u64,
     pub(crate) next_seq: u64,
     pub dead_letters: u64,
+}
+
+impl Totals {
+    /// Rows that are readings: neither status events nor command results.
+    pub(crate) fn readings(&self) -> u64 {
+        self.rows
+            .saturating_sub(self.status_rows)
+            .saturating_sub(self.result_rows)
+    }
 }
 
 pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
@@ -424,14 +491,16 @@ pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
     let max_seq: Option<i64> = conn.query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))?;
     let dead_letters: i64 =
         conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
-    let status_rows: i64 =
-        conn.query_row("SELECT count(*) FROM outbox WHERE kind = 1", [], |r| {
-            r.get(0)
-        })?;
+    let (status_rows, result_rows): (i64, i64) = conn.query_row(
+        "SELECT count(*) FILTER (WHERE kind = ?1), count(*) FILTER (WHERE kind = ?2) FROM outbox",
+        [KIND_STATUS, KIND_RESULT],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let rows = u64::try_from(rows).unwrap_or(0);
     Ok(Totals {
         rows,
         status_rows: u64::try_from(status_rows).unwrap_or(0),
+        result_rows: u64::try_from(result_rows).unwrap_or(0),
         bytes: u64::try_from(body).unwrap_or(0) + rows * ROW_OVERHEAD,
         // The meta row is the authority; max(seq)+1 guards against a meta row older than rows.
         next_seq: u64::try_from(next_seq.max(max_seq.unwrap_or(0) + 1)).unwrap_or(1),
@@ -487,7 +556,7 @@ mod tests {
         assert_eq!(corrupt_files(dir.path()), 3);
     }
 
-    /// A buffer as `version` (1 to 4) left it: a row waiting, a message remembered and two
+    /// A buffer as `version` (1 to 5) left it: a row waiting, a message remembered and two
     /// dead-letters (MQTT and serial); from version 2 a reading remembered, from version 3 a
     /// firmware frame.
     fn old_file(path: &Path, version: usize) {
@@ -529,6 +598,14 @@ mod tests {
             )
             .unwrap();
         }
+        if version >= 5 {
+            // Version 5 stored the topic itself.
+            conn.execute(
+                "UPDATE dead_letters SET topic = 'sahool/sensors/p-9/f' WHERE at_ms = 500",
+                [],
+            )
+            .unwrap();
+        }
     }
 
     #[test]
@@ -562,6 +639,12 @@ mod tests {
         assert_eq!(totals(&conn).unwrap().next_seq, 8);
         remembered_keys_kept(&conn, version);
         dead_letters_kept(&conn, version);
+        // Version 6: the downlink's tables, empty.
+        assert!(
+            commands::open(&conn).unwrap().is_empty(),
+            "version {version}"
+        );
+        assert!(actuators::states(&conn).unwrap().is_empty());
         // No index on the message keys any more: the same key may be stored twice.
         conn.execute(
             "INSERT INTO recent_messages (key) VALUES (?1)",

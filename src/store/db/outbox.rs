@@ -119,6 +119,32 @@ pub(crate) fn insert(
     Ok(())
 }
 
+/// Buffers one row under `seq` with an id of its own (a command result: stable per command
+/// and status, not per seq).
+pub(crate) fn insert_with_id(
+    tx: &Transaction<'_>,
+    seq: u64,
+    event_id: &[u8; 16],
+    now: i64,
+    kind: u8,
+    body: &[u8],
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![seq as i64, &event_id[..], now, kind, body])?;
+    Ok(())
+}
+
+/// Whether a command result with this event id is buffered (through `outbox_results`).
+pub(crate) fn has_result(tx: &Transaction<'_>, event_id: &[u8; 16]) -> rusqlite::Result<bool> {
+    // `kind = 3` ([`crate::reading::KIND_RESULT`]) as a literal: only then may SQLite use the partial index.
+    tx.prepare_cached("SELECT 1 FROM outbox WHERE kind = 3 AND event_id = ?1")?
+        .query_row([&event_id[..]], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+}
+
 /// Deletes the buffered rows of a run of seqs; `each` gets every deleted row's kind and body
 /// length.
 pub(crate) fn delete_run(
