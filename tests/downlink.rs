@@ -274,9 +274,23 @@ impl Rig {
 
     /// The result events in the stream, in stream order.
     async fn results(&self) -> Vec<StreamMessage> {
-        let mut all = support::read_stream_from(self.platform.client().await, "SAHOOL_IOT").await;
-        all.retain(|m| m.subject == RESULTS);
-        all
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let client = self.platform.client().await;
+            // A cluster electing a new stream leader times a read out for a moment (the
+            // reader panics in its own task then): read again.
+            match tokio::spawn(support::read_stream_from(client, "SAHOOL_IOT")).await {
+                Ok(mut all) => {
+                    all.retain(|m| m.subject == RESULTS);
+                    return all;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reading SAHOOL_IOT: {e}; again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("cannot read SAHOOL_IOT: {e}"),
+            }
+        }
     }
 
     /// Polls the results until `done` holds; returns them, checked (see [`check_results`]).
@@ -980,6 +994,7 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
             )
         })
         .collect();
+    let mut killed = None;
     for (i, c) in commands.iter().enumerate() {
         if i == 10 {
             let Platform::Cluster(cluster) = &mut rig.platform else {
@@ -987,10 +1002,16 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
             };
             let leader = cluster.stream_leader("SAHOOL_COMMANDS").await;
             cluster.kill(leader);
+            killed = Some(leader);
         }
         rig.publish(c).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The node comes back (as after a reboot) and catches up.
+    let Platform::Cluster(cluster) = &mut rig.platform else {
+        unreachable!()
+    };
+    cluster.restart(killed.expect("a leader was killed"));
     let results = rig.wait_final(&commands).await;
     let results = rig.settled(results).await;
     let accepted = results
