@@ -79,48 +79,31 @@ id = "{FIELD}"
   [[fields.actuators]]
   id = "valve-3"
   kind = "switch"
-  [fields.actuators.modbus]
-  port = "{PORT}"
-  unit = 7
-  coil = {VALVE}
+  modbus = {{ port = "{PORT}", unit = 7, coil = {VALVE} }}
 
   [[fields.actuators]]
   id = "pump-1"
   kind = "switch"
   requires_on = ["valve-3"]
   block_when = {{ sensor = "tank-5/water_level", below = 10.0 }}
-  [fields.actuators.modbus]
-  port = "{PORT}"
-  unit = 7
-  coil = {PUMP}
+  modbus = {{ port = "{PORT}", unit = 7, coil = {PUMP} }}
 
   [[fields.actuators]]
   id = "pump-2"
   kind = "switch"
   block_when = {{ sensor = "tank-6/water_level", below = 10.0 }}
-  [fields.actuators.modbus]
-  port = "{PORT}"
-  unit = 7
-  coil = {PUMP2}
+  modbus = {{ port = "{PORT}", unit = 7, coil = {PUMP2} }}
 
   [[fields.actuators]]
   id = "dosing-1"
   kind = "setpoint"
   range = [0.0, 100.0]
-  [fields.actuators.modbus]
-  port = "{PORT}"
-  unit = 7
-  register = {DOSING}
-  type = "u16"
-  scale = 0.1
+  modbus = {{ port = "{PORT}", unit = 7, register = {DOSING}, type = "u16", scale = 0.1 }}
 
   [[fields.actuators]]
   id = "valve-9"
   kind = "switch"
-  [fields.actuators.modbus]
-  port = "{PORT}"
-  unit = {STUCK_UNIT}
-  coil = 0
+  modbus = {{ port = "{PORT}", unit = {STUCK_UNIT}, coil = 0 }}
 "#,
         path = link.path.display()
     )
@@ -334,6 +317,23 @@ impl Rig {
         results
     }
 
+    /// valve-3 `on` with `duration_s` 5, applied: the command and the results so far.
+    async fn on_for_5s(&self) -> (Value, Vec<StreamMessage>) {
+        let on = with(command("valve-3", "on"), "duration_s", json!(5));
+        self.publish(&on).await;
+        let results = self.wait_final(std::slice::from_ref(&on)).await;
+        assert_eq!(final_status(&results, id_of(&on)), "applied");
+        (on, results)
+    }
+
+    /// Waits for the `switched_off` that ends the `on`.
+    async fn wait_switched_off(&self, on: &Value) -> Vec<StreamMessage> {
+        self.wait_results("switched_off", |r| {
+            statuses(r, id_of(on)).iter().any(|s| s == "switched_off")
+        })
+        .await
+    }
+
     fn coil_writes(&self, coil: u16) -> u32 {
         self.bus.coil_writes(UNIT, coil)
     }
@@ -386,6 +386,33 @@ fn command_at(
             "requested_by": "tests/downlink.rs",
         }
     })
+}
+
+/// `n` commands for valve-3, `first` then the other action by turns, issued 1 ms apart from
+/// now, each valid for 5 minutes.
+fn alternating(n: i64, first: &str) -> Vec<Value> {
+    let other = if first == "on" { "off" } else { "on" };
+    let start = OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| {
+            let action = if i % 2 == 0 { first } else { other };
+            let issued = start + time::Duration::milliseconds(i);
+            command_at(
+                "valve-3",
+                action,
+                issued,
+                issued + time::Duration::minutes(5),
+            )
+        })
+        .collect()
+}
+
+/// How many `accepted` results: each precedes a command's write.
+fn accepted(results: &[StreamMessage]) -> usize {
+    results
+        .iter()
+        .filter(|m| m.body["payload"]["status"] == "accepted")
+        .count()
 }
 
 /// The command with `payload[key] = value` (`value`, `duration_s`).
@@ -582,20 +609,8 @@ async fn sigkill_after_the_write_reports_applied_once_without_a_second_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_alternating_commands_end_in_the_last_state_issued() {
     let rig = Rig::start().await;
-    let start = OffsetDateTime::now_utc();
-    let commands: Vec<Value> = (0..100)
-        .map(|i| {
-            // off, on, off, ..., on: the last one issued switches on.
-            let action = if i % 2 == 0 { "off" } else { "on" };
-            let issued = start + time::Duration::milliseconds(i);
-            command_at(
-                "valve-3",
-                action,
-                issued,
-                issued + time::Duration::minutes(5),
-            )
-        })
-        .collect();
+    // off, on, off, ..., on: the last one issued switches on.
+    let commands = alternating(100, "off");
     for c in &commands {
         rig.publish(c).await;
     }
@@ -605,10 +620,7 @@ async fn a_hundred_alternating_commands_end_in_the_last_state_issued() {
     assert_eq!(last["status"], "applied", "{}", show(&results));
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(true));
     // Every write is a command's, accepted first; none without one.
-    let accepted = results
-        .iter()
-        .filter(|m| m.body["payload"]["status"] == "accepted")
-        .count();
+    let accepted = accepted(&results);
     assert_eq!(rig.coil_writes(VALVE) as usize, accepted);
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     for c in &commands {
@@ -754,10 +766,7 @@ impl Drop for Uplink {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_for_5s_whose_gateway_died_is_switched_off_at_start() {
     let mut rig = Rig::start().await;
-    let on = with(command("valve-3", "on"), "duration_s", json!(5));
-    rig.publish(&on).await;
-    let results = rig.wait_final(std::slice::from_ref(&on)).await;
-    assert_eq!(final_status(&results, id_of(&on)), "applied");
+    let (on, _) = rig.on_for_5s().await;
     rig.gateway.kill9();
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
@@ -767,18 +776,9 @@ async fn an_on_for_5s_whose_gateway_died_is_switched_off_at_start() {
     );
     let restarted = OffsetDateTime::now_utc();
     rig.gateway.resume();
-    let results = rig
-        .wait_results("switched_off", |r| {
-            statuses(r, id_of(&on)).contains(&"switched_off".to_string())
-        })
-        .await;
+    let results = rig.wait_switched_off(&on).await;
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(false));
-    let off = results
-        .iter()
-        .map(|m| &m.body["payload"])
-        .find(|p| p["status"] == "switched_off")
-        .expect("switched_off");
-    let at = parse_time(&off["at"]);
+    let at = final_at(&results, id_of(&on), "switched_off");
     assert!(
         at >= restarted && at - restarted < time::Duration::seconds(10),
         "switched off at {at}, restarted at {restarted}"
@@ -794,16 +794,8 @@ async fn an_on_for_5s_whose_gateway_died_is_switched_off_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_for_5s_is_switched_off_on_time_while_nats_is_down() {
     let mut rig = Rig::start().await;
-    let on = with(command("valve-3", "on"), "duration_s", json!(5));
-    rig.publish(&on).await;
-    let results = rig.wait_final(std::slice::from_ref(&on)).await;
-    assert_eq!(final_status(&results, id_of(&on)), "applied");
-    let accepted = results
-        .iter()
-        .map(|m| &m.body["payload"])
-        .find(|p| p["status"] == "accepted")
-        .expect("accepted");
-    let deadline = parse_time(&accepted["at"]) + time::Duration::seconds(5);
+    let (on, results) = rig.on_for_5s().await;
+    let deadline = final_at(&results, id_of(&on), "accepted") + time::Duration::seconds(5);
     rig.platform.nats().stop();
     let give_up = Instant::now() + WITHIN;
     while rig.bus.coil_state(UNIT, VALVE) == Some(true) {
@@ -824,11 +816,7 @@ async fn an_on_for_5s_is_switched_off_on_time_while_nats_is_down() {
     // NATS back: the result reaches the platform.
     tokio::time::sleep(Duration::from_secs(2)).await;
     rig.platform.nats().resume();
-    let results = rig
-        .wait_results("switched_off after NATS returned", |r| {
-            statuses(r, id_of(&on)).contains(&"switched_off".to_string())
-        })
-        .await;
+    let results = rig.wait_switched_off(&on).await;
     assert_eq!(
         statuses(&results, id_of(&on)),
         ["accepted", "applied", "switched_off"]
@@ -841,6 +829,7 @@ async fn an_on_for_5s_is_switched_off_on_time_while_nats_is_down() {
     );
 }
 
+/// When the command's result with `status` happened on the gateway.
 fn final_at(results: &[StreamMessage], command_id: &str, status: &str) -> OffsetDateTime {
     let p = results
         .iter()
@@ -981,19 +970,7 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
         .create_stream("SAHOOL_COMMANDS", &["sahool.commands.>"], 3)
         .await;
     let mut rig = Rig::start_on(Platform::Cluster(cluster), COMMANDS, "").await;
-    let start = OffsetDateTime::now_utc();
-    let commands: Vec<Value> = (0..30)
-        .map(|i| {
-            let action = if i % 2 == 0 { "on" } else { "off" };
-            let issued = start + time::Duration::milliseconds(i);
-            command_at(
-                "valve-3",
-                action,
-                issued,
-                issued + time::Duration::minutes(5),
-            )
-        })
-        .collect();
+    let commands = alternating(30, "on");
     let mut killed = None;
     for (i, c) in commands.iter().enumerate() {
         if i == 10 {
@@ -1014,10 +991,7 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
     cluster.restart(killed.expect("a leader was killed"));
     let results = rig.wait_final(&commands).await;
     let results = rig.settled(results).await;
-    let accepted = results
-        .iter()
-        .filter(|m| m.body["payload"]["status"] == "accepted")
-        .count();
+    let accepted = accepted(&results);
     assert_eq!(
         rig.coil_writes(VALVE) as usize,
         accepted,
