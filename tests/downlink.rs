@@ -603,7 +603,17 @@ async fn sigkill_after_the_write_reports_applied_once_without_a_second_write() {
     let results = rig.wait_final(std::slice::from_ref(&on)).await;
     let results = rig.settled(results).await;
     assert_eq!(statuses(&results, id_of(&on)), ["accepted", "applied"]);
-    assert_eq!(rig.coil_writes(VALVE), 1);
+    assert_eq!(
+        rig.coil_writes(VALVE),
+        1,
+        "requests on the bus: {:?}\n{}",
+        rig.bus
+            .seen()
+            .iter()
+            .filter(|r| r.unit == UNIT && r.start == VALVE)
+            .collect::<Vec<_>>(),
+        rig.gateway.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
