@@ -151,6 +151,8 @@ struct Rig {
     bus: SimBus,
     _link: SerialLink,
     gateway: Gateway,
+    /// The config as the gateway was started with (without the harness's sections).
+    config: String,
 }
 
 impl Rig {
@@ -186,17 +188,19 @@ impl Rig {
             None => platform.servers(),
         };
         let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
-        let gateway = Gateway::start(&format!(
+        let config = format!(
             "[nats]\nservers = [{}]\n\n{commands}\n{sections}\n{}",
             servers.join(", "),
             farm(&link)
-        ));
+        );
+        let gateway = Gateway::start(&config);
         let rig = Self {
             platform,
             uplink,
             bus,
             _link: link,
             gateway,
+            config,
         };
         wait_port_open(&rig.gateway, PORT);
         rig.wait_consumer().await;
@@ -716,11 +720,20 @@ async fn uplink_down_past_expires_at_means_expired_and_the_rest_applied() {
 }
 
 /// A TCP link between the gateway and nats-server that the test can cut (every connection
-/// dropped, new ones refused) and restore: the farm's uplink, with the platform still up.
+/// dropped, new ones refused), hold (what the gateway sends waits in the link, what the
+/// platform sends goes through) and restore: the farm's uplink, with the platform still up.
 struct Uplink {
     port: u16,
-    up: Arc<watch::Sender<bool>>,
+    state: Arc<watch::Sender<Link>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    /// Gateway → platform bytes wait (acks, publishes); platform → gateway bytes flow.
+    Holding,
+    Down,
 }
 
 impl Uplink {
@@ -729,40 +742,76 @@ impl Uplink {
             .await
             .expect("bind the uplink");
         let port = listener.local_addr().expect("uplink address").port();
-        let up = Arc::new(watch::channel(true).0);
-        let link = Arc::clone(&up);
+        let state = Arc::new(watch::channel(Link::Up).0);
+        let link = Arc::clone(&state);
         let task = tokio::spawn(async move {
-            while let Ok((mut farm, _)) = listener.accept().await {
-                if !*link.borrow() {
+            while let Ok((farm, _)) = listener.accept().await {
+                if *link.borrow() == Link::Down {
                     continue; // dropped: the connection is refused
                 }
-                let mut state = link.subscribe();
+                let mut down = link.subscribe();
+                let hold = link.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut platform) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    let Ok(platform) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut farm, &mut platform) => {}
-                        _ = state.wait_for(|up| !*up) => {}
+                        _ = forward(farm, platform, hold) => {}
+                        _ = down.wait_for(|s| *s == Link::Down) => {}
                     }
                 });
             }
         });
-        Self { port, up, task }
+        Self { port, state, task }
     }
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Drops every connection (and what a hold kept); refuses new ones.
     fn cut(&self) {
-        self.up.send_replace(false);
+        self.state.send_replace(Link::Down);
+    }
+
+    fn hold(&self) {
+        self.state.send_replace(Link::Holding);
     }
 
     fn restore(&self) {
-        self.up.send_replace(true);
+        self.state.send_replace(Link::Up);
+    }
+}
+
+/// Both directions of one connection until either side closes; gateway → platform bytes wait
+/// while the link holds.
+async fn forward(
+    farm: tokio::net::TcpStream,
+    platform: tokio::net::TcpStream,
+    mut hold: watch::Receiver<Link>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut farm_in, mut farm_out) = farm.into_split();
+    let (mut platform_in, mut platform_out) = platform.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match farm_in.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if hold.wait_for(|s| *s == Link::Up).await.is_err()
+                || platform_out.write_all(&buf[..n]).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    let down = tokio::io::copy(&mut platform_in, &mut farm_out);
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
     }
 }
 
@@ -771,6 +820,101 @@ impl Drop for Uplink {
         self.cut();
         self.task.abort();
     }
+}
+
+/// SIGKILL after the inbox commit and before the ack, for certain: the uplink holds what the
+/// gateway sends, so the command is delivered, committed and acked, the ack waits in the link;
+/// the gateway is killed and the ack lost with the connection. JetStream delivers the command
+/// again to the restarted gateway, whose inbox knows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_the_inbox_commit_and_the_ack_writes_once() {
+    let mut rig = Rig::start_via_uplink().await;
+    // The consumer's pull request reaches the server before the hold.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let uplink = rig.uplink.take().expect("an uplink");
+    uplink.hold();
+    let on = command("valve-3", "on");
+    rig.publish(&on).await;
+    let buffer = rig.gateway.data_dir().join("buffer.db");
+    let id = id_of(&on).to_string();
+    let committed = tokio::task::spawn_blocking(move || {
+        let db = rusqlite::Connection::open_with_flags(
+            buffer,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the buffer read-only");
+        db.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        let deadline = Instant::now() + WITHIN;
+        while Instant::now() < deadline {
+            let found: Option<i64> = db
+                .query_row("SELECT 1 FROM commands WHERE command_id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .ok();
+            if found.is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    })
+    .await
+    .expect("inbox poll");
+    assert!(committed, "no inbox row:\n{}", rig.gateway.log());
+    // Long enough for the ack to be sent (into the held link).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let js = jetstream::new(rig.platform.client().await);
+    let stream = js.get_stream("SAHOOL_COMMANDS").await.expect("stream");
+    let info = stream.consumer_info(CONSUMER).await.expect("consumer");
+    assert_eq!(info.num_ack_pending, 1, "the ack was held back: {info:?}");
+    rig.gateway.kill9();
+    uplink.cut();
+    let info = stream.consumer_info(CONSUMER).await.expect("consumer");
+    assert_eq!(
+        info.num_ack_pending, 1,
+        "the ack died with the gateway: {info:?}"
+    );
+    // Restarted straight to NATS: the unacked command comes again.
+    let direct = rig
+        .config
+        .replace(&uplink.url(), &rig.platform.servers()[0]);
+    rig.gateway.rewrite_config(&direct);
+    rig.gateway.resume();
+    let results = rig.wait_final(std::slice::from_ref(&on)).await;
+    let results = rig.settled(results).await;
+    assert_eq!(statuses(&results, id_of(&on)), ["accepted", "applied"]);
+    // The command was resumed from the inbox; JetStream delivers it again once its ack_wait
+    // (30 s) is over, and the gateway acks that without a second write.
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let info = stream.consumer_info(CONSUMER).await.expect("consumer");
+        if info.num_ack_pending == 0 {
+            assert!(
+                info.delivered.consumer_sequence >= 2,
+                "delivered again: {info:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never acked: {info:?}\n{}",
+            rig.gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    settle().await;
+    assert_eq!(
+        rig.coil_writes(VALVE),
+        1,
+        "requests on the bus: {:?}\n{}",
+        rig.bus
+            .seen()
+            .iter()
+            .filter(|r| r.unit == UNIT && r.start == VALVE)
+            .collect::<Vec<_>>(),
+        rig.gateway.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
