@@ -210,20 +210,33 @@ impl Rig {
     /// Until the gateway's durable consumer exists (it delivers from the stream's first
     /// message, so this only makes timings start from a gateway that is listening).
     async fn wait_consumer(&self) {
+        self.wait_consumer_info("the consumer", |_| true).await;
+    }
+
+    /// Polls the gateway's consumer until it exists and `done` holds of it.
+    async fn wait_consumer_info(
+        &self,
+        what: &str,
+        done: impl Fn(&jetstream::consumer::Info) -> bool,
+    ) -> jetstream::consumer::Info {
         let js = jetstream::new(self.platform.client().await);
         let deadline = Instant::now() + WITHIN;
+        let mut last = None;
         loop {
             if let Ok(stream) = js.get_stream("SAHOOL_COMMANDS").await {
-                if stream.consumer_info(CONSUMER).await.is_ok() {
-                    return;
+                if let Ok(info) = stream.consumer_info(CONSUMER).await {
+                    if done(&info) {
+                        return info;
+                    }
+                    last = Some(info);
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "no consumer {CONSUMER} on SAHOOL_COMMANDS:\n{}",
+                "{what}: not so within {WITHIN:?} ({last:?}):\n{}",
                 self.gateway.log()
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -336,6 +349,22 @@ impl Rig {
             statuses(r, id_of(on)).iter().any(|s| s == "switched_off")
         })
         .await
+    }
+
+    /// valve-3 was written once; else the panic shows its requests on the bus and the log.
+    fn assert_valve_written_once(&self) {
+        let requests: Vec<_> = self
+            .bus
+            .seen()
+            .into_iter()
+            .filter(|r| r.unit == UNIT && r.start == VALVE)
+            .collect();
+        assert_eq!(
+            self.coil_writes(VALVE),
+            1,
+            "requests on the bus: {requests:?}\n{}",
+            self.gateway.log()
+        );
     }
 
     fn coil_writes(&self, coil: u16) -> u32 {
@@ -607,17 +636,7 @@ async fn sigkill_after_the_write_reports_applied_once_without_a_second_write() {
     let results = rig.wait_final(std::slice::from_ref(&on)).await;
     let results = rig.settled(results).await;
     assert_eq!(statuses(&results, id_of(&on)), ["accepted", "applied"]);
-    assert_eq!(
-        rig.coil_writes(VALVE),
-        1,
-        "requests on the bus: {:?}\n{}",
-        rig.bus
-            .seen()
-            .iter()
-            .filter(|r| r.unit == UNIT && r.start == VALVE)
-            .collect::<Vec<_>>(),
-        rig.gateway.log()
-    );
+    rig.assert_valve_written_once();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -886,35 +905,15 @@ async fn sigkill_between_the_inbox_commit_and_the_ack_writes_once() {
     assert_eq!(statuses(&results, id_of(&on)), ["accepted", "applied"]);
     // The command was resumed from the inbox; JetStream delivers it again once its ack_wait
     // (30 s) is over, and the gateway acks that without a second write.
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        let info = stream.consumer_info(CONSUMER).await.expect("consumer");
-        if info.num_ack_pending == 0 {
-            assert!(
-                info.delivered.consumer_sequence >= 2,
-                "delivered again: {info:?}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never acked: {info:?}\n{}",
-            rig.gateway.log()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    settle().await;
-    assert_eq!(
-        rig.coil_writes(VALVE),
-        1,
-        "requests on the bus: {:?}\n{}",
-        rig.bus
-            .seen()
-            .iter()
-            .filter(|r| r.unit == UNIT && r.start == VALVE)
-            .collect::<Vec<_>>(),
-        rig.gateway.log()
+    let info = rig
+        .wait_consumer_info("every delivery acked", |i| i.num_ack_pending == 0)
+        .await;
+    assert!(
+        info.delivered.consumer_sequence >= 2,
+        "delivered again: {info:?}"
     );
+    settle().await;
+    rig.assert_valve_written_once();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
