@@ -469,18 +469,29 @@ impl Core {
 
     /// A command the inbox committed. A command id seen lately is ignored (no actions).
     pub fn received(&mut self, command: Command, ctx: &Ctx<'_>) -> Vec<Action> {
-        let mut out = Vec::new();
         if !self.seen.insert(&command.command_id) {
             tracing::debug!(command_id = %command.command_id, "command seen already; ignored");
-            return out;
+            return Vec::new();
         }
-        let known = |a: &&mut Actuator| !a.removed && a.spec.field_id == command.field_id;
-        let Some(a) = self.actuators.get_mut(&command.actuator_id).filter(known) else {
+        self.enqueue(command, ctx)
+    }
+
+    /// The command's actuator, if it is declared (for the command's field) and not removed.
+    fn actuator_for(&mut self, command: &Command) -> Option<&mut Actuator> {
+        self.actuators
+            .get_mut(&command.actuator_id)
+            .filter(|a| !a.removed && a.spec.field_id == command.field_id)
+    }
+
+    /// Queues the command behind its actuator's (in `issued_at` order; equal ones in arrival
+    /// order) and moves the queue on; an undeclared actuator is refused.
+    fn enqueue(&mut self, command: Command, ctx: &Ctx<'_>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(a) = self.actuator_for(&command) else {
             let refusal = (Status::Rejected, Some(Reason::UnknownActuator));
             out.push(refused(&command, refusal, ctx.now));
             return out;
         };
-        // In issued_at order; equal ones in arrival order.
         let at = a
             .queue
             .partition_point(|q| q.issued_at <= command.issued_at);
@@ -494,26 +505,16 @@ impl Core {
     /// gateway stopped, so its write may or may not have reached the device. The device is
     /// read first: in the state asked for, the command is `applied` without a second write;
     /// otherwise it is written (unless it expired meanwhile). An actuator that cannot be read
-    /// back is written again: commands are absolute, so that is harmless.
+    /// back is judged and written again: commands are absolute, so that is harmless (its
+    /// second `accepted` is the same event: the store keeps one per command and status).
     pub fn resumed(&mut self, command: Command, ctx: &Ctx<'_>) -> Vec<Action> {
-        let mut out = Vec::new();
         self.seen.insert(&command.command_id);
-        let known = |a: &&mut Actuator| !a.removed && a.spec.field_id == command.field_id;
-        let Some(a) = self.actuators.get_mut(&command.actuator_id).filter(known) else {
-            let refusal = (Status::Rejected, Some(Reason::UnknownActuator));
-            out.push(refused(&command, refusal, ctx.now));
-            return out;
+        let Some(a) = self
+            .actuator_for(&command)
+            .filter(|a| a.job.is_none() && a.spec.readback)
+        else {
+            return self.enqueue(command, ctx);
         };
-        if a.job.is_some() || !a.spec.readback {
-            // Judged again like a new command; `accepted` was already sent, not sent twice.
-            let at = a
-                .queue
-                .partition_point(|q| q.issued_at <= command.issued_at);
-            let id = command.actuator_id.clone();
-            a.queue.insert(at, command);
-            self.advance(&id, ctx, &mut out);
-            return out;
-        }
         let value = requested(command.request);
         let deadline = a
             .deadline
@@ -528,10 +529,9 @@ impl Core {
         job.step = Step::Reading;
         job.resumed = true;
         a.job = Some(job);
-        out.push(Action::ReadBack {
+        vec![Action::ReadBack {
             actuator_id: a.spec.id.clone(),
-        });
-        out
+        }]
     }
 
     /// How the last [`Action::Write`] for this actuator went (`Err`: the bus error).
