@@ -1109,18 +1109,18 @@ pub fn status_validator() -> jsonschema::Validator {
     contract_validator("sahool/device_status.v1.json")
 }
 
-/// The schema of a contract (its path under `contracts/`), checking formats too.
-pub fn contract_validator(contract: &str) -> jsonschema::Validator {
+/// A schema of `contracts/` without references (path relative to `contracts/`), formats checked.
+pub fn contract_validator(name: &str) -> jsonschema::Validator {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("contracts")
-        .join(contract);
+        .join(name);
     let schema: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("contract file"))
             .expect("contract JSON");
     jsonschema::options()
         .should_validate_formats(true)
         .build(&schema)
-        .expect("schema compiles")
+        .unwrap_or_else(|e| panic!("{name} compiles: {e}"))
 }
 
 /// A fixture file from `tests/fixtures`.
