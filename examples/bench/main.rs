@@ -409,7 +409,7 @@ fn ratios(online: &[OnlineFigures], js_best: Option<f64>, report: &mut Report) {
             report.add(
                 Section::Online,
                 &format!("ratio.{gk}.{pk}.cpu.box"),
-                &format!("  CPU per reading on the box, {gn} / {pn}"),
+                "  CPU per reading on the box, same ratio",
                 "×",
                 None,
                 g.box_us / p.box_us,
@@ -417,7 +417,7 @@ fn ratios(online: &[OnlineFigures], js_best: Option<f64>, report: &mut Report) {
             report.add(
                 Section::Online,
                 &format!("ratio.{gk}.{pk}.cpu.total"),
-                &format!("  CPU per reading in all, {gn} / {pn}"),
+                "  CPU per reading of all processes, same ratio",
                 "×",
                 None,
                 g.total_us / p.total_us,
