@@ -12,7 +12,12 @@
 //! 1. ceilings: raw JetStream publish with pipelined acks, the store's group-commit insert rate
 //!    with the gateway's own settings, and the disk's fsync rate;
 //! 2. online throughput: MQTT QoS 1 → committed → JetStream PubAck, 300-byte SAHOOL payloads;
-//! 3. the peer: nats-server's MQTT listener into a JetStream stream, fed by the same publisher;
+//! 3. the peers, fed by the same publisher: the peer of record, a leaf nats-server on the
+//!    gateway (MQTT listener, a JetStream domain and stream of its own) whose stream the hub's
+//!    stream sources over a leaf-node link, timed until the hub holds every reading (and again
+//!    with `sync_interval: always` on the leaf where the installed nats-server has it); and
+//!    one nats-server taking MQTT into its own stream. CPU per reading of every process, on
+//!    the gateway's box and in all, and the gateway/peer ratios;
 //! 4. backlog drain: 1,000,000 readings buffered while NATS is down, then NATS started;
 //! 5. latency from MQTT publish to stored in JetStream at a steady 1,000 readings/s;
 //! 6. footprint: peak RSS at 10,000 readings/s and during the drain, binary sizes, buffer
@@ -24,7 +29,15 @@
 //! printed, never asserted: a loaded machine gives lower numbers, not a failure.
 //!
 //! Options: `--quick`, `--runs N`, `--out FILE`, `--only PHASE,...` (of `ceilings`,
-//! `throughput`, `latency`, `steady`, `drain`, `flood`: to look at one part again).
+//! `throughput`, `latency`, `steady`, `drain`, `flood`: to look at one part again),
+//! `--system KEY,...` (of the scenarios' keys: `gateway`, `listener`, `leafhub`,
+//! `leafhub_sync`, `peer`), `--count N` (readings per online-throughput measurement), and
+//! `--perf DIR`: record `perf record -F 2999` of the gateway process during each online
+//! measurement into `DIR/<system>.data` (see `scripts/perf-breakdown` and BENCHMARKS.md), e.g.
+//!
+//! ```sh
+//! cargo run --profile profiling --example bench -- --only throughput --system listener //!     --count 300000 --runs 1 --perf target/perf
+//! ```
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -32,6 +45,7 @@ mod support;
 mod backlog;
 mod ceilings;
 mod flood;
+mod leaf;
 mod measure;
 mod publisher;
 mod report;
@@ -41,7 +55,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use report::{Report, Section, Target};
-use scenarios::{System, SCENARIOS};
+use scenarios::{Scenario, System, SCENARIOS};
 
 /// How much each measurement moves.
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +114,9 @@ struct Options {
     runs: usize,
     out: PathBuf,
     only: Vec<String>,
+    systems: Vec<String>,
+    count: Option<u64>,
+    perf: Option<PathBuf>,
 }
 
 impl Options {
@@ -109,6 +126,9 @@ impl Options {
             runs: 0,
             out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/results.json"),
             only: Vec::new(),
+            systems: Vec::new(),
+            count: None,
+            perf: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -134,9 +154,31 @@ impl Options {
                         o.only.push(phase.to_string());
                     }
                 }
+                "--system" => {
+                    let list = it.next().ok_or("--system needs a list of systems")?;
+                    for key in list.split(',') {
+                        if !SCENARIOS.iter().any(|s| s.key == key) {
+                            let keys: Vec<&str> = SCENARIOS.iter().map(|s| s.key).collect();
+                            return Err(format!(
+                                "unknown system `{key}` (systems: {})",
+                                keys.join(", ")
+                            ));
+                        }
+                        o.systems.push(key.to_string());
+                    }
+                }
+                "--count" => {
+                    o.count = Some(
+                        it.next()
+                            .and_then(|n| n.parse().ok())
+                            .filter(|n| *n > 0)
+                            .ok_or("--count needs a number above 0")?,
+                    )
+                }
+                "--perf" => o.perf = Some(PathBuf::from(it.next().ok_or("--perf needs a directory")?)),
                 other => {
                     return Err(format!(
-                        "unknown argument `{other}` (try --quick, --runs N, --out FILE)"
+                        "unknown argument `{other}` (try --quick, --runs N, --out FILE, --only PHASES, --system KEYS, --count N, --perf DIR)"
                     ))
                 }
             }
@@ -178,6 +220,15 @@ fn build_gateway() -> Result<(), String> {
     if !release {
         eprintln!("bench: WARNING: this is a debug build; its figures mean nothing. Use `cargo run --release --example bench`.");
     }
+    // The profile this bench was built with (target/<profile>/examples/bench): the gateway
+    // binary is built with the same one, e.g. `--profile profiling` for perf.
+    let profile = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let dir = exe.parent()?.parent()?;
+            Some(dir.file_name()?.to_string_lossy().into_owned())
+        })
+        .filter(|p| release && p != "release" && p != "debug");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
@@ -186,13 +237,13 @@ fn build_gateway() -> Result<(), String> {
         "--bin",
         "sahool-gateway",
     ]);
-    if release {
-        cmd.arg("--release");
-    }
-    eprintln!(
-        "bench: building the gateway binary (cargo build{} --bin sahool-gateway)",
-        if release { " --release" } else { "" }
-    );
+    let flag = match &profile {
+        Some(p) => format!(" --profile {p}"),
+        None if release => " --release".to_string(),
+        None => String::new(),
+    };
+    cmd.args(flag.split_whitespace());
+    eprintln!("bench: building the gateway binary (cargo build{flag} --bin sahool-gateway)");
     match cmd.status() {
         Ok(s) if s.success() => Ok(()),
         Ok(s) => Err(format!("building the gateway failed ({s})")),
@@ -201,12 +252,26 @@ fn build_gateway() -> Result<(), String> {
 }
 
 async fn bench(options: Options) -> ExitCode {
-    let sizes = if options.quick { QUICK } else { FULL };
+    let mut sizes = if options.quick { QUICK } else { FULL };
+    if let Some(count) = options.count {
+        sizes.throughput = count;
+    }
+    if let Some(dir) = &options.perf {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("bench: cannot create {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+        let _ = scenarios::PERF_DIR.set(dir.clone());
+    }
     let mut report = Report::new(options.quick, options.runs);
+    let sync_interval = leaf::sync_interval_supported();
+    if !sync_interval {
+        eprintln!("bench: the installed nats-server does not support `sync_interval` (2.10 and later do): no leaf→hub peer at the gateway's durability");
+    }
     for run in 1..=options.runs {
         eprintln!("bench: run {run} of {}", options.runs);
         report.note_load(run, "start");
-        one_run(&sizes, &options.only, &mut report).await;
+        one_run(&sizes, &options, sync_interval, &mut report).await;
         report.note_load(run, "end");
     }
     footprint_sizes(&mut report);
@@ -233,48 +298,170 @@ const PHASES: &[&str] = &[
     "flood",
 ];
 
-async fn one_run(sizes: &Sizes, only: &[String], report: &mut Report) {
+/// One system's online figures in a run, for the ratios.
+struct OnlineFigures {
+    scenario: &'static Scenario,
+    rate: f64,
+    /// CPU per reading (µs) of the processes on the gateway's box, and of all of them.
+    box_us: f64,
+    total_us: f64,
+}
+
+/// The gateway's own CPU per reading the issue aims at, by scenario.
+fn cpu_target(key: &str) -> Option<Target> {
+    match key {
+        "listener" => Some(Target::AtMost(7.0)),
+        "gateway" => Some(Target::AtMost(9.0)),
+        _ => None,
+    }
+}
+
+/// What each gateway path should reach against each peer (throughput ratio).
+fn ratio_target(gateway: &str, peer: &str) -> Option<Target> {
+    match (gateway, peer) {
+        ("listener", "leafhub") => Some(Target::AtLeast(2.0)),
+        ("listener", "leafhub_sync") => Some(Target::AtLeast(10.0)),
+        ("gateway", "leafhub") => Some(Target::AtLeast(1.2)),
+        _ => None,
+    }
+}
+
+/// The online throughput of one system, with CPU per reading of each of its processes.
+async fn online_phase(
+    scenario: &'static Scenario,
+    base: u64,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> OnlineFigures {
+    let online = scenarios::online(scenario, base, sizes.throughput).await;
+    let section = if scenario.system.is_gateway() {
+        Section::Online
+    } else {
+        Section::Peer
+    };
+    report.add(
+        section,
+        &format!("online.{}", scenario.key),
+        scenario.label,
+        "readings/s",
+        None,
+        online.rate,
+    );
+    let (mut box_us, mut total_us) = (0.0, 0.0);
+    for (process, us) in &online.cpu_us {
+        let target = (*process == "gateway")
+            .then(|| cpu_target(scenario.key))
+            .flatten();
+        report.add(
+            section,
+            &format!("online.{}.cpu.{}", scenario.key, process.replace(' ', "_")),
+            &format!("  CPU per reading: {process}"),
+            "µs",
+            target,
+            *us,
+        );
+        total_us += us;
+        if scenarios::on_box(&scenario.system, process) {
+            box_us += us;
+        }
+    }
+    report.add(
+        section,
+        &format!("online.{}.cpu.box", scenario.key),
+        "  CPU per reading on the gateway's box",
+        "µs",
+        None,
+        box_us,
+    );
+    report.add(
+        section,
+        &format!("online.{}.cpu.total", scenario.key),
+        "  CPU per reading, all processes",
+        "µs",
+        None,
+        total_us,
+    );
+    OnlineFigures {
+        scenario,
+        rate: online.rate,
+        box_us,
+        total_us,
+    }
+}
+
+/// Each gateway path against each peer: throughput, and CPU per reading on the box and in all.
+fn ratios(online: &[OnlineFigures], js_best: Option<f64>, report: &mut Report) {
+    let (gateways, peers): (Vec<&OnlineFigures>, Vec<&OnlineFigures>) =
+        online.iter().partition(|o| o.scenario.system.is_gateway());
+    for g in &gateways {
+        let gk = g.scenario.key;
+        for p in &peers {
+            let pk = p.scenario.key;
+            let (gn, pn) = (g.scenario.name, p.scenario.name);
+            report.add(
+                Section::Online,
+                &format!("ratio.{gk}.{pk}"),
+                &format!("{gn} / {pn}"),
+                "×",
+                ratio_target(gk, pk),
+                g.rate / p.rate,
+            );
+            report.add(
+                Section::Online,
+                &format!("ratio.{gk}.{pk}.cpu.box"),
+                "  CPU per reading on the box, same ratio",
+                "×",
+                None,
+                g.box_us / p.box_us,
+            );
+            report.add(
+                Section::Online,
+                &format!("ratio.{gk}.{pk}.cpu.total"),
+                "  CPU per reading of all processes, same ratio",
+                "×",
+                None,
+                g.total_us / p.total_us,
+            );
+        }
+        if let Some(ceiling) = js_best {
+            report.add(
+                Section::Online,
+                &format!("ratio.{gk}.jetstream"),
+                &format!("{} / JetStream ceiling", g.scenario.name),
+                "%",
+                Some(Target::AtLeast(80.0)),
+                100.0 * g.rate / ceiling,
+            );
+        }
+    }
+}
+
+async fn one_run(sizes: &Sizes, options: &Options, sync_interval: bool, report: &mut Report) {
+    let only = &options.only;
     let wanted = |phase: &str| only.is_empty() || only.iter().any(|o| o == phase);
     let mut js_best = None;
     if wanted("ceilings") {
         js_best = Some(ceilings_phase(sizes, report).await);
     }
-    let mut peer_rate = None;
-    let mut gateway_rates = Vec::new();
+    let mut online = Vec::new();
     for (i, scenario) in SCENARIOS.iter().enumerate() {
         // Index ranges differ per system so no reading repeats another's device timestamp.
         let base = i as u64 * 10_000_000;
-        let gateway = matches!(scenario.system, System::Gateway(_));
-        if wanted("throughput") {
-            let online = scenarios::online(scenario, base, sizes.throughput).await;
-            let section = if gateway {
-                Section::Online
-            } else {
-                Section::Peer
-            };
-            report.add(
-                section,
+        let gateway = scenario.system.is_gateway();
+        if !options.systems.is_empty() && !options.systems.iter().any(|k| k == scenario.key) {
+            continue;
+        }
+        if matches!(scenario.system, System::LeafHub { sync_always: true }) && !sync_interval {
+            report.missing(
+                Section::Peer,
                 &format!("online.{}", scenario.key),
                 scenario.label,
-                "readings/s",
-                None,
-                online.rate,
+                "not measured: the installed nats-server has no `sync_interval` (2.10 and later)",
             );
-            for (process, us) in online.cpu_us {
-                report.add(
-                    section,
-                    &format!("online.{}.cpu.{process}", scenario.key),
-                    &format!("  CPU per reading: {process}"),
-                    "µs",
-                    None,
-                    us,
-                );
-            }
-            if gateway {
-                gateway_rates.push((scenario, online.rate));
-            } else {
-                peer_rate = Some(online.rate);
-            }
+            continue;
+        }
+        if wanted("throughput") {
+            online.push(online_phase(scenario, base, sizes, report).await);
         }
         if wanted("latency") {
             let latency =
@@ -316,28 +503,7 @@ async fn one_run(sizes: &Sizes, only: &[String], report: &mut Report) {
             );
         }
     }
-    for (scenario, rate) in &gateway_rates {
-        if let Some(peer) = peer_rate {
-            report.add(
-                Section::Online,
-                &format!("ratio.{}.peer", scenario.key),
-                &format!("{} / peer", scenario.name),
-                "×",
-                Some(Target::AtLeast(2.0)),
-                rate / peer,
-            );
-        }
-        if let Some(ceiling) = js_best {
-            report.add(
-                Section::Online,
-                &format!("ratio.{}.jetstream", scenario.key),
-                &format!("{} / JetStream ceiling", scenario.name),
-                "%",
-                Some(Target::AtLeast(80.0)),
-                100.0 * rate / ceiling,
-            );
-        }
-    }
+    ratios(&online, js_best, report);
     if wanted("drain") {
         drain_phase(sizes, report).await;
     }

@@ -23,7 +23,7 @@ impl Section {
         match self {
             Self::Ceilings => "1. Ceilings (same run)",
             Self::Online => "2. Online throughput: MQTT QoS 1 in → committed → JetStream PubAck, 300-byte payloads, synchronous = FULL",
-            Self::Peer => "3. Peer: nats-server MQTT listener → JetStream stream, same publisher, until all are stored",
+            Self::Peer => "3. Peers, same publisher, until all are stored: leaf nats-server (MQTT, own JetStream domain) → hub stream sourcing it (of record); one nats-server alone",
             Self::Drain => "4. Backlog drain: readings buffered while NATS is down",
             Self::Latency => "5. Latency: MQTT publish → stored in JetStream, at a steady 1,000 readings/s",
             Self::Footprint => "6. Footprint",
@@ -115,6 +115,9 @@ impl Report {
 
     /// A measurement that could not be made here, with the reason.
     pub fn missing(&mut self, section: Section, key: &str, label: &str, why: &str) {
+        if self.metrics.iter().any(|m| m.key == key) {
+            return;
+        }
         self.metrics.push(Metric {
             section,
             key: key.to_string(),
