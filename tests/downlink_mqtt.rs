@@ -161,7 +161,7 @@ async fn finals(nats: &Nats, ids: &[&str], within: Duration) -> HashMap<String, 
                 .get(*id)
                 .is_some_and(|rs| rs.iter().any(|r| r["status"] != "accepted"))
         };
-        if ids.iter().all(|id| done(&id)) || Instant::now() > deadline {
+        if ids.iter().all(done) || Instant::now() > deadline {
             return by_id;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
