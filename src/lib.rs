@@ -25,7 +25,8 @@
 //!   typed state report), [`common::http`] (`/healthz`, `/readyz`, `/metrics`, `/status`) and
 //!   [`common::systemd`] (READY, STATUS, WATCHDOG).
 //! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
-//!   and the sans-IO core that decides each write, read-back, result and off deadline.
+//!   the sans-IO core that decides each write, read-back, result and off deadline, and the
+//!   devices it drives (Modbus coils and registers, MQTT command and state topics).
 //! - [`app`]: `run(config, http listener, shutdown, reloads)`, wiring the above, reconciling
 //!   keyed source tasks on reload and shutting down in an order that loses nothing; the binary
 //!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
