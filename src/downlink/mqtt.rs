@@ -555,4 +555,31 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn a_removed_actuator_keeps_its_binding_and_client_unless_bound_elsewhere() {
+        let mut old = MqttActuators::default();
+        for id in ["valve-1", "valve-2"] {
+            old.bindings
+                .insert(id.into(), binding(ActuatorKind::Switch));
+        }
+        old.links.insert("farm".into(), Err("kept".into()));
+        let kept = MqttActuators::default().keeping_removed(&old, |id| id == "valve-2");
+        assert!(kept.drives("valve-1"), "switched off where it was bound");
+        assert!(
+            !kept.drives("valve-2"),
+            "moved to another bus: driven there only"
+        );
+        assert!(kept.links.contains_key("farm"), "with its source's client");
+        let mut new = MqttActuators::default();
+        let mut moved = binding(ActuatorKind::Switch);
+        moved.command_topic = "relay/9/set".into();
+        new.bindings.insert("valve-1".into(), moved.clone());
+        let kept = new.keeping_removed(&old, |_| false);
+        assert_eq!(
+            kept.bindings.get("valve-1"),
+            Some(&moved),
+            "the new binding wins"
+        );
+    }
 }
