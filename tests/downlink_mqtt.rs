@@ -9,6 +9,8 @@
 //! - `valve-3` never reports its state → read-backs time out, retried within the command's
 //!   life → `failed`, `bus_error`;
 //! - `dose-1` has no state topic → `applied` without a read-back, its value sent as text.
+//!
+//! And a reload that removes a switch while it is on: switched off through the kept client.
 
 mod support;
 
@@ -42,7 +44,9 @@ const ACTUATORS: &str = r#"
   kind = "setpoint"
   range = [0.0, 100.0]
   mqtt = { source = "farm", command_topic = "dev/dose-1/set" }
+"#;
 
+const COMMANDS: &str = r#"
 [commands]
 enabled = true
 # This machine's kernel may report an unsynchronised clock.
@@ -144,17 +148,24 @@ async fn command(
     id
 }
 
+/// Every result payload in `SAHOOL_IOT`, in stream order.
+async fn results(nats: &Nats) -> Vec<Value> {
+    let events = nats.read_stream("SAHOOL_IOT").await;
+    events
+        .into_iter()
+        .filter(|m| m.subject == "sahool.iot.actuator.result")
+        .map(|m| m.body["payload"].clone())
+        .collect()
+}
+
 /// The result payloads per command id, read until each of `ids` has a final status.
 async fn finals(nats: &Nats, ids: &[&str], within: Duration) -> HashMap<String, Vec<Value>> {
     let deadline = Instant::now() + within;
     loop {
         let mut by_id: HashMap<String, Vec<Value>> = HashMap::new();
-        for m in nats.read_stream("SAHOOL_IOT").await {
-            if m.subject == "sahool.iot.actuator.result" {
-                let p = m.body["payload"].clone();
-                let id = p["command_id"].as_str().unwrap_or_default().to_string();
-                by_id.entry(id).or_default().push(p);
-            }
+        for p in results(nats).await {
+            let id = p["command_id"].as_str().unwrap_or_default().to_string();
+            by_id.entry(id).or_default().push(p);
         }
         let done = |id: &&str| {
             by_id
@@ -168,21 +179,33 @@ async fn finals(nats: &Nats, ids: &[&str], within: Duration) -> HashMap<String, 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn mqtt_actuators_are_confirmed_by_their_state_topic() {
+/// NATS with both streams, a broker with the simulated devices, and the gateway on `actuators`.
+async fn farm(actuators: &str) -> (Nats, Mosquitto, Received, Gateway) {
     let nats = Nats::start();
     nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
     nats.create_stream("SAHOOL_COMMANDS", &["sahool.commands.>"])
         .await;
     let broker = Mosquitto::start();
     let received = devices(&broker).await;
-    let config = format!("{}{ACTUATORS}", probe_config(&nats, &broker, "", ""));
-    let gateway = Gateway::start(&config);
+    let gateway = Gateway::start(&config(&nats, &broker, actuators));
     gateway.wait_until(
         "the actuators' client connected",
         Duration::from_secs(20),
         |g| g.log().contains("MQTT actuators: connected to the broker"),
     );
+    (nats, broker, received, gateway)
+}
+
+fn config(nats: &Nats, broker: &Mosquitto, actuators: &str) -> String {
+    format!(
+        "{}{actuators}{COMMANDS}",
+        probe_config(nats, broker, "", "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt_actuators_are_confirmed_by_their_state_topic() {
+    let (nats, _broker, received, gateway) = farm(ACTUATORS).await;
 
     let js = async_nats::jetstream::new(nats.client().await);
     let minute = Duration::from_secs(60);
@@ -267,4 +290,72 @@ async fn mqtt_actuators_are_confirmed_by_their_state_topic() {
         log.contains("no state on `dev/valve-3/state` within 10s"),
         "{log}"
     );
+}
+
+/// SIGHUP removes `valve-1` while it is on: the gateway switches it off through the client it
+/// kept, then drives the remaining actuator through the same source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_mqtt_switch_is_switched_off_at_reload() {
+    let valve = ACTUATORS
+        .split("  [[fields.actuators]]")
+        .find(|a| a.contains("valve-1"))
+        .expect("valve-1");
+    let dose = ACTUATORS
+        .split("  [[fields.actuators]]")
+        .find(|a| a.contains("dose-1"))
+        .expect("dose-1");
+    let both = format!("  [[fields.actuators]]{valve}  [[fields.actuators]]{dose}");
+    let (nats, broker, received, mut gateway) = farm(&both).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let minute = Duration::from_secs(60);
+    let on = command(&js, 1, "valve-1", json!({"action": "on"}), minute).await;
+    let r = finals(&nats, &[on.as_str()], Duration::from_secs(20)).await;
+    assert_eq!(
+        r[&on].last().map(|r| r["status"].clone()),
+        Some(json!("applied")),
+        "{r:?}"
+    );
+
+    gateway.rewrite_config(&config(
+        &nats,
+        &broker,
+        &format!("  [[fields.actuators]]{dose}"),
+    ));
+    gateway.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let off = loop {
+        let off = results(&nats)
+            .await
+            .into_iter()
+            .find(|p| p["status"] == "switched_off");
+        if off.is_some() || Instant::now() > deadline {
+            break off;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let off = off.unwrap_or_else(|| panic!("no switched_off\n{}", gateway.log()));
+    assert_eq!(
+        (off["actuator_id"].as_str(), off["command_id"].as_str()),
+        (Some("valve-1"), Some("")),
+        "{off}"
+    );
+    assert_eq!(off["readback"], false, "{off}");
+
+    let set = command(
+        &js,
+        2,
+        "dose-1",
+        json!({"action": "set", "value": 7}),
+        minute,
+    )
+    .await;
+    let r = finals(&nats, &[set.as_str()], Duration::from_secs(20)).await;
+    assert_eq!(
+        r[&set].last().map(|r| r["status"].clone()),
+        Some(json!("applied")),
+        "{r:?}"
+    );
+    let received = received.lock().expect("lock").clone();
+    assert_eq!(received["dev/valve-1/set"], ["ON", "OFF"]);
+    assert_eq!(received["dev/dose-1/set"], ["7"]);
 }
