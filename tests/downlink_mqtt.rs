@@ -219,14 +219,8 @@ async fn mqtt_actuators_are_confirmed_by_their_state_topic() {
         Duration::from_secs(14),
     )
     .await;
-    let dose = command(
-        &js,
-        4,
-        "dose-1",
-        json!({"action": "set", "value": 42.5}),
-        minute,
-    )
-    .await;
+    let set = json!({"action": "set", "value": 42.5});
+    let dose = command(&js, 4, "dose-1", set, minute).await;
 
     let ids = [on.as_str(), &stuck, &silent, &dose];
     let results = finals(&nats, &ids, Duration::from_secs(45)).await;
@@ -341,14 +335,8 @@ async fn a_removed_mqtt_switch_is_switched_off_at_reload() {
     );
     assert_eq!(off["readback"], false, "{off}");
 
-    let set = command(
-        &js,
-        2,
-        "dose-1",
-        json!({"action": "set", "value": 7}),
-        minute,
-    )
-    .await;
+    let value = json!({"action": "set", "value": 7});
+    let set = command(&js, 2, "dose-1", value, minute).await;
     let r = finals(&nats, &[set.as_str()], Duration::from_secs(20)).await;
     assert_eq!(
         r[&set].last().map(|r| r["status"].clone()),
