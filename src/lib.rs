@@ -25,7 +25,8 @@
 //!   typed state report), [`common::http`] (`/healthz`, `/readyz`, `/metrics`, `/status`) and
 //!   [`common::systemd`] (READY, STATUS, WATCHDOG).
 //! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
-//!   and the sans-IO core that decides each write, read-back, result and off deadline.
+//!   the sans-IO core that decides each write, read-back, result and off deadline, and the
+//!   devices it drives (Modbus coils and registers, MQTT command and state topics).
 //! - [`fleet`]: what the platform sees of the gateway (DESIGN §9): the heartbeat, through the
 //!   outbox like a reading.
 //! - [`app`]: `run(config, http listener, shutdown, reloads)`, wiring the above, reconciling

@@ -78,7 +78,7 @@ impl Farm {
         let config = probe_config(&self.nats, &self.broker, buffer, nats);
         format!(
             "{config}  [[fields.sensors]]\n  device_id = \"tank-1\"\n  sensor_type = \"water_level\"\n  line = {{ port = \"talker\", key = \"level\" }}\n\
-             \x20 [[fields.actuators]]\n  id = \"valve-1\"\n  kind = \"switch\"\n  [fields.actuators.mqtt]\n  source = \"farm\"\n  format = \"sahool\"\n\n\
+             \x20 [[fields.actuators]]\n  id = \"valve-1\"\n  kind = \"switch\"\n  [fields.actuators.mqtt]\n  source = \"farm\"\n  command_topic = \"valve/1/set\"\n  payload_on = \"ON\"\n  payload_off = \"OFF\"\n\n\
              [[serial]]\nname = \"talker\"\npath = \"{}\"\nprotocol = \"lines\"\nline_format = \"kv\"\ndevice_id = \"tank-1\"\n\n\
              [commands]\nenabled = true\n{more}\n",
             self.port.slave_path().display()

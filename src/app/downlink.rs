@@ -15,8 +15,8 @@ use crate::common::backoff::Backoff;
 use crate::common::metrics::Metrics;
 use crate::config::{Commands, Config, Gateway, Nats};
 use crate::downlink::consumer::Source;
+use crate::downlink::devices::Router;
 use crate::downlink::driver::{clock_synced, Devices, Driver, Input, Stopped};
-use crate::downlink::modbus::ModbusActuators;
 use crate::downlink::receive::Receiver;
 use crate::sources::serial::modbus::BusRequests;
 use crate::store::StoreHandle;
@@ -48,7 +48,7 @@ pub(super) struct Downlink {
     store: StoreHandle,
     metrics: Arc<Metrics>,
     bus: BusRequests,
-    devices: ModbusActuators,
+    devices: Router,
     inputs: mpsc::Sender<Input>,
     receiver: (Link, Task),
     driver: Task,
@@ -65,7 +65,7 @@ impl Downlink {
         if !config.commands.enabled {
             return Ok(None);
         }
-        let devices = ModbusActuators::new(config, bus.clone());
+        let devices = Router::new(config, bus.clone(), None);
         let (inputs, rx) = mpsc::channel(INPUTS);
         let config = Arc::new(config.clone());
         let driver = {
@@ -110,7 +110,7 @@ impl Downlink {
     }
 
     async fn reconfigure(&mut self, new: &Config) -> Result<(), RunError> {
-        let devices = ModbusActuators::new(new, self.bus.clone()).keeping_removed(&self.devices);
+        let devices = Router::new(new, self.bus.clone(), Some(&self.devices));
         self.devices = devices.clone();
         let input = Input::Reload(Arc::new(new.clone()), Arc::new(devices));
         if self.inputs.send(input).await.is_err() {

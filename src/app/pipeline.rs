@@ -9,13 +9,12 @@ use super::downlink::Downlink;
 use super::tasks::{Task, Tasks};
 use super::RunError;
 use crate::common::metrics::Metrics;
-use crate::common::{secrets, tls};
 use crate::config::{Config, Gateway, Ident, MqttListener, MqttSource, Nats, Quality};
 use crate::fleet::heartbeat::{self, Heartbeat};
 use crate::ingest::mapping::{Mapper, SharedMapper};
 use crate::sources::listener::auth::SharedPasswords;
 use crate::sources::listener::{self, ListenerInput};
-use crate::sources::mqtt::MqttInput;
+use crate::sources::mqtt::{client_secrets, ClientSecretsError, MqttInput};
 use crate::sources::serial::modbus::BusRequests;
 use crate::sources::serial::{PortPlan, SerialInput};
 use crate::store::StoreHandle;
@@ -238,21 +237,10 @@ impl Pipeline {
 impl Wiring {
     fn start_source(&self, source: &MqttSource) -> Result<Task, RunError> {
         let source_name = source.name.to_string();
-        let password = match (&source.password, &source.password_file) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(path)) => Some(secrets::read_password("[[mqtt]] password", path).map_err(
-                |error| RunError::MqttSecret {
-                    source_name: source_name.clone(),
-                    error,
-                },
-            )?),
-            (None, None) => None,
-        };
-        let tls = source
-            .tls_files()
-            .map(|files| tls::client_config(&files, &format!("MQTT source {source_name}")))
-            .transpose()
-            .map_err(|error| RunError::MqttTls { source_name, error })?;
+        let (password, tls) = client_secrets(source).map_err(|e| match e {
+            ClientSecretsError::Password(error) => RunError::MqttSecret { source_name, error },
+            ClientSecretsError::Tls(error) => RunError::MqttTls { source_name, error },
+        })?;
         let input = MqttInput {
             source: source.clone(),
             quality: self.quality.clone(),

@@ -123,11 +123,13 @@ impl ModbusActuator {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActuatorFormat {
-    /// The platform's own actuator topics and `{"command": "ON"|"OFF", ...}` payloads.
+    /// The platform's own actuator topics and `{"command": "ON"|"OFF", ...}` payloads (refused
+    /// at config check for now: the topic layout is not settled).
     Sahool,
 }
 
-/// `[fields.actuators.mqtt]`: `format = "sahool"`, or explicit topics and payloads.
+/// `[fields.actuators.mqtt]`: explicit topics and payloads. `format = "sahool"` is accepted by
+/// the parser but refused by the checks until the platform's actuator topic layout is settled.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttActuator {
@@ -397,19 +399,10 @@ impl MqttActuator {
                 }
             ));
         }
-        let explicit = [
-            ("command_topic", self.command_topic.is_some()),
-            ("payload_on", self.payload_on.is_some()),
-            ("payload_off", self.payload_off.is_some()),
-            ("state_topic", self.state_topic.is_some()),
-            ("state_pointer", self.state_pointer.is_some()),
-        ];
         if self.format.is_some() {
-            for (key, _) in explicit.iter().filter(|(_, set)| *set) {
-                problem(format!(
-                    "mqtt: format = \"sahool\" fixes the topics and payloads; remove {key}"
-                ));
-            }
+            // The platform's actuator topic layout is not settled (issue 16 quotes it with a
+            // gap); guessing one would publish commands where no device listens.
+            problem("mqtt: format = \"sahool\" is not supported yet (the platform's actuator topic layout is not settled); set command_topic, payload_on / payload_off and state_topic explicitly for now".into());
             return;
         }
         self.check_explicit(kind, problem);
@@ -418,10 +411,12 @@ impl MqttActuator {
     /// Explicit topics: a command topic without wildcards, payloads exactly for switches.
     fn check_explicit(&self, kind: ActuatorKind, problem: &mut impl FnMut(String)) {
         match &self.command_topic {
-            None => problem("mqtt: set format = \"sahool\", or command_topic (with payload_on / payload_off for a switch)".into()),
-            Some(t) if t.is_empty() || t.contains(['+', '#']) => {
-                problem(format!("mqtt: command_topic `{t}` must be a topic name, without wildcards"))
-            }
+            None => problem(
+                "mqtt: set command_topic (with payload_on / payload_off for a switch)".into(),
+            ),
+            Some(t) if t.is_empty() || t.contains(['+', '#']) => problem(format!(
+                "mqtt: command_topic `{t}` must be a topic name, without wildcards"
+            )),
             Some(_) => {}
         }
         let payloads = [self.payload_on.is_some(), self.payload_off.is_some()];
@@ -552,7 +547,10 @@ id = "f-tank"
   kind = "switch"
   [fields.actuators.mqtt]
   source = "farm-broker"
-  format = "sahool"
+  command_topic = "valve/3/set"
+  payload_on = "ON"
+  payload_off = "OFF"
+  state_topic = "valve/3/state"
 
   [[fields.actuators]]
   id = "pump-1"
@@ -615,13 +613,13 @@ id = "f-tank"
   [[fields.actuators]]
   id = "v"
   kind = "switch"
-  mqtt = { source = "farm-broker", format = "sahool" }
+  mqtt = { source = "farm-broker", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
 [[fields]]
 id = "f-2"
   [[fields.actuators]]
   id = "v"
   kind = "switch"
-  mqtt = { source = "farm-broker", format = "sahool" }
+  mqtt = { source = "farm-broker", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
 "#
         ));
         assert!(
@@ -699,7 +697,7 @@ id = "f-2"
   [[fields.actuators]]
   id = "c"
   kind = "switch"
-  mqtt = { source = "lan", format = "sahool" }
+  mqtt = { source = "lan", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
   [[fields.actuators]]
   id = "d"
   kind = "switch"
@@ -707,7 +705,7 @@ id = "f-2"
   id = "e"
   kind = "switch"
   modbus = { port = "rs485-1", unit = 1, coil = 0 }
-  mqtt = { source = "farm-broker", format = "sahool" }
+  mqtt = { source = "farm-broker", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
   [[fields.actuators]]
   id = "f"
   kind = "switch"
@@ -729,13 +727,13 @@ id = "f-2"
     }
 
     #[test]
-    fn mqtt_bindings_are_sahool_or_explicit() {
+    fn mqtt_bindings_are_explicit_until_the_sahool_layout_is_known() {
         let all = refused(
             r#"
   [[fields.actuators]]
   id = "a"
   kind = "switch"
-  mqtt = { source = "farm-broker", format = "sahool", command_topic = "x/set" }
+  mqtt = { source = "farm-broker", format = "sahool" }
   [[fields.actuators]]
   id = "b"
   kind = "switch"
@@ -755,12 +753,12 @@ id = "f-2"
   mqtt = { source = "farm-broker", command_topic = "relay/1/set", payload_on = "ON", payload_off = "OFF", state_topic = "relay/1", state_pointer = "/state" }
 "#,
             &[
-            "actuator `a`: mqtt: format = \"sahool\" fixes the topics and payloads; remove command_topic",
+            "actuator `a`: mqtt: format = \"sahool\" is not supported yet",
             "actuator `b`: mqtt: command_topic `relay/+/set` must be a topic name, without wildcards",
             "actuator `b`: mqtt: a switch needs payload_on and payload_off",
             "actuator `c`: mqtt: payload_on / payload_off apply to switches",
             "actuator `c`: mqtt: state_pointer needs state_topic",
-            "actuator `d`: mqtt: set format = \"sahool\", or command_topic",
+            "actuator `d`: mqtt: set command_topic",
             ],
         );
         assert!(!all.contains("actuator `ok`"), "{all}");
@@ -775,7 +773,7 @@ id = "f-2"
   kind = "switch"
   requires_on = ["pump", "ghost", "dose"]
   block_when = { sensor = "tank-9/water_level", below = 10.0 }
-  mqtt = { source = "farm-broker", format = "sahool" }
+  mqtt = { source = "farm-broker", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
   [[fields.actuators]]
   id = "dose"
   kind = "setpoint"
@@ -786,12 +784,12 @@ id = "f-2"
   id = "x"
   kind = "switch"
   requires_on = ["y"]
-  mqtt = { source = "farm-broker", format = "sahool" }
+  mqtt = { source = "farm-broker", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
   [[fields.actuators]]
   id = "y"
   kind = "switch"
   requires_on = ["x"]
-  mqtt = { source = "farm-broker", format = "sahool" }
+  mqtt = { source = "farm-broker", command_topic = "v/set", payload_on = "ON", payload_off = "OFF" }
 "#,
             &[
             "actuator `pump`: requires_on names the actuator itself",
@@ -815,11 +813,11 @@ id = "f-2"
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let all = actuator_problems(
-            "  [[fields.actuators]]\n  id = \"z\"\n  kind = \"switch\"\n  duration = \"1h\"\n  mqtt = { source = \"farm-broker\", format = \"sahool\" }\n",
+            "  [[fields.actuators]]\n  id = \"z\"\n  kind = \"switch\"\n  duration = \"1h\"\n  mqtt = { source = \"farm-broker\", command_topic = \"z/set\", payload_on = \"1\", payload_off = \"0\" }\n",
         );
         assert!(all.contains("unknown field `duration`"), "{all}");
         let all = actuator_problems(
-            "  [[fields.actuators]]\n  id = \"z\"\n  kind = \"toggle\"\n  mqtt = { source = \"farm-broker\", format = \"sahool\" }\n",
+            "  [[fields.actuators]]\n  id = \"z\"\n  kind = \"toggle\"\n  mqtt = { source = \"farm-broker\", command_topic = \"z/set\", payload_on = \"1\", payload_off = \"0\" }\n",
         );
         assert!(all.contains("toggle") && all.contains("line 4"), "{all}");
     }

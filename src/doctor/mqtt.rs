@@ -8,10 +8,9 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 
 use super::Check;
-use crate::common::secrets;
 use crate::common::tls;
 use crate::config::{Config, MqttSource};
-use crate::sources::mqtt::broker_options;
+use crate::sources::mqtt::{broker_options, client_secrets};
 
 pub(super) async fn check(config: &Config, source: &MqttSource) -> Check {
     let name = format!("mqtt {}", source.name);
@@ -46,19 +45,7 @@ pub(super) async fn check(config: &Config, source: &MqttSource) -> Check {
 type Client = (AsyncClient, EventLoop, Option<tls::ClientTls>);
 
 fn connect(config: &Config, source: &MqttSource) -> Result<Client, String> {
-    let password = match (&source.password, &source.password_file) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(path)) => {
-            Some(secrets::read_password("[[mqtt]] password", path).map_err(|e| e.to_string())?)
-        }
-        (None, None) => None,
-    };
-    let peer = format!("MQTT source {}", source.name);
-    let tls = source
-        .tls_files()
-        .map(|files| tls::client_config(&files, &peer))
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let (password, tls) = client_secrets(source).map_err(|e| e.to_string())?;
     let client_id = format!("{}-doctor", source.client_id(&config.gateway));
     let mut options = broker_options(source, client_id, password.as_ref(), tls.as_ref());
     options

@@ -4,12 +4,13 @@
 //! This is the foundation: [`command`] parses and checks a command message into a typed
 //! [`Command`]; [`core`] decides, without I/O, what happens to it: events in (a command, a
 //! write's outcome, a read-back, a clock tick, a reload), actions out (write, read back,
-//! publish a result, store or clear an off deadline); [`modbus`] carries out a write or a
-//! read-back of a Modbus-bound actuator on its port's bus. The SQLite inbox, results and
-//! actuator state are the store's ([`crate::store::inbox`]); the NATS consumer is
-//! [`consumer`] and [`receive`], the loop that carries the core's actions out [`driver`]; the
-//! core assumes only that the
-//! driver carries out its actions in order and reports each write and read-back.
+//! publish a result, store or clear an off deadline). [`modbus`] carries out a write or a
+//! read-back of a Modbus-bound actuator on its port's bus, [`mqtt`] of one behind an MQTT
+//! broker (command topic out, state topic back), and [`devices`] sends each actuator to its
+//! binding. The SQLite inbox, results and actuator state are the store's
+//! ([`crate::store::inbox`]); the NATS consumer is [`consumer`] and [`receive`], the loop that
+//! carries the core's actions out [`driver`]; the core assumes only that the driver carries out
+//! its actions in order and reports each write and read-back.
 //!
 //! # Invariants of the core
 //! 1. **One write at a time per actuator**, commands in `issued_at` order (equal ones in arrival
@@ -55,8 +56,10 @@
 pub mod command;
 pub(crate) mod consumer;
 pub mod core;
+pub(crate) mod devices;
 pub(crate) mod driver;
 pub mod modbus;
+pub(crate) mod mqtt;
 pub(crate) mod receive;
 
 pub use self::command::{Command, CommandError, Request};

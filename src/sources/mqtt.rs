@@ -190,6 +190,36 @@ fn send_acks(client: &AsyncClient, unsent: &mut VecDeque<Publish>) {
     }
 }
 
+/// Why a source's password file or TLS files could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientSecretsError {
+    #[error(transparent)]
+    Password(#[from] crate::common::secrets::SecretError),
+    #[error(transparent)]
+    Tls(#[from] crate::common::tls::TlsError),
+}
+
+/// The source's password and TLS config, read as every client of the source reads them (the
+/// source itself, doctor, the actuators' client).
+pub(crate) fn client_secrets(
+    source: &MqttSource,
+) -> Result<(Option<Secret>, Option<crate::common::tls::ClientTls>), ClientSecretsError> {
+    let password = match (&source.password, &source.password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(path)) => Some(crate::common::secrets::read_password(
+            "[[mqtt]] password",
+            path,
+        )?),
+        (None, None) => None,
+    };
+    let peer = format!("MQTT source {}", source.name);
+    let tls = source
+        .tls_files()
+        .map(|files| crate::common::tls::client_config(&files, &peer))
+        .transpose()?;
+    Ok((password, tls))
+}
+
 /// How `source` reaches its broker as `client_id`: address, keep-alive, packet size, credentials
 /// and TLS. The session settings are the caller's (`doctor` connects with a clean one).
 pub(crate) fn broker_options(
