@@ -7,26 +7,22 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use serde_json::{json, Value};
+use support::commands::{
+    check_results, final_of, final_status, id_of, parse_time, publish_command, read_results, show,
+    statuses, Uplink, COMMANDS_STREAM, CONSUMER,
+};
 use support::pty::{wait_port_open, SerialLink};
 use support::sim_modbus::{SimBus, Slave};
-use support::{contract_validator, shipped_section, Cluster, Gateway, Nats, StreamMessage};
-use time::format_description::well_known::Rfc3339;
+use support::{shipped_section, Cluster, Gateway, Nats, StreamMessage};
 use time::OffsetDateTime;
-use tokio::sync::watch;
 
 /// Anything a test waits for arrives within this on a loaded machine.
 const WITHIN: Duration = Duration::from_secs(60);
-const RESULTS: &str = "sahool.iot.actuator.result";
-/// The harness's `[gateway]` (tests/support `Gateway::compose`).
-const TENANT: &str = "tenant-a";
-const GATEWAY_ID: &str = "gw-test";
-const CONSUMER: &str = "gw-gw-test";
 const FIELD: &str = "field-1";
 const PORT: &str = "rs485-1";
 
@@ -223,7 +219,7 @@ impl Rig {
         let deadline = Instant::now() + WITHIN;
         let mut last = None;
         loop {
-            if let Ok(stream) = js.get_stream("SAHOOL_COMMANDS").await {
+            if let Ok(stream) = js.get_stream(COMMANDS_STREAM).await {
                 if let Ok(info) = stream.consumer_info(CONSUMER).await {
                     if done(&info) {
                         return info;
@@ -240,32 +236,9 @@ impl Rig {
         }
     }
 
-    /// Publishes a command as the platform does; `msg_id` is its `Nats-Msg-Id` (the command id,
-    /// unless a test wants JetStream to store a repeat). Retries while the stream has no leader.
+    /// Publishes a command as the platform does, under `msg_id` (see [`publish_command`]).
     async fn publish_as(&self, command: &Value, msg_id: &str) {
-        let js = jetstream::new(self.platform.client().await);
-        let subject = format!("sahool.commands.iot.actuator.{TENANT}.{GATEWAY_ID}");
-        let payload = serde_json::to_vec(command).expect("command JSON");
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", msg_id);
-            let stored = match js
-                .publish_with_headers(subject.clone(), headers, payload.clone().into())
-                .await
-            {
-                Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match stored {
-                Ok(()) => return,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("publish {msg_id}: {e}; again");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => panic!("command {msg_id} not stored: {e}"),
-            }
-        }
+        publish_command(self.platform.client().await, command, msg_id, WITHIN).await;
     }
 
     async fn publish(&self, command: &Value) {
@@ -279,11 +252,8 @@ impl Rig {
             let client = self.platform.client().await;
             // A cluster electing a new stream leader times a read out for a moment (the
             // reader panics in its own task then): read again.
-            match tokio::spawn(support::read_stream_from(client, "SAHOOL_IOT")).await {
-                Ok(mut all) => {
-                    all.retain(|m| m.subject == RESULTS);
-                    return all;
-                }
+            match tokio::spawn(read_results(client)).await {
+                Ok(results) => return results,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("reading SAHOOL_IOT: {e}; again");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -374,17 +344,9 @@ impl Rig {
 
 async fn single() -> Platform {
     let nats = Nats::with_platform_stream().await;
-    nats.create_stream("SAHOOL_COMMANDS", &["sahool.commands.>"])
+    nats.create_stream(COMMANDS_STREAM, &["sahool.commands.>"])
         .await;
     Platform::Single(nats)
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).expect("RFC 3339")
-}
-
-fn parse_time(text: &Value) -> OffsetDateTime {
-    OffsetDateTime::parse(text.as_str().expect("a time string"), &Rfc3339).expect("RFC 3339")
 }
 
 /// A command as `contracts/actuator_command.v1.json` has it, issued now, expiring in a minute.
@@ -393,32 +355,14 @@ fn command(actuator: &str, action: &str) -> Value {
     command_at(actuator, action, now, now + time::Duration::minutes(1))
 }
 
+/// A command for an actuator of [`FIELD`].
 fn command_at(
     actuator: &str,
     action: &str,
     issued: OffsetDateTime,
     expires: OffsetDateTime,
 ) -> Value {
-    let command_id = uuid::Uuid::new_v4().to_string();
-    json!({
-        "event_id": uuid::Uuid::new_v4().to_string(),
-        "event_type": "actuator_command",
-        "version": 1,
-        "aggregate_id": FIELD,
-        "tenant_id": TENANT,
-        "correlation_id": format!("corr-{command_id}"),
-        "timestamp": rfc3339(OffsetDateTime::now_utc()),
-        "payload": {
-            "command_id": command_id,
-            "gateway_id": GATEWAY_ID,
-            "field_id": FIELD,
-            "actuator_id": actuator,
-            "action": action,
-            "issued_at": rfc3339(issued),
-            "expires_at": rfc3339(expires),
-            "requested_by": "tests/downlink.rs",
-        }
-    })
+    support::commands::command_at(FIELD, actuator, action, issued, expires)
 }
 
 /// `n` commands for valve-3, `first` then the other action by turns, issued 1 ms apart from
@@ -454,108 +398,6 @@ fn with(mut command: Value, key: &str, value: Value) -> Value {
     command
 }
 
-fn id_of(command: &Value) -> &str {
-    command["payload"]["command_id"]
-        .as_str()
-        .expect("command_id")
-}
-
-fn statuses(results: &[StreamMessage], command_id: &str) -> Vec<String> {
-    results
-        .iter()
-        .filter(|m| m.body["payload"]["command_id"] == command_id)
-        .map(|m| {
-            m.body["payload"]["status"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string()
-        })
-        .collect()
-}
-
-/// The payload of the command's final result (anything but `accepted`).
-fn final_of<'a>(results: &'a [StreamMessage], command_id: &str) -> Option<&'a Value> {
-    results
-        .iter()
-        .map(|m| &m.body["payload"])
-        .find(|p| p["command_id"] == command_id && p["status"] != "accepted")
-}
-
-fn final_status(results: &[StreamMessage], command_id: &str) -> String {
-    final_of(results, command_id)
-        .and_then(|p| p["status"].as_str())
-        .unwrap_or("none")
-        .to_string()
-}
-
-fn show(results: &[StreamMessage]) -> String {
-    results
-        .iter()
-        .map(|m| m.body["payload"].to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// What every test checks of the results it read: each valid against the contract, with
-/// `Nats-Msg-Id` = `event_id`; one event per (command, status) and so exactly as many messages
-/// as distinct results (a result published twice under another id would show here); per
-/// actuator in stream order, `seq` increasing and `at` not going back; per command `accepted`
-/// before its one final result.
-fn check_results(results: &[StreamMessage]) {
-    let validator = contract_validator("actuator_command_result.v1.json");
-    let mut distinct = HashSet::new();
-    let mut last: BTreeMap<String, (u64, OffsetDateTime)> = BTreeMap::new();
-    let mut finals: BTreeMap<String, usize> = BTreeMap::new();
-    for m in results {
-        let body = &m.body;
-        let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{body}: {errors:?}");
-        let event_id = body["event_id"].as_str().expect("event_id");
-        assert_eq!(m.header("Nats-Msg-Id"), Some(event_id), "{body}");
-        assert_eq!(body["tenant_id"], TENANT, "{body}");
-        assert_eq!(body["source"]["gateway_id"], GATEWAY_ID, "{body}");
-        let p = &body["payload"];
-        let command_id = p["command_id"].as_str().expect("command_id").to_string();
-        let status = p["status"].as_str().expect("status").to_string();
-        let key = if command_id.is_empty() {
-            // A switched_off without a command (max_on, removal): one per event.
-            format!("{status}@{event_id}")
-        } else {
-            format!("{command_id}/{status}")
-        };
-        assert!(
-            distinct.insert(key.clone()),
-            "{key} reported twice:\n{}",
-            show(results)
-        );
-        if !command_id.is_empty() {
-            if status == "accepted" {
-                assert_eq!(
-                    finals.get(&command_id),
-                    None,
-                    "{command_id}: accepted after its final result:\n{}",
-                    show(results)
-                );
-            } else if status != "switched_off" {
-                *finals.entry(command_id.clone()).or_default() += 1;
-                assert_eq!(finals[&command_id], 1, "{command_id}: two final results");
-            }
-        }
-        let actuator = p["actuator_id"].as_str().expect("actuator_id").to_string();
-        let seq = body["source"]["seq"].as_u64().expect("seq");
-        let at = parse_time(&p["at"]);
-        if let Some((seq0, at0)) = last.get(&actuator) {
-            assert!(
-                seq > *seq0 && at >= *at0,
-                "{actuator}: results out of order (seq {seq0} then {seq}, at {at0} then {at}):\n{}",
-                show(results)
-            );
-        }
-        last.insert(actuator, (seq, at));
-    }
-    assert_eq!(results.len(), distinct.len());
-}
-
 /// Long enough for a second write of something already applied to show on the bus.
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -569,7 +411,7 @@ async fn a_command_delivered_twice_is_written_once() {
     rig.publish(&on).await;
     rig.publish_as(&on, &format!("{}-retry", id_of(&on))).await;
     let js = jetstream::new(rig.platform.client().await);
-    let mut stream = js.get_stream("SAHOOL_COMMANDS").await.expect("stream");
+    let mut stream = js.get_stream(COMMANDS_STREAM).await.expect("stream");
     assert_eq!(stream.info().await.expect("info").state.messages, 2);
 
     let results = rig.wait_final(std::slice::from_ref(&on)).await;
@@ -703,6 +545,64 @@ async fn commands_delivered_after_expires_at_are_never_written() {
     assert_eq!(rig.bus.register_writes(UNIT, DOSING), 0);
 }
 
+/// A command queued behind another for the same actuator, whose `expires_at` passes while it
+/// waits, is never written: `expired`, not a late write. valve-11 sits on a unit that never
+/// answers, so its first command holds the actuator, retrying the write, until its own expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_expires_while_queued_behind_another_is_never_written() {
+    const FIELD_2: &str = "field-2";
+    let absent = format!(
+        "[[fields]]\nid = \"{FIELD_2}\"\n  [[fields.actuators]]\n  id = \"valve-11\"\n  kind = \"switch\"\n  \
+         modbus = {{ port = \"{PORT}\", unit = 11, coil = 0 }}\n"
+    );
+    let rig = Rig::start_on(single().await, COMMANDS, &absent).await;
+    let now = OffsetDateTime::now_utc();
+    let holding = support::commands::command_at(
+        FIELD_2,
+        "valve-11",
+        "on",
+        now,
+        now + time::Duration::seconds(8),
+    );
+    let queued = support::commands::command_at(
+        FIELD_2,
+        "valve-11",
+        "off",
+        now + time::Duration::milliseconds(1),
+        now + time::Duration::seconds(3),
+    );
+    rig.publish(&holding).await;
+    rig.publish(&queued).await;
+    let results = rig.wait_final(&[holding.clone(), queued.clone()]).await;
+    assert_eq!(
+        final_status(&results, id_of(&holding)),
+        "failed",
+        "{}",
+        show(&results)
+    );
+    let expired = final_of(&results, id_of(&queued)).expect("a final result");
+    assert_eq!(expired["status"], "expired", "{}", show(&results));
+    // It arrived well inside its life, so it expired waiting, not on arrival.
+    assert!(
+        parse_time(&expired["at"]) >= parse_time(&queued["payload"]["expires_at"]),
+        "{}",
+        show(&results)
+    );
+    // Coil writes to unit 11: 0xFF00 is `on`, 0x0000 `off`.
+    let writes: Vec<u16> = rig
+        .bus
+        .seen()
+        .into_iter()
+        .filter(|r| r.unit == 11 && r.function == 0x05)
+        .map(|r| r.count)
+        .collect();
+    assert!(
+        writes.contains(&0xFF00) && !writes.contains(&0),
+        "writes to valve-11 (the `on` retried, never the queued `off`): {writes:x?}\n{}",
+        rig.gateway.log()
+    );
+}
+
 /// The farm's uplink is down (the platform's NATS is up and takes the commands) past one
 /// command's `expires_at` but not another's: on reconnect the first is `expired` without a
 /// write, the second applied (the demo's step: queued at the platform, applied on reconnect
@@ -736,109 +636,6 @@ async fn uplink_down_past_expires_at_means_expired_and_the_rest_applied() {
     rig.settled(results).await;
     assert_eq!(rig.coil_writes(VALVE), 0);
     assert_eq!(rig.bus.register_writes(UNIT, DOSING), 1);
-}
-
-/// A TCP link between the gateway and nats-server that the test can cut (every connection
-/// dropped, new ones refused), hold (what the gateway sends waits in the link, what the
-/// platform sends goes through) and restore: the farm's uplink, with the platform still up.
-struct Uplink {
-    port: u16,
-    state: Arc<watch::Sender<Link>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    Up,
-    /// Gateway → platform bytes wait (acks, publishes); platform → gateway bytes flow.
-    Holding,
-    Down,
-}
-
-impl Uplink {
-    async fn to(target: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the uplink");
-        let port = listener.local_addr().expect("uplink address").port();
-        let state = Arc::new(watch::channel(Link::Up).0);
-        let link = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            while let Ok((farm, _)) = listener.accept().await {
-                if *link.borrow() == Link::Down {
-                    continue; // dropped: the connection is refused
-                }
-                let mut down = link.subscribe();
-                let hold = link.subscribe();
-                tokio::spawn(async move {
-                    let Ok(platform) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = forward(farm, platform, hold) => {}
-                        _ = down.wait_for(|s| *s == Link::Down) => {}
-                    }
-                });
-            }
-        });
-        Self { port, state, task }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Drops every connection (and what a hold kept); refuses new ones.
-    fn cut(&self) {
-        self.state.send_replace(Link::Down);
-    }
-
-    fn hold(&self) {
-        self.state.send_replace(Link::Holding);
-    }
-
-    fn restore(&self) {
-        self.state.send_replace(Link::Up);
-    }
-}
-
-/// Both directions of one connection until either side closes; gateway → platform bytes wait
-/// while the link holds.
-async fn forward(
-    farm: tokio::net::TcpStream,
-    platform: tokio::net::TcpStream,
-    mut hold: watch::Receiver<Link>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut farm_in, mut farm_out) = farm.into_split();
-    let (mut platform_in, mut platform_out) = platform.into_split();
-    let up = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match farm_in.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if hold.wait_for(|s| *s == Link::Up).await.is_err()
-                || platform_out.write_all(&buf[..n]).await.is_err()
-            {
-                return;
-            }
-        }
-    };
-    let down = tokio::io::copy(&mut platform_in, &mut farm_out);
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-    }
-}
-
-impl Drop for Uplink {
-    fn drop(&mut self) {
-        self.cut();
-        self.task.abort();
-    }
 }
 
 /// SIGKILL after the inbox commit and before the ack, for certain: the uplink holds what the
@@ -884,7 +681,7 @@ async fn sigkill_between_the_inbox_commit_and_the_ack_writes_once() {
     // Long enough for the ack to be sent (into the held link).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let js = jetstream::new(rig.platform.client().await);
-    let stream = js.get_stream("SAHOOL_COMMANDS").await.expect("stream");
+    let stream = js.get_stream(COMMANDS_STREAM).await.expect("stream");
     let info = stream.consumer_info(CONSUMER).await.expect("consumer");
     assert_eq!(info.num_ack_pending, 1, "the ack was held back: {info:?}");
     rig.gateway.kill9();
@@ -1120,7 +917,7 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
         .create_stream("SAHOOL_IOT", &["sahool.iot.>"], 3)
         .await;
     cluster
-        .create_stream("SAHOOL_COMMANDS", &["sahool.commands.>"], 3)
+        .create_stream(COMMANDS_STREAM, &["sahool.commands.>"], 3)
         .await;
     let mut rig = Rig::start_on(Platform::Cluster(cluster), COMMANDS, "").await;
     let commands = alternating(30, "on");
@@ -1130,7 +927,7 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
             let Platform::Cluster(cluster) = &mut rig.platform else {
                 unreachable!()
             };
-            let leader = cluster.stream_leader("SAHOOL_COMMANDS").await;
+            let leader = cluster.stream_leader(COMMANDS_STREAM).await;
             cluster.kill(leader);
             killed = Some(leader);
         }

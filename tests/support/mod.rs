@@ -3,6 +3,7 @@
 //! is killed when its handle drops.
 #![allow(dead_code)]
 
+pub mod commands;
 pub mod pty;
 pub mod sim_node;
 pub mod steady;
