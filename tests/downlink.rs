@@ -8,6 +8,8 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -163,17 +165,19 @@ impl Rig {
             unreachable!()
         };
         let uplink = Uplink::to(nats.port).await;
-        Self::start_with(platform, Some(uplink), COMMANDS, "").await
+        Self::start_with(platform, Some(uplink), "", COMMANDS, "").await
     }
 
     /// `commands`: the `[commands]` section; `sections`: more config before the port.
     async fn start_on(platform: Platform, commands: &str, sections: &str) -> Self {
-        Self::start_with(platform, None, commands, sections).await
+        Self::start_with(platform, None, "", commands, sections).await
     }
 
+    /// `nats_auth`: more of the `[nats]` section (the gateway's user).
     async fn start_with(
         platform: Platform,
         uplink: Option<Uplink>,
+        nats_auth: &str,
         commands: &str,
         sections: &str,
     ) -> Self {
@@ -185,7 +189,7 @@ impl Rig {
         };
         let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
         let config = format!(
-            "[nats]\nservers = [{}]\n\n{commands}\n{sections}\n{}",
+            "[nats]\nservers = [{}]\n{nats_auth}\n\n{commands}\n{sections}\n{}",
             servers.join(", "),
             farm(&link)
         );
@@ -955,4 +959,100 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
     // The last issued (an off) is what the valve holds.
     assert_eq!(final_status(&results, id_of(&commands[29])), "applied");
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(false));
+}
+
+/// A gateway user with exactly `config/nats-server.commands-user.template`'s permissions, filled
+/// in for this gateway, creates and reads its consumer and applies a command, while the same
+/// user can look up neither another gateway's consumer nor the stream's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_user_with_the_shipped_commands_permissions_applies_commands_and_nothing_more() {
+    const PASSWORD: &str = "t7Q-wR2m-Xv9c-Jn4e";
+    const PLATFORM_PASSWORD: &str = "Lm3-vB8q-Zr6t-Hd1y";
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/nats-server.commands-user.template"),
+    )
+    .expect("config/nats-server.commands-user.template");
+    let user_block = template
+        .replace(
+            "{user}",
+            &format!("user: gw-farm, password: \"{PASSWORD}\""),
+        )
+        .replace("{consumer}", CONSUMER)
+        .replace(
+            "{filter}",
+            &format!(
+                "sahool.commands.iot.actuator.{}.{}",
+                support::commands::TENANT,
+                support::commands::GATEWAY_ID
+            ),
+        );
+    let nats = Nats::start_with(&format!(
+        "authorization {{\n  users: [\n{user_block}\n    {{ user: platform, password: \"{PLATFORM_PASSWORD}\" }}\n  ]\n}}\n"
+    ))
+    .with_client_options(Arc::new(|| {
+        async_nats::ConnectOptions::new()
+            .user_and_password("platform".into(), PLATFORM_PASSWORD.into())
+    }));
+    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    nats.create_stream(COMMANDS_STREAM, &["sahool.commands.>"])
+        .await;
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let password_file = secrets.path().join("nats.password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600");
+    let auth = format!(
+        "user = \"gw-farm\"\npassword_file = \"{}\"",
+        password_file.display()
+    );
+    let url = nats.url();
+    let rig = Rig::start_with(Platform::Single(nats), None, &auth, COMMANDS, "").await;
+
+    let on = command("valve-3", "on");
+    rig.publish(&on).await;
+    let results = rig.wait_final(std::slice::from_ref(&on)).await;
+    assert_eq!(
+        final_status(&results, id_of(&on)),
+        "applied",
+        "{}",
+        show(&results)
+    );
+    rig.assert_valve_written_once();
+
+    // Another gateway's consumer, which exists: only the permissions stand in the way.
+    let platform_js = jetstream::new(rig.platform.client().await);
+    platform_js
+        .get_stream(COMMANDS_STREAM)
+        .await
+        .expect("the commands stream")
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("gw-other".into()),
+            filter_subject: format!(
+                "sahool.commands.iot.actuator.{}.other",
+                support::commands::TENANT
+            ),
+            ..Default::default()
+        })
+        .await
+        .expect("the platform creates gw-other");
+    // The same user, as another gateway or a curious process would use it.
+    let gateway_user = async_nats::ConnectOptions::new()
+        .user_and_password("gw-farm".into(), PASSWORD.into())
+        .connect(url)
+        .await
+        .expect("the gateway's user connects");
+    let js = jetstream::new(gateway_user);
+    let other = js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            "gw-other",
+            COMMANDS_STREAM,
+        )
+        .await;
+    assert!(other.is_err(), "another gateway's consumer was visible");
+    let stream = tokio::time::timeout(Duration::from_secs(5), js.get_stream(COMMANDS_STREAM)).await;
+    assert!(
+        !matches!(stream, Ok(Ok(_))),
+        "the gateway's user read the commands stream's info"
+    );
 }
