@@ -5,6 +5,9 @@
 //! few seconds, so the buffer fills, then started again, so it drains. At the end the stream is
 //! read back and checked: every reading sent exactly once, valid against the event contract, in
 //! `seq` order; a table per input and the outage and throughput figures are printed.
+//! Last, the downlink: the farm's uplink (a TCP link between the gateway and nats-server) is cut
+//! while the platform publishes commands for two valves on a simulated Modbus bus; on reconnect
+//! the gateway applies the one still valid and refuses the expired one (see `valves.rs`).
 //!
 //! Run `scripts/demo` (installs nats-server when missing), or:
 //! `cargo build --release --bin sahool-gateway && cargo run --release --example demo`.
@@ -17,6 +20,7 @@ mod farm;
 mod publisher;
 mod summary;
 mod talker;
+mod valves;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use farm::{Input, FARM, SERIAL_PORT, TALKER};
 use publisher::Progress;
 use summary::{Figures, InputRow, Run};
+use support::commands::Uplink;
 use support::pty::{wait_port_open, Pty};
 use support::{free_port, Gateway, Nats};
 use time::OffsetDateTime;
@@ -142,9 +147,18 @@ async fn run() -> bool {
     println!("== Starting nats-server and the gateway (no MQTT broker: devices publish to the gateway) ==");
     let mut nats = Nats::start();
     nats.create_stream(STREAM, &["sahool.iot.>"]).await;
+    nats.create_stream("SAHOOL_COMMANDS", &["sahool.commands.>"])
+        .await;
+    // The farm's uplink: the gateway reaches nats-server through it, so the downlink step can
+    // cut the farm off while the platform stays up.
+    let uplink = Uplink::to(nats.port).await;
     let listen_port = free_port();
     let pty = Pty::open();
-    let config = farm::gateway_config(&nats.url(), listen_port, pty.slave_path());
+    let valves_pty = Pty::open();
+    let valves_path = valves_pty.slave_path().to_path_buf();
+    let bus = valves::spawn_bus(valves_pty);
+    let config = farm::gateway_config(&uplink.url(), listen_port, pty.slave_path())
+        + &valves::gateway_config(&valves_path);
     let mut gateway = Gateway::start(&config);
     gateway.wait_until(
         "NATS connected and the MQTT listener bound",
@@ -158,7 +172,9 @@ async fn run() -> bool {
     );
     // Lines begun before the port opened are dropped: start talking once it is open.
     wait_port_open(&gateway, SERIAL_PORT);
+    wait_port_open(&gateway, valves::BUS);
     print_setup(&nats, listen_port, &pty, &gateway);
+    valves::print_setup(&valves_path);
 
     let start = Instant::now();
     let mut watch = Watch::new(start, Arc::default(), Arc::default());
@@ -179,6 +195,7 @@ async fn run() -> bool {
     println!(">>> reading the stream back from JetStream");
     let events = nats.read_readings(STREAM).await;
     let report = summary::check_stream(&events, &sent);
+    let downlink = valves::run(&nats, &uplink, &bus).await;
     println!(">>> stopping the gateway with SIGTERM");
     let exit_code = gateway.terminate();
     // Only now: the gateway would have seen the device unplugged.
@@ -231,7 +248,7 @@ async fn run() -> bool {
         reconnects: mqtt.reconnects,
         resent: mqtt.resent,
     };
-    let passed = summary::print(&run, &report, &figures);
+    let passed = summary::print(&run, &report, &figures) & valves::print(&downlink);
     if !passed {
         print_log_tail(&gateway);
     }
