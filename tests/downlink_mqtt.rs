@@ -347,3 +347,99 @@ async fn a_removed_mqtt_switch_is_switched_off_at_reload() {
     assert_eq!(received["dev/valve-1/set"], ["ON", "OFF"]);
     assert_eq!(received["dev/dose-1/set"], ["7"]);
 }
+
+/// A SAHOOL actuator (`format = "sahool"`): the device gets the platform's own command JSON
+/// on its `.../command` topic and reports `{"status": "ON"|"OFF"}` on the `.../status`
+/// sibling, which the gateway reads back without being told where. An `on` for 2 s is
+/// applied, confirmed, then switched off by the gateway on time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sahool_valve_gets_the_platforms_commands_and_is_read_back_from_its_status() {
+    const BASE: &str = "sahool/tenant-a/farm/farm-1/field/field-1/actuator/valve/v-7";
+    let valve = format!(
+        "  [[fields.actuators]]\n  id = \"v-7\"\n  kind = \"switch\"\n  mqtt = {{ source = \"farm\", format = \"sahool\", command_topic = \"{BASE}/command\" }}\n"
+    );
+    let (nats, broker, _received, gateway) = farm(&valve).await;
+    let commands = sahool_valve(&broker, BASE).await;
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let on = command(
+        &js,
+        1,
+        "v-7",
+        json!({"action": "on", "duration_s": 2}),
+        Duration::from_secs(60),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let statuses = loop {
+        let statuses: Vec<String> = results(&nats)
+            .await
+            .into_iter()
+            .filter(|p| p["command_id"] == on.as_str())
+            .map(|p| format!("{}:{}", p["status"].as_str().unwrap_or("?"), p["readback"]))
+            .collect();
+        if statuses.len() >= 3 || Instant::now() > deadline {
+            break statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        statuses,
+        ["accepted:null", "applied:true", "switched_off:false"],
+        "{}",
+        gateway.log()
+    );
+    let commands = commands.lock().expect("lock").clone();
+    let words: Vec<&str> = commands
+        .iter()
+        .map(|c| c["command"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(words, ["ON", "OFF"], "{commands:?}");
+    for c in &commands {
+        assert_eq!(c["source"], "sahool-gateway", "{c}");
+        let at = c["timestamp"].as_str().expect("timestamp");
+        assert!(OffsetDateTime::parse(at, &Rfc3339).is_ok(), "{c}");
+    }
+}
+
+/// A SAHOOL valve on `broker`: records each command JSON on `{base}/command` and answers with
+/// its new state on `{base}/status`. Subscribed when this returns.
+async fn sahool_valve(broker: &Mosquitto, base: &'static str) -> Arc<Mutex<Vec<Value>>> {
+    let mut options = MqttOptions::new("sim-sahool-valve", "127.0.0.1", broker.port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(options, 16);
+    client
+        .subscribe(format!("{base}/command"), QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let commands: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let seen = commands.clone();
+    let (subscribed, ready) = tokio::sync::oneshot::channel();
+    let mut subscribed = Some(subscribed);
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(s) = subscribed.take() {
+                        let _ = s.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let command: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    let state = json!({ "status": command["command"] }).to_string();
+                    seen.lock().expect("lock").push(command);
+                    client
+                        .try_publish(format!("{base}/status"), QoS::AtLeastOnce, false, state)
+                        .expect("the valve reports its state");
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .expect("valve subscribed in time")
+        .expect("valve task alive");
+    commands
+}

@@ -123,13 +123,21 @@ impl ModbusActuator {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActuatorFormat {
-    /// The platform's own actuator topics and `{"command": "ON"|"OFF", ...}` payloads (refused
-    /// at config check for now: the topic layout is not settled).
+    /// SAHOOL's own actuator devices, as the platform's iot-service drives them:
+    /// `{"command": "ON"|"OFF", "timestamp", "source"}` on `.../actuator/.../command`, state
+    /// `{"status": ...}` on the sibling `.../status` topic.
     Sahool,
 }
 
-/// `[fields.actuators.mqtt]`: explicit topics and payloads. `format = "sahool"` is accepted by
-/// the parser but refused by the checks until the platform's actuator topic layout is settled.
+/// The state topic of a `format = "sahool"` device: its command topic's sibling.
+const SAHOOL_COMMAND_LEVEL: &str = "/command";
+const SAHOOL_STATE_LEVEL: &str = "/status";
+/// Where a SAHOOL device's state payload holds on or off.
+const SAHOOL_STATE_POINTER: &str = "/status";
+
+/// `[fields.actuators.mqtt]`: explicit topics and payloads, or `format = "sahool"` with the
+/// device's command topic (the prefix before `/actuator/` is the farm's, so it is given, not
+/// guessed).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttActuator {
@@ -142,6 +150,30 @@ pub struct MqttActuator {
     /// Where the device reports its state, for the read-back.
     pub state_topic: Option<TopicFilter>,
     pub state_pointer: Option<JsonPointer>,
+}
+
+impl MqttActuator {
+    /// Where the device reports its state: `state_topic`, or for `format = "sahool"` the
+    /// command topic's `/status` sibling.
+    pub fn state_topic(&self) -> Option<TopicFilter> {
+        if self.state_topic.is_some() || self.format != Some(ActuatorFormat::Sahool) {
+            return self.state_topic.clone();
+        }
+        let base = self
+            .command_topic
+            .as_deref()?
+            .strip_suffix(SAHOOL_COMMAND_LEVEL)?;
+        TopicFilter::try_from(format!("{base}{SAHOOL_STATE_LEVEL}")).ok()
+    }
+
+    /// The JSON pointer to the state in the state payload, if any.
+    pub fn state_pointer(&self) -> Option<&str> {
+        match (&self.state_pointer, self.format) {
+            (Some(p), _) => Some(p.as_str()),
+            (None, Some(ActuatorFormat::Sahool)) => Some(SAHOOL_STATE_POINTER),
+            (None, None) => None,
+        }
+    }
 }
 
 impl Actuator {
@@ -399,13 +431,28 @@ impl MqttActuator {
                 }
             ));
         }
-        if self.format.is_some() {
-            // The platform's actuator topic layout is not settled (issue 16 quotes it with a
-            // gap); guessing one would publish commands where no device listens.
-            problem("mqtt: format = \"sahool\" is not supported yet (the platform's actuator topic layout is not settled); set command_topic, payload_on / payload_off and state_topic explicitly for now".into());
+        if self.format == Some(ActuatorFormat::Sahool) {
+            self.check_sahool(kind, problem);
             return;
         }
         self.check_explicit(kind, problem);
+    }
+
+    /// A SAHOOL device: a switch, its `.../command` topic given, the payloads the format's.
+    fn check_sahool(&self, kind: ActuatorKind, problem: &mut impl FnMut(String)) {
+        if kind != ActuatorKind::Switch {
+            problem("mqtt: format = \"sahool\" drives switches (ON/OFF); bind a setpoint with command_topic and state_topic".into());
+        }
+        match self.command_topic.as_deref() {
+            None => problem("mqtt: format = \"sahool\" needs command_topic, the device's topic ending in /command (e.g. sahool/<tenant>/.../field/<field>/actuator/valve/<id>/command)".into()),
+            Some(t) if t.contains(['+', '#']) || !t.ends_with(SAHOOL_COMMAND_LEVEL) || t.len() == SAHOOL_COMMAND_LEVEL.len() => problem(format!(
+                "mqtt: command_topic `{t}` must be a topic name ending in /command for format = \"sahool\""
+            )),
+            Some(_) => {}
+        }
+        if self.payload_on.is_some() || self.payload_off.is_some() {
+            problem("mqtt: format = \"sahool\" sends {\"command\": \"ON\"|\"OFF\"}; remove payload_on / payload_off".into());
+        }
     }
 
     /// Explicit topics: a command topic without wildcards, payloads exactly for switches.
@@ -727,7 +774,7 @@ id = "f-2"
     }
 
     #[test]
-    fn mqtt_bindings_are_explicit_until_the_sahool_layout_is_known() {
+    fn mqtt_bindings_are_explicit_or_sahool_devices() {
         let all = refused(
             r#"
   [[fields.actuators]]
@@ -751,17 +798,69 @@ id = "f-2"
   id = "ok"
   kind = "switch"
   mqtt = { source = "farm-broker", command_topic = "relay/1/set", payload_on = "ON", payload_off = "OFF", state_topic = "relay/1", state_pointer = "/state" }
+  [[fields.actuators]]
+  id = "e"
+  kind = "setpoint"
+  range = [0.0, 1.0]
+  mqtt = { source = "farm-broker", format = "sahool", command_topic = "sahool/t/f/actuator/pump/command" }
+  [[fields.actuators]]
+  id = "f"
+  kind = "switch"
+  mqtt = { source = "farm-broker", format = "sahool", command_topic = "sahool/t/f/actuator/pump/set", payload_on = "1" }
+  [[fields.actuators]]
+  id = "ok-sahool"
+  kind = "switch"
+  mqtt = { source = "farm-broker", format = "sahool", command_topic = "sahool/t/farm/f/field/n/actuator/valve/v-3/command" }
 "#,
             &[
-            "actuator `a`: mqtt: format = \"sahool\" is not supported yet",
+            "actuator `a`: mqtt: format = \"sahool\" needs command_topic",
             "actuator `b`: mqtt: command_topic `relay/+/set` must be a topic name, without wildcards",
             "actuator `b`: mqtt: a switch needs payload_on and payload_off",
             "actuator `c`: mqtt: payload_on / payload_off apply to switches",
             "actuator `c`: mqtt: state_pointer needs state_topic",
             "actuator `d`: mqtt: set command_topic",
+            "actuator `e`: mqtt: format = \"sahool\" drives switches",
+            "actuator `f`: mqtt: command_topic `sahool/t/f/actuator/pump/set` must be a topic name ending in /command",
+            "actuator `f`: mqtt: format = \"sahool\" sends {\"command\": \"ON\"|\"OFF\"}; remove payload_on / payload_off",
             ],
         );
         assert!(!all.contains("actuator `ok`"), "{all}");
+        assert!(!all.contains("actuator `ok-sahool`"), "{all}");
+    }
+
+    #[test]
+    fn a_sahool_device_reports_on_its_command_topics_status_sibling_unless_told() {
+        let parsed = |mqtt: &str| {
+            let c = parse(&format!(
+                "{MINIMAL}{PLACES}\n[[fields]]\nid = \"f-1\"\n  [[fields.actuators]]\n  id = \"v\"\n  kind = \"switch\"\n  mqtt = {mqtt}\n"
+            ))
+            .unwrap();
+            let actuator = c.fields.iter().flat_map(|f| &f.actuators).next();
+            actuator
+                .and_then(|a| a.mqtt.clone())
+                .expect("an MQTT actuator")
+        };
+        let derived = parsed(
+            r#"{ source = "farm-broker", format = "sahool", command_topic = "sahool/t/a/actuator/valve/v-3/command" }"#,
+        );
+        assert_eq!(
+            derived.state_topic().map(|t| t.as_str().to_string()),
+            Some("sahool/t/a/actuator/valve/v-3/status".into())
+        );
+        assert_eq!(derived.state_pointer(), Some("/status"));
+        let told = parsed(
+            r#"{ source = "farm-broker", format = "sahool", command_topic = "sahool/t/a/actuator/pump/command", state_topic = "sahool/t/a/actuator/pump", state_pointer = "/state" }"#,
+        );
+        assert_eq!(
+            told.state_topic().map(|t| t.as_str().to_string()),
+            Some("sahool/t/a/actuator/pump".into())
+        );
+        assert_eq!(told.state_pointer(), Some("/state"));
+        let explicit = parsed(
+            r#"{ source = "farm-broker", command_topic = "relay/1/set", payload_on = "ON", payload_off = "OFF" }"#,
+        );
+        assert_eq!(explicit.state_topic(), None);
+        assert_eq!(explicit.state_pointer(), None);
     }
 
     #[test]

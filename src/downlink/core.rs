@@ -78,7 +78,7 @@ impl ActuatorSpec {
             (Some(m), _) if m.value_type() == config::serial::RegisterType::F32 => (true, 1e-3),
             // An integer register holds the value to within half a step of its scale.
             (Some(m), _) => (true, m.scale().abs() / 2.0),
-            (None, Some(m)) => (m.state_topic.is_some(), 1e-9),
+            (None, Some(m)) => (m.state_topic().is_some(), 1e-9),
             (None, None) => (false, 0.0),
         };
         Self {

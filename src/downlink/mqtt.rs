@@ -1,7 +1,8 @@
 //! Actuators behind an MQTT broker (`[fields.actuators.mqtt]`): a write is a QoS 1 publish to
 //! the binding's `command_topic` (a switch's `payload_on` / `payload_off`, a setpoint's number
-//! as text), done when the broker acknowledges it; a read-back is the device's next message on
-//! `state_topic` after the write (or one that already arrived after it), bounded in time.
+//! as text; for `format = "sahool"` the platform's `{"command": "ON"|"OFF", ...}`), done when
+//! the broker acknowledges it; a read-back is the device's next message on the state topic
+//! after the write (or one that already arrived after it), bounded in time.
 //!
 //! One client per `[[mqtt]]` source named by a binding, apart from the source's own: the same
 //! broker, credentials and TLS, client id `<source client id>-actuators`, a clean session (a
@@ -88,32 +89,57 @@ struct Binding {
     payload_on: String,
     payload_off: String,
     state: Option<StateTopic>,
+    /// `format = "sahool"`: commands as the platform's JSON, with `payload_on` / `payload_off`
+    /// its `ON` / `OFF`.
+    sahool: bool,
 }
 
+/// The `source` a SAHOOL device sees in commands the gateway sends.
+const SAHOOL_SOURCE: &str = "sahool-gateway";
+
 impl Binding {
-    /// `None` for bindings the config check refuses (`format = "sahool"`, no command topic).
+    /// `None` for bindings the config check refuses (no command topic).
     fn of(kind: ActuatorKind, m: &config::MqttActuator) -> Option<Self> {
-        if m.format.is_some() {
-            return None;
-        }
+        let sahool = m.format == Some(config::ActuatorFormat::Sahool);
+        let payload = |given: &Option<String>, sahool_word: &str| match sahool {
+            true => sahool_word.to_string(),
+            false => given.clone().unwrap_or_default(),
+        };
         Some(Self {
             source: m.source.to_string(),
             kind,
             command_topic: m.command_topic.clone()?,
-            payload_on: m.payload_on.clone().unwrap_or_default(),
-            payload_off: m.payload_off.clone().unwrap_or_default(),
-            state: m.state_topic.clone().map(|topic| StateTopic {
+            payload_on: payload(&m.payload_on, "ON"),
+            payload_off: payload(&m.payload_off, "OFF"),
+            state: m.state_topic().map(|topic| StateTopic {
                 topic,
-                pointer: m.state_pointer.as_ref().map(|p| p.as_str().to_string()),
+                pointer: m.state_pointer().map(str::to_string),
             }),
+            sahool,
         })
     }
 
     /// The payload that carries `value` out, or why it cannot.
     fn payload(&self, value: Value) -> Result<String, String> {
         match (self.kind, value) {
-            (ActuatorKind::Switch, Value::Switch(true)) => Ok(self.payload_on.clone()),
-            (ActuatorKind::Switch, Value::Switch(false)) => Ok(self.payload_off.clone()),
+            (ActuatorKind::Switch, Value::Switch(on)) => {
+                let word = if on {
+                    &self.payload_on
+                } else {
+                    &self.payload_off
+                };
+                if !self.sahool {
+                    return Ok(word.clone());
+                }
+                // The platform's own command, without `duration`: the gateway keeps the off
+                // deadline itself and switches off when it passes.
+                Ok(serde_json::json!({
+                    "command": word,
+                    "timestamp": crate::reading::Timestamp::now().rfc3339().as_str(),
+                    "source": SAHOOL_SOURCE,
+                })
+                .to_string())
+            }
             (ActuatorKind::Setpoint, Value::Number(v)) if v.is_finite() => Ok(v.to_string()),
             (ActuatorKind::Switch, v) => Err(format!("a switch takes on or off, not {v:?}")),
             (ActuatorKind::Setpoint, v) => Err(format!("a setpoint takes a number, not {v:?}")),
@@ -513,7 +539,29 @@ mod tests {
             payload_on: "ON".into(),
             payload_off: "OFF".into(),
             state: None,
+            sahool: false,
         }
+    }
+
+    #[test]
+    fn a_sahool_device_gets_the_platforms_command_json() {
+        let b = Binding {
+            sahool: true,
+            ..binding(ActuatorKind::Switch)
+        };
+        for (value, word) in [(true, "ON"), (false, "OFF")] {
+            let payload = b.payload(Value::Switch(value)).expect("a payload");
+            let json: serde_json::Value = serde_json::from_str(&payload).expect("JSON");
+            assert_eq!(json["command"], word, "{payload}");
+            assert_eq!(json["source"], "sahool-gateway", "{payload}");
+            let at = json["timestamp"].as_str().expect("a timestamp");
+            assert!(
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                    .is_ok(),
+                "{payload}"
+            );
+        }
+        assert!(b.payload(Value::Number(1.0)).is_err());
     }
 
     #[test]
