@@ -848,6 +848,43 @@ async fn interlocks_and_ranges_refuse_without_writing() {
     );
 }
 
+/// A pump running with the valve it requires: the platform closes the valve, and the gateway
+/// stops the pump as soon as the valve's off is read back (`switched_off`, `interlock`, for
+/// the pump's `on`), rather than leave it pumping against a closed valve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_valve_a_running_pump_requires_stops_the_pump() {
+    let rig = Rig::start().await;
+    let valve = command("valve-3", "on");
+    rig.publish(&valve).await;
+    rig.wait_final(std::slice::from_ref(&valve)).await;
+    let pump = command("pump-1", "on");
+    rig.publish(&pump).await;
+    let results = rig.wait_final(std::slice::from_ref(&pump)).await;
+    assert_eq!(final_status(&results, id_of(&pump)), "applied");
+    assert_eq!(rig.bus.coil_state(UNIT, PUMP), Some(true));
+
+    let close = command("valve-3", "off");
+    rig.publish(&close).await;
+    let results = rig
+        .wait_results("the pump switched off", |r| {
+            statuses(r, id_of(&pump))
+                .iter()
+                .any(|s| s == "switched_off")
+        })
+        .await;
+    assert_eq!(final_status(&results, id_of(&close)), "applied");
+    let stopped = results
+        .iter()
+        .map(|m| &m.body["payload"])
+        .find(|p| p["command_id"] == id_of(&pump) && p["status"] == "switched_off")
+        .expect("switched_off");
+    assert_eq!(stopped["reason"], "interlock", "{stopped}");
+    assert_eq!(stopped["readback"], false, "{stopped}");
+    assert_eq!(rig.bus.coil_state(UNIT, PUMP), Some(false));
+    settle().await;
+    assert_eq!(rig.coil_writes(PUMP), 2, "pump-1: on, then off once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_welded_relay_fails_with_the_value_read_back() {
     let rig = Rig::start().await;

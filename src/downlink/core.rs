@@ -211,6 +211,8 @@ pub enum Cause {
     Deadline(String),
     /// The actuator left the config while on.
     Removal,
+    /// An interlock broke while it was on; the `on` that began the run, if known.
+    Interlock(String),
 }
 
 /// What the driver does next.
@@ -282,6 +284,7 @@ enum JobCause {
     Command(Command),
     Deadline(String),
     Removal,
+    Interlock(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -300,6 +303,8 @@ struct Actuator {
     /// Since when the current run may have been on (set at an `on` write, cleared when off
     /// is confirmed): `max_on` counts from here.
     run_since: Option<Timestamp>,
+    /// The latest `on` of the current run (not kept across restarts; the deadline's is).
+    run_by: Option<String>,
     off_since: Option<Timestamp>,
     newest_written: Option<Timestamp>,
     deadline: Option<Deadline>,
@@ -316,6 +321,7 @@ impl Actuator {
             spec,
             confirmed: None,
             run_since: None,
+            run_by: None,
             off_since: None,
             newest_written: None,
             deadline: None,
@@ -347,6 +353,7 @@ impl Actuator {
     /// The actuator is off, as confirmed: the run and its deadline end.
     fn confirmed_off(&mut self, now: Timestamp, out: &mut Vec<Action>) {
         self.run_since = None;
+        self.run_by = None;
         self.off_since = Some(now);
         if self.deadline.take().is_some() {
             out.push(Action::ClearDeadline {
@@ -375,6 +382,7 @@ impl JobCause {
             Self::Command(c) => Cause::Command(c.command_id.clone()),
             Self::Deadline(id) => Cause::Deadline(id.clone()),
             Self::Removal => Cause::Removal,
+            Self::Interlock(id) => Cause::Interlock(id.clone()),
         }
     }
 }
@@ -522,8 +530,9 @@ impl Core {
             .filter(|d| d.command_id == command.command_id)
             .map(|d| d.at);
         a.newest_written = a.newest_written.max(Some(command.issued_at));
-        if command.request != Request::Off {
+        if let Request::On { .. } = command.request {
             a.run_since.get_or_insert(ctx.now);
+            a.run_by = Some(command.command_id.clone());
         }
         let mut job = Job::new(JobCause::Command(command), value, deadline);
         job.step = Step::Reading;
@@ -558,6 +567,7 @@ impl Core {
             Err(detail) => bus_error(a, &detail, ctx.now, &mut out),
         }
         self.advance(actuator_id, ctx, &mut out);
+        self.advance_dependents(actuator_id, ctx, &mut out);
         out
     }
 
@@ -584,6 +594,7 @@ impl Core {
             Err(detail) => bus_error(a, &detail, ctx.now, &mut out),
         }
         self.advance(actuator_id, ctx, &mut out);
+        self.advance_dependents(actuator_id, ctx, &mut out);
         out
     }
 
@@ -675,6 +686,16 @@ impl Core {
                 }
                 return false;
             }
+            if self.interlock_broken(a, ctx) {
+                // The `on` behind this run gets the `switched_off` that says why it ended.
+                let began = a
+                    .run_by
+                    .clone()
+                    .or_else(|| a.deadline.as_ref().map(|d| d.command_id.clone()));
+                tracing::warn!(actuator = %a.spec.id, "an interlock broke while on; switching off");
+                a.start_off(JobCause::Interlock(began.unwrap_or_default()), out);
+                return true;
+            }
             if a.queue.is_empty() {
                 return true;
             }
@@ -719,21 +740,64 @@ impl Core {
         Ok(())
     }
 
-    /// `requires_on`: each confirmed on; `block_when`: a reading, within its limit.
+    /// Before an `on` or `set`: each of `requires_on` confirmed on, and a `block_when`
+    /// reading within its limit (none is no go).
     fn interlocks_allow(&self, spec: &ActuatorSpec, ctx: &Ctx<'_>) -> bool {
-        let required_on = spec.requires_on.iter().all(|other| {
-            self.actuators
-                .get(other)
-                .is_some_and(|o| o.confirmed == Some(Value::Switch(true)))
-        });
+        let required_on = spec
+            .requires_on
+            .iter()
+            .all(|other| self.confirmed(other) == Some(Value::Switch(true)));
         let unblocked = spec.block_when.as_ref().is_none_or(|(sensor, limit)| {
-            match (ctx.readings.latest(sensor), limit) {
-                (None, _) => false,
-                (Some(v), Limit::Below(l)) => v >= *l,
-                (Some(v), Limit::Above(l)) => v <= *l,
-            }
+            ctx.readings
+                .latest(sensor)
+                .is_some_and(|v| !limit.crossed(v))
         });
         required_on && unblocked
+    }
+
+    /// While a switch may be on: an interlock known broken, i.e. one of `requires_on`
+    /// confirmed off (a pump whose valve closed) or a `block_when` reading past its limit (a
+    /// tank run low). Unknown states and missing readings do not stop a run; they refuse the
+    /// next `on`.
+    fn interlock_broken(&self, a: &Actuator, ctx: &Ctx<'_>) -> bool {
+        if !a.may_be_on() {
+            return false;
+        }
+        let partner_off = a
+            .spec
+            .requires_on
+            .iter()
+            .any(|other| self.confirmed(other) == Some(Value::Switch(false)));
+        let blocked = a.spec.block_when.as_ref().is_some_and(|(sensor, limit)| {
+            ctx.readings
+                .latest(sensor)
+                .is_some_and(|v| limit.crossed(v))
+        });
+        partner_off || blocked
+    }
+
+    /// Advances the switches that require `actuator_id`, so one whose partner just went off
+    /// stops now rather than at the next tick.
+    fn advance_dependents(&mut self, actuator_id: &str, ctx: &Ctx<'_>, out: &mut Vec<Action>) {
+        let dependents: Vec<String> = self
+            .actuators
+            .values()
+            .filter(|a| a.spec.requires_on.iter().any(|r| r == actuator_id))
+            .map(|a| a.spec.id.clone())
+            .collect();
+        for id in dependents {
+            self.advance(&id, ctx, out);
+        }
+    }
+}
+
+impl Limit {
+    /// Whether `value` is past the limit (at the limit is still within).
+    fn crossed(self, value: f64) -> bool {
+        match self {
+            Self::Below(l) => value < l,
+            Self::Above(l) => value > l,
+        }
     }
 }
 
@@ -762,6 +826,7 @@ fn start(a: &mut Actuator, command: Command, now: Timestamp, out: &mut Vec<Actio
     )));
     let mut deadline = None;
     if let Request::On { duration } = command.request {
+        a.run_by = Some(command.command_id.clone());
         let run_since = *a.run_since.get_or_insert(now);
         let asked = duration.map(|d| after(now, d));
         let cap = a.spec.max_on.map(|m| after(run_since, m));
@@ -802,17 +867,18 @@ fn finish(a: &mut Actuator, readback: Option<Value>, now: Timestamp, out: &mut V
         }
         _ => {}
     }
-    let (command_id, status) = match &job.cause {
-        JobCause::Command(c) => (c.command_id.clone(), Status::Applied),
-        JobCause::Deadline(id) => (id.clone(), Status::SwitchedOff),
-        JobCause::Removal => (String::new(), Status::SwitchedOff),
+    let (command_id, status, reason) = match &job.cause {
+        JobCause::Command(c) => (c.command_id.clone(), Status::Applied, None),
+        JobCause::Deadline(id) => (id.clone(), Status::SwitchedOff, None),
+        JobCause::Removal => (String::new(), Status::SwitchedOff, None),
+        JobCause::Interlock(id) => (id.clone(), Status::SwitchedOff, Some(Reason::Interlock)),
     };
     out.push(Action::Publish(CommandResult {
         command_id,
         actuator_id: a.spec.id.clone(),
         field_id: a.spec.field_id.clone(),
         status,
-        reason: None,
+        reason,
         requested: Some(job.value),
         readback,
         at: now,

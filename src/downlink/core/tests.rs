@@ -378,6 +378,96 @@ fn block_when_refuses_beyond_the_limit_or_without_a_reading() {
     assert_eq!(rig.statuses(3), [Accepted, Applied]);
 }
 
+/// The valve a running pump requires is closed (by a command, here): the pump is switched off
+/// as soon as the valve's off is confirmed, `switched_off` with `interlock` for the pump's `on`.
+#[test]
+fn a_running_pump_stops_when_the_valve_it_requires_is_confirmed_off() {
+    let pump = ActuatorSpec {
+        requires_on: vec!["valve".into()],
+        max_on: Some(Duration::from_secs(3600)),
+        ..switch("pump")
+    };
+    let mut rig = Rig::new(vec![pump, switch("valve")]);
+    rig.send(cmd(1, "valve", on(), 0, 60));
+    rig.settle();
+    rig.send(cmd(2, "pump", on(), 1, 60));
+    rig.settle();
+    assert_eq!(rig.device["pump"], Value::Switch(true));
+    rig.send(cmd(3, "valve", Request::Off, 2, 60));
+    // No tick: the valve's confirmation alone moves the pump.
+    rig.settle();
+    assert_eq!(rig.device["pump"], Value::Switch(false));
+    assert_eq!(rig.statuses(2), [Accepted, Applied, SwitchedOff]);
+    assert_eq!(rig.reason(2), Some(Reason::Interlock));
+    assert_eq!(
+        rig.writes.last().map(|w| w.3.clone()),
+        Some(Cause::Interlock(id(2)))
+    );
+    assert!(
+        rig.stored.is_empty(),
+        "the pump's deadline ended with the run"
+    );
+    // Stopped once: later ticks write nothing more.
+    let writes = rig.writes.len();
+    for s in 3..6 {
+        rig.now = t(s);
+        rig.tick();
+        rig.settle();
+    }
+    assert_eq!(rig.writes.len(), writes);
+}
+
+/// A `block_when` reading crossing its limit during a run stops it at the next tick; a
+/// missing reading or an unknown partner does not (they only refuse the next `on`).
+#[test]
+fn a_run_stops_when_its_block_when_reading_crosses_the_limit_not_when_it_goes_missing() {
+    let pump = ActuatorSpec {
+        block_when: Some(("tank-5/water_level".into(), Limit::Below(10.0))),
+        requires_on: vec!["valve".into()],
+        ..switch("pump")
+    };
+    let mut rig = Rig::new(vec![pump, switch("valve")]);
+    rig.readings.insert("tank-5/water_level".into(), 50.0);
+    rig.send(cmd(1, "valve", on(), 0, 60));
+    rig.settle();
+    rig.send(cmd(2, "pump", on(), 1, 60));
+    rig.settle();
+    rig.readings.clear();
+    rig.now = t(2);
+    rig.tick();
+    rig.settle();
+    assert_eq!(
+        rig.device["pump"],
+        Value::Switch(true),
+        "no reading is no trip"
+    );
+    rig.readings.insert("tank-5/water_level".into(), 10.0);
+    rig.now = t(3);
+    rig.tick();
+    rig.settle();
+    assert_eq!(
+        rig.device["pump"],
+        Value::Switch(true),
+        "at the limit is within"
+    );
+    rig.readings.insert("tank-5/water_level".into(), 9.9);
+    rig.now = t(4);
+    rig.tick();
+    rig.settle();
+    assert_eq!(rig.device["pump"], Value::Switch(false));
+    let last = rig.results.last().expect("a result");
+    assert_eq!(
+        (last.status, last.reason, last.command_id.as_str()),
+        (SwitchedOff, Some(Reason::Interlock), id(2).as_str()),
+        "the switched_off names the on behind the run"
+    );
+    assert_eq!(
+        rig.device["valve"],
+        Value::Switch(true),
+        "the valve stays open"
+    );
+}
+
 #[test]
 fn min_off_refuses_an_on_too_soon_after_the_last_off() {
     let pump = ActuatorSpec {
