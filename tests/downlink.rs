@@ -885,6 +885,100 @@ async fn closing_the_valve_a_running_pump_requires_stops_the_pump() {
     assert_eq!(rig.coil_writes(PUMP), 2, "pump-1: on, then off once");
 }
 
+/// SIGHUP removes actuators: the command queued for one of them ends `rejected:
+/// unknown_actuator` at once, a switch that was on is switched off first (no command behind
+/// the `switched_off`), and a later command for it is refused; what stays keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_actuators_refuses_their_queue_and_switches_them_off() {
+    const FIELD_2: &str = "field-2";
+    let absent = format!(
+        "[[fields]]\nid = \"{FIELD_2}\"\n  [[fields.actuators]]\n  id = \"valve-11\"\n  kind = \"switch\"\n  \
+         modbus = {{ port = \"{PORT}\", unit = 11, coil = 0 }}\n"
+    );
+    let mut rig = Rig::start_on(single().await, COMMANDS, &absent).await;
+    let valve = command("valve-3", "on");
+    rig.publish(&valve).await;
+    rig.wait_final(std::slice::from_ref(&valve)).await;
+    // valve-11's unit never answers: its `on` retries, and the `off` behind it waits.
+    let now = OffsetDateTime::now_utc();
+    let minute = time::Duration::minutes(1);
+    let holding = support::commands::command_at(FIELD_2, "valve-11", "on", now, now + minute);
+    let queued = support::commands::command_at(
+        FIELD_2,
+        "valve-11",
+        "off",
+        now + time::Duration::milliseconds(1),
+        now + minute,
+    );
+    rig.publish(&holding).await;
+    rig.publish(&queued).await;
+    rig.wait_results("valve-11's on under way", |r| {
+        statuses(r, id_of(&holding)).iter().any(|s| s == "accepted")
+    })
+    .await;
+
+    // Without valve-3, pump-1 (which requires it) and valve-11's field.
+    let kept: Vec<&str> = farm_without(&rig.config, &["valve-3", "pump-1"]);
+    let config = kept.concat().replace(&absent, "");
+    rig.gateway.rewrite_config(&config);
+    rig.gateway.signal("HUP");
+    let results = rig
+        .wait_results("the queued off refused, valve-3 switched off", |r| {
+            final_of(r, id_of(&queued)).is_some()
+                && r.iter().any(|m| {
+                    m.body["payload"]["actuator_id"] == "valve-3"
+                        && m.body["payload"]["status"] == "switched_off"
+                })
+        })
+        .await;
+    let refused = final_of(&results, id_of(&queued)).expect("final");
+    assert_eq!(
+        (refused["status"].as_str(), refused["reason"].as_str()),
+        (Some("rejected"), Some("unknown_actuator")),
+        "{refused}"
+    );
+    let off = results
+        .iter()
+        .map(|m| &m.body["payload"])
+        .find(|p| p["actuator_id"] == "valve-3" && p["status"] == "switched_off")
+        .expect("switched_off");
+    assert_eq!(
+        (off["command_id"].as_str(), &off["readback"]),
+        (Some(""), &json!(false)),
+        "{off}"
+    );
+    assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(false));
+
+    let late = command("valve-3", "on");
+    let dose = with(command("dosing-1", "set"), "value", json!(12.5));
+    rig.publish(&late).await;
+    rig.publish(&dose).await;
+    let results = rig.wait_final(&[late.clone(), dose.clone()]).await;
+    let p = final_of(&results, id_of(&late)).expect("final");
+    assert_eq!(p["reason"], "unknown_actuator", "{p}");
+    assert_eq!(final_status(&results, id_of(&dose)), "applied");
+    assert_eq!(
+        rig.coil_writes(VALVE),
+        2,
+        "valve-3: on, then off at the reload"
+    );
+}
+
+/// The config's text without the `[[fields.actuators]]` entries of `ids`, in pieces.
+fn farm_without<'a>(config: &'a str, ids: &[&str]) -> Vec<&'a str> {
+    let mut pieces: Vec<&str> = Vec::new();
+    let mut rest = config;
+    while let Some(at) = rest[1..].find("  [[fields.actuators]]").map(|i| i + 1) {
+        pieces.push(&rest[..at]);
+        rest = &rest[at..];
+    }
+    pieces.push(rest);
+    pieces
+        .into_iter()
+        .filter(|p| !ids.iter().any(|id| p.contains(&format!("id = \"{id}\""))))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_welded_relay_fails_with_the_value_read_back() {
     let rig = Rig::start().await;
