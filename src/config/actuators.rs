@@ -395,7 +395,7 @@ impl ModbusActuator {
             return;
         }
         let Some([lo, hi]) = range else { return };
-        let (min, max) = raw_bounds(kind);
+        let (min, max) = kind.raw_bounds();
         let raw = [(lo - offset) / scale, (hi - offset) / scale];
         if raw.iter().any(|r| !(min..=max).contains(&r.round())) {
             problem(format!(
@@ -403,17 +403,6 @@ impl ModbusActuator {
                 raw[0], raw[1]
             ).to_lowercase());
         }
-    }
-}
-
-/// The raw values a register type holds.
-fn raw_bounds(kind: RegisterType) -> (f64, f64) {
-    match kind {
-        RegisterType::U16 => (0.0, f64::from(u16::MAX)),
-        RegisterType::I16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
-        RegisterType::U32 => (0.0, f64::from(u32::MAX)),
-        RegisterType::I32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
-        RegisterType::F32 => (f64::from(f32::MIN), f64::from(f32::MAX)),
     }
 }
 

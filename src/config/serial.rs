@@ -365,6 +365,18 @@ impl RegisterType {
             Self::U32 | Self::I32 | Self::F32 => 2,
         }
     }
+
+    /// The raw values the register(s) can hold: what a setpoint's range must fit and what a
+    /// write may send.
+    pub fn raw_bounds(self) -> (f64, f64) {
+        match self {
+            Self::U16 => (0.0, f64::from(u16::MAX)),
+            Self::I16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
+            Self::U32 => (0.0, f64::from(u32::MAX)),
+            Self::I32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
+            Self::F32 => (f64::from(f32::MIN), f64::from(f32::MAX)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

@@ -40,7 +40,7 @@ impl Binding {
             (Some(coil), _) => Target::Coil(coil),
             (None, Some(register)) => Target::Register {
                 register,
-                value_type: m.value_type().into(),
+                value_type: m.value_type(),
                 scale: m.scale(),
                 offset: m.offset(),
             },
@@ -148,7 +148,7 @@ impl ModbusActuators {
                 scale,
                 offset,
             } => {
-                let count = value_type.width();
+                let count = value_type.registers();
                 let kind = BusRequestKind::Read(Read::Registers {
                     unit,
                     register,

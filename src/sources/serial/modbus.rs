@@ -66,25 +66,9 @@ impl RegisterKind {
     }
 }
 
-/// How a point's register(s) encode its value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ValueType {
-    U16,
-    I16,
-    U32,
-    I32,
-    F32,
-}
-
-impl ValueType {
-    /// Registers the value occupies.
-    pub fn width(self) -> u16 {
-        match self {
-            Self::U16 | Self::I16 => 1,
-            Self::U32 | Self::I32 | Self::F32 => 2,
-        }
-    }
-}
+/// How a point's register(s) encode its value: the config's own type, so the bounds and
+/// widths the config checks are the ones the bus uses.
+pub use crate::config::serial::RegisterType as ValueType;
 
 /// Order of the two registers of a 32-bit value (bytes within a register are always big-endian).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

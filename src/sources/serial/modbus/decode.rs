@@ -23,7 +23,7 @@ pub(crate) fn decode_value(
     word_order: WordOrder,
     words: &[u16],
 ) -> Result<f64, DecodeError> {
-    let needed = value_type.width();
+    let needed = value_type.registers();
     if words.len() < usize::from(needed) {
         return Err(DecodeError::Short {
             value_type,
@@ -78,13 +78,7 @@ pub(crate) fn encode_value(
     if !raw.is_finite() {
         return Err(EncodeError::NotFinite { raw });
     }
-    let (min, max) = match value_type {
-        ValueType::U16 => (0.0, f64::from(u16::MAX)),
-        ValueType::I16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
-        ValueType::U32 => (0.0, f64::from(u32::MAX)),
-        ValueType::I32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
-        ValueType::F32 => (f64::from(f32::MIN), f64::from(f32::MAX)),
-    };
+    let (min, max) = value_type.raw_bounds();
     let rounded = if value_type == ValueType::F32 {
         raw
     } else {
@@ -288,7 +282,7 @@ mod tests {
             let order = if little { WordOrder::Little } else { WordOrder::Big };
             match encode_value(value_type, order, raw) {
                 Ok(words) => {
-                    prop_assert_eq!(words.len(), usize::from(value_type.width()));
+                    prop_assert_eq!(words.len(), usize::from(value_type.registers()));
                     let back = decode_value(value_type, order, &words).unwrap();
                     let expected = match value_type {
                         ValueType::F32 => f64::from(raw as f32),

@@ -74,7 +74,7 @@ impl Point {
                 unit: self.unit,
             });
         }
-        let width = self.value_type.width();
+        let width = self.value_type.registers();
         if u32::from(self.register) + u32::from(width) > 0x1_0000 {
             return Err(PointError::Register {
                 id: self.id,
@@ -87,7 +87,7 @@ impl Point {
 
     /// One past the point's last register (fits in u32 for any register).
     fn end(&self) -> u32 {
-        u32::from(self.register) + u32::from(self.value_type.width())
+        u32::from(self.register) + u32::from(self.value_type.registers())
     }
 }
 
@@ -271,7 +271,7 @@ mod tests {
                     seen[s.id] += 1;
                     prop_assert_eq!((p.unit, p.kind), (r.unit, r.kind));
                     prop_assert_eq!(u32::from(r.start) + u32::from(s.offset), u32::from(p.register));
-                    prop_assert!(s.offset + s.value_type.width() <= r.count);
+                    prop_assert!(s.offset + s.value_type.registers() <= r.count);
                     prop_assert_eq!(s.value_type, p.value_type);
                     prop_assert_eq!(s.word_order, p.word_order);
                 }

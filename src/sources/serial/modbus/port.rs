@@ -31,7 +31,7 @@ use tokio_serial::SerialStream;
 
 use super::{
     plan, BusError, BusRequest, CycleReport, Fault, Plan, Point, PointError, Poller, PortLost,
-    RegisterKind, Timing, ValueType, WordOrder,
+    RegisterKind, Timing, WordOrder,
 };
 use crate::common::metrics::Metrics;
 use crate::config::serial::{self as config, SerialBinding};
@@ -44,18 +44,6 @@ impl From<config::RegisterKind> for RegisterKind {
         match kind {
             config::RegisterKind::Holding => Self::Holding,
             config::RegisterKind::Input => Self::Input,
-        }
-    }
-}
-
-impl From<config::RegisterType> for ValueType {
-    fn from(t: config::RegisterType) -> Self {
-        match t {
-            config::RegisterType::U16 => Self::U16,
-            config::RegisterType::I16 => Self::I16,
-            config::RegisterType::U32 => Self::U32,
-            config::RegisterType::I32 => Self::I32,
-            config::RegisterType::F32 => Self::F32,
         }
     }
 }
@@ -99,7 +87,7 @@ impl Bus {
                 unit: b.unit.0,
                 kind: b.kind.into(),
                 register: b.register,
-                value_type: b.value_type.into(),
+                value_type: b.value_type,
                 word_order: b.word_order().into(),
             };
             keys.push(SerialKey::of(&sensor.binding));
