@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::common::status::ConfigStatus;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -135,6 +136,8 @@ pub struct Metrics {
     nats_problem: Mutex<Option<String>>,
     /// The commands consumer's state with `[commands]` enabled, for `/readyz` and `status`.
     commands_consumer: Mutex<Option<Result<(), String>>>,
+    /// The running config's origin, for `status` and `/status`.
+    config: Mutex<Option<ConfigStatus>>,
     pub(crate) listener_connections_open: Family<ListenerLabel, Gauge>,
     pub(crate) listener_connections: Family<ListenerLabel, Counter>,
     pub(crate) listener_publishes: Family<ListenerLabel, Counter>,
@@ -194,6 +197,7 @@ impl Metrics {
             forwarder_beat: Mutex::new(Instant::now()),
             nats_problem: Mutex::new(None),
             commands_consumer: Mutex::new(None),
+            config: Mutex::new(None),
             listener_connections_open: Family::default(),
             listener_connections: Family::default(),
             listener_publishes: Family::default(),
@@ -661,6 +665,17 @@ impl Metrics {
             .commands_consumer
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub(crate) fn set_config(&self, config: ConfigStatus) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Some(config);
+    }
+
+    pub(crate) fn config(&self) -> Option<ConfigStatus> {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn commands_consumer(&self) -> Option<Result<(), String>> {

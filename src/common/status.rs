@@ -40,6 +40,42 @@ pub struct StatusReport {
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     /// Set when the dead-letter table could not be read.
     pub(crate) dead_letters_error: Option<String>,
+    /// The running config: its file, its source and its remote revision.
+    #[serde(default)]
+    pub config: Option<ConfigStatus>,
+}
+
+/// Which config runs and where it came from (DESIGN §9: local file or remote revision).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// `local` (the `--config` file) or `remote` (a KV revision kept as last known good).
+    pub source: String,
+    pub file: String,
+    /// The KV revision of a remote config.
+    pub revision: Option<u64>,
+    /// xxh3-128 of the config text, in hex.
+    pub hash: String,
+}
+
+impl ConfigStatus {
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
+        let origin = &config.origin;
+        Self {
+            source: if origin.remote_revision.is_some() {
+                "remote"
+            } else {
+                "local"
+            }
+            .into(),
+            file: origin
+                .file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            revision: origin.remote_revision,
+            hash: config.text_hash.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +168,7 @@ impl StatusReport {
             commands: m.commands_consumer(),
             dead_letters_by_reason: BTreeMap::new(),
             dead_letters_error: None,
+            config: m.config(),
         }
     }
 
@@ -220,6 +257,13 @@ impl StatusReport {
             "DISCONNECTED"
         };
         writeln!(out, "NATS:          {link} ({nats_servers})")?;
+        if let Some(c) = &self.config {
+            let revision = c
+                .revision
+                .map(|r| format!(" revision {r}"))
+                .unwrap_or_default();
+            writeln!(out, "config:        {}{revision} ({})", c.source, c.file)?;
+        }
         let oldest = std::time::Duration::from_secs(self.oldest_age_seconds.max(0) as u64);
         writeln!(
             out,

@@ -18,8 +18,8 @@
 //!
 //! The report is [`StatusReport::from_metrics`], the same typed state `/status` serves, with
 //! what only the heartbeat says: version, uptime, config revision, clock sync and free disk.
-//! The config revision is the hash of the running config file's text until remote config
-//! gives revisions of their own.
+//! The config revision is the KV revision of a remote config (`fleet::remote`), or the hash
+//! of the local file's text.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,7 +33,6 @@ use crate::common::clock::{self, ClockSync};
 use crate::common::metrics::Metrics;
 use crate::common::status::{ListenerStatus, SourceStatus, StatusReport};
 use crate::config::Config;
-use crate::store::inbox::ResultBody;
 use crate::store::{self, StoreHandle};
 
 /// What a heartbeat task runs with; a reload that changes it restarts the task.
@@ -45,6 +44,8 @@ pub(crate) struct Plan {
     pub(crate) data_dir: PathBuf,
     pub(crate) store_path: PathBuf,
     pub(crate) config_hash: String,
+    /// The KV revision of a remote config; `None` for the local file.
+    pub(crate) remote_revision: Option<u64>,
 }
 
 impl Plan {
@@ -56,6 +57,7 @@ impl Plan {
             data_dir: config.gateway.data_dir.clone(),
             store_path: config.store_path(),
             config_hash: config.text_hash.clone(),
+            remote_revision: config.origin.remote_revision,
         }
     }
 }
@@ -88,8 +90,8 @@ struct Payload<'a> {
 
 #[derive(Serialize)]
 struct ConfigState<'a> {
-    /// The remote revision once there is one; until then the file's hash.
-    revision: &'a str,
+    /// The remote revision of a remote config; the file's hash for the local one.
+    revision: String,
     hash: &'a str,
     source: &'static str,
 }
@@ -178,9 +180,15 @@ pub(crate) fn body(report: &StatusReport, plan: &Plan, extras: &Extras) -> Vec<u
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: extras.uptime.as_secs(),
         config: ConfigState {
-            revision: &plan.config_hash,
+            revision: plan
+                .remote_revision
+                .map_or_else(|| plan.config_hash.clone(), |r| r.to_string()),
             hash: &plan.config_hash,
-            source: "file",
+            source: if plan.remote_revision.is_some() {
+                "remote"
+            } else {
+                "local"
+            },
         },
         ready: report.ready,
         backlog: Backlog {
@@ -212,17 +220,7 @@ pub(crate) fn body(report: &StatusReport, plan: &Plan, extras: &Extras) -> Vec<u
             problem: extras.free_disk.as_ref().err().map(String::as_str),
         },
     };
-    // Structs of strings, numbers and maps with string keys always serialize, as an object.
-    let payload = match serde_json::to_value(&payload) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    let body = ResultBody {
-        tenant_id: plan.tenant_id.clone(),
-        correlation_id: String::new(),
-        payload,
-    };
-    serde_json::to_vec(&body).unwrap_or_default()
+    super::event_body(&plan.tenant_id, &payload)
 }
 
 /// The task that buffers a heartbeat every interval until stopped.
@@ -298,6 +296,7 @@ mod tests {
             data_dir: PathBuf::from("/var/lib/sahool-gateway"),
             store_path: PathBuf::from("/var/lib/sahool-gateway/buffer.db"),
             config_hash: "0123456789abcdef0123456789abcdef".into(),
+            remote_revision: None,
         }
     }
 
