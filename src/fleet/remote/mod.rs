@@ -108,17 +108,22 @@ pub(crate) fn load_memory(dir: &Path) -> Result<Memory, RemoteError> {
 }
 
 fn persist(dir: &Path, memory: &Memory) -> Result<(), RemoteError> {
+    create_dir(dir)?;
     let path = state_path(dir);
     let bytes = serde_json::to_vec_pretty(memory).unwrap_or_default();
     files::write_atomic(&path, &bytes).map_err(|source| RemoteError::Io { path, source })
 }
 
-fn write_revision(dir: &Path, revision: u64, text: &str) -> Result<(), RemoteError> {
-    let io = |source| RemoteError::Io {
+/// The folder, made on first use (a rejection may be the first thing remembered).
+fn create_dir(dir: &Path) -> Result<(), RemoteError> {
+    std::fs::create_dir_all(dir).map_err(|source| RemoteError::Io {
         path: dir.to_path_buf(),
         source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
+    })
+}
+
+fn write_revision(dir: &Path, revision: u64, text: &str) -> Result<(), RemoteError> {
+    create_dir(dir)?;
     let path = revision_file(dir, revision);
     files::write_atomic(&path, text.as_bytes()).map_err(|source| RemoteError::Io { path, source })
 }
@@ -511,6 +516,13 @@ mod tests {
         let local = config::parse(&local_text).unwrap();
         let dir = dir(&local);
         assert_eq!(load_memory(&dir).unwrap(), Memory::default());
+        // The first thing remembered may be a rejection: the folder is made for it.
+        let rejected = Memory {
+            last_revision: 4,
+            ..Memory::default()
+        };
+        persist(&dir, &rejected).unwrap();
+        assert_eq!(load_memory(&dir).unwrap(), rejected);
         // Nothing kept: the local file.
         assert_eq!(choose(local.clone()).origin.remote_revision, None);
         let remote_text = format!("{local_text}\n[quality]\nstale_factor = 4.0\n");
