@@ -1,7 +1,7 @@
 //! Remote config from NATS KV through the real binary and a real nats-server (issue 17 item 2,
 //! DESIGN §9): a revision applied and kept, one that does not validate rejected, one that
-//! breaks a source rolled back after its probation, a SIGKILL during probation, KV missing at
-//! start, and revisions replayed or older than the last one acted on ignored. Each outcome is
+//! breaks a source rolled back after its probation, a SIGKILL and a SIGHUP during probation,
+//! KV missing at start, and revisions replayed or older than the last one acted on ignored. Each outcome is
 //! checked as a `sahool.iot.gateway.config` event against its contract.
 
 mod support;
@@ -279,7 +279,7 @@ async fn bad_revisions_are_rejected_and_one_breaking_a_source_rolls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkill_during_probation_restarts_from_the_last_good_config_and_reports_it() {
+async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_and_reports_it() {
     let nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let kv = bucket(&nats).await;
@@ -317,5 +317,24 @@ async fn a_sigkill_during_probation_restarts_from_the_last_good_config_and_repor
         g.log().contains("not newer than the last one acted on")
     });
     assert_eq!(config_events(&nats).await.len(), 1);
+
+    // A local reload during the next probation: the local file (no revision kept) is applied
+    // and the revision ends rolled back.
+    let next = put(
+        &kv,
+        remote_text(&gateway, &probe_2_and_second_source(&broker)),
+    )
+    .await;
+    gateway.wait_until("on probation again", Duration::from_secs(20), |g| {
+        g.log().matches("on probation").count() == 2
+    });
+    gateway.signal("HUP");
+    let outcome = wait_outcome(&nats, next, Duration::from_secs(20)).await;
+    assert_eq!(
+        (&outcome["status"], &outcome["check"]),
+        (&"rolled_back".into(), &"sighup".into()),
+        "{outcome}"
+    );
+    assert_eq!(status_config(&gateway)["source"], "local");
     assert_eq!(gateway.terminate(), Some(0));
 }

@@ -52,7 +52,8 @@ pub(crate) struct Outcome {
     pub(crate) revision: u64,
     pub(crate) reason: String,
     /// The check that failed: `validate`, `restart_required`, a health part such as
-    /// `source farm` or `nats`, or `restart` (the gateway stopped during probation).
+    /// `source farm` or `nats`, `restart` (the gateway stopped during probation) or `sighup`
+    /// (a local reload during probation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) check: Option<String>,
 }
@@ -278,6 +279,29 @@ impl Core {
         ]
     }
 
+    /// A reload from the local side (SIGHUP) replaced the config during the probation: it
+    /// already runs the last known good config (the precedence), so the trial ends rolled back
+    /// without applying anything.
+    pub(crate) fn superseded(&mut self) -> Vec<Action> {
+        let Some(trial) = self.trial.take() else {
+            return Vec::new();
+        };
+        self.memory.trial = None;
+        vec![
+            Action::Report(Outcome {
+                status: Status::RolledBack,
+                revision: trial.revision,
+                reason: "a reload (SIGHUP) during the probation applied the last known good config"
+                    .into(),
+                check: Some("sighup".into()),
+            }),
+            Action::Persist(self.memory.clone()),
+            Action::Remove {
+                revision: trial.revision,
+            },
+        ]
+    }
+
     /// The probation ended; `health` is the gateway's now. Keeps the revision as the last
     /// known good, or rolls back to the config it replaced.
     pub(crate) fn probation_over(&mut self, health: Health) -> Vec<Action> {
@@ -484,6 +508,23 @@ mod tests {
                 trial: None
             }
         );
+    }
+
+    #[test]
+    fn a_sighup_during_probation_ends_it_rolled_back() {
+        let mut c = core(Memory::default());
+        c.revision(2, &with_source(1883), &running(), healthy());
+        let a = c.superseded();
+        assert_eq!(kinds(&a), ["report", "persist", "remove"]);
+        let o = outcome(&a);
+        assert_eq!(
+            (o.status, o.check.as_deref()),
+            (Status::RolledBack, Some("sighup"))
+        );
+        assert_eq!(c.memory().trial, None);
+        assert_eq!(c.memory().good, None);
+        assert!(c.probation_over(healthy()).is_empty());
+        assert!(c.superseded().is_empty());
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! 2. At most one revision is under probation; revisions arriving meanwhile wait in order and
 //!    the core ignores those not newer than the last one acted on.
 //! 3. A stop during probation (SIGKILL, power cut, SIGTERM) leaves the trial in the state file;
-//!    the next start runs the good config and reports the trial rolled back.
+//!    the next start runs the good config and reports the trial rolled back. A SIGHUP during
+//!    probation applies the good config (the precedence) and ends the trial rolled back.
 //!
 //! # Precedence
 //! With `config_bucket` set, the last known good remote revision is in force over the local
@@ -231,16 +232,23 @@ impl Remote {
             let running = self.current.borrow().clone();
             let health = self.health(&running).await;
             let actions = core.revision(revision, &text, &running, health);
+            // Reloads from here on are not this revision's.
+            let mut reloaded = self.current.clone();
+            reloaded.mark_unchanged();
             let Some(trial) = self.carry_out(actions).await else {
                 continue;
             };
-            tokio::select! {
+            reloaded.mark_unchanged();
+            let actions = tokio::select! {
                 // Stopped during probation: the next start rolls the trial back.
                 _ = stop.changed() => break,
-                () = tokio::time::sleep(self.probation) => {}
-            }
-            let health = self.health(&trial).await;
-            let actions = core.probation_over(health);
+                // A SIGHUP applied the last known good config meanwhile.
+                _ = reloaded.changed() => core.superseded(),
+                () = tokio::time::sleep(self.probation) => {
+                    let health = self.health(&trial).await;
+                    core.probation_over(health)
+                }
+            };
             self.carry_out(actions).await;
         }
         let _ = watcher.await;
