@@ -71,6 +71,17 @@ async fn bucket(nats: &Nats) -> kv::Store {
     js.get_key_value(BUCKET).await.expect("open bucket")
 }
 
+/// nats-server with the platform's stream and the tenant's bucket, a broker, and the gateway
+/// on its local config with remote config on, its source subscribed.
+async fn start(probation: &str) -> (Nats, Mosquitto, kv::Store, Gateway) {
+    let nats = Nats::with_platform_stream().await;
+    let broker = Mosquitto::start();
+    let kv = bucket(&nats).await;
+    let gateway = Gateway::start(&local_config(&nats, &broker, probation));
+    gateway.wait_subscribed(1).await;
+    (nats, broker, kv, gateway)
+}
+
 /// Puts `text` under the gateway's key; returns its revision.
 async fn put(kv: &kv::Store, text: String) -> u64 {
     kv.put("gw-test", text.into()).await.expect("put")
@@ -140,6 +151,28 @@ async fn wait_reading(nats: &Nats, device: &str, value: f64, within: Duration) {
     }
 }
 
+/// Asserts an outcome's status and failed check.
+fn assert_outcome(outcome: &Value, status: &str, check: &str) {
+    assert_eq!(
+        (outcome["status"].as_str(), outcome["check"].as_str()),
+        (Some(status), Some(check)),
+        "{outcome}"
+    );
+}
+
+/// The local source carries probe-1's readings through: `n` more reach JetStream.
+async fn assert_probe_1_forwards(gateway: &Gateway, broker: &Mosquitto, n: usize) {
+    gateway.wait_subscribed(1).await;
+    let before = gateway.metric("sahool_gateway_readings_forwarded_total", "");
+    assert_eq!(
+        publish_all(broker.port, "p1", probe_readings(0..n)).await,
+        n
+    );
+    gateway.wait_until("forwarded", Duration::from_secs(20), |g| {
+        g.metric("sahool_gateway_readings_forwarded_total", "") >= before + n as f64
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_is_applied_kept_across_restarts_without_kv_and_older_ones_are_ignored() {
     let nats = Nats::with_platform_stream().await;
@@ -206,20 +239,12 @@ async fn a_revision_is_applied_kept_across_restarts_without_kv_and_older_ones_ar
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_revisions_are_rejected_and_one_breaking_a_source_rolls_back() {
-    let nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let kv = bucket(&nats).await;
-    let mut gateway = Gateway::start(&local_config(&nats, &broker, "3s"));
-    gateway.wait_subscribed(1).await;
+    let (nats, broker, kv, mut gateway) = start("3s").await;
 
     // Not valid: refused, the running config untouched.
     let bad = put(&kv, remote_text(&gateway, "[[mqtt]]\nname = \"farm\"\n")).await;
     let outcome = wait_outcome(&nats, bad, Duration::from_secs(20)).await;
-    assert_eq!(
-        (&outcome["status"], &outcome["check"]),
-        (&"rejected".into(), &"validate".into()),
-        "{outcome}"
-    );
+    assert_outcome(&outcome, "rejected", "validate");
     assert!(
         outcome["reason"].as_str().unwrap().contains("line"),
         "{outcome}"
@@ -244,21 +269,10 @@ async fn bad_revisions_are_rejected_and_one_breaking_a_source_rolls_back() {
     let text = remote_text(&gateway, "").replace(&broker.url(), &wrong);
     let broken = put(&kv, text).await;
     let outcome = wait_outcome(&nats, broken, Duration::from_secs(30)).await;
-    assert_eq!(
-        (&outcome["status"], &outcome["check"]),
-        (&"rolled_back".into(), &"source farm".into()),
-        "{outcome}"
-    );
+    assert_outcome(&outcome, "rolled_back", "source farm");
     assert_eq!(status_config(&gateway)["source"], "local");
     // The old source works again.
-    gateway.wait_subscribed(1).await;
-    assert_eq!(
-        publish_all(broker.port, "p1", probe_readings(0..3)).await,
-        3
-    );
-    gateway.wait_until("forwarded", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_readings_forwarded_total", "") == 3.0
-    });
+    assert_probe_1_forwards(&gateway, &broker, 3).await;
     assert!(gateway.is_running());
     assert_eq!(config_events(&nats).await.len(), 3);
 
@@ -280,11 +294,7 @@ async fn bad_revisions_are_rejected_and_one_breaking_a_source_rolls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_and_reports_it() {
-    let nats = Nats::with_platform_stream().await;
-    let broker = Mosquitto::start();
-    let kv = bucket(&nats).await;
-    let mut gateway = Gateway::start(&local_config(&nats, &broker, "60s"));
-    gateway.wait_subscribed(1).await;
+    let (nats, broker, kv, mut gateway) = start("60s").await;
 
     let revision = put(
         &kv,
@@ -297,22 +307,11 @@ async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_an
     gateway.kill9();
     gateway.resume();
     let outcome = wait_outcome(&nats, revision, Duration::from_secs(30)).await;
-    assert_eq!(
-        (&outcome["status"], &outcome["check"]),
-        (&"rolled_back".into(), &"restart".into()),
-        "{outcome}"
-    );
+    assert_outcome(&outcome, "rolled_back", "restart");
     // Usable: the local config runs, its source forwards; the same revision, delivered again
     // by the watch, is not tried again.
     assert_eq!(status_config(&gateway)["source"], "local");
-    gateway.wait_subscribed(1).await;
-    assert_eq!(
-        publish_all(broker.port, "p1", probe_readings(0..2)).await,
-        2
-    );
-    gateway.wait_until("forwarded", Duration::from_secs(20), |g| {
-        g.metric("sahool_gateway_readings_forwarded_total", "") >= 2.0
-    });
+    assert_probe_1_forwards(&gateway, &broker, 2).await;
     gateway.wait_until("replayed revision ignored", Duration::from_secs(20), |g| {
         g.log().contains("not newer than the last one acted on")
     });
@@ -330,11 +329,7 @@ async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_an
     });
     gateway.signal("HUP");
     let outcome = wait_outcome(&nats, next, Duration::from_secs(20)).await;
-    assert_eq!(
-        (&outcome["status"], &outcome["check"]),
-        (&"rolled_back".into(), &"sighup".into()),
-        "{outcome}"
-    );
+    assert_outcome(&outcome, "rolled_back", "sighup");
     assert_eq!(status_config(&gateway)["source"], "local");
     assert_eq!(gateway.terminate(), Some(0));
 }

@@ -280,8 +280,7 @@ impl Heartbeat {
 mod tests {
     use super::*;
     use crate::reading::KIND_HEARTBEAT;
-    use crate::store::OutboxRow;
-    use crate::uplink::event::{self, Subjects, GATEWAY_STATUS_SUBJECT};
+    use crate::uplink::event::{self, GATEWAY_STATUS_SUBJECT};
 
     fn validator() -> jsonschema::Validator {
         let schema = include_str!("../../contracts/gateway_status.v1.json");
@@ -302,20 +301,7 @@ mod tests {
 
     /// The event a heartbeat with this report and these extras becomes, as JSON.
     fn rendered(report: &StatusReport, extras: &Extras) -> (event::Event, serde_json::Value) {
-        let row = OutboxRow {
-            seq: 12,
-            event_id: [0x5a; 16],
-            stored_ms: 1_780_287_301_000,
-            kind: KIND_HEARTBEAT,
-            body: body(report, &plan(), extras),
-        };
-        let subjects = Subjects {
-            reading: crate::config::SubjectTemplate::default(),
-            status: crate::config::SubjectTemplate::default_status(),
-        };
-        let e = event::render(&row, "gw-1", &subjects).expect("renders");
-        let v = serde_json::from_slice(&e.body).expect("JSON");
-        (e, v)
+        event::tests::render_gateway_event(KIND_HEARTBEAT, 0x5a, body(report, &plan(), extras))
     }
 
     #[test]

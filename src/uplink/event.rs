@@ -501,6 +501,29 @@ pub(crate) mod tests {
         assert!(body(&e)["payload"].get("metadata").is_none());
     }
 
+    /// The event a gateway event row (heartbeat, config outcome) of gateway `gw-1` becomes,
+    /// and its body as JSON.
+    pub(crate) fn render_gateway_event(
+        kind: u8,
+        seq: u64,
+        body: Vec<u8>,
+    ) -> (Event, serde_json::Value) {
+        let row = OutboxRow {
+            seq,
+            event_id: [seq as u8; 16],
+            stored_ms: 1_780_287_301_000,
+            kind,
+            body,
+        };
+        let subjects = Subjects {
+            reading: SubjectTemplate::default(),
+            status: SubjectTemplate::default_status(),
+        };
+        let e = render(&row, "gw-1", &subjects).expect("renders");
+        let v = serde_json::from_slice(&e.body).expect("JSON");
+        (e, v)
+    }
+
     /// A contract's schema (its JSON text), checking formats (uuid, date-time) too.
     pub(crate) fn contract_validator(schema: &str) -> jsonschema::Validator {
         let schema: serde_json::Value = serde_json::from_str(schema).expect("schema JSON");

@@ -456,24 +456,10 @@ mod tests {
     use super::*;
     use crate::config::test_support::MINIMAL;
     use crate::reading::KIND_CONFIG;
-    use crate::store::OutboxRow;
-    use crate::uplink::event::{self, Subjects, GATEWAY_CONFIG_SUBJECT};
+    use crate::uplink::event::{self, GATEWAY_CONFIG_SUBJECT};
 
     fn rendered(outcome: &Outcome) -> (event::Event, serde_json::Value) {
-        let row = OutboxRow {
-            seq: 3,
-            event_id: [0x11; 16],
-            stored_ms: 1_780_287_301_000,
-            kind: KIND_CONFIG,
-            body: body(outcome, "gw-1", "tenant-a"),
-        };
-        let subjects = Subjects {
-            reading: crate::config::SubjectTemplate::default(),
-            status: crate::config::SubjectTemplate::default_status(),
-        };
-        let e = event::render(&row, "gw-1", &subjects).expect("renders");
-        let v = serde_json::from_slice(&e.body).expect("JSON");
-        (e, v)
+        event::tests::render_gateway_event(KIND_CONFIG, 3, body(outcome, "gw-1", "tenant-a"))
     }
 
     #[test]
