@@ -175,7 +175,7 @@ async fn assert_probe_1_forwards(gateway: &Gateway, broker: &Mosquitto, n: usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_is_applied_kept_across_restarts_without_kv_and_older_ones_are_ignored() {
-    let nats = Nats::with_platform_stream().await;
+    let mut nats = Nats::with_platform_stream().await;
     let broker = Mosquitto::start();
     let kv = bucket(&nats).await;
     // Other gateways' keys first, so this gateway's revision is above 1.
@@ -208,9 +208,24 @@ async fn a_revision_is_applied_kept_across_restarts_without_kv_and_older_ones_ar
     );
     wait_reading(&nats, "probe-2", 7.0, Duration::from_secs(20)).await;
 
+    // Restarted with NATS down: it starts at once, on the last known good revision.
+    assert_eq!(gateway.terminate(), Some(0));
+    nats.stop();
+    gateway.resume();
+    gateway.wait_subscribed(2).await;
+    let status = status_config(&gateway);
+    assert_eq!(
+        (&status["source"], &status["revision"]),
+        (&"remote".into(), &revision.into())
+    );
+    gateway.wait_until("NATS unreachable logged", Duration::from_secs(10), |g| {
+        g.log().contains("KV not reachable")
+    });
+    assert_eq!(gateway.terminate(), Some(0));
+    nats.resume();
+
     // Restarted with the bucket gone (KV unreachable): it starts from the last known good
     // revision at once, and says KV is not reachable.
-    assert_eq!(gateway.terminate(), Some(0));
     let js = jetstream::new(nats.client().await);
     js.delete_key_value(BUCKET).await.expect("delete bucket");
     gateway.resume();

@@ -413,4 +413,40 @@ mod tests {
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), report);
     }
+
+    #[test]
+    fn the_running_configs_origin_is_reported_and_printed() {
+        let m = Metrics::new();
+        let mut config = crate::config::parse(crate::config::test_support::MINIMAL).unwrap();
+        config.origin = crate::config::Origin {
+            file: Some("/var/lib/sahool-gateway/remote/revision-12.toml".into()),
+            remote_revision: Some(12),
+        };
+        m.set_config(ConfigStatus::of(&config));
+        let report = StatusReport::from_metrics(&m);
+        let c = report.config.as_ref().expect("config");
+        assert_eq!((c.source.as_str(), c.revision), ("remote", Some(12)));
+        let mut text = Vec::new();
+        report
+            .write_text(
+                &report,
+                std::time::Duration::from_secs(1),
+                "gw-1",
+                "nats://x",
+                &mut text,
+            )
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("config:        remote revision 12 (/var/lib/sahool-gateway/remote/revision-12.toml)"),
+            "{text}"
+        );
+        // A report from before the field still reads.
+        let mut json = serde_json::to_value(&report).unwrap();
+        json.as_object_mut().unwrap().remove("config");
+        let old: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(old.config, None);
+        config.origin.remote_revision = None;
+        assert_eq!(ConfigStatus::of(&config).source, "local");
+    }
 }

@@ -370,6 +370,29 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_config_reports_its_revision_and_source() {
+        let report = StatusReport::from_metrics(&Metrics::new());
+        let extras = Extras {
+            uptime: Duration::ZERO,
+            clock: ClockSync::Unsynchronised,
+            free_disk: Ok(1),
+        };
+        let plan = Plan {
+            remote_revision: Some(42),
+            ..plan()
+        };
+        let (_, v) =
+            event::tests::render_gateway_event(KIND_HEARTBEAT, 7, body(&report, &plan, &extras));
+        assert!(validator().is_valid(&v), "{v}");
+        assert_eq!(
+            v["payload"]["config"],
+            serde_json::json!({"revision": "42", "hash": plan.config_hash, "source": "remote"})
+        );
+        let (_, v) = rendered(&report, &extras);
+        assert_eq!(v["payload"]["config"]["source"], "local");
+    }
+
+    #[test]
     fn what_cannot_be_read_is_said_and_still_fits_the_schema() {
         let mut report = StatusReport::from_metrics(&Metrics::new());
         report.dead_letters_error = Some("no such file".into());
