@@ -132,6 +132,9 @@ pub struct Metrics {
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
     forwarder_beat: Mutex<Instant>,
+    /// Whether the last progress check passed (the watchdog was fed), for remote config's
+    /// probation.
+    pipeline_progressing: AtomicBool,
     /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
     nats_problem: Mutex<Option<String>>,
     /// The commands consumer's state with `[commands]` enabled, for `/readyz` and `status`.
@@ -195,6 +198,7 @@ impl Metrics {
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
+            pipeline_progressing: AtomicBool::new(true),
             nats_problem: Mutex::new(None),
             commands_consumer: Mutex::new(None),
             config: Mutex::new(None),
@@ -637,6 +641,15 @@ impl Metrics {
         if let Ok(mut t) = self.forwarder_beat.lock() {
             *t = Instant::now();
         }
+    }
+
+    pub(crate) fn set_pipeline_progressing(&self, progressing: bool) {
+        self.pipeline_progressing
+            .store(progressing, Ordering::Relaxed);
+    }
+
+    pub(crate) fn pipeline_progressing(&self) -> bool {
+        self.pipeline_progressing.load(Ordering::Relaxed)
     }
 
     pub(crate) fn forwarder_idle_for(&self) -> Duration {

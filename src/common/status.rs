@@ -40,9 +40,17 @@ pub struct StatusReport {
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     /// Set when the dead-letter table could not be read.
     pub(crate) dead_letters_error: Option<String>,
+    /// Whether the last progress check passed (store answering, forwarder going round): the
+    /// systemd watchdog is fed only then.
+    #[serde(default = "progressing")]
+    pub(crate) pipeline_progressing: bool,
     /// The running config: its file, its source and its remote revision.
     #[serde(default)]
     pub config: Option<ConfigStatus>,
+}
+
+fn progressing() -> bool {
+    true
 }
 
 /// Which config runs and where it came from (DESIGN §9: local file or remote revision).
@@ -168,6 +176,7 @@ impl StatusReport {
             commands: m.commands_consumer(),
             dead_letters_by_reason: BTreeMap::new(),
             dead_letters_error: None,
+            pipeline_progressing: m.pipeline_progressing(),
             config: m.config(),
         }
     }

@@ -80,8 +80,9 @@ pub(crate) enum Action {
 }
 
 /// The parts of the gateway that can fail, each with its problem, `None` while it works:
-/// `nats`, `source <name>` (configured MQTT sources and serial ports), `listener <name>`,
-/// `commands`, and `dead_letters <reason>` for each reason with dead-letters.
+/// `nats`, `watchdog` (the pipeline's progress check, which feeds systemd's watchdog),
+/// `source <name>` (configured MQTT sources and serial ports), `listener <name>`, `commands`,
+/// and `dead_letters <reason>` for each reason with dead-letters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Health(pub(crate) BTreeMap<String, Option<String>>);
 
@@ -94,6 +95,11 @@ impl Health {
             (false, p) => Some(p.clone().unwrap_or_else(|| "not connected".into())),
         };
         parts.insert("nats".to_string(), nats);
+        parts.insert(
+            "watchdog".to_string(),
+            (!report.pipeline_progressing)
+                .then(|| "the pipeline made no progress: watchdog not fed".to_string()),
+        );
         let declared: Vec<&str> = config
             .mqtt
             .iter()
@@ -587,5 +593,13 @@ mod tests {
         assert_eq!(h.0.get("source old-port"), None);
         assert_eq!(h.0["source farm"].as_deref(), Some("not started"));
         assert_eq!(h.0["nats"].as_deref(), Some("not connected"));
+        assert_eq!(h.0["watchdog"], None);
+        m.set_pipeline_progressing(false);
+        let report = StatusReport::from_metrics(&m);
+        let stalled = Health::of(&report, &config::parse(&with_source(1)).unwrap());
+        assert_eq!(
+            stalled.new_failure(&h).map(|(p, _)| p).as_deref(),
+            Some("watchdog")
+        );
     }
 }
