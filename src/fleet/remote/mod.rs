@@ -494,6 +494,105 @@ mod tests {
         assert_eq!(v["payload"]["status"], "rolled_back");
     }
 
+    /// What an action leaves on disk (the rest is lost with the process).
+    fn on_disk(dir: &Path, action: &Action) {
+        match action {
+            Action::WriteFile { revision, text } => write_revision(dir, *revision, text).unwrap(),
+            Action::Persist(memory) => persist(dir, memory).unwrap(),
+            Action::Remove { revision } => {
+                let _ = std::fs::remove_file(revision_file(dir, *revision));
+            }
+            _ => {}
+        }
+    }
+
+    /// The local config of a gateway whose data is in `data`, with remote config on.
+    fn local_text(data: &Path) -> String {
+        format!(
+            "{}\n[fleet]\nconfig_bucket = \"cfg_{{tenant_id}}\"\n",
+            MINIMAL.replace(
+                "tenant_id = \"tenant-a\"",
+                &format!(
+                    "tenant_id = \"tenant-a\"\ndata_dir = \"{}\"",
+                    data.display()
+                )
+            )
+        )
+    }
+
+    #[test]
+    fn a_stop_after_any_action_leaves_a_usable_config_and_a_consistent_state() {
+        // Revision 5 kept, 7 rolled back (its source fails), 9 kept: every action in order.
+        let actions_of = |data: &Path| -> Vec<Action> {
+            let local = config::parse(&local_text(data)).unwrap();
+            let text = |q: f64| format!("{}\n[quality]\nstale_factor = {q}\n", local_text(data));
+            let broken = format!(
+                "{}\n[[mqtt]]\nname = \"farm\"\nurl = \"mqtt://127.0.0.1:1\"\ntopics = [\"x/#\"]\nformat = \"json\"\n",
+                local_text(data)
+            );
+            let ok = Health([("nats".to_string(), None)].into());
+            let mut failing = ok.clone();
+            failing.0.insert("source farm".into(), Some("down".into()));
+            let (mut core, mut all) = Core::start(Memory::default(), dir(&local));
+            all.extend(core.revision(5, &text(3.0), &local, ok.clone()));
+            all.extend(core.probation_over(ok.clone()));
+            let five = config::parse(&text(3.0)).unwrap();
+            all.extend(core.revision(7, &broken, &five, ok.clone()));
+            all.extend(core.probation_over(failing));
+            all.extend(core.revision(9, &text(5.0), &five, ok.clone()));
+            all.extend(core.probation_over(ok));
+            all
+        };
+        let n = actions_of(Path::new("/x")).len();
+        for stop_after in 0..=n {
+            let tmp = tempfile::tempdir().unwrap();
+            let local = config::parse(&local_text(tmp.path())).unwrap();
+            let dir = dir(&local);
+            for action in actions_of(tmp.path()).iter().take(stop_after) {
+                on_disk(&dir, action);
+            }
+            // The next start: a config that parsed and checked, the good revision's or the
+            // local file's, never a trial's.
+            let memory = load_memory(&dir).unwrap();
+            let chosen = choose(local.clone());
+            assert_eq!(
+                chosen.origin.remote_revision, memory.good,
+                "stop after {stop_after}"
+            );
+            let expected_factor = match memory.good {
+                None => local.quality.stale_factor,
+                Some(5) => 3.0,
+                Some(9) => 5.0,
+                Some(other) => panic!("revision {other} kept"),
+            };
+            assert_eq!(chosen.quality.stale_factor, expected_factor);
+            assert!(
+                chosen.mqtt.is_empty(),
+                "the broken revision never runs after a restart"
+            );
+            // A trial is reported rolled back and its file goes; then only the good one stays.
+            let (core, start) = Core::start(memory.clone(), dir.clone());
+            assert_eq!(
+                start
+                    .iter()
+                    .filter(|a| matches!(a, Action::Report(_)))
+                    .count(),
+                usize::from(memory.trial.is_some())
+            );
+            for action in &start {
+                on_disk(&dir, action);
+            }
+            assert_eq!(load_memory(&dir).unwrap(), *core.memory());
+            assert_eq!(core.memory().trial, None);
+            if let Some(good) = core.memory().good {
+                assert!(
+                    revision_file(&dir, good).exists(),
+                    "stop after {stop_after}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_state_and_revision_files_survive_a_reload_and_choose_the_good_one() {
         let tmp = tempfile::tempdir().unwrap();
