@@ -27,8 +27,10 @@
 //! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
 //!   the sans-IO core that decides each write, read-back, result and off deadline, and the
 //!   devices it drives (Modbus coils and registers, MQTT command and state topics).
-//! - [`fleet`]: what the platform sees of the gateway (DESIGN §9): the heartbeat, through the
-//!   outbox like a reading.
+//! - [`fleet`]: what the platform sees of the gateway and how it steers it (DESIGN §9): the
+//!   heartbeat, and [`fleet::remote`] config from NATS KV (a sans-IO `core` deciding apply,
+//!   reject, keep or roll back after probation; a driver doing the KV watch, files, reloads),
+//!   each reporting through the outbox like a reading.
 //! - [`app`]: `run(config, http listener, shutdown, reloads)`, wiring the above, reconciling
 //!   keyed source tasks on reload and shutting down in an order that loses nothing; the binary
 //!   (`main.rs`) binds HTTP and turns signals into shutdown and reloads.
@@ -46,7 +48,7 @@ pub mod common;
 pub mod config;
 pub mod doctor;
 pub mod downlink;
-pub(crate) mod fleet;
+pub mod fleet;
 pub mod ingest;
 pub mod reading;
 pub(crate) mod replay;

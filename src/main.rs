@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 
 use sahool_gateway::common::http;
 use sahool_gateway::common::systemd::Notifier;
+use sahool_gateway::fleet::remote;
 use sahool_gateway::{app, cli, config, doctor};
 
 const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
@@ -285,7 +286,8 @@ fn done(result: Result<(), cli::CliError>) -> ExitCode {
 /// `run`: the gateway until SIGTERM or SIGINT; exit 75 when a restart cures the cause.
 fn run(config_path: PathBuf) -> ExitCode {
     init_logging();
-    let config = match config::load(&config_path) {
+    // With remote config on, the last known good remote revision; never waits for KV.
+    let config = match config::load(&config_path).map(remote::choose) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -333,13 +335,17 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<(), app::
 
 /// On each SIGHUP, reads and checks the config file as `validate` does and hands a good one to
 /// the app (which reports READY once it is applied); a bad one is refused and the running
-/// config stays.
+/// config stays. With remote config on, the last known good remote revision stays in force
+/// over the file (see `fleet::remote`: the precedence).
 async fn read_on_sighup(mut sighup: Signal, path: PathBuf, reloads: mpsc::Sender<config::Config>) {
     let notifier = Notifier::from_env();
     while sighup.recv().await.is_some() {
         notifier.reloading();
-        match config::load(&path) {
+        match config::load(&path).map(remote::choose) {
             Ok(new) => {
+                if let Some(revision) = new.origin.remote_revision {
+                    tracing::info!(revision, "SIGHUP: remote config revision in force over the local file (remote config has precedence while a revision is kept)");
+                }
                 if reloads.send(new).await.is_err() {
                     return;
                 }

@@ -421,8 +421,8 @@ pub struct Reading {
 }
 
 /// Kinds of buffered rows (the outbox's `kind` column). [`KIND_READING`] and
-/// [`KIND_READING_META`] are readings; [`KIND_STATUS`], [`KIND_RESULT`] and [`KIND_HEARTBEAT`]
-/// are events about them, about commands and about the gateway, outside the readings' totals
+/// [`KIND_READING_META`] are readings; [`KIND_STATUS`], [`KIND_RESULT`], [`KIND_HEARTBEAT`] and
+/// [`KIND_CONFIG`] are events about them, about commands and about the gateway, outside the readings' totals
 /// (see [`is_reading_kind`]).
 pub const KIND_READING: u8 = 0;
 pub(crate) const KIND_STATUS: u8 = 1;
@@ -433,11 +433,13 @@ pub(crate) const KIND_READING_META: u8 = 2;
 pub(crate) const KIND_RESULT: u8 = 3;
 /// The gateway's heartbeat (`body`: the event's payload as JSON, see `fleet::heartbeat`).
 pub(crate) const KIND_HEARTBEAT: u8 = 4;
+/// A remote config outcome (`body` as a heartbeat's, see `fleet::remote`).
+pub(crate) const KIND_CONFIG: u8 = 5;
 
 /// Whether rows of this kind are readings, counted in `accepted = forwarded + dropped +
 /// refused + buffered`. An unknown kind counts as one, as every kind but status did before.
 pub(crate) fn is_reading_kind(kind: i64) -> bool {
-    ![KIND_STATUS, KIND_RESULT, KIND_HEARTBEAT]
+    ![KIND_STATUS, KIND_RESULT, KIND_HEARTBEAT, KIND_CONFIG]
         .iter()
         .any(|&k| i64::from(k) == kind)
 }

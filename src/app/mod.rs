@@ -22,12 +22,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::common::http;
 use crate::common::metrics::Metrics;
+use crate::common::status::ConfigStatus;
 use crate::common::systemd::Notifier;
 use crate::config::{Config, ListenerAuth};
+use crate::fleet::remote::{self, Remote};
 use crate::sources::listener::ListenerError;
 use crate::store;
 use crate::uplink::nats;
 use pipeline::Pipeline;
+use tasks::Task;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -88,7 +91,8 @@ fn warn_about_inline_secrets(config: &Config) {
 /// Runs the gateway until `shutdown` resolves or the buffer file turns corrupt. `http` serves
 /// `/metrics`, `/status` and the rest; each config from `reloads` (already parsed and checked)
 /// replaces the running one, and a part of it that cannot start is logged and tried again on
-/// the next reload.
+/// the next reload. With `[fleet] config_bucket`, remote config revisions are applied the same
+/// way ([`crate::fleet::remote`]).
 pub async fn run(
     config: Config,
     http: TcpListener,
@@ -124,17 +128,36 @@ pub async fn run(
         stop_rx,
     ));
     log_running(&config);
+    metrics.set_config(ConfigStatus::of(&config));
+    let (current_tx, current_rx) = watch::channel(Arc::new(config.clone()));
+    let (apply_tx, applies) = mpsc::channel(1);
+    let remote = Remote::of(
+        &config,
+        store.clone(),
+        metrics.clone(),
+        apply_tx,
+        current_rx,
+    )
+    .map(|r| Task::spawn(move |stop| r.run(stop)));
     let mut running = Running {
         pipeline,
         replay_plan,
         notifier,
+        metrics: metrics.clone(),
         current: config,
+        current_tx,
     };
-    let failure = running.serve(store.fatal(), shutdown, reloads).await;
+    let failure = running
+        .serve(store.fatal(), shutdown, reloads, applies)
+        .await;
 
-    // Intake stops first and finishes acking what is committed; then the forwarder collects
+    // Remote config first (a revision under probation stays the trial the next start rolls
+    // back); intake stops first and finishes acking what is committed; then the forwarder collects
     // outstanding PubAcks; the store commits what they deleted and closes with the last handle.
     running.notifier.stopping();
+    if let Some(remote) = remote {
+        remote.stop().await;
+    }
     let _ = stop_tx.send(true);
     let _ = supervisor.await;
     running.pipeline.stop().await;
@@ -153,7 +176,10 @@ struct Running {
     pipeline: Pipeline,
     replay_plan: crate::replay::SharedPlan,
     notifier: Arc<Notifier>,
+    metrics: Arc<Metrics>,
     current: Config,
+    /// The config in force, for remote config.
+    current_tx: watch::Sender<Arc<Config>>,
 }
 
 impl Running {
@@ -164,6 +190,7 @@ impl Running {
         mut fatal: watch::Receiver<Option<String>>,
         shutdown: impl Future<Output = ()>,
         mut reloads: mpsc::Receiver<Config>,
+        mut applies: mpsc::Receiver<remote::Apply>,
     ) -> Option<RunError> {
         tokio::pin!(shutdown);
         let mut reloads_open = true;
@@ -175,15 +202,20 @@ impl Running {
                 }
                 () = &mut shutdown => return None,
                 new = reloads.recv(), if reloads_open => match new {
-                    Some(new) => self.reload(new).await,
+                    Some(new) => self.reload(new, "SIGHUP").await,
                     // No more reloads; the gateway runs on.
                     None => reloads_open = false,
                 },
+                Some(apply) = applies.recv() => {
+                    self.reload(apply.config, &apply.cause).await;
+                    let _ = apply.done.send(());
+                }
             }
         }
     }
 
-    async fn reload(&mut self, new: Config) {
+    /// Applies `new`; `cause` names where it came from in the log (SIGHUP, a remote revision).
+    async fn reload(&mut self, new: Config, cause: &str) {
         for (what, changed) in [
             ("[gateway]", new.gateway != self.current.gateway),
             ("[buffer]", new.buffer != self.current.buffer),
@@ -197,20 +229,21 @@ impl Running {
             }
         }
         // A part that cannot start (e.g. an unreadable secret file) must not stop the rest:
-        // it is reported, and the next reload tries it again. The lines name SIGHUP, the
-        // binary's only source of reloads, as they did before reloads came through a channel.
+        // it is reported, and the next reload tries it again.
         match self.pipeline.reload(&new).await {
             Ok(()) => tracing::info!(
                 sources = new.mqtt.len(),
                 fields = new.fields.len(),
-                "SIGHUP: config reloaded"
+                "{cause}: config reloaded"
             ),
             Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: config reloaded in part; fix the cause and reload again")
+                tracing::error!(error = %e, "{cause}: config reloaded in part; fix the cause and reload again")
             }
         }
         // Replays map with the mapping in force, as intake does.
         crate::replay::reload(&self.replay_plan, &new);
+        self.metrics.set_config(ConfigStatus::of(&new));
+        self.current_tx.send_replace(Arc::new(new.clone()));
         self.current = new;
         // The binary said RELOADING when it read the file.
         self.notifier.ready();

@@ -34,6 +34,7 @@ pub(super) async fn supervise(
             Ok(Ok(()))
         );
         let forwarder_ok = metrics.forwarder_idle_for() < period * 2 + Duration::from_secs(1);
+        metrics.set_pipeline_progressing(store_ok && forwarder_ok);
         if store_ok && forwarder_ok {
             if watchdog.is_some() {
                 notifier.watchdog();

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::common::status::ConfigStatus;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -131,10 +132,15 @@ pub struct Metrics {
     stream_found: AtomicBool,
     /// When the forwarder's loop last went round, for the watchdog.
     forwarder_beat: Mutex<Instant>,
+    /// Whether the last progress check passed (the watchdog was fed), for remote config's
+    /// probation.
+    pipeline_progressing: AtomicBool,
     /// Why the NATS link last failed (never a secret), shown by `/readyz` while disconnected.
     nats_problem: Mutex<Option<String>>,
     /// The commands consumer's state with `[commands]` enabled, for `/readyz` and `status`.
     commands_consumer: Mutex<Option<Result<(), String>>>,
+    /// The running config's origin, for `status` and `/status`.
+    config: Mutex<Option<ConfigStatus>>,
     pub(crate) listener_connections_open: Family<ListenerLabel, Gauge>,
     pub(crate) listener_connections: Family<ListenerLabel, Counter>,
     pub(crate) listener_publishes: Family<ListenerLabel, Counter>,
@@ -192,8 +198,10 @@ impl Metrics {
             store_healthy: AtomicBool::new(false),
             stream_found: AtomicBool::new(false),
             forwarder_beat: Mutex::new(Instant::now()),
+            pipeline_progressing: AtomicBool::new(true),
             nats_problem: Mutex::new(None),
             commands_consumer: Mutex::new(None),
+            config: Mutex::new(None),
             listener_connections_open: Family::default(),
             listener_connections: Family::default(),
             listener_publishes: Family::default(),
@@ -635,6 +643,15 @@ impl Metrics {
         }
     }
 
+    pub(crate) fn set_pipeline_progressing(&self, progressing: bool) {
+        self.pipeline_progressing
+            .store(progressing, Ordering::Relaxed);
+    }
+
+    pub(crate) fn pipeline_progressing(&self) -> bool {
+        self.pipeline_progressing.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn forwarder_idle_for(&self) -> Duration {
         self.forwarder_beat
             .lock()
@@ -661,6 +678,17 @@ impl Metrics {
             .commands_consumer
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    pub(crate) fn set_config(&self, config: ConfigStatus) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Some(config);
+    }
+
+    pub(crate) fn config(&self) -> Option<ConfigStatus> {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn commands_consumer(&self) -> Option<Result<(), String>> {

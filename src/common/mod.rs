@@ -1,9 +1,11 @@
 //! The cross-cutting parts every stage of the data path uses: TLS and secrets, retry delays,
+//! files replaced atomically,
 //! rate-limited logs, metrics, the typed status report, the loopback HTTP server and the systemd
 //! notify protocol.
 
 pub(crate) mod backoff;
 pub(crate) mod clock;
+pub(crate) mod files;
 pub mod http;
 pub(crate) mod log_limit;
 pub mod metrics;

@@ -40,6 +40,50 @@ pub struct StatusReport {
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     /// Set when the dead-letter table could not be read.
     pub(crate) dead_letters_error: Option<String>,
+    /// Whether the last progress check passed (store answering, forwarder going round): the
+    /// systemd watchdog is fed only then.
+    #[serde(default = "progressing")]
+    pub(crate) pipeline_progressing: bool,
+    /// The running config: its file, its source and its remote revision.
+    #[serde(default)]
+    pub config: Option<ConfigStatus>,
+}
+
+fn progressing() -> bool {
+    true
+}
+
+/// Which config runs and where it came from (DESIGN §9: local file or remote revision).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// `local` (the `--config` file) or `remote` (a KV revision kept as last known good).
+    pub source: String,
+    pub file: String,
+    /// The KV revision of a remote config.
+    pub revision: Option<u64>,
+    /// xxh3-128 of the config text, in hex.
+    pub hash: String,
+}
+
+impl ConfigStatus {
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
+        let origin = &config.origin;
+        Self {
+            source: if origin.remote_revision.is_some() {
+                "remote"
+            } else {
+                "local"
+            }
+            .into(),
+            file: origin
+                .file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            revision: origin.remote_revision,
+            hash: config.text_hash.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +176,8 @@ impl StatusReport {
             commands: m.commands_consumer(),
             dead_letters_by_reason: BTreeMap::new(),
             dead_letters_error: None,
+            pipeline_progressing: m.pipeline_progressing(),
+            config: m.config(),
         }
     }
 
@@ -220,6 +266,13 @@ impl StatusReport {
             "DISCONNECTED"
         };
         writeln!(out, "NATS:          {link} ({nats_servers})")?;
+        if let Some(c) = &self.config {
+            let revision = c
+                .revision
+                .map(|r| format!(" revision {r}"))
+                .unwrap_or_default();
+            writeln!(out, "config:        {}{revision} ({})", c.source, c.file)?;
+        }
         let oldest = std::time::Duration::from_secs(self.oldest_age_seconds.max(0) as u64);
         writeln!(
             out,
@@ -368,5 +421,41 @@ mod tests {
         );
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(serde_json::from_str::<StatusReport>(&json).unwrap(), report);
+    }
+
+    #[test]
+    fn the_running_configs_origin_is_reported_and_printed() {
+        let m = Metrics::new();
+        let mut config = crate::config::parse(crate::config::test_support::MINIMAL).unwrap();
+        config.origin = crate::config::Origin {
+            file: Some("/var/lib/sahool-gateway/remote/revision-12.toml".into()),
+            remote_revision: Some(12),
+        };
+        m.set_config(ConfigStatus::of(&config));
+        let report = StatusReport::from_metrics(&m);
+        let c = report.config.as_ref().expect("config");
+        assert_eq!((c.source.as_str(), c.revision), ("remote", Some(12)));
+        let mut text = Vec::new();
+        report
+            .write_text(
+                &report,
+                std::time::Duration::from_secs(1),
+                "gw-1",
+                "nats://x",
+                &mut text,
+            )
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("config:        remote revision 12 (/var/lib/sahool-gateway/remote/revision-12.toml)"),
+            "{text}"
+        );
+        // A report from before the field still reads.
+        let mut json = serde_json::to_value(&report).unwrap();
+        json.as_object_mut().unwrap().remove("config");
+        let old: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(old.config, None);
+        config.origin.remote_revision = None;
+        assert_eq!(ConfigStatus::of(&config).source, "local");
     }
 }

@@ -53,7 +53,7 @@ pub use commands::{Commands, ConsumerTemplate};
 pub use credentials::TlsFiles;
 pub(crate) use credentials::{resolve_path, weak_password};
 pub use fields::{Field, JsonBinding, Sensor, TimestampFormat};
-pub use fleet::Fleet;
+pub use fleet::{BucketTemplate, Fleet};
 pub use gateway::Gateway;
 pub use http::Http;
 pub(crate) use lines::section_line;
@@ -79,8 +79,20 @@ pub struct Config {
     pub commands: Commands,
     pub fleet: Fleet,
     /// The xxh3-128 hash of the file text this config was parsed from, in hex: the config
-    /// revision the heartbeat reports until remote config gives revisions of its own.
+    /// revision the heartbeat reports for a local file.
     pub text_hash: String,
+    /// Where this config came from: the file [`load`] read, and the KV revision when it is a
+    /// remote one (`crate::fleet::remote`).
+    pub origin: Origin,
+}
+
+/// Where a running config came from (shown by `status` and the heartbeat).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The file it was read from; `None` for text parsed in memory.
+    pub file: Option<PathBuf>,
+    /// The KV revision of a remote config; `None` for the local file.
+    pub remote_revision: Option<u64>,
 }
 
 /// The sections as they are read, for the checks that span them: a section that failed to
@@ -216,10 +228,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text).map_err(|problems| ConfigError::Invalid {
+    let mut config = parse(&text).map_err(|problems| ConfigError::Invalid {
         path: path.to_path_buf(),
         problems,
-    })
+    })?;
+    config.origin.file = Some(path.to_path_buf());
+    Ok(config)
 }
 
 /// Parses and checks config text; returns every problem found.
@@ -257,6 +271,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         commands: parts.commands,
         fleet: parts.fleet,
         text_hash: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes())),
+        origin: Origin::default(),
     })
 }
 
@@ -308,7 +323,11 @@ impl Config {
         }
         parts.buffer.check(lines.find_line("[buffer]"), &mut push);
         parts.quality.check(lines.find_line("[quality]"), &mut push);
-        parts.fleet.check(lines.find_line("[fleet]"), &mut push);
+        parts.fleet.check(
+            lines.find_line("[fleet]"),
+            parts.gateway.as_ref(),
+            &mut push,
+        );
 
         // A name is unique among all MQTT inputs, clients and listeners alike.
         let mut names = HashSet::new();

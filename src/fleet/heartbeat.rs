@@ -18,8 +18,8 @@
 //!
 //! The report is [`StatusReport::from_metrics`], the same typed state `/status` serves, with
 //! what only the heartbeat says: version, uptime, config revision, clock sync and free disk.
-//! The config revision is the hash of the running config file's text until remote config
-//! gives revisions of their own.
+//! The config revision is the KV revision of a remote config (`fleet::remote`), or the hash
+//! of the local file's text.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,7 +33,6 @@ use crate::common::clock::{self, ClockSync};
 use crate::common::metrics::Metrics;
 use crate::common::status::{ListenerStatus, SourceStatus, StatusReport};
 use crate::config::Config;
-use crate::store::inbox::ResultBody;
 use crate::store::{self, StoreHandle};
 
 /// What a heartbeat task runs with; a reload that changes it restarts the task.
@@ -45,6 +44,8 @@ pub(crate) struct Plan {
     pub(crate) data_dir: PathBuf,
     pub(crate) store_path: PathBuf,
     pub(crate) config_hash: String,
+    /// The KV revision of a remote config; `None` for the local file.
+    pub(crate) remote_revision: Option<u64>,
 }
 
 impl Plan {
@@ -56,6 +57,7 @@ impl Plan {
             data_dir: config.gateway.data_dir.clone(),
             store_path: config.store_path(),
             config_hash: config.text_hash.clone(),
+            remote_revision: config.origin.remote_revision,
         }
     }
 }
@@ -88,8 +90,8 @@ struct Payload<'a> {
 
 #[derive(Serialize)]
 struct ConfigState<'a> {
-    /// The remote revision once there is one; until then the file's hash.
-    revision: &'a str,
+    /// The remote revision of a remote config; the file's hash for the local one.
+    revision: String,
     hash: &'a str,
     source: &'static str,
 }
@@ -178,9 +180,15 @@ pub(crate) fn body(report: &StatusReport, plan: &Plan, extras: &Extras) -> Vec<u
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: extras.uptime.as_secs(),
         config: ConfigState {
-            revision: &plan.config_hash,
+            revision: plan
+                .remote_revision
+                .map_or_else(|| plan.config_hash.clone(), |r| r.to_string()),
             hash: &plan.config_hash,
-            source: "file",
+            source: if plan.remote_revision.is_some() {
+                "remote"
+            } else {
+                "local"
+            },
         },
         ready: report.ready,
         backlog: Backlog {
@@ -212,17 +220,7 @@ pub(crate) fn body(report: &StatusReport, plan: &Plan, extras: &Extras) -> Vec<u
             problem: extras.free_disk.as_ref().err().map(String::as_str),
         },
     };
-    // Structs of strings, numbers and maps with string keys always serialize, as an object.
-    let payload = match serde_json::to_value(&payload) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    let body = ResultBody {
-        tenant_id: plan.tenant_id.clone(),
-        correlation_id: String::new(),
-        payload,
-    };
-    serde_json::to_vec(&body).unwrap_or_default()
+    super::event_body(&plan.tenant_id, &payload)
 }
 
 /// The task that buffers a heartbeat every interval until stopped.
@@ -282,8 +280,7 @@ impl Heartbeat {
 mod tests {
     use super::*;
     use crate::reading::KIND_HEARTBEAT;
-    use crate::store::OutboxRow;
-    use crate::uplink::event::{self, Subjects, GATEWAY_STATUS_SUBJECT};
+    use crate::uplink::event::{self, GATEWAY_STATUS_SUBJECT};
 
     fn validator() -> jsonschema::Validator {
         let schema = include_str!("../../contracts/gateway_status.v1.json");
@@ -298,25 +295,13 @@ mod tests {
             data_dir: PathBuf::from("/var/lib/sahool-gateway"),
             store_path: PathBuf::from("/var/lib/sahool-gateway/buffer.db"),
             config_hash: "0123456789abcdef0123456789abcdef".into(),
+            remote_revision: None,
         }
     }
 
     /// The event a heartbeat with this report and these extras becomes, as JSON.
     fn rendered(report: &StatusReport, extras: &Extras) -> (event::Event, serde_json::Value) {
-        let row = OutboxRow {
-            seq: 12,
-            event_id: [0x5a; 16],
-            stored_ms: 1_780_287_301_000,
-            kind: KIND_HEARTBEAT,
-            body: body(report, &plan(), extras),
-        };
-        let subjects = Subjects {
-            reading: crate::config::SubjectTemplate::default(),
-            status: crate::config::SubjectTemplate::default_status(),
-        };
-        let e = event::render(&row, "gw-1", &subjects).expect("renders");
-        let v = serde_json::from_slice(&e.body).expect("JSON");
-        (e, v)
+        event::tests::render_gateway_event(KIND_HEARTBEAT, 0x5a, body(report, &plan(), extras))
     }
 
     #[test]
@@ -382,6 +367,29 @@ mod tests {
             ]
         );
         assert_eq!(p["sources"][1]["problem"], "unplugged");
+    }
+
+    #[test]
+    fn a_remote_config_reports_its_revision_and_source() {
+        let report = StatusReport::from_metrics(&Metrics::new());
+        let extras = Extras {
+            uptime: Duration::ZERO,
+            clock: ClockSync::Unsynchronised,
+            free_disk: Ok(1),
+        };
+        let plan = Plan {
+            remote_revision: Some(42),
+            ..plan()
+        };
+        let (_, v) =
+            event::tests::render_gateway_event(KIND_HEARTBEAT, 7, body(&report, &plan, &extras));
+        assert!(validator().is_valid(&v), "{v}");
+        assert_eq!(
+            v["payload"]["config"],
+            serde_json::json!({"revision": "42", "hash": plan.config_hash, "source": "remote"})
+        );
+        let (_, v) = rendered(&report, &extras);
+        assert_eq!(v["payload"]["config"]["source"], "local");
     }
 
     #[test]

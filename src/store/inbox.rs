@@ -17,7 +17,7 @@ use super::transaction::insert_row;
 use super::writer::Writer;
 use super::{db, StoreError};
 use crate::downlink::{Command, CommandResult, Reason, Request, Restored, Status, Value};
-use crate::reading::{Timestamp, KIND_HEARTBEAT, KIND_RESULT};
+use crate::reading::{Timestamp, KIND_RESULT};
 
 /// Done rows older than this leave the inbox.
 pub(crate) const INBOX_MAX_AGE_MS: i64 = 30 * 24 * 3600 * 1000;
@@ -155,7 +155,7 @@ pub struct ActuatorRow {
 }
 
 /// The body of a [`KIND_RESULT`] row: what `uplink::event` needs besides the row itself. A
-/// [`KIND_HEARTBEAT`] row's too, with an empty correlation id (the event id stands in).
+/// [`crate::reading::KIND_HEARTBEAT`] row's too, with an empty correlation id (the event id stands in).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ResultBody {
     pub(crate) tenant_id: String,
@@ -217,8 +217,10 @@ pub(super) enum InboxOp {
     Received(InboxCommand),
     Result(ResultRow, Option<(String, Restored)>),
     State(String, Restored),
-    /// A [`KIND_HEARTBEAT`] row's body (a [`ResultBody`] without correlation id).
-    Heartbeat(Vec<u8>),
+    /// A gateway event's row: its kind ([`crate::reading::KIND_HEARTBEAT`] or
+    /// [`crate::reading::KIND_CONFIG`]) and body (a
+    /// [`ResultBody`] without correlation id).
+    Event(u8, Vec<u8>),
 }
 
 /// What an [`InboxOp`] did, sent once its transaction committed.
@@ -227,8 +229,8 @@ pub(super) enum InboxDone {
     /// Whether the result became a new outbox row (false: committed before).
     Result(bool),
     State,
-    /// Whether the heartbeat was stored (false: the bounds or the disk reserve refused it).
-    Heartbeat(bool),
+    /// Whether the gateway event was stored (false: the bounds or the disk reserve refused it).
+    Event(bool),
 }
 
 pub(super) type InboxReply = oneshot::Sender<Result<InboxDone, StoreError>>;
@@ -266,26 +268,27 @@ impl Writer {
                 db::actuators::save_state(tx, id, restored, now)?;
                 Ok(InboxDone::State)
             }
-            InboxOp::Heartbeat(body) => self.store_heartbeat(tx, body, now, delta),
+            InboxOp::Event(kind, body) => self.store_event(tx, *kind, body, now, delta),
         }
     }
 
-    /// A heartbeat takes room like a reading: a full buffer drops or thins old rows for it,
-    /// `reject_new` and the disk reserve refuse it (the next one reports why). Its event id
-    /// derives from its seq, like a reading's.
-    fn store_heartbeat(
+    /// A gateway event (heartbeat, config outcome) takes room like a reading: a full buffer
+    /// drops or thins old rows for it, `reject_new` and the disk reserve refuse it (the next
+    /// heartbeat reports why). Its event id derives from its seq, like a reading's.
+    fn store_event(
         &self,
         tx: &rusqlite::Transaction<'_>,
+        kind: u8,
         body: &[u8],
         now: i64,
         delta: &mut Delta,
     ) -> rusqlite::Result<InboxDone> {
-        let rows = [(KIND_HEARTBEAT, body.to_vec())];
+        let rows = [(kind, body.to_vec())];
         if self.make_room(tx, &rows, delta)? != Room::Made {
-            return Ok(InboxDone::Heartbeat(false));
+            return Ok(InboxDone::Event(false));
         }
-        insert_row(tx, KIND_HEARTBEAT, body, now, delta)?;
-        Ok(InboxDone::Heartbeat(true))
+        insert_row(tx, kind, body, now, delta)?;
+        Ok(InboxDone::Event(true))
     }
 
     /// The result's outbox row, its inbox row's state and its actuator's last result; nothing
@@ -344,6 +347,7 @@ mod tests {
     use crate::config::Buffer;
     use crate::downlink::command::tests::message;
     use crate::downlink::Deadline;
+    use crate::reading::KIND_HEARTBEAT;
     use crate::store::testkit::*;
     use crate::store::{start, Inspector, StoreHandle};
 

@@ -385,8 +385,15 @@ impl StoreHandle {
     /// Buffers a heartbeat (`body`: see [`crate::fleet`]); false when the bounds or the disk
     /// reserve refused it.
     pub(crate) async fn heartbeat(&self, body: Vec<u8>) -> Result<bool, StoreError> {
-        match self.inbox(InboxOp::Heartbeat(body)).await? {
-            InboxDone::Heartbeat(stored) => Ok(stored),
+        self.gateway_event(crate::reading::KIND_HEARTBEAT, body)
+            .await
+    }
+
+    /// Buffers a gateway event of `kind` (a heartbeat, a remote config outcome: see
+    /// [`crate::fleet`]); false when the bounds or the disk reserve refused it.
+    pub(crate) async fn gateway_event(&self, kind: u8, body: Vec<u8>) -> Result<bool, StoreError> {
+        match self.inbox(InboxOp::Event(kind, body)).await? {
+            InboxDone::Event(stored) => Ok(stored),
             _ => Err(StoreError::Closed),
         }
     }

@@ -5,7 +5,6 @@
 //! reserved mark, the mark is raised by [`BLOCK`] and written (temp file, fsync, rename). A fresh
 //! database starts at the mark, so it skips at most one block.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub(super) const BLOCK: u64 = 1_000_000;
@@ -39,14 +38,7 @@ impl SeqFloor {
             return Ok(());
         }
         let next = upto + BLOCK;
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{next}")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        crate::common::files::write_atomic(&self.path, format!("{next}\n").as_bytes())?;
         self.reserved = next;
         Ok(())
     }

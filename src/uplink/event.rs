@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::config::SubjectTemplate;
 use crate::reading::{
-    BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_HEARTBEAT,
-    KIND_READING, KIND_READING_META, KIND_RESULT, KIND_STATUS,
+    BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_CONFIG,
+    KIND_HEARTBEAT, KIND_READING, KIND_READING_META, KIND_RESULT, KIND_STATUS,
 };
 use crate::store::inbox::ResultBody;
 use crate::store::OutboxRow;
@@ -23,6 +23,8 @@ pub const SCHEMA_VERSION: &str = "1";
 pub const RESULT_SUBJECT: &str = "sahool.iot.actuator.result";
 /// Where heartbeats go (DESIGN §9).
 pub const GATEWAY_STATUS_SUBJECT: &str = "sahool.iot.gateway.status";
+/// Where remote config outcomes go (DESIGN §9).
+pub const GATEWAY_CONFIG_SUBJECT: &str = "sahool.iot.gateway.config";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -309,6 +311,7 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
         }
         KIND_RESULT => json_event(row, gateway_id, "actuator_command_result", RESULT_SUBJECT),
         KIND_HEARTBEAT => json_event(row, gateway_id, "gateway_status", GATEWAY_STATUS_SUBJECT),
+        KIND_CONFIG => json_event(row, gateway_id, "gateway_config", GATEWAY_CONFIG_SUBJECT),
         kind => Err(EventError::Kind { seq: row.seq, kind }),
     }
 }
@@ -496,6 +499,29 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert!(body(&e)["payload"].get("metadata").is_none());
+    }
+
+    /// The event a gateway event row (heartbeat, config outcome) of gateway `gw-1` becomes,
+    /// and its body as JSON.
+    pub(crate) fn render_gateway_event(
+        kind: u8,
+        seq: u64,
+        body: Vec<u8>,
+    ) -> (Event, serde_json::Value) {
+        let row = OutboxRow {
+            seq,
+            event_id: [seq as u8; 16],
+            stored_ms: 1_780_287_301_000,
+            kind,
+            body,
+        };
+        let subjects = Subjects {
+            reading: SubjectTemplate::default(),
+            status: SubjectTemplate::default_status(),
+        };
+        let e = render(&row, "gw-1", &subjects).expect("renders");
+        let v = serde_json::from_slice(&e.body).expect("JSON");
+        (e, v)
     }
 
     /// A contract's schema (its JSON text), checking formats (uuid, date-time) too.

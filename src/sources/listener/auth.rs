@@ -227,23 +227,10 @@ pub(crate) fn set_password(path: &Path, user: &str, password: &str) -> Result<()
 
 /// Writes `text` to a new file readable by its owner only, then renames it over `path`.
 fn write_private(path: &Path, text: &str) -> Result<(), AuthError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |source| AuthError::Write {
+    crate::common::files::write_atomic(path, text.as_bytes()).map_err(|source| AuthError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    file.write_all(text.as_bytes()).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
+    })
 }
 
 #[cfg(test)]
