@@ -13,6 +13,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use rumqttc::v5::mqttbytes::v5;
+
 /// The header and MQTT user property names.
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
@@ -177,12 +179,50 @@ impl TraceContext {
         Some(Self { parent, state })
     }
 
+    /// The context of an MQTT 5 PUBLISH (broker client and built-in listener alike).
+    pub fn from_publish(properties: Option<&v5::PublishProperties>) -> Option<Self> {
+        let user = &properties?.user_properties;
+        if user.is_empty() {
+            return None;
+        }
+        Self::from_user_properties(user.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    /// How the store keeps it (the outbox's `trace` column): the `traceparent`, then a space
+    /// and the `tracestate` if there is one. Allocates only for a `tracestate`.
+    pub fn stored(&self) -> StoredTrace {
+        let parent = self.parent.text();
+        match &self.state {
+            None => StoredTrace::Parent(parent),
+            Some(state) => StoredTrace::WithState(format!("{parent} {state}")),
+        }
+    }
+
     /// A context read back from the store (checked when it was stored; checked again here,
     /// so a damaged value falls back to a generated one instead of failing the row).
-    pub fn from_stored(parent: &str, state: Option<&str>) -> Option<Self> {
-        let parent = TraceParent::parse(parent.as_bytes()).ok()?;
-        let state = state.filter(|s| tracestate_ok(s)).map(Arc::from);
+    pub fn from_stored(text: &str) -> Option<Self> {
+        let parent = TraceParent::parse(text.as_bytes().get(..TRACEPARENT_LEN)?).ok()?;
+        let state = text
+            .get(TRACEPARENT_LEN..)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .filter(|s| tracestate_ok(s))
+            .map(Arc::from);
         Some(Self { parent, state })
+    }
+}
+
+/// A context in its stored form; see [`TraceContext::stored`].
+pub enum StoredTrace {
+    Parent(TraceText),
+    WithState(String),
+}
+
+impl StoredTrace {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Parent(p) => p.as_str(),
+            Self::WithState(s) => s,
+        }
     }
 }
 
@@ -338,9 +378,30 @@ mod tests {
 
     #[test]
     fn stored_contexts_read_back_or_fall_back() {
-        let ctx = TraceContext::from_stored(SPEC_EXAMPLE, Some("v=1")).unwrap();
-        assert_eq!(ctx.parent.text().as_str(), SPEC_EXAMPLE);
-        assert_eq!(ctx.state.as_deref(), Some("v=1"));
-        assert_eq!(TraceContext::from_stored("garbage", Some("v=1")), None);
+        let parent = TraceParent::parse(SPEC_EXAMPLE.as_bytes()).unwrap();
+        for state in [None, Some("v=1, w=2")] {
+            let ctx = TraceContext {
+                parent,
+                state: state.map(Arc::from),
+            };
+            let stored = ctx.stored();
+            assert_eq!(TraceContext::from_stored(stored.as_str()), Some(ctx));
+        }
+        assert_eq!(
+            ctx_text(&TraceContext::from_stored(SPEC_EXAMPLE)),
+            SPEC_EXAMPLE
+        );
+        for damaged in ["", "garbage", &SPEC_EXAMPLE[..50], "é"] {
+            assert_eq!(TraceContext::from_stored(damaged), None, "{damaged:?}");
+        }
+        // A damaged tracestate is dropped, the traceparent kept.
+        let ctx = TraceContext::from_stored(&format!("{SPEC_EXAMPLE} a=\nb")).unwrap();
+        assert_eq!(ctx.state, None);
+    }
+
+    fn ctx_text(ctx: &Option<TraceContext>) -> String {
+        ctx.as_ref()
+            .map(|c| c.parent.text().to_string())
+            .unwrap_or_default()
     }
 }

@@ -309,6 +309,7 @@ mod tests {
             stored_ms: 1_780_287_301_000,
             kind: KIND_HEARTBEAT,
             body: body(report, &plan(), extras),
+            trace: None,
         };
         let subjects = Subjects {
             reading: crate::config::SubjectTemplate::default(),

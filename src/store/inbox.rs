@@ -281,7 +281,7 @@ impl Writer {
         delta: &mut Delta,
     ) -> rusqlite::Result<InboxDone> {
         let rows = [(KIND_HEARTBEAT, body.to_vec())];
-        if self.make_room(tx, &rows, delta)? != Room::Made {
+        if self.make_room(tx, &rows, 0, delta)? != Room::Made {
             return Ok(InboxDone::Heartbeat(false));
         }
         insert_row(tx, KIND_HEARTBEAT, body, now, delta)?;

@@ -146,6 +146,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::common::metrics::Metrics;
+use crate::common::trace::TraceContext;
 use crate::config::Buffer;
 use crate::downlink::Restored;
 use crate::ingest::mapping::Reason;
@@ -217,6 +218,9 @@ pub struct Append {
     /// A firmware frame's identity: always checked against its node's recent frames, and
     /// remembered there once stored; see `recent_frames`.
     pub frame_key: Option<FrameKey>,
+    /// The W3C trace context the message came with (MQTT 5 user properties), kept with each of
+    /// its readings.
+    pub trace: Option<TraceContext>,
 }
 
 /// Identity of a firmware node's frame, for resend detection.
