@@ -22,7 +22,7 @@ const WITHIN: Duration = Duration::from_secs(30);
 
 /// `mosquitto_pub` at QoS 1 (returns once the receiver acknowledged the commit) of probe
 /// reading `i`, with `args` for the version and user properties.
-fn publish(port: u16, i: usize, args: &[&str]) -> Output {
+fn publish<S: AsRef<std::ffi::OsStr>>(port: u16, i: usize, args: &[S]) -> Output {
     let (topic, payload) = probe_reading(i);
     Command::new("mosquitto_pub")
         .args([
@@ -51,22 +51,18 @@ fn published(out: Output) {
     );
 }
 
+/// `mosquitto_pub` arguments for MQTT 5 with these user properties.
+fn v5_with(properties: &[(&str, &str)]) -> Vec<String> {
+    let mut args = vec!["-V".to_string(), "5".to_string()];
+    for (key, value) in properties {
+        args.extend(["-D", "publish", "user-property", key, value].map(String::from));
+    }
+    args
+}
+
 /// MQTT 5 with the device's trace context as user properties.
-fn traced() -> Vec<&'static str> {
-    vec![
-        "-V",
-        "5",
-        "-D",
-        "publish",
-        "user-property",
-        "traceparent",
-        DEVICE_PARENT,
-        "-D",
-        "publish",
-        "user-property",
-        "tracestate",
-        DEVICE_STATE,
-    ]
+fn traced() -> Vec<String> {
+    v5_with(&[("traceparent", DEVICE_PARENT), ("tracestate", DEVICE_STATE)])
 }
 
 /// A valid version-00 traceparent: (trace-id, parent-id, flags).
@@ -131,22 +127,10 @@ async fn listener_keeps_the_device_trace_and_generates_valid_ones_otherwise() {
     let gateway = Gateway::start(&probe_listener_config(&nats, port, "", ""));
     support::wait_for_port(port, WITHIN);
     published(publish(port, 0, &traced()));
-    published(publish(port, 1, &["-V", "5"]));
+    published(publish(port, 1, &v5_with(&[])));
     // Uppercase hex is invalid (W3C): ignored, the reading kept with a context of its own.
     let upper = DEVICE_PARENT.to_uppercase();
-    published(publish(
-        port,
-        2,
-        &[
-            "-V",
-            "5",
-            "-D",
-            "publish",
-            "user-property",
-            "traceparent",
-            &upper,
-        ],
-    ));
+    published(publish(port, 2, &v5_with(&[("traceparent", &upper)])));
     published(publish(port, 3, &["-V", "311"]));
 
     // Four readings and the sensor's `connected` event.
@@ -184,7 +168,7 @@ async fn broker_client_keeps_the_device_trace() {
         .and_then(|p| p.parse().ok())
         .expect("broker port");
     published(publish(port, 0, &traced()));
-    published(publish(port, 1, &["-V", "5"]));
+    published(publish(port, 1, &v5_with(&[])));
     let events = wait_in_stream(&nats, 3).await;
     assert_eq!(events.len(), 3, "{events:#?}\n{}", gateway.log());
     let readings = by_value(&events);
@@ -214,7 +198,7 @@ async fn a_row_published_again_after_sigkill_carries_the_same_traceparent() {
 
     nats.freeze();
     published(publish(port, 0, &traced()));
-    published(publish(port, 1, &["-V", "5"]));
+    published(publish(port, 1, &v5_with(&[])));
     // Past the 2 s ack timeout: published at least once, never acknowledged.
     tokio::time::sleep(Duration::from_secs(3)).await;
     gateway.kill9();

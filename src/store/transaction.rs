@@ -255,17 +255,29 @@ mod tests {
     use crate::store::testkit::*;
     use crate::store::{start, OutboxRow};
 
-    #[tokio::test]
-    async fn acknowledged_runs_delete_exactly_their_rows() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store with the default bounds in `dir`, and its metrics.
+    fn started(
+        dir: &std::path::Path,
+    ) -> (
+        crate::store::StoreHandle,
+        std::thread::JoinHandle<()>,
+        Arc<Metrics>,
+    ) {
         let metrics = Arc::new(Metrics::new());
         let (store, thread) = start(
-            dir.path().join("buffer.db"),
+            dir.join("buffer.db"),
             Buffer::default(),
             20.0,
             metrics.clone(),
         )
         .unwrap();
+        (store, thread, metrics)
+    }
+
+    #[tokio::test]
+    async fn acknowledged_runs_delete_exactly_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread, metrics) = started(dir.path());
         for i in 1..=6 {
             append(&store, message(i, false)).await;
         }
@@ -307,14 +319,7 @@ mod tests {
     async fn a_message_trace_context_is_kept_with_each_of_its_readings() {
         use crate::common::trace::TraceContext;
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let (store, thread) = start(
-            dir.path().join("buffer.db"),
-            Buffer::default(),
-            20.0,
-            metrics.clone(),
-        )
-        .unwrap();
+        let (store, thread, metrics) = started(dir.path());
         let stored = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 v=1";
         let mut traced = message(1, false);
         traced.readings.push(reading(2));
