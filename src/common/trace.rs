@@ -257,6 +257,8 @@ fn hex_encode(bytes: &[u8], out: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const SPEC_EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -403,5 +405,29 @@ mod tests {
         ctx.as_ref()
             .map(|c| c.parent.text().to_string())
             .unwrap_or_default()
+    }
+
+    proptest! {
+        #[test]
+        fn any_valid_context_round_trips(
+            trace_id in any::<[u8; 16]>(),
+            parent_id in any::<[u8; 8]>(),
+            flags in any::<u8>(),
+        ) {
+            prop_assume!(trace_id != [0; 16] && parent_id != [0; 8]);
+            let p = TraceParent { trace_id, parent_id, flags };
+            prop_assert_eq!(TraceParent::parse(p.text().as_str().as_bytes()), Ok(p));
+        }
+
+        #[test]
+        fn any_bytes_parse_or_are_refused_without_panic(text in proptest::collection::vec(any::<u8>(), 0..80)) {
+            if let Ok(p) = TraceParent::parse(&text) {
+                let again = p.text();
+                prop_assert_eq!(again.as_str().as_bytes(), &text[..]);
+            }
+            if let Ok(s) = std::str::from_utf8(&text) {
+                let _ = TraceContext::from_stored(s);
+            }
+        }
     }
 }
