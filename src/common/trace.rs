@@ -8,7 +8,9 @@
 //! its event id alone (trace-id = the event id's 16 bytes, parent-id = a hash of them), so
 //! every retry of a row, across restarts too, carries the same header without storing it.
 //!
-//! Everything here is fixed-size: parsing, deriving and formatting allocate nothing.
+//! A `traceparent` is fixed-size: parsing, deriving and formatting it allocate nothing; only a
+//! device's `tracestate` is kept on the heap, once per message. Property names are matched as
+//! written here, in lowercase.
 
 use std::fmt;
 use std::sync::Arc;
