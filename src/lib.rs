@@ -23,7 +23,8 @@
 //! - [`common`]: what every stage uses: [`common::tls`], [`common::secrets`],
 //!   [`common::backoff`], [`common::log_limit`], [`common::metrics`], [`common::status`] (the
 //!   typed state report), [`common::http`] (`/healthz`, `/readyz`, `/metrics`, `/status`) and
-//!   [`common::systemd`] (READY, STATUS, WATCHDOG).
+//!   [`common::systemd`] (READY, STATUS, WATCHDOG) and [`common::trace`] (W3C `traceparent`:
+//!   a device's kept, or one derived from the event id).
 //! - [`downlink`]: platform commands to actuators (DESIGN §8): a command parsed and checked,
 //!   the sans-IO core that decides each write, read-back, result and off deadline, and the
 //!   devices it drives (Modbus coils and registers, MQTT command and state topics).

@@ -439,6 +439,7 @@ fn event_of(r: &Reading) -> Value {
         stored_ms: 1_767_225_600_000,
         kind,
         body,
+        trace: None,
     };
     let subjects = Subjects {
         reading: SubjectTemplate::default(),

@@ -639,7 +639,7 @@ async fn a_buffer_from_before_frames_gains_the_window_when_opened() {
     let path = dir.path().join("buffer.db");
     // A schema-2 file: what the gateway wrote before firmware frames (and the event salt of
     // schema 4, the dead-letter topic, device and sensor type of schema 5, the downlink's
-    // tables of schema 6) existed.
+    // tables of schema 6, the trace column of schema 7) existed.
     open_store(dir.path(), Buffer::default()).close(vec![]);
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
@@ -649,6 +649,7 @@ async fn a_buffer_from_before_frames_gains_the_window_when_opened() {
              ALTER TABLE dead_letters DROP COLUMN device;
              ALTER TABLE dead_letters DROP COLUMN sensor_type;
              DROP TABLE commands; DROP TABLE actuators; DROP INDEX outbox_results;
+             ALTER TABLE outbox DROP COLUMN trace;
              PRAGMA user_version = 2;",
         )
         .unwrap();

@@ -61,6 +61,7 @@ pub async fn write_readings(config: &Config, first: u64, count: u64, in_flight: 
             message_key: Some(message_key(SOURCE, topic.as_bytes(), &body)),
             maybe_duplicate: false,
             frame_key: None,
+            trace: None,
         };
         pending.push_back(handle.append(append).await.expect("store open"));
         if pending.len() >= in_flight {

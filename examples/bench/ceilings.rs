@@ -45,6 +45,7 @@ pub async fn jetstream(count: u64, window: usize) -> (f64, f64) {
                 stored_ms: Timestamp::now().unix_millis(),
                 kind: 0,
                 body: postcard::to_stdvec(&reading).expect("postcard"),
+                trace: None,
             };
             event::render(&row, "gw-test", &subjects).expect("render")
         })

@@ -363,6 +363,7 @@ fn check_reading(f: &Fixture, seq: u64, reading: &Reading) {
         stored_ms: f.received.unix_millis(),
         kind,
         body,
+        trace: None,
     };
     let event = event::render(&row, f.config.gateway.id.as_str(), &f.subjects)
         .expect("a stored reading renders");

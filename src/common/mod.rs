@@ -1,7 +1,6 @@
 //! The cross-cutting parts every stage of the data path uses: TLS and secrets, retry delays,
-//! files replaced atomically,
-//! rate-limited logs, metrics, the typed status report, the loopback HTTP server and the systemd
-//! notify protocol.
+//! files replaced atomically, rate-limited logs, metrics, the typed status report, the loopback
+//! HTTP server, the systemd notify protocol and W3C trace context.
 
 pub(crate) mod backoff;
 pub(crate) mod clock;
@@ -13,3 +12,4 @@ pub(crate) mod secrets;
 pub mod status;
 pub mod systemd;
 pub mod tls;
+pub mod trace;

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::common::backoff::Backoff;
 use crate::common::metrics::Metrics;
+use crate::common::trace::TraceContext;
 use crate::ingest::mapping::{self, SharedMapper};
 use crate::reading::Timestamp;
 use crate::store::{Append, AppendOutcome, StoreError, StoreHandle};
@@ -40,6 +41,8 @@ pub struct Message {
     /// The sender marked it as a possible resend (MQTT DUP).
     pub(crate) dup: bool,
     pub received: Timestamp,
+    /// The W3C trace context of its MQTT 5 user properties, if valid.
+    pub trace: Option<TraceContext>,
 }
 
 /// How a queued message ended, in arrival order.
@@ -55,7 +58,9 @@ pub enum Outcome {
     Passed,
 }
 
-/// A queued message's result: its commit, or nothing to commit.
+/// A queued message's result: its commit, or nothing to commit. Not boxed: `Commit` is what
+/// nearly every message settles as, and a box would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 enum Settled {
     Commit(Append, Result<AppendOutcome, StoreError>),
     Passed,
@@ -240,6 +245,7 @@ impl<T: Send + 'static> Intake<T> {
             message_key: Some(message_key(&self.source, &m.topic, &m.payload)),
             maybe_duplicate: m.dup,
             frame_key: None,
+            trace: m.trace.clone(),
         };
         (append, admitted.wait_until)
     }

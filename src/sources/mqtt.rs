@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::common::backoff::Backoff;
 use crate::common::metrics::Metrics;
+use crate::common::trace::TraceContext;
 use crate::config::{Gateway, MqttSource, Quality, Secret};
 use crate::ingest::intake::{self, Intake, Message, Outcome};
 use crate::ingest::mapping::SharedMapper;
@@ -107,6 +108,7 @@ impl MqttInput {
                             payload: p.payload.clone(),
                             dup: p.dup,
                             received: Timestamp::now(),
+                            trace: TraceContext::from_publish(p.properties.as_ref()),
                         };
                         if let Err(e) = intake.offer(p, message).await {
                             tracing::error!(source = %name, error = %e, "buffer closed; stopping source");

@@ -40,12 +40,14 @@ pub(super) enum Room {
 }
 
 impl Writer {
-    /// Room for rows of `bodies` (kind, body): a full buffer drops or thins old rows, or
-    /// refuses them (`reject_new`); free disk below the reserve refuses them too.
+    /// Room for rows of `bodies` (kind, body), each with `extra` bytes more (its trace
+    /// context): a full buffer drops or thins old rows, or refuses them (`reject_new`); free
+    /// disk below the reserve refuses them too.
     pub(super) fn make_room(
         &self,
         tx: &Transaction<'_>,
         bodies: &[(u8, Vec<u8>)],
+        extra: usize,
         delta: &mut Delta,
     ) -> rusqlite::Result<Room> {
         if bodies.is_empty() {
@@ -56,7 +58,7 @@ impl Writer {
         }
         let incoming: u64 = bodies
             .iter()
-            .map(|(_, b)| b.len() as u64 + db::ROW_OVERHEAD)
+            .map(|(_, b)| (b.len() + extra) as u64 + db::ROW_OVERHEAD)
             .sum();
         let in_use = self.bytes + delta.bytes_added - delta.bytes_removed;
         let limit = self.buffer.max_bytes.0;

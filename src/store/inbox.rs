@@ -284,7 +284,7 @@ impl Writer {
         delta: &mut Delta,
     ) -> rusqlite::Result<InboxDone> {
         let rows = [(kind, body.to_vec())];
-        if self.make_room(tx, &rows, delta)? != Room::Made {
+        if self.make_room(tx, &rows, 0, delta)? != Room::Made {
             return Ok(InboxDone::Event(false));
         }
         insert_row(tx, kind, body, now, delta)?;

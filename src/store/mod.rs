@@ -1,8 +1,8 @@
 //! The outbox: every accepted reading, durable in SQLite until JetStream has acknowledged it.
 //!
-//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 6; older files are
+//! # On disk (`{data_dir}/buffer.db`, WAL mode, `PRAGMA user_version` = 7; older files are
 //! migrated when opened, see [`db`])
-//! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body)`: one row per event. `event_id` is
+//! - `outbox(seq PK, event_id BLOB, stored_ms, kind, body, trace)`: one row per event. `event_id` is
 //!   empty for rows stored since version 4: their id derives from the seq ([`db::event_id`]),
 //!   16 bytes saved per row. `kind` 0 is a reading (`body` = [`Reading`] as postcard bytes), 1
 //!   a liveness change (`body` = [`crate::reading::StatusChange`]), 2 a reading with its
@@ -11,6 +11,10 @@
 //!   `event_id` stored, stable per command id and status), 4 a heartbeat (`body` = the same
 //!   JSON shape, the gateway's state; its id derived from the seq); the event JSON is rendered
 //!   at publish time. Kinds 1, 3 and 4 are not readings: outside the readings' totals.
+//!   `trace` (version 7; NULL otherwise): the W3C trace context a device sent with the message
+//!   (`traceparent`, then a space and `tracestate` if any; [`crate::common::trace`]), on each
+//!   of its readings; it counts against `max_bytes` with the body. Rows without one publish a
+//!   context derived from their event id, so every attempt at a row carries the same header.
 //! - `meta(key, value)`: `next_seq`, the next sequence number to hand out; `event_salt_0` and
 //!   `event_salt_1`, the random salt of derived event ids; `count_*`, lifetime totals of
 //!   readings accepted, forwarded, dropped by reason and refused ([`counts`]).
@@ -146,6 +150,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::common::metrics::Metrics;
+use crate::common::trace::TraceContext;
 use crate::config::Buffer;
 use crate::downlink::Restored;
 use crate::ingest::mapping::Reason;
@@ -217,6 +222,9 @@ pub struct Append {
     /// A firmware frame's identity: always checked against its node's recent frames, and
     /// remembered there once stored; see `recent_frames`.
     pub frame_key: Option<FrameKey>,
+    /// The W3C trace context the message came with (MQTT 5 user properties), kept with each of
+    /// its readings.
+    pub trace: Option<TraceContext>,
 }
 
 /// Identity of a firmware node's frame, for resend detection.

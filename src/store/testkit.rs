@@ -37,6 +37,7 @@ pub(crate) fn message(i: i64, resent: bool) -> Append {
         message_key: Some(key),
         maybe_duplicate: resent,
         frame_key: None,
+        trace: None,
     }
 }
 

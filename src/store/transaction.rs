@@ -14,6 +14,7 @@ use super::delta::Delta;
 use super::inbox::{InboxDone, InboxOp, InboxReply};
 use super::writer::{AppendReply, Group, Refusal, Writer};
 use super::{dedupe, liveness, Append, AppendOutcome, NewDeadLetter};
+use crate::common::trace::{StoredTrace, TraceContext};
 use crate::ingest::mapping::Reason;
 use crate::reading::{Reading, KIND_STATUS};
 
@@ -101,7 +102,11 @@ impl Writer {
         }
         let seen = dedupe::drop_seen_observations(tx, append)?;
         let bodies: Vec<(u8, Vec<u8>)> = append.readings.iter().map(Reading::to_row).collect();
-        match self.make_room(tx, &bodies, delta)? {
+        // Once per message: every reading of it keeps the same context.
+        let trace = append.trace.as_ref().map(TraceContext::stored);
+        let trace = trace.as_ref().map(StoredTrace::as_str);
+        let trace_len = trace.map_or(0, str::len);
+        match self.make_room(tx, &bodies, trace_len, delta)? {
             Room::Made => {}
             refusal => {
                 seen.forget(tx)?;
@@ -112,7 +117,7 @@ impl Writer {
         delta.duplicates += seen.duplicates;
         let first_seq = delta.next_seq;
         for (kind, body) in &bodies {
-            insert_row(tx, *kind, body, now, delta)?;
+            insert_traced(tx, *kind, body, trace, now, delta)?;
         }
         delta.accepted += bodies.len() as u64;
         delta.timestamps_replaced += append
@@ -146,7 +151,7 @@ pub(super) fn record_totals(tx: &Transaction<'_>, delta: &Delta) -> rusqlite::Re
     )
 }
 
-/// Buffers one row with the next seq; its event id derives from the seq.
+/// Buffers one row with the next seq; its event id (and trace context) derive from the seq.
 pub(super) fn insert_row(
     tx: &Transaction<'_>,
     kind: u8,
@@ -154,9 +159,21 @@ pub(super) fn insert_row(
     now: i64,
     delta: &mut Delta,
 ) -> rusqlite::Result<()> {
-    db::outbox::insert(tx, delta.next_seq, now, kind, body)?;
+    insert_traced(tx, kind, body, None, now, delta)
+}
+
+/// Buffers one row with the next seq and a device's trace context in its stored form.
+fn insert_traced(
+    tx: &Transaction<'_>,
+    kind: u8,
+    body: &[u8],
+    trace: Option<&str>,
+    now: i64,
+    delta: &mut Delta,
+) -> rusqlite::Result<()> {
+    db::outbox::insert(tx, delta.next_seq, now, kind, body, trace)?;
     delta.next_seq += 1;
-    delta.added(kind, body.len());
+    delta.added(kind, body.len() + trace.map_or(0, str::len));
     Ok(())
 }
 
@@ -238,17 +255,29 @@ mod tests {
     use crate::store::testkit::*;
     use crate::store::{start, OutboxRow};
 
-    #[tokio::test]
-    async fn acknowledged_runs_delete_exactly_their_rows() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store with the default bounds in `dir`, and its metrics.
+    fn started(
+        dir: &std::path::Path,
+    ) -> (
+        crate::store::StoreHandle,
+        std::thread::JoinHandle<()>,
+        Arc<Metrics>,
+    ) {
         let metrics = Arc::new(Metrics::new());
         let (store, thread) = start(
-            dir.path().join("buffer.db"),
+            dir.join("buffer.db"),
             Buffer::default(),
             20.0,
             metrics.clone(),
         )
         .unwrap();
+        (store, thread, metrics)
+    }
+
+    #[tokio::test]
+    async fn acknowledged_runs_delete_exactly_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread, metrics) = started(dir.path());
         for i in 1..=6 {
             append(&store, message(i, false)).await;
         }
@@ -281,6 +310,44 @@ mod tests {
             metrics.buffer_readings.get(),
             i64::from(is_reading(&&rows[3]))
         );
+        close(store, thread).await;
+    }
+
+    /// A device's trace context rides with each reading of its message (not with the status
+    /// event they cause), and counts against the byte bound from store to delete.
+    #[tokio::test]
+    async fn a_message_trace_context_is_kept_with_each_of_its_readings() {
+        use crate::common::trace::TraceContext;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread, metrics) = started(dir.path());
+        let stored = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 v=1";
+        let mut traced = message(1, false);
+        traced.readings.push(reading(2));
+        traced.trace = TraceContext::from_stored(stored);
+        append(&store, traced).await;
+        let rows = store.fetch(0, 100).await.unwrap();
+        let traces: Vec<(u8, Option<String>)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.kind,
+                    r.trace.as_ref().map(|t| t.stored().as_str().to_string()),
+                )
+            })
+            .collect();
+        let with = (KIND_READING, Some(stored.to_string()));
+        assert_eq!(
+            traces,
+            vec![with.clone(), with, (1, None)],
+            "readings, then `connected`"
+        );
+        let bodies: u64 = rows.iter().map(|r| r.body.len() as u64 + 40).sum();
+        let traced_bytes = 2 * stored.len() as u64;
+        assert_eq!(metrics.buffer_bytes.get() as u64, bodies + traced_bytes);
+        let (first, last) = (rows[0].seq, rows[2].seq);
+        store.acked(vec![first..=last]).await.unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(metrics.buffer_bytes.get(), 0, "removed as counted");
         close(store, thread).await;
     }
 

@@ -4,11 +4,14 @@
 //! (`contracts/actuator_command_result.v1.json`) and heartbeats
 //! (`contracts/gateway_status.v1.json`).
 
+use std::sync::Arc;
+
 use async_nats::header::{HeaderMap, HeaderName};
 use async_nats::Subject;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::common::trace::{self, TraceParent, TraceText};
 use crate::config::SubjectTemplate;
 use crate::reading::{
     BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_CONFIG,
@@ -47,6 +50,10 @@ pub struct Event {
     pub correlation_id: String,
     pub subject: Subject,
     pub body: Bytes,
+    /// The `traceparent` header: the device's, or derived from the event id (`common::trace`).
+    pub traceparent: TraceText,
+    /// The device's `tracestate`, passed on with its `traceparent`.
+    pub tracestate: Option<Arc<str>>,
 }
 
 /// Room for a rendered event, so the body is written without growing its buffer.
@@ -190,8 +197,14 @@ impl Routing<'_> {
         write_payload(&mut payload);
         payload.end();
         envelope.end();
+        let (parent, tracestate) = match &self.row.trace {
+            Some(device) => (device.parent, device.state.clone()),
+            None => (TraceParent::derived(&self.row.event_id), None),
+        };
         Event {
             seq: self.row.seq,
+            traceparent: parent.text(),
+            tracestate,
             tenant_id: self.tenant_id.to_string(),
             correlation_id: correlation_id.to_string(),
             event_id: event_id.to_string(),
@@ -354,8 +367,12 @@ const X_EVENT_ID: HeaderName = HeaderName::from_static("X-Event-ID");
 const X_TENANT_ID: HeaderName = HeaderName::from_static("X-Tenant-ID");
 const X_CORRELATION_ID: HeaderName = HeaderName::from_static("X-Correlation-ID");
 const X_SCHEMA_VERSION: HeaderName = HeaderName::from_static("X-Schema-Version");
+const TRACEPARENT: HeaderName = HeaderName::from_static(trace::TRACEPARENT);
+const TRACESTATE: HeaderName = HeaderName::from_static(trace::TRACESTATE);
 
-/// The headers SAHOOL's publisher sets, plus `Nats-Msg-Id` for JetStream de-duplication.
+/// The headers SAHOOL's publisher sets, plus `Nats-Msg-Id` for JetStream de-duplication and
+/// W3C `traceparent` (and the device's `tracestate`) so the platform's traces start at the
+/// sensor.
 pub fn headers(event: &Event) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(NATS_MSG_ID, event.event_id.as_str());
@@ -363,6 +380,10 @@ pub fn headers(event: &Event) -> HeaderMap {
     h.insert(X_TENANT_ID, event.tenant_id.as_str());
     h.insert(X_CORRELATION_ID, event.correlation_id.as_str());
     h.insert(X_SCHEMA_VERSION, SCHEMA_VERSION);
+    h.insert(TRACEPARENT, event.traceparent.as_str());
+    if let Some(state) = &event.tracestate {
+        h.insert(TRACESTATE, &**state);
+    }
     h
 }
 
@@ -394,6 +415,7 @@ pub(crate) mod tests {
             stored_ms: 1_780_287_301_250,
             kind: 0,
             body: postcard::to_stdvec(&reading).unwrap(),
+            trace: None,
         };
         let subject =
             SubjectTemplate::try_from("sahool.tenant.{tenant_id}.iot.sensor.reading".to_string())
@@ -429,6 +451,7 @@ pub(crate) mod tests {
             stored_ms: 1_780_287_301_000,
             kind,
             body,
+            trace: None,
         }
     }
 
@@ -514,6 +537,7 @@ pub(crate) mod tests {
             stored_ms: 1_780_287_301_000,
             kind,
             body,
+            trace: None,
         };
         let subjects = Subjects {
             reading: SubjectTemplate::default(),
@@ -522,6 +546,34 @@ pub(crate) mod tests {
         let e = render(&row, "gw-1", &subjects).expect("renders");
         let v = serde_json::from_slice(&e.body).expect("JSON");
         (e, v)
+    }
+
+    #[test]
+    fn every_event_carries_a_traceparent_stable_per_row() {
+        use crate::common::trace::TraceContext;
+        let heartbeat = row(
+            KIND_HEARTBEAT,
+            br#"{"tenant_id":"t","correlation_id":"","payload":{}}"#.to_vec(),
+        );
+        let e = render(&heartbeat, "gw-1", &subjects()).unwrap();
+        let h = headers(&e);
+        let generated = "00-abababababababababababababababab-a5f2189c3b4e77c6-01";
+        assert_eq!(h.get("traceparent").map(|v| v.as_str()), Some(generated));
+        assert!(h.get("tracestate").is_none());
+        let again = render(&heartbeat, "gw-1", &subjects()).unwrap();
+        assert_eq!(
+            again.traceparent, e.traceparent,
+            "a retry carries the same header"
+        );
+
+        // A device's context goes on unchanged, tracestate too.
+        let device = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut traced = heartbeat.clone();
+        traced.trace = TraceContext::from_stored(&format!("{device} vendor=x"));
+        let e = render(&traced, "gw-1", &subjects()).unwrap();
+        let h = headers(&e);
+        assert_eq!(h.get("traceparent").map(|v| v.as_str()), Some(device));
+        assert_eq!(h.get("tracestate").map(|v| v.as_str()), Some("vendor=x"));
     }
 
     /// A contract's schema (its JSON text), checking formats (uuid, date-time) too.

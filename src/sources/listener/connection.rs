@@ -571,6 +571,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             payload: p.payload.clone(),
             dup: p.dup,
             received: Timestamp::now(),
+            trace: p.trace.clone(),
         };
         intake.offer(ack(true), message).await.map_err(|e| {
             tracing::error!(listener = %self.cx.name, error = %e, "buffer closed; closing connection");

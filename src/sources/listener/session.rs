@@ -22,6 +22,8 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::{Error as Error5, QoS as QoS5};
 
+use crate::common::trace::TraceContext;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     /// MQTT 3.1.1
@@ -71,6 +73,8 @@ pub struct Publish {
     /// 0 for QoS 0.
     pub pkid: u16,
     pub(crate) dup: bool,
+    /// MQTT 5 only: the W3C trace context of its user properties.
+    pub trace: Option<TraceContext>,
 }
 
 /// What a client sent.
@@ -312,6 +316,8 @@ impl Session {
                     qos,
                     pkid: p.pkid,
                     dup: p.dup,
+                    // 3.1.1 has no user properties.
+                    trace: None,
                 })
             }
             v4::Packet::PubRel(r) => self.release(r.pkid),
@@ -362,6 +368,7 @@ impl Session {
                     QoS5::ExactlyOnce => Qos::ExactlyOnce,
                 };
                 Inbound::Publish(Publish {
+                    trace: TraceContext::from_publish(p.properties.as_ref()),
                     topic: p.topic,
                     payload: p.payload,
                     qos,
@@ -875,6 +882,42 @@ mod tests {
         });
         v5::Packet::Publish(p).write(&mut buf, None).unwrap();
         assert_eq!(s.decode(&mut buf).unwrap_err().close, Close::Protocol);
+    }
+
+    #[test]
+    fn mqtt_5_user_properties_give_the_trace_context() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut s = Session::new(1024);
+        let mut buf = v5_connect();
+        s.decode(&mut buf).unwrap();
+        for (user, kept) in [
+            (
+                vec![("traceparent", traceparent), ("tracestate", "v=1")],
+                true,
+            ),
+            (vec![("traceparent", "00-garbage")], false),
+            (vec![], false),
+        ] {
+            let mut p = v5::Publish::new("a/b", QoS5::AtLeastOnce, "x", None);
+            p.pkid = 1;
+            p.properties = Some(v5::PublishProperties {
+                user_properties: user
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..v5::PublishProperties::default()
+            });
+            v5::Packet::Publish(p).write(&mut buf, None).unwrap();
+            let Ok(Some(Inbound::Publish(p))) = s.decode(&mut buf) else {
+                panic!("a publish")
+            };
+            let stored = p.trace.map(|t| t.stored().as_str().to_string());
+            let want = kept.then(|| format!("{traceparent} v=1"));
+            assert_eq!(
+                stored, want,
+                "{user:?}: an invalid one is ignored, the publish kept"
+            );
+        }
     }
 
     #[test]

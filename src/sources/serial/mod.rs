@@ -393,6 +393,8 @@ impl PortContext {
             message_key: batch.message_key,
             maybe_duplicate: batch.maybe_duplicate,
             frame_key: batch.frame_key,
+            // Serial protocols carry no trace context: the event id gives one.
+            trace: None,
         })
     }
 }

@@ -35,7 +35,7 @@ pub use outbox::OutboxRow;
 pub(crate) use outbox::{fetch_after, oldest_stored_ms, ScannedRow};
 
 /// Bumped whenever the schema changes; a file with a higher version is refused, not touched.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Per-row bytes beyond the record itself (event id, seq, time, SQLite cell header), counted
 /// against `max_bytes` so the bound holds for many small readings too.
@@ -180,10 +180,18 @@ CREATE TABLE actuators (
 CREATE INDEX outbox_results ON outbox (event_id) WHERE kind = 3;
 ";
 
+/// Schema version 7: a device's W3C trace context, kept with each of its readings so every
+/// publish of the row, after a restart too, carries it (`common::trace`: the `traceparent`,
+/// then a space and the `tracestate` if any). NULL for every other row: their context derives
+/// from the event id. Adding a nullable column rewrites nothing.
+const SCHEMA_V7: &str = "
+ALTER TABLE outbox ADD COLUMN trace TEXT;
+";
+
 /// The steps from each version to the next: `STEPS[v..]` brings a file at version `v` (0: a
 /// new file) to [`SCHEMA_VERSION`].
 const STEPS: [&str; SCHEMA_VERSION as usize] = [
-    SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+    SCHEMA, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const TABLES: [&str; 9] = [
@@ -484,7 +492,7 @@ impl Totals {
 
 pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
     let (rows, body): (i64, i64) = conn.query_row(
-        "SELECT count(*), coalesce(sum(length(body)), 0) FROM outbox",
+        "SELECT count(*), coalesce(sum(length(body) + coalesce(length(trace), 0)), 0) FROM outbox",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -562,7 +570,7 @@ mod tests {
         assert_eq!(corrupt_files(dir.path()), 3);
     }
 
-    /// A buffer as `version` (1 to 5) left it: a row waiting, a message remembered and two
+    /// A buffer as `version` (1 to 6) left it: a row waiting, a message remembered and two
     /// dead-letters (MQTT and serial); from version 2 a reading remembered, from version 3 a
     /// firmware frame.
     fn old_file(path: &Path, version: usize) {
@@ -642,6 +650,7 @@ mod tests {
             "ids given before stay (version {version})"
         );
         assert_eq!(rows[0].body, vec![1, 2]);
+        assert_eq!(rows[0].trace, None, "version {version}: no device context");
         assert_eq!(totals(&conn).unwrap().next_seq, 8);
         remembered_keys_kept(&conn, version);
         dead_letters_kept(&conn, version);
@@ -658,14 +667,21 @@ mod tests {
         )
         .unwrap();
 
-        // A row stored now gets its id from the salt, the same at every read.
-        conn.execute(
-            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (8, x'', 1000, 0, x'03')",
-            [],
-        )
-        .unwrap();
-        let new_id = fetch_after(&conn, 7, 10, &salt).unwrap()[0].event_id;
-        assert_eq!(new_id, event_id(&salt, 8));
+        // A row stored now gets its id from the salt, the same at every read; version 7 keeps
+        // a device's trace context with it, counted in the bytes.
+        let traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 v=1";
+        let tx = conn.unchecked_transaction().unwrap();
+        outbox::insert(&tx, 8, 1000, 0, &[3], Some(traced)).unwrap();
+        tx.commit().unwrap();
+        let new = fetch_after(&conn, 7, 10, &salt).unwrap().remove(0);
+        assert_eq!(new.event_id, event_id(&salt, 8));
+        let trace = new.trace.expect("the stored context reads back");
+        assert_eq!(trace.stored().as_str(), traced);
+        assert_eq!(
+            totals(&conn).unwrap().bytes,
+            2 + 1 + traced.len() as u64 + 2 * ROW_OVERHEAD
+        );
+        let new_id = new.event_id;
         drop(conn);
 
         // Opening again finds the current version and changes nothing, the salt included.

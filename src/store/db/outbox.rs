@@ -6,6 +6,7 @@ use std::ops::RangeInclusive;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::event_id;
+use crate::common::trace::TraceContext;
 use crate::reading::KIND_READING;
 
 /// One buffered row as the forwarder needs it.
@@ -16,9 +17,19 @@ pub struct OutboxRow {
     pub stored_ms: i64,
     pub kind: u8,
     pub body: Vec<u8>,
+    /// The device's trace context, if it sent one; `None` derives one from the event id.
+    pub trace: Option<TraceContext>,
 }
 
-/// A row as the bounds scan it (`body` only when asked for).
+/// What a row counts against `max_bytes` (plus [`super::ROW_OVERHEAD`]): its body and its
+/// trace context.
+macro_rules! row_len {
+    () => {
+        "length(body) + coalesce(length(trace), 0)"
+    };
+}
+
+/// A row as the bounds scan it (`body` only when asked for; `len` counts its trace context).
 pub(crate) struct ScannedRow {
     pub(crate) seq: u64,
     pub(crate) kind: i64,
@@ -41,7 +52,7 @@ pub(crate) fn fetch_after(
     salt: &[u8; 16],
 ) -> rusqlite::Result<Vec<OutboxRow>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, event_id, stored_ms, kind, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        "SELECT seq, event_id, stored_ms, kind, body, trace FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
         let seq = r.get::<_, i64>(0)? as u64;
@@ -53,6 +64,10 @@ pub(crate) fn fetch_after(
             stored_ms: r.get(2)?,
             kind: r.get::<_, i64>(3)? as u8,
             body: r.get(4)?,
+            trace: r
+                .get_ref(5)?
+                .as_str_or_null()?
+                .and_then(TraceContext::from_stored),
         })
     })?;
     rows.collect()
@@ -75,9 +90,17 @@ pub(crate) fn scan(
     with_body: bool,
 ) -> rusqlite::Result<Vec<ScannedRow>> {
     let sql = if with_body {
-        "SELECT seq, kind, stored_ms, length(body), body FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        concat!(
+            "SELECT seq, kind, stored_ms, ",
+            row_len!(),
+            ", body FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        )
     } else {
-        "SELECT seq, kind, stored_ms, length(body), x'' FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        concat!(
+            "SELECT seq, kind, stored_ms, ",
+            row_len!(),
+            ", x'' FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        )
     };
     let mut stmt = tx.prepare_cached(sql)?;
     let rows = stmt.query_map(params![sql_seq(after), sql_seq(below), limit as i64], |r| {
@@ -103,19 +126,20 @@ pub(crate) fn newest_reading_bodies(
     bodies.collect()
 }
 
-/// Buffers one row under `seq`; its `event_id` column stays empty (the id derives from the
-/// seq).
+/// Buffers one row under `seq`, with a device's trace context in its stored form
+/// ([`TraceContext::stored`]); its `event_id` column stays empty (the id derives from the seq).
 pub(crate) fn insert(
     tx: &Transaction<'_>,
     seq: u64,
     now: i64,
     kind: u8,
     body: &[u8],
+    trace: Option<&str>,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body) VALUES (?1, x'', ?2, ?3, ?4)",
+        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body, trace) VALUES (?1, x'', ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![seq as i64, now, kind, body])?;
+    .execute(params![seq as i64, now, kind, body, trace])?;
     Ok(())
 }
 
@@ -145,16 +169,17 @@ pub(crate) fn has_result(tx: &Transaction<'_>, event_id: &[u8; 16]) -> rusqlite:
         .map(|found| found.is_some())
 }
 
-/// Deletes the buffered rows of a run of seqs; `each` gets every deleted row's kind and body
-/// length.
+/// Deletes the buffered rows of a run of seqs; `each` gets every deleted row's kind and length
+/// (body and trace context).
 pub(crate) fn delete_run(
     tx: &Transaction<'_>,
     run: &RangeInclusive<u64>,
     mut each: impl FnMut(i64, i64),
 ) -> rusqlite::Result<()> {
-    let mut stmt = tx.prepare_cached(
-        "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING kind, length(body)",
-    )?;
+    let mut stmt = tx.prepare_cached(concat!(
+        "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING kind, ",
+        row_len!()
+    ))?;
     let mut rows = stmt.query([*run.start() as i64, *run.end() as i64])?;
     while let Some(row) = rows.next()? {
         each(row.get(0)?, row.get(1)?);
@@ -162,11 +187,14 @@ pub(crate) fn delete_run(
     Ok(())
 }
 
-/// Deletes one buffered row: its kind and body length, or `None` if it was already gone.
+/// Deletes one buffered row: its kind and length, or `None` if it was already gone.
 pub(crate) fn delete(tx: &Transaction<'_>, seq: u64) -> rusqlite::Result<Option<(i64, i64)>> {
-    tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING kind, length(body)")?
-        .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+    tx.prepare_cached(concat!(
+        "DELETE FROM outbox WHERE seq = ?1 RETURNING kind, ",
+        row_len!()
+    ))?
+    .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
 }
 
 /// Records the next seq to hand out, in the transaction that numbered rows below it.

@@ -18,6 +18,7 @@ fn row(seq: u64) -> OutboxRow {
         stored_ms: 0,
         kind: 0,
         body: Vec::new(),
+        trace: None,
     }
 }
 
