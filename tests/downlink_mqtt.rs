@@ -58,15 +58,41 @@ type Received = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 /// The simulated devices on `broker`: subscribed (SUBACK read) when this returns.
 async fn devices(broker: &Mosquitto) -> Received {
-    let mut options = MqttOptions::new("sim-devices", "127.0.0.1", broker.port);
+    let received = Received::default();
+    let seen = received.clone();
+    device(
+        broker,
+        "sim-devices",
+        "dev/+/set",
+        move |client, topic, payload| {
+            let payload = String::from_utf8_lossy(payload).to_string();
+            seen.lock()
+                .expect("lock")
+                .entry(topic.to_string())
+                .or_default()
+                .push(payload.clone());
+            answer(client, topic, &payload);
+        },
+    )
+    .await;
+    received
+}
+
+/// An MQTT client of the test subscribed to `filter` (SUBACK read when this returns), handing
+/// every message to `on_message` with the client to answer through.
+async fn device(
+    broker: &Mosquitto,
+    client_id: &str,
+    filter: &str,
+    on_message: impl Fn(&AsyncClient, &str, &[u8]) + Send + 'static,
+) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port);
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut events) = AsyncClient::new(options, 64);
     client
-        .subscribe("dev/+/set", QoS::AtLeastOnce)
+        .subscribe(filter, QoS::AtLeastOnce)
         .await
         .expect("subscribe");
-    let received = Received::default();
-    let seen = received.clone();
     let (subscribed, ready) = tokio::sync::oneshot::channel();
     let mut subscribed = Some(subscribed);
     tokio::spawn(async move {
@@ -78,13 +104,7 @@ async fn devices(broker: &Mosquitto) -> Received {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let payload = String::from_utf8_lossy(&p.payload).to_string();
-                    seen.lock()
-                        .expect("lock")
-                        .entry(p.topic.clone())
-                        .or_default()
-                        .push(payload.clone());
-                    answer(&client, &p.topic, &payload);
+                    on_message(&client, &p.topic, &p.payload)
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -93,9 +113,8 @@ async fn devices(broker: &Mosquitto) -> Received {
     });
     tokio::time::timeout(Duration::from_secs(10), ready)
         .await
-        .expect("devices subscribed in time")
+        .expect("subscribed in time")
         .expect("device task alive");
-    received
 }
 
 /// What each device reports after a command.
@@ -405,41 +424,22 @@ async fn a_sahool_valve_gets_the_platforms_commands_and_is_read_back_from_its_st
 /// A SAHOOL valve on `broker`: records each command JSON on `{base}/command` and answers with
 /// its new state on `{base}/status`. Subscribed when this returns.
 async fn sahool_valve(broker: &Mosquitto, base: &'static str) -> Arc<Mutex<Vec<Value>>> {
-    let mut options = MqttOptions::new("sim-sahool-valve", "127.0.0.1", broker.port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(options, 16);
-    client
-        .subscribe(format!("{base}/command"), QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
     let commands: Arc<Mutex<Vec<Value>>> = Arc::default();
     let seen = commands.clone();
-    let (subscribed, ready) = tokio::sync::oneshot::channel();
-    let mut subscribed = Some(subscribed);
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(s) = subscribed.take() {
-                        let _ = s.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let command: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                    let state = json!({ "status": command["command"] }).to_string();
-                    seen.lock().expect("lock").push(command);
-                    client
-                        .try_publish(format!("{base}/status"), QoS::AtLeastOnce, false, state)
-                        .expect("the valve reports its state");
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready)
-        .await
-        .expect("valve subscribed in time")
-        .expect("valve task alive");
+    let filter = format!("{base}/command");
+    device(
+        broker,
+        "sim-sahool-valve",
+        &filter,
+        move |client, _, payload| {
+            let command: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+            let state = json!({ "status": command["command"] }).to_string();
+            seen.lock().expect("lock").push(command);
+            client
+                .try_publish(format!("{base}/status"), QoS::AtLeastOnce, false, state)
+                .expect("the valve reports its state");
+        },
+    )
+    .await;
     commands
 }
