@@ -457,7 +457,19 @@ async fn sigkill_around_receipt_writes_each_command_once() {
             show(&results)
         );
     }
-    assert_eq!(rig.coil_writes(VALVE), commands.len() as u32);
+    let requests: Vec<_> = rig
+        .bus
+        .seen()
+        .into_iter()
+        .filter(|r| r.unit == UNIT && r.start == VALVE)
+        .collect();
+    assert_eq!(
+        rig.coil_writes(VALVE),
+        commands.len() as u32,
+        "requests on the bus: {requests:?}\n{}\n--- gateway log ---\n{}",
+        show(&results),
+        rig.gateway.log()
+    );
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(true));
 }
 

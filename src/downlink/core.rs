@@ -274,9 +274,10 @@ struct Job {
     backoff: Backoff,
     /// The off deadline this write set (an `on`), to keep once applied.
     deadline: Option<Timestamp>,
-    /// Taken up again after a restart: whether the write went out before it is unknown, so the
-    /// device is read first and written only if it is not yet in the state asked for.
-    resumed: bool,
+    /// Whether the last write went out is unknown (taken up again after a restart, or its
+    /// answer lost on the bus), so the device is read first and written only if it is not yet
+    /// in the state asked for: never a second write of what already landed.
+    read_first: bool,
 }
 
 #[derive(Debug)]
@@ -371,7 +372,7 @@ impl Job {
             step: Step::Writing,
             backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),
             deadline,
-            resumed: false,
+            read_first: false,
         }
     }
 }
@@ -536,7 +537,7 @@ impl Core {
         }
         let mut job = Job::new(JobCause::Command(command), value, deadline);
         job.step = Step::Reading;
-        job.resumed = true;
+        job.read_first = true;
         a.job = Some(job);
         vec![Action::ReadBack {
             actuator_id: a.spec.id.clone(),
@@ -564,7 +565,13 @@ impl Core {
                 });
             }
             Ok(()) => finish(a, None, ctx.now, &mut out),
-            Err(detail) => bus_error(a, &detail, ctx.now, &mut out),
+            Err(detail) => {
+                // The request may have reached the device and only its answer been lost.
+                if let Some(job) = a.job.as_mut().filter(|_| a.spec.readback) {
+                    job.read_first = true;
+                }
+                bus_error(a, &detail, ctx.now, &mut out)
+            }
         }
         self.advance(actuator_id, ctx, &mut out);
         self.advance_dependents(actuator_id, ctx, &mut out);
@@ -586,10 +593,10 @@ impl Core {
             Some(job) => (job.value, a.spec.tolerance),
             None => return out,
         };
-        let resumed = a.job.as_ref().is_some_and(|j| j.resumed);
+        let read_first = a.job.as_ref().is_some_and(|j| j.read_first);
         match outcome {
             Ok(read) if same(wanted, read, tolerance) => finish(a, Some(read), ctx.now, &mut out),
-            Ok(read) if resumed => write_resumed(a, read, ctx.now, &mut out),
+            Ok(read) if read_first => write_unlanded(a, read, ctx.now, &mut out),
             Ok(read) => mismatch(a, read, ctx.now, &mut out),
             Err(detail) => bus_error(a, &detail, ctx.now, &mut out),
         }
@@ -885,12 +892,13 @@ fn finish(a: &mut Actuator, readback: Option<Value>, now: Timestamp, out: &mut V
     }));
 }
 
-/// A resumed command's device is not yet in the state asked for: its write did not go out
-/// before the restart, so it goes out now, unless the command expired meanwhile.
-fn write_resumed(a: &mut Actuator, read: Value, now: Timestamp, out: &mut Vec<Action>) {
+/// The device is not yet in the state asked for after a write whose fate was unknown (before
+/// a restart, or unanswered): it did not land, so it goes out now, unless the command expired
+/// meanwhile.
+fn write_unlanded(a: &mut Actuator, read: Value, now: Timestamp, out: &mut Vec<Action>) {
     a.confirmed = Some(read);
     let Some(job) = a.job.as_mut() else { return };
-    job.resumed = false;
+    job.read_first = false;
     if let JobCause::Command(c) = &job.cause {
         if c.expires_at <= now {
             let c = c.clone();
@@ -972,9 +980,9 @@ fn retry_if_due(a: &mut Actuator, now: Timestamp, out: &mut Vec<Action>) {
             return fail_on_bus(a, now, out);
         }
     }
-    // A resumed command is still to be read first: its write may have gone out before the
-    // restart, and writing now could be the second write (the bus is often not up yet then).
-    if job.resumed {
+    // A write whose fate is unknown is read first: it may have gone out (before a restart, or
+    // with its answer lost), and writing now could be the second write.
+    if job.read_first {
         job.step = Step::Reading;
         out.push(Action::ReadBack {
             actuator_id: a.spec.id.clone(),

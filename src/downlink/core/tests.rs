@@ -195,6 +195,24 @@ impl Rig {
         true
     }
 
+    /// Carries out the oldest pending write, which reaches the device, but its answer is lost
+    /// on the bus.
+    fn step_answer_lost(&mut self) {
+        let Some(Action::Write {
+            actuator_id,
+            value,
+            cause,
+        }) = self.pending.pop_front()
+        else {
+            panic!("no write pending: {:?}", self.pending);
+        };
+        self.device.insert(actuator_id.clone(), value);
+        self.writes
+            .push((self.now, actuator_id.clone(), value, cause));
+        let lost = Err("timeout".to_string());
+        self.event(|core, ctx| core.written(&actuator_id, lost, ctx));
+    }
+
     /// Carries out everything pending, without failures.
     fn settle(&mut self) {
         while self.step(false) {}
@@ -466,6 +484,31 @@ fn a_run_stops_when_its_block_when_reading_crosses_the_limit_not_when_it_goes_mi
         Value::Switch(true),
         "the valve stays open"
     );
+}
+
+/// A write whose answer is lost may have landed: the retry reads the device first and writes
+/// only if it did not, so a lost answer never makes a second write.
+#[test]
+fn a_write_whose_answer_was_lost_is_read_before_it_is_written_again() {
+    let mut rig = Rig::new(vec![switch("landed"), switch("lost")]);
+    rig.send(cmd(1, "landed", on(), 0, 60));
+    rig.send(cmd(2, "lost", on(), 0, 60));
+    rig.step_answer_lost(); // `landed`: on the device, the answer lost
+    rig.step(true); // `lost`: never reached the device
+    for s in 1..4 {
+        rig.now = t(s);
+        rig.tick();
+        rig.settle();
+    }
+    assert_eq!(rig.statuses(1), [Accepted, Applied]);
+    assert_eq!(rig.statuses(2), [Accepted, Applied]);
+    assert_eq!(
+        rig.writes_to("landed"),
+        1,
+        "confirmed by reading, not written again"
+    );
+    assert_eq!(rig.writes_to("lost"), 1, "read off, so written");
+    assert_eq!(rig.device["lost"], Value::Switch(true));
 }
 
 #[test]
