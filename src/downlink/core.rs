@@ -274,10 +274,21 @@ struct Job {
     backoff: Backoff,
     /// The off deadline this write set (an `on`), to keep once applied.
     deadline: Option<Timestamp>,
-    /// Whether the last write went out is unknown (taken up again after a restart, or its
-    /// answer lost on the bus), so the device is read first and written only if it is not yet
-    /// in the state asked for: never a second write of what already landed.
-    read_first: bool,
+    /// What is known of the last write, which decides what a retry does.
+    landed: Landed,
+}
+
+/// Whether the job's last write reached the device, as far as the core knows. A retry reads
+/// whenever the write may have landed, so a write that landed is never sent twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landed {
+    /// Not written yet, or read back as not taken: a retry writes.
+    No,
+    /// Acknowledged by the device: a retry reads back again, and a mismatch is a failure.
+    Acked,
+    /// Unknown (taken up after a restart, or the write's answer lost on the bus): a retry reads
+    /// first and writes only if the device is not yet in the state asked for.
+    Unknown,
 }
 
 #[derive(Debug)]
@@ -372,7 +383,7 @@ impl Job {
             step: Step::Writing,
             backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),
             deadline,
-            read_first: false,
+            landed: Landed::No,
         }
     }
 }
@@ -537,7 +548,7 @@ impl Core {
         }
         let mut job = Job::new(JobCause::Command(command), value, deadline);
         job.step = Step::Reading;
-        job.read_first = true;
+        job.landed = Landed::Unknown;
         a.job = Some(job);
         vec![Action::ReadBack {
             actuator_id: a.spec.id.clone(),
@@ -559,6 +570,7 @@ impl Core {
             Ok(()) if a.spec.readback => {
                 if let Some(job) = a.job.as_mut() {
                     job.step = Step::Reading;
+                    job.landed = Landed::Acked;
                 }
                 out.push(Action::ReadBack {
                     actuator_id: actuator_id.to_string(),
@@ -568,7 +580,7 @@ impl Core {
             Err(detail) => {
                 // The request may have reached the device and only its answer been lost.
                 if let Some(job) = a.job.as_mut().filter(|_| a.spec.readback) {
-                    job.read_first = true;
+                    job.landed = Landed::Unknown;
                 }
                 bus_error(a, &detail, ctx.now, &mut out)
             }
@@ -593,10 +605,10 @@ impl Core {
             Some(job) => (job.value, a.spec.tolerance),
             None => return out,
         };
-        let read_first = a.job.as_ref().is_some_and(|j| j.read_first);
+        let unknown = a.job.as_ref().is_some_and(|j| j.landed == Landed::Unknown);
         match outcome {
             Ok(read) if same(wanted, read, tolerance) => finish(a, Some(read), ctx.now, &mut out),
-            Ok(read) if read_first => write_unlanded(a, read, ctx.now, &mut out),
+            Ok(read) if unknown => write_unlanded(a, read, ctx.now, &mut out),
             Ok(read) => mismatch(a, read, ctx.now, &mut out),
             Err(detail) => bus_error(a, &detail, ctx.now, &mut out),
         }
@@ -898,7 +910,7 @@ fn finish(a: &mut Actuator, readback: Option<Value>, now: Timestamp, out: &mut V
 fn write_unlanded(a: &mut Actuator, read: Value, now: Timestamp, out: &mut Vec<Action>) {
     a.confirmed = Some(read);
     let Some(job) = a.job.as_mut() else { return };
-    job.read_first = false;
+    job.landed = Landed::No;
     if let JobCause::Command(c) = &job.cause {
         if c.expires_at <= now {
             let c = c.clone();
@@ -926,6 +938,7 @@ fn mismatch(a: &mut Actuator, read: Value, now: Timestamp, out: &mut Vec<Action>
     let Some(job) = a.job.as_mut() else { return };
     tracing::warn!(actuator = %id, wanted = ?job.value, ?read, "read back other than written");
     if !matches!(job.cause, JobCause::Command(_)) {
+        job.landed = Landed::No;
         job.step = Step::RetryAt(after(now, job.backoff.next_delay()));
         return;
     }
@@ -980,9 +993,9 @@ fn retry_if_due(a: &mut Actuator, now: Timestamp, out: &mut Vec<Action>) {
             return fail_on_bus(a, now, out);
         }
     }
-    // A write whose fate is unknown is read first: it may have gone out (before a restart, or
-    // with its answer lost), and writing now could be the second write.
-    if job.read_first {
+    // A write that may have landed is read, not sent again: acknowledged (its read-back
+    // failed), or unknown (before a restart, or with its answer lost).
+    if job.landed != Landed::No {
         job.step = Step::Reading;
         out.push(Action::ReadBack {
             actuator_id: a.spec.id.clone(),

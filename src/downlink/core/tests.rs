@@ -487,14 +487,18 @@ fn a_run_stops_when_its_block_when_reading_crosses_the_limit_not_when_it_goes_mi
 }
 
 /// A write whose answer is lost may have landed: the retry reads the device first and writes
-/// only if it did not, so a lost answer never makes a second write.
+/// only if it did not. A write the device acknowledged whose read-back failed is read again,
+/// not written again. So a bus error never makes a second write of what landed.
 #[test]
 fn a_write_whose_answer_was_lost_is_read_before_it_is_written_again() {
-    let mut rig = Rig::new(vec![switch("landed"), switch("lost")]);
+    let mut rig = Rig::new(vec![switch("landed"), switch("lost"), switch("unread")]);
     rig.send(cmd(1, "landed", on(), 0, 60));
     rig.send(cmd(2, "lost", on(), 0, 60));
+    rig.send(cmd(3, "unread", on(), 0, 60));
     rig.step_answer_lost(); // `landed`: on the device, the answer lost
     rig.step(true); // `lost`: never reached the device
+    rig.step(false); // `unread`: written and acknowledged...
+    rig.step(true); // ...its read-back lost
     for s in 1..4 {
         rig.now = t(s);
         rig.tick();
@@ -509,6 +513,27 @@ fn a_write_whose_answer_was_lost_is_read_before_it_is_written_again() {
     );
     assert_eq!(rig.writes_to("lost"), 1, "read off, so written");
     assert_eq!(rig.device["lost"], Value::Switch(true));
+    assert_eq!(rig.statuses(3), [Accepted, Applied]);
+    assert_eq!(rig.writes_to("unread"), 1, "read again, not written again");
+}
+
+/// An acknowledged write read back other than written fails the command at once, also when
+/// an earlier read-back of it was lost: the device answered, it did not take the value.
+#[test]
+fn an_acknowledged_write_read_back_wrong_after_a_lost_read_fails() {
+    let mut rig = Rig::new(vec![switch("welded")]);
+    rig.stuck.push("welded".into());
+    rig.send(cmd(1, "welded", on(), 0, 60));
+    rig.step(false); // written, acknowledged, ignored by the relay
+    rig.step(true); // the read-back lost
+    rig.now = t(2);
+    rig.tick();
+    rig.settle();
+    assert_eq!(
+        (rig.statuses(1), rig.reason(1)),
+        (vec![Accepted, Failed], Some(Reason::ReadbackMismatch))
+    );
+    assert_eq!(rig.writes_to("welded"), 1);
 }
 
 #[test]
