@@ -5,7 +5,8 @@
 //! outcome is a `sahool.iot.gateway.config` event through the outbox
 //! (`contracts/gateway_config.v1.json`).
 //!
-//! [`core`] decides (sans-IO); this file carries its actions out: the KV watch, the files, the
+//! [`core`] decides (sans-IO); [`kv`] makes the KV requests, each on a subject naming the key
+//! (least privilege); this file carries the core's actions out: the watch, the files, the
 //! reload, the health samples and the events.
 //!
 //! # On disk
@@ -32,12 +33,13 @@
 //! local file is set aside.
 
 pub(crate) mod core;
+pub(crate) mod kv;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv::Operation};
+use async_nats::jetstream;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -79,10 +81,8 @@ pub(crate) enum RemoteError {
 enum Lost {
     #[error("cannot connect to NATS: {0}")]
     Connect(String),
-    #[error("KV bucket `{bucket}` not available: {error}")]
-    Bucket { bucket: String, error: String },
-    #[error("cannot watch the key: {0}")]
-    Watch(String),
+    #[error(transparent)]
+    Kv(kv::KvError),
     #[error("the watch ended (link lost)")]
     Ended,
 }
@@ -419,30 +419,28 @@ async fn follow(
         Err(e) => return Lost::Connect(e.to_string()),
     };
     let js = jetstream::new(link.client.clone());
-    let kv = match js.get_key_value(bucket).await {
-        Ok(kv) => kv,
-        Err(e) => {
-            return Lost::Bucket {
-                bucket: bucket.to_string(),
-                error: e.to_string(),
-            }
-        }
+    let stream = match kv::open(&js, bucket).await {
+        Ok(s) => s,
+        Err(e) => return Lost::Kv(e),
     };
-    let mut watch = match kv.watch_with_history(key).await {
+    let mut watch = match kv::watch(&link.client, &stream, bucket, key).await {
         Ok(w) => w,
-        Err(e) => return Lost::Watch(e.to_string()),
+        Err(e) => return Lost::Kv(e),
     };
     backoff.reset();
-    while let Some(entry) = watch.next().await {
+    while let Some(message) = watch.next().await {
+        let entry = match message {
+            Ok(m) => kv::revision_of(&m),
+            Err(e) => return Lost::Kv(kv::KvError::Watch(e.to_string())),
+        };
         let entry = match entry {
             Ok(e) => e,
-            Err(e) => return Lost::Watch(e.to_string()),
+            Err(e) => return Lost::Kv(e),
         };
         // A deleted key leaves the gateway on its last known good config.
-        if entry.operation != Operation::Put {
+        let Some(text) = entry.text else {
             continue;
-        }
-        let text = String::from_utf8_lossy(&entry.value).into_owned();
+        };
         if entries.send((entry.revision, text)).await.is_err() {
             return Lost::Ended;
         }
