@@ -425,3 +425,34 @@ async fn a_gateway_user_with_the_shipped_permissions_applies_its_key_and_reads_n
     );
     assert_eq!(gateway.terminate(), Some(0));
 }
+
+/// The probation watches its whole period: a broker that goes away for a few seconds in the
+/// middle of it (past the 10 s grace) and comes back before its end still fails the revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_failing_and_recovering_within_the_probation_rolls_it_back() {
+    let (nats, mut broker, kv, mut gateway) = start("30s").await;
+    let revision = put(
+        &kv,
+        remote_text(&gateway, &probe_2_and_second_source(&broker)),
+    )
+    .await;
+    gateway.wait_until("on probation", Duration::from_secs(20), |g| {
+        g.log().contains("on probation")
+    });
+    gateway.wait_subscribed(2).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    broker.resume();
+    let outcome = wait_outcome(&nats, revision, Duration::from_secs(30)).await;
+    assert_eq!(outcome["status"], "rolled_back", "{outcome}");
+    assert!(
+        outcome["check"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("source ")),
+        "{outcome}"
+    );
+    assert_eq!(status_config(&gateway)["source"], "local");
+    assert_probe_1_forwards(&gateway, &broker, 2).await;
+    assert_eq!(gateway.terminate(), Some(0));
+}

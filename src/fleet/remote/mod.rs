@@ -43,7 +43,9 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::core::{needs_restart, revision_file, Action, Core, Health, Memory, Outcome};
+use self::core::{
+    needs_restart, revision_file, Action, Core, Health, Memory, Outcome, SAMPLE_EVERY,
+};
 use crate::common::backoff::Backoff;
 use crate::common::files;
 use crate::common::log_limit::LogLimit;
@@ -209,7 +211,7 @@ impl Remote {
                 return;
             }
         };
-        let (mut core, actions) = Core::start(memory, self.dir.clone());
+        let (mut core, actions) = Core::start(memory, self.dir.clone(), self.probation);
         self.carry_out(actions).await;
         tracing::info!(bucket = %self.bucket, key = %self.key, last_revision = core.memory().last_revision, "remote config: watching");
         let (entries, mut revisions) = mpsc::channel(16);
@@ -239,19 +241,44 @@ impl Remote {
                 continue;
             };
             reloaded.mark_unchanged();
-            let actions = tokio::select! {
-                // Stopped during probation: the next start rolls the trial back.
-                _ = stop.changed() => break,
-                // A SIGHUP applied the last known good config meanwhile.
-                _ = reloaded.changed() => core.superseded(),
-                () = tokio::time::sleep(self.probation) => {
-                    let health = self.health(&trial).await;
-                    core.probation_over(health)
-                }
+            // Stopped during probation: the next start rolls the trial back.
+            let Some(actions) = self
+                .probation(&mut core, &trial, &mut reloaded, &mut stop)
+                .await
+            else {
+                break;
             };
             self.carry_out(actions).await;
         }
         let _ = watcher.await;
+    }
+
+    /// Samples the health of the config applied for a probation into the core until it
+    /// decides (keep or roll back) or a SIGHUP applies the last known good config meanwhile;
+    /// `None` when the gateway stops first.
+    async fn probation(
+        &self,
+        core: &mut Core,
+        applied: &Config,
+        reloaded: &mut watch::Receiver<Arc<Config>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Action>> {
+        let start = tokio::time::Instant::now();
+        let mut samples = tokio::time::interval_at(start + SAMPLE_EVERY, SAMPLE_EVERY);
+        samples.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return None,
+                _ = reloaded.changed() => return Some(core.superseded()),
+                _ = samples.tick() => {
+                    let health = self.health(applied).await;
+                    let actions = core.probation_sample(start.elapsed(), health);
+                    if !actions.is_empty() {
+                        return Some(actions);
+                    }
+                }
+            }
+        }
     }
 
     /// Carries the actions out in order; returns the config applied for a probation. A file
@@ -450,7 +477,7 @@ async fn follow(
 
 #[cfg(test)]
 mod tests {
-    use super::core::Status;
+    use super::core::{Status, GRACE};
     use super::*;
     use crate::config::test_support::MINIMAL;
     use crate::reading::KIND_CONFIG;
@@ -531,14 +558,14 @@ mod tests {
             let ok = Health([("nats".to_string(), None)].into());
             let mut failing = ok.clone();
             failing.0.insert("source farm".into(), Some("down".into()));
-            let (mut core, mut all) = Core::start(Memory::default(), dir(&local));
+            let (mut core, mut all) = Core::start(Memory::default(), dir(&local), GRACE);
             all.extend(core.revision(5, &text(3.0), &local, ok.clone()));
-            all.extend(core.probation_over(ok.clone()));
+            all.extend(core.probation_sample(GRACE, ok.clone()));
             let five = config::parse(&text(3.0)).unwrap();
             all.extend(core.revision(7, &broken, &five, ok.clone()));
-            all.extend(core.probation_over(failing));
+            all.extend(core.probation_sample(GRACE, failing));
             all.extend(core.revision(9, &text(5.0), &five, ok.clone()));
-            all.extend(core.probation_over(ok));
+            all.extend(core.probation_sample(GRACE, ok));
             all
         };
         let n = actions_of(Path::new("/x")).len();
@@ -569,7 +596,7 @@ mod tests {
                 "the broken revision never runs after a restart"
             );
             // A trial is reported rolled back and its file goes; then only the good one stays.
-            let (core, start) = Core::start(memory.clone(), dir.clone());
+            let (core, start) = Core::start(memory.clone(), dir.clone(), GRACE);
             assert_eq!(
                 start
                     .iter()
