@@ -57,23 +57,9 @@ fn local_config_as(nats: &Nats, broker: &Mosquitto, probation: &str, nats_auth: 
     )
 }
 
-/// The tenant's bucket. Made as its stream directly: the client's `create_key_value` first
-/// reads account details this nats-server (2.9) does not send in the form it expects.
+/// The tenant's bucket.
 async fn bucket(nats: &Nats) -> kv::Store {
-    let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config {
-        name: format!("KV_{BUCKET}"),
-        subjects: vec![format!("$KV.{BUCKET}.>")],
-        max_messages_per_subject: 5,
-        discard: jetstream::stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await
-    .expect("create the bucket's stream");
-    js.get_key_value(BUCKET).await.expect("open bucket")
+    support::create_bucket(nats.client().await, BUCKET).await
 }
 
 /// nats-server with the platform's stream and the tenant's bucket, a broker, and the gateway

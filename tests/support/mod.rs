@@ -1233,3 +1233,27 @@ pub fn gateway_user_auth(dir: &Path) -> String {
         password_file.display()
     )
 }
+
+/// A KV bucket, made as its stream directly: the client's `create_key_value` first reads
+/// account details nats-server 2.9 (Debian's) does not send in the form it expects. Direct
+/// gets allowed, as for buckets nats-server 2.9 and later make.
+pub async fn create_bucket(
+    client: async_nats::Client,
+    bucket: &str,
+) -> async_nats::jetstream::kv::Store {
+    use async_nats::jetstream;
+    let js = jetstream::new(client);
+    js.create_stream(jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 5,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("create the bucket's stream");
+    js.get_key_value(bucket).await.expect("open bucket")
+}

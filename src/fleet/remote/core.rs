@@ -212,6 +212,34 @@ pub(crate) fn needs_restart(new: &Config, running: &Config) -> Option<String> {
     })
 }
 
+/// Why a revision is refused: the check that failed (`validate` or `restart_required`) and
+/// what it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) check: &'static str,
+    pub(crate) reason: String,
+}
+
+/// A revision's text as the gateway would take it in place of `running`: parsed and checked
+/// as `validate` checks a file, changing nothing that needs a restart. `doctor` asks the same.
+pub(crate) fn vet(text: &str, running: &Config) -> Result<Config, Refusal> {
+    let new = config::parse(text).map_err(|problems| Refusal {
+        check: "validate",
+        reason: problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; "),
+    })?;
+    match needs_restart(&new, running) {
+        Some(reason) => Err(Refusal {
+            check: "restart_required",
+            reason,
+        }),
+        None => Ok(new),
+    }
+}
+
 impl Core {
     /// Starts from what was remembered. A trial found here did not pass its probation: it is
     /// reported rolled back and forgotten (the caller started from the good config).
@@ -254,20 +282,10 @@ impl Core {
         if revision <= last || self.trial.is_some() {
             return vec![Action::Ignore { revision, last }];
         }
-        let new = match config::parse(text) {
+        let new = match vet(text, running) {
             Ok(c) => c,
-            Err(problems) => {
-                let reason = problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return self.reject(revision, reason, "validate");
-            }
+            Err(refusal) => return self.reject(revision, refusal.reason, refusal.check),
         };
-        if let Some(reason) = needs_restart(&new, running) {
-            return self.reject(revision, reason, "restart_required");
-        }
         let mut new = Box::new(new);
         new.origin = config::Origin {
             file: Some(revision_file(&self.dir, revision)),

@@ -22,6 +22,20 @@ pub(crate) fn key_subject(bucket: &str, key: &str) -> String {
     format!("$KV.{bucket}.{key}")
 }
 
+/// The request subject of [`open`], for telling a denial apart.
+pub(crate) fn open_api(bucket: &str) -> String {
+    format!("$JS.API.STREAM.INFO.{}", stream_name(bucket))
+}
+
+/// The request subject of [`latest`], for telling a denial apart.
+pub(crate) fn latest_api(bucket: &str, key: &str) -> String {
+    format!(
+        "$JS.API.DIRECT.GET.{}.{}",
+        stream_name(bucket),
+        key_subject(bucket, key)
+    )
+}
+
 /// One revision of the key: a put with its text, or a delete or purge (no text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Revision {
@@ -36,6 +50,8 @@ pub(crate) enum KvError {
     Bucket { bucket: String, error: String },
     #[error("cannot watch the key: {0}")]
     Watch(String),
+    #[error("cannot read the key: {0}")]
+    Read(String),
 }
 
 /// Opens the bucket's stream (its info request is the only bucket-wide one).
@@ -86,6 +102,25 @@ pub(crate) fn revision_of(message: &jetstream::Message) -> Result<Revision, KvEr
         revision,
         text: text_of(message.headers.as_ref(), &message.payload),
     })
+}
+
+/// The key's latest revision, `None` when it has none.
+pub(crate) async fn latest(
+    stream: &Stream,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<Revision>, KvError> {
+    match stream
+        .direct_get_last_for_subject(key_subject(bucket, key))
+        .await
+    {
+        Ok(m) => Ok(Some(Revision {
+            revision: m.sequence,
+            text: text_of(Some(&m.headers), &m.payload),
+        })),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(KvError::Read(e.to_string())),
+    }
 }
 
 /// A put's text; `None` for a delete or purge marker.
