@@ -106,6 +106,15 @@ async fn farm_with_gateway_user(preamble: &str, permissions: &str) -> Farm {
     farm
 }
 
+/// [`farm_with_gateway_user`] with the shipped `$SAHOOL_GATEWAY` permissions
+/// (`config/nats-server.least-privilege.conf`).
+async fn least_privilege_farm() -> Farm {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/nats-server.least-privilege.conf");
+    let shipped = std::fs::read_to_string(&shipped).expect("the shipped permissions");
+    farm_with_gateway_user(&shipped, "$SAHOOL_GATEWAY").await
+}
+
 /// `[nats]` lines for the user `gw`.
 fn as_gw() -> String {
     format!("user = \"gw\"\npassword = \"{GATEWAY_PASSWORD}\"")
@@ -474,10 +483,7 @@ async fn a_missing_consumer_this_user_may_not_create_fails() {
 /// but not read the stream: the window is unknown, a warning, not a failure.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_least_privilege_user_sees_its_stream_but_not_its_window() {
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("config/nats-server.least-privilege.conf");
-    let shipped = std::fs::read_to_string(&shipped).expect("the shipped permissions");
-    let farm = farm_with_gateway_user(&shipped, "$SAHOOL_GATEWAY").await;
+    let farm = least_privilege_farm().await;
     let config = farm
         .config(&as_gw(), "", "")
         .replace("[commands]\nenabled = true", "[commands]\nenabled = false");
@@ -620,10 +626,7 @@ async fn the_config_bucket_must_exist_and_its_latest_revision_validate() {
 /// the shared `$SAHOOL_GATEWAY` block may not open the bucket, and the line names the template.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_config_bucket_is_read_with_the_shipped_permissions_only() {
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("config/nats-server.least-privilege.conf");
-    let shipped = std::fs::read_to_string(&shipped).expect("the shipped permissions");
-    let farm = farm_with_gateway_user(&shipped, "$SAHOOL_GATEWAY").await;
+    let farm = least_privilege_farm().await;
     support::create_bucket(farm.nats.client().await, BUCKET).await;
     let config = farm
         .config(&as_gw(), "", REMOTE_CONFIG)
@@ -633,13 +636,7 @@ async fn the_config_bucket_is_read_with_the_shipped_permissions_only() {
         &["— fix: give the gateway's user the remote config lines of config/nats-server.gateway-user.template"],
     );
 
-    let nats = Nats::with_shipped_gateway_user(&[
-        ("{consumer}", "gw-gw-test"),
-        ("{filter}", "sahool.commands.iot.actuator.tenant-a.gw-test"),
-        ("{bucket}", BUCKET),
-        ("{gateway_id}", "gw-test"),
-    ]);
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_shipped_permissions_for_gw_test(BUCKET).await;
     let kv = support::create_bucket(nats.client().await, BUCKET).await;
     let secrets = tempfile::tempdir().expect("tempdir");
     let farm = Farm::bare(nats, Mosquitto::start());

@@ -78,6 +78,16 @@ async fn put(kv: &kv::Store, text: String) -> u64 {
     kv.put("gw-test", text.into()).await.expect("put")
 }
 
+/// Puts a revision adding probe-2 and a second source, and waits until it is on probation;
+/// returns its revision.
+async fn put_on_probation(kv: &kv::Store, gateway: &Gateway, broker: &Mosquitto) -> u64 {
+    let revision = put(kv, remote_text(gateway, &probe_2_and_second_source(broker))).await;
+    gateway.wait_until("on probation", Duration::from_secs(20), |g| {
+        g.log().contains("on probation")
+    });
+    revision
+}
+
 /// The gateway's running config file as the harness wrote it, plus `extra`.
 fn remote_text(gateway: &Gateway, extra: &str) -> String {
     let local = std::fs::read_to_string(&gateway.config_path).expect("config");
@@ -302,14 +312,7 @@ async fn bad_revisions_are_rejected_and_one_breaking_a_source_rolls_back() {
 async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_and_reports_it() {
     let (nats, broker, kv, mut gateway) = start("60s").await;
 
-    let revision = put(
-        &kv,
-        remote_text(&gateway, &probe_2_and_second_source(&broker)),
-    )
-    .await;
-    gateway.wait_until("on probation", Duration::from_secs(20), |g| {
-        g.log().contains("on probation")
-    });
+    let revision = put_on_probation(&kv, &gateway, &broker).await;
     gateway.kill9();
     gateway.resume();
     let outcome = wait_outcome(&nats, revision, Duration::from_secs(30)).await;
@@ -345,13 +348,7 @@ async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_an
 /// another gateway's key neither by a watch (named or not) nor by a direct get.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_user_with_the_shipped_permissions_applies_its_key_and_reads_no_other() {
-    let nats = Nats::with_shipped_gateway_user(&[
-        ("{consumer}", "gw-gw-test"),
-        ("{filter}", "sahool.commands.iot.actuator.tenant-a.gw-test"),
-        ("{bucket}", BUCKET),
-        ("{gateway_id}", "gw-test"),
-    ]);
-    nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+    let nats = Nats::with_shipped_permissions_for_gw_test(BUCKET).await;
     let kv = bucket(&nats).await;
     kv.put("gw-other", "secret = true".into()).await.unwrap();
     let broker = Mosquitto::start();
@@ -417,14 +414,7 @@ async fn a_gateway_user_with_the_shipped_permissions_applies_its_key_and_reads_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_failing_and_recovering_within_the_probation_rolls_it_back() {
     let (nats, mut broker, kv, mut gateway) = start("30s").await;
-    let revision = put(
-        &kv,
-        remote_text(&gateway, &probe_2_and_second_source(&broker)),
-    )
-    .await;
-    gateway.wait_until("on probation", Duration::from_secs(20), |g| {
-        g.log().contains("on probation")
-    });
+    let revision = put_on_probation(&kv, &gateway, &broker).await;
     gateway.wait_subscribed(2).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
     broker.stop();

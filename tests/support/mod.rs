@@ -1210,6 +1210,20 @@ impl Nats {
         }))
     }
 
+    /// [`Nats::with_shipped_gateway_user`] filled in for the harness's gateway (`gw-test` of
+    /// `tenant-a`, its default commands consumer, remote config in `bucket`), with the
+    /// platform's `SAHOOL_IOT` stream.
+    pub async fn with_shipped_permissions_for_gw_test(bucket: &str) -> Self {
+        let nats = Self::with_shipped_gateway_user(&[
+            ("{consumer}", "gw-gw-test"),
+            ("{filter}", "sahool.commands.iot.actuator.tenant-a.gw-test"),
+            ("{bucket}", bucket),
+            ("{gateway_id}", "gw-test"),
+        ]);
+        nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+        nats
+    }
+
     /// A client as the gateway's user (`gw-farm`) of [`Nats::with_shipped_gateway_user`].
     pub async fn gateway_user_client(&self) -> async_nats::Client {
         async_nats::ConnectOptions::new()
