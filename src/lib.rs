@@ -38,7 +38,8 @@
 //! - [`cli`]: the commands besides `run`: `validate`, `status`, `buffer stats`,
 //!   `dead-letters list` and `replay`, `sensors`, `actuators` and `commands list`.
 //! - [`doctor`]: `doctor`, every check an operator makes by hand (config, NATS and its streams,
-//!   the commands consumer, MQTT brokers, serial ports, disk, clock), one line each with its fix.
+//!   the commands consumer, the remote config bucket, MQTT brokers, serial ports, disk,
+//!   clock), one line each with its fix.
 //! - [`replay`]: `dead-letters replay`: which kept messages map again, through the running
 //!   gateway's `POST /dead-letters/replay` or, with none running, the buffer opened under its
 //!   lock; the transaction itself is the store's.

@@ -106,6 +106,15 @@ async fn farm_with_gateway_user(preamble: &str, permissions: &str) -> Farm {
     farm
 }
 
+/// [`farm_with_gateway_user`] with the shipped `$SAHOOL_GATEWAY` permissions
+/// (`config/nats-server.least-privilege.conf`).
+async fn least_privilege_farm() -> Farm {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/nats-server.least-privilege.conf");
+    let shipped = std::fs::read_to_string(&shipped).expect("the shipped permissions");
+    farm_with_gateway_user(&shipped, "$SAHOOL_GATEWAY").await
+}
+
 /// `[nats]` lines for the user `gw`.
 fn as_gw() -> String {
     format!("user = \"gw\"\npassword = \"{GATEWAY_PASSWORD}\"")
@@ -140,7 +149,11 @@ impl Report {
 }
 
 fn doctor(config: &str) -> Report {
-    let gateway = Gateway::configure(config, &[]);
+    doctor_on(&Gateway::configure(config, &[]))
+}
+
+/// `doctor` on a gateway's config as written.
+fn doctor_on(gateway: &Gateway) -> Report {
     let started = Instant::now();
     let out = gateway.cli(&["doctor"]);
     assert!(
@@ -470,10 +483,7 @@ async fn a_missing_consumer_this_user_may_not_create_fails() {
 /// but not read the stream: the window is unknown, a warning, not a failure.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_least_privilege_user_sees_its_stream_but_not_its_window() {
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("config/nats-server.least-privilege.conf");
-    let shipped = std::fs::read_to_string(&shipped).expect("the shipped permissions");
-    let farm = farm_with_gateway_user(&shipped, "$SAHOOL_GATEWAY").await;
+    let farm = least_privilege_farm().await;
     let config = farm
         .config(&as_gw(), "", "")
         .replace("[commands]\nenabled = true", "[commands]\nenabled = false");
@@ -569,5 +579,77 @@ async fn a_frozen_nats_server_fails_in_bounded_time() {
         started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
+    );
+}
+
+const BUCKET: &str = "sahool_gateway_config_tenant-a";
+
+/// `[fleet]` with remote config on, the bucket the tenant's.
+const REMOTE_CONFIG: &str = "[fleet]\nconfig_bucket = \"sahool_gateway_config_{tenant_id}\"\n";
+
+/// With `[fleet] config_bucket`: a missing bucket fails, then a latest revision the gateway
+/// would refuse, then one it would take passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_config_bucket_must_exist_and_its_latest_revision_validate() {
+    let farm = Farm::good().await;
+    let config = farm.config("", "", &format!("create_consumer = false\n{REMOTE_CONFIG}"));
+    doctor(&config).fails_with(
+        "FAIL  config_bucket: bucket sahool_gateway_config_tenant-a does not exist",
+        &["— fix: have the platform create it: nats kv add sahool_gateway_config_tenant-a"],
+    );
+
+    let kv = support::create_bucket(farm.nats.client().await, BUCKET).await;
+    let report = doctor(&config);
+    report
+        .line("ok    config_bucket: bucket sahool_gateway_config_tenant-a has no key gw-test yet");
+
+    let bad = kv
+        .put("gw-test", "[gateway]\nid = \"gw-test\"\n".into())
+        .await
+        .unwrap();
+    doctor(&config).fails_with(
+        &format!("FAIL  config_bucket: bucket {BUCKET}: key gw-test revision {bad} would be refused (validate): "),
+        &["missing section [nats]", "— fix: put a corrected revision: nats kv put"],
+    );
+
+    // The revision the gateway would take: its own file (same [gateway], [buffer], [http]).
+    let gateway = Gateway::configure(&config, &[]);
+    let good_text = std::fs::read_to_string(&gateway.config_path).expect("config");
+    let good = kv.put("gw-test", good_text.into()).await.unwrap();
+    let report = doctor_on(&gateway);
+    report.line(&format!(
+        "ok    config_bucket: bucket {BUCKET}: key gw-test revision {good} validates"
+    ));
+}
+
+/// The shipped per-gateway permissions let doctor read the gateway's key; a user with only
+/// the shared `$SAHOOL_GATEWAY` block may not open the bucket, and the line names the template.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_config_bucket_is_read_with_the_shipped_permissions_only() {
+    let farm = least_privilege_farm().await;
+    support::create_bucket(farm.nats.client().await, BUCKET).await;
+    let config = farm
+        .config(&as_gw(), "", REMOTE_CONFIG)
+        .replace("[commands]\nenabled = true", "[commands]\nenabled = false");
+    doctor(&config).fails_with(
+        &format!("FAIL  config_bucket: this user may not publish to $JS.API.STREAM.INFO.KV_{BUCKET}"),
+        &["— fix: give the gateway's user the remote config lines of config/nats-server.gateway-user.template"],
+    );
+
+    let nats = Nats::with_shipped_permissions_for_gw_test(BUCKET).await;
+    let kv = support::create_bucket(nats.client().await, BUCKET).await;
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let farm = Farm::bare(nats, Mosquitto::start());
+    let config = farm
+        .config(
+            &support::gateway_user_auth(secrets.path()),
+            "",
+            REMOTE_CONFIG,
+        )
+        .replace("[commands]\nenabled = true", "[commands]\nenabled = false");
+    let revision = kv.put("gw-test", "not toml".into()).await.unwrap();
+    doctor(&config).fails_with(
+        &format!("FAIL  config_bucket: bucket {BUCKET}: key gw-test revision {revision} would be refused (validate)"),
+        &[],
     );
 }

@@ -8,8 +8,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -1104,52 +1102,28 @@ async fn a_cluster_losing_its_leader_during_delivery_loses_and_doubles_nothing()
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(false));
 }
 
-/// A gateway user with exactly `config/nats-server.commands-user.template`'s permissions, filled
+/// A gateway user with exactly `config/nats-server.gateway-user.template`'s permissions, filled
 /// in for this gateway, creates and reads its consumer and applies a command, while the same
 /// user can look up neither another gateway's consumer nor the stream's messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_user_with_the_shipped_commands_permissions_applies_commands_and_nothing_more() {
-    const PASSWORD: &str = "t7Q-wR2m-Xv9c-Jn4e";
-    const PLATFORM_PASSWORD: &str = "Lm3-vB8q-Zr6t-Hd1y";
-    let template = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("config/nats-server.commands-user.template"),
-    )
-    .expect("config/nats-server.commands-user.template");
-    let user_block = template
-        .replace(
-            "{user}",
-            &format!("user: gw-farm, password: \"{PASSWORD}\""),
-        )
-        .replace("{consumer}", CONSUMER)
-        .replace(
-            "{filter}",
-            &format!(
-                "sahool.commands.iot.actuator.{}.{}",
-                support::commands::TENANT,
-                support::commands::GATEWAY_ID
-            ),
-        );
-    let nats = Nats::start_with(&format!(
-        "authorization {{\n  users: [\n{user_block}\n    {{ user: platform, password: \"{PLATFORM_PASSWORD}\" }}\n  ]\n}}\n"
-    ))
-    .with_client_options(Arc::new(|| {
-        async_nats::ConnectOptions::new()
-            .user_and_password("platform".into(), PLATFORM_PASSWORD.into())
-    }));
+    let filter = format!(
+        "sahool.commands.iot.actuator.{}.{}",
+        support::commands::TENANT,
+        support::commands::GATEWAY_ID
+    );
+    let nats = Nats::with_shipped_gateway_user(&[
+        ("{consumer}", CONSUMER),
+        ("{filter}", &filter),
+        ("{bucket}", "sahool_gateway_config_unused"),
+        ("{gateway_id}", support::commands::GATEWAY_ID),
+    ]);
     nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
     nats.create_stream(COMMANDS_STREAM, &["sahool.commands.>"])
         .await;
     let secrets = tempfile::tempdir().expect("tempdir");
-    let password_file = secrets.path().join("nats.password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
-    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600))
-        .expect("chmod 600");
-    let auth = format!(
-        "user = \"gw-farm\"\npassword_file = \"{}\"",
-        password_file.display()
-    );
-    let url = nats.url();
+    let auth = support::gateway_user_auth(secrets.path());
+    let gateway_user = nats.gateway_user_client().await;
     let rig = Rig::start_with(Platform::Single(nats), None, &auth, COMMANDS, "").await;
 
     let on = command("valve-3", "on");
@@ -1180,11 +1154,6 @@ async fn a_gateway_user_with_the_shipped_commands_permissions_applies_commands_a
         .await
         .expect("the platform creates gw-other");
     // The same user, as another gateway or a curious process would use it.
-    let gateway_user = async_nats::ConnectOptions::new()
-        .user_and_password("gw-farm".into(), PASSWORD.into())
-        .connect(url)
-        .await
-        .expect("the gateway's user connects");
     let js = jetstream::new(gateway_user);
     let other = js
         .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(

@@ -1,13 +1,14 @@
 //! The heartbeat through the real binary and a real nats-server (issue 17 item 1): every
 //! `[fleet] status_interval` on `sahool.iot.gateway.status`, valid against its contract, and
-//! the heartbeats of a NATS outage delivered after it, each once, in order.
+//! the heartbeats of a NATS outage delivered after it, each once, in order; with the shipped
+//! defaults too (a minute apart, the first soon after start).
 
 mod support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::{contract_validator, Gateway, Nats, StreamMessage};
+use support::{contract_validator, shipped_farm_config, Gateway, Mosquitto, Nats, StreamMessage};
 
 /// The heartbeats in the platform's stream, in stream order.
 async fn heartbeats(nats: &Nats) -> Vec<StreamMessage> {
@@ -95,4 +96,48 @@ async fn heartbeats_arrive_valid_and_an_outages_arrive_after_it_once_in_order() 
     gateway.wait_until("heartbeats drained", Duration::from_secs(30), |g| {
         buffered_heartbeats(g) <= 1
     });
+}
+
+/// The shipped defaults (no `[fleet]` section: a heartbeat a minute): the first comes soon
+/// after start, valid, and the one taken while NATS is down arrives after it comes back,
+/// complete (the outage's own state, not a summary). About 90 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_shipped_defaults_the_first_comes_soon_and_an_outages_arrives_after_it() {
+    let mut nats = Nats::with_platform_stream().await;
+    let broker = Mosquitto::start();
+    let config = shipped_farm_config(&nats, &broker, "soil_moisture", &["probe-1"]);
+    assert!(!config.contains("[fleet]"), "{config}");
+    let started = Instant::now();
+    let gateway = Gateway::start(&config);
+    let validator = contract_validator("gateway_status.v1.json");
+    let first = wait_heartbeats(&nats, 1, Duration::from_secs(25)).await;
+    let first_after = started.elapsed();
+    assert!(validator.is_valid(&first[0].body), "{}", first[0].body);
+    assert_eq!(first[0].body["payload"]["nats"]["connected"], true);
+    assert_eq!(
+        first[0].body["payload"]["sources"][0]["up"], true,
+        "{}",
+        first[0].body
+    );
+
+    // The next one is due a minute after the first: NATS is down then.
+    nats.stop();
+    // Due 70 s after start (10 s, then a minute); the first's row is long forwarded by then.
+    gateway.wait_until(
+        "a heartbeat buffered offline",
+        Duration::from_secs(80),
+        |g| started.elapsed() > Duration::from_secs(71) && buffered_heartbeats(g) >= 1,
+    );
+    let offline_after = started.elapsed();
+    nats.resume();
+    let all = wait_heartbeats(&nats, 2, Duration::from_secs(45)).await;
+    let late = &all[1].body;
+    assert!(validator.is_valid(late), "{late}");
+    assert_eq!(late["payload"]["nats"]["connected"], false, "{late}");
+    assert!(late["payload"]["nats"]["problem"].is_string(), "{late}");
+    assert!(late["payload"]["uptime_s"].as_u64() > first[0].body["payload"]["uptime_s"].as_u64());
+    eprintln!(
+        "first heartbeat after {first_after:?}, offline one buffered after {offline_after:?}, delivered after {:?}",
+        started.elapsed()
+    );
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use serde_json::Value;
 use support::{
-    contract_validator, free_port, probe_config, probe_readings, publish_all, Gateway, Mosquitto,
-    Nats, StreamMessage,
+    contract_validator, free_port, gateway_user_auth, probe_config, probe_readings, publish_all,
+    Gateway, Mosquitto, Nats, StreamMessage,
 };
 
 const BUCKET: &str = "sahool_gateway_config_tenant-a";
@@ -46,29 +46,20 @@ fn probe_2_reading(value: usize) -> (String, Vec<u8>) {
 
 /// The local config: the probe config with remote config on.
 fn local_config(nats: &Nats, broker: &Mosquitto, probation: &str) -> String {
+    local_config_as(nats, broker, probation, "")
+}
+
+/// [`local_config`] with `nats_auth` in its `[nats]` section (the gateway's user).
+fn local_config_as(nats: &Nats, broker: &Mosquitto, probation: &str, nats_auth: &str) -> String {
     format!(
         "{}\n[fleet]\nconfig_bucket = \"sahool_gateway_config_{{tenant_id}}\"\nprobation = \"{probation}\"\n",
-        probe_config(nats, broker, "", "")
+        probe_config(nats, broker, "", nats_auth)
     )
 }
 
-/// The tenant's bucket. Made as its stream directly: the client's `create_key_value` first
-/// reads account details this nats-server (2.9) does not send in the form it expects.
+/// The tenant's bucket.
 async fn bucket(nats: &Nats) -> kv::Store {
-    let js = jetstream::new(nats.client().await);
-    js.create_stream(jetstream::stream::Config {
-        name: format!("KV_{BUCKET}"),
-        subjects: vec![format!("$KV.{BUCKET}.>")],
-        max_messages_per_subject: 5,
-        discard: jetstream::stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await
-    .expect("create the bucket's stream");
-    js.get_key_value(BUCKET).await.expect("open bucket")
+    support::create_bucket(nats.client().await, BUCKET).await
 }
 
 /// nats-server with the platform's stream and the tenant's bucket, a broker, and the gateway
@@ -85,6 +76,16 @@ async fn start(probation: &str) -> (Nats, Mosquitto, kv::Store, Gateway) {
 /// Puts `text` under the gateway's key; returns its revision.
 async fn put(kv: &kv::Store, text: String) -> u64 {
     kv.put("gw-test", text.into()).await.expect("put")
+}
+
+/// Puts a revision adding probe-2 and a second source, and waits until it is on probation;
+/// returns its revision.
+async fn put_on_probation(kv: &kv::Store, gateway: &Gateway, broker: &Mosquitto) -> u64 {
+    let revision = put(kv, remote_text(gateway, &probe_2_and_second_source(broker))).await;
+    gateway.wait_until("on probation", Duration::from_secs(20), |g| {
+        g.log().contains("on probation")
+    });
+    revision
 }
 
 /// The gateway's running config file as the harness wrote it, plus `extra`.
@@ -311,14 +312,7 @@ async fn bad_revisions_are_rejected_and_one_breaking_a_source_rolls_back() {
 async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_and_reports_it() {
     let (nats, broker, kv, mut gateway) = start("60s").await;
 
-    let revision = put(
-        &kv,
-        remote_text(&gateway, &probe_2_and_second_source(&broker)),
-    )
-    .await;
-    gateway.wait_until("on probation", Duration::from_secs(20), |g| {
-        g.log().contains("on probation")
-    });
+    let revision = put_on_probation(&kv, &gateway, &broker).await;
     gateway.kill9();
     gateway.resume();
     let outcome = wait_outcome(&nats, revision, Duration::from_secs(30)).await;
@@ -346,5 +340,95 @@ async fn a_sigkill_or_sighup_during_probation_returns_to_the_last_good_config_an
     let outcome = wait_outcome(&nats, next, Duration::from_secs(20)).await;
     assert_outcome(&outcome, "rolled_back", "sighup");
     assert_eq!(status_config(&gateway)["source"], "local");
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// A gateway whose NATS user has exactly `config/nats-server.gateway-user.template`'s
+/// permissions, filled in for it, watches and applies its own key; the same user can read
+/// another gateway's key neither by a watch (named or not) nor by a direct get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_user_with_the_shipped_permissions_applies_its_key_and_reads_no_other() {
+    let nats = Nats::with_shipped_permissions_for_gw_test(BUCKET).await;
+    let kv = bucket(&nats).await;
+    kv.put("gw-other", "secret = true".into()).await.unwrap();
+    let broker = Mosquitto::start();
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let auth = gateway_user_auth(secrets.path());
+    let mut gateway = Gateway::start(&local_config_as(&nats, &broker, "2s", &auth));
+    gateway.wait_subscribed(1).await;
+
+    let revision = put(
+        &kv,
+        remote_text(&gateway, &probe_2_and_second_source(&broker)),
+    )
+    .await;
+    let outcome = wait_outcome(&nats, revision, Duration::from_secs(30)).await;
+    assert_eq!(outcome["status"], "applied", "{outcome}");
+    assert_eq!(status_config(&gateway)["revision"], revision);
+    assert!(
+        !gateway.log().contains("KV not reachable"),
+        "{}",
+        gateway.log()
+    );
+
+    // The same user, as another gateway or a curious process would use it.
+    let user = nats.gateway_user_client().await;
+    let js = jetstream::new(user.clone());
+    let within = Duration::from_secs(5);
+    let own = js.get_key_value(BUCKET).await.expect("the bucket opens");
+    let latest = tokio::time::timeout(within, own.entry("gw-test")).await;
+    assert!(
+        matches!(&latest, Ok(Ok(Some(e))) if e.revision == revision),
+        "its own key by direct get: {latest:?}"
+    );
+    let other = tokio::time::timeout(within, own.entry("gw-other")).await;
+    assert!(
+        !matches!(other, Ok(Ok(Some(_)))),
+        "another gateway's key was read: {other:?}"
+    );
+    let nameless = tokio::time::timeout(within, own.watch_with_history("gw-other")).await;
+    assert!(
+        !matches!(nameless, Ok(Ok(_))),
+        "a watch of another gateway's key was created"
+    );
+    let stream = js.get_stream(format!("KV_{BUCKET}")).await.expect("stream");
+    let named = tokio::time::timeout(
+        within,
+        stream.create_consumer(jetstream::consumer::push::OrderedConfig {
+            name: Some("cfg-other".into()),
+            deliver_subject: user.new_inbox(),
+            filter_subject: format!("$KV.{BUCKET}.gw-other"),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(
+        !matches!(named, Ok(Ok(_))),
+        "a named watch of another gateway's key was created"
+    );
+    assert_eq!(gateway.terminate(), Some(0));
+}
+
+/// The probation watches its whole period: a broker that goes away for a few seconds in the
+/// middle of it (past the 10 s grace) and comes back before its end still fails the revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_failing_and_recovering_within_the_probation_rolls_it_back() {
+    let (nats, mut broker, kv, mut gateway) = start("30s").await;
+    let revision = put_on_probation(&kv, &gateway, &broker).await;
+    gateway.wait_subscribed(2).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    broker.resume();
+    let outcome = wait_outcome(&nats, revision, Duration::from_secs(30)).await;
+    assert_eq!(outcome["status"], "rolled_back", "{outcome}");
+    assert!(
+        outcome["check"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("source ")),
+        "{outcome}"
+    );
+    assert_eq!(status_config(&gateway)["source"], "local");
+    assert_probe_1_forwards(&gateway, &broker, 2).await;
     assert_eq!(gateway.terminate(), Some(0));
 }

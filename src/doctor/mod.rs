@@ -7,9 +7,12 @@
 //!
 //! - [`nats`]: the connection, the streams that capture [`published_subjects`] and their
 //!   duplicate windows, the commands stream and consumer;
+//! - [`config_bucket`]: with `[fleet] config_bucket`, the bucket, the gateway's key readable
+//!   with these credentials, and its latest revision one the gateway would take;
 //! - [`mqtt`]: each `[[mqtt]]` broker and its subscriptions;
 //! - [`local`]: serial ports, free disk, clock.
 
+mod config_bucket;
 mod local;
 mod mqtt;
 mod nats;

@@ -12,7 +12,7 @@ use async_nats::jetstream::response::Response;
 use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_nats::jetstream::{self, stream, Context, ErrorCode};
 
-use super::{bounded, published_subjects, timed_out, Check, Verdict, CHECK_TIMEOUT};
+use super::{bounded, config_bucket, published_subjects, timed_out, Check, Verdict, CHECK_TIMEOUT};
 use crate::common::metrics::Metrics;
 use crate::config::{Config, Nats};
 use crate::uplink::forward::RETRY_BACKOFF_MAX;
@@ -31,6 +31,9 @@ pub(super) async fn checks(config: &Config) -> Vec<Check> {
         if config.commands.enabled {
             out.push(Check::skip("commands", "NATS not reached"));
         }
+        if config.fleet.config_bucket.is_some() {
+            out.push(Check::skip("config_bucket", "NATS not reached"));
+        }
         out
     };
     let link = match tokio::time::timeout(CHECK_TIMEOUT, connect(config)).await {
@@ -48,6 +51,10 @@ pub(super) async fn checks(config: &Config) -> Vec<Check> {
     }
     if config.commands.enabled {
         out.push(bounded("commands", commands(&js, &link, config)).await);
+    }
+    if let Some(bucket) = config.fleet.bucket(&config.gateway) {
+        let check = config_bucket::check(&js, &link, config, &bucket);
+        out.push(bounded("config_bucket", check).await);
     }
     out
 }
@@ -105,7 +112,7 @@ fn unknown_window(name: &str, subjects: &[String], why: &str) -> Check {
 
 /// `request`'s outcome, or `None` as soon as the server reports that this user may not
 /// publish to `api` (a denied request gets no reply, only a report on the connection).
-async fn unless_denied<T>(
+pub(super) async fn unless_denied<T>(
     link: &Link,
     api: &str,
     request: impl std::future::Future<Output = T>,

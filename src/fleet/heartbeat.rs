@@ -35,6 +35,12 @@ use crate::common::status::{ListenerStatus, SourceStatus, StatusReport};
 use crate::config::Config;
 use crate::store::{self, StoreHandle};
 
+/// The first heartbeat comes this long after start (or a reload that changes the plan), or
+/// after the interval if that is shorter: soon, so the platform sees a restarted gateway and
+/// its config at once rather than a minute later, yet after the sources have had a moment to
+/// connect (the first report would otherwise show them all down).
+const FIRST_AFTER: Duration = Duration::from_secs(10);
+
 /// What a heartbeat task runs with; a reload that changes it restarts the task.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Plan {
@@ -234,8 +240,7 @@ pub(crate) struct Heartbeat {
 
 impl Heartbeat {
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
-        // The first one an interval after start: sources have had their time to connect.
-        let first = tokio::time::Instant::now() + self.plan.interval;
+        let first = tokio::time::Instant::now() + FIRST_AFTER.min(self.plan.interval);
         let mut tick = tokio::time::interval_at(first, self.plan.interval);
         // After a stall, one heartbeat and on at the interval: no burst of identical ones.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1181,3 +1181,93 @@ pub fn probe_listener_config(nats: &Nats, port: u16, buffer: &str, listener: &st
     );
     probe_config_with_input(nats, buffer, "", &input)
 }
+
+/// The passwords of [`Nats::with_shipped_gateway_user`]'s users.
+pub const GATEWAY_PASSWORD: &str = "t7Q-wR2m-Xv9c-Jn4e";
+const PLATFORM_PASSWORD: &str = "Lm3-vB8q-Zr6t-Hd1y";
+
+impl Nats {
+    /// nats-server with two users: `gw-farm`, with exactly the shipped
+    /// `config/nats-server.gateway-user.template`'s permissions filled in with `fill`
+    /// (placeholder, value; `{user}` is filled here), and `platform`, allowed everything, as
+    /// which the test's own client connects.
+    pub fn with_shipped_gateway_user(fill: &[(&str, &str)]) -> Self {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/nats-server.gateway-user.template"),
+        )
+        .expect("config/nats-server.gateway-user.template");
+        let user = format!("user: gw-farm, password: \"{GATEWAY_PASSWORD}\"");
+        let mut block = template.replace("{user}", &user);
+        for (placeholder, value) in fill {
+            block = block.replace(placeholder, value);
+        }
+        Nats::start_with(&format!(
+            "authorization {{\n  users: [\n{block}\n    {{ user: platform, password: \"{PLATFORM_PASSWORD}\" }}\n  ]\n}}\n"
+        ))
+        .with_client_options(Arc::new(|| {
+            async_nats::ConnectOptions::new()
+                .user_and_password("platform".into(), PLATFORM_PASSWORD.into())
+        }))
+    }
+
+    /// [`Nats::with_shipped_gateway_user`] filled in for the harness's gateway (`gw-test` of
+    /// `tenant-a`, its default commands consumer, remote config in `bucket`), with the
+    /// platform's `SAHOOL_IOT` stream.
+    pub async fn with_shipped_permissions_for_gw_test(bucket: &str) -> Self {
+        let nats = Self::with_shipped_gateway_user(&[
+            ("{consumer}", "gw-gw-test"),
+            ("{filter}", "sahool.commands.iot.actuator.tenant-a.gw-test"),
+            ("{bucket}", bucket),
+            ("{gateway_id}", "gw-test"),
+        ]);
+        nats.create_stream("SAHOOL_IOT", &["sahool.iot.>"]).await;
+        nats
+    }
+
+    /// A client as the gateway's user (`gw-farm`) of [`Nats::with_shipped_gateway_user`].
+    pub async fn gateway_user_client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .user_and_password("gw-farm".into(), GATEWAY_PASSWORD.into())
+            .connect(self.url())
+            .await
+            .expect("the gateway's user connects")
+    }
+}
+
+/// The `[nats]` lines that make the gateway `gw-farm` of [`Nats::with_shipped_gateway_user`],
+/// its password in a 0600 file under `dir`.
+pub fn gateway_user_auth(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let password_file = dir.join("nats.password");
+    std::fs::write(&password_file, format!("{GATEWAY_PASSWORD}\n")).expect("password file");
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600");
+    format!(
+        "user = \"gw-farm\"\npassword_file = \"{}\"",
+        password_file.display()
+    )
+}
+
+/// A KV bucket, made as its stream directly: the client's `create_key_value` first reads
+/// account details nats-server 2.9 (Debian's) does not send in the form it expects. Direct
+/// gets allowed, as for buckets nats-server 2.9 and later make.
+pub async fn create_bucket(
+    client: async_nats::Client,
+    bucket: &str,
+) -> async_nats::jetstream::kv::Store {
+    use async_nats::jetstream;
+    let js = jetstream::new(client);
+    js.create_stream(jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 5,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("create the bucket's stream");
+    js.get_key_value(bucket).await.expect("open bucket")
+}

@@ -14,14 +14,29 @@
 //!    longer names it.
 //! 5. An outcome is reported (into the outbox) before the memory is updated past it: a crash
 //!    in between reports twice, never never.
+//! 6. A probation watches its whole period: the driver samples the health every
+//!    [`SAMPLE_EVERY`]; a part failing (and not failing before) in any sample after
+//!    [`GRACE`] rolls the revision back at once, and the sample at the end counts whatever
+//!    the grace, so a part that fails and recovers within the probation does not pass.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::common::status::StatusReport;
 use crate::config::{self, Config};
+
+/// How often the driver samples the health during a probation.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long after the apply a failing part is forgiven: the sources the revision restarted
+/// need a moment to connect (an MQTT session on the farm's network or a serial port's first
+/// poll take well under a second; a TLS handshake over a cellular link a few seconds), while a
+/// broken one shows within it (refused, unreachable, timed out). A probation shorter than
+/// this is judged on its last sample alone.
+pub(crate) const GRACE: Duration = Duration::from_secs(10);
 
 /// What the gateway remembers of remote config across restarts (the driver keeps it in a
 /// small state file, written atomically).
@@ -71,7 +86,8 @@ pub(crate) enum Action {
     Apply(Box<Config>),
     /// Apply the config a failed revision replaced, the same way.
     RollBack(Box<Config>),
-    /// Watch the gateway's health for the probation, then report [`Core::probation_over`].
+    /// Sample the gateway's health every [`SAMPLE_EVERY`] into [`Core::probation_sample`]
+    /// until it returns actions.
     Probation { revision: u64 },
     /// Remove a revision's file (no longer named by the memory).
     Remove { revision: u64 },
@@ -163,6 +179,8 @@ struct Trial {
 pub(crate) struct Core {
     memory: Memory,
     trial: Option<Trial>,
+    /// How long a revision is watched before it is kept (`[fleet] probation`).
+    probation: Duration,
     /// Where revision `r`'s file is (for the config's origin).
     dir: PathBuf,
 }
@@ -194,13 +212,42 @@ pub(crate) fn needs_restart(new: &Config, running: &Config) -> Option<String> {
     })
 }
 
+/// Why a revision is refused: the check that failed (`validate` or `restart_required`) and
+/// what it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) check: &'static str,
+    pub(crate) reason: String,
+}
+
+/// A revision's text as the gateway would take it in place of `running`: parsed and checked
+/// as `validate` checks a file, changing nothing that needs a restart. `doctor` asks the same.
+pub(crate) fn vet(text: &str, running: &Config) -> Result<Config, Refusal> {
+    let new = config::parse(text).map_err(|problems| Refusal {
+        check: "validate",
+        reason: problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; "),
+    })?;
+    match needs_restart(&new, running) {
+        Some(reason) => Err(Refusal {
+            check: "restart_required",
+            reason,
+        }),
+        None => Ok(new),
+    }
+}
+
 impl Core {
     /// Starts from what was remembered. A trial found here did not pass its probation: it is
     /// reported rolled back and forgotten (the caller started from the good config).
-    pub(crate) fn start(memory: Memory, dir: PathBuf) -> (Self, Vec<Action>) {
+    pub(crate) fn start(memory: Memory, dir: PathBuf, probation: Duration) -> (Self, Vec<Action>) {
         let mut core = Self {
             memory,
             trial: None,
+            probation,
             dir,
         };
         let mut actions = Vec::new();
@@ -235,20 +282,10 @@ impl Core {
         if revision <= last || self.trial.is_some() {
             return vec![Action::Ignore { revision, last }];
         }
-        let new = match config::parse(text) {
+        let new = match vet(text, running) {
             Ok(c) => c,
-            Err(problems) => {
-                let reason = problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return self.reject(revision, reason, "validate");
-            }
+            Err(refusal) => return self.reject(revision, refusal.reason, refusal.check),
         };
-        if let Some(reason) = needs_restart(&new, running) {
-            return self.reject(revision, reason, "restart_required");
-        }
         let mut new = Box::new(new);
         new.origin = config::Origin {
             file: Some(revision_file(&self.dir, revision)),
@@ -308,41 +345,67 @@ impl Core {
         ]
     }
 
-    /// The probation ended; `health` is the gateway's now. Keeps the revision as the last
-    /// known good, or rolls back to the config it replaced.
-    pub(crate) fn probation_over(&mut self, health: Health) -> Vec<Action> {
+    /// A health sample `elapsed` after the apply. Within the [`GRACE`] a failing part is
+    /// forgiven; after it, a part failing that did not fail before rolls the revision back at
+    /// once. Once the probation is over, the revision is kept if this last sample shows no
+    /// new failure, else rolled back. Nothing to do yet: no actions.
+    pub(crate) fn probation_sample(&mut self, elapsed: Duration, health: Health) -> Vec<Action> {
+        let Some(trial) = &self.trial else {
+            return Vec::new();
+        };
+        let failure = health.new_failure(&trial.baseline);
+        let over = elapsed >= self.probation;
+        match failure {
+            Some((part, problem)) if over || elapsed >= GRACE => {
+                self.roll_back(part, problem, elapsed)
+            }
+            None if over => self.keep(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The probation passed: the revision becomes the last known good.
+    fn keep(&mut self) -> Vec<Action> {
         let Some(trial) = self.trial.take() else {
             return Vec::new();
         };
         let revision = trial.revision;
         self.memory.trial = None;
-        match health.new_failure(&trial.baseline) {
-            None => {
-                let previous_good = self.memory.good.replace(revision);
-                let mut actions = vec![
-                    Action::Report(Outcome {
-                        status: Status::Applied,
-                        revision,
-                        reason: "kept after its probation: every part up or as before".into(),
-                        check: None,
-                    }),
-                    Action::Persist(self.memory.clone()),
-                ];
-                actions.extend(previous_good.map(|revision| Action::Remove { revision }));
-                actions
-            }
-            Some((part, problem)) => vec![
-                Action::RollBack(trial.previous),
-                Action::Report(Outcome {
-                    status: Status::RolledBack,
-                    revision,
-                    reason: format!("{part} failed during probation: {problem}"),
-                    check: Some(part),
-                }),
-                Action::Persist(self.memory.clone()),
-                Action::Remove { revision },
-            ],
-        }
+        let previous_good = self.memory.good.replace(revision);
+        let mut actions = vec![
+            Action::Report(Outcome {
+                status: Status::Applied,
+                revision,
+                reason: "kept after its probation: every part up or as before throughout".into(),
+                check: None,
+            }),
+            Action::Persist(self.memory.clone()),
+        ];
+        actions.extend(previous_good.map(|revision| Action::Remove { revision }));
+        actions
+    }
+
+    /// `part` failed `elapsed` after the apply: back to the config the revision replaced.
+    fn roll_back(&mut self, part: String, problem: String, elapsed: Duration) -> Vec<Action> {
+        let Some(trial) = self.trial.take() else {
+            return Vec::new();
+        };
+        let revision = trial.revision;
+        self.memory.trial = None;
+        vec![
+            Action::RollBack(trial.previous),
+            Action::Report(Outcome {
+                status: Status::RolledBack,
+                revision,
+                reason: format!(
+                    "{part} failed during probation, {}s after the apply: {problem}",
+                    elapsed.as_secs()
+                ),
+                check: Some(part),
+            }),
+            Action::Persist(self.memory.clone()),
+            Action::Remove { revision },
+        ]
     }
 }
 
@@ -350,6 +413,8 @@ impl Core {
 mod tests {
     use super::*;
     use crate::config::test_support::MINIMAL;
+
+    const PROBATION: Duration = Duration::from_secs(120);
 
     fn running() -> Config {
         config::parse(MINIMAL).unwrap()
@@ -360,7 +425,7 @@ mod tests {
     }
 
     fn core(memory: Memory) -> Core {
-        let (core, actions) = Core::start(memory, PathBuf::from("/d"));
+        let (core, actions) = Core::start(memory, PathBuf::from("/d"), PROBATION);
         assert!(actions.is_empty());
         core
     }
@@ -417,7 +482,7 @@ mod tests {
         assert!(matches!(a[..], [Action::Ignore { .. }]));
         let mut now = healthy();
         now.0.insert("source farm".into(), None);
-        let a = c.probation_over(now);
+        let a = c.probation_sample(PROBATION, now);
         assert_eq!(kinds(&a), ["report", "persist"]);
         assert_eq!(outcome(&a).status, Status::Applied);
         assert_eq!(
@@ -431,7 +496,7 @@ mod tests {
         // The next good one replaces it and its file goes.
         let a = c.revision(9, &with_source(1884), &running(), healthy());
         assert_eq!(kinds(&a), ["write", "persist", "apply", "probation"]);
-        let a = c.probation_over(healthy());
+        let a = c.probation_sample(PROBATION, healthy());
         assert_eq!(kinds(&a), ["report", "persist", "remove"]);
         assert!(matches!(a[2], Action::Remove { revision: 7 }));
     }
@@ -496,7 +561,7 @@ mod tests {
         let mut now = healthy();
         now.0
             .insert("source farm".into(), Some("connection refused".into()));
-        let a = c.probation_over(now);
+        let a = c.probation_sample(PROBATION, now);
         assert_eq!(kinds(&a), ["roll back", "report", "persist", "remove"]);
         let Action::RollBack(back) = &a[0] else {
             unreachable!()
@@ -516,6 +581,59 @@ mod tests {
         );
     }
 
+    fn failing(part: &str) -> Health {
+        let mut h = healthy();
+        h.0.insert(part.into(), Some("connection refused".into()));
+        h
+    }
+
+    #[test]
+    fn a_part_failing_at_any_sample_after_the_grace_rolls_back_at_once() {
+        let mut c = core(Memory::default());
+        c.revision(2, &with_source(1), &running(), healthy());
+        let secs = Duration::from_secs;
+        // Sources connecting: forgiven within the grace.
+        for t in 1..GRACE.as_secs() {
+            assert!(c
+                .probation_sample(secs(t), failing("source farm"))
+                .is_empty());
+        }
+        assert!(c.probation_sample(GRACE, healthy()).is_empty());
+        assert!(c.probation_sample(secs(30), healthy()).is_empty());
+        // Fails once mid-probation (it would recover by the end): rolled back now.
+        let a = c.probation_sample(secs(31), failing("source farm"));
+        assert_eq!(kinds(&a), ["roll back", "report", "persist", "remove"]);
+        let o = outcome(&a);
+        assert_eq!(
+            (o.status, o.check.as_deref()),
+            (Status::RolledBack, Some("source farm"))
+        );
+        assert!(o.reason.contains("31s after the apply"), "{}", o.reason);
+        assert_eq!(c.memory().trial, None);
+        // The trial is over: later samples change nothing.
+        assert!(c.probation_sample(PROBATION, healthy()).is_empty());
+    }
+
+    #[test]
+    fn the_last_sample_counts_whatever_the_grace() {
+        let short = Duration::from_secs(2);
+        let start = |c: &mut Core| {
+            c.revision(2, &with_source(1), &running(), healthy());
+        };
+        let (mut c, _) = Core::start(Memory::default(), PathBuf::from("/d"), short);
+        start(&mut c);
+        assert!(c
+            .probation_sample(Duration::from_secs(1), failing("source farm"))
+            .is_empty());
+        let a = c.probation_sample(short, failing("source farm"));
+        assert_eq!(outcome(&a).status, Status::RolledBack);
+        let (mut c, _) = Core::start(Memory::default(), PathBuf::from("/d"), short);
+        start(&mut c);
+        let a = c.probation_sample(short, healthy());
+        assert_eq!(outcome(&a).status, Status::Applied);
+        assert_eq!(c.memory().good, Some(2));
+    }
+
     #[test]
     fn a_sighup_during_probation_ends_it_rolled_back() {
         let mut c = core(Memory::default());
@@ -529,7 +647,7 @@ mod tests {
         );
         assert_eq!(c.memory().trial, None);
         assert_eq!(c.memory().good, None);
-        assert!(c.probation_over(healthy()).is_empty());
+        assert!(c.probation_sample(PROBATION, healthy()).is_empty());
         assert!(c.superseded().is_empty());
     }
 
@@ -569,6 +687,7 @@ mod tests {
                 trial: Some(6),
             },
             PathBuf::from("/d"),
+            PROBATION,
         );
         assert_eq!(kinds(&a), ["report", "persist", "remove"]);
         let o = outcome(&a);

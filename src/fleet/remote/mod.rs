@@ -5,7 +5,8 @@
 //! outcome is a `sahool.iot.gateway.config` event through the outbox
 //! (`contracts/gateway_config.v1.json`).
 //!
-//! [`core`] decides (sans-IO); this file carries its actions out: the KV watch, the files, the
+//! [`core`] decides (sans-IO); [`kv`] makes the KV requests, each on a subject naming the key
+//! (least privilege); this file carries the core's actions out: the watch, the files, the
 //! reload, the health samples and the events.
 //!
 //! # On disk
@@ -32,16 +33,19 @@
 //! local file is set aside.
 
 pub(crate) mod core;
+pub(crate) mod kv;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv::Operation};
+use async_nats::jetstream;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::core::{needs_restart, revision_file, Action, Core, Health, Memory, Outcome};
+use self::core::{
+    needs_restart, revision_file, Action, Core, Health, Memory, Outcome, SAMPLE_EVERY,
+};
 use crate::common::backoff::Backoff;
 use crate::common::files;
 use crate::common::log_limit::LogLimit;
@@ -79,10 +83,8 @@ pub(crate) enum RemoteError {
 enum Lost {
     #[error("cannot connect to NATS: {0}")]
     Connect(String),
-    #[error("KV bucket `{bucket}` not available: {error}")]
-    Bucket { bucket: String, error: String },
-    #[error("cannot watch the key: {0}")]
-    Watch(String),
+    #[error(transparent)]
+    Kv(kv::KvError),
     #[error("the watch ended (link lost)")]
     Ended,
 }
@@ -209,7 +211,7 @@ impl Remote {
                 return;
             }
         };
-        let (mut core, actions) = Core::start(memory, self.dir.clone());
+        let (mut core, actions) = Core::start(memory, self.dir.clone(), self.probation);
         self.carry_out(actions).await;
         tracing::info!(bucket = %self.bucket, key = %self.key, last_revision = core.memory().last_revision, "remote config: watching");
         let (entries, mut revisions) = mpsc::channel(16);
@@ -239,19 +241,44 @@ impl Remote {
                 continue;
             };
             reloaded.mark_unchanged();
-            let actions = tokio::select! {
-                // Stopped during probation: the next start rolls the trial back.
-                _ = stop.changed() => break,
-                // A SIGHUP applied the last known good config meanwhile.
-                _ = reloaded.changed() => core.superseded(),
-                () = tokio::time::sleep(self.probation) => {
-                    let health = self.health(&trial).await;
-                    core.probation_over(health)
-                }
+            // Stopped during probation: the next start rolls the trial back.
+            let Some(actions) = self
+                .probation(&mut core, &trial, &mut reloaded, &mut stop)
+                .await
+            else {
+                break;
             };
             self.carry_out(actions).await;
         }
         let _ = watcher.await;
+    }
+
+    /// Samples the health of the config applied for a probation into the core until it
+    /// decides (keep or roll back) or a SIGHUP applies the last known good config meanwhile;
+    /// `None` when the gateway stops first.
+    async fn probation(
+        &self,
+        core: &mut Core,
+        applied: &Config,
+        reloaded: &mut watch::Receiver<Arc<Config>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Action>> {
+        let start = tokio::time::Instant::now();
+        let mut samples = tokio::time::interval_at(start + SAMPLE_EVERY, SAMPLE_EVERY);
+        samples.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return None,
+                _ = reloaded.changed() => return Some(core.superseded()),
+                _ = samples.tick() => {
+                    let health = self.health(applied).await;
+                    let actions = core.probation_sample(start.elapsed(), health);
+                    if !actions.is_empty() {
+                        return Some(actions);
+                    }
+                }
+            }
+        }
     }
 
     /// Carries the actions out in order; returns the config applied for a probation. A file
@@ -419,30 +446,28 @@ async fn follow(
         Err(e) => return Lost::Connect(e.to_string()),
     };
     let js = jetstream::new(link.client.clone());
-    let kv = match js.get_key_value(bucket).await {
-        Ok(kv) => kv,
-        Err(e) => {
-            return Lost::Bucket {
-                bucket: bucket.to_string(),
-                error: e.to_string(),
-            }
-        }
+    let stream = match kv::open(&js, bucket).await {
+        Ok(s) => s,
+        Err(e) => return Lost::Kv(e),
     };
-    let mut watch = match kv.watch_with_history(key).await {
+    let mut watch = match kv::watch(&link.client, &stream, bucket, key).await {
         Ok(w) => w,
-        Err(e) => return Lost::Watch(e.to_string()),
+        Err(e) => return Lost::Kv(e),
     };
     backoff.reset();
-    while let Some(entry) = watch.next().await {
+    while let Some(message) = watch.next().await {
+        let entry = match message {
+            Ok(m) => kv::revision_of(&m),
+            Err(e) => return Lost::Kv(kv::KvError::Watch(e.to_string())),
+        };
         let entry = match entry {
             Ok(e) => e,
-            Err(e) => return Lost::Watch(e.to_string()),
+            Err(e) => return Lost::Kv(e),
         };
         // A deleted key leaves the gateway on its last known good config.
-        if entry.operation != Operation::Put {
+        let Some(text) = entry.text else {
             continue;
-        }
-        let text = String::from_utf8_lossy(&entry.value).into_owned();
+        };
         if entries.send((entry.revision, text)).await.is_err() {
             return Lost::Ended;
         }
@@ -452,7 +477,7 @@ async fn follow(
 
 #[cfg(test)]
 mod tests {
-    use super::core::Status;
+    use super::core::{Status, GRACE};
     use super::*;
     use crate::config::test_support::MINIMAL;
     use crate::reading::KIND_CONFIG;
@@ -533,14 +558,14 @@ mod tests {
             let ok = Health([("nats".to_string(), None)].into());
             let mut failing = ok.clone();
             failing.0.insert("source farm".into(), Some("down".into()));
-            let (mut core, mut all) = Core::start(Memory::default(), dir(&local));
+            let (mut core, mut all) = Core::start(Memory::default(), dir(&local), GRACE);
             all.extend(core.revision(5, &text(3.0), &local, ok.clone()));
-            all.extend(core.probation_over(ok.clone()));
+            all.extend(core.probation_sample(GRACE, ok.clone()));
             let five = config::parse(&text(3.0)).unwrap();
             all.extend(core.revision(7, &broken, &five, ok.clone()));
-            all.extend(core.probation_over(failing));
+            all.extend(core.probation_sample(GRACE, failing));
             all.extend(core.revision(9, &text(5.0), &five, ok.clone()));
-            all.extend(core.probation_over(ok));
+            all.extend(core.probation_sample(GRACE, ok));
             all
         };
         let n = actions_of(Path::new("/x")).len();
@@ -571,7 +596,7 @@ mod tests {
                 "the broken revision never runs after a restart"
             );
             // A trial is reported rolled back and its file goes; then only the good one stays.
-            let (core, start) = Core::start(memory.clone(), dir.clone());
+            let (core, start) = Core::start(memory.clone(), dir.clone(), GRACE);
             assert_eq!(
                 start
                     .iter()
