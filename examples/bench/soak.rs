@@ -1,8 +1,9 @@
 //! RSS over a run with NATS flaps: readings at a steady rate while the platform's nats-server
-//! is stopped and started again and again (the chaos soak, shortened), then the drain of what
-//! the outages left, then idle. The gateway's RSS is sampled every second; the curve is
-//! printed per phase, so a warming cache (flat) reads apart from a leak (a slope) and from
-//! memory the allocator keeps after a burst (high after the drain, never given back).
+//! is stopped and started again and again (the chaos soak, shortened; each restart drains
+//! what the outage buffered), then idle once the stream holds every reading. The gateway's RSS
+//! is sampled every second; the curve is printed per phase, so a warming cache (flat) reads
+//! apart from a leak (a slope) and from memory the allocator keeps after each drain (a step
+//! up per outage, never given back).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,18 +14,18 @@ use crate::publisher::{Job, Publisher};
 use crate::scenarios::Scenario;
 
 /// The phases of a soak, in order.
-pub const PHASES: [&str; 3] = ["load with flaps", "drain", "idle"];
+pub const PHASES: [&str; 2] = ["load with flaps", "idle after"];
 
 /// How long the platform's nats-server stays up, then down, in each flap.
 const UP: Duration = Duration::from_secs(6);
 const DOWN: Duration = Duration::from_secs(2);
 const SECOND: Duration = Duration::from_secs(1);
-/// Seconds of idle sampling after the last reading is stored.
+/// Seconds of idle sampling once the last reading is stored.
 const IDLE_SECS: u64 = 5;
 
 /// RSS samples (KiB) of each phase, and the flaps made.
 pub struct Soak {
-    pub samples: [Vec<u64>; 3],
+    pub samples: [Vec<u64>; 2],
     pub flaps: usize,
 }
 
@@ -60,7 +61,7 @@ impl Soak {
 struct Sampler {
     phase: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<[Vec<u64>; 3]>,
+    thread: std::thread::JoinHandle<[Vec<u64>; 2]>,
 }
 
 impl Sampler {
@@ -69,11 +70,11 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s) = (phase.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let mut samples: [Vec<u64>; 3] = Default::default();
+            let mut samples: [Vec<u64>; 2] = Default::default();
             let mut last: Option<(usize, Instant)> = None;
             while !s.load(Ordering::Relaxed) {
-                // Once a second, and at once when a phase begins: a drain may be shorter.
-                let phase = p.load(Ordering::Relaxed).min(2);
+                // Once a second, and at once when a phase begins.
+                let phase = p.load(Ordering::Relaxed).min(1);
                 let due = last.is_none_or(|(was, at)| was != phase || at.elapsed() >= SECOND);
                 if due {
                     if let Some(kib) = rss_kib(pid) {
@@ -96,14 +97,14 @@ impl Sampler {
         self.phase.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn finish(self) -> [Vec<u64>; 3] {
+    fn finish(self) -> [Vec<u64>; 2] {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("RSS sampler")
     }
 }
 
 /// `rate` readings/s for `seconds` into a gateway scenario, NATS down for [`DOWN`] after
-/// every [`UP`], then the drain and [`IDLE_SECS`] of idle.
+/// every [`UP`]; then, once the stream holds every reading, [`IDLE_SECS`] of idle.
 pub async fn flaps(scenario: &Scenario, first: u64, rate: f64, seconds: u64) -> Soak {
     let mut system = scenario.start().await;
     let sampler = Sampler::start(system.pid());
@@ -131,7 +132,6 @@ pub async fn flaps(scenario: &Scenario, first: u64, rate: f64, seconds: u64) -> 
         nats.resume();
     }
     publisher.await.expect("publisher task");
-    sampler.next_phase();
     let js = measure::jetstream(&system.nats_url).await;
     wait_stream(
         &js,
