@@ -11,9 +11,9 @@ use std::time::Duration;
 /// Arenas for the whole process, instead of glibc's eight per core: the busy threads (two
 /// tokio workers, the store's writer) would each keep a drain's peak. In the bench's soak with
 /// trims the listener idled at 16.3 MiB with glibc's arenas, 15.5 with two and 15.2 with one;
-/// one arena's lock cost about 1.5 µs of CPU per reading on the listener path, two about
-/// 0.5–1 µs (within the shared machine's noise). A board short of CPU rather than memory can
-/// set `MALLOC_ARENA_MAX` in the unit's environment.
+/// one arena's lock cost about 2 µs of CPU per reading on the listener path, two about 1 µs
+/// (BENCHMARKS.md). A board short of CPU rather than memory can set `MALLOC_ARENA_MAX` in the
+/// unit's environment.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const ARENAS: libc::c_int = 2;
 
