@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{self, Signal, SignalKind};
 use tokio::sync::mpsc;
 
-use sahool_gateway::common::http;
 use sahool_gateway::common::systemd::Notifier;
+use sahool_gateway::common::{http, memory};
 use sahool_gateway::fleet::remote;
 use sahool_gateway::{app, cli, config, doctor};
 
@@ -285,6 +285,7 @@ fn done(result: Result<(), cli::CliError>) -> ExitCode {
 
 /// `run`: the gateway until SIGTERM or SIGINT; exit 75 when a restart cures the cause.
 fn run(config_path: PathBuf) -> ExitCode {
+    memory::limit_arenas();
     init_logging();
     // With remote config on, the last known good remote revision; never waits for KV.
     let config = match config::load(&config_path).map(remote::choose) {
@@ -330,6 +331,7 @@ async fn serve(config_path: PathBuf, config: config::Config) -> Result<(), app::
     };
     let (reloads, reloaded) = mpsc::channel(1);
     tokio::spawn(read_on_sighup(sighup, config_path, reloads));
+    tokio::spawn(memory::give_back_periodically());
     app::run(config, listener, shutdown, reloaded).await
 }
 

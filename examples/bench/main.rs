@@ -21,7 +21,9 @@
 //! 4. backlog drain: 1,000,000 readings buffered while NATS is down, then NATS started;
 //! 5. latency from MQTT publish to stored in JetStream at a steady 1,000 readings/s;
 //! 6. footprint: peak RSS at 10,000 readings/s and during the drain, binary sizes, buffer
-//!    bytes per reading;
+//!    bytes per reading, and the RSS curve (sampled each second) of each gateway path at
+//!    1,000 readings/s while the platform's nats-server is stopped 2 s after every 6 s up,
+//!    and idle after (`soak`; the chaos soak, shortened);
 //! 7. flood isolation: normal devices' latency while one device floods, with the shipped
 //!    flood limits, and how much of the flood was stored.
 //!
@@ -29,7 +31,7 @@
 //! printed, never asserted: a loaded machine gives lower numbers, not a failure.
 //!
 //! Options: `--quick`, `--runs N`, `--out FILE`, `--only PHASE,...` (of `ceilings`,
-//! `throughput`, `latency`, `steady`, `drain`, `flood`: to look at one part again),
+//! `throughput`, `latency`, `steady`, `drain`, `flood`, `soak`: to look at one part again),
 //! `--system KEY,...` (of the scenarios' keys: `gateway`, `listener`, `leafhub`,
 //! `leafhub_sync`, `peer`), `--count N` (readings per online-throughput measurement), and
 //! `--perf DIR`: record `perf record -F 2999` of the gateway process during each online
@@ -50,6 +52,7 @@ mod measure;
 mod publisher;
 mod report;
 mod scenarios;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +80,8 @@ pub struct Sizes {
     pub fsync_secs: f64,
     /// Seconds of each half of the flood-isolation measurement.
     pub flood_secs: u64,
+    /// Seconds of publishing at 1,000 readings/s with NATS flaps, for the RSS curve.
+    pub soak_secs: u64,
 }
 
 const FULL: Sizes = Sizes {
@@ -89,6 +94,7 @@ const FULL: Sizes = Sizes {
     store_rows: 200_000,
     fsync_secs: 2.0,
     flood_secs: 10,
+    soak_secs: 60,
 };
 
 const QUICK: Sizes = Sizes {
@@ -101,11 +107,14 @@ const QUICK: Sizes = Sizes {
     store_rows: 10_000,
     fsync_secs: 0.3,
     flood_secs: 2,
+    soak_secs: 16,
 };
 
 /// The steady rates of the latency and footprint measurements.
 const LATENCY_RATE: f64 = 1_000.0;
 const STEADY_RATE: f64 = 10_000.0;
+/// The chaos soak's rate (`tests/chaos.rs`, scenario 8).
+const SOAK_RATE: f64 = 1_000.0;
 /// The backlog the drain target speaks of.
 const TARGET_BACKLOG: u64 = 1_000_000;
 
@@ -296,6 +305,7 @@ const PHASES: &[&str] = &[
     "steady",
     "drain",
     "flood",
+    "soak",
 ];
 
 /// One system's online figures in a run, for the ratios.
@@ -482,6 +492,9 @@ async fn one_run(sizes: &Sizes, options: &Options, sync_interval: bool, report: 
                 );
             }
         }
+        if wanted("soak") && gateway {
+            soak_phase(scenario, base + 6_000_000, sizes.soak_secs, report).await;
+        }
         if wanted("steady") {
             let steady =
                 scenarios::steady(scenario, base + 4_000_000, STEADY_RATE, sizes.steady_secs).await;
@@ -509,6 +522,42 @@ async fn one_run(sizes: &Sizes, options: &Options, sync_interval: bool, report: 
     }
     if wanted("flood") {
         flood_phase(sizes, report).await;
+    }
+}
+
+/// 6. Footprint over a run with NATS flaps: RSS min, median and max per phase, and the curve.
+async fn soak_phase(scenario: &Scenario, base: u64, seconds: u64, report: &mut Report) {
+    let soak = soak::flaps(scenario, base, SOAK_RATE, seconds).await;
+    eprintln!(
+        "bench: RSS curve, {} ({} NATS flaps; MiB each second: {}): {}",
+        scenario.name,
+        soak.flaps,
+        soak::PHASES.join(" | "),
+        soak.curve()
+    );
+    for (i, phase) in soak::PHASES.iter().enumerate() {
+        let (min, median, max) = soak.summary(i);
+        let key = format!("rss.soak.{}.{}", scenario.key, phase.replace(' ', "_"));
+        let label = format!("RSS with NATS flaps, {phase}: {}", scenario.name);
+        for (stat, label, value) in [
+            ("max", format!("{label}, max"), max),
+            ("median", "  median".to_string(), median),
+            ("min", "  min".to_string(), min),
+        ] {
+            let target = soak_target(i, stat);
+            let key = format!("{key}.{stat}");
+            report.add(Section::Footprint, &key, &label, "MiB", target, value);
+        }
+    }
+}
+
+/// The RSS targets over a long run: under 16 MiB steady (the medians: the idle's
+/// first sample may still hold the last flap's drain), under 32 MiB while a backlog drains.
+fn soak_target(phase: usize, stat: &str) -> Option<Target> {
+    match (phase, stat) {
+        (0, "max") => Some(Target::AtMost(32.0)),
+        (_, "median") => Some(Target::AtMost(16.0)),
+        _ => None,
     }
 }
 

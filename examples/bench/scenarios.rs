@@ -170,6 +170,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The platform's nats-server of a gateway scenario, to stop and start it.
+    pub fn nats_mut(&mut self) -> Option<&mut Nats> {
+        self.gateway.as_ref().and(self.nats.as_mut())
+    }
+
     /// The process whose memory counts: the gateway, the leaf, or the single peer.
     pub fn pid(&self) -> u32 {
         if let Some(g) = &self.gateway {
