@@ -288,6 +288,19 @@ impl Rig {
         }
     }
 
+    /// Publishes the command and waits until it is `applied`; any other end fails the test.
+    async fn apply(&self, command: &Value) -> Vec<StreamMessage> {
+        self.publish(command).await;
+        let results = self.wait_final(std::slice::from_ref(command)).await;
+        assert_eq!(
+            final_status(&results, id_of(command)),
+            "applied",
+            "{}",
+            show(&results)
+        );
+        results
+    }
+
     /// Waits until every command has its final result.
     async fn wait_final(&self, commands: &[Value]) -> Vec<StreamMessage> {
         let ids: Vec<&str> = commands.iter().map(id_of).collect();
@@ -868,9 +881,7 @@ async fn closing_the_valve_a_running_pump_requires_stops_the_pump() {
     rig.publish(&valve).await;
     rig.wait_final(std::slice::from_ref(&valve)).await;
     let pump = command("pump-1", "on");
-    rig.publish(&pump).await;
-    let results = rig.wait_final(std::slice::from_ref(&pump)).await;
-    assert_eq!(final_status(&results, id_of(&pump)), "applied");
+    rig.apply(&pump).await;
     assert_eq!(rig.bus.coil_state(UNIT, PUMP), Some(true));
 
     let close = command("valve-3", "off");
@@ -1036,14 +1047,7 @@ async fn shipped_defaults_refuse_on_with_an_unsynchronised_clock_but_always_allo
         assert_eq!(p["reason"], "clock_unsynced", "{p}");
     }
     let off = command("valve-3", "off");
-    rig.publish(&off).await;
-    let results = rig.wait_final(std::slice::from_ref(&off)).await;
-    assert_eq!(
-        final_status(&results, id_of(&off)),
-        "applied",
-        "{}",
-        show(&results)
-    );
+    rig.apply(&off).await;
     settle().await;
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(false));
     let writes = rig.coil_writes(VALVE);
@@ -1127,14 +1131,7 @@ async fn a_gateway_user_with_the_shipped_commands_permissions_applies_commands_a
     let rig = Rig::start_with(Platform::Single(nats), None, &auth, COMMANDS, "").await;
 
     let on = command("valve-3", "on");
-    rig.publish(&on).await;
-    let results = rig.wait_final(std::slice::from_ref(&on)).await;
-    assert_eq!(
-        final_status(&results, id_of(&on)),
-        "applied",
-        "{}",
-        show(&results)
-    );
+    rig.apply(&on).await;
     rig.assert_valve_written_once();
 
     // Another gateway's consumer, which exists: only the permissions stand in the way.
