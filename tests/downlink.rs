@@ -338,6 +338,12 @@ impl Rig {
 
     /// valve-3 was written once; else the panic shows its requests on the bus and the log.
     fn assert_valve_written_once(&self) {
+        self.assert_valve_writes(1, "");
+    }
+
+    /// valve-3 was written `expected` times; else the panic shows its requests on the bus,
+    /// `context` and the log.
+    fn assert_valve_writes(&self, expected: u32, context: &str) {
         let requests: Vec<_> = self
             .bus
             .seen()
@@ -346,8 +352,8 @@ impl Rig {
             .collect();
         assert_eq!(
             self.coil_writes(VALVE),
-            1,
-            "requests on the bus: {requests:?}\n{}",
+            expected,
+            "requests on the bus: {requests:?}\n{context}\n--- gateway log ---\n{}",
             self.gateway.log()
         );
     }
@@ -468,19 +474,7 @@ async fn sigkill_around_receipt_writes_each_command_once() {
             show(&results)
         );
     }
-    let requests: Vec<_> = rig
-        .bus
-        .seen()
-        .into_iter()
-        .filter(|r| r.unit == UNIT && r.start == VALVE)
-        .collect();
-    assert_eq!(
-        rig.coil_writes(VALVE),
-        commands.len() as u32,
-        "requests on the bus: {requests:?}\n{}\n--- gateway log ---\n{}",
-        show(&results),
-        rig.gateway.log()
-    );
+    rig.assert_valve_writes(commands.len() as u32, &show(&results));
     assert_eq!(rig.bus.coil_state(UNIT, VALVE), Some(true));
 }
 
