@@ -175,7 +175,10 @@ pub async fn isolation(seconds: u64) -> Isolation {
             "sahool_gateway_readings_rejected_total",
             "reason=\"rate_limited\"",
         );
-        stored + refused >= (calm_total as u64 + faulty_sent) as f64
+        // A message the broker delivered again under load is recognised and counted here,
+        // neither stored nor refused a second time.
+        let repeated = g.metric("sahool_gateway_readings_duplicates_total", "");
+        stored + refused + repeated >= (calm_total as u64 + faulty_sent) as f64
             && g.metric("sahool_gateway_buffer_readings", "") == 0.0
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
