@@ -10,7 +10,7 @@
 
 use rusqlite::Transaction;
 
-use super::db::{self, recent::Keep};
+use super::db::{self, recent::Keep, recent::Remember};
 use super::delta::Delta;
 use super::recent::{fingerprint, RECENT_MESSAGES};
 use super::writer::Writer;
@@ -71,7 +71,7 @@ impl SeenObservations {
 /// is stored once: remembering its key is the check (nothing inserted: seen before). Readings
 /// without a device time carry no observation identity and are kept.
 pub(super) fn drop_seen_observations(
-    tx: &Transaction<'_>,
+    keys: &mut Remember<'_>,
     append: &mut Append,
 ) -> rusqlite::Result<SeenObservations> {
     let before = append.readings.len();
@@ -79,7 +79,7 @@ pub(super) fn drop_seen_observations(
     let mut keep = Vec::with_capacity(before);
     for r in append.readings.drain(..) {
         if r.device_time {
-            let Some(id) = db::recent::remember_observation(tx, &observation_key(&r))? else {
+            let Some(id) = keys.observation(&observation_key(&r))? else {
                 continue;
             };
             first_remembered.get_or_insert(id);
@@ -97,11 +97,12 @@ pub(super) fn drop_seen_observations(
 /// window.
 pub(super) fn remember_keys(
     tx: &Transaction<'_>,
+    keys: &mut Remember<'_>,
     append: &Append,
     delta: &mut Delta,
 ) -> rusqlite::Result<()> {
     if let Some(key) = append.message_key {
-        db::recent::remember_message(tx, &key)?;
+        keys.message(&key)?;
         delta.messages.push(fingerprint(&key));
     }
     if let Some(frame) = &append.frame_key {
