@@ -76,17 +76,28 @@ pub(super) fn drop_seen_observations(
 ) -> rusqlite::Result<SeenObservations> {
     let before = append.readings.len();
     let mut first_remembered = None;
-    let mut keep = Vec::with_capacity(before);
-    for r in append.readings.drain(..) {
-        if r.device_time {
-            let Some(id) = keys.observation(&observation_key(&r))? else {
-                continue;
-            };
-            first_remembered.get_or_insert(id);
+    // In place: no new `Vec` per append; after an error nothing more is looked up (the
+    // transaction is rolled back).
+    let mut failed = None;
+    append.readings.retain(|r| {
+        if !r.device_time || failed.is_some() {
+            return true;
         }
-        keep.push(r);
+        match keys.observation(&observation_key(r)) {
+            Ok(Some(id)) => {
+                first_remembered.get_or_insert(id);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                failed = Some(e);
+                true
+            }
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
-    append.readings = keep;
     Ok(SeenObservations {
         first_remembered,
         duplicates: (before - append.readings.len()) as u64,
