@@ -10,7 +10,7 @@
 
 use rusqlite::Transaction;
 
-use super::db::{self, recent::Keep};
+use super::db::{self, recent::Keep, recent::Remember};
 use super::delta::Delta;
 use super::recent::{fingerprint, RECENT_MESSAGES};
 use super::writer::Writer;
@@ -71,22 +71,33 @@ impl SeenObservations {
 /// is stored once: remembering its key is the check (nothing inserted: seen before). Readings
 /// without a device time carry no observation identity and are kept.
 pub(super) fn drop_seen_observations(
-    tx: &Transaction<'_>,
+    keys: &mut Remember<'_>,
     append: &mut Append,
 ) -> rusqlite::Result<SeenObservations> {
     let before = append.readings.len();
     let mut first_remembered = None;
-    let mut keep = Vec::with_capacity(before);
-    for r in append.readings.drain(..) {
-        if r.device_time {
-            let Some(id) = db::recent::remember_observation(tx, &observation_key(&r))? else {
-                continue;
-            };
-            first_remembered.get_or_insert(id);
+    // In place: no new `Vec` per append; after an error nothing more is looked up (the
+    // transaction is rolled back).
+    let mut failed = None;
+    append.readings.retain(|r| {
+        if !r.device_time || failed.is_some() {
+            return true;
         }
-        keep.push(r);
+        match keys.observation(&observation_key(r)) {
+            Ok(Some(id)) => {
+                first_remembered.get_or_insert(id);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                failed = Some(e);
+                true
+            }
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
-    append.readings = keep;
     Ok(SeenObservations {
         first_remembered,
         duplicates: (before - append.readings.len()) as u64,
@@ -97,11 +108,12 @@ pub(super) fn drop_seen_observations(
 /// window.
 pub(super) fn remember_keys(
     tx: &Transaction<'_>,
+    keys: &mut Remember<'_>,
     append: &Append,
     delta: &mut Delta,
 ) -> rusqlite::Result<()> {
     if let Some(key) = append.message_key {
-        db::recent::remember_message(tx, &key)?;
+        keys.message(&key)?;
         delta.messages.push(fingerprint(&key));
     }
     if let Some(frame) = &append.frame_key {

@@ -21,7 +21,7 @@ use rusqlite::Transaction;
 use serde::{Deserialize, Serialize};
 
 use super::delta::Delta;
-use super::transaction::record_totals;
+use super::transaction::{record_totals, PerRow};
 use super::writer::Writer;
 use super::{db, Append, AppendOutcome, DeadLetterRow, StoreError};
 use crate::ingest::mapping::Mapped;
@@ -228,7 +228,8 @@ impl Writer {
             readings,
             ..Append::default()
         };
-        let count = match self.append_one(tx, &mut append, message.now, delta)? {
+        let mut rows = PerRow::prepare(tx)?;
+        let count = match self.append_one(tx, &mut rows, &mut append, message.now, delta)? {
             AppendOutcome::Stored { count, .. } => count,
             AppendOutcome::Full => return Err(Stop::BufferFull),
             // No message or frame key: never a duplicate message.

@@ -1,11 +1,12 @@
 //! What one transaction of the writer does: delete acknowledged runs, move refused rows to
 //! dead-letters, store each append (after the dedupe checks and the bounds), buffer the status
 //! events the readings cause, and record `next_seq` and the lifetime totals with the rows they
-//! describe (invariants 2 and 4).
+//! describe (invariants 2 and 4). The statements run per stored row ([`PerRow`]) are taken
+//! from the connection's statement cache once per transaction, not looked up per row.
 
 use std::ops::RangeInclusive;
 
-use rusqlite::Transaction;
+use rusqlite::{Connection, Transaction};
 
 use super::bounds::Room;
 use super::counts::Counts;
@@ -40,8 +41,11 @@ impl Writer {
             dead_letter_refusal(&tx, refusal, now, delta)?;
         }
         let mut outcomes = Vec::with_capacity(appends.len());
-        for (append, _) in appends.iter_mut() {
-            outcomes.push(self.append_one(&tx, append, now, delta)?);
+        if !appends.is_empty() {
+            let mut rows = PerRow::prepare(&tx)?;
+            for (append, _) in appends.iter_mut() {
+                outcomes.push(self.append_one(&tx, &mut rows, append, now, delta)?);
+            }
         }
         let stored: Vec<&Reading> = appends
             .iter()
@@ -93,6 +97,7 @@ impl Writer {
     pub(super) fn append_one(
         &self,
         tx: &Transaction<'_>,
+        rows: &mut PerRow<'_>,
         append: &mut Append,
         now: i64,
         delta: &mut Delta,
@@ -100,7 +105,7 @@ impl Writer {
         if self.is_repeat(tx, append, delta)? {
             return Ok(AppendOutcome::Duplicate);
         }
-        let seen = dedupe::drop_seen_observations(tx, append)?;
+        let seen = dedupe::drop_seen_observations(&mut rows.keys, append)?;
         let bodies: Vec<(u8, Vec<u8>)> = append.readings.iter().map(Reading::to_row).collect();
         // Once per message: every reading of it keeps the same context.
         let trace = append.trace.as_ref().map(TraceContext::stored);
@@ -117,7 +122,10 @@ impl Writer {
         delta.duplicates += seen.duplicates;
         let first_seq = delta.next_seq;
         for (kind, body) in &bodies {
-            insert_traced(tx, *kind, body, trace, now, delta)?;
+            rows.outbox
+                .insert(delta.next_seq, now, *kind, body, trace)?;
+            delta.next_seq += 1;
+            delta.added(*kind, body.len() + trace_len);
         }
         delta.accepted += bodies.len() as u64;
         delta.timestamps_replaced += append
@@ -126,10 +134,25 @@ impl Writer {
             .filter(|r| r.original_timestamp.is_some())
             .count() as u64;
         insert_dead_letters(tx, &append.dead_letters, now, delta)?;
-        dedupe::remember_keys(tx, append, delta)?;
+        dedupe::remember_keys(tx, &mut rows.keys, append, delta)?;
         Ok(AppendOutcome::Stored {
             first_seq,
             count: bodies.len() as u64,
+        })
+    }
+}
+
+/// The statements an append runs per row it stores, held for all appends of a transaction.
+pub(super) struct PerRow<'c> {
+    outbox: db::outbox::Inserts<'c>,
+    keys: db::recent::Remember<'c>,
+}
+
+impl<'c> PerRow<'c> {
+    pub(super) fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            outbox: db::outbox::Inserts::prepare(conn)?,
+            keys: db::recent::Remember::prepare(conn)?,
         })
     }
 }
@@ -159,21 +182,9 @@ pub(super) fn insert_row(
     now: i64,
     delta: &mut Delta,
 ) -> rusqlite::Result<()> {
-    insert_traced(tx, kind, body, None, now, delta)
-}
-
-/// Buffers one row with the next seq and a device's trace context in its stored form.
-fn insert_traced(
-    tx: &Transaction<'_>,
-    kind: u8,
-    body: &[u8],
-    trace: Option<&str>,
-    now: i64,
-    delta: &mut Delta,
-) -> rusqlite::Result<()> {
-    db::outbox::insert(tx, delta.next_seq, now, kind, body, trace)?;
+    db::outbox::insert(tx, delta.next_seq, now, kind, body, None)?;
     delta.next_seq += 1;
-    delta.added(kind, body.len() + trace.map_or(0, str::len));
+    delta.added(kind, body.len());
     Ok(())
 }
 

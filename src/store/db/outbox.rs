@@ -3,7 +3,7 @@
 
 use std::ops::RangeInclusive;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension, Transaction};
 
 use super::event_id;
 use crate::common::trace::TraceContext;
@@ -136,11 +136,34 @@ pub(crate) fn insert(
     body: &[u8],
     trace: Option<&str>,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO outbox (seq, event_id, stored_ms, kind, body, trace) VALUES (?1, x'', ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![seq as i64, now, kind, body, trace])?;
-    Ok(())
+    Inserts::prepare(tx)?.insert(seq, now, kind, body, trace)
+}
+
+/// [`insert`] for the many rows of one transaction: the statement is taken from the
+/// connection's cache once (it goes back when this drops), not looked up per row.
+pub(crate) struct Inserts<'c>(CachedStatement<'c>);
+
+impl<'c> Inserts<'c> {
+    pub(crate) fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached(
+            "INSERT INTO outbox (seq, event_id, stored_ms, kind, body, trace) VALUES (?1, x'', ?2, ?3, ?4, ?5)",
+        )
+        .map(Self)
+    }
+
+    /// As [`insert`].
+    pub(crate) fn insert(
+        &mut self,
+        seq: u64,
+        now: i64,
+        kind: u8,
+        body: &[u8],
+        trace: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        self.0
+            .execute(params![seq as i64, now, kind, body, trace])
+            .map(drop)
+    }
 }
 
 /// Buffers one row under `seq` with an id of its own (a command result: stable per command

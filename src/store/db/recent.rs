@@ -1,7 +1,7 @@
 //! Statements on the deduplication tables: `recent_messages`, `recent_readings` and
 //! `recent_frames` ([`crate::store::dedupe`]).
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, CachedStatement, Connection, Transaction};
 
 /// The keys of the newest `limit` messages, newest first.
 pub(crate) fn message_keys(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Vec<u8>>> {
@@ -10,21 +10,34 @@ pub(crate) fn message_keys(conn: &Connection, limit: usize) -> rusqlite::Result<
     keys.collect()
 }
 
-pub(crate) fn remember_message(tx: &Transaction<'_>, key: &[u8; 16]) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT INTO recent_messages (key) VALUES (?1)")?
-        .execute([&key[..]])?;
-    Ok(())
+/// The inserts of the message and observation keys, for the many appends of one
+/// transaction: taken from the connection's cache once (they go back when this drops), not
+/// looked up per key.
+pub(crate) struct Remember<'c> {
+    conn: &'c Connection,
+    message: CachedStatement<'c>,
+    observation: CachedStatement<'c>,
 }
 
-/// Remembers an observation's key: the row id it got, or `None` if it was there already.
-pub(crate) fn remember_observation(
-    tx: &Transaction<'_>,
-    key: &[u8; 16],
-) -> rusqlite::Result<Option<i64>> {
-    let inserted = tx
-        .prepare_cached("INSERT OR IGNORE INTO recent_readings (key) VALUES (?1)")?
-        .execute([&key[..]])?;
-    Ok((inserted > 0).then(|| tx.last_insert_rowid()))
+impl<'c> Remember<'c> {
+    pub(crate) fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            conn,
+            message: conn.prepare_cached("INSERT INTO recent_messages (key) VALUES (?1)")?,
+            observation: conn
+                .prepare_cached("INSERT OR IGNORE INTO recent_readings (key) VALUES (?1)")?,
+        })
+    }
+
+    pub(crate) fn message(&mut self, key: &[u8; 16]) -> rusqlite::Result<()> {
+        self.message.execute([&key[..]]).map(drop)
+    }
+
+    /// Remembers an observation's key: the row id it got, or `None` if it was there already.
+    pub(crate) fn observation(&mut self, key: &[u8; 16]) -> rusqlite::Result<Option<i64>> {
+        let inserted = self.observation.execute([&key[..]])?;
+        Ok((inserted > 0).then(|| self.conn.last_insert_rowid()))
+    }
 }
 
 /// Forgets the observation keys remembered from row `id` on.
