@@ -232,13 +232,25 @@ const UNIT_ALIASES: &[(&str, &[&str])] = &[
 /// Unit spellings devices use, folded to SAHOOL's in any casing (`percent` → `%`, `KPH` →
 /// `km/h`); an unknown unit is kept as sent, trimmed.
 pub fn normalize_unit(unit: &str) -> String {
+    canonical_unit(unit).to_string()
+}
+
+/// [`normalize_unit`] without the copy: SAHOOL's spelling, or `unit` trimmed. ASCII (what
+/// devices send) is compared without lowercasing into a new string; anything else is
+/// lowercased first, as Unicode folds some letters to ASCII ones.
+pub fn canonical_unit(unit: &str) -> &str {
     let trimmed = unit.trim();
-    let lower = trimmed.to_lowercase();
-    UNIT_ALIASES
-        .iter()
-        .find(|(_, aliases)| aliases.contains(&lower.as_str()))
-        .map_or(trimmed, |(unit, _)| unit)
-        .to_string()
+    let alias = if trimmed.is_ascii() {
+        UNIT_ALIASES
+            .iter()
+            .find(|(_, aliases)| aliases.iter().any(|a| a.eq_ignore_ascii_case(trimmed)))
+    } else {
+        let lower = trimmed.to_lowercase();
+        UNIT_ALIASES
+            .iter()
+            .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+    };
+    alias.map_or(trimmed, |(unit, _)| unit)
 }
 
 /// Observation time as nanoseconds since the Unix epoch (UTC).
