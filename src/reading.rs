@@ -483,6 +483,34 @@ impl Reading {
 
     /// A reading from its outbox row, of either reading kind.
     pub fn from_row(kind: u8, body: &[u8]) -> Result<Self, BodyError> {
+        ReadingView::from_row(kind, body).map(|v| v.to_owned())
+    }
+}
+
+/// A buffered reading borrowed from its row: what an event is rendered from, without a copy
+/// of every string per publish. Its fields are [`Reading`]'s stored ones in the same order (the
+/// postcard layout), so [`Reading::from_row`] decodes through it and its tests hold for both.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct ReadingView<'a> {
+    pub device_id: &'a str,
+    pub field_id: &'a str,
+    pub tenant_id: &'a str,
+    pub sensor_type: SensorType,
+    pub value: f64,
+    pub unit: &'a str,
+    pub observed_at: Timestamp,
+    pub battery: Option<f64>,
+    pub rssi: Option<i64>,
+    pub raw_value: Option<f64>,
+    pub original_timestamp: Option<Timestamp>,
+    /// [`Reading::metadata`]: after the postcard part in rows of [`KIND_READING_META`].
+    #[serde(skip)]
+    pub metadata: Option<&'a str>,
+}
+
+impl<'a> ReadingView<'a> {
+    /// The reading in an outbox row of either reading kind, borrowing its strings.
+    pub fn from_row(kind: u8, body: &'a [u8]) -> Result<Self, BodyError> {
         match kind {
             KIND_READING => Ok(postcard::from_bytes(body)?),
             KIND_READING_META => {
@@ -490,10 +518,30 @@ impl Reading {
                 let text = std::str::from_utf8(meta).map_err(|_| BodyError::Metadata)?;
                 serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
                     .map_err(|_| BodyError::Metadata)?;
-                r.metadata = Some(text.to_string());
+                r.metadata = Some(text);
                 Ok(r)
             }
             kind => Err(BodyError::Kind(kind)),
+        }
+    }
+
+    /// The owned reading; what is not stored (`device_time`, `stale_after_ms`) is zero.
+    pub fn to_owned(&self) -> Reading {
+        Reading {
+            device_id: self.device_id.to_string(),
+            field_id: self.field_id.to_string(),
+            tenant_id: self.tenant_id.to_string(),
+            sensor_type: self.sensor_type,
+            value: self.value,
+            unit: self.unit.to_string(),
+            observed_at: self.observed_at,
+            battery: self.battery,
+            rssi: self.rssi,
+            raw_value: self.raw_value,
+            original_timestamp: self.original_timestamp,
+            device_time: false,
+            stale_after_ms: 0,
+            metadata: self.metadata.map(str::to_string),
         }
     }
 }
