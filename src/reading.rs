@@ -605,7 +605,28 @@ mod tests {
         assert_eq!(normalize_unit(" KPH "), "km/h");
         assert_eq!(normalize_unit("kPa"), "kPa");
         assert_eq!(normalize_unit(" odd unit "), "odd unit");
+        // Non-ASCII is lowercased as Unicode does: the Kelvin sign folds to `k`, `°C` to `°c`.
+        assert_eq!(normalize_unit("\u{212A}PH"), "km/h");
+        assert_eq!(normalize_unit(" °C"), "°C");
+        assert_eq!(normalize_unit("µS/CM"), "µS/cm");
+        // Folds exactly as lowercasing every unit first would.
+        let lowercased = |u: &str| {
+            let lower = u.trim().to_lowercase();
+            UNIT_ALIASES
+                .iter()
+                .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+                .map_or(u.trim().to_string(), |(unit, _)| unit.to_string())
+        };
         for (unit, aliases) in UNIT_ALIASES {
+            for a in *aliases {
+                for spelled in [
+                    a.to_string(),
+                    format!(" {} ", a.to_uppercase()),
+                    unit.to_string(),
+                ] {
+                    assert_eq!(normalize_unit(&spelled), lowercased(&spelled), "{spelled}");
+                }
+            }
             assert!(aliases.contains(&unit.to_lowercase().as_str()), "{unit}");
             assert!(aliases.iter().all(|a| *a == a.to_lowercase()), "{unit}");
         }
