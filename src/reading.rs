@@ -1,5 +1,6 @@
 //! The reading model shared by every source: SAHOOL's sensor types, their units and aliases,
-//! and observation timestamps.
+//! and observation timestamps; and a reading's outbox row, written from a [`Reading`] and read
+//! back borrowed as a [`ReadingView`] (one layout, decoded one way).
 
 use std::fmt;
 
