@@ -1,5 +1,6 @@
 //! The reading model shared by every source: SAHOOL's sensor types, their units and aliases,
-//! and observation timestamps.
+//! and observation timestamps; and a reading's outbox row, written from a [`Reading`] and read
+//! back borrowed as a [`ReadingView`] (one layout, decoded one way).
 
 use std::fmt;
 
@@ -232,13 +233,25 @@ const UNIT_ALIASES: &[(&str, &[&str])] = &[
 /// Unit spellings devices use, folded to SAHOOL's in any casing (`percent` → `%`, `KPH` →
 /// `km/h`); an unknown unit is kept as sent, trimmed.
 pub fn normalize_unit(unit: &str) -> String {
+    canonical_unit(unit).to_string()
+}
+
+/// [`normalize_unit`] without the copy: SAHOOL's spelling, or `unit` trimmed. ASCII (what
+/// devices send) is compared without lowercasing into a new string; anything else is
+/// lowercased first, as Unicode folds some letters to ASCII ones.
+pub fn canonical_unit(unit: &str) -> &str {
     let trimmed = unit.trim();
-    let lower = trimmed.to_lowercase();
-    UNIT_ALIASES
-        .iter()
-        .find(|(_, aliases)| aliases.contains(&lower.as_str()))
-        .map_or(trimmed, |(unit, _)| unit)
-        .to_string()
+    let alias = if trimmed.is_ascii() {
+        UNIT_ALIASES
+            .iter()
+            .find(|(_, aliases)| aliases.iter().any(|a| a.eq_ignore_ascii_case(trimmed)))
+    } else {
+        let lower = trimmed.to_lowercase();
+        UNIT_ALIASES
+            .iter()
+            .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+    };
+    alias.map_or(trimmed, |(unit, _)| unit)
 }
 
 /// Observation time as nanoseconds since the Unix epoch (UTC).
@@ -471,6 +484,34 @@ impl Reading {
 
     /// A reading from its outbox row, of either reading kind.
     pub fn from_row(kind: u8, body: &[u8]) -> Result<Self, BodyError> {
+        ReadingView::from_row(kind, body).map(|v| v.to_owned())
+    }
+}
+
+/// A buffered reading borrowed from its row: what an event is rendered from, without a copy
+/// of every string per publish. Its fields are [`Reading`]'s stored ones in the same order (the
+/// postcard layout), so [`Reading::from_row`] decodes through it and its tests hold for both.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct ReadingView<'a> {
+    pub device_id: &'a str,
+    pub field_id: &'a str,
+    pub tenant_id: &'a str,
+    pub sensor_type: SensorType,
+    pub value: f64,
+    pub unit: &'a str,
+    pub observed_at: Timestamp,
+    pub battery: Option<f64>,
+    pub rssi: Option<i64>,
+    pub raw_value: Option<f64>,
+    pub original_timestamp: Option<Timestamp>,
+    /// [`Reading::metadata`]: after the postcard part in rows of [`KIND_READING_META`].
+    #[serde(skip)]
+    pub metadata: Option<&'a str>,
+}
+
+impl<'a> ReadingView<'a> {
+    /// The reading in an outbox row of either reading kind, borrowing its strings.
+    pub fn from_row(kind: u8, body: &'a [u8]) -> Result<Self, BodyError> {
         match kind {
             KIND_READING => Ok(postcard::from_bytes(body)?),
             KIND_READING_META => {
@@ -478,10 +519,30 @@ impl Reading {
                 let text = std::str::from_utf8(meta).map_err(|_| BodyError::Metadata)?;
                 serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
                     .map_err(|_| BodyError::Metadata)?;
-                r.metadata = Some(text.to_string());
+                r.metadata = Some(text);
                 Ok(r)
             }
             kind => Err(BodyError::Kind(kind)),
+        }
+    }
+
+    /// The owned reading; what is not stored (`device_time`, `stale_after_ms`) is zero.
+    pub fn to_owned(&self) -> Reading {
+        Reading {
+            device_id: self.device_id.to_string(),
+            field_id: self.field_id.to_string(),
+            tenant_id: self.tenant_id.to_string(),
+            sensor_type: self.sensor_type,
+            value: self.value,
+            unit: self.unit.to_string(),
+            observed_at: self.observed_at,
+            battery: self.battery,
+            rssi: self.rssi,
+            raw_value: self.raw_value,
+            original_timestamp: self.original_timestamp,
+            device_time: false,
+            stale_after_ms: 0,
+            metadata: self.metadata.map(str::to_string),
         }
     }
 }
@@ -545,7 +606,28 @@ mod tests {
         assert_eq!(normalize_unit(" KPH "), "km/h");
         assert_eq!(normalize_unit("kPa"), "kPa");
         assert_eq!(normalize_unit(" odd unit "), "odd unit");
+        // Non-ASCII is lowercased as Unicode does: the Kelvin sign folds to `k`, `°C` to `°c`.
+        assert_eq!(normalize_unit("\u{212A}PH"), "km/h");
+        assert_eq!(normalize_unit(" °C"), "°C");
+        assert_eq!(normalize_unit("µS/CM"), "µS/cm");
+        // Folds exactly as lowercasing every unit first would.
+        let lowercased = |u: &str| {
+            let lower = u.trim().to_lowercase();
+            UNIT_ALIASES
+                .iter()
+                .find(|(_, aliases)| aliases.contains(&lower.as_str()))
+                .map_or(u.trim().to_string(), |(unit, _)| unit.to_string())
+        };
         for (unit, aliases) in UNIT_ALIASES {
+            for a in *aliases {
+                for spelled in [
+                    a.to_string(),
+                    format!(" {} ", a.to_uppercase()),
+                    unit.to_string(),
+                ] {
+                    assert_eq!(normalize_unit(&spelled), lowercased(&spelled), "{spelled}");
+                }
+            }
             assert!(aliases.contains(&unit.to_lowercase().as_str()), "{unit}");
             assert!(aliases.iter().all(|a| *a == a.to_lowercase()), "{unit}");
         }

@@ -62,13 +62,13 @@ impl Admission {
 
     /// Screens what the mapping made of one message. `rejected` are the input's own
     /// rejections (framing, syntax); `context` starts every dead-letter's detail (`topic T`,
-    /// `port P`); `raw` (and the MQTT `topic`) is kept with every dead-letter of the message,
+    /// `port P`; formatted only when there is one); `raw` (and the MQTT `topic`) is kept with every dead-letter of the message,
     /// so `dead-letters replay` can map it again.
     pub(crate) fn admit(
         &self,
         mapped: Mapped,
         rejected: &[Rejection],
-        context: &str,
+        context: &dyn std::fmt::Display,
         topic: Option<&str>,
         raw: &[u8],
         now: Instant,

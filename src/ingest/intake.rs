@@ -234,7 +234,7 @@ impl<T: Send + 'static> Intake<T> {
         let admitted = self.admission.admit(
             mapped,
             &[],
-            &format!("topic {topic}"),
+            &format_args!("topic {topic}"),
             Some(&topic),
             &m.payload,
             Instant::now(),

@@ -15,7 +15,9 @@ use crate::config::serial::RegisterKind;
 use crate::config::{
     Config, Format, JsonBinding, Protocol, SerialBinding, TimestampFormat, TimestampPolicy,
 };
-use crate::reading::{normalize_unit, type_outside_schema, Reading, SensorType, Timestamp};
+use crate::reading::{
+    canonical_unit, normalize_unit, type_outside_schema, Reading, SensorType, Timestamp,
+};
 
 /// Why an input did not become a reading. The label is the `reason` in metrics and dead-letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -154,9 +156,10 @@ impl TimePolicy {
 }
 
 /// What a device reported, before calibration and range checks.
-struct Observed {
+struct Observed<'a> {
     value: f64,
-    unit: Option<String>,
+    /// As sent, borrowed from the payload: only the normalized unit is copied.
+    unit: Option<&'a str>,
     /// The device's own observation time, when it sent one.
     at: Option<Timestamp>,
     battery: Option<f64>,
@@ -172,7 +175,7 @@ impl Target {
 
     fn reading(
         &self,
-        o: Observed,
+        o: Observed<'_>,
         received: Timestamp,
         time: &TimePolicy,
     ) -> Result<Reading, Rejection> {
@@ -198,7 +201,7 @@ impl Target {
         }
         let unit = o
             .unit
-            .map_or_else(|| self.unit.clone(), |u| normalize_unit(&u));
+            .map_or_else(|| self.unit.clone(), |u| canonical_unit(u).to_string());
         // The default range is in the default unit; a sensor reporting another unit is only
         // checked against a range its config gives.
         let range = self.range.or_else(|| {
@@ -266,7 +269,8 @@ pub fn current(shared: &SharedMapper) -> std::sync::Arc<Mapper> {
 /// port and binding key.
 #[derive(Debug, Clone)]
 pub struct Mapper {
-    by_sensor: HashMap<(String, SensorType), Target>,
+    /// Keyed by device first, so a lookup borrows the payload's device id (no copy per reading).
+    by_sensor: HashMap<String, HashMap<SensorType, Target>>,
     /// Sensors with a JSON binding, in config order.
     json: Vec<(JsonBinding, Target)>,
     sources: HashMap<String, SourceRules>,
@@ -497,7 +501,9 @@ impl Mapper {
                     }
                     (Some(binding), None) => json.push((binding.clone(), target)),
                     (None, None) => {
-                        by_sensor.insert((target.device_id.clone(), target.sensor_type), target);
+                        let device: &mut HashMap<_, _> =
+                            by_sensor.entry(target.device_id.clone()).or_default();
+                        device.insert(target.sensor_type, target);
                     }
                 }
             }
@@ -611,8 +617,7 @@ impl Mapper {
     /// array of readings. Device, field and type may come from the topic
     /// `sahool/sensors/{device_id}/{field_id}/{sensor_type}`; a payload's own values win.
     fn map_sahool(&self, source: &str, topic: &str, doc: &Value, received: Timestamp) -> Mapped {
-        let levels: Vec<&str> = topic.split('/').collect();
-        let from_topic = |i: usize| levels.get(i).copied().filter(|s| !s.is_empty());
+        let from_topic = |i: usize| topic.split('/').nth(i).filter(|s| !s.is_empty());
         let topic = Shared {
             device: from_topic(2),
             field: from_topic(3),
@@ -714,13 +719,12 @@ impl Mapper {
         device: &str,
         sensor_type: SensorType,
     ) -> Result<Reading, Rejection> {
-        let target = self
-            .by_sensor
-            .get(&(device.to_string(), sensor_type))
+        let sensors = self.by_sensor.get(device);
+        let target = sensors
+            .and_then(|s| s.get(&sensor_type))
             .filter(|t| t.reads_from(source))
             .ok_or_else(|| {
-                let known_device = self.by_sensor.keys().any(|(d, _)| d == device);
-                if known_device {
+                if sensors.is_some() {
                     Rejection::new(
                         Reason::UnknownSensorType,
                         format!("{device}: no {sensor_type} sensor is configured"),
@@ -772,10 +776,7 @@ impl Mapper {
         target.reading(
             Observed {
                 value,
-                unit: Key::Unit
-                    .get(item)
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                unit: Key::Unit.get(item).and_then(Value::as_str),
                 at: view.at,
                 battery: view.battery.or(meta_battery.map(|(_, b)| b)),
                 rssi: view.rssi.or(meta_rssi.map(|(_, r)| r.round() as i64)),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::common::trace::{self, TraceParent, TraceText};
 use crate::config::SubjectTemplate;
 use crate::reading::{
-    BodyError, Reading, SensorStatus, SensorType, StatusChange, Timestamp, KIND_CONFIG,
+    BodyError, ReadingView, SensorStatus, SensorType, StatusChange, Timestamp, KIND_CONFIG,
     KIND_HEARTBEAT, KIND_READING, KIND_READING_META, KIND_RESULT, KIND_STATUS,
 };
 use crate::store::inbox::ResultBody;
@@ -215,18 +215,17 @@ impl Routing<'_> {
 }
 
 /// `contracts/sahool/sensor_reading.v1.json`
-fn reading_payload(p: &mut JsonObject<'_>, r: &Reading) {
-    p.str("device_id", &r.device_id);
-    p.str("field_id", &r.field_id);
+fn reading_payload(p: &mut JsonObject<'_>, r: &ReadingView<'_>) {
+    p.str("device_id", r.device_id);
+    p.str("field_id", r.field_id);
     p.plain_str("sensor_type", r.sensor_type.as_str());
     p.number("value", r.value);
-    p.str("unit", &r.unit);
+    p.str("unit", r.unit);
     p.plain_str("timestamp", r.observed_at.rfc3339().as_str());
     let original = r.original_timestamp.map(Timestamp::rfc3339);
     // The device's own members; the mapping renamed any key of ours, so none repeats.
     let device = r
         .metadata
-        .as_deref()
         .and_then(|m| m.trim().strip_prefix('{')?.strip_suffix('}'))
         .filter(|members| !members.trim().is_empty());
     if r.battery.is_some()
@@ -285,16 +284,15 @@ pub fn render(row: &OutboxRow, gateway_id: &str, subjects: &Subjects) -> Result<
     };
     match row.kind {
         KIND_READING | KIND_READING_META => {
-            let r = Reading::from_row(row.kind, &row.body).map_err(decode_error)?;
+            let r = ReadingView::from_row(row.kind, &row.body).map_err(decode_error)?;
             let routing = Routing {
                 row,
                 gateway_id,
-                tenant_id: &r.tenant_id,
-                field_id: &r.field_id,
+                tenant_id: r.tenant_id,
+                field_id: r.field_id,
                 correlation_id: None,
             };
-            let subject =
-                routing.subject(&subjects.reading, &r.device_id, r.sensor_type, "reading");
+            let subject = routing.subject(&subjects.reading, r.device_id, r.sensor_type, "reading");
             let payload = |p: &mut JsonObject<'_>| reading_payload(p, &r);
             Ok(routing.event("sensor_reading", payload, subject))
         }
@@ -390,6 +388,7 @@ pub fn headers(event: &Event) -> HeaderMap {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::reading::Reading;
 
     #[test]
     fn renders_envelope_and_subject() {
