@@ -13,13 +13,25 @@
 //! commit) is offered again after a backoff and stays at the head of the queue meanwhile: nothing
 //! behind it is reported before it, and it is never acknowledged while uncommitted. It is offered
 //! again as it was first screened, so a retry is never charged twice against the flood limits.
+//!
+//! Cost per message: a message that need not wait is queued at the store at once and held as
+//! the plain receiver of its commit reply; only the head of the queue is polled, so only the
+//! head's receiver holds a waker and the writer's group commit wakes the input once, not once
+//! per message (the rest are found answered when they reach the head). Only a message that
+//! waits (flood budget, a waiting message ahead, a retry's backoff) keeps a future; those are
+//! driven wherever they stand, so their waits still overlap.
+//!
+//! The [`Append`] is cloned when handed to the store and the copy kept: the store edits the
+//! one it gets (already seen observations are dropped) inside a transaction that may roll
+//! back, so a retry must start again from the message as it was screened.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::oneshot;
 
 use crate::common::backoff::Backoff;
@@ -66,7 +78,26 @@ enum Settled {
     Passed,
 }
 
-type Pending<T> = Pin<Box<dyn Future<Output = (T, Settled)> + Send>>;
+type Reply = oneshot::Receiver<Result<AppendOutcome, StoreError>>;
+
+/// A message that waits before it is queued at the store; yields its commit.
+type Later = Pin<Box<dyn Future<Output = (Append, Result<AppendOutcome, StoreError>)> + Send>>;
+
+/// One queued message and where it stands.
+struct Entry<T> {
+    tag: T,
+    state: State,
+}
+
+#[allow(clippy::large_enum_variant)]
+enum State {
+    /// Queued at the store: the writer answers on the receiver (the common case, no future).
+    Queued(Append, Reply),
+    /// Still waiting to be queued at the store.
+    Later(Later),
+    /// Settled: a commit answered, or a message passed ([`Intake::pass`]).
+    Done(Settled),
+}
 
 /// Messages of one input awaiting their commit, in arrival order. `T` is what the input needs
 /// to acknowledge a message (the packet, or its id).
@@ -75,7 +106,9 @@ pub(crate) struct Intake<T> {
     mapper: SharedMapper,
     store: StoreHandle,
     admission: Admission,
-    pending: FuturesOrdered<Pending<T>>,
+    pending: VecDeque<Entry<T>>,
+    /// How many entries of `pending` are [`State::Later`]: none, no scan for them.
+    later: usize,
     retry: Backoff,
     /// The last outcome was a refusal; cleared by the next commit.
     refused_last: bool,
@@ -86,7 +119,7 @@ pub(crate) struct Intake<T> {
     last_waiting: Option<oneshot::Receiver<()>>,
 }
 
-impl<T: Send + 'static> Intake<T> {
+impl<T> Intake<T> {
     pub(crate) fn new(
         source: &str,
         mapper: SharedMapper,
@@ -99,7 +132,8 @@ impl<T: Send + 'static> Intake<T> {
             mapper,
             store,
             admission: Admission::new(source, flood, metrics),
-            pending: FuturesOrdered::new(),
+            pending: VecDeque::new(),
+            later: 0,
             retry: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
             refused_last: false,
             give_up: false,
@@ -114,19 +148,17 @@ impl<T: Send + 'static> Intake<T> {
         let (append, wait_until) = self.prepare(&message);
         // Behind a message still waiting, even one that need not wait queues after it.
         let wait_until = wait_until.or_else(|| self.waiting_ahead().then(Instant::now));
-        let pending: Pending<T> = match wait_until {
+        let state = match wait_until {
             None => {
-                let queued = self.store.append(append.clone()).await?;
-                Box::pin(async move {
-                    let result = committed(Ok(queued)).await;
-                    (tag, Settled::Commit(append, result))
-                })
+                let reply = self.store.append(append.clone()).await?;
+                State::Queued(append, reply)
             }
             Some(at) => {
                 let store = self.store.clone();
                 let (queued, next) = oneshot::channel();
                 let before = self.last_waiting.replace(next);
-                Box::pin(async move {
+                self.later += 1;
+                State::Later(Box::pin(async move {
                     tokio::time::sleep_until(at.into()).await;
                     if let Some(before) = before {
                         let _ = before.await;
@@ -134,26 +166,30 @@ impl<T: Send + 'static> Intake<T> {
                     let in_store = store.append(append.clone()).await;
                     let _ = queued.send(());
                     let result = committed(in_store).await;
-                    (tag, Settled::Commit(append, result))
-                })
+                    (append, result)
+                }))
             }
         };
-        self.pending.push_back(pending);
+        self.pending.push_back(Entry { tag, state });
         Ok(())
     }
 
     /// Queues a message that needs no commit (its answer is already decided), so that answer
     /// keeps its place among the acknowledgements.
     pub(crate) fn pass(&mut self, tag: T) {
-        self.pending
-            .push_back(Box::pin(std::future::ready((tag, Settled::Passed))));
+        self.pending.push_back(Entry {
+            tag,
+            state: State::Done(Settled::Passed),
+        });
     }
 
     /// The next message in arrival order once it is settled. Refusals are retried here, so
     /// this may take a while; it is cancel-safe. `None` when nothing is pending.
     pub(crate) async fn next(&mut self) -> Option<(T, Outcome)> {
         loop {
-            let (tag, settled) = self.pending.next().await?;
+            // Cancel-safe: an entry leaves the queue only when this returns it, and nothing
+            // below awaits.
+            let (tag, settled) = std::future::poll_fn(|cx| self.poll_head(cx)).await?;
             let (append, result) = match settled {
                 Settled::Passed => return Some((tag, Outcome::Passed)),
                 Settled::Commit(append, result) => (append, result),
@@ -185,11 +221,58 @@ impl<T: Send + 'static> Intake<T> {
                     };
                     self.refused_last = true;
                     let store = self.store.clone();
-                    self.pending.push_front(Box::pin(async move {
+                    self.later += 1;
+                    let retry: Later = Box::pin(async move {
                         tokio::time::sleep(delay).await;
                         let result = append_once(&store, append.clone()).await;
-                        (tag, Settled::Commit(append, result))
-                    }));
+                        (append, result)
+                    });
+                    self.pending.push_front(Entry {
+                        tag,
+                        state: State::Later(retry),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The head of the queue once it is settled. Only the head's reply is polled (and so holds
+    /// the waker); waiting messages are driven wherever they stand.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Option<(T, Settled)>> {
+        self.drive_later(cx);
+        let Some(head) = self.pending.front_mut() else {
+            return Poll::Ready(None);
+        };
+        if let State::Queued(append, reply) = &mut head.state {
+            let Poll::Ready(answer) = Pin::new(reply).poll(cx) else {
+                return Poll::Pending;
+            };
+            let result = answer.unwrap_or(Err(StoreError::Closed));
+            head.state = State::Done(Settled::Commit(std::mem::take(append), result));
+        }
+        match self.pending.pop_front() {
+            Some(Entry {
+                tag,
+                state: State::Done(settled),
+            }) => Poll::Ready(Some((tag, settled))),
+            Some(waiting) => {
+                self.pending.push_front(waiting);
+                Poll::Pending
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    /// Polls every message still waiting to be queued; one that is through is kept as done.
+    fn drive_later(&mut self, cx: &mut Context<'_>) {
+        if self.later == 0 {
+            return;
+        }
+        for entry in self.pending.iter_mut() {
+            if let State::Later(run) = &mut entry.state {
+                if let Poll::Ready((append, result)) = run.as_mut().poll(cx) {
+                    entry.state = State::Done(Settled::Commit(append, result));
+                    self.later -= 1;
                 }
             }
         }

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -118,15 +119,21 @@ impl MqttInput {
                     Some(Incoming::Connected) => self.subscribe(&client),
                     None => break,
                 },
-                Some((p, outcome)) = intake.next(), if !intake.is_empty() => {
-                    if outcome == Outcome::Duplicate {
-                        duplicates.inc();
+                Some(first) = intake.next(), if !intake.is_empty() => {
+                    // The rest of a group commit is answered too: take it in this round, not
+                    // in a select round per message (`next` is cancel-safe).
+                    let mut settled = Some(first);
+                    while let Some((p, outcome)) = settled {
+                        if outcome == Outcome::Duplicate {
+                            duplicates.inc();
+                        }
+                        // NotStored (after give_up) stays unacknowledged: the broker keeps it.
+                        if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
+                            unsent.push_back(p);
+                        }
+                        settled = intake.next().now_or_never().flatten();
                     }
-                    // NotStored (after give_up) stays unacknowledged: the broker keeps it.
-                    if matches!(outcome, Outcome::Stored | Outcome::Duplicate) {
-                        unsent.push_back(p);
-                        send_acks(&client, &mut unsent);
-                    }
+                    send_acks(&client, &mut unsent);
                 }
                 _ = tokio::time::sleep(Duration::from_millis(10)), if !unsent.is_empty() => {
                     send_acks(&client, &mut unsent);
