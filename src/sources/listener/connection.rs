@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -428,6 +429,11 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 }
                 Some((ack, outcome)) = intake.next(), if !intake.is_empty() => {
                     self.settled(ack, outcome);
+                    // What the same group commit settled is answered in this round, not one
+                    // loop round (and timer) per message; the next select polls with a waker.
+                    while let Some((ack, outcome)) = intake.next().now_or_never().flatten() {
+                        self.settled(ack, outcome);
+                    }
                 }
                 written = self.writer.write_buf(&mut self.out), if !self.out.is_empty() => {
                     if written.is_err() {
