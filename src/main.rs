@@ -172,7 +172,7 @@ enum DeadLetterCommand {
 
 /// Log filter directives (`RUST_LOG`): `level` or `target=level`, comma-separated. Targets
 /// rather than `EnvFilter`: the same syntax without span and field matching, which no operator
-/// of a gateway needs and which costs a regex engine (about 0.25 MB of the binary).
+/// of a gateway needs and which cost a regex engine (0.95 MiB of the x86_64 binary, measured).
 fn log_filter() -> Targets {
     // The NATS client's own lines repeat what `nats` logs from its events, and call a lost
     // link's client giving up (as designed, see `nats::Connector`) an error: RUST_LOG shows them.

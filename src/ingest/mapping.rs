@@ -15,9 +15,7 @@ use crate::config::serial::RegisterKind;
 use crate::config::{
     Config, Format, JsonBinding, Protocol, SerialBinding, TimestampFormat, TimestampPolicy,
 };
-use crate::reading::{
-    canonical_unit, normalize_unit, type_outside_schema, Reading, SensorType, Timestamp,
-};
+use crate::reading::{normalize_unit, type_outside_schema, Reading, SensorType, Timestamp};
 
 /// Why an input did not become a reading. The label is the `reason` in metrics and dead-letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -199,9 +197,7 @@ impl Target {
                 ),
             ));
         }
-        let unit = o
-            .unit
-            .map_or_else(|| self.unit.clone(), |u| canonical_unit(u).to_string());
+        let unit = o.unit.map_or_else(|| self.unit.clone(), normalize_unit);
         // The default range is in the default unit; a sensor reporting another unit is only
         // checked against a range its config gives.
         let range = self.range.or_else(|| {
