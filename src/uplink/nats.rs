@@ -27,6 +27,8 @@ pub enum NatsError {
     Tls(#[from] TlsError),
     #[error("cannot connect to NATS: {0}")]
     Connect(#[from] async_nats::ConnectError),
+    #[error("cannot subscribe to the PubAck inbox (the NATS user needs subscribe permission on `_INBOX.>`): {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
 }
 
 /// Subjects the server refused to let this connection publish to, with when it said so.
@@ -39,14 +41,14 @@ pub(crate) struct PublishDenials {
 const MAX_DENIED_SUBJECTS: usize = 4096;
 
 impl PublishDenials {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             last: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
         }
     }
 
-    fn record(&self, subject: &str) {
+    pub(crate) fn record(&self, subject: &str) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.len() >= MAX_DENIED_SUBJECTS && !last.contains_key(subject) {
             // Forgetting old refusals is safe: a forgotten one only makes a publish wait for

@@ -2,39 +2,39 @@
 //! link, and feeds back what happened. Every NATS error becomes a [`Failure`] kind here, at the
 //! edge, before the core sees it.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::{
-    GetStreamByNameErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
-};
-use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::Context;
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::stream::StreamExt;
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use super::core::{Action, Core, Failure, Refusal, Transient};
+use super::inflight::{InFlight, Replies};
 use crate::common::log_limit::LogLimit;
 use crate::common::metrics::{Metrics, ReasonLabel};
 use crate::store::{OutboxRow, StoreError, StoreHandle};
 use crate::uplink::event::{self, Event, Subjects};
-use crate::uplink::nats::{Connector, Link, NatsError, PublishDenials};
+use crate::uplink::nats::{Connector, Link, NatsError};
 
 /// A PubAck (`true` if JetStream already had the event), or why none came.
 pub(crate) type AckOutcome = Result<bool, Failure>;
-pub(crate) type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
 
 /// What the forwarder needs of a JetStream connection.
 pub(crate) trait Publisher {
     /// Whether the client is connected now.
     fn connected(&self) -> bool;
-    /// Hands `event` to the client with `Nats-Msg-Id = event_id` (invariant 3); resolves once
-    /// it is queued, to the future of its PubAck.
-    fn publish(&self, event: &Event) -> impl Future<Output = Result<AckFuture, Failure>> + Send;
+    /// Hands `event` to the client with `Nats-Msg-Id = event_id` (invariant 3) and `reply` as
+    /// the subject of its PubAck; resolves once it is queued.
+    fn publish(
+        &self,
+        event: &Event,
+        reply: String,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
     /// The stream that captures `subject`, if JetStream says.
     fn stream_for(&self, subject: String) -> impl Future<Output = StreamLookup> + Send;
 }
@@ -47,10 +47,8 @@ pub(crate) enum StreamLookup {
     Unknown(String),
 }
 
-/// A publish in flight: its event back with the outcome.
-type InFlight = Pin<Box<dyn Future<Output = (Event, AckOutcome)> + Send>>;
 type Fetch = Pin<Box<dyn Future<Output = Result<Vec<OutboxRow>, StoreError>> + Send>>;
-type Opening = Pin<Box<dyn Future<Output = Result<Link, NatsError>> + Send>>;
+type Opening = Pin<Box<dyn Future<Output = Result<(Link, Replies), NatsError>> + Send>>;
 
 pub(crate) struct Forwarder {
     pub store: StoreHandle,
@@ -64,14 +62,11 @@ pub(crate) struct Forwarder {
     ack_timeout: Duration,
     failure_log: LogLimit,
     link_log: LogLimit,
-    /// Set by an in-flight publish the moment it fails; passed to the core each turn.
-    tripped: Arc<AtomicBool>,
 }
 
 /// What is under way while the loop waits.
-#[derive(Default)]
 struct Pending {
-    inflight: FuturesOrdered<InFlight>,
+    inflight: InFlight,
     fetch: Option<Fetch>,
     opening: Option<Opening>,
 }
@@ -103,7 +98,6 @@ impl Forwarder {
             ack_timeout,
             failure_log: LogLimit::new(Duration::from_secs(10)),
             link_log: LogLimit::new(Duration::from_secs(60)),
-            tripped: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -115,7 +109,11 @@ impl Forwarder {
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut committed = self.store.committed();
         let mut core = Core::new(self.window, self.ack_timeout);
-        let mut pending = Pending::default();
+        let mut pending = Pending {
+            inflight: InFlight::new(self.ack_timeout),
+            fetch: None,
+            opening: None,
+        };
         // Goes round at least once a second, so the watchdog sees the loop alive.
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -140,7 +138,7 @@ impl Forwarder {
                 }
                 Some(opened) = async { Some(pending.opening.as_mut()?.await) }, if pending.opening.is_some() => {
                     pending.opening = None;
-                    self.opened(&mut core, opened);
+                    self.opened(&mut core, &mut pending.inflight, opened);
                     Turn::Go
                 }
                 changed = committed.changed(), if on_commit => match changed {
@@ -166,7 +164,7 @@ impl Forwarder {
         pending: &mut Pending,
     ) -> Result<Option<(bool, Option<Duration>)>, Stop> {
         loop {
-            if self.tripped.swap(false, Ordering::Relaxed) {
+            if pending.inflight.take_tripped() {
                 core.in_flight_failed();
             }
             match core.next(Instant::now(), self.connected()) {
@@ -178,6 +176,7 @@ impl Forwarder {
                 }
                 Action::CancelFetch => pending.fetch = None,
                 Action::DropLink => {
+                    pending.inflight.detach();
                     if self.session.take().is_some() {
                         self.metrics.nats_connected.set(0);
                     }
@@ -186,7 +185,9 @@ impl Forwarder {
                     let connector = self.connector.clone();
                     pending.opening = Some(Box::pin(async move {
                         tokio::time::sleep(delay).await;
-                        connector.open().await
+                        let link = connector.open().await?;
+                        let replies = Replies::subscribe(&link).await?;
+                        Ok((link, replies))
                     }));
                 }
                 Action::CheckStream => {
@@ -197,11 +198,7 @@ impl Forwarder {
                     let store = self.store.clone();
                     pending.fetch = Some(Box::pin(async move { store.fetch(after, limit).await }));
                 }
-                Action::Publish(row) => {
-                    if let Some(flight) = self.publish(core, &row).await {
-                        pending.inflight.push_back(flight);
-                    }
-                }
+                Action::Publish(row) => self.publish(core, &mut pending.inflight, &row).await,
                 Action::DeadLetter { seq, reason } => self.refuse(seq, &reason, None).await,
                 Action::Wait { on_commit, recheck } => return Ok(Some((on_commit, recheck))),
             }
@@ -209,7 +206,7 @@ impl Forwarder {
     }
 
     /// Publishes `row` over the session and tells the core how handing it over went.
-    async fn publish(&self, core: &mut Core, row: &OutboxRow) -> Option<InFlight> {
+    async fn publish(&self, core: &mut Core, inflight: &mut InFlight, row: &OutboxRow) {
         let event = match event::render(row, &self.gateway_id, &self.subjects) {
             Ok(event) => event,
             Err(e) => {
@@ -218,10 +215,11 @@ impl Forwarder {
                     detail: e.to_string(),
                 };
                 self.failed_to_send(core, row.seq, failure, None).await;
-                return None;
+                return;
             }
         };
-        let Some(session) = &self.session else {
+        let (Some(session), Some((token, reply))) = (&self.session, inflight.reply_subject())
+        else {
             // Not reached: the core publishes only over a connected link.
             let detail = "no link".to_string();
             self.failed_to_send(
@@ -234,25 +232,19 @@ impl Forwarder {
                 None,
             )
             .await;
-            return None;
+            return;
         };
-        match session.publish(&event).await {
-            Ok(ack) => {
+        // Taken before sending, so a refusal of this very publish cannot slip past it.
+        let sent = Instant::now();
+        match session.publish(&event, reply).await {
+            Ok(()) => {
                 core.sent(Instant::now());
-                let tripped = self.tripped.clone();
-                Some(Box::pin(async move {
-                    let outcome = ack.await;
-                    if matches!(&outcome, Err(f) if f.trips()) {
-                        tripped.store(true, Ordering::Relaxed);
-                    }
-                    (event, outcome)
-                }))
+                inflight.push(token, event, sent);
             }
             Err(failure) => {
                 let failure = self.judge(failure, &event.subject).await;
                 self.failed_to_send(core, row.seq, failure, Some(event))
                     .await;
-                None
             }
         }
     }
@@ -275,12 +267,7 @@ impl Forwarder {
     }
 
     /// Every outcome already in, starting with `first`, in seq order.
-    async fn outcomes(
-        &self,
-        core: &mut Core,
-        inflight: &mut FuturesOrdered<InFlight>,
-        first: (Event, AckOutcome),
-    ) {
+    async fn outcomes(&self, core: &mut Core, inflight: &mut InFlight, first: (Event, AckOutcome)) {
         let mut next = Some(first);
         while let Some((event, outcome)) = next.take() {
             let outcome = match outcome {
@@ -334,10 +321,16 @@ impl Forwarder {
         }
     }
 
-    fn opened(&mut self, core: &mut Core, opened: Result<Link, NatsError>) {
+    fn opened(
+        &mut self,
+        core: &mut Core,
+        inflight: &mut InFlight,
+        opened: Result<(Link, Replies), NatsError>,
+    ) {
         match opened {
-            Ok(link) => {
-                self.session = Some(Session::new(link, self.ack_timeout, self.window));
+            Ok((link, replies)) => {
+                self.session = Some(Session::new(link, self.ack_timeout));
+                inflight.attach(replies);
                 core.link_opened();
             }
             Err(e) => {
@@ -366,7 +359,7 @@ impl Forwarder {
 
     /// Waits briefly for the PubAcks in flight. What the store was last told it holds stays
     /// claimed: it covers every row in flight.
-    async fn drain(&self, core: &mut Core, mut inflight: FuturesOrdered<InFlight>) {
+    async fn drain(&self, core: &mut Core, mut inflight: InFlight) {
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);
         loop {
@@ -471,11 +464,10 @@ struct Session {
 }
 
 impl Session {
-    fn new(link: Link, ack_timeout: Duration, window: usize) -> Self {
+    /// The context serves stream lookups; publishes go through the client (see `inflight`).
+    fn new(link: Link, ack_timeout: Duration) -> Self {
         let js = async_nats::jetstream::context::ContextBuilder::new()
             .timeout(ack_timeout)
-            .max_ack_inflight(window * 2)
-            .backpressure_on_inflight(true)
             .build(link.client.clone());
         Self { link, js }
     }
@@ -486,19 +478,26 @@ impl Publisher for Session {
         self.link.connected()
     }
 
-    async fn publish(&self, event: &Event) -> Result<AckFuture, Failure> {
-        let message = PublishMessage::build()
-            .payload(event.body.clone())
-            .headers(event::headers(event));
-        // Taken before sending, so a refusal of this very publish cannot slip past them.
-        let sent = Instant::now();
-        let denials = self.link.denials.clone();
-        let refusals = denials.watch();
-        let subject = event.subject.clone();
-        match self.js.send_publish(subject.clone(), message).await {
-            Ok(ack) => Ok(Box::pin(await_ack(subject, ack, denials, refusals, sent))),
-            Err(e) => Err(failure(&e)),
-        }
+    async fn publish(&self, event: &Event, reply: String) -> Result<(), Failure> {
+        self.link
+            .client
+            .publish_with_reply_and_headers(
+                event.subject.clone(),
+                reply,
+                event::headers(event),
+                event.body.clone(),
+            )
+            .await
+            .map_err(|e| {
+                let kind = match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                        PublishErrorKind::MaxPayloadExceeded
+                    }
+                    async_nats::client::PublishErrorKind::Send => PublishErrorKind::BrokenPipe,
+                    _ => PublishErrorKind::Other,
+                };
+                failure(&PublishError::with_source(kind, e))
+            })
     }
 
     async fn stream_for(&self, subject: String) -> StreamLookup {
@@ -510,44 +509,9 @@ impl Publisher for Session {
     }
 }
 
-/// The PubAck of one publish, or a denial as soon as the server reports the subject refused
-/// after `sent`. Only a PubAck counts as delivered; a refusal never does.
-async fn await_ack(
-    subject: async_nats::Subject,
-    ack: PublishAckFuture,
-    denials: Arc<PublishDenials>,
-    mut refusals: watch::Receiver<u64>,
-    sent: Instant,
-) -> AckOutcome {
-    let denied = || Failure::Permanent {
-        refusal: Refusal::Denied,
-        detail: format!(
-            "permission denied: the NATS server does not let this user publish to {subject}"
-        ),
-    };
-    let ack = ack.into_future();
-    tokio::pin!(ack);
-    loop {
-        tokio::select! {
-            result = &mut ack => {
-                return match result {
-                    Ok(ack) => Ok(ack.duplicate),
-                    Err(_) if denials.denied_since(&subject, sent) => Err(denied()),
-                    Err(e) => Err(failure(&e)),
-                };
-            }
-            Ok(()) = refusals.changed() => {
-                if denials.denied_since(&subject, sent) {
-                    return Err(denied());
-                }
-            }
-        }
-    }
-}
-
 /// async-nats's publish error as our kind. The one place that reads an error's text: a stream
 /// over its maximum message size comes as `Other`, named only by the server's description.
-fn failure(e: &PublishError) -> Failure {
+pub(super) fn failure(e: &PublishError) -> Failure {
     let text = e.to_string();
     let permanent = |refusal, detail| Failure::Permanent { refusal, detail };
     let transient = |kind| Failure::Transient {

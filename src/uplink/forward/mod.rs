@@ -2,11 +2,12 @@
 //!
 //! Two halves: `core` decides (a state machine without I/O: events in, actions out) and
 //! `driver` carries out its actions with the store and NATS, through the [`Publisher`]
-//! trait, mapping every NATS error to a [`Failure`] kind at that edge.
+//! trait, mapping every NATS error to a [`Failure`] kind at that edge. `inflight` holds the
+//! publishes awaiting their PubAcks, which come in on one subscription per link.
 //!
 //! # Invariants
 //! 1. Rows are published in `seq` order with up to `nats.max_in_flight` PubAcks outstanding;
-//!    results are consumed in the same order (`FuturesOrdered`). Rows are read from the buffer
+//!    results are consumed in the same order (`inflight`). Rows are read from the buffer
 //!    `FETCH_ROWS` at a time, the next read under way while the last ones are published.
 //! 2. A row is deleted from the buffer only when its own PubAck arrived (`StoreHandle::acked`).
 //!    A publish that was merely written to the socket or queued in the client counts for nothing.
@@ -47,5 +48,6 @@
 mod core;
 pub(crate) use self::core::RETRY_BACKOFF_MAX;
 mod driver;
+mod inflight;
 
 pub(crate) use self::driver::Forwarder;
