@@ -56,7 +56,9 @@ impl Delta {
         }
     }
 
+    /// Counts in the row just written at `next_seq`, and moves `next_seq` past it.
     pub(super) fn added(&mut self, kind: u8, len: usize) {
+        self.next_seq += 1;
         self.rows_added += 1;
         self.bytes_added += len as u64 + db::ROW_OVERHEAD;
         if !is_reading_kind(i64::from(kind)) {

@@ -321,7 +321,6 @@ impl Writer {
         };
         let body = ResultBody::encode(tenant_id, correlation_id, r);
         db::outbox::insert_with_id(tx, delta.next_seq, &event_id, now, KIND_RESULT, &body)?;
-        delta.next_seq += 1;
         delta.added(KIND_RESULT, body.len());
         if known.is_some() {
             let state = match r.status {

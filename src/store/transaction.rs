@@ -124,7 +124,6 @@ impl Writer {
         for (kind, body) in &bodies {
             rows.outbox
                 .insert(delta.next_seq, now, *kind, body, trace)?;
-            delta.next_seq += 1;
             delta.added(*kind, body.len() + trace_len);
         }
         delta.accepted += bodies.len() as u64;
@@ -183,7 +182,6 @@ pub(super) fn insert_row(
     delta: &mut Delta,
 ) -> rusqlite::Result<()> {
     db::outbox::insert(tx, delta.next_seq, now, kind, body, None)?;
-    delta.next_seq += 1;
     delta.added(kind, body.len());
     Ok(())
 }
