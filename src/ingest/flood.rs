@@ -173,6 +173,7 @@ impl FloodGuard {
         if readings.is_empty() {
             return out;
         }
+        out.admitted.reserve(readings.len());
         let limits = self.limits;
         let per_window = limits.claims_per_window();
         let max_wait = limits.window();

@@ -21,13 +21,13 @@
 //! waits (flood budget, a waiting message ahead, a retry's backoff) keeps a future; those are
 //! driven wherever they stand, so their waits still overlap.
 //!
-//! The [`Append`] is cloned when handed to the store and the copy kept: the store edits the
-//! one it gets (already seen observations are dropped) inside a transaction that may roll
-//! back, so a retry must start again from the message as it was screened.
+//! The [`Append`] is shared with the store, not copied: the store only reads it, so a retry
+//! offers again the message as it was screened.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -70,18 +70,16 @@ pub enum Outcome {
     Passed,
 }
 
-/// A queued message's result: its commit, or nothing to commit. Not boxed: `Commit` is what
-/// nearly every message settles as, and a box would cost an allocation per message.
-#[allow(clippy::large_enum_variant)]
+/// A queued message's result: its commit, or nothing to commit.
 enum Settled {
-    Commit(Append, Result<AppendOutcome, StoreError>),
+    Commit(Arc<Append>, Result<AppendOutcome, StoreError>),
     Passed,
 }
 
 type Reply = oneshot::Receiver<Result<AppendOutcome, StoreError>>;
 
 /// A message that waits before it is queued at the store; yields its commit.
-type Later = Pin<Box<dyn Future<Output = (Append, Result<AppendOutcome, StoreError>)> + Send>>;
+type Later = Pin<Box<dyn Future<Output = (Arc<Append>, Result<AppendOutcome, StoreError>)> + Send>>;
 
 /// One queued message and where it stands.
 struct Entry<T> {
@@ -89,10 +87,9 @@ struct Entry<T> {
     state: State,
 }
 
-#[allow(clippy::large_enum_variant)]
 enum State {
     /// Queued at the store: the writer answers on the receiver (the common case, no future).
-    Queued(Append, Reply),
+    Queued(Arc<Append>, Reply),
     /// Still waiting to be queued at the store.
     Later(Later),
     /// Settled: a commit answered, or a message passed ([`Intake::pass`]).
@@ -146,11 +143,12 @@ impl<T> Intake<T> {
     /// behind.
     pub(crate) async fn offer(&mut self, tag: T, message: Message) -> Result<(), StoreError> {
         let (append, wait_until) = self.prepare(&message);
+        let append = Arc::new(append);
         // Behind a message still waiting, even one that need not wait queues after it.
         let wait_until = wait_until.or_else(|| self.waiting_ahead().then(Instant::now));
         let state = match wait_until {
             None => {
-                let reply = self.store.append(append.clone()).await?;
+                let reply = self.store.append(Arc::clone(&append)).await?;
                 State::Queued(append, reply)
             }
             Some(at) => {
@@ -163,7 +161,7 @@ impl<T> Intake<T> {
                     if let Some(before) = before {
                         let _ = before.await;
                     }
-                    let in_store = store.append(append.clone()).await;
+                    let in_store = store.append(Arc::clone(&append)).await;
                     let _ = queued.send(());
                     let result = committed(in_store).await;
                     (append, result)
@@ -224,7 +222,7 @@ impl<T> Intake<T> {
                     self.later += 1;
                     let retry: Later = Box::pin(async move {
                         tokio::time::sleep(delay).await;
-                        let result = append_once(&store, append.clone()).await;
+                        let result = append_once(&store, Arc::clone(&append)).await;
                         (append, result)
                     });
                     self.pending.push_front(Entry {
@@ -243,12 +241,16 @@ impl<T> Intake<T> {
         let Some(head) = self.pending.front_mut() else {
             return Poll::Ready(None);
         };
-        if let State::Queued(append, reply) = &mut head.state {
+        if let State::Queued(_, reply) = &mut head.state {
             let Poll::Ready(answer) = Pin::new(reply).poll(cx) else {
                 return Poll::Pending;
             };
             let result = answer.unwrap_or(Err(StoreError::Closed));
-            head.state = State::Done(Settled::Commit(std::mem::take(append), result));
+            if let State::Queued(append, _) =
+                std::mem::replace(&mut head.state, State::Done(Settled::Passed))
+            {
+                head.state = State::Done(Settled::Commit(append, result));
+            }
         }
         match self.pending.pop_front() {
             Some(Entry {
@@ -337,7 +339,7 @@ impl<T> Intake<T> {
 /// Appends once and awaits the commit: `Full` (or an error) means nothing was stored.
 pub(crate) async fn append_once(
     store: &StoreHandle,
-    append: Append,
+    append: impl Into<Arc<Append>>,
 ) -> Result<AppendOutcome, StoreError> {
     committed(store.append(append).await).await
 }

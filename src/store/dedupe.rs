@@ -49,7 +49,7 @@ impl Writer {
     }
 }
 
-/// What [`drop_seen_observations`] took out of an append, and how to take it back.
+/// What [`unseen_observations`] left out of an append, and how to take it back.
 pub(super) struct SeenObservations {
     /// The row of the first key it remembered, if any.
     first_remembered: Option<i64>,
@@ -68,40 +68,32 @@ impl SeenObservations {
 }
 
 /// The same device observation delivered twice (e.g. a LoRaWAN uplink through two gateways)
-/// is stored once: remembering its key is the check (nothing inserted: seen before). Readings
-/// without a device time carry no observation identity and are kept.
-pub(super) fn drop_seen_observations(
+/// is stored once: remembering its key is the check (nothing inserted: seen before). Returns
+/// the readings to store, in order; readings without a device time carry no observation
+/// identity and are kept. The append itself is left as it came: a refused one is offered again
+/// as it was.
+pub(super) fn unseen_observations<'a>(
     keys: &mut Remember<'_>,
-    append: &mut Append,
-) -> rusqlite::Result<SeenObservations> {
-    let before = append.readings.len();
+    readings: &'a [Reading],
+) -> rusqlite::Result<(Vec<&'a Reading>, SeenObservations)> {
+    let mut kept = Vec::with_capacity(readings.len());
     let mut first_remembered = None;
-    // In place: no new `Vec` per append; after an error nothing more is looked up (the
-    // transaction is rolled back).
-    let mut failed = None;
-    append.readings.retain(|r| {
-        if !r.device_time || failed.is_some() {
-            return true;
-        }
-        match keys.observation(&observation_key(r)) {
-            Ok(Some(id)) => {
-                first_remembered.get_or_insert(id);
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                failed = Some(e);
-                true
+    for r in readings {
+        if r.device_time {
+            match keys.observation(&observation_key(r))? {
+                Some(id) => {
+                    first_remembered.get_or_insert(id);
+                }
+                None => continue,
             }
         }
-    });
-    if let Some(e) = failed {
-        return Err(e);
+        kept.push(r);
     }
-    Ok(SeenObservations {
+    let seen = SeenObservations {
         first_remembered,
-        duplicates: (before - append.readings.len()) as u64,
-    })
+        duplicates: (readings.len() - kept.len()) as u64,
+    };
+    Ok((kept, seen))
 }
 
 /// Once an append is stored: its message key, for a redelivery, and its frame, in its node's

@@ -306,11 +306,13 @@ impl StoreHandle {
     }
 
     /// Queues an append; the returned receiver resolves after the commit. Awaiting the send is
-    /// the back-pressure when the writer falls behind.
+    /// the back-pressure when the writer falls behind. The store only reads the append, so a
+    /// caller that may have to offer it again keeps a shared copy instead of cloning it.
     pub async fn append(
         &self,
-        append: Append,
+        append: impl Into<Arc<Append>>,
     ) -> Result<oneshot::Receiver<Result<AppendOutcome, StoreError>>, StoreError> {
+        let append = append.into();
         self.latest.observe(&append.readings);
         let (reply, rx) = oneshot::channel();
         self.send(Command::Append(append, reply)).await?;

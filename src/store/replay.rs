@@ -224,12 +224,15 @@ impl Writer {
             report.skipped(group, "the message holds no reading to store");
             return Ok(None);
         }
-        let mut append = Append {
+        let append = Append {
             readings,
             ..Append::default()
         };
         let mut rows = PerRow::prepare(tx)?;
-        let count = match self.append_one(tx, &mut rows, &mut append, message.now, delta)? {
+        let count = match self
+            .append_one(tx, &mut rows, &append, message.now, delta)?
+            .0
+        {
             AppendOutcome::Stored { count, .. } => count,
             AppendOutcome::Full => return Err(Stop::BufferFull),
             // No message or frame key: never a duplicate message.

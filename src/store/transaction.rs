@@ -5,6 +5,7 @@
 //! from the connection's statement cache once per transaction, not looked up per row.
 
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use rusqlite::{Connection, Transaction};
 
@@ -25,7 +26,7 @@ impl Writer {
     /// maintenance is due; returns the appends' outcomes, then the downlink writes'.
     pub(super) fn write(
         &self,
-        appends: &mut [(Append, AppendReply)],
+        appends: &[(Arc<Append>, AppendReply)],
         acked: &[RangeInclusive<u64>],
         group: &Group,
         inbox: &[(InboxOp, InboxReply)],
@@ -41,18 +42,17 @@ impl Writer {
             dead_letter_refusal(&tx, refusal, now, delta)?;
         }
         let mut outcomes = Vec::with_capacity(appends.len());
+        let mut stored: Vec<&Reading> = Vec::new();
         if !appends.is_empty() {
             let mut rows = PerRow::prepare(&tx)?;
-            for (append, _) in appends.iter_mut() {
-                outcomes.push(self.append_one(&tx, &mut rows, append, now, delta)?);
+            for (append, _) in appends {
+                let (outcome, kept) = self.append_one(&tx, &mut rows, append, now, delta)?;
+                if let AppendOutcome::Stored { .. } = outcome {
+                    stored.extend(kept);
+                }
+                outcomes.push(outcome);
             }
         }
-        let stored: Vec<&Reading> = appends
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, outcome)| matches!(outcome, AppendOutcome::Stored { .. }))
-            .flat_map(|((append, _), _)| &append.readings)
-            .collect();
         let done = inbox
             .iter()
             .map(|(op, _)| self.inbox_op(&tx, op, now, delta))
@@ -94,19 +94,20 @@ impl Writer {
 
     /// Stores one source message whole, or nothing of it: a repeat is [`AppendOutcome::Duplicate`],
     /// one the bounds or the disk reserve refuse [`AppendOutcome::Full`] (invariants 5 and 7).
-    pub(super) fn append_one(
+    /// Returns the readings it stored, without the observations stored before.
+    pub(super) fn append_one<'a>(
         &self,
         tx: &Transaction<'_>,
         rows: &mut PerRow<'_>,
-        append: &mut Append,
+        append: &'a Append,
         now: i64,
         delta: &mut Delta,
-    ) -> rusqlite::Result<AppendOutcome> {
+    ) -> rusqlite::Result<(AppendOutcome, Vec<&'a Reading>)> {
         if self.is_repeat(tx, append, delta)? {
-            return Ok(AppendOutcome::Duplicate);
+            return Ok((AppendOutcome::Duplicate, Vec::new()));
         }
-        let seen = dedupe::drop_seen_observations(&mut rows.keys, append)?;
-        let bodies: Vec<(u8, Vec<u8>)> = append.readings.iter().map(Reading::to_row).collect();
+        let (kept, seen) = dedupe::unseen_observations(&mut rows.keys, &append.readings)?;
+        let bodies: Vec<(u8, Vec<u8>)> = kept.iter().map(|r| r.to_row()).collect();
         // Once per message: every reading of it keeps the same context.
         let trace = append.trace.as_ref().map(TraceContext::stored);
         let trace = trace.as_ref().map(StoredTrace::as_str);
@@ -116,7 +117,7 @@ impl Writer {
             refusal => {
                 seen.forget(tx)?;
                 delta.refused_full += u64::from(refusal == Room::Full);
-                return Ok(AppendOutcome::Full);
+                return Ok((AppendOutcome::Full, Vec::new()));
             }
         }
         delta.duplicates += seen.duplicates;
@@ -127,17 +128,17 @@ impl Writer {
             delta.added(*kind, body.len() + trace_len);
         }
         delta.accepted += bodies.len() as u64;
-        delta.timestamps_replaced += append
-            .readings
+        delta.timestamps_replaced += kept
             .iter()
             .filter(|r| r.original_timestamp.is_some())
             .count() as u64;
         insert_dead_letters(tx, &append.dead_letters, now, delta)?;
         dedupe::remember_keys(tx, &mut rows.keys, append, delta)?;
-        Ok(AppendOutcome::Stored {
+        let stored = AppendOutcome::Stored {
             first_seq,
             count: bodies.len() as u64,
-        })
+        };
+        Ok((stored, kept))
     }
 }
 

@@ -24,6 +24,8 @@ use crate::downlink::Restored;
 
 /// Commands queued for one transaction at most.
 const MAX_GROUP: usize = 8192;
+/// Commands the batch buffer keeps room for between groups.
+const KEEP_GROUP_CAPACITY: usize = 1024;
 
 /// Acknowledged seqs held back from a transaction of their own until this many are waiting:
 /// deletes need no fsync of their own, so they ride along with the next commit (an append, a
@@ -35,7 +37,7 @@ pub(super) type AppendReply = oneshot::Sender<Result<AppendOutcome, StoreError>>
 type ReplayReply = oneshot::Sender<Result<ReplayReport, StoreError>>;
 
 pub(super) enum Command {
-    Append(Append, AppendReply),
+    Append(Arc<Append>, AppendReply),
     Fetch {
         after: u64,
         limit: usize,
@@ -208,7 +210,7 @@ fn tick_maintenance(ticker: mpsc::WeakSender<Command>) {
 /// One batch from the queue, sorted by what the transaction does with it.
 #[derive(Default)]
 pub(super) struct Group {
-    pub(super) appends: Vec<(Append, AppendReply)>,
+    pub(super) appends: Vec<(Arc<Append>, AppendReply)>,
     pub(super) refused: Vec<Refusal>,
     pub(super) flushes: Vec<oneshot::Sender<()>>,
     pub(super) replays: Vec<(ReplayFilter, Arc<dyn ReplayMapper>, ReplayReply)>,
@@ -260,15 +262,13 @@ impl Writer {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(c) => batch.push(c),
-                    Err(_) => break,
-                }
-            }
-            self.run_batch(batch, false);
+        // One buffer for every batch: a group of hundreds of commands would otherwise grow a
+        // new one, copying it at each doubling.
+        let mut batch = Vec::new();
+        while rx.blocking_recv_many(&mut batch, MAX_GROUP) > 0 {
+            self.run_batch(batch.drain(..), false);
+            // A burst's full group is not kept for good.
+            batch.shrink_to(KEEP_GROUP_CAPACITY);
         }
         if self.corrupt.is_some() {
             // Left as it is for the next start to move aside and keep for inspection.
@@ -276,12 +276,12 @@ impl Writer {
         }
         // Every handle is gone: delete what was acknowledged, and fold the WAL into the main
         // file so the next open is quick.
-        self.run_batch(Vec::new(), true);
+        self.run_batch(std::iter::empty(), true);
         let _ = db::checkpoint(&self.conn);
     }
 
     /// Runs a group of commands; `closing` commits whatever is pending.
-    fn run_batch(&mut self, batch: Vec<Command>, closing: bool) {
+    fn run_batch(&mut self, batch: impl ExactSizeIterator<Item = Command>, closing: bool) {
         let mut group = self.take_in(batch);
         if self.corrupt.is_some() {
             // Found before or by a fetch of this batch: nothing queued with it is written.
@@ -300,8 +300,11 @@ impl Writer {
     }
 
     /// Sorts a batch into a [`Group`], serving fetches and claims on the way.
-    fn take_in(&mut self, batch: Vec<Command>) -> Group {
-        let mut group = Group::default();
+    fn take_in(&mut self, batch: impl ExactSizeIterator<Item = Command>) -> Group {
+        let mut group = Group {
+            appends: Vec::with_capacity(batch.len()),
+            ..Group::default()
+        };
         for c in batch {
             match c {
                 Command::Append(a, reply) => group.appends.push((a, reply)),
@@ -425,10 +428,11 @@ impl Writer {
         }
         let started = Instant::now();
         let mut delta = Delta::numbering_from(self.next_seq);
-        let mut appends = std::mem::take(&mut group.appends);
+        let appends = std::mem::take(&mut group.appends);
+        delta.messages.reserve(appends.len());
         let inbox = std::mem::take(&mut group.inbox);
         let acked: &[RangeInclusive<u64>] = if delete { &self.acked } else { &[] };
-        match self.write(&mut appends, acked, group, &inbox, &mut delta) {
+        match self.write(&appends, acked, group, &inbox, &mut delta) {
             Ok((outcomes, done)) => {
                 if delete {
                     self.acked.clear();
@@ -455,7 +459,7 @@ impl Writer {
     fn group_failed(
         &mut self,
         e: &rusqlite::Error,
-        appends: Vec<(Append, AppendReply)>,
+        appends: Vec<(Arc<Append>, AppendReply)>,
         inbox: Vec<(InboxOp, InboxReply)>,
     ) {
         self.metrics.set_store_healthy(false);
