@@ -437,6 +437,10 @@ pub struct Reading {
 /// [`KIND_READING_META`] are readings; [`KIND_STATUS`], [`KIND_RESULT`], [`KIND_HEARTBEAT`] and
 /// [`KIND_CONFIG`] are events about them, about commands and about the gateway, outside the readings' totals
 /// (see [`is_reading_kind`]).
+/// Room on the stack for a reading's row body before its metadata; a longer one (long ids)
+/// is written into a growing `Vec` instead.
+const ROW_SCRATCH: usize = 512;
+
 pub const KIND_READING: u8 = 0;
 pub(crate) const KIND_STATUS: u8 = 1;
 /// A reading with device metadata: the [`KIND_READING`] body followed by the metadata's JSON
@@ -471,11 +475,22 @@ pub enum BodyError {
 impl Reading {
     /// The outbox row kind and body of this reading.
     pub fn to_row(&self) -> (u8, Vec<u8>) {
-        // Serializing strings and numbers into a Vec cannot fail.
-        let mut body = postcard::to_stdvec(self).unwrap_or_default();
+        let meta = self.metadata.as_deref().unwrap_or_default();
+        // Written on the stack first, so the body is allocated once at its size instead of
+        // grown a few bytes at a time.
+        let mut scratch = [0u8; ROW_SCRATCH];
+        let mut body = match postcard::to_slice(self, &mut scratch) {
+            Ok(used) => {
+                let mut body = Vec::with_capacity(used.len() + meta.len());
+                body.extend_from_slice(used);
+                body
+            }
+            // Only for want of room: serializing strings and numbers cannot fail otherwise.
+            Err(_) => postcard::to_stdvec(self).unwrap_or_default(),
+        };
         match &self.metadata {
             None => (KIND_READING, body),
-            Some(meta) => {
+            Some(_) => {
                 body.extend_from_slice(meta.as_bytes());
                 (KIND_READING_META, body)
             }
@@ -675,6 +690,17 @@ mod tests {
             reading()
         );
         assert_eq!(reading().to_row(), (KIND_READING, OLD_BODY.to_vec()));
+    }
+
+    #[test]
+    fn a_row_too_long_for_the_scratch_space_is_written_whole() {
+        let mut long = reading();
+        long.device_id = "d".repeat(ROW_SCRATCH);
+        long.metadata = Some(r#"{"fw":"1.2"}"#.into());
+        let (kind, body) = long.to_row();
+        assert_eq!(kind, KIND_READING_META);
+        assert!(body.len() > ROW_SCRATCH);
+        assert_eq!(Reading::from_row(kind, &body).unwrap(), long);
     }
 
     #[test]
