@@ -327,8 +327,17 @@ async fn publish_until_acked(
 
 /// An MQTT 3.1.1 CONNECT as bytes.
 fn connect_packet(client_id: &str, credentials: Option<(&str, &str)>) -> Vec<u8> {
+    connect_packet_keeping(client_id, credentials, 60)
+}
+
+/// An MQTT 3.1.1 CONNECT with its keep-alive in seconds.
+fn connect_packet_keeping(
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+    keep_alive: u16,
+) -> Vec<u8> {
     let mut c = rumqttc::mqttbytes::v4::Connect::new(client_id);
-    c.keep_alive = 60;
+    c.keep_alive = keep_alive;
     if let Some((u, p)) = credentials {
         c.set_login(u, p);
     }
@@ -617,6 +626,44 @@ async fn sigkill_while_clients_publish_loses_no_acknowledged_reading() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_exactly_once(&values_in_order(&events), 2 * n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_past_its_keep_alive_is_closed_and_one_that_pings_is_kept() {
+    let setup = PasswordSetup::start("keep_alive_min = \"1s\"").await;
+    let open = |id: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", setup.port)).expect("connect");
+        s.write_all(&connect_packet_keeping(id, Some((USER, PASSWORD)), 2))
+            .expect("CONNECT");
+        assert_eq!(connack(&mut s), Some(0));
+        s
+    };
+    // Keep-alive 2 s: silent for 3 s (1.5 ×), a client is dropped.
+    let mut pinging = open("pinging");
+    let mut silent = open("silent");
+    for _ in 0..8 {
+        pinging.write_all(&[0xC0, 0x00]).expect("PINGREQ");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        closed_by_gateway(&mut silent, Duration::from_secs(5)),
+        "a client silent for 8 s with a keep-alive of 2 s is closed"
+    );
+    let mut answers = [0u8; 16];
+    pinging
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    pinging.read_exact(&mut answers).expect("8 PINGRESPs");
+    assert_eq!(answers, [0xD0, 0x00].repeat(8).as_slice());
+    assert!(
+        !closed_by_gateway(&mut pinging, Duration::from_millis(500)),
+        "a client pinging every second for 8 s is kept"
+    );
+    assert!(
+        closed_by_gateway(&mut pinging, Duration::from_secs(10)),
+        "once it goes silent, it is closed too"
+    );
+    drop(setup);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -376,6 +376,10 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         let max_in_flight = usize::from(self.cx.max_in_flight);
         let mut parked: Option<(Publish, Instant)> = None;
         let mut deadline = Instant::now() + idle_limit;
+        // One timer for the connection, armed at a deadline that may have moved on since and
+        // re-armed when it fires early: not a timer entry per loop round.
+        let idle = tokio::time::sleep_until(deadline);
+        tokio::pin!(idle);
         let mut ending: Option<Ending> = None;
         let mut taken_over = registration.taken_over.take();
 
@@ -445,7 +449,11 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                     Ok(n) if n > 0 => {}
                     _ => ending = Some(Ending::ClientLeft),
                 },
-                _ = tokio::time::sleep_until(deadline), if ending.is_none() && parked.is_none() => {
+                _ = &mut idle, if ending.is_none() && parked.is_none() => {
+                    if Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     ending = Some(Ending::Closed(Violation {
                         close: Close::KeepAliveTimeout,
                         detail: format!("nothing received for {}s (1.5 × keep-alive)", idle_limit.as_secs()),
