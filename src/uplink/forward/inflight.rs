@@ -188,10 +188,7 @@ impl InFlight {
                 Poll::Ready(None) => {
                     // Invariant 6: the client is gone with every reply it would have had.
                     for index in 0..self.queue.len() {
-                        self.settle(
-                            index,
-                            Err(failure(&PublishError::new(PublishErrorKind::BrokenPipe))),
-                        );
+                        self.settle(index, Err(failed(PublishErrorKind::BrokenPipe)));
                     }
                     self.replies = None;
                     return;
@@ -256,10 +253,7 @@ impl InFlight {
             timer.as_mut().reset(deadline);
         }
         self.timer = None;
-        self.settle(
-            0,
-            Err(failure(&PublishError::new(PublishErrorKind::TimedOut))),
-        );
+        self.settle(0, Err(failed(PublishErrorKind::TimedOut)));
         Poll::Ready(())
     }
 }
@@ -277,15 +271,17 @@ impl Stream for InFlight {
         let Some(entry) = this.queue.pop_front() else {
             return Poll::Ready(None);
         };
-        match entry.outcome {
-            Some(outcome) => Poll::Ready(Some((entry.event, outcome))),
-            // Not reached: the head is settled once its deadline is past.
-            None => Poll::Ready(Some((
-                entry.event,
-                Err(failure(&PublishError::new(PublishErrorKind::TimedOut))),
-            ))),
-        }
+        // Always settled here: the head is, once its deadline is past.
+        let outcome = entry
+            .outcome
+            .unwrap_or_else(|| Err(failed(PublishErrorKind::TimedOut)));
+        Poll::Ready(Some((entry.event, outcome)))
     }
+}
+
+/// A failure of `kind` with nothing more to say, as async-nats would report it.
+fn failed(kind: PublishErrorKind) -> Failure {
+    failure(&PublishError::new(kind))
 }
 
 fn denied(subject: &str) -> Failure {
@@ -309,9 +305,7 @@ struct PubAckReply {
 /// The outcome a reply gives, read as async-nats reads a PubAck.
 fn ack_outcome(message: &Message) -> AckOutcome {
     if message.status == Some(StatusCode::NO_RESPONDERS) {
-        return Err(failure(&PublishError::new(
-            PublishErrorKind::StreamNotFound,
-        )));
+        return Err(failed(PublishErrorKind::StreamNotFound));
     }
     let reply: PubAckReply = serde_json::from_slice(&message.payload)
         .map_err(|e| failure(&PublishError::with_source(PublishErrorKind::Other, e)))?;
