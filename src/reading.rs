@@ -437,10 +437,6 @@ pub struct Reading {
 /// [`KIND_READING_META`] are readings; [`KIND_STATUS`], [`KIND_RESULT`], [`KIND_HEARTBEAT`] and
 /// [`KIND_CONFIG`] are events about them, about commands and about the gateway, outside the readings' totals
 /// (see [`is_reading_kind`]).
-/// Room on the stack for a reading's row body before its metadata; a longer one (long ids)
-/// is written into a growing `Vec` instead.
-const ROW_SCRATCH: usize = 512;
-
 pub const KIND_READING: u8 = 0;
 pub(crate) const KIND_STATUS: u8 = 1;
 /// A reading with device metadata: the [`KIND_READING`] body followed by the metadata's JSON
@@ -472,6 +468,10 @@ pub enum BodyError {
     Kind(u8),
 }
 
+/// Room on the stack for a reading's row body before its metadata; a longer one (long ids)
+/// is written into a growing `Vec` instead.
+const ROW_SCRATCH: usize = 512;
+
 impl Reading {
     /// The outbox row kind and body of this reading.
     pub fn to_row(&self) -> (u8, Vec<u8>) {
@@ -488,13 +488,12 @@ impl Reading {
             // Only for want of room: serializing strings and numbers cannot fail otherwise.
             Err(_) => postcard::to_stdvec(self).unwrap_or_default(),
         };
-        match &self.metadata {
-            None => (KIND_READING, body),
-            Some(_) => {
-                body.extend_from_slice(meta.as_bytes());
-                (KIND_READING_META, body)
-            }
-        }
+        body.extend_from_slice(meta.as_bytes());
+        let kind = match self.metadata {
+            None => KIND_READING,
+            Some(_) => KIND_READING_META,
+        };
+        (kind, body)
     }
 
     /// A reading from its outbox row, of either reading kind.
