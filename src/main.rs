@@ -12,6 +12,9 @@ use sahool_gateway::common::{http, memory};
 use sahool_gateway::fleet::remote;
 use sahool_gateway::{app, cli, config, doctor};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/sahool-gateway/gateway.toml";
 
 #[derive(Parser)]

@@ -1,19 +1,31 @@
-//! What glibc's allocator keeps after a burst. A reconnect after a NATS outage drains the
-//! backlog at full speed on every thread; each thread's malloc arena grows by a megabyte or
-//! two for it and keeps the freed pages, so RSS steps up with the first outage and stays (the
-//! chaos soak's plateau). Two settings bound that: fewer arenas, so threads share their
-//! peaks, and a periodic `malloc_trim`, which hands freed pages in the middle of arenas back
-//! to the kernel (glibc on its own only shrinks an arena from its top). Elsewhere than glibc
-//! both are no-ops.
+//! What the allocators keep after a burst. A reconnect after a NATS outage drains the
+//! backlog at full speed on every thread, and what an allocator keeps of that peak stays in
+//! RSS (the chaos soak's plateau) unless it is told to give it back.
+//!
+//! The binary allocates with mimalloc (`src/main.rs`): glibc's malloc cost about a sixth of
+//! the CPU per reading (arena locks, merging freed chunks). SQLite's C code still calls glibc's
+//! malloc, so both are tuned:
+//! - mimalloc commits its arena as pages are used. On Linux it otherwise commits the arena
+//!   whole, and pages it frees stay counted in RSS until the kernel runs short: a drain peaked
+//!   at about 40 MiB instead of 24 (BENCHMARKS.md). The arena is reserved before `main`, so
+//!   this is a build setting (`-DMI_DEFAULT_ARENA_EAGER_COMMIT=0` in `.cargo/config.toml`);
+//!   the option set at run time would come too late.
+//! - glibc gets fewer arenas, so threads share their peaks.
+//! - Every [`TRIM_EVERY`] both hand free pages back: `malloc_trim` releases those in the
+//!   middle of glibc's arenas (on its own it only shrinks an arena from its top), and a forced
+//!   `mi_collect` those mimalloc holds for its purge delay, which otherwise go only when it
+//!   allocates again.
+//!
+//! Elsewhere than glibc the glibc settings are no-ops; an operator's own `MALLOC_ARENA_MAX` or
+//! `MIMALLOC_ARENA_EAGER_COMMIT` (both read at start) wins.
 
 use std::time::Duration;
 
-/// Arenas for the whole process, instead of glibc's eight per core: the busy threads (two
-/// tokio workers, the store's writer) would each keep a drain's peak. In the bench's soak with
-/// trims the listener idled at 16.3 MiB with glibc's arenas, 15.5 with two and 15.2 with one;
-/// one arena's lock cost about 2 µs of CPU per reading on the listener path, two about 1 µs
-/// (BENCHMARKS.md). A board short of CPU rather than memory can set `MALLOC_ARENA_MAX` in the
-/// unit's environment.
+/// Arenas for the whole process, instead of glibc's eight per core: each busy thread would
+/// keep its own peak. In the bench's soak with trims the listener idled at 16.3 MiB with
+/// glibc's arenas, 15.5 with two and 15.2 with one; one arena's lock cost about 2 µs of CPU
+/// per reading on the listener path, two about 1 µs (BENCHMARKS.md, measured before mimalloc
+/// took the Rust side's allocations; SQLite's are what is left on glibc).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const ARENAS: libc::c_int = 2;
 
@@ -22,8 +34,7 @@ const ARENAS: libc::c_int = 2;
 /// releases that load touches again cost a page fault each.
 pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(2);
 
-/// Limits the allocator's arenas; call before any thread is started. An operator's own
-/// `MALLOC_ARENA_MAX` (glibc reads it at start) wins.
+/// Limits glibc's arenas; call before any thread is started.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
@@ -34,8 +45,12 @@ pub fn limit_arenas() {
     }
 }
 
-/// Hands the allocator's free pages back to the kernel.
+/// Hands both allocators' free pages back to the kernel.
 pub(crate) fn give_back() {
+    // SAFETY: a forced collect frees only what no allocation holds; callable from any thread.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes the arenas' locks itself and touches only free chunks.
     unsafe {
@@ -56,6 +71,24 @@ pub async fn give_back_periodically() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mimalloc_was_built_to_commit_its_arena_as_used() {
+        // libmimalloc-sys names no constant for `arena_eager_commit`: it is option 4 in the
+        // pinned version, and the purge delay (15, 1000 ms) beside it anchors the numbering.
+        // SAFETY: reads tunables.
+        let (eager, purge_delay) = unsafe {
+            (
+                libmimalloc_sys::mi_option_get(4),
+                libmimalloc_sys::mi_option_get(15),
+            )
+        };
+        assert_eq!(
+            (eager, purge_delay),
+            (0, 1000),
+            "is CFLAGS from .cargo/config.toml overridden?"
+        );
+    }
 
     #[test]
     fn giving_back_leaves_live_memory_alone() {
