@@ -6,10 +6,10 @@
 //! the CPU per reading (arena locks, merging freed chunks). SQLite's C code still calls glibc's
 //! malloc, so both are tuned:
 //! - mimalloc commits its arena as pages are used. On Linux it otherwise commits the arena
-//!   whole, and pages it frees stay counted in RSS until the kernel runs short: a drain peaked
-//!   at about 40 MiB instead of 24 (BENCHMARKS.md). The arena is reserved before `main`, so
-//!   this is a build setting (`-DMI_DEFAULT_ARENA_EAGER_COMMIT=0` in `.cargo/config.toml`);
-//!   the option set at run time would come too late.
+//!   whole, and the 1,000,000-reading drain peaked at 36–42 MiB instead of 21–25
+//!   (BENCHMARKS.md). The arena is reserved before `main`, so this is a build setting
+//!   (`-DMI_DEFAULT_ARENA_EAGER_COMMIT=0` in `.cargo/config.toml`); the option set at run
+//!   time would come too late.
 //! - glibc gets fewer arenas, so threads share their peaks.
 //! - Every [`TRIM_EVERY`] both hand free pages back: `malloc_trim` releases those in the
 //!   middle of glibc's arenas (on its own it only shrinks an arena from its top), and a forced
