@@ -181,7 +181,9 @@ async fn broker_client_keeps_the_device_trace() {
 
 /// Published into a frozen server, killed before any PubAck, restarted: every publish of a
 /// row (seen by a plain subscriber, which JetStream's de-duplication does not hide) carries
-/// the same `traceparent`, the device's kept in the buffer across the restart.
+/// the same `traceparent`, the device's kept in the buffer across the restart. A first reading
+/// acknowledged before the freeze opens the link's window past its first publish, so both rows
+/// go out before the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_published_again_after_sigkill_carries_the_same_traceparent() {
     let mut nats = Nats::with_platform_stream().await;
@@ -197,6 +199,14 @@ async fn a_row_published_again_after_sigkill_carries_the_same_traceparent() {
     gateway.wait_until("linked", WITHIN, |g| {
         g.metric("sahool_gateway_nats_connected", "") == 1.0
     });
+    published(publish(port, 2, &v5_with(&[])));
+    gateway.wait_until("the first reading acknowledged", WITHIN, |g| {
+        g.metric("sahool_gateway_buffer_readings", "") == 0.0
+    });
+    tokio::time::timeout(WITHIN, copies.next())
+        .await
+        .expect("the first reading's copy")
+        .expect("subscribed");
 
     nats.freeze();
     published(publish(port, 0, &traced()));
@@ -242,7 +252,7 @@ async fn a_row_published_again_after_sigkill_carries_the_same_traceparent() {
     }
     assert_eq!(
         nats.read_readings(STREAM).await.len(),
-        2,
-        "stored once each"
+        3,
+        "stored once each, the first reading too"
     );
 }

@@ -37,7 +37,8 @@ pub struct Nats {
     /// How long to wait for a PubAck before the publish counts as failed and is retried.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout: DurationValue,
-    /// Publishes awaiting their PubAck at once.
+    /// Publishes awaiting their PubAck at once, reached one PubAck at a time on each new link
+    /// and after each resume (the forwarder's slow start).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u16,
 }

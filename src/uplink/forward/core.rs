@@ -136,7 +136,7 @@ struct InFlight {
 /// The forwarder's state between turns.
 #[derive(Debug)]
 pub(super) struct Core {
-    window: usize,
+    window: Window,
     /// Rows read from the buffer and not yet handed to the client, in seq order.
     queue: VecDeque<OutboxRow>,
     /// The newest committed seq when the read under way began, if one is.
@@ -169,7 +169,7 @@ pub(super) struct Core {
 impl Core {
     pub(super) fn new(window: usize, ack_timeout: Duration) -> Self {
         Self {
-            window: window.max(1),
+            window: Window::new(window),
             queue: VecDeque::new(),
             fetching: None,
             sent: VecDeque::new(),
@@ -252,6 +252,7 @@ impl Core {
         }
         if let Some(resume) = self.fence.settle() {
             self.resume_at(resume);
+            self.window.restart();
             // Told even if it was the last word: a read just dropped may have claimed rows
             // after it. The flush commits the acks' deletion before the buffer is read again.
             self.reported = Some(None);
@@ -300,7 +301,7 @@ impl Core {
 
     /// The next row to hand to the client, if the window and the fence allow it.
     fn publish(&mut self, now: Instant, connected: bool) -> Option<Action> {
-        if !connected || self.link != LinkState::Up || self.sent.len() >= self.window {
+        if !connected || self.link != LinkState::Up || self.sent.len() >= self.window.open {
             return None;
         }
         if !self.fence.may_send(self.sent.front().map(|s| s.at), now) {
@@ -336,7 +337,7 @@ impl Core {
         let oldest = self.sent.front().map(|s| s.at);
         let can_send = self.connected
             && self.link == LinkState::Up
-            && self.sent.len() < self.window
+            && self.sent.len() < self.window.open
             && self.fence.may_send(oldest, now);
         let idle = self.connected && self.fetching.is_none() && self.queue.len() < FETCH_ROWS / 2;
         let recheck = !self.connected || (!can_send && self.sent.is_empty());
@@ -389,6 +390,7 @@ impl Core {
                 if let Some(f) = flight {
                     self.fence.acked(now.saturating_duration_since(f.at));
                 }
+                self.window.acked();
                 self.backoff.reset();
                 self.link_backoff.reset();
                 None
@@ -430,6 +432,7 @@ impl Core {
 
     pub(super) fn link_opened(&mut self) {
         self.link = LinkState::Up;
+        self.window.restart();
     }
 
     pub(super) fn link_failed(&mut self) {
@@ -505,6 +508,35 @@ impl AckedRuns {
     fn take(&mut self) -> Vec<RangeInclusive<u64>> {
         self.rows = 0;
         std::mem::take(&mut self.runs)
+    }
+}
+
+/// How many publishes may be in flight (invariants 1 and 6): one on a new link and after a
+/// resume, one more with each PubAck, up to `nats.max_in_flight`. A stream that has no leader
+/// yet drops publishes without a reply, and a leader elected while a full window was in flight
+/// would store its tail ahead of its lost head; one publish at a time cannot be overtaken.
+#[derive(Debug)]
+struct Window {
+    max: usize,
+    open: usize,
+}
+
+impl Window {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            open: 1,
+        }
+    }
+
+    /// A new link, or a resume after a publish got no PubAck: probe with one again.
+    fn restart(&mut self) {
+        self.open = 1;
+    }
+
+    /// Doubles the window each round trip, as every PubAck lets one more out.
+    fn acked(&mut self) {
+        self.open = (self.open + 1).min(self.max);
     }
 }
 

@@ -9,6 +9,8 @@
 //! 1. Rows are published in `seq` order with up to `nats.max_in_flight` PubAcks outstanding;
 //!    results are consumed in the same order (`inflight`). Rows are read from the buffer
 //!    `FETCH_ROWS` at a time, the next read under way while the last ones are published.
+//!    A new link, and every resume after a publish without PubAck, starts with one publish in
+//!    flight; each PubAck lets one more out, up to the maximum (a slow start).
 //! 2. A row is deleted from the buffer only when its own PubAck arrived (`StoreHandle::acked`).
 //!    A publish that was merely written to the socket or queued in the client counts for nothing.
 //! 3. Every attempt for a row carries `Nats-Msg-Id = event_id`, so JetStream drops retries of a
@@ -44,6 +46,11 @@
 //! resend (a cluster elects a new stream leader, which takes the later publish), and the stream
 //! would hold them out of order. So the forwarder stops sending as soon as trouble shows,
 //! keeping the publishes past a lost one few and sent within a fraction of a leader election.
+//! Why the slow start in 1: a stream without a leader (a cluster that is still coming back, or
+//! electing after the trouble that made the forwarder resume) drops publishes without a reply.
+//! A full window sent into it loses its head and, once a leader is up mid-window, stores its
+//! tail first. The first publish on a link, or after a resume, is alone until it has its PubAck:
+//! the stream then has a leader that stores in order.
 
 mod core;
 pub(crate) use self::core::RETRY_BACKOFF_MAX;
