@@ -505,6 +505,33 @@ fn wait_forwarded_at_least(gateway: &Gateway, n: usize) {
     });
 }
 
+/// A 3-node JetStream cluster with the stream at 3 replicas, a broker, and a gateway with all
+/// three servers in its config, subscribed to the broker.
+async fn gateway_on_a_cluster() -> (support::Cluster, Mosquitto, Gateway) {
+    let cluster = support::Cluster::start(3);
+    cluster
+        .create_stream("SAHOOL_IOT", &["sahool.iot.>"], 3)
+        .await;
+    let broker = Mosquitto::start();
+    let gateway = Gateway::start(&config(&cluster.urls(), &broker, ""));
+    gateway.wait_subscribed(1).await;
+    (cluster, broker, gateway)
+}
+
+/// Readings `0..n` are in the cluster's stream exactly once, in the order of their values and
+/// of their `seq`.
+async fn assert_in_the_stream_once_in_order(cluster: &support::Cluster, n: usize) {
+    let events: Vec<_> = cluster
+        .read_stream("SAHOOL_IOT")
+        .await
+        .into_iter()
+        .filter(|e| e.body["event_type"] == "sensor_reading")
+        .collect();
+    let values = support::values_in_order(&events);
+    support::assert_exactly_once(&values, n);
+    assert!(values.windows(2).all(|w| w[0] < w[1]), "readings in order");
+}
+
 /// A 3-node JetStream cluster with the stream at 3 replicas, all three servers in the config:
 /// 20,000 readings forwarded while the stream's leader is killed and restarted, then another
 /// node; then the whole cluster is down for 30 s while readings arrive. Every reading is in the
@@ -513,13 +540,7 @@ fn wait_forwarded_at_least(gateway: &Gateway, n: usize) {
 async fn cluster_losing_its_leader_then_everything_loses_and_doubles_nothing() {
     const N: usize = 20_000;
     const DURING_OUTAGE: usize = 2_000;
-    let mut cluster = support::Cluster::start(3);
-    cluster
-        .create_stream("SAHOOL_IOT", &["sahool.iot.>"], 3)
-        .await;
-    let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(&cluster.urls(), &broker, ""));
-    gateway.wait_subscribed(1).await;
+    let (mut cluster, broker, gateway) = gateway_on_a_cluster().await;
     let started = std::time::Instant::now();
     let publisher = tokio::spawn(publish_all(broker.port, "p1", probe_readings(0..N)));
 
@@ -573,15 +594,7 @@ async fn cluster_losing_its_leader_then_everything_loses_and_doubles_nothing() {
         forwarded(g) == (N + DURING_OUTAGE) as f64 && buffered(g) == 0.0
     });
 
-    let events: Vec<_> = cluster
-        .read_stream("SAHOOL_IOT")
-        .await
-        .into_iter()
-        .filter(|e| e.body["event_type"] == "sensor_reading")
-        .collect();
-    let values = support::values_in_order(&events);
-    support::assert_exactly_once(&values, N + DURING_OUTAGE);
-    assert!(values.windows(2).all(|w| w[0] < w[1]), "readings in order");
+    assert_in_the_stream_once_in_order(&cluster, N + DURING_OUTAGE).await;
     eprintln!(
         "after a 30 s outage of every node: {} readings exactly once, in order; {:.1} s in all",
         N + DURING_OUTAGE,
@@ -598,13 +611,7 @@ async fn cluster_losing_its_leader_then_everything_loses_and_doubles_nothing() {
 async fn a_cluster_coming_back_whole_stores_each_backlog_in_order() {
     const CYCLES: usize = 3;
     const BACKLOG: usize = 1_500;
-    let mut cluster = support::Cluster::start(3);
-    cluster
-        .create_stream("SAHOOL_IOT", &["sahool.iot.>"], 3)
-        .await;
-    let broker = Mosquitto::start();
-    let gateway = Gateway::start(&config(&cluster.urls(), &broker, ""));
-    gateway.wait_subscribed(1).await;
+    let (mut cluster, broker, gateway) = gateway_on_a_cluster().await;
     for cycle in 0..CYCLES {
         for i in 0..3 {
             cluster.kill(i);
@@ -626,15 +633,7 @@ async fn a_cluster_coming_back_whole_stores_each_backlog_in_order() {
             forwarded(g) == (first + BACKLOG) as f64 && buffered(g) == 0.0
         });
     }
-    let events: Vec<_> = cluster
-        .read_stream("SAHOOL_IOT")
-        .await
-        .into_iter()
-        .filter(|e| e.body["event_type"] == "sensor_reading")
-        .collect();
-    let values = support::values_in_order(&events);
-    support::assert_exactly_once(&values, CYCLES * BACKLOG);
-    assert!(values.windows(2).all(|w| w[0] < w[1]), "readings in order");
+    assert_in_the_stream_once_in_order(&cluster, CYCLES * BACKLOG).await;
     eprintln!(
         "{CYCLES} whole-cluster restarts: {} readings exactly once, in order ({} publishes without PubAck, resent)",
         CYCLES * BACKLOG,
