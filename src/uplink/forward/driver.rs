@@ -167,7 +167,8 @@ impl Forwarder {
             if pending.inflight.take_tripped() {
                 core.in_flight_failed();
             }
-            match core.next(Instant::now(), self.connected()) {
+            let now = Instant::now();
+            match core.next(now, self.connected()) {
                 Action::Report { acked, holding } => self.report(acked, holding).await?,
                 Action::Flush => self.store.flush().await.map_err(|_| Stop)?,
                 Action::Sleep(delay) => {
@@ -198,15 +199,24 @@ impl Forwarder {
                     let store = self.store.clone();
                     pending.fetch = Some(Box::pin(async move { store.fetch(after, limit).await }));
                 }
-                Action::Publish(row) => self.publish(core, &mut pending.inflight, &row).await,
+                Action::Publish(row) => self.publish(core, &mut pending.inflight, &row, now).await,
                 Action::DeadLetter { seq, reason } => self.refuse(seq, &reason, None).await,
                 Action::Wait { on_commit, recheck } => return Ok(Some((on_commit, recheck))),
             }
         }
     }
 
-    /// Publishes `row` over the session and tells the core how handing it over went.
-    async fn publish(&self, core: &mut Core, inflight: &mut InFlight, row: &OutboxRow) {
+    /// Publishes `row` over the session and tells the core how handing it over went. `sent`:
+    /// when the core decided to publish it, just before it is rendered and sent, so a refusal
+    /// of this very publish cannot slip past it; the core's stall and latency clocks start
+    /// there too (one clock read per publish).
+    async fn publish(
+        &self,
+        core: &mut Core,
+        inflight: &mut InFlight,
+        row: &OutboxRow,
+        sent: Instant,
+    ) {
         let event = match event::render(row, &self.gateway_id, &self.subjects) {
             Ok(event) => event,
             Err(e) => {
@@ -234,11 +244,9 @@ impl Forwarder {
             .await;
             return;
         };
-        // Taken before sending, so a refusal of this very publish cannot slip past it.
-        let sent = Instant::now();
         match session.publish(&event, reply).await {
             Ok(()) => {
-                core.sent(Instant::now());
+                core.sent(sent);
                 inflight.push(token, event, sent);
             }
             Err(failure) => {
@@ -268,6 +276,8 @@ impl Forwarder {
 
     /// Every outcome already in, starting with `first`, in seq order.
     async fn outcomes(&self, core: &mut Core, inflight: &mut InFlight, first: (Event, AckOutcome)) {
+        // They came in together: one clock read for the lot.
+        let now = Instant::now();
         let mut next = Some(first);
         while let Some((event, outcome)) = next.take() {
             let outcome = match outcome {
@@ -293,9 +303,7 @@ impl Forwarder {
                 }
             }
             let seq = event.seq;
-            if let Some(Action::DeadLetter { seq, reason }) =
-                core.outcome(seq, outcome, Instant::now())
-            {
+            if let Some(Action::DeadLetter { seq, reason }) = core.outcome(seq, outcome, now) {
                 self.refuse(seq, &reason, Some(event)).await;
             }
             next = inflight.next().now_or_never().flatten();
